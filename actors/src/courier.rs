@@ -1,0 +1,389 @@
+//! The courier actor: one per courier. Owns the courier's live state (position, speed, heading,
+//! status, bounded trail, orders it holds), filters impossible jumps, keeps late fixes out of
+//! the live position, updates the fleet index, detects arrival at its next stop and tells
+//! watchers where it is.
+//!
+//! GPS fixes do not travel through the actor's mailbox one by one. The connection pushes them
+//! into the courier's [`FixInbox`] (bounded; when full the oldest pending fix is dropped and
+//! counted: positions may be conflated) and the actor is woken by at most one `Drain` message
+//! at a time. Control messages (status, orders) use the mailbox and are never dropped.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hexfleet_geo::{CourierEntry, CourierKey, haversine_m};
+use parking_lot::Mutex;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::domain::{Actor as Who, CourierRecord, CourierStatus, Fix, LatLng, Ms, Order, OrderId, OrderState};
+use crate::fleet::FleetCtx;
+use crate::order::Command;
+use crate::positions::TenantIndex;
+use crate::publish::{CourierNotice, Update};
+
+/// Pending fixes of one courier, shared by its connections and its actor; survives restarts.
+pub struct FixInbox {
+    pending: Mutex<Vec<Fix>>,
+    scheduled: AtomicBool,
+    capacity: usize,
+}
+
+impl FixInbox {
+    pub fn new(capacity: usize) -> Self {
+        FixInbox { pending: Mutex::new(Vec::with_capacity(4)), scheduled: AtomicBool::new(false), capacity }
+    }
+
+    /// Adds fixes; returns true when the caller must wake the actor with `Drain`.
+    pub fn push(&self, fixes: impl IntoIterator<Item = Fix>) -> bool {
+        let mut p = self.pending.lock();
+        for f in fixes {
+            if p.len() >= self.capacity {
+                p.remove(0);
+                metrics::counter!("hexfleet_fixes_conflated_total").increment(1);
+            }
+            p.push(f);
+        }
+        drop(p);
+        !self.scheduled.swap(true, Ordering::AcqRel)
+    }
+
+    fn take(&self) -> Vec<Fix> {
+        let mut p = self.pending.lock();
+        self.scheduled.store(false, Ordering::Release);
+        std::mem::take(&mut *p)
+    }
+
+    /// After a restart the pending wake-up died with the old mailbox.
+    pub(crate) fn reset_schedule(&self) -> bool {
+        self.scheduled.store(false, Ordering::Release);
+        !self.pending.lock().is_empty() && !self.scheduled.swap(true, Ordering::AcqRel)
+    }
+}
+
+/// What outlives a courier actor: its inbox and the latest state it published (reads and
+/// supervised restarts use it without calling the actor).
+pub struct CourierShared {
+    pub inbox: FixInbox,
+    pub record: Mutex<CourierRecord>,
+    pub held: Mutex<Vec<Arc<Order>>>,
+    pub key: CourierKey,
+    /// Geofence tracker and supply bookkeeping (`zone.rs`); only the actor locks it.
+    pub zones: Mutex<crate::zone::CourierZones>,
+}
+
+/// Messages of the courier actor.
+pub enum CourierMsg {
+    /// Process the fixes waiting in the inbox.
+    Drain,
+    /// Change status (available/offline).
+    SetStatus(CourierStatus),
+    /// Replace the profile (name, vehicle, capacity, device, shift).
+    SetProfile(CourierRecord),
+    /// An order this courier holds (or held) changed.
+    OrderChanged(Arc<Order>),
+    /// Read the trail (oldest first).
+    Trail(RpcReplyPort<Vec<Fix>>),
+    /// A zone was deleted: close the courier's stay in it.
+    FenceRemoved { fence: hexfleet_geo::fence::FenceId, at: Ms },
+    /// Test hook: make the actor panic (supervision tests).
+    Crash,
+}
+
+/// The courier actor.
+pub struct CourierActor;
+
+pub struct CourierArgs {
+    pub ctx: Arc<FleetCtx>,
+    pub shared: Arc<CourierShared>,
+}
+
+pub struct CourierState {
+    ctx: Arc<FleetCtx>,
+    shared: Arc<CourierShared>,
+    index: Arc<TenantIndex>,
+    rec: CourierRecord,
+    trail: VecDeque<Fix>,
+    held: HashMap<OrderId, Arc<Order>>,
+    /// Arrival commands already sent, so one arrival is reported once.
+    arrivals_sent: HashSet<(OrderId, OrderState)>,
+    /// Consecutive fixes rejected as impossible jumps; re-anchors after a consistent run.
+    suspects: Vec<Fix>,
+    last_snapshot: Ms,
+    last_history: Option<Fix>,
+}
+
+impl Actor for CourierActor {
+    type Msg = CourierMsg;
+    type State = CourierState;
+    type Arguments = CourierArgs;
+
+    async fn pre_start(&self, me: ActorRef<CourierMsg>, args: CourierArgs) -> Result<CourierState, ActorProcessingErr> {
+        let rec = args.shared.record.lock().clone();
+        let held: HashMap<OrderId, Arc<Order>> =
+            args.shared.held.lock().iter().map(|o| (o.id.clone(), o.clone())).collect();
+        let index = args.ctx.positions.tenant(&rec.tenant);
+        let st = CourierState {
+            ctx: args.ctx,
+            index,
+            trail: rec.last_fix.into_iter().collect(),
+            rec,
+            held,
+            arrivals_sent: HashSet::new(),
+            suspects: Vec::new(),
+            last_snapshot: 0,
+            last_history: None,
+            shared: args.shared,
+        };
+        st.update_index();
+        st.shared.zones.lock().sync(&st.ctx, &st.rec);
+        if st.shared.inbox.reset_schedule() {
+            let _ = me.cast(CourierMsg::Drain);
+        }
+        Ok(st)
+    }
+
+    async fn handle(&self, _me: ActorRef<CourierMsg>, msg: CourierMsg, st: &mut CourierState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CourierMsg::Drain => {
+                let mut fixes = st.shared.inbox.take();
+                fixes.sort_by_key(|f| f.ts);
+                st.on_fixes(fixes);
+            }
+            CourierMsg::SetStatus(s) => {
+                st.rec.status = s;
+                st.rec.updated_at = st.ctx.clock.now_ms();
+                st.publish_record();
+                st.update_index();
+                st.shared.zones.lock().sync(&st.ctx, &st.rec);
+                st.ctx.publisher.publish(Update::CourierStatus {
+                    tenant: st.rec.tenant.clone(),
+                    courier: st.rec.id.clone(),
+                    status: s,
+                });
+            }
+            CourierMsg::SetProfile(p) => {
+                st.rec.name = p.name;
+                st.rec.vehicle = p.vehicle;
+                st.rec.capacity = p.capacity;
+                st.rec.device_id = p.device_id;
+                st.rec.on_shift = p.on_shift;
+                st.rec.updated_at = p.updated_at;
+                st.publish_record();
+                st.update_index();
+                st.shared.zones.lock().sync(&st.ctx, &st.rec);
+            }
+            CourierMsg::OrderChanged(o) => st.on_order(o),
+            CourierMsg::Trail(reply) => {
+                let _ = reply.send(st.trail.iter().copied().collect());
+            }
+            CourierMsg::FenceRemoved { fence, at } => st.shared.zones.lock().on_fence_removed(&st.ctx, &st.rec, fence, at),
+            CourierMsg::Crash => panic!("injected crash in courier actor {}", st.rec.id),
+        }
+        Ok(())
+    }
+}
+
+impl CourierState {
+    fn on_fixes(&mut self, fixes: Vec<Fix>) {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.config;
+        let mut moved = false;
+        for fix in fixes {
+            metrics::counter!("hexfleet_fixes_total").increment(1);
+            let Some(last) = self.rec.last_fix else {
+                self.accept(fix);
+                moved = true;
+                continue;
+            };
+            if fix.ts <= last.ts {
+                // Late fix: into the trail in time order, the live position stays.
+                metrics::counter!("hexfleet_fixes_late_total").increment(1);
+                let at = self.trail.partition_point(|f| f.ts <= fix.ts);
+                self.trail.insert(at, fix);
+                self.trim_trail();
+                continue;
+            }
+            let dt_s = (fix.ts - last.ts) as f64 / 1000.0;
+            let speed = haversine_m(last.pos, fix.pos) / dt_s;
+            if speed > cfg.max_speed_mps {
+                metrics::counter!("hexfleet_fixes_suspect_total").increment(1);
+                tracing::debug!(courier = %self.rec.id, speed, "impossible jump flagged as suspect");
+                // A run of fixes that agree with each other but not with the old anchor means the
+                // anchor was wrong (or the device was off while moving): re-anchor.
+                let consistent = self.suspects.last().is_none_or(|p| {
+                    let dt = ((fix.ts - p.ts) as f64 / 1000.0).max(0.001);
+                    haversine_m(p.pos, fix.pos) / dt <= cfg.max_speed_mps
+                });
+                if !consistent {
+                    self.suspects.clear();
+                }
+                self.suspects.push(fix);
+                if self.suspects.len() >= cfg.reanchor_after {
+                    for f in std::mem::take(&mut self.suspects) {
+                        self.accept(f);
+                    }
+                    moved = true;
+                }
+                continue;
+            }
+            self.suspects.clear();
+            self.accept(fix);
+            moved = true;
+        }
+        if moved {
+            self.after_move();
+        }
+    }
+
+    fn accept(&mut self, fix: Fix) {
+        self.rec.last_fix = Some(fix);
+        // The record's version time is the server's clock, not the device's: a phone whose clock
+        // is behind must not make its snapshot look older than the stored one.
+        self.rec.updated_at = self.rec.updated_at.max(self.ctx.clock.now_ms());
+        // Location history: every accepted fix is a candidate (batches and replays included),
+        // downsampled to one per `history_every_ms` or per 100 m.
+        let keep = self.last_history.is_none_or(|h| {
+            fix.ts - h.ts >= self.ctx.config.history_every_ms || haversine_m(h.pos, fix.pos) >= 100.0
+        });
+        if keep {
+            self.last_history = Some(fix);
+            let sample = crate::domain::LocationSample { pos: fix.pos, ts: fix.ts, speed: fix.speed };
+            if let Err(e) = self.ctx.store.record_locations(&self.rec.tenant, &self.rec.id, vec![sample]) {
+                tracing::debug!(courier = %self.rec.id, error = %e, "location history not queued");
+            }
+        }
+        self.shared.zones.lock().on_fix(&self.ctx, &self.rec, fix);
+        self.trail.push_back(fix);
+        self.trim_trail();
+    }
+
+    fn trim_trail(&mut self) {
+        while self.trail.len() > self.ctx.config.trail_len {
+            self.trail.pop_front();
+        }
+    }
+
+    fn after_move(&mut self) {
+        let Some(fix) = self.rec.last_fix else { return };
+        self.update_index();
+        self.shared.zones.lock().sync(&self.ctx, &self.rec);
+        self.check_arrivals(fix.pos);
+        let tracking = self
+            .held
+            .values()
+            .map(|o| {
+                let target = if o.state.is_on_board() { o.dropoff } else { o.pickup };
+                (o.id.clone(), Some(self.eta_s(fix.pos, target)))
+            })
+            .collect();
+        self.ctx.publisher.publish(Update::CourierMoved {
+            tenant: self.rec.tenant.clone(),
+            courier: self.rec.id.clone(),
+            fix,
+            status: self.rec.status,
+            tracking,
+        });
+        *self.shared.record.lock() = self.rec.clone();
+        let now = self.ctx.clock.now_ms();
+        if now - self.last_snapshot >= self.ctx.config.snapshot_every_ms {
+            self.last_snapshot = now;
+            if let Err(e) = self.ctx.store.snapshot_couriers(vec![self.rec.clone()]) {
+                tracing::debug!(courier = %self.rec.id, error = %e, "courier snapshot not queued");
+            }
+        }
+    }
+
+    /// Seconds to reach `to` from `from` by this courier's vehicle.
+    fn eta_s(&self, from: LatLng, to: LatLng) -> f64 {
+        self.ctx.config.planner(self.rec.vehicle).travel_s(from, to)
+    }
+
+    fn check_arrivals(&mut self, pos: LatLng) {
+        let radius = self.ctx.config.arrival_radius_m;
+        for o in self.held.values() {
+            let cmd = match o.state {
+                OrderState::Assigned if haversine_m(pos, o.pickup) <= radius => {
+                    Command::ArrivedPickup { courier: self.rec.id.clone() }
+                }
+                OrderState::PickedUp if haversine_m(pos, o.dropoff) <= radius => {
+                    Command::ArrivedDropoff { courier: self.rec.id.clone() }
+                }
+                _ => continue,
+            };
+            if self.arrivals_sent.insert((o.id.clone(), o.state)) {
+                self.ctx.order_command(&o.tenant, &o.id, cmd, Who::System);
+            }
+        }
+    }
+
+    fn on_order(&mut self, o: Arc<Order>) {
+        let mine = o.courier.as_ref() == Some(&self.rec.id) && o.state.is_held();
+        let changed = if mine {
+            self.held.insert(o.id.clone(), o.clone()).is_none_or(|prev| prev.state != o.state)
+        } else {
+            self.arrivals_sent.retain(|(id, _)| *id != o.id);
+            self.held.remove(&o.id).is_some()
+        };
+        *self.shared.held.lock() = self.held.values().cloned().collect();
+        if o.courier.as_ref() == Some(&self.rec.id) || !mine {
+            self.ctx.publisher.publish(Update::ToCourier {
+                tenant: self.rec.tenant.clone(),
+                courier: self.rec.id.clone(),
+                notice: CourierNotice::OrderUpdate(o.clone()),
+            });
+        }
+        if changed {
+            self.update_index();
+            self.send_route();
+            // Already inside the fence when the order arrives or changes state.
+            if let Some(f) = self.rec.last_fix {
+                self.check_arrivals(f.pos);
+            }
+        }
+    }
+
+    /// Spare capacity in size units.
+    fn spare(&self) -> u16 {
+        let used: u16 = self.held.values().map(|o| o.size).sum();
+        self.rec.capacity.saturating_sub(used)
+    }
+
+    fn update_index(&self) {
+        let key = self.shared.key;
+        let Some(fix) = self.rec.last_fix else { return };
+        self.index.upsert(CourierEntry {
+            key,
+            pos: fix.pos,
+            available: self.rec.status == CourierStatus::Available && self.rec.on_shift,
+            spare_capacity: self.spare(),
+            vehicle: self.rec.vehicle.code(),
+        });
+    }
+
+    fn publish_record(&self) {
+        *self.shared.record.lock() = self.rec.clone();
+        if let Err(e) = self.ctx.store.snapshot_couriers(vec![self.rec.clone()]) {
+            tracing::debug!(courier = %self.rec.id, error = %e, "courier snapshot not queued");
+        }
+    }
+
+    /// The stop order for the orders held, sent to the device.
+    fn send_route(&self) {
+        let start = self.rec.last_fix.map(|f| f.pos);
+        let orders: Vec<&Order> = self.held.values().map(|o| o.as_ref()).collect();
+        let planner = self.ctx.config.planner(self.rec.vehicle);
+        let planned = start.and_then(|s| planner.plan(s, self.ctx.clock.now_ms(), self.rec.capacity, &orders));
+        let stops = match planned {
+            Some(p) => p.stops,
+            // No position yet, or held beyond capacity by an override: nearest feasible next.
+            None => crate::routing::nearest_first(start, orders.into_iter()),
+        };
+        self.ctx.publisher.publish(Update::ToCourier {
+            tenant: self.rec.tenant.clone(),
+            courier: self.rec.id.clone(),
+            notice: CourierNotice::Route { stops },
+        });
+    }
+}
+

@@ -1,0 +1,150 @@
+//! The dispatcher: one actor per market (tenant). Every tick it lapses expired offers, expires
+//! orders nobody took, and matches unassigned orders to couriers (see `matching.rs` for the
+//! candidates, the marginal-route-cost model with batching, and the optimal or greedy
+//! matching). Building and solving a round runs on a blocking thread so it never stalls
+//! ingest. Each offer records its candidates and costs, which `GET /v1/orders/{id}` shows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::domain::{Actor as Who, AssignmentRecord, Order, OrderId, OrderState, TenantId};
+use crate::fleet::FleetCtx;
+use crate::order::Command;
+
+/// Messages of the dispatcher.
+pub enum DispatchMsg {
+    /// Periodic tick.
+    Tick,
+    /// Tick now and answer when the round is done (tests, tools).
+    TickNow(RpcReplyPort<()>),
+    /// An order of this market changed.
+    OrderChanged(Arc<Order>),
+}
+
+pub struct Dispatcher;
+
+pub struct DispatcherArgs {
+    pub ctx: Arc<FleetCtx>,
+    pub tenant: TenantId,
+}
+
+pub struct DispatcherState {
+    ctx: Arc<FleetCtx>,
+    tenant: TenantId,
+    /// Open orders of the market as last reported by their actors.
+    orders: HashMap<OrderId, Arc<Order>>,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for Dispatcher {
+    type Msg = DispatchMsg;
+    type State = DispatcherState;
+    type Arguments = DispatcherArgs;
+
+    async fn pre_start(&self, me: ActorRef<DispatchMsg>, args: DispatcherArgs) -> Result<DispatcherState, ActorProcessingErr> {
+        let orders = args.ctx.open_orders(&args.tenant).into_iter().map(|o| (o.id.clone(), o)).collect();
+        let ticker = Some(me.send_interval(args.ctx.config.dispatch_tick, || DispatchMsg::Tick));
+        Ok(DispatcherState { ctx: args.ctx, tenant: args.tenant, orders, ticker })
+    }
+
+    async fn post_stop(&self, _me: ActorRef<DispatchMsg>, st: &mut DispatcherState) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = st.ticker.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, _me: ActorRef<DispatchMsg>, msg: DispatchMsg, st: &mut DispatcherState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DispatchMsg::Tick => st.tick().await,
+            DispatchMsg::TickNow(reply) => {
+                st.tick().await;
+                let _ = reply.send(());
+            }
+            DispatchMsg::OrderChanged(o) => {
+                if o.state.is_terminal() {
+                    st.orders.remove(&o.id);
+                } else {
+                    // Keep the newest version (messages from different actors may interleave).
+                    let newer = st.orders.get(&o.id).is_none_or(|prev| prev.version <= o.version);
+                    if newer {
+                        st.orders.insert(o.id.clone(), o);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DispatcherState {
+    async fn tick(&mut self) {
+        let started = std::time::Instant::now();
+        let now = self.ctx.clock.now_ms();
+        let cfg = &self.ctx.config;
+        // 1. Offers that lapsed, orders nobody took.
+        for o in self.orders.values() {
+            match (&o.state, &o.offer) {
+                (OrderState::Offered, Some(offer)) if offer.expires_at <= now => {
+                    self.ctx.order_command(&self.tenant, &o.id, Command::OfferLapsed { courier: offer.courier.clone() }, Who::System);
+                }
+                (OrderState::Created, _) if now - o.created_at >= cfg.order_expiry_ms => {
+                    self.ctx.order_command(&self.tenant, &o.id, Command::Expire, Who::System);
+                }
+                _ => {}
+            }
+        }
+        // 2. Match unassigned orders that are ready (or will be within ten minutes), oldest first.
+        let mut open: Vec<Arc<Order>> = self
+            .orders
+            .values()
+            .filter(|o| o.state == OrderState::Created && o.ready_at.is_none_or(|r| r - now <= 10 * 60_000))
+            .filter(|o| now - o.created_at < cfg.order_expiry_ms)
+            .cloned()
+            .collect();
+        if open.is_empty() {
+            return;
+        }
+        open.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        // What each courier is already committed to, as this dispatcher knows it.
+        let committed = crate::matching::commitments(self.orders.values());
+        let (ctx, tenant) = (self.ctx.clone(), self.tenant.clone());
+        let open2 = open.clone();
+        let solve = move || crate::matching::plan_round(&ctx, &tenant, &open2, &committed, now);
+        let round = match tokio::task::spawn_blocking(solve).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(tenant = %self.tenant, error = %e, "dispatch round failed");
+                return;
+            }
+        };
+        let cfg = &self.ctx.config;
+        let policy = cfg.dispatch_policy.as_str();
+        let n = round.picks.len();
+        for pick in round.picks {
+            let o = &open[pick.order];
+            let record = AssignmentRecord { at: now, policy: policy.into(), courier: pick.courier.clone(), cost_s: pick.cost_s, candidates: pick.candidates };
+            let cmd = if cfg.auto_accepts(&self.tenant) {
+                Command::Assign { courier: pick.courier, record }
+            } else {
+                Command::Offer { courier: pick.courier, expires_at: now + cfg.offer_timeout_ms, record }
+            };
+            self.ctx.order_command(&self.tenant, &o.id, cmd, Who::System);
+        }
+        metrics::histogram!("hexfleet_dispatch_tick_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("hexfleet_dispatch_matches_total").increment(n as u64);
+        tracing::debug!(
+            tenant = %self.tenant,
+            open = open.len(),
+            couriers = round.couriers,
+            pairs = round.pairs,
+            matched = n,
+            cost = round.cost,
+            lower_bound = round.lower_bound,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "dispatch round"
+        );
+    }
+}

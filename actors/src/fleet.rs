@@ -1,0 +1,918 @@
+//! The fleet: the supervision tree, the shared context every actor sees, and [`Fleet`], the
+//! handle the gateway calls.
+//!
+//! ```text
+//! FleetSupervisor ─┬─ CourierActor × couriers     (restarted from their last published state)
+//!                  ├─ OrderActor × open orders    (restarted from their last durable snapshot)
+//!                  ├─ Dispatcher × markets        (restarted; rebuilds its view from the orders)
+//!                  └─ AreaActor × zones and dispatch cells (restarted from their counts; zone.rs)
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use hexfleet_geo::LatLng;
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use crate::clock::SharedClock;
+use crate::courier::{CourierActor, CourierArgs, CourierMsg, CourierShared, FixInbox};
+use crate::dispatch::{DispatchMsg, Dispatcher, DispatcherArgs};
+use crate::domain::{
+    Actor as Who, CourierId, CourierRecord, CourierStatus, DomainEvent, EntityKind, Fix, Ms, Order, OrderId,
+    OrderState, TenantId, Vehicle, ZoneId, ZoneRecord,
+};
+use crate::error::FleetError;
+use crate::order::{Command, OrderActor, OrderArgs, OrderMsg};
+use crate::positions::Positions;
+use crate::routing::RoutePlanner;
+use crate::publish::Publisher;
+use crate::store::{Store, Write};
+
+/// Tunables of the fleet.
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    /// A fix implying more than this speed from the last one is suspect.
+    pub max_speed_mps: f64,
+    /// Consecutive mutually consistent suspect fixes that re-anchor the position.
+    pub reanchor_after: usize,
+    /// Fixes kept in the in-memory trail.
+    pub trail_len: usize,
+    /// Pending fixes per courier before the oldest is conflated away.
+    pub inbox_capacity: usize,
+    /// How often a moving courier's snapshot is queued for storage.
+    pub snapshot_every_ms: Ms,
+    /// Minimum spacing of location-history samples (or 100 m).
+    pub history_every_ms: Ms,
+    /// Road distance ÷ great-circle distance.
+    pub detour_factor: f64,
+    /// Entering this radius around a pickup or drop-off counts as arrival.
+    pub arrival_radius_m: f64,
+    /// Dispatch tick.
+    pub dispatch_tick: Duration,
+    /// How long a courier has to answer an offer.
+    pub offer_timeout_ms: Ms,
+    /// Orders nobody took within this time expire.
+    pub order_expiry_ms: Ms,
+    /// Assign without asking the courier, for every fleet (tenant) on this node.
+    pub auto_accept: bool,
+    /// Fleets (tenants) whose couriers are assigned without being asked, when `auto_accept`
+    /// is off for the node.
+    pub auto_accept_tenants: Vec<String>,
+    /// Candidate couriers considered per order.
+    pub candidates_per_order: usize,
+    /// Couriers farther than this from a pickup are not candidates.
+    pub max_pickup_distance_m: f64,
+    /// How the dispatcher matches orders to couriers.
+    pub dispatch_policy: DispatchPolicy,
+    /// Seconds a courier spends at a pickup (route planning).
+    pub pickup_service_s: f64,
+    /// Seconds a courier spends at a drop-off (route planning).
+    pub dropoff_service_s: f64,
+    /// Cost of one second of lateness against `deliver_by`, in seconds of route time.
+    pub lateness_weight: f64,
+    /// Cost of leaving an order unassigned for a tick: a pair costing more waits.
+    pub unassigned_cost_s: f64,
+    /// Batching: the most a new order may delay the drop-off of an order already held.
+    pub batch_max_delay_s: f64,
+    /// Fleet index rebuild period.
+    pub index_rebuild: Duration,
+    /// How long callers wait for an actor's answer.
+    pub call_timeout: Duration,
+    /// H3 resolution of the dispatch cells that count supply and demand (7: ~5 km²).
+    pub dispatch_res: u8,
+    /// Geofence hysteresis and dwell.
+    pub fence_tracker: hexfleet_geo::fence::TrackerConfig,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            max_speed_mps: 70.0,
+            reanchor_after: 3,
+            trail_len: 120,
+            inbox_capacity: 256,
+            snapshot_every_ms: 1_000,
+            history_every_ms: 10_000,
+            detour_factor: 1.3,
+            arrival_radius_m: 50.0,
+            dispatch_tick: Duration::from_millis(2_000),
+            offer_timeout_ms: 20_000,
+            order_expiry_ms: 30 * 60_000,
+            auto_accept: false,
+            auto_accept_tenants: Vec::new(),
+            candidates_per_order: 10,
+            max_pickup_distance_m: 15_000.0,
+            dispatch_policy: DispatchPolicy::Optimal,
+            pickup_service_s: 60.0,
+            dropoff_service_s: 60.0,
+            lateness_weight: 2.0,
+            unassigned_cost_s: 3_600.0,
+            batch_max_delay_s: 600.0,
+            index_rebuild: Duration::from_millis(100),
+            call_timeout: Duration::from_secs(5),
+            dispatch_res: 7,
+            fence_tracker: hexfleet_geo::fence::TrackerConfig::default(),
+        }
+    }
+}
+
+impl FleetConfig {
+    /// Whether the fleet (tenant) assigns without asking its couriers.
+    pub fn auto_accepts(&self, tenant: &TenantId) -> bool {
+        self.auto_accept || self.auto_accept_tenants.iter().any(|t| t == tenant.as_str())
+    }
+
+    /// The route planner for a vehicle under this configuration.
+    pub fn planner(&self, vehicle: Vehicle) -> RoutePlanner {
+        RoutePlanner {
+            detour: self.detour_factor,
+            speed_mps: vehicle.prior_speed_mps(),
+            pickup_service_s: self.pickup_service_s,
+            dropoff_service_s: self.dropoff_service_s,
+            lateness_weight: self.lateness_weight,
+        }
+    }
+}
+
+/// How a dispatch round matches orders to couriers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DispatchPolicy {
+    /// Minimum total cost over the round (`hexfleet_geo::assign::solve_optimal`).
+    #[default]
+    Optimal,
+    /// Cheapest pair first: the baseline kept for comparison.
+    Greedy,
+}
+
+impl DispatchPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DispatchPolicy::Optimal => "optimal",
+            DispatchPolicy::Greedy => "greedy",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "optimal" => Some(DispatchPolicy::Optimal),
+            "greedy" => Some(DispatchPolicy::Greedy),
+            _ => None,
+        }
+    }
+}
+
+/// Which entity a supervised actor stands for.
+#[derive(Clone, Debug)]
+pub(crate) enum Child {
+    Courier(TenantId, CourierId),
+    Order(TenantId, OrderId),
+    Dispatcher(TenantId),
+    Area(crate::zone::AreaKey),
+}
+
+/// A courier's actor and what outlives it.
+#[derive(Clone)]
+pub struct CourierHandle {
+    pub actor: ActorRef<CourierMsg>,
+    pub shared: Arc<CourierShared>,
+}
+
+/// The context shared by every actor of the fleet.
+pub struct FleetCtx {
+    pub store: Arc<dyn Store>,
+    pub publisher: Arc<dyn Publisher>,
+    pub clock: SharedClock,
+    pub config: FleetConfig,
+    pub positions: Arc<Positions>,
+    pub(crate) couriers: DashMap<(TenantId, CourierId), CourierHandle>,
+    pub(crate) orders: DashMap<(TenantId, OrderId), ActorRef<OrderMsg>>,
+    /// Latest durable snapshot of every open order (reads and supervised restarts).
+    pub(crate) last_orders: DashMap<(TenantId, OrderId), Arc<Order>>,
+    pub(crate) devices: DashMap<String, (TenantId, CourierId)>,
+    /// Capacity units each courier is committed to (orders offered to it or held by it). The
+    /// order actors reserve here before an offer or assignment is made durable, so no courier
+    /// is ever committed beyond its capacity, whatever the interleaving.
+    pub(crate) loads: DashMap<(TenantId, CourierId), u16>,
+    pub(crate) dispatchers: DashMap<TenantId, ActorRef<DispatchMsg>>,
+    /// Zones, fence sets and area actors (`zone.rs`).
+    pub zones: crate::zone::ZoneRegistry,
+    pub(crate) children: DashMap<ActorId, Child>,
+    supervisor: parking_lot::RwLock<Option<ActorCell>>,
+}
+
+impl FleetCtx {
+    pub(crate) fn supervisor(&self) -> Result<ActorCell, FleetError> {
+        self.supervisor.read().clone().ok_or(FleetError::ActorGone("supervisor"))
+    }
+
+    /// Casts a command to an order actor without waiting (actors never wait on each other).
+    pub(crate) fn order_command(&self, tenant: &TenantId, id: &OrderId, cmd: Command, who: Who) {
+        if let Some(a) = self.orders.get(&(tenant.clone(), id.clone())) {
+            let _ = a.cast(OrderMsg::Apply { cmd, who, reply: None });
+        }
+    }
+
+    pub(crate) fn courier_order_changed(&self, courier: &CourierId, order: &Arc<Order>) {
+        if let Some(h) = self.couriers.get(&(order.tenant.clone(), courier.clone())) {
+            let _ = h.actor.cast(CourierMsg::OrderChanged(order.clone()));
+        }
+    }
+
+    pub(crate) fn dispatch_order_changed(&self, order: &Arc<Order>) {
+        if let Some(d) = self.dispatchers.get(&order.tenant) {
+            let _ = d.cast(DispatchMsg::OrderChanged(order.clone()));
+        }
+        self.zones.order_changed(order);
+    }
+
+    pub(crate) fn order_closed(&self, order: &Order) {
+        let k = (order.tenant.clone(), order.id.clone());
+        self.orders.remove(&k);
+        self.last_orders.remove(&k);
+    }
+
+    /// Commits `size` units of `courier`'s capacity, or says why not.
+    pub(crate) fn reserve(&self, tenant: &TenantId, courier: &CourierId, size: u16) -> Result<(), FleetError> {
+        let cap = self.courier_record(tenant, courier).ok_or(FleetError::NotFound { what: "courier" })?.capacity;
+        let mut load = self.loads.entry((tenant.clone(), courier.clone())).or_insert(0);
+        if u32::from(*load) + u32::from(size) > u32::from(cap) {
+            return Err(FleetError::Conflict(format!("courier {courier} has no spare capacity ({} of {cap} units committed)", *load)));
+        }
+        *load += size;
+        Ok(())
+    }
+
+    /// Releases what [`FleetCtx::reserve`] committed.
+    pub(crate) fn release(&self, tenant: &TenantId, courier: &CourierId, size: u16) {
+        if let Some(mut load) = self.loads.get_mut(&(tenant.clone(), courier.clone())) {
+            *load = load.saturating_sub(size);
+        }
+    }
+
+    /// Capacity units committed to a courier.
+    pub fn load(&self, tenant: &TenantId, courier: &CourierId) -> u16 {
+        self.loads.get(&(tenant.clone(), courier.clone())).map_or(0, |l| *l)
+    }
+
+    /// The current snapshot of a courier's record.
+    pub fn courier_record(&self, tenant: &TenantId, id: &CourierId) -> Option<CourierRecord> {
+        self.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.shared.record.lock().clone())
+    }
+
+    async fn spawn_courier(self: &Arc<Self>, shared: Arc<CourierShared>) -> Result<CourierHandle, FleetError> {
+        let (tenant, id) = {
+            let r = shared.record.lock();
+            (r.tenant.clone(), r.id.clone())
+        };
+        let sup = self.supervisor()?;
+        let (actor, _) = Actor::spawn_linked(None, CourierActor, CourierArgs { ctx: self.clone(), shared: shared.clone() }, sup)
+            .await
+            .map_err(|_| FleetError::ActorGone("courier"))?;
+        self.children.insert(actor.get_id(), Child::Courier(tenant.clone(), id.clone()));
+        let h = CourierHandle { actor, shared };
+        self.couriers.insert((tenant, id), h.clone());
+        Ok(h)
+    }
+
+    async fn spawn_order(self: &Arc<Self>, order: Arc<Order>) -> Result<ActorRef<OrderMsg>, FleetError> {
+        let sup = self.supervisor()?;
+        let k = (order.tenant.clone(), order.id.clone());
+        let (actor, _) =
+            Actor::spawn_linked(None, OrderActor, OrderArgs { ctx: self.clone(), order: (*order).clone() }, sup)
+                .await
+                .map_err(|_| FleetError::ActorGone("order"))?;
+        self.children.insert(actor.get_id(), Child::Order(k.0.clone(), k.1.clone()));
+        self.last_orders.insert(k.clone(), order);
+        self.orders.insert(k, actor.clone());
+        Ok(actor)
+    }
+
+    async fn dispatcher(self: &Arc<Self>, tenant: &TenantId) -> Result<ActorRef<DispatchMsg>, FleetError> {
+        if let Some(d) = self.dispatchers.get(tenant) {
+            return Ok(d.clone());
+        }
+        self.spawn_dispatcher(tenant.clone()).await
+    }
+
+    async fn spawn_dispatcher(self: &Arc<Self>, tenant: TenantId) -> Result<ActorRef<DispatchMsg>, FleetError> {
+        let sup = self.supervisor()?;
+        let (actor, _) =
+            Actor::spawn_linked(None, Dispatcher, DispatcherArgs { ctx: self.clone(), tenant: tenant.clone() }, sup)
+                .await
+                .map_err(|_| FleetError::ActorGone("dispatcher"))?;
+        self.children.insert(actor.get_id(), Child::Dispatcher(tenant.clone()));
+        self.dispatchers.insert(tenant, actor.clone());
+        Ok(actor)
+    }
+
+    /// Open orders of a tenant as last made durable.
+    pub(crate) fn open_orders(&self, tenant: &TenantId) -> Vec<Arc<Order>> {
+        self.last_orders.iter().filter(|e| e.key().0 == *tenant).map(|e| e.value().clone()).collect()
+    }
+}
+
+/// The root of the supervision tree: restarts failed actors from their last state.
+struct FleetSupervisor;
+
+impl Actor for FleetSupervisor {
+    type Msg = ();
+    type State = Arc<FleetCtx>;
+    type Arguments = Arc<FleetCtx>;
+
+    async fn pre_start(&self, _me: ActorRef<()>, ctx: Arc<FleetCtx>) -> Result<Arc<FleetCtx>, ActorProcessingErr> {
+        Ok(ctx)
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _me: ActorRef<()>,
+        evt: SupervisionEvent,
+        ctx: &mut Arc<FleetCtx>,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let Some((_, child)) = ctx.children.remove(&cell.get_id()) else { return Ok(()) };
+                metrics::counter!("hexfleet_actor_restarts_total").increment(1);
+                tracing::error!(?child, error = %err, "actor failed; restarting from its last state");
+                let res = match &child {
+                    Child::Courier(t, id) => match ctx.couriers.get(&(t.clone(), id.clone())).map(|h| h.shared.clone()) {
+                        Some(shared) => ctx.spawn_courier(shared).await.map(|_| ()),
+                        None => Ok(()),
+                    },
+                    Child::Order(t, id) => match ctx.last_orders.get(&(t.clone(), id.clone())).map(|o| o.clone()) {
+                        Some(o) => ctx.spawn_order(o).await.map(|_| ()),
+                        None => Ok(()),
+                    },
+                    Child::Dispatcher(t) => {
+                        ctx.dispatchers.remove(t);
+                        ctx.spawn_dispatcher(t.clone()).await.map(|_| ())
+                    }
+                    Child::Area(k) => crate::zone::restart_area(ctx, k.clone()).await,
+                };
+                if let Err(e) = res {
+                    tracing::error!(?child, error = %e, "restart failed");
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                ctx.children.remove(&cell.get_id());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A new order as asked for by a client, validated by the edge.
+#[derive(Clone, Debug)]
+pub struct NewOrder {
+    pub id: Option<OrderId>,
+    pub pickup: LatLng,
+    pub dropoff: LatLng,
+    pub size: u16,
+    pub ready_at: Option<Ms>,
+    pub deliver_by: Option<Ms>,
+}
+
+/// Changes to a courier's profile (`None` leaves a field as it is).
+#[derive(Clone, Debug, Default)]
+pub struct CourierPatch {
+    pub name: Option<String>,
+    pub vehicle: Option<crate::domain::Vehicle>,
+    pub capacity: Option<u16>,
+    pub device_id: Option<String>,
+    pub on_shift: Option<bool>,
+}
+
+/// What a dispatch round would do ([`Fleet::dispatch_preview`]).
+#[derive(Clone, Debug)]
+pub struct DispatchPreview {
+    /// Orders waiting for a courier.
+    pub orders: usize,
+    /// Distinct candidate couriers.
+    pub couriers: usize,
+    /// Candidate (order, courier) pairs priced.
+    pub pairs: usize,
+    pub matched: usize,
+    /// Total cost of the matching, seconds.
+    pub cost_s: f64,
+    /// Proven lower bound on the optimal cost (optimal policy).
+    pub lower_bound_s: f64,
+    /// Time to build and solve the round.
+    pub elapsed: Duration,
+}
+
+/// A courier near a point.
+#[derive(Clone, Debug)]
+pub struct Nearby {
+    pub courier: CourierRecord,
+    pub distance_m: f64,
+}
+
+/// What the fleet needs from the outside.
+pub struct FleetDeps {
+    pub store: Arc<dyn Store>,
+    pub publisher: Arc<dyn Publisher>,
+    pub clock: SharedClock,
+    pub config: FleetConfig,
+}
+
+/// The handle the gateway calls. Cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    ctx: Arc<FleetCtx>,
+    tasks: Arc<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Fleet {
+    /// Starts the supervision tree and rebuilds every actor from the store.
+    pub async fn start(deps: FleetDeps) -> Result<Fleet, FleetError> {
+        let ctx = Arc::new(FleetCtx {
+            store: deps.store,
+            publisher: deps.publisher,
+            clock: deps.clock,
+            positions: Arc::new(Positions::default()),
+            couriers: DashMap::new(),
+            orders: DashMap::new(),
+            last_orders: DashMap::new(),
+            devices: DashMap::new(),
+            loads: DashMap::new(),
+            dispatchers: DashMap::new(),
+            zones: crate::zone::ZoneRegistry::new(deps.config.dispatch_res),
+            children: DashMap::new(),
+            supervisor: parking_lot::RwLock::new(None),
+            config: deps.config,
+        });
+        let (sup, _) = Actor::spawn(None, FleetSupervisor, ctx.clone()).await.map_err(|_| FleetError::ActorGone("supervisor"))?;
+        *ctx.supervisor.write() = Some(sup.get_cell());
+        let started = std::time::Instant::now();
+        ctx.zones.bind(&ctx);
+        let rec = ctx.store.load().await?;
+        let (nc, no) = (rec.couriers.len(), rec.open_orders.len());
+        crate::zone::recover(&ctx, rec.zones).await?;
+        for c in rec.couriers {
+            Self::install_courier(&ctx, c).await?;
+        }
+        ctx.positions.rebuild_all_blocking();
+        let mut tenants: Vec<TenantId> = Vec::new();
+        for o in rec.open_orders {
+            if !tenants.contains(&o.tenant) {
+                tenants.push(o.tenant.clone());
+            }
+            if let Some(c) = o.commitment() {
+                // Restored as it was, even if a capacity change since then overfills it.
+                *ctx.loads.entry((o.tenant.clone(), c.clone())).or_insert(0) += o.size;
+            }
+            let o = Arc::new(o);
+            ctx.spawn_order(o.clone()).await?;
+            ctx.zones.order_changed(&o);
+            if let Some(c) = o.courier.as_ref().filter(|_| o.state.is_held())
+                && let Some(h) = ctx.couriers.get(&(o.tenant.clone(), c.clone()))
+            {
+                h.shared.held.lock().push(o.clone());
+                let _ = h.actor.cast(CourierMsg::OrderChanged(o.clone()));
+            }
+        }
+        for t in tenants {
+            ctx.dispatcher(&t).await?;
+        }
+        tracing::info!(couriers = nc, open_orders = no, elapsed_ms = started.elapsed().as_millis() as u64, "fleet recovered");
+        let rebuilder = ctx.positions.spawn_rebuilder(ctx.config.index_rebuild);
+        Ok(Fleet { ctx, tasks: Arc::new(vec![rebuilder]) })
+    }
+
+    async fn install_courier(ctx: &Arc<FleetCtx>, rec: CourierRecord) -> Result<CourierHandle, FleetError> {
+        let index = ctx.positions.tenant(&rec.tenant);
+        let key = index.key(&rec.id);
+        if let Some(d) = &rec.device_id {
+            ctx.devices.insert(d.clone(), (rec.tenant.clone(), rec.id.clone()));
+        }
+        let shared = Arc::new(CourierShared {
+            zones: parking_lot::Mutex::new(crate::zone::CourierZones::new(ctx, &rec)),
+            inbox: FixInbox::new(ctx.config.inbox_capacity),
+            record: parking_lot::Mutex::new(rec),
+            held: parking_lot::Mutex::new(Vec::new()),
+            key,
+        });
+        ctx.spawn_courier(shared).await
+    }
+
+    /// The shared context (for tests and tools).
+    pub fn ctx(&self) -> &Arc<FleetCtx> {
+        &self.ctx
+    }
+
+    pub fn now_ms(&self) -> Ms {
+        self.ctx.clock.now_ms()
+    }
+
+    /// Returns the courier, registering it with defaults (durably) if it is unknown.
+    pub async fn ensure_courier(&self, tenant: &TenantId, id: &CourierId) -> Result<CourierRecord, FleetError> {
+        if let Some(r) = self.ctx.courier_record(tenant, id) {
+            return Ok(r);
+        }
+        let rec = CourierRecord::new(tenant.clone(), id.clone(), self.now_ms());
+        self.ctx.store.commit(vec![Write::Courier(rec.clone()), Write::Event(courier_event(&rec, "courier.registered", &Who::System))]).await?;
+        if let Some(r) = self.ctx.courier_record(tenant, id) {
+            return Ok(r); // raced with another registration
+        }
+        Self::install_courier(&self.ctx, rec.clone()).await?;
+        Ok(rec)
+    }
+
+    /// Creates or updates a courier's profile, durably.
+    pub async fn upsert_courier(&self, tenant: &TenantId, id: &CourierId, patch: CourierPatch, who: &Who) -> Result<CourierRecord, FleetError> {
+        let mut rec = self.ctx.courier_record(tenant, id).unwrap_or_else(|| CourierRecord::new(tenant.clone(), id.clone(), self.now_ms()));
+        if let Some(d) = &patch.device_id
+            && let Some(owner) = self.ctx.devices.get(d)
+            && (owner.0 != *tenant || owner.1 != *id)
+        {
+            return Err(FleetError::Conflict(format!("device {d} belongs to another courier")));
+        }
+        let old_device = rec.device_id.clone();
+        if let Some(v) = patch.name { rec.name = Some(v) }
+        if let Some(v) = patch.vehicle { rec.vehicle = v }
+        if let Some(v) = patch.capacity { rec.capacity = v }
+        if let Some(v) = patch.device_id { rec.device_id = Some(v) }
+        if let Some(v) = patch.on_shift { rec.on_shift = v }
+        rec.updated_at = self.now_ms();
+        self.ctx.store.commit(vec![Write::Courier(rec.clone()), Write::Event(courier_event(&rec, "courier.updated", who))]).await?;
+        if let Some(d) = old_device.filter(|d| Some(d) != rec.device_id.as_ref()) {
+            self.ctx.devices.remove(&d);
+        }
+        if let Some(d) = &rec.device_id {
+            self.ctx.devices.insert(d.clone(), (tenant.clone(), id.clone()));
+        }
+        match self.ctx.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.clone()) {
+            Some(h) => {
+                *h.shared.record.lock() = rec.clone();
+                let _ = h.actor.cast(CourierMsg::SetProfile(rec.clone()));
+            }
+            None => {
+                Self::install_courier(&self.ctx, rec.clone()).await?;
+            }
+        }
+        Ok(rec)
+    }
+
+    /// The courier's current state.
+    pub fn courier(&self, tenant: &TenantId, id: &CourierId) -> Result<CourierRecord, FleetError> {
+        self.ctx.courier_record(tenant, id).ok_or(FleetError::NotFound { what: "courier" })
+    }
+
+    /// Orders a courier holds.
+    pub fn courier_orders(&self, tenant: &TenantId, id: &CourierId) -> Vec<Arc<Order>> {
+        self.ctx.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.shared.held.lock().clone()).unwrap_or_default()
+    }
+
+    /// The courier a tracker device id belongs to.
+    pub fn device(&self, device_id: &str) -> Option<(TenantId, CourierId)> {
+        self.ctx.devices.get(device_id).map(|e| e.clone())
+    }
+
+    /// Hands validated fixes to the courier (hot path; never waits on the actor).
+    pub fn ingest(&self, tenant: &TenantId, id: &CourierId, fixes: Vec<Fix>) -> Result<(), FleetError> {
+        let h = self.ctx.couriers.get(&(tenant.clone(), id.clone())).ok_or(FleetError::NotFound { what: "courier" })?;
+        if h.shared.inbox.push(fixes) {
+            h.actor.cast(CourierMsg::Drain).map_err(|_| FleetError::ActorGone("courier"))?;
+        }
+        Ok(())
+    }
+
+    /// Sets a courier's status.
+    pub fn set_status(&self, tenant: &TenantId, id: &CourierId, status: CourierStatus) -> Result<(), FleetError> {
+        let h = self.ctx.couriers.get(&(tenant.clone(), id.clone())).ok_or(FleetError::NotFound { what: "courier" })?;
+        h.shared.record.lock().status = status;
+        h.actor.cast(CourierMsg::SetStatus(status)).map_err(|_| FleetError::ActorGone("courier"))
+    }
+
+    /// The courier's recent trail, oldest first.
+    pub async fn trail(&self, tenant: &TenantId, id: &CourierId) -> Result<Vec<Fix>, FleetError> {
+        let h = self.ctx.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.actor.clone()).ok_or(FleetError::NotFound { what: "courier" })?;
+        call(&h, CourierMsg::Trail, self.ctx.config.call_timeout, "courier").await
+    }
+
+    /// The `k` couriers nearest to `at` (within `radius_m` if given), from the index snapshot.
+    pub fn nearby(&self, tenant: &TenantId, at: LatLng, k: usize, radius_m: Option<f64>) -> Vec<Nearby> {
+        let t = self.ctx.positions.tenant(tenant);
+        t.snapshot()
+            .nearest(at, k, radius_m, |_| true)
+            .into_iter()
+            .filter_map(|(e, d)| {
+                let id = t.id(e.key)?;
+                Some(Nearby { courier: self.ctx.courier_record(tenant, &id)?, distance_m: d })
+            })
+            .collect()
+    }
+
+    /// Couriers with a position inside the box, from the index snapshot.
+    pub fn couriers_in_bbox(&self, tenant: &TenantId, min: LatLng, max: LatLng) -> Vec<CourierRecord> {
+        let t = self.ctx.positions.tenant(tenant);
+        let snap = t.snapshot();
+        snap.in_bbox(min, max).filter_map(|e| t.id(e.key)).filter_map(|id| self.ctx.courier_record(tenant, &id)).collect()
+    }
+
+    /// Creates an order; returns once it is durable.
+    pub async fn create_order(&self, tenant: &TenantId, new: NewOrder, who: &Who) -> Result<Arc<Order>, FleetError> {
+        if new.size == 0 {
+            return Err(FleetError::Invalid("size must be at least 1".into()));
+        }
+        let now = self.now_ms();
+        if let (Some(r), Some(d)) = (new.ready_at, new.deliver_by)
+            && d < r
+        {
+            return Err(FleetError::Invalid("deliver_by is before ready_at".into()));
+        }
+        let zones = self.ctx.zones.snapshot(tenant);
+        if !zones.in_service(new.pickup) || !zones.in_service(new.dropoff) {
+            return Err(FleetError::OutsideServiceArea);
+        }
+        // A client-chosen id may clash with a closed order in the store; a generated UUIDv7
+        // cannot, so it skips the read (one less database round trip per create under load).
+        let chosen = new.id.is_some();
+        let id = new.id.clone().unwrap_or_else(|| OrderId::new(uuid::Uuid::now_v7().to_string()));
+        let key = (tenant.clone(), id.clone());
+        if self.ctx.orders.contains_key(&key) || (chosen && self.ctx.store.order(tenant, &id).await?.is_some()) {
+            return Err(FleetError::Conflict(format!("order {id} already exists")));
+        }
+        let order = Order {
+            tenant: tenant.clone(),
+            id: id.clone(),
+            pickup: new.pickup,
+            dropoff: new.dropoff,
+            size: new.size,
+            ready_at: new.ready_at,
+            deliver_by: new.deliver_by,
+            state: OrderState::Created,
+            courier: None,
+            offer: None,
+            declined: Vec::new(),
+            assignment: None,
+            created_at: now,
+            updated_at: now,
+            version: 0,
+        };
+        let event = DomainEvent {
+            tenant: tenant.clone(),
+            entity: EntityKind::Order,
+            entity_id: id.to_string(),
+            kind: "order.created".into(),
+            actor: who.to_string(),
+            reason: None,
+            ts: now,
+            attrs: vec![("to".into(), "created".into())],
+        };
+        self.ctx.store.commit(vec![Write::Order(order.clone()), Write::Event(event.clone())]).await?;
+        metrics::counter!("hexfleet_orders_created_total").increment(1);
+        let order = Arc::new(order);
+        self.ctx.spawn_order(order.clone()).await?;
+        self.ctx.zones.order_changed(&order);
+        self.ctx.publisher.publish(crate::publish::Update::Order(order.clone()));
+        self.ctx.publisher.publish(crate::publish::Update::Event(Arc::new(event)));
+        let d = self.ctx.dispatcher(tenant).await?;
+        let _ = d.cast(DispatchMsg::OrderChanged(order.clone()));
+        Ok(order)
+    }
+
+    /// Reads an order: live if open, else from the store.
+    pub async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Arc<Order>, FleetError> {
+        if let Some(o) = self.ctx.last_orders.get(&(tenant.clone(), id.clone())) {
+            return Ok(o.clone());
+        }
+        self.ctx.store.order(tenant, id).await?.map(Arc::new).ok_or(FleetError::NotFound { what: "order" })
+    }
+
+    /// Applies a command to an open order and waits until it is durable.
+    pub async fn command(&self, tenant: &TenantId, id: &OrderId, cmd: Command, who: Who) -> Result<Arc<Order>, FleetError> {
+        let actor = match self.ctx.orders.get(&(tenant.clone(), id.clone())) {
+            Some(a) => a.clone(),
+            None => {
+                // Closed or unknown: say which.
+                let o = self.order(tenant, id).await?;
+                return Err(FleetError::transition(cmd.name(), o.state));
+            }
+        };
+        call(&actor, |reply| OrderMsg::Apply { cmd, who, reply: Some(reply) }, self.ctx.config.call_timeout, "order").await?
+    }
+
+    /// Dispatcher override: assign to a courier now.
+    pub async fn assign(&self, tenant: &TenantId, id: &OrderId, courier: &CourierId, who: Who) -> Result<Arc<Order>, FleetError> {
+        let rec = self.courier(tenant, courier)?;
+        let order = self.order(tenant, id).await?;
+        let planner = self.ctx.config.planner(rec.vehicle);
+        let cost_s = rec.last_fix.map_or(0.0, |f| planner.travel_s(f.pos, order.pickup));
+        let record = crate::domain::AssignmentRecord {
+            at: self.now_ms(),
+            policy: "override".into(),
+            courier: courier.clone(),
+            cost_s,
+            candidates: vec![(courier.clone(), cost_s)],
+        };
+        self.command(tenant, id, Command::Assign { courier: courier.clone(), record }, who).await
+    }
+
+    /// Runs one dispatch round for the tenant now (tests, tools).
+    pub async fn dispatch_now(&self, tenant: &TenantId) -> Result<(), FleetError> {
+        let d = self.ctx.dispatcher(tenant).await?;
+        call(&d, DispatchMsg::TickNow, self.ctx.config.call_timeout, "dispatcher").await
+    }
+
+    /// Plans a dispatch round for the tenant's waiting orders without applying it: what the
+    /// next tick would decide, and how long building and solving it took (benchmarks, tools).
+    pub async fn dispatch_preview(&self, tenant: &TenantId) -> DispatchPreview {
+        let now = self.now_ms();
+        let all = self.ctx.open_orders(tenant);
+        let committed = crate::matching::commitments(all.iter());
+        let open: Vec<Arc<Order>> = all.into_iter().filter(|o| o.state == OrderState::Created).collect();
+        let (ctx, t) = (self.ctx.clone(), tenant.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let r = crate::matching::plan_round(&ctx, &t, &open, &committed, now);
+            DispatchPreview {
+                orders: open.len(),
+                couriers: r.couriers,
+                pairs: r.pairs,
+                matched: r.picks.len(),
+                cost_s: r.cost,
+                lower_bound_s: r.lower_bound,
+                elapsed: started.elapsed(),
+            }
+        })
+        .await
+        .expect("dispatch preview panicked")
+    }
+
+    /// Open orders of a tenant.
+    pub fn open_orders(&self, tenant: &TenantId) -> Vec<Arc<Order>> {
+        self.ctx.open_orders(tenant)
+    }
+
+    /// Number of couriers and open orders known (all tenants).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.ctx.couriers.len(), self.ctx.orders.len())
+    }
+
+    /// Lets every order actor, then every courier actor, work through what is already in its
+    /// mailbox, and checks the fleet's cross-actor invariants. Returns the violations (empty
+    /// when consistent):
+    /// * a courier's committed load equals the sizes of the open orders offered to or held by
+    ///   it, and never exceeds its capacity;
+    /// * an order is in the held list of exactly the courier holding it, and of no other.
+    ///
+    /// For tests and operators' consistency checks; it walks every actor, so not for hot paths.
+    pub async fn check_invariants(&self) -> Vec<String> {
+        let timeout = self.ctx.config.call_timeout;
+        let orders: Vec<ActorRef<OrderMsg>> = self.ctx.orders.iter().map(|e| e.value().clone()).collect();
+        for a in orders {
+            let _ = call(&a, OrderMsg::Get, timeout, "order").await;
+        }
+        let couriers: Vec<CourierHandle> = self.ctx.couriers.iter().map(|e| e.value().clone()).collect();
+        for h in &couriers {
+            let _ = call(&h.actor, CourierMsg::Trail, timeout, "courier").await;
+        }
+        let mut bad = Vec::new();
+        let mut expected: std::collections::HashMap<(TenantId, CourierId), u32> = Default::default();
+        let open: Vec<Arc<Order>> = self.ctx.last_orders.iter().map(|e| e.value().clone()).collect();
+        for o in &open {
+            if let Some(c) = o.commitment() {
+                *expected.entry((o.tenant.clone(), c.clone())).or_default() += u32::from(o.size);
+            }
+        }
+        for h in &couriers {
+            let rec = h.shared.record.lock().clone();
+            let k = (rec.tenant.clone(), rec.id.clone());
+            let load = u32::from(self.ctx.load(&rec.tenant, &rec.id));
+            let want = expected.get(&k).copied().unwrap_or(0);
+            if load != want {
+                bad.push(format!("courier {}: load {load} but open orders commit {want}", rec.id));
+            }
+            if load > u32::from(rec.capacity) {
+                bad.push(format!("courier {}: load {load} over capacity {}", rec.id, rec.capacity));
+            }
+            for o in h.shared.held.lock().iter() {
+                let live = self.ctx.last_orders.get(&(o.tenant.clone(), o.id.clone())).map(|e| e.value().clone());
+                if !live.is_some_and(|l| l.state.is_held() && l.courier.as_ref() == Some(&rec.id)) {
+                    bad.push(format!("courier {} lists order {} it does not hold", rec.id, o.id));
+                }
+            }
+        }
+        for o in open.iter().filter(|o| o.state.is_held()) {
+            let Some(c) = &o.courier else {
+                bad.push(format!("order {} is {} without a courier", o.id, o.state.as_str()));
+                continue;
+            };
+            let listed = couriers.iter().filter(|h| h.shared.held.lock().iter().any(|x| x.id == o.id && x.tenant == o.tenant)).count();
+            let by_holder = self.ctx.couriers.get(&(o.tenant.clone(), c.clone())).is_some_and(|h| h.shared.held.lock().iter().any(|x| x.id == o.id));
+            if listed != 1 || !by_holder {
+                bad.push(format!("order {} held by {c} is listed by {listed} couriers", o.id));
+            }
+        }
+        bad
+    }
+
+    /// Creates or replaces a zone; returns once it is durable (audit event `zone.created` or
+    /// `zone.updated`). The geometry is validated here (rings, coordinates).
+    pub async fn put_zone(&self, tenant: &TenantId, zone: ZoneRecord, who: &Who) -> Result<Arc<ZoneRecord>, FleetError> {
+        crate::zone::put_zone(&self.ctx, tenant, zone, who).await
+    }
+
+    /// Deletes a zone; returns once it is durable. Couriers inside get a closing `zone.exit`.
+    pub async fn delete_zone(&self, tenant: &TenantId, id: &ZoneId, who: &Who) -> Result<(), FleetError> {
+        crate::zone::delete_zone(&self.ctx, tenant, id, who).await
+    }
+
+    /// The tenant's zones, by id.
+    pub fn zones(&self, tenant: &TenantId) -> Vec<Arc<ZoneRecord>> {
+        let mut v: Vec<_> = self.ctx.zones.snapshot(tenant).zones().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// One zone.
+    pub fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Arc<ZoneRecord>, FleetError> {
+        self.ctx.zones.snapshot(tenant).zones().find(|z| z.id == *id).cloned().ok_or(FleetError::NotFound { what: "zone" })
+    }
+
+    /// Supply, demand and surge of a zone.
+    pub fn zone_stats(&self, tenant: &TenantId, id: &ZoneId) -> Option<crate::zone::AreaStats> {
+        self.ctx.zones.stats(&crate::zone::AreaKey::Zone(tenant.clone(), id.clone()))
+    }
+
+    /// Supply, demand and surge of the dispatch cell (`FleetConfig::dispatch_res`) around `at`;
+    /// zero when nothing ever happened there.
+    pub fn cell_stats(&self, tenant: &TenantId, at: LatLng) -> crate::zone::AreaStats {
+        let cell = hexfleet_geo::cells::cell_at(at, self.ctx.zones.resolution());
+        self.ctx.zones.stats(&crate::zone::AreaKey::Cell(tenant.clone(), cell)).unwrap_or_default()
+    }
+
+    /// Test hook: makes a zone's area actor panic.
+    pub fn crash_zone_actor(&self, tenant: &TenantId, id: &ZoneId) {
+        if let Some(a) = self.ctx.zones.area_actor(&crate::zone::AreaKey::Zone(tenant.clone(), id.clone())) {
+            let _ = a.cast(crate::zone::AreaMsg::Crash);
+        }
+    }
+
+    /// Test hook: makes a courier or order actor panic.
+    pub fn crash_courier(&self, tenant: &TenantId, id: &CourierId) {
+        if let Some(h) = self.ctx.couriers.get(&(tenant.clone(), id.clone())) {
+            let _ = h.actor.cast(CourierMsg::Crash);
+        }
+    }
+
+    pub fn crash_order(&self, tenant: &TenantId, id: &OrderId) {
+        if let Some(a) = self.ctx.orders.get(&(tenant.clone(), id.clone())) {
+            let _ = a.cast(OrderMsg::Crash);
+        }
+    }
+
+    /// Stops dispatch and the actors, then flushes storage.
+    pub async fn shutdown(&self) -> Result<(), FleetError> {
+        for t in self.tasks.iter() {
+            t.abort();
+        }
+        for d in self.ctx.dispatchers.iter() {
+            d.stop(None);
+        }
+        self.ctx.zones.drain_events(Duration::from_secs(2)).await;
+        // Write every courier's latest state before stopping.
+        let all: Vec<CourierRecord> = self.ctx.couriers.iter().map(|h| h.shared.record.lock().clone()).collect();
+        for chunk in all.chunks(1000) {
+            let _ = self.ctx.store.snapshot_couriers(chunk.to_vec());
+        }
+        let res = self.ctx.store.flush().await;
+        if let Some(sup) = self.ctx.supervisor.write().take() {
+            sup.stop(None);
+        }
+        res.map_err(FleetError::from)
+    }
+}
+
+fn courier_event(rec: &CourierRecord, kind: &str, who: &Who) -> DomainEvent {
+    DomainEvent {
+        tenant: rec.tenant.clone(),
+        entity: EntityKind::Courier,
+        entity_id: rec.id.to_string(),
+        kind: kind.into(),
+        actor: who.to_string(),
+        reason: None,
+        ts: rec.updated_at,
+        attrs: vec![("vehicle".into(), rec.vehicle.as_str().into()), ("capacity".into(), rec.capacity.to_string())],
+    }
+}
+
+/// Calls an actor with a timeout, mapping failures to [`FleetError`].
+pub(crate) async fn call<M, R>(
+    actor: &ActorRef<M>,
+    build: impl FnOnce(ractor::RpcReplyPort<R>) -> M,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<R, FleetError>
+where
+    M: ractor::Message,
+    R: Send + 'static,
+{
+    match actor.call(build, Some(timeout)).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(FleetError::Timeout(what)),
+        _ => Err(FleetError::ActorGone(what)),
+    }
+}

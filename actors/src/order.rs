@@ -1,0 +1,317 @@
+//! The order lifecycle: the pure state machine ([`apply`]) and the order actor that owns one
+//! open order, persists every transition before acknowledging it, and tells the courier, the
+//! dispatcher and the watchers.
+//!
+//! ```text
+//! created ─offer─► offered ─accept─► assigned ─arrive─► at_pickup ─picked_up─► picked_up ─arrive─► at_dropoff ─delivered─► delivered
+//!    ▲                │ decline/lapse                                                  (picked_up may skip at_pickup;
+//!    └────────────────┘                                                                 delivered may skip at_dropoff)
+//! any open state ─cancel─► cancelled;   held states ─fail─► failed;   created/offered ─expire─► expired
+//! created/offered/assigned/at_pickup ─assign (override or auto-accept)─► assigned
+//! ```
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::domain::{
+    Actor as Who, AssignmentRecord, CourierId, DomainEvent, EntityKind, Ms, Offer, Order, OrderState,
+};
+use crate::error::FleetError;
+use crate::fleet::FleetCtx;
+use crate::publish::{CourierNotice, Update};
+use crate::store::Write;
+
+/// A command that may change an order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// Offer the order to a courier until `expires_at`.
+    Offer { courier: CourierId, expires_at: Ms, record: AssignmentRecord },
+    /// The offered courier accepts.
+    Accept { courier: CourierId },
+    /// The offered courier declines.
+    Decline { courier: CourierId },
+    /// The offer lapsed without an answer.
+    OfferLapsed { courier: CourierId },
+    /// Assign directly (dispatcher override or auto-accept fleet).
+    Assign { courier: CourierId, record: AssignmentRecord },
+    /// The courier reached the pickup (geofence).
+    ArrivedPickup { courier: CourierId },
+    /// The courier reports the goods on board.
+    PickedUp { courier: CourierId },
+    /// The courier reached the drop-off (geofence).
+    ArrivedDropoff { courier: CourierId },
+    /// The courier reports delivery.
+    Delivered { courier: CourierId },
+    /// The courier reports failure.
+    Failed { courier: CourierId },
+    /// Cancel (customer before pickup, dispatcher or admin any time while open).
+    Cancel,
+    /// Nobody took the order in time.
+    Expire,
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Offer { .. } => "offer",
+            Command::Accept { .. } => "accept",
+            Command::Decline { .. } => "decline",
+            Command::OfferLapsed { .. } => "lapse the offer of",
+            Command::Assign { .. } => "assign",
+            Command::ArrivedPickup { .. } => "arrive at the pickup of",
+            Command::PickedUp { .. } => "pick up",
+            Command::ArrivedDropoff { .. } => "arrive at the drop-off of",
+            Command::Delivered { .. } => "deliver",
+            Command::Failed { .. } => "fail",
+            Command::Cancel => "cancel",
+            Command::Expire => "expire",
+        }
+    }
+}
+
+/// Applies `cmd` by `who` at `now`; returns the new order or why not. Pure: no I/O.
+pub fn apply(order: &Order, cmd: &Command, who: &Who, now: Ms) -> Result<Order, FleetError> {
+    use OrderState::*;
+    let s = order.state;
+    let err = || FleetError::transition(cmd.name(), s);
+    let holder_is = |c: &CourierId| order.courier.as_ref() == Some(c);
+    let mut next = order.clone();
+    match cmd {
+        Command::Offer { courier, expires_at, record } => {
+            if s != Created {
+                return Err(err());
+            }
+            if order.declined.contains(courier) {
+                return Err(FleetError::Conflict(format!("courier {courier} declined this order")));
+            }
+            next.state = Offered;
+            next.offer = Some(Offer { courier: courier.clone(), expires_at: *expires_at });
+            next.assignment = Some(record.clone());
+        }
+        Command::Accept { courier } => {
+            let offered_to = order.offer.as_ref().map(|o| &o.courier);
+            if s != Offered || offered_to != Some(courier) {
+                return Err(err());
+            }
+            next.state = Assigned;
+            next.courier = Some(courier.clone());
+            next.offer = None;
+        }
+        Command::Decline { courier } | Command::OfferLapsed { courier } => {
+            let offered_to = order.offer.as_ref().map(|o| &o.courier);
+            if s != Offered || offered_to != Some(courier) {
+                return Err(err());
+            }
+            next.state = Created;
+            next.offer = None;
+            next.assignment = None;
+            if !next.declined.contains(courier) {
+                next.declined.push(courier.clone());
+            }
+        }
+        Command::Assign { courier, record } => {
+            if !matches!(s, Created | Offered | Assigned | AtPickup) {
+                return Err(err());
+            }
+            next.state = Assigned;
+            next.courier = Some(courier.clone());
+            next.offer = None;
+            next.assignment = Some(record.clone());
+        }
+        Command::ArrivedPickup { courier } => {
+            if s != Assigned || !holder_is(courier) {
+                return Err(err());
+            }
+            next.state = AtPickup;
+        }
+        Command::PickedUp { courier } => {
+            if !matches!(s, Assigned | AtPickup) || !holder_is(courier) {
+                return Err(err());
+            }
+            next.state = PickedUp;
+        }
+        Command::ArrivedDropoff { courier } => {
+            if s != PickedUp || !holder_is(courier) {
+                return Err(err());
+            }
+            next.state = AtDropoff;
+        }
+        Command::Delivered { courier } => {
+            if !matches!(s, PickedUp | AtDropoff) || !holder_is(courier) {
+                return Err(err());
+            }
+            next.state = Delivered;
+        }
+        Command::Failed { courier } => {
+            if !s.is_held() || !holder_is(courier) {
+                return Err(err());
+            }
+            next.state = Failed;
+        }
+        Command::Cancel => {
+            if s.is_terminal() {
+                return Err(err());
+            }
+            if matches!(who, Who::Customer(_)) && s.is_on_board() {
+                return Err(FleetError::Forbidden("a customer cannot cancel an order already picked up".into()));
+            }
+            next.state = Cancelled;
+            next.offer = None;
+        }
+        Command::Expire => {
+            if !matches!(s, Created | Offered) {
+                return Err(err());
+            }
+            next.state = Expired;
+            next.offer = None;
+        }
+    }
+    next.updated_at = now;
+    next.version += 1;
+    Ok(next)
+}
+
+/// The audit event for a transition from `before` to `after`.
+pub fn transition_event(before: &Order, after: &Order, cmd: &Command, who: &Who, ts: Ms) -> DomainEvent {
+    let mut attrs = vec![
+        ("from".to_string(), before.state.as_str().to_string()),
+        ("to".to_string(), after.state.as_str().to_string()),
+    ];
+    if let Some(c) = after.courier.as_ref().or(after.offer.as_ref().map(|o| &o.courier)) {
+        attrs.push(("courier".into(), c.to_string()));
+    }
+    let reason = match cmd {
+        Command::Decline { courier } => Some(format!("declined by {courier}")),
+        Command::OfferLapsed { courier } => Some(format!("offer to {courier} lapsed")),
+        Command::Assign { record, .. } => Some(format!("assigned by {} policy", record.policy)),
+        Command::Offer { record, .. } => Some(format!("offered by {} policy, cost {:.0} s", record.policy, record.cost_s)),
+        Command::Expire => Some("no courier took the order in time".into()),
+        _ => None,
+    };
+    DomainEvent {
+        tenant: after.tenant.clone(),
+        entity: EntityKind::Order,
+        entity_id: after.id.to_string(),
+        kind: format!("order.{}", if before.state == after.state { "reassigned" } else { after.state.as_str() }),
+        actor: who.to_string(),
+        reason,
+        ts,
+        attrs,
+    }
+}
+
+/// Messages of the order actor.
+pub enum OrderMsg {
+    /// Apply a command; answers with the new order once it is durable.
+    Apply { cmd: Command, who: Who, reply: Option<RpcReplyPort<Result<Arc<Order>, FleetError>>> },
+    /// Read the current order.
+    Get(RpcReplyPort<Arc<Order>>),
+    /// Test hook: make the actor panic (supervision tests).
+    Crash,
+}
+
+/// The order actor.
+pub struct OrderActor;
+
+/// Arguments: the shared context and the order (already durable).
+pub struct OrderArgs {
+    pub ctx: Arc<FleetCtx>,
+    pub order: Order,
+}
+
+pub struct OrderActorState {
+    ctx: Arc<FleetCtx>,
+    order: Arc<Order>,
+}
+
+impl Actor for OrderActor {
+    type Msg = OrderMsg;
+    type State = OrderActorState;
+    type Arguments = OrderArgs;
+
+    async fn pre_start(&self, _me: ActorRef<OrderMsg>, args: OrderArgs) -> Result<Self::State, ActorProcessingErr> {
+        Ok(OrderActorState { ctx: args.ctx, order: Arc::new(args.order) })
+    }
+
+    async fn handle(&self, me: ActorRef<OrderMsg>, msg: OrderMsg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            OrderMsg::Get(reply) => {
+                let _ = reply.send(st.order.clone());
+            }
+            OrderMsg::Crash => panic!("injected crash in order actor {}", st.order.id),
+            OrderMsg::Apply { cmd, who, reply } => {
+                let res = transition(st, &cmd, &who).await;
+                let done = res.as_ref().map(|o| o.state.is_terminal()).unwrap_or(false);
+                if let Some(reply) = reply {
+                    let _ = reply.send(res);
+                } else if let Err(e) = res {
+                    tracing::debug!(order = %st.order.id, error = %e, "order command refused");
+                }
+                if done {
+                    st.ctx.order_closed(&st.order);
+                    me.stop(None);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn transition(st: &mut OrderActorState, cmd: &Command, who: &Who) -> Result<Arc<Order>, FleetError> {
+    let now = st.ctx.clock.now_ms();
+    let before = st.order.clone();
+    let after = apply(&before, cmd, who, now)?;
+    let event = transition_event(&before, &after, cmd, who, now);
+    // Capacity: reserve on the new courier before the change is durable, release the old one
+    // after. A failed reservation refuses the transition and changes nothing.
+    let (was, will) = (before.commitment().cloned(), after.commitment().cloned());
+    let moved = was != will;
+    if moved && let Some(c) = &will {
+        st.ctx.reserve(&after.tenant, c, after.size)?;
+    }
+    if let Err(e) = st.ctx.store.commit(vec![Write::Order(after.clone()), Write::Event(event.clone())]).await {
+        if moved && let Some(c) = &will {
+            st.ctx.release(&after.tenant, c, after.size);
+        }
+        return Err(e.into());
+    }
+    if moved && let Some(c) = &was {
+        st.ctx.release(&before.tenant, c, before.size);
+    }
+    let after = Arc::new(after);
+    st.order = after.clone();
+    st.ctx.last_orders.insert((after.tenant.clone(), after.id.clone()), after.clone());
+    metrics::counter!("hexfleet_order_transitions_total", "to" => after.state.as_str()).increment(1);
+    // Tell the couriers involved. A courier that lost the order (reassignment, cancel) is told too.
+    let prev_holder = before.courier.clone().or(before.offer.as_ref().map(|o| o.courier.clone()));
+    let new_holder = after.courier.clone().filter(|_| after.state.is_held());
+    if let Some(prev) = prev_holder.as_ref().filter(|p| Some(*p) != new_holder.as_ref()) {
+        st.ctx.courier_order_changed(prev, &after);
+    }
+    if let Some(c) = &new_holder {
+        st.ctx.courier_order_changed(c, &after);
+    }
+    match cmd {
+        Command::Offer { courier, expires_at, .. } => st.ctx.publisher.publish(Update::ToCourier {
+            tenant: after.tenant.clone(),
+            courier: courier.clone(),
+            notice: CourierNotice::Offer {
+                order: after.id.clone(),
+                pickup: after.pickup,
+                dropoff: after.dropoff,
+                expires_at: *expires_at,
+            },
+        }),
+        Command::Accept { courier } | Command::Assign { courier, .. } => st.ctx.publisher.publish(Update::ToCourier {
+            tenant: after.tenant.clone(),
+            courier: courier.clone(),
+            notice: CourierNotice::Assigned { order: after.id.clone(), pickup: after.pickup, dropoff: after.dropoff },
+        }),
+        _ => {}
+    }
+    st.ctx.publisher.publish(Update::Order(after.clone()));
+    st.ctx.publisher.publish(Update::Event(Arc::new(event)));
+    st.ctx.dispatch_order_changed(&after);
+    Ok(after)
+}

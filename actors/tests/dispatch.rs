@@ -1,0 +1,493 @@
+//! Dispatch tests with injected time: the wall clock is a `ManualClock` the test advances, and
+//! dispatch rounds run when the test asks (`dispatch_now`; the periodic tick is an hour). Every
+//! wait is on an observable event with a deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hexfleet_actors::clock::ManualClock;
+use hexfleet_actors::domain::{Actor as Who, CourierId, CourierStatus, Fix, LatLng, Order, OrderId, OrderState, TenantId};
+use hexfleet_actors::fleet::{CourierPatch, DispatchPolicy, NewOrder};
+use hexfleet_actors::order::Command;
+use hexfleet_actors::publish::{CourierNotice, RecordingPublisher, Update};
+use hexfleet_actors::store::MemoryStore;
+use hexfleet_actors::{Fleet, FleetConfig, FleetDeps, FleetError};
+
+const DEADLINE: Duration = Duration::from_secs(5);
+const T0: i64 = 1_764_000_000_000;
+/// Metres per degree of latitude.
+const M: f64 = 111_195.0;
+const BASE: (f64, f64) = (45.50, -73.57);
+
+struct World {
+    f: Fleet,
+    p: Arc<RecordingPublisher>,
+    clock: Arc<ManualClock>,
+    t: TenantId,
+}
+
+async fn world(config: FleetConfig) -> World {
+    let p = Arc::new(RecordingPublisher::default());
+    let clock = Arc::new(ManualClock::new(T0));
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), index_rebuild: Duration::from_millis(5), ..config };
+    let f = Fleet::start(FleetDeps { store: Arc::new(MemoryStore::new()), publisher: p.clone(), clock: clock.clone(), config }).await.unwrap();
+    World { f, p, clock, t: TenantId::new("t") }
+}
+
+/// A point `north_m` metres north and `east_m` metres east of [`BASE`].
+fn at(north_m: f64, east_m: f64) -> LatLng {
+    LatLng::new(BASE.0 + north_m / M, BASE.1 + east_m / (M * BASE.0.to_radians().cos())).unwrap()
+}
+
+impl World {
+    /// An available courier of `capacity` at `pos`, visible in the index.
+    async fn courier(&self, id: &str, pos: LatLng, capacity: u16) -> CourierId {
+        let c = CourierId::new(id);
+        let patch = CourierPatch { capacity: Some(capacity), ..Default::default() };
+        self.f.upsert_courier(&self.t, &c, patch, &Who::System).await.unwrap();
+        self.f.set_status(&self.t, &c, CourierStatus::Available).unwrap();
+        let ts = self.clock.now();
+        self.f.ingest(&self.t, &c, vec![Fix { pos, ts, speed: None, heading: None, acc: None }]).unwrap();
+        self.wait_indexed(&c, pos, true).await;
+        c
+    }
+
+    /// Waits until the index snapshot shows `c` at `pos` with the given availability.
+    async fn wait_indexed(&self, c: &CourierId, pos: LatLng, available: bool) {
+        let ok = eventually(|| {
+            self.f.nearby(&self.t, pos, 50, Some(1.0)).iter().any(|n| n.courier.id == *c && (n.courier.status == CourierStatus::Available) == available)
+        })
+        .await;
+        assert!(ok, "courier {c} never showed up in the index");
+    }
+
+    async fn order(&self, id: &str, pickup: LatLng, dropoff: LatLng) -> OrderId {
+        let new = NewOrder { id: Some(OrderId::new(id)), pickup, dropoff, size: 1, ready_at: None, deliver_by: None };
+        self.f.create_order(&self.t, new, &Who::Dispatcher("d".into())).await.unwrap().id.clone()
+    }
+
+    async fn get(&self, id: &OrderId) -> Arc<Order> {
+        self.f.order(&self.t, id).await.unwrap()
+    }
+
+    /// Waits until the order satisfies `pred`.
+    async fn wait_order(&self, id: &OrderId, what: &str, pred: impl Fn(&Order) -> bool) -> Arc<Order> {
+        let res = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let o = self.get(id).await;
+                if pred(&o) {
+                    return o;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        match res {
+            Ok(o) => o,
+            Err(_) => panic!("order {id} never became {what}; it is {:?}", self.get(id).await),
+        }
+    }
+
+    async fn offered_to(&self, id: &OrderId, c: &CourierId) -> Arc<Order> {
+        self.wait_order(id, &format!("offered to {c}"), |o| o.state == OrderState::Offered && o.offer.as_ref().is_some_and(|x| x.courier == *c)).await
+    }
+
+    async fn tick(&self) {
+        self.f.dispatch_now(&self.t).await.unwrap();
+    }
+
+    /// Ticks, lets the order actors apply what the round decided, and checks the invariants.
+    async fn settle(&self) {
+        self.tick().await;
+        let bad = self.f.check_invariants().await;
+        assert!(bad.is_empty(), "invariants broken: {bad:?}");
+    }
+
+    /// The last `route` sent to a courier.
+    fn last_route(&self, c: &CourierId) -> Option<Vec<(String, bool)>> {
+        self.p.updates.lock().iter().rev().find_map(|u| match u {
+            Update::ToCourier { courier, notice: CourierNotice::Route { stops }, .. } if courier == c => {
+                Some(stops.iter().map(|s| (s.order.to_string(), s.pickup)).collect())
+            }
+            _ => None,
+        })
+    }
+}
+
+trait Now {
+    fn now(&self) -> i64;
+}
+impl Now for ManualClock {
+    fn now(&self) -> i64 {
+        use hexfleet_actors::clock::Clock;
+        self.now_ms()
+    }
+}
+
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    tokio::time::timeout(DEADLINE, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn the_nearest_courier_gets_the_offer_and_the_record_says_why() {
+    let w = world(FleetConfig::default()).await;
+    let near = w.courier("near", at(100.0, 0.0), 1).await;
+    let far = w.courier("far", at(-1500.0, 0.0), 1).await;
+    let o = w.order("o1", at(0.0, 0.0), at(2000.0, 0.0)).await;
+    w.settle().await;
+    let got = w.offered_to(&o, &near).await;
+    let rec = got.assignment.as_ref().expect("assignment record");
+    assert_eq!(rec.policy, "optimal");
+    let ids: Vec<&CourierId> = rec.candidates.iter().map(|c| &c.0).collect();
+    assert_eq!(ids, vec![&near, &far], "both candidates, cheapest first");
+    assert!(rec.candidates[0].1 < rec.candidates[1].1);
+    // ETA to a pickup 100 m away on a bike: 100 × 1.3 / 4.5 ≈ 29 s.
+    assert!((rec.cost_s - 100.0 * 1.3 / 4.5).abs() < 2.0, "cost {}", rec.cost_s);
+}
+
+#[tokio::test]
+async fn a_lapsed_offer_is_redispatched_without_that_courier_and_unwanted_orders_expire() {
+    let w = world(FleetConfig { offer_timeout_ms: 20_000, order_expiry_ms: 10 * 60_000, ..Default::default() }).await;
+    let a = w.courier("a", at(50.0, 0.0), 1).await;
+    let b = w.courier("b", at(-800.0, 0.0), 1).await;
+    let o = w.order("o1", at(0.0, 0.0), at(1000.0, 0.0)).await;
+    w.settle().await;
+    w.offered_to(&o, &a).await;
+
+    // Not yet lapsed: nothing changes.
+    w.clock.advance(19_000);
+    w.settle().await;
+    assert_eq!(w.get(&o).await.offer.as_ref().unwrap().courier, a);
+
+    // Lapsed: back to created with `a` excluded, then offered to `b`.
+    w.clock.advance(1_001);
+    w.tick().await;
+    let back = w.wait_order(&o, "created again", |o| o.state == OrderState::Created).await;
+    assert_eq!(back.declined, vec![a.clone()]);
+    w.settle().await;
+    let again = w.offered_to(&o, &b).await;
+    assert!(again.assignment.as_ref().unwrap().candidates.iter().all(|c| c.0 != a), "a is not a candidate any more");
+
+    // `b` declines: nobody is left, the order waits...
+    w.f.command(&w.t, &o, Command::Decline { courier: b.clone() }, Who::Courier(b.clone())).await.unwrap();
+    w.settle().await;
+    w.settle().await;
+    let waiting = w.get(&o).await;
+    assert_eq!((waiting.state, waiting.declined.len()), (OrderState::Created, 2));
+    // ...and expires once nobody took it in time.
+    w.clock.advance(10 * 60_000);
+    w.tick().await;
+    let expired = w.wait_order(&o, "expired", |o| o.state == OrderState::Expired).await;
+    assert!(expired.courier.is_none());
+    assert!(w.f.check_invariants().await.is_empty());
+}
+
+#[tokio::test]
+async fn two_orders_batch_onto_one_courier_and_the_route_keeps_pickups_before_dropoffs() {
+    let w = world(FleetConfig::default()).await;
+    let c = w.courier("c", at(0.0, 0.0), 2).await;
+    // An idle courier 2 km south of the second pickup: worse than the detour.
+    let idle = w.courier("idle", at(-2000.0, 0.0), 1).await;
+    let o1 = w.order("o1", at(200.0, 0.0), at(3000.0, 0.0)).await;
+    w.f.assign(&w.t, &o1, &c, Who::Dispatcher("d".into())).await.unwrap();
+    w.wait_order(&o1, "assigned", |o| o.state == OrderState::Assigned).await;
+    // Along the way: picked up 300 m north, dropped 2.5 km north.
+    let o2 = w.order("o2", at(300.0, 20.0), at(2500.0, 20.0)).await;
+    w.settle().await;
+    let offered = w.offered_to(&o2, &c).await;
+    let rec = offered.assignment.as_ref().unwrap();
+    let idle_cost = rec.candidates.iter().find(|x| x.0 == idle).expect("idle courier was a candidate").1;
+    assert!(rec.cost_s < idle_cost, "batching ({:.0} s) beats the idle courier ({idle_cost:.0} s)", rec.cost_s);
+    w.f.command(&w.t, &o2, Command::Accept { courier: c.clone() }, Who::Courier(c.clone())).await.unwrap();
+    let want = vec![("o1".to_string(), true), ("o2".to_string(), true), ("o2".to_string(), false), ("o1".to_string(), false)];
+    assert!(eventually(|| w.last_route(&c).as_ref() == Some(&want)).await, "route {:?}", w.last_route(&c));
+    assert_eq!(w.f.ctx().load(&w.t, &c), 2);
+    assert!(w.f.check_invariants().await.is_empty());
+
+    // Full now: a third order nearby goes to the idle courier, not over capacity.
+    let o3 = w.order("o3", at(250.0, 0.0), at(900.0, 0.0)).await;
+    w.settle().await;
+    w.offered_to(&o3, &idle).await;
+}
+
+#[tokio::test]
+async fn batching_is_refused_when_it_delays_the_held_order_too_much() {
+    let w = world(FleetConfig { batch_max_delay_s: 300.0, ..Default::default() }).await;
+    let c = w.courier("c", at(0.0, 0.0), 3).await;
+    let o1 = w.order("o1", at(100.0, 0.0), at(3000.0, 0.0)).await;
+    w.f.assign(&w.t, &o1, &c, Who::Dispatcher("d".into())).await.unwrap();
+    w.wait_order(&o1, "assigned", |o| o.state == OrderState::Assigned).await;
+    // The opposite way: a 2 km detour each way before o1 could be delivered.
+    let o2 = w.order("o2", at(-1000.0, 0.0), at(-2500.0, 0.0)).await;
+    w.settle().await;
+    w.settle().await;
+    assert_eq!(w.get(&o2).await.state, OrderState::Created, "not batched against the held order");
+    // Once o1 is delivered the courier is free and the order goes to it.
+    w.f.command(&w.t, &o1, Command::PickedUp { courier: c.clone() }, Who::Courier(c.clone())).await.unwrap();
+    w.f.command(&w.t, &o1, Command::Delivered { courier: c.clone() }, Who::Courier(c.clone())).await.unwrap();
+    w.settle().await;
+    w.offered_to(&o2, &c).await;
+}
+
+#[tokio::test]
+async fn off_shift_and_offline_couriers_get_nothing_and_an_override_respects_capacity() {
+    let w = world(FleetConfig::default()).await;
+    let off = w.courier("off", at(10.0, 0.0), 1).await;
+    let away = w.courier("away", at(20.0, 0.0), 1).await;
+    let on = w.courier("on", at(-900.0, 0.0), 1).await;
+    w.f.upsert_courier(&w.t, &off, CourierPatch { on_shift: Some(false), ..Default::default() }, &Who::System).await.unwrap();
+    w.f.set_status(&w.t, &away, CourierStatus::Offline).unwrap();
+    w.wait_indexed(&away, at(20.0, 0.0), false).await;
+    assert!(eventually(|| w.f.courier(&w.t, &off).is_ok_and(|r| !r.on_shift)).await);
+    let o1 = w.order("o1", at(0.0, 0.0), at(500.0, 0.0)).await;
+    // The off-shift courier's index entry follows its profile change.
+    let mut offered = None;
+    for _ in 0..50 {
+        w.settle().await;
+        let o = w.get(&o1).await;
+        if let Some(x) = &o.offer {
+            offered = Some(x.courier.clone());
+            break;
+        }
+    }
+    assert_eq!(offered.as_ref(), Some(&on), "only the on-shift, available courier is offered");
+
+    // Override onto a full courier is refused and changes nothing.
+    w.f.command(&w.t, &o1, Command::Accept { courier: on.clone() }, Who::Courier(on.clone())).await.unwrap();
+    let o2 = w.order("o2", at(0.0, 10.0), at(500.0, 10.0)).await;
+    let err = w.f.assign(&w.t, &o2, &on, Who::Dispatcher("d".into())).await.unwrap_err();
+    assert!(matches!(err, FleetError::Conflict(_)), "{err:?}");
+    assert_eq!(w.get(&o2).await.state, OrderState::Created);
+    assert_eq!(w.f.ctx().load(&w.t, &on), 1);
+}
+
+#[tokio::test]
+async fn an_override_racing_the_couriers_accept_ends_consistently() {
+    let w = world(FleetConfig::default()).await;
+    let a = w.courier("a", at(0.0, 0.0), 5).await;
+    let b = w.courier("b", at(-3000.0, 0.0), 5).await;
+    for i in 0..20 {
+        let o = w.order(&format!("o{i}"), at(10.0, i as f64), at(600.0, 0.0)).await;
+        w.settle().await;
+        w.offered_to(&o, &a).await;
+        let accept = w.f.command(&w.t, &o, Command::Accept { courier: a.clone() }, Who::Courier(a.clone()));
+        let assign = w.f.assign(&w.t, &o, &b, Who::Dispatcher("d".into()));
+        let (acc, ovr) = tokio::join!(accept, assign);
+        ovr.expect("the override wins either way");
+        // The accept either came first (then the override took the order away) or was refused.
+        if let Err(e) = &acc {
+            assert!(matches!(e, FleetError::InvalidTransition { .. }), "{e:?}");
+        }
+        let got = w.get(&o).await;
+        assert_eq!((got.state, got.courier.as_ref()), (OrderState::Assigned, Some(&b)));
+        let bad = w.f.check_invariants().await;
+        assert!(bad.is_empty(), "{bad:?}");
+        assert!(w.f.courier_orders(&w.t, &a).iter().all(|x| x.id != o));
+        // Free b again for the next round.
+        w.f.command(&w.t, &o, Command::Cancel, Who::Dispatcher("d".into())).await.unwrap();
+    }
+    assert_eq!(w.f.ctx().load(&w.t, &a) + w.f.ctx().load(&w.t, &b), 0);
+}
+
+#[tokio::test]
+async fn greedy_policy_is_kept_as_a_baseline_and_optimal_beats_it_on_a_crossing() {
+    // Two orders, two couriers. Greedy takes the cheapest pair first (a→o1, 10 m) and leaves
+    // o2 to b far away; optimal gives o1 to b and o2 to a for less in total.
+    async fn run(policy: DispatchPolicy) -> (f64, String) {
+        let w = world(FleetConfig { dispatch_policy: policy, ..Default::default() }).await;
+        let a = w.courier("a", at(0.0, 0.0), 1).await;
+        let _b = w.courier("b", at(0.0, 1200.0), 1).await;
+        let o1 = w.order("o1", at(0.0, 10.0), at(0.0, 3000.0)).await;
+        let o2 = w.order("o2", at(0.0, -400.0), at(0.0, -3000.0)).await;
+        w.settle().await;
+        let (x1, x2) = (w.wait_order(&o1, "offered", |o| o.offer.is_some()).await, w.wait_order(&o2, "offered", |o| o.offer.is_some()).await);
+        let (r1, r2) = (x1.assignment.clone().unwrap(), x2.assignment.clone().unwrap());
+        assert_eq!(r1.policy, policy.as_str());
+        let who = if x1.offer.as_ref().unwrap().courier == a { "a-o1" } else { "b-o1" };
+        (r1.cost_s + r2.cost_s, who.to_string())
+    }
+    let (greedy, gw) = run(DispatchPolicy::Greedy).await;
+    let (optimal, ow) = run(DispatchPolicy::Optimal).await;
+    assert_eq!(gw, "a-o1");
+    assert_eq!(ow, "b-o1");
+    assert!(optimal < greedy, "optimal {optimal:.0} s vs greedy {greedy:.0} s");
+}
+
+mod interleavings {
+    //! Random interleavings of dispatch rounds, courier replies, overrides, cancels, progress
+    //! and time, some issued concurrently: after every step no order is held by two couriers
+    //! and no courier is committed beyond its capacity.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create { north: i16, east: i16, size: u16 },
+        Tick,
+        Reply { order: u8, accept: bool },
+        Override { order: u8, courier: u8 },
+        Cancel { order: u8 },
+        Progress { order: u8 },
+        Advance { ms: u32 },
+        Status { courier: u8, available: bool },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (-20i16..20, -20i16..20, 1u16..=2).prop_map(|(north, east, size)| Op::Create { north, east, size }),
+            3 => Just(Op::Tick),
+            4 => (any::<u8>(), proptest::bool::weighted(0.7)).prop_map(|(order, accept)| Op::Reply { order, accept }),
+            2 => (any::<u8>(), any::<u8>()).prop_map(|(order, courier)| Op::Override { order, courier }),
+            1 => any::<u8>().prop_map(|order| Op::Cancel { order }),
+            3 => any::<u8>().prop_map(|order| Op::Progress { order }),
+            1 => (1_000u32..30_000).prop_map(|ms| Op::Advance { ms }),
+            1 => (any::<u8>(), any::<bool>()).prop_map(|(courier, available)| Op::Status { courier, available }),
+        ]
+    }
+
+    async fn apply(w: &World, couriers: &[CourierId], orders: &parking_lot::Mutex<Vec<OrderId>>, n: &std::sync::atomic::AtomicUsize, op: Op) {
+        let pick = |i: u8| {
+            let o = orders.lock();
+            (!o.is_empty()).then(|| o[i as usize % o.len()].clone())
+        };
+        let who = Who::Dispatcher("d".into());
+        match op {
+            Op::Create { north, east, size } => {
+                let id = format!("o{}", n.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+                let p = at(f64::from(north) * 50.0, f64::from(east) * 50.0);
+                let new = NewOrder { id: Some(OrderId::new(&id)), pickup: p, dropoff: at(f64::from(north) * 50.0 + 800.0, 0.0), size, ready_at: None, deliver_by: None };
+                let o = w.f.create_order(&w.t, new, &who).await.unwrap();
+                orders.lock().push(o.id.clone());
+            }
+            Op::Tick => w.tick().await,
+            Op::Reply { order, accept } => {
+                let Some(id) = pick(order) else { return };
+                let o = w.get(&id).await;
+                if let Some(offer) = &o.offer {
+                    let c = offer.courier.clone();
+                    let cmd = if accept { Command::Accept { courier: c.clone() } } else { Command::Decline { courier: c.clone() } };
+                    let _ = w.f.command(&w.t, &id, cmd, Who::Courier(c)).await;
+                }
+            }
+            Op::Override { order, courier } => {
+                let Some(id) = pick(order) else { return };
+                let _ = w.f.assign(&w.t, &id, &couriers[courier as usize % couriers.len()], who).await;
+            }
+            Op::Cancel { order } => {
+                let Some(id) = pick(order) else { return };
+                let _ = w.f.command(&w.t, &id, Command::Cancel, who).await;
+            }
+            Op::Progress { order } => {
+                let Some(id) = pick(order) else { return };
+                let o = w.get(&id).await;
+                let Some(c) = o.courier.clone() else { return };
+                let cmd = match o.state {
+                    OrderState::Assigned | OrderState::AtPickup => Command::PickedUp { courier: c.clone() },
+                    OrderState::PickedUp | OrderState::AtDropoff => Command::Delivered { courier: c.clone() },
+                    _ => return,
+                };
+                let _ = w.f.command(&w.t, &id, cmd, Who::Courier(c)).await;
+            }
+            Op::Advance { ms } => w.clock.advance(i64::from(ms)),
+            Op::Status { courier, available } => {
+                let s = if available { CourierStatus::Available } else { CourierStatus::Offline };
+                let _ = w.f.set_status(&w.t, &couriers[courier as usize % couriers.len()], s);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn no_order_is_held_twice_and_no_courier_is_overfilled(steps in proptest::collection::vec(proptest::collection::vec(op(), 1..4), 5..30)) {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async {
+                let w = world(FleetConfig { offer_timeout_ms: 20_000, ..Default::default() }).await;
+                let mut couriers = Vec::new();
+                for (i, cap) in [1u16, 2, 3].into_iter().enumerate() {
+                    couriers.push(w.courier(&format!("c{i}"), at(i as f64 * 300.0, 0.0), cap).await);
+                }
+                let orders = parking_lot::Mutex::new(Vec::new());
+                let n = std::sync::atomic::AtomicUsize::new(0);
+                for group in steps {
+                    // The ops of a group run concurrently: their messages interleave freely.
+                    futures_util::future::join_all(group.into_iter().map(|op| apply(&w, &couriers, &orders, &n, op))).await;
+                    let bad = w.f.check_invariants().await;
+                    assert!(bad.is_empty(), "after a step: {bad:?}");
+                }
+                w.f.shutdown().await.unwrap();
+            });
+        }
+    }
+}
+
+#[tokio::test]
+async fn auto_accept_can_be_set_per_fleet() {
+    let w = world(FleetConfig { auto_accept_tenants: vec!["t".into()], ..Default::default() }).await;
+    let c = w.courier("c", at(0.0, 0.0), 1).await;
+    // 300 m away: outside the arrival radius, so the order stays `assigned`.
+    let o = w.order("o1", at(300.0, 0.0), at(900.0, 0.0)).await;
+    w.settle().await;
+    let got = w.wait_order(&o, "assigned", |o| o.state == OrderState::Assigned).await;
+    assert_eq!(got.version, 1, "created → assigned in one step, no offer");
+    assert_eq!(got.courier.as_ref(), Some(&c), "assigned without an offer");
+    // Another fleet on the same node still gets offers.
+    let w2 = World { t: TenantId::new("other"), ..w };
+    let c2 = w2.courier("c2", at(0.0, 50.0), 1).await;
+    let o2 = w2.order("o2", at(300.0, 50.0), at(900.0, 50.0)).await;
+    w2.settle().await;
+    w2.offered_to(&o2, &c2).await;
+}
+
+#[tokio::test]
+async fn offers_that_expired_while_the_server_was_down_are_redispatched_at_start() {
+    use hexfleet_actors::domain::{CourierRecord, Offer};
+    use hexfleet_actors::store::{Store, Write};
+    let store = Arc::new(MemoryStore::new());
+    let t = TenantId::new("t");
+    let courier = |id: &str, pos: LatLng| {
+        let mut r = CourierRecord::new(t.clone(), CourierId::new(id), T0 - 60_000);
+        r.status = CourierStatus::Available;
+        r.last_fix = Some(Fix { pos, ts: T0 - 60_000, speed: None, heading: None, acc: None });
+        r
+    };
+    // Before the "crash": an order offered to `a`, the offer due 30 s ago.
+    let order = Order {
+        tenant: t.clone(),
+        id: OrderId::new("o1"),
+        pickup: at(0.0, 0.0),
+        dropoff: at(900.0, 0.0),
+        size: 1,
+        ready_at: None,
+        deliver_by: None,
+        state: OrderState::Offered,
+        courier: None,
+        offer: Some(Offer { courier: CourierId::new("a"), expires_at: T0 - 30_000 }),
+        declined: vec![],
+        assignment: None,
+        created_at: T0 - 120_000,
+        updated_at: T0 - 50_000,
+        version: 1,
+    };
+    store
+        .commit(vec![Write::Courier(courier("a", at(20.0, 0.0))), Write::Courier(courier("b", at(-600.0, 0.0))), Write::Order(order)])
+        .await
+        .unwrap();
+    let p = Arc::new(RecordingPublisher::default());
+    let clock = Arc::new(ManualClock::new(T0));
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), index_rebuild: Duration::from_millis(5), ..Default::default() };
+    let f = Fleet::start(FleetDeps { store, publisher: p.clone(), clock: clock.clone(), config }).await.unwrap();
+    let w = World { f, p, clock, t };
+    assert_eq!(w.f.ctx().load(&w.t, &CourierId::new("a")), 1, "the recovered offer holds a's capacity");
+    w.tick().await;
+    let back = w.wait_order(&OrderId::new("o1"), "created again", |o| o.state == OrderState::Created).await;
+    assert_eq!(back.declined, vec![CourierId::new("a")]);
+    w.settle().await;
+    w.offered_to(&OrderId::new("o1"), &CourierId::new("b")).await;
+}

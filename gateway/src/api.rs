@@ -1,0 +1,324 @@
+//! The REST API under `/v1`, the OsmAnd/Traccar endpoint, health, readiness, metrics, OpenAPI
+//! and the static pages. Handlers authenticate, check role and tenant, convert DTOs and call the
+//! fleet; they hold no state of their own.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use hexfleet_actors::domain::{CourierId, EntityKind, OrderId, TenantId, Vehicle, valid_id};
+use hexfleet_actors::fleet::CourierPatch;
+use hexfleet_actors::order::Command;
+use hexfleet_actors::store::EventQuery;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::{Auth, Role};
+use crate::dto::{AssignReq, CourierDto, CourierPutReq, LatLngDto, LocDto, NearbyDto, NewOrderReq, OrderDto};
+use crate::error::ApiError;
+use crate::osmand;
+use crate::server::AppState;
+
+/// Largest JSON body accepted by the REST API.
+pub const MAX_JSON_BODY: usize = 256 * 1024;
+
+type State = web::Data<AppState>;
+
+/// Routes of this module.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::JsonConfig::default().limit(MAX_JSON_BODY).error_handler(crate::error::json_error))
+        .app_data(web::QueryConfig::default().error_handler(crate::error::query_error))
+        .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
+        .app_data(web::PayloadConfig::default().limit(MAX_JSON_BODY))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/openapi.json", web::get().to(openapi))
+        .route("/v1/openapi.json", web::get().to(openapi))
+        .route("/", web::get().to(console_page))
+        .route("/console", web::get().to(console_page))
+        .route("/track/{order_id}", web::get().to(console_page))
+        .route("/osmand", web::get().to(osmand_get))
+        .route("/osmand", web::post().to(osmand_post))
+        .service(
+            web::scope("/v1")
+                .route("/orders", web::post().to(create_order))
+                .route("/orders/{id}", web::get().to(get_order))
+                .route("/orders/{id}/cancel", web::post().to(cancel_order))
+                .route("/orders/{id}/assign", web::post().to(assign_order))
+                .route("/couriers/nearby", web::get().to(nearby))
+                .route("/couriers/{id}", web::put().to(put_courier))
+                .route("/couriers/{id}", web::get().to(get_courier))
+                .route("/couriers/{id}/history", web::get().to(crate::history::export))
+                .route("/couriers/{id}/history", web::delete().to(crate::history::erase))
+                .route("/events", web::get().to(events))
+                .route("/zones", web::get().to(crate::zones::list_zones))
+                .route("/zones/{id}", web::put().to(crate::zones::put_zone))
+                .route("/zones/{id}", web::get().to(crate::zones::get_zone))
+                .route("/zones/{id}", web::delete().to(crate::zones::delete_zone)),
+        );
+}
+
+fn order_id(raw: &str) -> Result<OrderId, ApiError> {
+    if valid_id(raw) { Ok(OrderId::new(raw)) } else { Err(ApiError::bad_request("bad_id", "invalid order id")) }
+}
+
+pub(crate) fn courier_id(raw: &str) -> Result<CourierId, ApiError> {
+    if valid_id(raw) { Ok(CourierId::new(raw)) } else { Err(ApiError::bad_request("bad_id", "invalid courier id")) }
+}
+
+/// Whether the caller may read this order: staff of the tenant, its customer, its courier.
+fn may_see_order(auth: &Auth, o: &hexfleet_actors::domain::Order) -> bool {
+    match auth.claims.role {
+        Role::Dispatcher | Role::Admin => true,
+        Role::Customer => auth.claims.order_id.as_deref() == Some(o.id.as_str()),
+        Role::Courier => o.courier.as_ref().is_some_and(|c| c.as_str() == auth.claims.sub),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/orders", request_body = NewOrderReq, responses((status = 201, body = OrderDto), (status = 400), (status = 401), (status = 403), (status = 503)), security(("bearer" = [])))]
+pub(crate) async fn create_order(st: State, auth: Auth, body: web::Json<NewOrderReq>) -> Result<HttpResponse, ApiError> {
+    auth.require(&[Role::Dispatcher, Role::Admin])?;
+    let new = body.into_inner().to_domain()?;
+    let fleet = st.fleet.clone();
+    let tenant = auth.tenant.clone();
+    let who = auth.who();
+    let o = st.on_main(async move { fleet.create_order(&tenant, new, &who).await }).await??;
+    Ok(HttpResponse::Created().json(OrderDto::from(o.as_ref())))
+}
+
+#[utoipa::path(get, path = "/v1/orders/{id}", params(("id" = String, Path)), responses((status = 200, body = OrderDto), (status = 404)), security(("bearer" = [])))]
+pub(crate) async fn get_order(st: State, auth: Auth, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = order_id(&path)?;
+    let o = st.fleet.order(&auth.tenant, &id).await?;
+    if !may_see_order(&auth, &o) {
+        // Same answer as a missing order: do not reveal other customers' ids.
+        return Err(ApiError::not_found("order not found"));
+    }
+    Ok(HttpResponse::Ok().json(OrderDto::from(o.as_ref())))
+}
+
+#[utoipa::path(post, path = "/v1/orders/{id}/cancel", params(("id" = String, Path)), responses((status = 200, body = OrderDto), (status = 404), (status = 409)), security(("bearer" = [])))]
+pub(crate) async fn cancel_order(st: State, auth: Auth, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = order_id(&path)?;
+    auth.require(&[Role::Dispatcher, Role::Admin, Role::Customer])?;
+    if auth.claims.role == Role::Customer && auth.claims.order_id.as_deref() != Some(id.as_str()) {
+        return Err(ApiError::not_found("order not found"));
+    }
+    let o = st.fleet.command(&auth.tenant, &id, Command::Cancel, auth.who()).await?;
+    Ok(HttpResponse::Ok().json(OrderDto::from(o.as_ref())))
+}
+
+#[utoipa::path(post, path = "/v1/orders/{id}/assign", params(("id" = String, Path)), request_body = AssignReq, responses((status = 200, body = OrderDto), (status = 404), (status = 409)), security(("bearer" = [])))]
+pub(crate) async fn assign_order(st: State, auth: Auth, path: web::Path<String>, body: web::Json<AssignReq>) -> Result<HttpResponse, ApiError> {
+    auth.require(&[Role::Dispatcher, Role::Admin])?;
+    let id = order_id(&path)?;
+    let courier = courier_id(&body.courier_id)?;
+    let o = st.fleet.assign(&auth.tenant, &id, &courier, auth.who()).await?;
+    Ok(HttpResponse::Ok().json(OrderDto::from(o.as_ref())))
+}
+
+#[utoipa::path(put, path = "/v1/couriers/{id}", params(("id" = String, Path)), request_body = CourierPutReq, responses((status = 200, body = CourierDto), (status = 400), (status = 409)), security(("bearer" = [])))]
+pub(crate) async fn put_courier(st: State, auth: Auth, path: web::Path<String>, body: web::Json<CourierPutReq>) -> Result<HttpResponse, ApiError> {
+    let id = courier_id(&path)?;
+    auth.require_self_or_staff(id.as_str())?;
+    let b = body.into_inner();
+    let vehicle = match b.vehicle.as_deref() {
+        Some(v) => Some(Vehicle::parse(v).ok_or_else(|| ApiError::bad_request("bad_vehicle", "vehicle must be foot, bike, scooter, car or van"))?),
+        None => None,
+    };
+    if b.capacity.is_some_and(|c| !(1..=100).contains(&c)) {
+        return Err(ApiError::bad_request("bad_capacity", "capacity must be 1..=100"));
+    }
+    if b.device_id.as_deref().is_some_and(|d| !valid_id(d)) {
+        return Err(ApiError::bad_request("bad_device_id", "device_id must be 1-64 characters of [A-Za-z0-9_.:-]"));
+    }
+    if b.name.as_ref().is_some_and(|n| n.chars().count() > 200) {
+        return Err(ApiError::bad_request("bad_name", "name is longer than 200 characters"));
+    }
+    let patch = CourierPatch { name: b.name, vehicle, capacity: b.capacity, device_id: b.device_id, on_shift: b.on_shift };
+    let fleet = st.fleet.clone();
+    let tenant = auth.tenant.clone();
+    let who = auth.who();
+    let rec = st.on_main(async move { fleet.upsert_courier(&tenant, &id, patch, &who).await }).await??;
+    Ok(HttpResponse::Ok().json(CourierDto::from(&rec)))
+}
+
+#[utoipa::path(get, path = "/v1/couriers/{id}", params(("id" = String, Path)), responses((status = 200, body = CourierDto), (status = 404)), security(("bearer" = [])))]
+pub(crate) async fn get_courier(st: State, auth: Auth, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = courier_id(&path)?;
+    auth.require_self_or_staff(id.as_str())?;
+    let rec = st.fleet.courier(&auth.tenant, &id)?;
+    Ok(HttpResponse::Ok().json(CourierDto::from(&rec)))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct NearbyQuery {
+    lat: f64,
+    lng: f64,
+    k: Option<usize>,
+    radius_m: Option<f64>,
+}
+
+/// Most couriers one `nearby` answers with.
+pub const MAX_NEARBY: usize = 500;
+
+#[utoipa::path(get, path = "/v1/couriers/nearby", params(("lat" = f64, Query), ("lng" = f64, Query), ("k" = Option<usize>, Query), ("radius_m" = Option<f64>, Query)), responses((status = 200, body = Vec<NearbyDto>)), security(("bearer" = [])))]
+pub(crate) async fn nearby(st: State, auth: Auth, q: web::Query<NearbyQuery>) -> Result<HttpResponse, ApiError> {
+    auth.require(&[Role::Dispatcher, Role::Admin])?;
+    let at = LatLngDto { lat: q.lat, lng: q.lng }.to_domain()?;
+    let k = q.k.unwrap_or(10);
+    if !(1..=MAX_NEARBY).contains(&k) {
+        return Err(ApiError::bad_request("bad_k", format!("k must be 1..={MAX_NEARBY}")));
+    }
+    if q.radius_m.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+        return Err(ApiError::bad_request("bad_radius", "radius_m must be a positive number"));
+    }
+    let items: Vec<NearbyDto> = st
+        .fleet
+        .nearby(&auth.tenant, at, k, q.radius_m)
+        .into_iter()
+        .map(|n| NearbyDto { courier: CourierDto::from(&n.courier), distance_m: (n.distance_m * 10.0).round() / 10.0 })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct EventsQuery {
+    entity: Option<String>,
+    id: Option<String>,
+    since: Option<i64>,
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/events", params(("entity" = Option<String>, Query), ("id" = Option<String>, Query), ("since" = Option<i64>, Query), ("limit" = Option<u32>, Query)), responses((status = 200)), security(("bearer" = [])))]
+pub(crate) async fn events(st: State, auth: Auth, q: web::Query<EventsQuery>) -> Result<HttpResponse, ApiError> {
+    auth.require(&[Role::Dispatcher, Role::Admin])?;
+    let entity = match (&q.entity, &q.id) {
+        (Some(e), Some(id)) => {
+            let kind = EntityKind::parse(e).ok_or_else(|| ApiError::bad_request("bad_entity", "entity must be order, courier or zone"))?;
+            Some((kind, id.clone()))
+        }
+        (None, None) => None,
+        _ => return Err(ApiError::bad_request("bad_entity", "entity and id go together")),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let evs = st.fleet.ctx().store.events(EventQuery { tenant: auth.tenant.clone(), entity, since_seq: q.since, limit }).await?;
+    let items: Vec<_> = evs
+        .iter()
+        .map(|s| {
+            let e = &s.event;
+            json!({ "seq": s.seq, "entity": e.entity.as_str(), "entity_id": e.entity_id, "kind": e.kind,
+                "actor": e.actor, "reason": e.reason, "ts": e.ts,
+                "attrs": e.attrs.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>() })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+}
+
+// ---- OsmAnd / Traccar Client ----
+
+async fn osmand_get(st: State, req: HttpRequest) -> HttpResponse {
+    osmand_query(&st, req.query_string())
+}
+
+async fn osmand_post(st: State, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let json = req.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
+    if json {
+        return osmand_json(&st, &body);
+    }
+    let q = req.query_string();
+    if !q.is_empty() {
+        return osmand_query(&st, q);
+    }
+    match std::str::from_utf8(&body) {
+        Ok(form) => osmand_query(&st, form),
+        Err(_) => osmand_err(StatusCode::BAD_REQUEST, "bad_request", "body is not utf-8"),
+    }
+}
+
+fn osmand_err(status: StatusCode, code: &str, msg: &str) -> HttpResponse {
+    metrics::counter!("hexfleet_osmand_rejected_total").increment(1);
+    HttpResponse::build(status).json(json!({ "error": { "code": code, "message": msg } }))
+}
+
+fn osmand_query(st: &AppState, raw: &str) -> HttpResponse {
+    let now = st.fleet.now_ms();
+    match osmand::parse_query(raw, now) {
+        Ok(fix) => osmand_ingest(st, vec![fix], StatusCode::BAD_REQUEST),
+        Err(e) => osmand_err(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+    }
+}
+
+fn osmand_json(st: &AppState, body: &[u8]) -> HttpResponse {
+    let now = st.fleet.now_ms();
+    match osmand::parse_json(body, now) {
+        Ok(fixes) => osmand_ingest(st, fixes, StatusCode::NOT_FOUND),
+        Err(e) => osmand_err(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+    }
+}
+
+/// Maps device ids to couriers and ingests with the same checks as the courier socket.
+fn osmand_ingest(st: &AppState, fixes: Vec<osmand::OsmandFix>, unknown: StatusCode) -> HttpResponse {
+    let now = st.fleet.now_ms();
+    let mut by_courier: Vec<((TenantId, CourierId), Vec<hexfleet_actors::domain::Fix>)> = Vec::new();
+    for f in fixes {
+        let Some(owner) = st.fleet.device(&f.device_id) else {
+            return osmand_err(unknown, "unknown_device", &format!("device {} is not registered to a courier", f.device_id));
+        };
+        let loc = LocDto { lat: f.lat, lng: f.lng, ts: f.ts_ms, speed: f.speed_mps, heading: f.heading, acc: f.accuracy };
+        let fix = match loc.to_fix(now) {
+            Ok(fix) => fix,
+            Err(e) => return osmand_err(StatusCode::BAD_REQUEST, e.code, &e.message),
+        };
+        match by_courier.iter_mut().find(|(k, _)| *k == owner) {
+            Some((_, v)) => v.push(fix),
+            None => by_courier.push((owner, vec![fix])),
+        }
+    }
+    for ((tenant, courier), fixes) in by_courier {
+        let n = fixes.len() as u64;
+        if let Err(e) = st.fleet.ingest(&tenant, &courier, fixes) {
+            let e = ApiError::from(e);
+            return osmand_err(e.status, e.code, &e.message);
+        }
+        metrics::counter!("hexfleet_osmand_fixes_total").increment(n);
+        crate::server::count_fixes(n);
+    }
+    HttpResponse::Ok().finish()
+}
+
+// ---- operations ----
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+async fn readyz(st: State) -> HttpResponse {
+    if st.shutdown.is_cancelled() {
+        return HttpResponse::ServiceUnavailable().json(json!({ "status": "shutting_down" }));
+    }
+    match st.store.ping().await {
+        Ok(()) => HttpResponse::Ok().json(json!({ "status": "ready", "store": st.store.backend() })),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({ "status": "store_unavailable", "error": e.to_string() })),
+    }
+}
+
+async fn metrics(st: State) -> HttpResponse {
+    let (couriers, orders) = st.fleet.counts();
+    let (ws_c, ws_t, ws_k) = st.broker.session_counts();
+    metrics::gauge!("hexfleet_couriers").set(couriers as f64);
+    metrics::gauge!("hexfleet_open_orders").set(orders as f64);
+    metrics::gauge!("hexfleet_ws_sessions", "kind" => "courier").set(ws_c as f64);
+    metrics::gauge!("hexfleet_ws_sessions", "kind" => "track").set(ws_t as f64);
+    metrics::gauge!("hexfleet_ws_sessions", "kind" => "console").set(ws_k as f64);
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(st.metrics.render())
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(crate::openapi::spec_json())
+}
+
+async fn console_page() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(include_str!("../static/console.html"))
+}
+
+use hexfleet_actors::store::Store as _;

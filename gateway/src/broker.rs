@@ -1,0 +1,694 @@
+//! The fan-out broker: turns the actors' [`Update`]s into wire messages and delivers them to the
+//! WebSocket sessions that watch them, on this node and, through Redis pub/sub, on the others.
+//!
+//! Delivery never blocks the publisher (the courier actor on the GPS hot path):
+//! - every session has an [`Outbox`]: a bounded queue of discrete messages plus a conflation
+//!   slot (or map) for positions, and a `Notify` that wakes the session's writer;
+//! - positions are conflated: a watcher that is slow sees the latest position, never a backlog;
+//! - discrete messages (order updates, offers, events) are never dropped silently: when a
+//!   session's queue is full it is marked overflowed, and its writer tells the client
+//!   (`{"t":"error","code":"too_slow"}`) and closes the socket.
+//!
+//! Streams and `seq`: a track stream (one order) numbers its messages per node; its discrete
+//! messages are kept in a bounded replay buffer so a watcher reconnecting with `?since=SEQ`
+//! gets what it missed, or a `resync` and a fresh snapshot. Courier and console sockets number
+//! their messages per connection.
+//!
+//! Between nodes, each update is published once as JSON on the Redis channel
+//! `{prefix}fanout`; every node (the publisher included, which skips its own by node id)
+//! delivers it to its local sessions. Publishing goes through a bounded queue to one task that
+//! pipelines; if Redis is down, positions are dropped (counted) and discrete messages are
+//! dropped with an error log and a counter: cross-node fan-out is best effort by design, while
+//! local delivery and durability are not affected.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::StreamExt as _;
+use hexfleet_actors::domain::Order;
+use hexfleet_actors::publish::{Publisher, Update};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::dto::{LatLngDto, OrderDto, courier_notice_json};
+
+/// Discrete messages a session may have queued before it counts as too slow.
+pub const OUTBOX_CAPACITY: usize = 1024;
+/// Discrete messages a track stream keeps for `?since=` replays.
+pub const REPLAY_CAPACITY: usize = 256;
+
+/// A message as it travels between nodes: rendered once, tenant-scoped, no live objects.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "k", rename_all = "snake_case")]
+pub enum Fanout {
+    /// A courier moved (conflatable).
+    Position {
+        tenant: String,
+        courier: String,
+        lat: f64,
+        lng: f64,
+        ts: i64,
+        speed: Option<f32>,
+        heading: Option<f32>,
+        status: String,
+        /// Orders the courier holds, with the ETA in seconds to that order's next stop.
+        tracking: Vec<(String, Option<f64>)>,
+    },
+    /// A courier's status changed (conflatable, merged into the console's courier item).
+    Status { tenant: String, courier: String, status: String },
+    /// An order changed state (discrete).
+    Order { tenant: String, order_id: String, order: Value, pickup: LatLngDto },
+    /// A message for one courier's device (discrete); `msg` lacks its `seq`.
+    ToCourier { tenant: String, courier: String, msg: Value },
+    /// An audit event for the console feed (discrete).
+    Event { tenant: String, event: Value },
+    /// A zone was created or changed (`feature` set) or deleted (discrete).
+    Zone { tenant: String, id: String, feature: Option<Value> },
+}
+
+impl Fanout {
+    fn tenant(&self) -> &str {
+        match self {
+            Fanout::Position { tenant, .. }
+            | Fanout::Status { tenant, .. }
+            | Fanout::Order { tenant, .. }
+            | Fanout::ToCourier { tenant, .. }
+            | Fanout::Event { tenant, .. }
+            | Fanout::Zone { tenant, .. } => tenant,
+        }
+    }
+
+    /// Renders an actor update; `None` for updates nobody on the wire watches yet.
+    pub fn from_update(u: &Update) -> Option<Fanout> {
+        Some(match u {
+            Update::CourierMoved { tenant, courier, fix, status, tracking } => Fanout::Position {
+                tenant: tenant.to_string(),
+                courier: courier.to_string(),
+                lat: fix.pos.lat,
+                lng: fix.pos.lng,
+                ts: fix.ts,
+                speed: fix.speed,
+                heading: fix.heading,
+                status: status.as_str().to_owned(),
+                tracking: tracking.iter().map(|(o, eta)| (o.to_string(), eta.map(|e| e.round()))).collect(),
+            },
+            Update::CourierStatus { tenant, courier, status } => {
+                Fanout::Status { tenant: tenant.to_string(), courier: courier.to_string(), status: status.as_str().to_owned() }
+            }
+            Update::Order(o) => Fanout::Order {
+                tenant: o.tenant.to_string(),
+                order_id: o.id.to_string(),
+                order: order_body(o),
+                pickup: o.pickup.into(),
+            },
+            Update::ToCourier { tenant, courier, notice } => {
+                let mut msg: Value = serde_json::from_str(&courier_notice_json(notice, 0)).ok()?;
+                msg.as_object_mut()?.remove("seq");
+                Fanout::ToCourier { tenant: tenant.to_string(), courier: courier.to_string(), msg }
+            }
+            Update::Event(e) => Fanout::Event {
+                tenant: e.tenant.to_string(),
+                event: json!({
+                    "entity": e.entity.as_str(), "entity_id": e.entity_id, "kind": e.kind, "actor": e.actor,
+                    "reason": e.reason, "ts": e.ts,
+                    "attrs": e.attrs.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
+                }),
+            },
+            Update::Zone(z) => Fanout::Zone { tenant: z.tenant.to_string(), id: z.id.to_string(), feature: Some(crate::zones::console_feature(z)) },
+            Update::ZoneDeleted { tenant, id } => Fanout::Zone { tenant: tenant.to_string(), id: id.to_string(), feature: None },
+        })
+    }
+}
+
+fn order_body(o: &Order) -> Value {
+    json!({ "t": "order_update", "order_id": o.id.as_str(), "state": o.state.as_str(),
+        "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::from(o) })
+}
+
+/// What a session's writer finds when it wakes.
+#[derive(Debug, Default)]
+struct OutboxInner {
+    discrete: VecDeque<String>,
+    /// Conflated messages by key (latest wins), e.g. one slot per courier.
+    latest: HashMap<String, String>,
+    /// Console batches: courier items and order items by id (latest wins), flushed by a ticker.
+    batch_couriers: HashMap<Arc<str>, ConsoleCourier>,
+    batch_orders: HashMap<String, Value>,
+}
+
+/// The outgoing side of one WebSocket session.
+#[derive(Debug)]
+pub struct Outbox {
+    inner: Mutex<OutboxInner>,
+    notify: Notify,
+    overflowed: AtomicBool,
+    seq: AtomicU64,
+    capacity: usize,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Outbox { inner: Mutex::default(), notify: Notify::new(), overflowed: AtomicBool::new(false), seq: AtomicU64::new(0), capacity })
+    }
+
+    /// The next per-connection sequence number.
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Queues a discrete message; on overflow marks the session too slow (never drops silently).
+    pub fn push(&self, msg: String) {
+        let mut g = self.inner.lock();
+        if g.discrete.len() >= self.capacity {
+            if !self.overflowed.swap(true, Ordering::AcqRel) {
+                metrics::counter!("hexfleet_ws_slow_disconnects_total").increment(1);
+            }
+        } else {
+            g.discrete.push_back(msg);
+        }
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    /// Replaces the conflated message under `key`.
+    pub fn set_latest(&self, key: &str, msg: String) {
+        let replaced = self.inner.lock().latest.insert(key.to_owned(), msg).is_some();
+        if replaced {
+            metrics::counter!("hexfleet_ws_conflated_total").increment(1);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Queues a courier's latest position for the next console batch (latest wins).
+    fn batch_courier(&self, item: &ConsoleCourier) {
+        self.inner.lock().batch_couriers.insert(item.id.clone(), item.clone());
+    }
+
+    /// A status change without a position merges into the pending item, if any.
+    fn batch_status(&self, id: &str, status: &'static str) {
+        if let Some(prev) = self.inner.lock().batch_couriers.get_mut(id) {
+            prev.status = status;
+        }
+    }
+
+    fn batch_order(&self, id: &str, item: Value) {
+        self.inner.lock().batch_orders.insert(id.to_owned(), item);
+    }
+
+    /// Whether the session fell too far behind on discrete messages.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+
+    /// Waits until something is queued.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// Takes everything queued: discrete messages first (in order), then conflated ones.
+    pub fn drain(&self) -> Vec<String> {
+        let mut g = self.inner.lock();
+        let mut out: Vec<String> = g.discrete.drain(..).collect();
+        out.extend(g.latest.drain().map(|(_, v)| v));
+        out
+    }
+
+    /// Takes the console batches.
+    pub fn take_batches(&self) -> (Vec<ConsoleCourier>, Vec<Value>) {
+        let mut g = self.inner.lock();
+        (g.batch_couriers.drain().map(|(_, v)| v).collect(), g.batch_orders.drain().map(|(_, v)| v).collect())
+    }
+}
+
+/// A courier item of a console `couriers` batch. Built once per position update and shared by
+/// every console that sees it: a typed value, cheap to clone (two `Arc` bumps), serialised once
+/// per batch. (It was a `serde_json::Value` map per console, which made allocation the largest
+/// cost under load; see BENCHMARKS.md.)
+#[derive(Clone, Debug, Serialize)]
+pub struct ConsoleCourier {
+    #[serde(serialize_with = "ser_arc_str")]
+    pub id: Arc<str>,
+    pub lat: f64,
+    pub lng: f64,
+    pub ts: i64,
+    pub status: &'static str,
+    pub speed: Option<f32>,
+    pub heading: Option<f32>,
+}
+
+fn ser_arc_str<S: serde::Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s)
+}
+
+/// The wire name of a status string from a fan-out message (`unknown` if it is not one).
+fn status_name(s: &str) -> &'static str {
+    hexfleet_actors::domain::CourierStatus::parse(s).map_or("unknown", |s| s.as_str())
+}
+
+/// A track stream: one order's watchers on this node, its sequence and replay buffer.
+#[derive(Debug, Default)]
+struct TrackStream {
+    seq: u64,
+    replay: VecDeque<(u64, String)>,
+    sessions: Vec<(u64, Arc<Outbox>)>,
+}
+
+/// A console session's view.
+#[derive(Debug)]
+pub struct ConsoleView {
+    pub outbox: Arc<Outbox>,
+    /// `[min_lng, min_lat, max_lng, max_lat]`; `None` until the client subscribes.
+    pub bbox: Mutex<Option<[f64; 4]>>,
+}
+
+impl ConsoleView {
+    fn sees(&self, lat: f64, lng: f64) -> bool {
+        self.bbox.lock().is_some_and(|b| {
+            let lng_ok = if b[0] <= b[2] { lng >= b[0] && lng <= b[2] } else { lng >= b[0] || lng <= b[2] };
+            lng_ok && lat >= b[1] && lat <= b[3]
+        })
+    }
+}
+
+/// What a `?since=` reconnect gets.
+#[derive(Debug)]
+pub enum Replay {
+    /// The missed messages, in order.
+    Missed(Vec<String>),
+    /// They are gone: resync from a snapshot.
+    Gone,
+}
+
+/// Local sessions by what they watch.
+/// Sessions subscribed to one key, with their subscription ids.
+type Subscribers<T> = Vec<(u64, Arc<T>)>;
+
+#[derive(Debug, Default)]
+struct Local {
+    next_id: AtomicU64,
+    couriers: DashMap<(String, String), Subscribers<Outbox>>,
+    tracks: DashMap<(String, String), TrackStream>,
+    consoles: DashMap<String, Subscribers<ConsoleView>>,
+}
+
+/// The broker. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    node: Arc<str>,
+    local: Arc<Local>,
+    redis_tx: Option<mpsc::Sender<Vec<u8>>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    node: String,
+    f: Fanout,
+}
+
+impl Broker {
+    /// A broker for this node only.
+    pub fn local(node: &str) -> Broker {
+        Broker { node: node.into(), local: Arc::default(), redis_tx: None }
+    }
+
+    /// A broker that also fans out through Redis (`prefix` separates deployments and tests).
+    /// Fails if Redis cannot be reached at start; later outages are survived (reconnect).
+    pub async fn with_redis(node: &str, url: &str, prefix: &str, shutdown: CancellationToken) -> anyhow::Result<Broker> {
+        let client = redis::Client::open(url)?;
+        let channel = format!("{prefix}fanout");
+        let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(65_536);
+        let mut b = Broker::local(node);
+        b.redis_tx = Some(tx);
+        tokio::spawn(redis_publisher(conn, channel.clone(), rx, shutdown.clone()));
+        // Subscribe before returning so nothing published after start is missed.
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&channel).await?;
+        tokio::spawn(redis_subscriber(client, channel, pubsub, b.clone(), shutdown));
+        Ok(b)
+    }
+
+    fn new_id(&self) -> u64 {
+        self.local.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a courier device session; returns its id for [`Broker::drop_courier`].
+    pub fn add_courier(&self, tenant: &str, courier: &str, outbox: Arc<Outbox>) -> u64 {
+        let id = self.new_id();
+        self.local.couriers.entry((tenant.to_owned(), courier.to_owned())).or_default().push((id, outbox));
+        id
+    }
+
+    pub fn drop_courier(&self, tenant: &str, courier: &str, id: u64) {
+        let key = (tenant.to_owned(), courier.to_owned());
+        self.local.couriers.remove_if_mut(&key, |_, v| {
+            v.retain(|(i, _)| *i != id);
+            v.is_empty()
+        });
+    }
+
+    /// Registers a tracking session and answers a `since` request from the replay buffer.
+    pub fn add_track(&self, tenant: &str, order: &str, outbox: Arc<Outbox>, since: Option<u64>) -> (u64, Option<Replay>) {
+        let id = self.new_id();
+        let mut s = self.local.tracks.entry((tenant.to_owned(), order.to_owned())).or_default();
+        let replay = since.map(|since| {
+            let oldest = s.replay.front().map(|(q, _)| *q);
+            match oldest {
+                // Nothing happened since: nothing missed.
+                _ if since >= s.seq => Replay::Missed(Vec::new()),
+                Some(first) if first <= since + 1 => {
+                    Replay::Missed(s.replay.iter().filter(|(q, _)| *q > since).map(|(_, m)| m.clone()).collect())
+                }
+                _ => Replay::Gone,
+            }
+        });
+        s.sessions.push((id, outbox));
+        (id, replay)
+    }
+
+    pub fn drop_track(&self, tenant: &str, order: &str, id: u64) {
+        let key = (tenant.to_owned(), order.to_owned());
+        if let Some(mut s) = self.local.tracks.get_mut(&key) {
+            s.sessions.retain(|(i, _)| *i != id);
+        }
+    }
+
+    /// Numbers a message on a track stream (snapshots sent at connect use this too).
+    pub fn track_seq(&self, tenant: &str, order: &str) -> u64 {
+        let mut s = self.local.tracks.entry((tenant.to_owned(), order.to_owned())).or_default();
+        s.seq += 1;
+        s.seq
+    }
+
+    /// Registers a console session.
+    pub fn add_console(&self, tenant: &str, view: Arc<ConsoleView>) -> u64 {
+        let id = self.new_id();
+        self.local.consoles.entry(tenant.to_owned()).or_default().push((id, view));
+        id
+    }
+
+    pub fn drop_console(&self, tenant: &str, id: u64) {
+        self.local.consoles.remove_if_mut(tenant, |_, v| {
+            v.retain(|(i, _)| *i != id);
+            v.is_empty()
+        });
+    }
+
+    /// Number of local sessions (couriers, track, console), for metrics.
+    pub fn session_counts(&self) -> (usize, usize, usize) {
+        let c = self.local.couriers.iter().map(|e| e.value().len()).sum();
+        let t = self.local.tracks.iter().map(|e| e.value().sessions.len()).sum();
+        let k = self.local.consoles.iter().map(|e| e.value().len()).sum();
+        (c, t, k)
+    }
+
+    /// Delivers to the sessions on this node.
+    pub fn deliver_local(&self, f: &Fanout) {
+        match f {
+            Fanout::Position { tenant, courier, lat, lng, ts, speed, heading, status, tracking } => {
+                for (order, eta) in tracking {
+                    let key = (tenant.clone(), order.clone());
+                    let Some(mut s) = self.local.tracks.get_mut(&key) else { continue };
+                    if s.sessions.is_empty() {
+                        continue;
+                    }
+                    s.seq += 1;
+                    let msg = json!({ "t": "courier", "seq": s.seq, "order_id": order, "courier_id": courier,
+                        "lat": lat, "lng": lng, "ts": ts, "speed": speed, "heading": heading, "eta_s": eta })
+                    .to_string();
+                    for (_, o) in &s.sessions {
+                        o.set_latest("courier", msg.clone());
+                        metrics::counter!("hexfleet_ws_deliveries_total").increment(1);
+                    }
+                }
+                if let Some(cs) = self.local.consoles.get(tenant) {
+                    let mut item = None;
+                    for (_, v) in cs.iter().filter(|(_, v)| v.sees(*lat, *lng)) {
+                        let item = item.get_or_insert_with(|| ConsoleCourier {
+                            id: Arc::from(courier.as_str()),
+                            lat: *lat,
+                            lng: *lng,
+                            ts: *ts,
+                            status: status_name(status),
+                            speed: *speed,
+                            heading: *heading,
+                        });
+                        v.outbox.batch_courier(item);
+                    }
+                }
+            }
+            Fanout::Status { tenant, courier, status } => {
+                if let Some(cs) = self.local.consoles.get(tenant) {
+                    for (_, v) in cs.iter() {
+                        v.outbox.batch_status(courier, status_name(status));
+                    }
+                }
+            }
+            Fanout::Order { tenant, order_id, order, pickup } => {
+                let key = (tenant.clone(), order_id.clone());
+                if let Some(mut s) = self.local.tracks.get_mut(&key) {
+                    s.seq += 1;
+                    let seq = s.seq;
+                    let mut m = order.clone();
+                    m["seq"] = json!(seq);
+                    let msg = m.to_string();
+                    s.replay.push_back((seq, msg.clone()));
+                    while s.replay.len() > REPLAY_CAPACITY {
+                        s.replay.pop_front();
+                    }
+                    for (_, o) in &s.sessions {
+                        o.push(msg.clone());
+                    }
+                    // A closed order's stream ends with its last watcher; keep the buffer until then.
+                    let terminal = matches!(order["state"].as_str(), Some("delivered" | "cancelled" | "failed" | "expired"));
+                    if terminal && s.sessions.is_empty() {
+                        drop(s);
+                        self.local.tracks.remove(&key);
+                    }
+                }
+                if let Some(cs) = self.local.consoles.get(tenant) {
+                    let item = &order["order"];
+                    for (_, v) in cs.iter().filter(|(_, v)| v.sees(pickup.lat, pickup.lng)) {
+                        v.outbox.batch_order(order_id, item.clone());
+                    }
+                }
+            }
+            Fanout::ToCourier { tenant, courier, msg } => {
+                if let Some(ss) = self.local.couriers.get(&(tenant.clone(), courier.clone())) {
+                    for (_, o) in ss.iter() {
+                        let mut m = msg.clone();
+                        m["seq"] = json!(o.next_seq());
+                        o.push(m.to_string());
+                    }
+                }
+            }
+            Fanout::Zone { tenant, id, feature } => {
+                if let Some(cs) = self.local.consoles.get(tenant) {
+                    for (_, v) in cs.iter().filter(|(_, v)| v.bbox.lock().is_some()) {
+                        let m = match feature {
+                            Some(f) => json!({ "t": "zones", "seq": v.outbox.next_seq(), "items": [f] }),
+                            None => json!({ "t": "zones", "seq": v.outbox.next_seq(), "items": [], "deleted": [id] }),
+                        };
+                        v.outbox.push(m.to_string());
+                    }
+                }
+            }
+            Fanout::Event { tenant, event } => {
+                if let Some(cs) = self.local.consoles.get(tenant) {
+                    for (_, v) in cs.iter().filter(|(_, v)| v.bbox.lock().is_some()) {
+                        let m = json!({ "t": "event", "seq": v.outbox.next_seq(), "event": event });
+                        v.outbox.push(m.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_remote(&self, f: &Fanout) {
+        let Some(tx) = &self.redis_tx else { return };
+        let env = Envelope { node: self.node.to_string(), f: f.clone() };
+        let Ok(bytes) = serde_json::to_vec(&env) else { return };
+        if tx.try_send(bytes).is_err() {
+            metrics::counter!("hexfleet_redis_dropped_total").increment(1);
+            if !matches!(f, Fanout::Position { .. } | Fanout::Status { .. }) {
+                tracing::error!(tenant = f.tenant(), "redis fan-out queue full: a discrete update did not reach other nodes");
+            }
+        }
+    }
+}
+
+impl Publisher for Broker {
+    fn publish(&self, update: Update) {
+        let Some(f) = Fanout::from_update(&update) else { return };
+        self.deliver_local(&f);
+        self.send_remote(&f);
+    }
+}
+
+async fn redis_publisher(mut conn: redis::aio::ConnectionManager, channel: String, mut rx: mpsc::Receiver<Vec<u8>>, shutdown: CancellationToken) {
+    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(256);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => n,
+            () = shutdown.cancelled() => 0,
+        };
+        if n == 0 {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for m in batch.drain(..) {
+            pipe.cmd("PUBLISH").arg(&channel).arg(m).ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            metrics::counter!("hexfleet_redis_errors_total").increment(1);
+            tracing::warn!(error = %e, messages = n, "redis publish failed; messages lost for other nodes");
+        }
+    }
+}
+
+async fn redis_subscriber(client: redis::Client, channel: String, first: redis::aio::PubSub, broker: Broker, shutdown: CancellationToken) {
+    let mut pubsub = Some(first);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut ps = match pubsub.take() {
+            Some(p) => p,
+            None => {
+                let conn = async {
+                    let mut p = client.get_async_pubsub().await?;
+                    p.subscribe(&channel).await?;
+                    Ok::<_, redis::RedisError>(p)
+                };
+                match tokio::select! { r = conn => r, () = shutdown.cancelled() => return } {
+                    Ok(p) => {
+                        tracing::info!("redis subscription restored");
+                        backoff = Duration::from_millis(100);
+                        p
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?backoff, "redis subscribe failed; retrying");
+                        tokio::select! { () = tokio::time::sleep(backoff) => {}, () = shutdown.cancelled() => return }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
+        };
+        let mut stream = ps.on_message();
+        loop {
+            let msg = tokio::select! { m = stream.next() => m, () = shutdown.cancelled() => return };
+            let Some(msg) = msg else { break };
+            let payload: &[u8] = msg.get_payload_bytes();
+            match serde_json::from_slice::<Envelope>(payload) {
+                Ok(env) if *env.node != *broker.node => broker.deliver_local(&env.f),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "undecodable fan-out message from redis"),
+            }
+        }
+        tracing::warn!("redis subscription lost; reconnecting");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn position(courier: &str, order: &str, lat: f64) -> Fanout {
+        Fanout::Position {
+            tenant: "t".into(),
+            courier: courier.into(),
+            lat,
+            lng: 13.4,
+            ts: 1,
+            speed: None,
+            heading: None,
+            status: "available".into(),
+            tracking: vec![(order.into(), Some(60.0))],
+        }
+    }
+
+    fn order(id: &str, state: &str) -> Fanout {
+        Fanout::Order {
+            tenant: "t".into(),
+            order_id: id.into(),
+            order: json!({"t":"order_update","order_id":id,"state":state,"order":{"id":id}}),
+            pickup: LatLngDto { lat: 52.5, lng: 13.4 },
+        }
+    }
+
+    #[test]
+    fn a_slow_watcher_gets_the_latest_position_only() {
+        let b = Broker::local("n");
+        let ob = Outbox::new(8);
+        b.add_track("t", "o1", ob.clone(), None);
+        for i in 0..1000 {
+            b.deliver_local(&position("c1", "o1", 52.0 + f64::from(i) * 1e-4));
+        }
+        let got = ob.drain();
+        assert_eq!(got.len(), 1, "positions are conflated");
+        let v: Value = serde_json::from_str(&got[0]).unwrap();
+        assert!((v["lat"].as_f64().unwrap() - (52.0 + 999.0 * 1e-4)).abs() < 1e-9);
+        assert!(!ob.overflowed(), "conflation never counts as falling behind");
+    }
+
+    #[test]
+    fn discrete_updates_are_never_dropped_silently() {
+        let b = Broker::local("n");
+        let ob = Outbox::new(4);
+        b.add_track("t", "o1", ob.clone(), None);
+        for _ in 0..4 {
+            b.deliver_local(&order("o1", "assigned"));
+        }
+        assert!(!ob.overflowed());
+        b.deliver_local(&order("o1", "picked_up"));
+        assert!(ob.overflowed(), "the fifth update does not fit: the watcher is marked too slow");
+        assert_eq!(ob.drain().len(), 4);
+    }
+
+    #[test]
+    fn since_replays_missed_updates_or_asks_for_a_resync() {
+        let b = Broker::local("n");
+        let first = Outbox::new(1024);
+        let (id, _) = b.add_track("t", "o1", first.clone(), None);
+        for s in ["offered", "assigned", "at_pickup"] {
+            b.deliver_local(&order("o1", s));
+        }
+        let seqs: Vec<u64> = first.drain().iter().map(|m| serde_json::from_str::<Value>(m).unwrap()["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        b.drop_track("t", "o1", id);
+        b.deliver_local(&order("o1", "picked_up"));
+        let again = Outbox::new(1024);
+        let (_, replay) = b.add_track("t", "o1", again, Some(2));
+        let Some(Replay::Missed(m)) = replay else { panic!("expected a replay") };
+        let states: Vec<String> = m.iter().map(|m| serde_json::from_str::<Value>(m).unwrap()["state"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(states, vec!["at_pickup", "picked_up"]);
+        // Past the buffer: resync.
+        for _ in 0..REPLAY_CAPACITY + 5 {
+            b.deliver_local(&order("o1", "picked_up"));
+        }
+        let (_, replay) = b.add_track("t", "o1", Outbox::new(8), Some(1));
+        assert!(matches!(replay, Some(Replay::Gone)));
+    }
+
+    #[test]
+    fn console_sees_only_its_box_and_its_tenant() {
+        let b = Broker::local("n");
+        let v = Arc::new(ConsoleView { outbox: Outbox::new(8), bbox: Mutex::new(Some([13.0, 52.0, 14.0, 53.0])) });
+        b.add_console("t", v.clone());
+        b.deliver_local(&position("in", "o", 52.5));
+        b.deliver_local(&position("out", "o", 54.5));
+        let mut other = position("x", "o", 52.5);
+        if let Fanout::Position { tenant, .. } = &mut other {
+            *tenant = "other".into();
+        }
+        b.deliver_local(&other);
+        let (couriers, _) = v.outbox.take_batches();
+        let ids: Vec<&str> = couriers.iter().map(|c| &*c.id).collect();
+        assert_eq!(ids, vec!["in"]);
+    }
+}

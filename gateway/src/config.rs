@@ -1,0 +1,272 @@
+//! Command line and configuration of the `hexfleet` binary (clap; every flag is also an
+//! environment variable, and `--config FILE` may name a TOML file whose keys are the long flag
+//! names, e.g. `listen = "0.0.0.0:8080"`; flags and environment win over the file).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
+
+use crate::auth::Role;
+
+/// The secret used when none is configured: fine on a laptop, refused on a public address.
+pub const DEV_JWT_SECRET: &str = "hexfleet-dev-secret";
+
+#[derive(Debug, Parser)]
+#[command(name = "hexfleet", version, about = "Real-time courier tracking and dispatch")]
+pub struct Cli {
+    /// TOML file with defaults for the flags (keys are the long flag names).
+    #[arg(long, env = "HEXFLEET_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "HEXFLEET_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Run the server and a simulated fleet in one process; prints the console URL.
+    Demo(DemoArgs),
+    /// Print a signed token.
+    Token(TokenArgs),
+    /// Apply the database migrations and exit.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HEXFLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// `postgres://…` for PostgreSQL; otherwise a SQLite file (default `./data/hexfleet.db`).
+    #[arg(long, env = "DATABASE_URL", default_value = hexfleet_persistence::DEFAULT_SQLITE_PATH)]
+    pub database_url: String,
+    /// Redis for fan-out between nodes (optional).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel (separates deployments sharing a Redis).
+    #[arg(long, env = "HEXFLEET_REDIS_PREFIX", default_value = "hexfleet:")]
+    pub redis_prefix: String,
+    /// HS256 secret for tokens (shared with `hexfleet token`).
+    #[arg(long, env = "HEXFLEET_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Dispatch round period in milliseconds.
+    #[arg(long, env = "HEXFLEET_DISPATCH_TICK_MS", default_value_t = 2_000)]
+    pub dispatch_tick_ms: u64,
+    /// How long a courier has to answer an offer, in milliseconds.
+    #[arg(long, env = "HEXFLEET_OFFER_TIMEOUT_MS", default_value_t = 20_000)]
+    pub offer_timeout_ms: i64,
+    /// Assign orders without asking couriers.
+    #[arg(long, env = "HEXFLEET_AUTO_ACCEPT", default_value_t = false)]
+    pub auto_accept: bool,
+    /// Fleets (tenants) whose orders are assigned without asking their couriers (comma
+    /// separated), when `--auto-accept` is off.
+    #[arg(long, env = "HEXFLEET_AUTO_ACCEPT_TENANTS", value_delimiter = ',')]
+    pub auto_accept_tenants: Vec<String>,
+    /// Matching policy of the dispatcher: `optimal` (minimum total cost) or `greedy` (baseline).
+    #[arg(long, env = "HEXFLEET_DISPATCH_POLICY", default_value = "optimal", value_parser = ["optimal", "greedy"])]
+    pub dispatch_policy: String,
+    /// Batching: the most a new order may delay an order a courier already holds, in seconds.
+    #[arg(long, env = "HEXFLEET_BATCH_MAX_DELAY_S", default_value_t = 600.0)]
+    pub batch_max_delay_s: f64,
+    /// This node's name in logs and in cross-node fan-out (default: random).
+    #[arg(long, env = "HEXFLEET_NODE_ID")]
+    pub node_id: Option<String>,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "HEXFLEET_WORKERS")]
+    pub workers: Option<usize>,
+    /// Days of location history kept; older samples are purged (privacy).
+    #[arg(long, env = "HEXFLEET_HISTORY_RETENTION_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    pub history_retention_days: u32,
+    /// How often the retention purge runs (e.g. `1h`, `15m`); it also runs once at start.
+    #[arg(long, env = "HEXFLEET_HISTORY_PURGE_INTERVAL", default_value = "1h", value_parser = parse_purge_interval)]
+    pub history_purge_interval: Duration,
+}
+
+fn parse_purge_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+impl ServeArgs {
+    /// The secret to use; refuses the development secret on a non-loopback address.
+    pub fn secret(&self) -> anyhow::Result<String> {
+        match &self.jwt_secret {
+            Some(s) if s.len() >= 8 => Ok(s.clone()),
+            Some(_) => anyhow::bail!("HEXFLEET_JWT_SECRET must be at least 8 characters"),
+            None => {
+                let loopback = self.listen.starts_with("127.") || self.listen.starts_with("localhost") || self.listen.starts_with("[::1]");
+                anyhow::ensure!(loopback, "set HEXFLEET_JWT_SECRET to serve on {} (the development secret is only allowed on loopback)", self.listen);
+                tracing::warn!("HEXFLEET_JWT_SECRET is not set: using the development secret (loopback only)");
+                Ok(DEV_JWT_SECRET.to_owned())
+            }
+        }
+    }
+
+    /// How long location history is kept.
+    pub fn history_retention(&self) -> Duration {
+        Duration::from_secs(u64::from(self.history_retention_days) * 24 * 3600)
+    }
+
+    pub fn fleet_config(&self) -> hexfleet_actors::FleetConfig {
+        hexfleet_actors::FleetConfig {
+            dispatch_tick: Duration::from_millis(self.dispatch_tick_ms.max(10)),
+            offer_timeout_ms: self.offer_timeout_ms.max(100),
+            auto_accept: self.auto_accept,
+            auto_accept_tenants: self.auto_accept_tenants.clone(),
+            dispatch_policy: hexfleet_actors::fleet::DispatchPolicy::parse(&self.dispatch_policy).unwrap_or_default(),
+            batch_max_delay_s: self.batch_max_delay_s.max(0.0),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Simulated couriers.
+    #[arg(long, env = "HEXFLEET_DEMO_COURIERS", default_value_t = 200)]
+    pub couriers: usize,
+    /// Mean new orders per minute.
+    #[arg(long, env = "HEXFLEET_DEMO_ORDERS_PER_MIN", default_value_t = 40.0)]
+    pub orders_per_min: f64,
+    /// Stop after this long (e.g. `10m`); runs until Ctrl-C when absent.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    #[arg(long, value_enum)]
+    pub role: Role,
+    #[arg(long)]
+    pub sub: String,
+    #[arg(long, default_value = "demo")]
+    pub tenant: String,
+    /// The order a customer token may watch.
+    #[arg(long)]
+    pub order: Option<String>,
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    #[arg(long, env = "HEXFLEET_JWT_SECRET", hide_env_values = true, default_value = DEV_JWT_SECRET)]
+    pub jwt_secret: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[arg(long, env = "DATABASE_URL", default_value = hexfleet_persistence::DEFAULT_SQLITE_PATH)]
+    pub database_url: String,
+}
+
+/// Merges `--config FILE` (or `HEXFLEET_CONFIG`) into the argument list: every key of the TOML
+/// file is a long flag name of the subcommand (`listen`, `database_url`, …). A flag given on the
+/// command line or through its environment variable wins over the file. Unknown keys are an
+/// error, so a typo does not silently fall back to a default.
+pub fn argv_with_config(argv: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
+    let mut path: Option<PathBuf> = std::env::var_os("HEXFLEET_CONFIG").map(PathBuf::from);
+    for (i, a) in argv.iter().enumerate() {
+        let a = a.to_string_lossy();
+        if a == "--config" {
+            path = argv.get(i + 1).map(PathBuf::from);
+        } else if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        }
+    }
+    let Some(path) = path else { return Ok(argv) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config {}", path.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("config {} is not valid TOML", path.display()))?;
+    let cmd = Cli::command();
+    let Some((at, sub)) = argv.iter().enumerate().skip(1).find_map(|(i, a)| cmd.find_subcommand(a).map(|s| (i, s))) else {
+        return Ok(argv);
+    };
+    let mut extra: Vec<OsString> = Vec::new();
+    for (key, value) in table {
+        let long = key.replace('_', "-");
+        let arg = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()))
+            .with_context(|| format!("config {}: unknown key `{key}` for `{}`", path.display(), sub.get_name()))?;
+        let flag = format!("--{long}");
+        let on_cli = argv.iter().any(|a| a.to_string_lossy() == flag || a.to_string_lossy().starts_with(&format!("{flag}=")));
+        let in_env = arg.get_env().is_some_and(|e| std::env::var_os(e).is_some());
+        if on_cli || in_env {
+            continue;
+        }
+        match value {
+            toml::Value::Boolean(true) => extra.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => extra.extend([flag.into(), s.into()]),
+            other => extra.extend([flag.into(), other.to_string().into()]),
+        }
+    }
+    let mut out = argv;
+    let tail = out.split_off(at + 1);
+    out.extend(extra);
+    out.extend(tail);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_fills_flags_and_the_command_line_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("hexfleet.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:9999\"\ndispatch_tick_ms = 500\nauto_accept = true\ndatabase_url = \"x.db\"\n").unwrap();
+        let argv: Vec<OsString> = ["hexfleet", "--config", f.to_str().unwrap(), "serve", "--database-url", "y.db"].map(Into::into).into();
+        let cli = Cli::try_parse_from(argv_with_config(argv).unwrap()).unwrap();
+        let Cmd::Serve(s) = cli.cmd else { panic!("not serve") };
+        assert_eq!(s.listen, "127.0.0.1:9999");
+        assert_eq!(s.dispatch_tick_ms, 500);
+        assert!(s.auto_accept);
+        assert_eq!(s.database_url, "y.db");
+    }
+
+    #[test]
+    fn unknown_config_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bad.toml");
+        std::fs::write(&f, "lisen = \"x\"\n").unwrap();
+        let argv: Vec<OsString> = ["hexfleet", "--config", f.to_str().unwrap(), "serve"].map(Into::into).into();
+        let e = argv_with_config(argv).unwrap_err().to_string();
+        assert!(e.contains("unknown key `lisen`"), "{e}");
+    }
+
+    #[test]
+    fn history_retention_defaults_and_bounds() {
+        let cli = Cli::try_parse_from(["hexfleet", "serve"]).unwrap();
+        let Cmd::Serve(s) = cli.cmd else { panic!() };
+        assert_eq!(s.history_retention_days, 30);
+        assert_eq!(s.history_retention(), Duration::from_secs(30 * 86_400));
+        assert_eq!(s.history_purge_interval, Duration::from_secs(3600));
+        let cli = Cli::try_parse_from(["hexfleet", "serve", "--history-retention-days", "7", "--history-purge-interval", "15m"]).unwrap();
+        let Cmd::Serve(s) = cli.cmd else { panic!() };
+        assert_eq!(s.history_retention(), Duration::from_secs(7 * 86_400));
+        assert_eq!(s.history_purge_interval, Duration::from_secs(900));
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--history-retention-days", "0"]).is_err());
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--history-purge-interval", "10ms"]).is_err());
+    }
+
+    #[test]
+    fn dev_secret_is_refused_off_loopback() {
+        let cli = Cli::try_parse_from(["hexfleet", "serve", "--listen", "0.0.0.0:8080"]).unwrap();
+        let Cmd::Serve(mut s) = cli.cmd else { panic!() };
+        s.jwt_secret = None;
+        assert!(s.secret().is_err());
+        s.listen = "127.0.0.1:1".into();
+        assert!(s.secret().is_ok());
+    }
+}

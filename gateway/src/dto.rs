@@ -1,0 +1,309 @@
+//! Wire types: the JSON the outside world sends and receives, and their conversions to and
+//! from domain types. Validation of coordinates and timestamps happens here, at the edge.
+
+use std::sync::Arc;
+
+use hexfleet_actors::domain::{
+    AssignmentRecord, CourierRecord, Fix, LatLng, Ms, Order, OrderId, valid_id,
+};
+use hexfleet_actors::publish::{CourierNotice, RouteStop};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// A coordinate on the wire.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct LatLngDto {
+    pub lat: f64,
+    pub lng: f64,
+}
+
+impl LatLngDto {
+    /// Validates: finite, |lat| ≤ 90, |lng| ≤ 180.
+    pub fn to_domain(self) -> Result<LatLng, ApiError> {
+        LatLng::new(self.lat, self.lng).map_err(|e| ApiError::bad_request("bad_coordinates", e.to_string()))
+    }
+}
+
+impl From<LatLng> for LatLngDto {
+    fn from(p: LatLng) -> Self {
+        LatLngDto { lat: p.lat, lng: p.lng }
+    }
+}
+
+/// Fixes may be at most this far in the future (device clock skew).
+pub const MAX_FUTURE_MS: Ms = 60_000;
+/// Fixes older than this are refused (a week of offline buffering).
+pub const MAX_PAST_MS: Ms = 7 * 24 * 3_600_000;
+
+/// One `loc` from a courier app.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+pub struct LocDto {
+    pub lat: f64,
+    pub lng: f64,
+    pub ts: Ms,
+    #[serde(default)]
+    pub speed: Option<f32>,
+    #[serde(default)]
+    pub heading: Option<f32>,
+    #[serde(default)]
+    pub acc: Option<f32>,
+}
+
+impl LocDto {
+    /// Validates coordinates, time window and optional fields.
+    pub fn to_fix(self, now: Ms) -> Result<Fix, ApiError> {
+        let pos = LatLngDto { lat: self.lat, lng: self.lng }.to_domain()?;
+        if self.ts > now + MAX_FUTURE_MS {
+            return Err(ApiError::bad_request("bad_timestamp", "ts is too far in the future"));
+        }
+        if self.ts < now - MAX_PAST_MS {
+            return Err(ApiError::bad_request("bad_timestamp", "ts is too old"));
+        }
+        let finite = |v: Option<f32>| v.filter(|x| x.is_finite());
+        if self.speed.is_some_and(|s| !s.is_finite() || s < 0.0) || self.heading.is_some_and(|h| !h.is_finite())
+            || self.acc.is_some_and(|a| !a.is_finite() || a < 0.0)
+        {
+            return Err(ApiError::bad_request("bad_value", "speed, heading and acc must be finite and not negative"));
+        }
+        Ok(Fix { pos, ts: self.ts, speed: finite(self.speed), heading: finite(self.heading).map(|h| h.rem_euclid(360.0)), acc: finite(self.acc) })
+    }
+}
+
+/// Maximum fixes in one `locs` batch.
+pub const MAX_BATCH: usize = 100;
+
+/// Messages a courier app sends.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum CourierIn {
+    Loc(LocDto),
+    Locs { items: Vec<LocDto> },
+    Status { status: String },
+    OfferReply { order_id: String, accept: bool },
+    OrderEvent { order_id: String, event: String },
+}
+
+/// A stop in a route.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StopDto {
+    pub order_id: String,
+    pub kind: String,
+    pub lat: f64,
+    pub lng: f64,
+}
+
+impl From<&RouteStop> for StopDto {
+    fn from(s: &RouteStop) -> Self {
+        StopDto { order_id: s.order.to_string(), kind: if s.pickup { "pickup" } else { "dropoff" }.into(), lat: s.pos.lat, lng: s.pos.lng }
+    }
+}
+
+/// Why an order went where it went.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct AssignmentDto {
+    pub at: Ms,
+    pub policy: String,
+    pub courier_id: String,
+    pub cost_s: f64,
+    pub candidates: Vec<CandidateDto>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct CandidateDto {
+    pub courier_id: String,
+    pub cost_s: f64,
+}
+
+impl From<&AssignmentRecord> for AssignmentDto {
+    fn from(a: &AssignmentRecord) -> Self {
+        AssignmentDto {
+            at: a.at,
+            policy: a.policy.clone(),
+            courier_id: a.courier.to_string(),
+            cost_s: a.cost_s,
+            candidates: a.candidates.iter().map(|(c, cost)| CandidateDto { courier_id: c.to_string(), cost_s: *cost }).collect(),
+        }
+    }
+}
+
+/// An order on the wire.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct OrderDto {
+    pub id: String,
+    pub state: String,
+    pub pickup: LatLngDto,
+    pub dropoff: LatLngDto,
+    pub size: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<Ms>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliver_by: Option<Ms>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub courier_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offered_to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offer_expires_at: Option<Ms>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assignment: Option<AssignmentDto>,
+    pub created_at: Ms,
+    pub updated_at: Ms,
+    pub version: u32,
+}
+
+impl From<&Order> for OrderDto {
+    fn from(o: &Order) -> Self {
+        OrderDto {
+            id: o.id.to_string(),
+            state: o.state.as_str().into(),
+            pickup: o.pickup.into(),
+            dropoff: o.dropoff.into(),
+            size: o.size,
+            ready_at: o.ready_at,
+            deliver_by: o.deliver_by,
+            courier_id: o.courier.as_ref().map(|c| c.to_string()),
+            offered_to: o.offer.as_ref().map(|f| f.courier.to_string()),
+            offer_expires_at: o.offer.as_ref().map(|f| f.expires_at),
+            assignment: o.assignment.as_ref().map(AssignmentDto::from),
+            created_at: o.created_at,
+            updated_at: o.updated_at,
+            version: o.version,
+        }
+    }
+}
+
+/// `POST /v1/orders` body.
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrderReq {
+    pub id: Option<String>,
+    pub pickup: LatLngDto,
+    pub dropoff: LatLngDto,
+    pub size: Option<u16>,
+    pub ready_at: Option<Ms>,
+    pub deliver_by: Option<Ms>,
+}
+
+impl NewOrderReq {
+    pub fn to_domain(self) -> Result<hexfleet_actors::fleet::NewOrder, ApiError> {
+        if let Some(id) = &self.id
+            && !valid_id(id)
+        {
+            return Err(ApiError::bad_request("bad_id", "id must be 1-64 characters of [A-Za-z0-9_.:-]"));
+        }
+        let size = self.size.unwrap_or(1);
+        if !(1..=100).contains(&size) {
+            return Err(ApiError::bad_request("bad_size", "size must be 1..=100"));
+        }
+        Ok(hexfleet_actors::fleet::NewOrder {
+            id: self.id.map(OrderId::new),
+            pickup: self.pickup.to_domain()?,
+            dropoff: self.dropoff.to_domain()?,
+            size,
+            ready_at: self.ready_at,
+            deliver_by: self.deliver_by,
+        })
+    }
+}
+
+/// `POST /v1/orders/{id}/assign` body.
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+pub struct AssignReq {
+    pub courier_id: String,
+}
+
+/// `PUT /v1/couriers/{id}` body.
+#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CourierPutReq {
+    pub name: Option<String>,
+    pub vehicle: Option<String>,
+    pub capacity: Option<u16>,
+    pub device_id: Option<String>,
+    pub on_shift: Option<bool>,
+}
+
+/// A courier on the wire.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct CourierDto {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub vehicle: String,
+    pub capacity: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    pub status: String,
+    pub on_shift: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<PositionDto>,
+    pub updated_at: Ms,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct PositionDto {
+    pub lat: f64,
+    pub lng: f64,
+    pub ts: Ms,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heading: Option<f32>,
+}
+
+impl From<&Fix> for PositionDto {
+    fn from(f: &Fix) -> Self {
+        PositionDto { lat: f.pos.lat, lng: f.pos.lng, ts: f.ts, speed: f.speed, heading: f.heading }
+    }
+}
+
+impl From<&CourierRecord> for CourierDto {
+    fn from(c: &CourierRecord) -> Self {
+        CourierDto {
+            id: c.id.to_string(),
+            name: c.name.clone(),
+            vehicle: c.vehicle.as_str().into(),
+            capacity: c.capacity,
+            device_id: c.device_id.clone(),
+            status: c.status.as_str().into(),
+            on_shift: c.on_shift,
+            position: c.last_fix.as_ref().map(PositionDto::from),
+            updated_at: c.updated_at,
+        }
+    }
+}
+
+/// One entry of `GET /v1/couriers/nearby`.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NearbyDto {
+    pub courier: CourierDto,
+    pub distance_m: f64,
+}
+
+/// Messages to a courier device.
+pub fn courier_notice_json(n: &CourierNotice, seq: u64) -> String {
+    let v = match n {
+        CourierNotice::Offer { order, pickup, dropoff, expires_at } => serde_json::json!({
+            "t": "offer", "seq": seq, "order_id": order.as_str(), "pickup": LatLngDto::from(*pickup),
+            "dropoff": LatLngDto::from(*dropoff), "expires_at": expires_at }),
+        CourierNotice::Assigned { order, pickup, dropoff } => serde_json::json!({
+            "t": "assigned", "seq": seq, "order_id": order.as_str(), "pickup": LatLngDto::from(*pickup),
+            "dropoff": LatLngDto::from(*dropoff) }),
+        CourierNotice::Route { stops } => serde_json::json!({
+            "t": "route", "seq": seq, "stops": stops.iter().map(StopDto::from).collect::<Vec<_>>() }),
+        CourierNotice::OrderUpdate(o) => order_update_json(o, seq),
+    };
+    v.to_string()
+}
+
+/// The `order_update` message.
+pub fn order_update_json(o: &Arc<Order>, seq: u64) -> serde_json::Value {
+    serde_json::json!({ "t": "order_update", "seq": seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
+        "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::from(o.as_ref()) })
+}
+
+/// An error frame.
+pub fn error_json(code: &str, message: &str) -> String {
+    serde_json::json!({ "t": "error", "code": code, "message": message }).to_string()
+}

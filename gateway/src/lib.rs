@@ -1,0 +1,27 @@
+//! `hexfleet-gateway`: the edge of hexfleet. It owns HTTP (actix-web), WebSockets (actix-ws),
+//! authentication (JWT), the fan-out broker (local sessions and Redis pub/sub between nodes),
+//! Prometheus metrics, the static console page and the `hexfleet` binary.
+//!
+//! Architecture invariant: only this crate knows HTTP, WebSocket, JWT and Redis. It turns wire
+//! messages into domain calls on [`hexfleet_actors::Fleet`] and domain updates into wire
+//! messages; every error is mapped to a status or a WebSocket error code once, in [`error`].
+//!
+//! Components: [`config`] (CLI), [`server`] (assembly, shutdown), [`api`] (REST),
+//! [`ws`] (WebSocket sessions), [`broker`] (fan-out), [`auth`], [`dto`] (wire types),
+//! [`osmand`] (Traccar/OsmAnd protocol), [`history`] (location history export/erase and the
+//! retention purge), [`zones`] (zone CRUD as GeoJSON), [`error`].
+
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod dto;
+pub mod error;
+pub mod history;
+pub mod openapi;
+pub mod osmand;
+pub mod server;
+pub mod ws;
+pub mod zones;
+
+pub use server::{Running, ServeConfig, start};

@@ -1,0 +1,104 @@
+//! The `hexfleet` binary: parses the command line and runs `serve`, `demo`, `token` or
+//! `migrate`. Everything else lives in the library.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use hexfleet_gateway::auth::{Keys, Role};
+use hexfleet_gateway::config::{Cli, Cmd, ServeArgs, argv_with_config};
+use hexfleet_gateway::server::{ServeConfig, cancel_on_signals};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse_from(argv_with_config(std::env::args_os().collect())?);
+    init_tracing(&cli.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("hexfleet").build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Serve(a) => serve(a).await,
+            Cmd::Demo(a) => demo(a).await,
+            Cmd::Token(a) => {
+                let keys = Keys::new(&a.jwt_secret);
+                println!("{}", keys.mint(a.role, &a.sub, &a.tenant, a.order.as_deref(), a.ttl));
+                Ok(())
+            }
+            Cmd::Migrate(a) => {
+                let backend = hexfleet_persistence::migrate(&a.database_url).await?;
+                println!("migrations applied ({backend})");
+                Ok(())
+            }
+        }
+    })
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,actix_server=warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" { b.json().init() } else { b.init() }
+}
+
+fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
+    let mut cfg = ServeConfig::new(a.database_url.clone(), a.secret()?);
+    cfg.redis_url = a.redis_url.clone();
+    cfg.redis_prefix = a.redis_prefix.clone();
+    if let Some(n) = &a.node_id {
+        cfg.node_id = n.clone();
+    }
+    cfg.fleet = a.fleet_config();
+    cfg.workers = a.workers;
+    cfg.history_retention = a.history_retention();
+    cfg.history_purge_every = a.history_purge_interval;
+    Ok(cfg)
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let cfg = serve_config(&a)?;
+    let listener = TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let running = hexfleet_gateway::start(cfg, listener, shutdown).await?;
+    eprintln!("hexfleet listening on http://{}", running.addr);
+    running.wait().await
+}
+
+async fn demo(a: hexfleet_gateway::config::DemoArgs) -> anyhow::Result<()> {
+    let cfg = serve_config(&a.serve)?;
+    let secret = cfg.jwt_secret.clone();
+    let listener = TcpListener::bind(&a.serve.listen).with_context(|| format!("cannot listen on {}", a.serve.listen))?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let running = hexfleet_gateway::start(cfg, listener, shutdown.clone()).await?;
+    let base = format!("http://{}", running.addr);
+    let keys = Keys::new(&secret);
+    let tenant = "demo";
+    let token = keys.mint(Role::Dispatcher, "demo-dispatcher", tenant, None, Duration::from_secs(7 * 24 * 3600));
+    println!("\nhexfleet demo: {} simulated couriers, ~{} orders/min", a.couriers, a.orders_per_min);
+    println!("open the live console:  {base}/?token={token}\n");
+    if let Some(d) = a.duration {
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            sd.cancel();
+        });
+    }
+    let sim = hexfleet_sim::DemoConfig {
+        base_url: base,
+        jwt_secret: secret,
+        tenant: tenant.into(),
+        couriers: a.couriers,
+        orders_per_min: a.orders_per_min,
+        ..Default::default()
+    };
+    let sim_stop = shutdown.child_token();
+    let sim_task = tokio::spawn(hexfleet_sim::run_demo(sim, sim_stop));
+    let res = running.wait().await;
+    match tokio::time::timeout(Duration::from_secs(10), sim_task).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "simulated fleet ended with an error"),
+        Err(_) => tracing::warn!("simulated fleet did not stop in time"),
+        _ => {}
+    }
+    res
+}

@@ -1,0 +1,224 @@
+//! Assembling and running the server: store → fleet (actors) → broker → HTTP/WebSocket app, and
+//! the one shutdown path (stop accepting → stop dispatch and actors → flush storage).
+//!
+//! The actors run on the caller's multi-threaded tokio runtime; actix-web runs its workers on
+//! their own threads. Handlers reach the actors through [`AppState::fleet`], and anything that
+//! spawns actors is sent to the main runtime ([`AppState::on_main`]) so actors never live on an
+//! HTTP worker's single-threaded runtime.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, web};
+use hexfleet_actors::clock::TokioClock;
+use hexfleet_actors::{Fleet, FleetConfig, FleetDeps};
+use hexfleet_persistence::{SqlStore, StoreOptions};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Keys;
+use crate::broker::Broker;
+
+/// Everything `serve` needs, already parsed.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub database_url: String,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub jwt_secret: String,
+    pub node_id: String,
+    pub fleet: FleetConfig,
+    pub workers: Option<usize>,
+    pub store: StoreOptions,
+    /// Location history older than this is purged.
+    pub history_retention: Duration,
+    /// How often the retention purge runs (and once at start).
+    pub history_purge_every: Duration,
+}
+
+impl ServeConfig {
+    /// A configuration for tests and tools: SQLite at `database_url`, no Redis.
+    pub fn new(database_url: impl Into<String>, jwt_secret: impl Into<String>) -> Self {
+        ServeConfig {
+            database_url: database_url.into(),
+            redis_url: None,
+            redis_prefix: "hexfleet:".into(),
+            jwt_secret: jwt_secret.into(),
+            node_id: format!("node-{}", uuid::Uuid::new_v4().simple()),
+            fleet: FleetConfig::default(),
+            workers: None,
+            store: StoreOptions::default(),
+            history_retention: Duration::from_secs(30 * 24 * 3600),
+            history_purge_every: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Shared by every handler.
+pub struct AppState {
+    pub fleet: Fleet,
+    pub broker: Broker,
+    pub store: Arc<SqlStore>,
+    pub keys: Keys,
+    pub metrics: PrometheusHandle,
+    pub main: tokio::runtime::Handle,
+    pub shutdown: CancellationToken,
+    pub started: std::time::Instant,
+}
+
+impl AppState {
+    /// Runs `fut` on the main runtime (where the actors live) and waits for it.
+    pub async fn on_main<F, T>(&self, fut: F) -> Result<T, crate::error::ApiError>
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.main.spawn(fut).await.map_err(|e| crate::error::ApiError::internal(format!("task failed: {e}")))
+    }
+}
+
+/// The process-wide Prometheus recorder (installed once; tests start many servers).
+pub fn metrics_handle() -> PrometheusHandle {
+    static H: OnceLock<PrometheusHandle> = OnceLock::new();
+    H.get_or_init(|| {
+        PrometheusBuilder::new()
+            .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+            .expect("static buckets are valid")
+            .install_recorder()
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+    })
+    .clone()
+}
+
+static FIXES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts fixes accepted at the edge (console ingest rate).
+pub fn count_fixes(n: u64) {
+    FIXES.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Fixes accepted at the edge by this process so far.
+pub fn fixes_ingested() -> u64 {
+    FIXES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A running server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub state: web::Data<AppState>,
+    join: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits until the server has stopped (after `shutdown` is cancelled, or on a fatal error).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.join.await?
+    }
+
+    /// Stops gracefully and waits.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Starts the server on `listener`; it runs until `shutdown` is cancelled.
+pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let metrics = metrics_handle();
+    let store = Arc::new(SqlStore::open(&cfg.database_url, cfg.store.clone()).await?);
+    tracing::info!(backend = store.backend(), "store open");
+    let broker = match &cfg.redis_url {
+        Some(url) => Broker::with_redis(&cfg.node_id, url, &cfg.redis_prefix, shutdown.clone()).await?,
+        None => Broker::local(&cfg.node_id),
+    };
+    let fleet = Fleet::start(FleetDeps {
+        store: store.clone(),
+        publisher: Arc::new(broker.clone()),
+        clock: Arc::new(TokioClock::new()),
+        config: cfg.fleet.clone(),
+    })
+    .await?;
+    let state = web::Data::new(AppState {
+        fleet: fleet.clone(),
+        broker,
+        store: store.clone(),
+        keys: Keys::new(&cfg.jwt_secret),
+        metrics,
+        main: tokio::runtime::Handle::current(),
+        shutdown: shutdown.clone(),
+        started: std::time::Instant::now(),
+    });
+    let purge_stop = shutdown.child_token();
+    let purge = {
+        let f = fleet.clone();
+        crate::history::spawn_purge(store.clone(), move || f.now_ms(), cfg.history_retention, cfg.history_purge_every, purge_stop.clone())
+    };
+    let keys = web::Data::new(state.keys.clone());
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let st = state.clone();
+    let mut http = HttpServer::new(move || {
+        App::new()
+            .app_data(st.clone())
+            .app_data(keys.clone())
+            // WebSocket routes first: the `/v1` scope of the API would otherwise claim them.
+            .configure(crate::ws::configure)
+            .configure(crate::api::configure)
+    })
+    .disable_signals()
+    .shutdown_timeout(5)
+    .listen(listener)?;
+    if let Some(w) = cfg.workers {
+        http = http.workers(w.max(1));
+    }
+    let http = http.run();
+    let handle = http.handle();
+    let http_task = tokio::spawn(http);
+    tracing::info!(%addr, node = %cfg.node_id, "serving");
+    let sd = shutdown.clone();
+    let st = state.clone();
+    let join = tokio::spawn(async move {
+        sd.cancelled().await;
+        tracing::info!("shutting down: stop accepting");
+        handle.stop(true).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), http_task).await;
+        purge_stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(10), purge).await.is_err() {
+            tracing::warn!("retention purge did not stop in time");
+        }
+        tracing::info!("shutting down: stop dispatch and actors, flush storage");
+        let res = fleet.shutdown().await;
+        if let Err(e) = store.close().await {
+            tracing::error!(error = %e, "store did not close cleanly");
+        }
+        drop(st);
+        res.map_err(anyhow::Error::from)
+    });
+    Ok(Running { addr, shutdown, state, join })
+}
+
+/// Waits for SIGINT or SIGTERM, then cancels `token`.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("signal received");
+        token.cancel();
+    });
+}

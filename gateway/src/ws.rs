@@ -1,0 +1,502 @@
+//! WebSocket sessions: `/v1/ws/courier` (a courier's app), `/v1/ws/track/{order_id}` (a
+//! customer or dispatcher watching one order) and `/v1/ws/console` (a dispatcher's live map).
+//!
+//! Each session is one task on an HTTP worker: it reads frames, validates them and calls the
+//! fleet (never waiting on an actor on the GPS path), and writes what the broker queued in its
+//! [`Outbox`]. A bad message gets an `error` frame and the connection stays open; a session
+//! that keeps sending garbage, floods past its rate limit, sends an oversized frame or cannot
+//! keep up with its discrete messages is closed with a reason.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
+use futures_util::StreamExt as _;
+use hexfleet_actors::domain::{CourierId, CourierStatus, OrderId, TenantId, valid_id};
+use hexfleet_actors::order::Command;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::{Auth, Role};
+use crate::broker::{ConsoleView, OUTBOX_CAPACITY, Outbox, Replay};
+use crate::dto::{CourierIn, LocDto, MAX_BATCH, OrderDto, error_json};
+use crate::error::ApiError;
+use crate::server::AppState;
+
+/// Largest frame (and aggregated message) a client may send.
+pub const MAX_FRAME: usize = 64 * 1024;
+/// Messages per second a session may send on average, and the burst it may save up.
+pub const RATE_PER_S: f64 = 50.0;
+pub const RATE_BURST: f64 = 200.0;
+/// Consecutive invalid messages after which the session is closed.
+pub const MAX_BAD_IN_A_ROW: u32 = 20;
+/// Messages refused by the rate limit (in one burst) after which the session is closed.
+pub const MAX_LIMITED: u32 = 200;
+/// How often the console gets its batches.
+pub const CONSOLE_BATCH: Duration = Duration::from_millis(250);
+/// A client that sends nothing (not even a pong) for this long is dropped.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+type State = web::Data<AppState>;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/ws/courier", web::get().to(courier_ws))
+        .route("/v1/ws/track/{order_id}", web::get().to(track_ws))
+        .route("/v1/ws/console", web::get().to(console_ws));
+}
+
+/// Token bucket plus a count of consecutive bad messages.
+struct Guard {
+    tokens: f64,
+    last: Instant,
+    bad_in_a_row: u32,
+    limited: u32,
+}
+
+enum Verdict {
+    Ok,
+    Limited,
+    Close(&'static str),
+}
+
+impl Guard {
+    fn new() -> Self {
+        Guard { tokens: RATE_BURST, last: Instant::now(), bad_in_a_row: 0, limited: 0 }
+    }
+
+    fn admit(&mut self) -> Verdict {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * RATE_PER_S).min(RATE_BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.limited = 0;
+            return Verdict::Ok;
+        }
+        self.limited += 1;
+        metrics::counter!("hexfleet_ws_rate_limited_total").increment(1);
+        if self.limited >= MAX_LIMITED { Verdict::Close("rate limit exceeded") } else { Verdict::Limited }
+    }
+
+    fn bad(&mut self) -> bool {
+        self.bad_in_a_row += 1;
+        metrics::counter!("hexfleet_ws_bad_messages_total").increment(1);
+        self.bad_in_a_row >= MAX_BAD_IN_A_ROW
+    }
+
+    fn good(&mut self) {
+        self.bad_in_a_row = 0;
+    }
+}
+
+fn policy(reason: &str) -> Option<CloseReason> {
+    Some(CloseReason { code: CloseCode::Policy, description: Some(reason.to_owned()) })
+}
+
+/// Authenticates before the upgrade, so a bad token gets a plain HTTP 401/403.
+fn auth_ws(req: &HttpRequest, roles: &[Role]) -> Result<Auth, ApiError> {
+    let auth = crate::auth::authenticate(req)?;
+    auth.require(roles)?;
+    Ok(auth)
+}
+
+/// Writes whatever the outbox holds; `false` when the socket is gone.
+async fn flush(session: &mut Session, outbox: &Outbox) -> bool {
+    for m in outbox.drain() {
+        if session.text(m).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// What one read of the socket gave.
+enum Input {
+    Text(String),
+    Closed,
+    Other,
+    Fatal(CloseReason),
+}
+
+async fn read(stream: &mut actix_ws::AggregatedMessageStream, session: &mut Session) -> Input {
+    match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+        Err(_) => Input::Fatal(CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) }),
+        Ok(None) | Ok(Some(Ok(AggregatedMessage::Close(_)))) => Input::Closed,
+        Ok(Some(Ok(AggregatedMessage::Text(t)))) => Input::Text(t.to_string()),
+        Ok(Some(Ok(AggregatedMessage::Ping(p)))) => {
+            let _ = session.pong(&p).await;
+            Input::Other
+        }
+        Ok(Some(Ok(AggregatedMessage::Pong(_)))) => Input::Other,
+        Ok(Some(Ok(AggregatedMessage::Binary(_)))) => Input::Text(String::new()),
+        Ok(Some(Err(e))) => {
+            metrics::counter!("hexfleet_ws_protocol_errors_total").increment(1);
+            let (code, why) = match e {
+                actix_ws::ProtocolError::Overflow => (CloseCode::Size, format!("frame larger than {MAX_FRAME} bytes")),
+                other => (CloseCode::Protocol, other.to_string()),
+            };
+            Input::Fatal(CloseReason { code, description: Some(why) })
+        }
+    }
+}
+
+// ---- courier ----
+
+async fn courier_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<HttpResponse, ApiError> {
+    let auth = auth_ws(&req, &[Role::Courier])?;
+    let id = CourierId::new(&auth.claims.sub);
+    let fleet = st.fleet.clone();
+    let tenant = auth.tenant.clone();
+    let cid = id.clone();
+    st.on_main(async move { fleet.ensure_courier(&tenant, &cid).await }).await??;
+    let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
+    let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
+    actix_web::rt::spawn(courier_session(st, auth.tenant, id, session, stream));
+    Ok(resp)
+}
+
+async fn courier_session(st: State, tenant: TenantId, id: CourierId, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+    let outbox = Outbox::new(OUTBOX_CAPACITY);
+    let sid = st.broker.add_courier(tenant.as_str(), id.as_str(), outbox.clone());
+    metrics::gauge!("hexfleet_ws_connections", "kind" => "courier").increment(1.0);
+    let mut guard = Guard::new();
+    // Orders it already holds (reconnect): tell the app again.
+    for o in st.fleet.courier_orders(&tenant, &id) {
+        let m = crate::dto::order_update_json(&o, outbox.next_seq());
+        outbox.push(m.to_string());
+    }
+    let close = loop {
+        if outbox.overflowed() {
+            let _ = session.text(error_json("too_slow", "the client did not read its messages in time")).await;
+            break policy("too slow");
+        }
+        tokio::select! {
+            biased;
+            () = outbox.notified() => {
+                if !flush(&mut session, &outbox).await { break None; }
+            }
+            input = read(&mut stream, &mut session) => match input {
+                Input::Closed => break None,
+                Input::Fatal(r) => break Some(r),
+                Input::Other => {}
+                Input::Text(text) => match guard.admit() {
+                    Verdict::Close(why) => break policy(why),
+                    Verdict::Limited => {
+                        if guard.limited == 1 {
+                            let _ = session.text(error_json("rate_limited", "too many messages; slow down")).await;
+                        }
+                    }
+                    Verdict::Ok => match courier_message(&st, &tenant, &id, &text).await {
+                        Ok(()) => guard.good(),
+                        Err(e) => {
+                            if session.text(error_json(e.code, &e.message)).await.is_err() { break None; }
+                            if guard.bad() { break policy("too many invalid messages"); }
+                        }
+                    },
+                },
+            },
+        }
+    };
+    st.broker.drop_courier(tenant.as_str(), id.as_str(), sid);
+    metrics::gauge!("hexfleet_ws_connections", "kind" => "courier").decrement(1.0);
+    let _ = session.close(close).await;
+}
+
+/// The shape of a `loc` frame (`{"t":"loc",...}`), for the fast path of [`courier_message`].
+#[derive(serde::Deserialize)]
+struct FastLoc<'a> {
+    t: &'a str,
+    lat: f64,
+    lng: f64,
+    ts: hexfleet_actors::domain::Ms,
+    #[serde(default)]
+    speed: Option<f32>,
+    #[serde(default)]
+    heading: Option<f32>,
+    #[serde(default)]
+    acc: Option<f32>,
+}
+
+async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, text: &str) -> Result<(), ApiError> {
+    if text.is_empty() {
+        return Err(ApiError::bad_request("bad_message", "expected a JSON text frame"));
+    }
+    let now = st.fleet.now_ms();
+    // Hot path: a `loc` frame parsed as a plain struct. The tagged enum below buffers every
+    // field before it can pick the variant, which costs allocations on each GPS fix.
+    if let Ok(f) = serde_json::from_str::<FastLoc<'_>>(text)
+        && f.t == "loc"
+    {
+        let l = LocDto { lat: f.lat, lng: f.lng, ts: f.ts, speed: f.speed, heading: f.heading, acc: f.acc };
+        st.fleet.ingest(tenant, id, vec![l.to_fix(now)?])?;
+        crate::server::count_fixes(1);
+        return Ok(());
+    }
+    let msg: CourierIn = serde_json::from_str(text).map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))?;
+    match msg {
+        CourierIn::Loc(l) => {
+            let fix = l.to_fix(now)?;
+            st.fleet.ingest(tenant, id, vec![fix])?;
+            crate::server::count_fixes(1);
+        }
+        CourierIn::Locs { items } => {
+            if items.is_empty() || items.len() > MAX_BATCH {
+                return Err(ApiError::bad_request("bad_batch", format!("locs must hold 1..={MAX_BATCH} items")));
+            }
+            // All or nothing: one bad fix refuses the batch so the app can tell which it sent.
+            let fixes = items.into_iter().map(|l: LocDto| l.to_fix(now)).collect::<Result<Vec<_>, _>>()?;
+            let n = fixes.len() as u64;
+            st.fleet.ingest(tenant, id, fixes)?;
+            crate::server::count_fixes(n);
+        }
+        CourierIn::Status { status } => {
+            let s = CourierStatus::parse(&status).ok_or_else(|| ApiError::bad_request("bad_status", "status must be available or offline"))?;
+            st.fleet.set_status(tenant, id, s)?;
+        }
+        CourierIn::OfferReply { order_id, accept } => {
+            let oid = order_ref(&order_id)?;
+            let cmd = if accept { Command::Accept { courier: id.clone() } } else { Command::Decline { courier: id.clone() } };
+            st.fleet.command(tenant, &oid, cmd, hexfleet_actors::domain::Actor::Courier(id.clone())).await?;
+        }
+        CourierIn::OrderEvent { order_id, event } => {
+            let oid = order_ref(&order_id)?;
+            let c = id.clone();
+            let cmd = match event.as_str() {
+                "picked_up" => Command::PickedUp { courier: c },
+                "delivered" => Command::Delivered { courier: c },
+                "failed" => Command::Failed { courier: c },
+                _ => return Err(ApiError::bad_request("bad_event", "event must be picked_up, delivered or failed")),
+            };
+            st.fleet.command(tenant, &oid, cmd, hexfleet_actors::domain::Actor::Courier(id.clone())).await?;
+        }
+    }
+    metrics::counter!("hexfleet_ws_messages_total", "kind" => "courier").increment(1);
+    Ok(())
+}
+
+fn order_ref(raw: &str) -> Result<OrderId, ApiError> {
+    if valid_id(raw) { Ok(OrderId::new(raw)) } else { Err(ApiError::bad_request("bad_id", "invalid order id")) }
+}
+
+// ---- track ----
+
+#[derive(Debug, Deserialize)]
+struct SinceQuery {
+    since: Option<u64>,
+}
+
+async fn track_ws(req: HttpRequest, body: web::Payload, st: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let auth = auth_ws(&req, &[Role::Customer, Role::Dispatcher, Role::Admin])?;
+    let oid = order_ref(&path)?;
+    if auth.claims.role == Role::Customer && auth.claims.order_id.as_deref() != Some(oid.as_str()) {
+        return Err(ApiError::forbidden("this token may only watch its own order"));
+    }
+    let since = web::Query::<SinceQuery>::from_query(req.query_string()).map(|q| q.since).unwrap_or(None);
+    // The order must exist in this tenant (404 otherwise, before the upgrade).
+    st.fleet.order(&auth.tenant, &oid).await?;
+    let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
+    let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
+    actix_web::rt::spawn(track_session(st, auth.tenant, oid, since, session, stream));
+    Ok(resp)
+}
+
+async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<u64>, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+    let outbox = Outbox::new(OUTBOX_CAPACITY);
+    let (sid, replay) = st.broker.add_track(tenant.as_str(), oid.as_str(), outbox.clone(), since);
+    metrics::gauge!("hexfleet_ws_connections", "kind" => "track").increment(1.0);
+    let first: Vec<String> = match replay {
+        Some(Replay::Missed(m)) => m,
+        Some(Replay::Gone) => {
+            let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
+            let mut v = vec![json!({ "t": "resync", "seq": seq }).to_string()];
+            v.extend(track_snapshot(&st, &tenant, &oid).await);
+            v
+        }
+        None => track_snapshot(&st, &tenant, &oid).await,
+    };
+    let mut ok = true;
+    for m in first {
+        if session.text(m).await.is_err() {
+            ok = false;
+            break;
+        }
+    }
+    let mut guard = Guard::new();
+    let close = if !ok {
+        None
+    } else {
+        loop {
+            if outbox.overflowed() {
+                let _ = session.text(error_json("too_slow", "the client did not read its messages in time")).await;
+                break policy("too slow");
+            }
+            tokio::select! {
+                biased;
+                () = outbox.notified() => {
+                    if !flush(&mut session, &outbox).await { break None; }
+                }
+                input = read(&mut stream, &mut session) => match input {
+                    Input::Closed => break None,
+                    Input::Fatal(r) => break Some(r),
+                    Input::Other => {}
+                    Input::Text(_) => {
+                        if let Verdict::Close(why) = guard.admit() { break policy(why); }
+                        let _ = session.text(error_json("read_only", "this stream takes no messages")).await;
+                        if guard.bad() { break policy("too many invalid messages"); }
+                    }
+                },
+            }
+        }
+    };
+    st.broker.drop_track(tenant.as_str(), oid.as_str(), sid);
+    metrics::gauge!("hexfleet_ws_connections", "kind" => "track").decrement(1.0);
+    let _ = session.close(close).await;
+}
+
+/// The current state of a tracked order: its `order_update`, and the courier's position.
+async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId) -> Vec<String> {
+    let Ok(o) = st.fleet.order(tenant, oid).await else { return Vec::new() };
+    let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
+    let mut msgs = vec![json!({ "t": "order_update", "seq": seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
+        "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::from(o.as_ref()) }).to_string()];
+    if let Some(c) = o.courier.as_ref().filter(|_| o.state.is_held())
+        && let Some(f) = st.fleet.courier(tenant, c).ok().and_then(|rec| rec.last_fix)
+    {
+        let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
+        msgs.push(json!({ "t": "courier", "seq": seq, "order_id": o.id.as_str(), "courier_id": c.as_str(),
+            "lat": f.pos.lat, "lng": f.pos.lng, "ts": f.ts, "speed": f.speed, "heading": f.heading }).to_string());
+    }
+    msgs
+}
+
+// ---- console ----
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum ConsoleIn {
+    Subscribe { bbox: [f64; 4] },
+}
+
+async fn console_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<HttpResponse, ApiError> {
+    let auth = auth_ws(&req, &[Role::Dispatcher, Role::Admin])?;
+    let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
+    let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
+    actix_web::rt::spawn(console_session(st, auth.tenant, session, stream));
+    Ok(resp)
+}
+
+fn valid_bbox(b: &[f64; 4]) -> bool {
+    b.iter().all(|v| v.is_finite())
+        && (-180.0..=180.0).contains(&b[0])
+        && (-180.0..=180.0).contains(&b[2])
+        && (-90.0..=90.0).contains(&b[1])
+        && (-90.0..=90.0).contains(&b[3])
+        && b[1] <= b[3]
+}
+
+async fn console_session(st: State, tenant: TenantId, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+    let view = Arc::new(ConsoleView { outbox: Outbox::new(OUTBOX_CAPACITY), bbox: parking_lot::Mutex::new(None) });
+    let sid = st.broker.add_console(tenant.as_str(), view.clone());
+    metrics::gauge!("hexfleet_ws_connections", "kind" => "console").increment(1.0);
+    let mut guard = Guard::new();
+    let mut tick = tokio::time::interval(CONSOLE_BATCH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    let mut last_fixes = (crate::server::fixes_ingested(), Instant::now());
+    let close = loop {
+        if view.outbox.overflowed() {
+            let _ = session.text(error_json("too_slow", "the client did not read its messages in time")).await;
+            break policy("too slow");
+        }
+        tokio::select! {
+            biased;
+            () = view.outbox.notified() => {
+                if !flush(&mut session, &view.outbox).await { break None; }
+            }
+            _ = tick.tick() => {
+                ticks += 1;
+                let (couriers, orders) = view.outbox.take_batches();
+                let mut out = Vec::new();
+                if !couriers.is_empty() {
+                    out.push(json!({ "t": "couriers", "seq": view.outbox.next_seq(), "items": couriers }).to_string());
+                }
+                if !orders.is_empty() {
+                    out.push(json!({ "t": "orders", "seq": view.outbox.next_seq(), "items": orders }).to_string());
+                }
+                if ticks.is_multiple_of(4) {
+                    let (online, open) = st.fleet.counts();
+                    let now = (crate::server::fixes_ingested(), Instant::now());
+                    let rate = (now.0.saturating_sub(last_fixes.0)) as f64 / now.1.duration_since(last_fixes.1).as_secs_f64().max(0.001);
+                    last_fixes = now;
+                    out.push(json!({ "t": "stats", "seq": view.outbox.next_seq(), "couriers_online": online, "orders_open": open, "ingest_per_s": rate.round() }).to_string());
+                }
+                let mut gone = false;
+                for m in out {
+                    if session.text(m).await.is_err() { gone = true; break; }
+                }
+                if gone { break None; }
+            }
+            input = read(&mut stream, &mut session) => match input {
+                Input::Closed => break None,
+                Input::Fatal(r) => break Some(r),
+                Input::Other => {}
+                Input::Text(text) => {
+                    if let Verdict::Close(why) = guard.admit() { break policy(why); }
+                    match serde_json::from_str::<ConsoleIn>(&text) {
+                        Ok(ConsoleIn::Subscribe { bbox }) if valid_bbox(&bbox) => {
+                            guard.good();
+                            *view.bbox.lock() = Some(bbox);
+                            if !console_snapshot(&st, &tenant, &view, bbox, &mut session).await { break None; }
+                        }
+                        Ok(ConsoleIn::Subscribe { .. }) => {
+                            let _ = session.text(error_json("bad_bbox", "bbox is [min_lng, min_lat, max_lng, max_lat] in degrees")).await;
+                            if guard.bad() { break policy("too many invalid messages"); }
+                        }
+                        Err(e) => {
+                            let _ = session.text(error_json("malformed_json", &e.to_string())).await;
+                            if guard.bad() { break policy("too many invalid messages"); }
+                        }
+                    }
+                }
+            },
+        }
+    };
+    st.broker.drop_console(tenant.as_str(), sid);
+    metrics::gauge!("hexfleet_ws_connections", "kind" => "console").decrement(1.0);
+    let _ = session.close(close).await;
+}
+
+/// Sends what is in the view now: couriers and open orders inside the box.
+async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, b: [f64; 4], session: &mut Session) -> bool {
+    let (Ok(min), Ok(max)) = (hexfleet_actors::domain::LatLng::new(b[1], b[0]), hexfleet_actors::domain::LatLng::new(b[3], b[2])) else {
+        return true;
+    };
+    let couriers: Vec<_> = st
+        .fleet
+        .couriers_in_bbox(tenant, min, max)
+        .iter()
+        .filter_map(|c| {
+            let f = c.last_fix?;
+            Some(json!({ "id": c.id.as_str(), "lat": f.pos.lat, "lng": f.pos.lng, "ts": f.ts, "status": c.status.as_str(), "speed": f.speed, "heading": f.heading }))
+        })
+        .collect();
+    let orders: Vec<_> = st
+        .fleet
+        .open_orders(tenant)
+        .iter()
+        .filter(|o| hexfleet_geo::index::in_box(o.pickup, min, max))
+        .map(|o| serde_json::to_value(OrderDto::from(o.as_ref())).unwrap_or_default())
+        .collect();
+    let zones: Vec<_> = st.fleet.zones(tenant).iter().map(|z| crate::zones::console_feature(z)).collect();
+    for m in [
+        json!({ "t": "couriers", "seq": view.outbox.next_seq(), "items": couriers, "snapshot": true }),
+        json!({ "t": "orders", "seq": view.outbox.next_seq(), "items": orders, "snapshot": true }),
+        json!({ "t": "zones", "seq": view.outbox.next_seq(), "items": zones, "snapshot": true }),
+    ] {
+        if session.text(m.to_string()).await.is_err() {
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,126 @@
+//! End to end through every layer: real server, real sockets, SQLite (and PostgreSQL) storage.
+
+mod common;
+
+use common::*;
+use hexfleet_gateway::auth::Role;
+use serde_json::json;
+
+const C_LAT: f64 = 52.5200;
+const C_LNG: f64 = 13.4050;
+const PICKUP: (f64, f64) = (52.5215, 13.4075);
+const DROPOFF: (f64, f64) = (52.5300, 13.4200);
+
+/// A courier streams → nearby finds it → an order is created → offered and accepted → the
+/// customer's tracking socket sees positions → arrival at pickup is detected → picked up →
+/// arrival at drop-off → delivered → GET says delivered, also after a restart.
+async fn full_lifecycle(db: &str) {
+    let mut srv = TestServer::start(fast_config(db)).await;
+    let tenant = "acme";
+    let disp = srv.dispatcher(tenant);
+    let mut courier = srv.ws("/v1/ws/courier", &srv.token(Role::Courier, "c1", tenant, None)).await;
+    let t0 = now_ms() - 600_000;
+    courier.send(json!({"t":"status","status":"available"})).await;
+    courier.send(json!({"t":"loc","lat":C_LAT,"lng":C_LNG,"ts":t0,"speed":3.0,"heading":90})).await;
+
+    let near = eventually("nearby finds c1", || async {
+        let (s, v) = srv.get(&format!("/v1/couriers/nearby?lat={C_LAT}&lng={C_LNG}&k=5"), Some(&disp)).await;
+        assert_eq!(s, 200, "{v}");
+        let items = v["items"].as_array().unwrap().clone();
+        items.iter().find(|i| i["courier"]["id"] == "c1" && i["courier"]["status"] == "available").cloned()
+    })
+    .await;
+    assert!(near["distance_m"].as_f64().unwrap() < 1.0, "{near}");
+
+    let (s, o) = srv.post("/v1/orders", &disp, json!({"id":"o1","pickup":{"lat":PICKUP.0,"lng":PICKUP.1},"dropoff":{"lat":DROPOFF.0,"lng":DROPOFF.1}})).await;
+    assert_eq!(s, 201, "{o}");
+    assert_eq!(o["state"], "created");
+
+    let mut customer = srv.ws("/v1/ws/track/o1", &srv.token(Role::Customer, "cust1", tenant, Some("o1"))).await;
+    customer.expect("snapshot", |v| t(v) == "order_update" && v["order_id"] == "o1").await;
+
+    let offer = courier.expect("offer", |v| t(v) == "offer").await;
+    assert_eq!(offer["order_id"], "o1");
+    assert!(offer["seq"].as_u64().unwrap() >= 1);
+    courier.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
+    courier.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
+    courier.expect("route", |v| t(v) == "route" && v["stops"].as_array().is_some_and(|s| s.len() == 2)).await;
+    customer.expect("assigned update", |v| t(v) == "order_update" && v["state"] == "assigned").await;
+
+    // Moving toward the pickup: the customer sees the courier with an ETA.
+    courier.send(json!({"t":"loc","lat":52.5208,"lng":13.4062,"ts":t0 + 60_000})).await;
+    let pos = customer.expect("courier position", |v| t(v) == "courier").await;
+    assert_eq!(pos["courier_id"], "c1");
+    assert!(pos["eta_s"].as_f64().is_some(), "{pos}");
+
+    // Arrival at the pickup is detected without the app asking.
+    courier.send(json!({"t":"loc","lat":PICKUP.0,"lng":PICKUP.1,"ts":t0 + 120_000})).await;
+    customer.expect("at_pickup", |v| t(v) == "order_update" && v["state"] == "at_pickup").await;
+    courier.send(json!({"t":"order_event","order_id":"o1","event":"picked_up"})).await;
+    customer.expect("picked_up", |v| t(v) == "order_update" && v["state"] == "picked_up").await;
+    courier.send(json!({"t":"loc","lat":DROPOFF.0,"lng":DROPOFF.1,"ts":t0 + 300_000})).await;
+    customer.expect("at_dropoff", |v| t(v) == "order_update" && v["state"] == "at_dropoff").await;
+    courier.send(json!({"t":"order_event","order_id":"o1","event":"delivered"})).await;
+    customer.expect("delivered", |v| t(v) == "order_update" && v["state"] == "delivered").await;
+
+    let (s, o) = srv.get("/v1/orders/o1", Some(&disp)).await;
+    assert_eq!((s, o["state"].as_str()), (200, Some("delivered")), "{o}");
+    assert_eq!(o["courier_id"], "c1");
+    assert_eq!(o["assignment"]["courier_id"], "c1", "{o}");
+    let (s, ev) = srv.get("/v1/events?entity=order&id=o1", Some(&disp)).await;
+    assert_eq!(s, 200);
+    let kinds: Vec<&str> = ev["items"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    for k in ["order.created", "order.offered", "order.assigned", "order.at_pickup", "order.picked_up", "order.at_dropoff", "order.delivered"] {
+        assert!(kinds.contains(&k), "missing {k} in {kinds:?}");
+    }
+
+    drop(courier);
+    drop(customer);
+    srv.stop().await;
+
+    // Restart on the same database: the order and the courier are still there.
+    let srv = TestServer::start(fast_config(db)).await;
+    let disp = srv.dispatcher(tenant);
+    let (s, o) = srv.get("/v1/orders/o1", Some(&disp)).await;
+    assert_eq!((s, o["state"].as_str()), (200, Some("delivered")), "{o}");
+    let (s, c) = srv.get("/v1/couriers/c1", Some(&disp)).await;
+    assert_eq!(s, 200, "{c}");
+    // Tenants are separate: another tenant does not see it.
+    let (s, _) = srv.get("/v1/orders/o1", Some(&srv.dispatcher("other"))).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    full_lifecycle(dir.path().join("hexfleet.db").to_str().unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_on_postgres() {
+    let Some(db) = PgDb::create().await else { return };
+    full_lifecycle(&db.url).await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_orders_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    let db = db.to_str().unwrap();
+    let mut srv = TestServer::start(fast_config(db)).await;
+    let disp = srv.dispatcher("t1");
+    for i in 0..20 {
+        let (s, v) = srv.post("/v1/orders", &disp, json!({"id":format!("o{i}"),"pickup":{"lat":52.5,"lng":13.4},"dropoff":{"lat":52.51,"lng":13.41}})).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (s, _) = srv.post("/v1/orders/o3/cancel", &disp, json!({})).await;
+    assert_eq!(s, 200);
+    srv.stop().await;
+    let srv = TestServer::start(fast_config(db)).await;
+    for i in 0..20 {
+        let (s, v) = srv.get(&format!("/v1/orders/o{i}"), Some(&disp)).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["state"], if i == 3 { "cancelled" } else { "created" });
+    }
+}

@@ -1,0 +1,100 @@
+//! The crate's one error type, [`PersistenceError`], and its mapping onto the storage port's
+//! [`StoreError`] (which the gateway maps to HTTP 503 and friends).
+
+use hexfleet_actors::store::StoreError;
+
+/// Everything that can go wrong in `hexfleet-persistence`.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistenceError {
+    /// The database URL is not one this crate understands.
+    #[error("unsupported database url: {0}")]
+    UnsupportedUrl(String),
+    /// Creating the directory for an embedded SQLite database failed.
+    #[error("cannot create database directory {path}")]
+    CreateDir {
+        /// The directory that could not be created.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be reached, or a statement failed.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    /// Applying the schema migrations failed.
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored row could not be turned back into a domain value.
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt {
+        /// The table the row came from.
+        table: &'static str,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// A write queue is full.
+    #[error("write queue is full")]
+    Backpressure,
+    /// The writer task is gone (the store was shut down).
+    #[error("store writer stopped")]
+    WriterStopped,
+    /// A database call took longer than the configured timeout.
+    #[error("database call timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl PersistenceError {
+    pub(crate) fn corrupt(table: &'static str, detail: impl Into<String>) -> Self {
+        PersistenceError::Corrupt { table, detail: detail.into() }
+    }
+
+    /// True when the error says "the database is not there" rather than "this write is wrong":
+    /// the writer answers every caller of a failed group with `Unavailable` in the first case
+    /// and retries each caller's batch on its own in the second.
+    pub(crate) fn is_connectivity(&self) -> bool {
+        match self {
+            PersistenceError::Database(e) => is_connectivity(e),
+            PersistenceError::Timeout(_) | PersistenceError::WriterStopped => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether a sqlx error means the connection or the server is gone (as opposed to a statement
+/// the database refused).
+pub(crate) fn is_connectivity(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            // PostgreSQL: class 08 (connection exception), 57P (operator intervention:
+            // admin shutdown, crash shutdown, cannot connect now), 53 (insufficient resources).
+            // SQLite: BUSY (5), LOCKED (6), IOERR (10), FULL (13), CANTOPEN (14) and their
+            // extended codes.
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
+                return true;
+            }
+            match code.parse::<i64>() {
+                Ok(n) => matches!(n & 0xff, 5 | 6 | 10 | 13 | 14),
+                Err(_) => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+impl From<PersistenceError> for StoreError {
+    fn from(e: PersistenceError) -> Self {
+        match e {
+            PersistenceError::Backpressure => StoreError::Backpressure,
+            PersistenceError::Corrupt { table, detail } => StoreError::Corrupt(format!("{table}: {detail}")),
+            other => StoreError::Unavailable(Box::new(other)),
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The SQL: every statement the store runs, written once and compiled for both backends.
+//!
+//! The SQL text is shared (SQLite understands `$N` placeholders and `ON CONFLICT … DO UPDATE`
+//! like PostgreSQL); [`backend_ops!`] instantiates the same functions for `sqlx::Postgres`
+//! ([`pg`]) and `sqlx::Sqlite` ([`sqlite`]). The only differences are passed in as
+//! parameters: how a JSON value is written (`::json` cast on PostgreSQL) and read back.
+//!
+//! Multi-row statements are chunked so that one statement stays below both backends' bind
+//! parameter limits (PostgreSQL 65,535; SQLite 32,766). On PostgreSQL the snapshot flusher uses
+//! [`pg_bulk`] instead: `INSERT … SELECT * FROM UNNEST(array, …)`, one statement per table.
+
+use std::collections::HashMap;
+
+use hexfleet_actors::domain::{CourierRecord, DomainEvent, LocationSample, Order, ZoneRecord};
+use hexfleet_actors::store::Write;
+
+/// Most bind parameters one statement uses.
+const MAX_PARAMS: usize = 30_000;
+
+/// One location sample to append to the history.
+pub(crate) type LocationRow<'a> = (&'a str, &'a str, &'a LocationSample);
+
+/// A group of writes reduced to the statements needed, preserving the effect of applying them
+/// in order: the last snapshot per order, courier and zone wins (a zone's last write may be a
+/// delete), events are appended in order.
+#[derive(Default)]
+pub(crate) struct Reduced<'a> {
+    pub orders: Vec<&'a Order>,
+    pub couriers: Vec<&'a CourierRecord>,
+    pub zone_upserts: Vec<&'a ZoneRecord>,
+    pub zone_deletes: Vec<(&'a str, &'a str)>,
+    pub events: Vec<&'a DomainEvent>,
+}
+
+impl<'a> Reduced<'a> {
+    pub(crate) fn new(writes: impl IntoIterator<Item = &'a Write>) -> Self {
+        let mut orders: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut couriers: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut zones: HashMap<(&str, &str), Option<&ZoneRecord>> = HashMap::new();
+        let mut r = Reduced::default();
+        for w in writes {
+            match w {
+                Write::Order(o) => match orders.get(&(o.tenant.as_str(), o.id.as_str())) {
+                    Some(&i) => r.orders[i] = o,
+                    None => {
+                        orders.insert((o.tenant.as_str(), o.id.as_str()), r.orders.len());
+                        r.orders.push(o);
+                    }
+                },
+                Write::Courier(c) => match couriers.get(&(c.tenant.as_str(), c.id.as_str())) {
+                    Some(&i) => r.couriers[i] = c,
+                    None => {
+                        couriers.insert((c.tenant.as_str(), c.id.as_str()), r.couriers.len());
+                        r.couriers.push(c);
+                    }
+                },
+                Write::Zone(z) => {
+                    zones.insert((z.tenant.as_str(), z.id.as_str()), Some(z));
+                }
+                Write::DeleteZone { tenant, id } => {
+                    zones.insert((tenant.as_str(), id.as_str()), None);
+                }
+                Write::Event(e) => r.events.push(e),
+            }
+        }
+        for (key, z) in zones {
+            match z {
+                Some(z) => r.zone_upserts.push(z),
+                None => r.zone_deletes.push(key),
+            }
+        }
+        r
+    }
+}
+
+macro_rules! backend_ops {
+    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal) => {
+        #[doc = concat!("Statements compiled for `", stringify!($db), "`.")]
+        pub(crate) mod $name {
+            use hexfleet_actors::domain::{CourierId, CourierRecord, DomainEvent, LocationSample, Order, OrderId, TenantId, ZoneRecord};
+            use hexfleet_actors::store::{EventQuery, Recovered, StoredEvent};
+            use sqlx::{Pool, QueryBuilder};
+
+            use super::{LocationRow, Reduced, MAX_PARAMS};
+            use crate::error::PersistenceError;
+            use crate::rows::{self, CourierRow, EventRow, OrderRow, ZoneRow, COURIER_COLUMNS, ORDER_COLUMNS, TERMINAL_STATES_SQL};
+
+            type Db = $db;
+            type Conn = <Db as sqlx::Database>::Connection;
+
+            /// How a bound JSON text parameter is written.
+            const JSON_IN: &str = $json_in;
+            /// How a JSON column is read back as text.
+            const JSON_OUT: &str = $json_out;
+
+            /// Applies a reduced group of writes on one connection (inside the caller's transaction).
+            pub(crate) async fn apply(conn: &mut Conn, r: &Reduced<'_>) -> Result<(), PersistenceError> {
+                upsert_orders(conn, &r.orders).await?;
+                upsert_couriers(conn, &r.couriers).await?;
+                upsert_zones(conn, &r.zone_upserts).await?;
+                for (tenant, id) in &r.zone_deletes {
+                    sqlx::query("DELETE FROM zones WHERE tenant = $1 AND id = $2")
+                        .bind(*tenant)
+                        .bind(*id)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                insert_events(conn, &r.events).await?;
+                Ok(())
+            }
+
+            /// Applies a group of writes in one transaction.
+            pub(crate) async fn commit(pool: &Pool<Db>, r: &Reduced<'_>) -> Result<(), PersistenceError> {
+                let mut tx = pool.begin().await?;
+                apply(&mut tx, r).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            /// Upserts orders; an older version never overwrites a newer one.
+            pub(crate) async fn upsert_orders(conn: &mut Conn, orders: &[&Order]) -> Result<(), PersistenceError> {
+                for chunk in orders.chunks(MAX_PARAMS / 18) {
+                    let mut qb = QueryBuilder::<Db>::new(format!("INSERT INTO orders ({ORDER_COLUMNS}) "));
+                    qb.push_values(chunk, |mut b, o| {
+                        b.push_bind(o.tenant.as_str())
+                            .push_bind(o.id.as_str())
+                            .push_bind(o.pickup.lat)
+                            .push_bind(o.pickup.lng)
+                            .push_bind(o.dropoff.lat)
+                            .push_bind(o.dropoff.lng)
+                            .push_bind(i64::from(o.size))
+                            .push_bind(o.ready_at)
+                            .push_bind(o.deliver_by)
+                            .push_bind(o.state.as_str())
+                            .push_bind(o.courier.as_ref().map(CourierId::as_str))
+                            .push_bind(o.offer.as_ref().map(|f| f.courier.as_str()))
+                            .push_bind(o.offer.as_ref().map(|f| f.expires_at))
+                            .push_bind(rows::declined_json(o))
+                            .push_bind(rows::assignment_json(o))
+                            .push_bind(o.created_at)
+                            .push_bind(o.updated_at)
+                            .push_bind(i64::from(o.version));
+                    });
+                    qb.push(
+                        " ON CONFLICT (tenant, id) DO UPDATE SET pickup_lat = excluded.pickup_lat, \
+                         pickup_lng = excluded.pickup_lng, dropoff_lat = excluded.dropoff_lat, \
+                         dropoff_lng = excluded.dropoff_lng, size = excluded.size, ready_at = excluded.ready_at, \
+                         deliver_by = excluded.deliver_by, state = excluded.state, courier = excluded.courier, \
+                         offer_courier = excluded.offer_courier, offer_expires_at = excluded.offer_expires_at, \
+                         declined = excluded.declined, assignment = excluded.assignment, \
+                         created_at = excluded.created_at, updated_at = excluded.updated_at, \
+                         version = excluded.version WHERE orders.version <= excluded.version",
+                    );
+                    qb.build().execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            /// Upserts couriers; an older snapshot (by `updated_at`) never overwrites a newer one.
+            pub(crate) async fn upsert_couriers(conn: &mut Conn, couriers: &[&CourierRecord]) -> Result<(), PersistenceError> {
+                for chunk in couriers.chunks(MAX_PARAMS / 15) {
+                    let mut qb = QueryBuilder::<Db>::new(format!("INSERT INTO couriers ({COURIER_COLUMNS}) "));
+                    qb.push_values(chunk, |mut b, c| {
+                        let f = c.last_fix.as_ref();
+                        b.push_bind(c.tenant.as_str())
+                            .push_bind(c.id.as_str())
+                            .push_bind(c.name.as_deref())
+                            .push_bind(c.vehicle.as_str())
+                            .push_bind(i64::from(c.capacity))
+                            .push_bind(c.device_id.as_deref())
+                            .push_bind(c.status.as_str())
+                            .push_bind(c.on_shift)
+                            .push_bind(f.map(|f| f.pos.lat))
+                            .push_bind(f.map(|f| f.pos.lng))
+                            .push_bind(f.map(|f| f.ts))
+                            .push_bind(f.and_then(|f| f.speed).map(f64::from))
+                            .push_bind(f.and_then(|f| f.heading).map(f64::from))
+                            .push_bind(f.and_then(|f| f.acc).map(f64::from))
+                            .push_bind(c.updated_at);
+                    });
+                    qb.push(
+                        " ON CONFLICT (tenant, id) DO UPDATE SET name = excluded.name, vehicle = excluded.vehicle, \
+                         capacity = excluded.capacity, device_id = excluded.device_id, status = excluded.status, \
+                         on_shift = excluded.on_shift, fix_lat = excluded.fix_lat, fix_lng = excluded.fix_lng, \
+                         fix_ts = excluded.fix_ts, fix_speed = excluded.fix_speed, fix_heading = excluded.fix_heading, \
+                         fix_acc = excluded.fix_acc, updated_at = excluded.updated_at \
+                         WHERE couriers.updated_at <= excluded.updated_at",
+                    );
+                    qb.build().execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            async fn upsert_zones(conn: &mut Conn, zones: &[&ZoneRecord]) -> Result<(), PersistenceError> {
+                for chunk in zones.chunks(200) {
+                    let mut qb = QueryBuilder::<Db>::new("INSERT INTO zones (tenant, id, kind, name, geometry, updated_at) ");
+                    qb.push_values(chunk, |mut b, z| {
+                        b.push_bind(z.tenant.as_str())
+                            .push_bind(z.id.as_str())
+                            .push_bind(z.kind.as_str())
+                            .push_bind(z.name.as_deref())
+                            .push_bind(rows::geometry_wkb(z))
+                            .push_bind(z.updated_at);
+                    });
+                    qb.push(
+                        " ON CONFLICT (tenant, id) DO UPDATE SET kind = excluded.kind, name = excluded.name, \
+                         geometry = excluded.geometry, updated_at = excluded.updated_at",
+                    );
+                    qb.build().execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            async fn insert_events(conn: &mut Conn, events: &[&DomainEvent]) -> Result<(), PersistenceError> {
+                for chunk in events.chunks(MAX_PARAMS / 8) {
+                    let mut qb = QueryBuilder::<Db>::new(
+                        "INSERT INTO events (tenant, entity, entity_id, kind, actor, reason, ts, attrs) ",
+                    );
+                    qb.push_values(chunk, |mut b, e| {
+                        b.push_bind(e.tenant.as_str())
+                            .push_bind(e.entity.as_str())
+                            .push_bind(e.entity_id.as_str())
+                            .push_bind(e.kind.as_str())
+                            .push_bind(e.actor.as_str())
+                            .push_bind(e.reason.as_deref())
+                            .push_bind(e.ts)
+                            .push_bind(rows::attrs_json(e))
+                            .push_unseparated(JSON_IN);
+                    });
+                    qb.build().execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            /// Appends location samples; a sample already stored (same courier and time) is kept.
+            pub(crate) async fn insert_locations(conn: &mut Conn, samples: &[LocationRow<'_>]) -> Result<(), PersistenceError> {
+                for chunk in samples.chunks(MAX_PARAMS / 6) {
+                    let mut qb = QueryBuilder::<Db>::new("INSERT INTO location_history (tenant, courier, ts, lat, lng, speed) ");
+                    qb.push_values(chunk, |mut b, (tenant, courier, s)| {
+                        b.push_bind(*tenant)
+                            .push_bind(*courier)
+                            .push_bind(s.ts)
+                            .push_bind(s.pos.lat)
+                            .push_bind(s.pos.lng)
+                            .push_bind(s.speed.map(f64::from));
+                    });
+                    qb.push(" ON CONFLICT (tenant, courier, ts) DO NOTHING");
+                    qb.build().execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            /// Writes buffered snapshots in one transaction (PostgreSQL uses [`super::pg_bulk`]).
+            #[allow(dead_code)]
+            pub(crate) async fn write_snapshots(
+                pool: &Pool<Db>,
+                couriers: &[&CourierRecord],
+                locations: &[LocationRow<'_>],
+            ) -> Result<(), PersistenceError> {
+                let mut tx = pool.begin().await?;
+                upsert_couriers(&mut tx, couriers).await?;
+                insert_locations(&mut tx, locations).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            /// The naive write path, one autocommitted statement per courier (benchmark baseline).
+            pub(crate) async fn upsert_couriers_one_by_one(pool: &Pool<Db>, couriers: &[CourierRecord]) -> Result<(), PersistenceError> {
+                let mut conn = pool.acquire().await?;
+                for c in couriers {
+                    upsert_couriers(&mut conn, &[c]).await?;
+                }
+                Ok(())
+            }
+
+            pub(crate) async fn load(pool: &Pool<Db>) -> Result<Recovered, PersistenceError> {
+                let couriers: Vec<CourierRow> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COURIER_COLUMNS} FROM couriers")))
+                        .fetch_all(pool)
+                        .await?;
+                let orders: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {ORDER_COLUMNS} FROM orders WHERE state NOT IN {TERMINAL_STATES_SQL}"
+                )))
+                .fetch_all(pool)
+                .await?;
+                let zones: Vec<ZoneRow> =
+                    sqlx::query_as("SELECT tenant, id, kind, name, geometry, updated_at FROM zones")
+                        .fetch_all(pool)
+                        .await?;
+                Ok(Recovered {
+                    couriers: couriers.into_iter().map(CourierRow::into_domain).collect::<Result<_, _>>()?,
+                    open_orders: orders.into_iter().map(OrderRow::into_domain).collect::<Result<_, _>>()?,
+                    zones: zones.into_iter().map(ZoneRow::into_domain).collect::<Result<_, _>>()?,
+                })
+            }
+
+            pub(crate) async fn order(pool: &Pool<Db>, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, PersistenceError> {
+                let row: Option<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {ORDER_COLUMNS} FROM orders WHERE tenant = $1 AND id = $2"
+                )))
+                .bind(tenant.as_str())
+                .bind(id.as_str())
+                .fetch_optional(pool)
+                .await?;
+                row.map(OrderRow::into_domain).transpose()
+            }
+
+            pub(crate) async fn events(pool: &Pool<Db>, q: &EventQuery) -> Result<Vec<StoredEvent>, PersistenceError> {
+                let mut qb = QueryBuilder::<Db>::new(format!(
+                    "SELECT seq, tenant, entity, entity_id, kind, actor, reason, ts, attrs{JSON_OUT} AS attrs \
+                     FROM events WHERE tenant = "
+                ));
+                qb.push_bind(q.tenant.as_str());
+                if let Some((kind, id)) = &q.entity {
+                    qb.push(" AND entity = ").push_bind(kind.as_str());
+                    qb.push(" AND entity_id = ").push_bind(id.as_str());
+                }
+                if let Some(since) = q.since_seq {
+                    qb.push(" AND seq > ").push_bind(since);
+                }
+                qb.push(" ORDER BY seq LIMIT ").push_bind(i64::from(q.limit));
+                let rows: Vec<EventRow> = qb.build_query_as().fetch_all(pool).await?;
+                rows.into_iter()
+                    .map(|r| r.into_domain().map(|(seq, event)| StoredEvent { seq, event }))
+                    .collect()
+            }
+
+            pub(crate) async fn export_locations(
+                pool: &Pool<Db>,
+                tenant: &TenantId,
+                courier: &CourierId,
+                from: i64,
+                to: i64,
+            ) -> Result<Vec<LocationSample>, PersistenceError> {
+                let rows: Vec<rows::LocationRow> = sqlx::query_as(
+                    "SELECT ts, lat, lng, speed FROM location_history \
+                     WHERE tenant = $1 AND courier = $2 AND ts >= $3 AND ts <= $4 ORDER BY ts",
+                )
+                .bind(tenant.as_str())
+                .bind(courier.as_str())
+                .bind(from)
+                .bind(to)
+                .fetch_all(pool)
+                .await?;
+                rows.into_iter().map(rows::LocationRow::into_domain).collect()
+            }
+
+            pub(crate) async fn erase_locations(pool: &Pool<Db>, tenant: &TenantId, courier: &CourierId) -> Result<u64, PersistenceError> {
+                let r = sqlx::query("DELETE FROM location_history WHERE tenant = $1 AND courier = $2")
+                    .bind(tenant.as_str())
+                    .bind(courier.as_str())
+                    .execute(pool)
+                    .await?;
+                Ok(r.rows_affected())
+            }
+
+            /// Deletes one batch of history older than `before` for every tenant (the retention
+            /// job runs across tenants; the index on `ts` serves both parts): every sample up to
+            /// the `batch + 1`-th oldest one (more than `batch` rows, with ties), or all of them
+            /// when no more than `batch` are left. The caller repeats while more than `batch`
+            /// rows went, so a large backlog is deleted in short statements.
+            pub(crate) async fn purge_locations(pool: &Pool<Db>, before: i64, batch: i64) -> Result<u64, PersistenceError> {
+                let r = sqlx::query(
+                    "DELETE FROM location_history WHERE ts < $1 AND ts <= COALESCE(\
+                     (SELECT ts FROM location_history WHERE ts < $1 ORDER BY ts LIMIT 1 OFFSET $2), $1)",
+                )
+                .bind(before)
+                .bind(batch)
+                .execute(pool)
+                .await?;
+                Ok(r.rows_affected())
+            }
+
+            pub(crate) async fn ping(pool: &Pool<Db>) -> Result<(), PersistenceError> {
+                sqlx::query("SELECT 1").execute(pool).await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+backend_ops!(pg, sqlx::Postgres, json_in = "::json", json_out = "::text");
+backend_ops!(sqlite, sqlx::Sqlite, json_in = "", json_out = "");
+
+/// PostgreSQL bulk writes with `UNNEST`: one statement per table whatever the row count, with
+/// one array parameter per column (no bind-limit chunking, one plan). Used by the snapshot
+/// flusher, whose batches are the big ones.
+pub(crate) mod pg_bulk {
+    use hexfleet_actors::domain::CourierRecord;
+    use sqlx::{PgConnection, PgPool};
+
+    use super::LocationRow;
+    use crate::error::PersistenceError;
+
+    /// Upserts couriers; an older snapshot (by `updated_at`) never overwrites a newer one.
+    pub(crate) async fn upsert_couriers(conn: &mut PgConnection, couriers: &[&CourierRecord]) -> Result<(), PersistenceError> {
+        if couriers.is_empty() {
+            return Ok(());
+        }
+        let n = couriers.len();
+        let mut tenant = Vec::with_capacity(n);
+        let mut id = Vec::with_capacity(n);
+        let mut name = Vec::with_capacity(n);
+        let mut vehicle = Vec::with_capacity(n);
+        let mut capacity = Vec::with_capacity(n);
+        let mut device_id = Vec::with_capacity(n);
+        let mut status = Vec::with_capacity(n);
+        let mut on_shift = Vec::with_capacity(n);
+        let mut fix_lat = Vec::with_capacity(n);
+        let mut fix_lng = Vec::with_capacity(n);
+        let mut fix_ts = Vec::with_capacity(n);
+        let mut fix_speed = Vec::with_capacity(n);
+        let mut fix_heading = Vec::with_capacity(n);
+        let mut fix_acc = Vec::with_capacity(n);
+        let mut updated_at = Vec::with_capacity(n);
+        for c in couriers {
+            let f = c.last_fix.as_ref();
+            tenant.push(c.tenant.as_str());
+            id.push(c.id.as_str());
+            name.push(c.name.as_deref());
+            vehicle.push(c.vehicle.as_str());
+            capacity.push(i64::from(c.capacity));
+            device_id.push(c.device_id.as_deref());
+            status.push(c.status.as_str());
+            on_shift.push(c.on_shift);
+            fix_lat.push(f.map(|f| f.pos.lat));
+            fix_lng.push(f.map(|f| f.pos.lng));
+            fix_ts.push(f.map(|f| f.ts));
+            fix_speed.push(f.and_then(|f| f.speed).map(f64::from));
+            fix_heading.push(f.and_then(|f| f.heading).map(f64::from));
+            fix_acc.push(f.and_then(|f| f.acc).map(f64::from));
+            updated_at.push(c.updated_at);
+        }
+        sqlx::query(
+            "INSERT INTO couriers (tenant, id, name, vehicle, capacity, device_id, status, on_shift, \
+             fix_lat, fix_lng, fix_ts, fix_speed, fix_heading, fix_acc, updated_at) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], \
+             $7::text[], $8::bool[], $9::float8[], $10::float8[], $11::int8[], $12::float8[], $13::float8[], \
+             $14::float8[], $15::int8[]) \
+             ON CONFLICT (tenant, id) DO UPDATE SET name = excluded.name, vehicle = excluded.vehicle, \
+             capacity = excluded.capacity, device_id = excluded.device_id, status = excluded.status, \
+             on_shift = excluded.on_shift, fix_lat = excluded.fix_lat, fix_lng = excluded.fix_lng, \
+             fix_ts = excluded.fix_ts, fix_speed = excluded.fix_speed, fix_heading = excluded.fix_heading, \
+             fix_acc = excluded.fix_acc, updated_at = excluded.updated_at \
+             WHERE couriers.updated_at <= excluded.updated_at",
+        )
+        .bind(tenant)
+        .bind(id)
+        .bind(name)
+        .bind(vehicle)
+        .bind(capacity)
+        .bind(device_id)
+        .bind(status)
+        .bind(on_shift)
+        .bind(fix_lat)
+        .bind(fix_lng)
+        .bind(fix_ts)
+        .bind(fix_speed)
+        .bind(fix_heading)
+        .bind(fix_acc)
+        .bind(updated_at)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends location samples; a sample already stored (same courier and time) is kept.
+    pub(crate) async fn insert_locations(conn: &mut PgConnection, samples: &[LocationRow<'_>]) -> Result<(), PersistenceError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let n = samples.len();
+        let (mut tenant, mut courier, mut ts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut lat, mut lng, mut speed) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for (t, c, s) in samples {
+            tenant.push(*t);
+            courier.push(*c);
+            ts.push(s.ts);
+            lat.push(s.pos.lat);
+            lng.push(s.pos.lng);
+            speed.push(s.speed.map(f64::from));
+        }
+        sqlx::query(
+            "INSERT INTO location_history (tenant, courier, ts, lat, lng, speed) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::float8[], $5::float8[], $6::float8[]) \
+             ON CONFLICT (tenant, courier, ts) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(courier)
+        .bind(ts)
+        .bind(lat)
+        .bind(lng)
+        .bind(speed)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Writes buffered snapshots in one transaction.
+    pub(crate) async fn write_snapshots(
+        pool: &PgPool,
+        couriers: &[&CourierRecord],
+        locations: &[LocationRow<'_>],
+    ) -> Result<(), PersistenceError> {
+        let mut tx = pool.begin().await?;
+        upsert_couriers(&mut tx, couriers).await?;
+        insert_locations(&mut tx, locations).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

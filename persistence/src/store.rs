@@ -1,0 +1,280 @@
+//! [`SqlStore`]: the sqlx implementation of the actors' [`Store`] port, tying together the pool
+//! ([`crate::db`]), the statements ([`crate::ops`]) and the write path ([`crate::writer`]).
+//!
+//! Reads go straight to the pool. Durable writes go through the group-commit writer task;
+//! courier snapshots and location samples go into the bounded [`SnapshotBuffer`] that the
+//! flusher task writes out every `snapshot_flush`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hexfleet_actors::domain::{CourierId, CourierRecord, LocationSample, Ms, Order, OrderId, TenantId};
+use hexfleet_actors::store::{EventQuery, Recovered, Store, StoreError, StoredEvent, Write};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::db::Db;
+use crate::error::PersistenceError;
+use crate::options::StoreOptions;
+use crate::writer::{self, CommitReq, Counters, SnapshotBuffer};
+
+/// State shared by the store handle, the writer and the flusher.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) db: Db,
+    pub(crate) opts: StoreOptions,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) snapshots: parking_lot::Mutex<SnapshotBuffer>,
+    /// Serializes flushes (the periodic one and explicit `flush` calls), so rows of one courier
+    /// are never written by two transactions racing each other.
+    pub(crate) flush_lock: tokio::sync::Mutex<()>,
+    commits: mpsc::Sender<CommitReq>,
+    /// Set by [`SqlStore::close`]; later durable writes fail at once.
+    closed: AtomicBool,
+}
+
+impl Inner {
+    /// Whether [`SqlStore::close`] has run (the flusher stops then).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// A [`Store`] on PostgreSQL or SQLite. Cheap to clone (one shared handle); the writer and
+/// flusher tasks stop when the last clone is dropped or [`SqlStore::close`] is called.
+#[derive(Clone, Debug)]
+pub struct SqlStore {
+    inner: Arc<Inner>,
+}
+
+/// A point-in-time view of the store's write-path counters (monotonic since open) and buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// `commit` calls that became durable.
+    pub commits: u64,
+    /// Transactions the group-commit writer ran (fewer than `commits` when grouping works).
+    pub commit_transactions: u64,
+    /// `commit` calls answered with an error by the writer.
+    pub commit_failures: u64,
+    /// Snapshot flushes that wrote something.
+    pub snapshot_flushes: u64,
+    /// Courier snapshot rows written.
+    pub courier_rows: u64,
+    /// Location samples written.
+    pub location_rows: u64,
+    /// Rows the database refused one by one and that were dropped.
+    pub dropped_rows: u64,
+    /// Flushes that failed because the database was unreachable (rows were kept).
+    pub flush_failures: u64,
+    /// Courier snapshots waiting for the next flush.
+    pub buffered_couriers: usize,
+    /// Location samples waiting for the next flush.
+    pub buffered_locations: usize,
+}
+
+impl SqlStore {
+    /// Opens the database named by `url` (PostgreSQL for `postgres://` / `postgresql://`,
+    /// otherwise SQLite: a `sqlite:` URL or a plain file path, created if missing), applies the
+    /// migrations and starts the writer and flusher tasks. Must be called inside a Tokio runtime.
+    pub async fn open(url: &str, opts: StoreOptions) -> Result<SqlStore, PersistenceError> {
+        let opts = opts.normalized();
+        let db = Db::open(url, &opts).await?;
+        db.migrate().await?;
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(opts.queue_capacity);
+        tokio::spawn(writer::run_writer(db.clone(), rx, counters.clone(), opts.clone()));
+        let inner = Arc::new(Inner {
+            db,
+            opts: opts.clone(),
+            counters,
+            snapshots: parking_lot::Mutex::new(SnapshotBuffer::default()),
+            flush_lock: tokio::sync::Mutex::new(()),
+            commits: tx,
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(writer::run_flusher(Arc::downgrade(&inner), opts.snapshot_flush));
+        tracing::info!(backend = inner.db.backend(), "store opened");
+        Ok(SqlStore { inner })
+    }
+
+    /// `"postgres"` or `"sqlite"`.
+    pub fn backend(&self) -> &'static str {
+        self.inner.db.backend()
+    }
+
+    /// The options in effect (after clamping).
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.opts
+    }
+
+    /// The write-path counters and buffer sizes.
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.inner.counters;
+        let (buffered_couriers, buffered_locations) = self.inner.snapshots.lock().len();
+        StoreStats {
+            commits: c.commits.load(Ordering::Relaxed),
+            commit_transactions: c.commit_transactions.load(Ordering::Relaxed),
+            commit_failures: c.commit_failures.load(Ordering::Relaxed),
+            snapshot_flushes: c.snapshot_flushes.load(Ordering::Relaxed),
+            courier_rows: c.courier_rows.load(Ordering::Relaxed),
+            location_rows: c.location_rows.load(Ordering::Relaxed),
+            dropped_rows: c.dropped_rows.load(Ordering::Relaxed),
+            flush_failures: c.flush_failures.load(Ordering::Relaxed),
+            buffered_couriers,
+            buffered_locations,
+        }
+    }
+
+    /// The shutdown path: waits for every queued commit, writes out buffered snapshots, then
+    /// closes the pool. Durable writes after this fail with `Unavailable`. Returns the flush
+    /// error if the database could not take the buffered rows (they are lost then).
+    pub async fn close(&self) -> Result<(), PersistenceError> {
+        let drained = self.drain_commits().await;
+        self.inner.closed.store(true, Ordering::Release);
+        let flushed = writer::flush_snapshots(&self.inner).await;
+        self.inner.db.close().await;
+        tracing::info!(backend = self.backend(), "store closed");
+        drained.and(flushed)
+    }
+
+    /// The naive write path, one autocommitted upsert per courier; kept for the batched vs
+    /// one-by-one benchmark only.
+    #[doc(hidden)]
+    pub async fn upsert_couriers_one_by_one(&self, couriers: &[CourierRecord]) -> Result<(), PersistenceError> {
+        match &self.inner.db {
+            Db::Pg(p) => crate::ops::pg::upsert_couriers_one_by_one(p, couriers).await,
+            Db::Sqlite(p) => crate::ops::sqlite::upsert_couriers_one_by_one(p, couriers).await,
+        }
+    }
+
+    /// Waits until every commit queued before this call has been answered (an empty request
+    /// travels through the FIFO queue behind them).
+    async fn drain_commits(&self) -> Result<(), PersistenceError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .commits
+            .send(CommitReq { writes: Vec::new(), reply })
+            .await
+            .map_err(|_| PersistenceError::WriterStopped)?;
+        rx.await.map_err(|_| PersistenceError::WriterStopped)?.map_err(|_| PersistenceError::WriterStopped)
+    }
+
+    /// Bounds a read by the statement timeout, so a half-open connection cannot hang a caller.
+    async fn read<T>(
+        &self,
+        fut: impl Future<Output = Result<T, PersistenceError>>,
+    ) -> Result<T, StoreError> {
+        let limit: Duration = self.inner.opts.statement_timeout;
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(PersistenceError::Timeout(limit).into()),
+        }
+    }
+}
+
+/// Runs the same call on whichever backend the store has.
+macro_rules! on_backend {
+    ($db:expr, $f:ident ( $($arg:expr),* )) => {
+        match $db {
+            Db::Pg(p) => crate::ops::pg::$f(p, $($arg),*).await,
+            Db::Sqlite(p) => crate::ops::sqlite::$f(p, $($arg),*).await,
+        }
+    };
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(PersistenceError::WriterStopped.into());
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.inner.commits.try_send(CommitReq { writes: batch, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StoreError::Backpressure,
+            mpsc::error::TrySendError::Closed(_) => PersistenceError::WriterStopped.into(),
+        })?;
+        rx.await.map_err(|_| StoreError::from(PersistenceError::WriterStopped))?
+    }
+
+    fn snapshot_couriers(&self, couriers: Vec<CourierRecord>) -> Result<(), StoreError> {
+        if couriers.is_empty() {
+            return Ok(());
+        }
+        let cap = self.inner.opts.snapshot_capacity;
+        self.inner.snapshots.lock().push_couriers(couriers, cap).map_err(StoreError::from)
+    }
+
+    fn record_locations(&self, tenant: &TenantId, courier: &CourierId, samples: Vec<LocationSample>)
+        -> Result<(), StoreError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let cap = self.inner.opts.snapshot_capacity;
+        self.inner.snapshots.lock().push_locations(tenant, courier, samples, cap).map_err(StoreError::from)
+    }
+
+    async fn load(&self) -> Result<Recovered, StoreError> {
+        // Loading 100k couriers and 50k orders takes longer than one statement timeout may
+        // allow; it runs once at start, so it is bounded by a generous multiple.
+        let limit = self.inner.opts.statement_timeout * 12;
+        let fut = async { on_backend!(&self.inner.db, load()) };
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(PersistenceError::Timeout(limit).into()),
+        }
+    }
+
+    async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError> {
+        self.read(async { on_backend!(&self.inner.db, order(tenant, id)) }).await
+    }
+
+    async fn events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(async { on_backend!(&self.inner.db, events(&query)) }).await
+    }
+
+    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms)
+        -> Result<Vec<LocationSample>, StoreError> {
+        self.read(async { on_backend!(&self.inner.db, export_locations(tenant, courier, from, to)) }).await
+    }
+
+    async fn erase_locations(&self, tenant: &TenantId, courier: &CourierId) -> Result<u64, StoreError> {
+        // Samples still buffered for this courier are erased too, or the next flush would bring
+        // them back; holding the flush lock keeps a flush in progress from writing them after
+        // the delete.
+        let _no_flush = self.inner.flush_lock.lock().await;
+        self.inner.snapshots.lock().erase_locations(tenant, courier);
+        self.read(async { on_backend!(&self.inner.db, erase_locations(tenant, courier)) }).await
+    }
+
+    /// In batches of about [`StoreOptions::purge_batch`] rows, each its own statement under the
+    /// statement timeout: one DELETE of a large backlog would outlast the timeout on every run
+    /// (and never finish), and on SQLite it would hold the write lock that commits wait for.
+    /// On an error the batches already deleted stay deleted (the count is lost).
+    async fn purge_locations(&self, before: Ms) -> Result<u64, StoreError> {
+        let batch = i64::try_from(self.inner.opts.purge_batch).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let n = self.read(async { on_backend!(&self.inner.db, purge_locations(before, batch)) }).await?;
+            total += n;
+            if n <= batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(async { on_backend!(&self.inner.db, ping()) }).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.drain_commits().await?;
+        writer::flush_snapshots(&self.inner).await.map_err(StoreError::from)
+    }
+}

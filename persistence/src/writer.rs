@@ -1,0 +1,324 @@
+//! The write path: the group-commit writer task and the snapshot buffer with its flusher.
+//!
+//! - **Group commit.** `commit` sends its batch into a bounded queue and awaits a oneshot. One
+//!   writer task takes the first waiting request plus everything queued behind it (up to
+//!   `max_group`), applies them all in a single transaction and answers every caller. While a
+//!   transaction runs, new requests pile up and form the next group, so under load the cost of
+//!   one durable commit is shared by many callers. If a group fails because the database
+//!   refused a statement (not because it is unreachable), each request is retried in its own
+//!   transaction so one bad batch fails alone.
+//! - **Snapshots.** Courier snapshots (latest per courier wins) and location samples wait in a
+//!   bounded in-memory buffer and are written every `snapshot_flush` as multi-row statements in
+//!   one transaction. A failed flush puts the rows back (newer snapshots win) and retries with
+//!   backoff; rows the database refuses individually are dropped and counted, so one bad row
+//!   cannot wedge the buffer.
+//! - **Outages.** Every database call of the writer and the flusher is bounded by
+//!   `statement_timeout`, and acquiring a connection by `acquire_timeout`: a dead database
+//!   makes `commit` fail with `Unavailable` instead of hanging. Requests that queued up while
+//!   a failing attempt waited fail with it, so a caller waits at most about two attempts. The
+//!   pool opens new connections when the database is back; nothing else needs to reconnect.
+//!
+//! Architecture invariant: only the writer task appends to `events`, one transaction at a
+//! time, so event `seq` numbers become visible in increasing order (on one node).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use hexfleet_actors::domain::{CourierId, CourierRecord, LocationSample, TenantId};
+use hexfleet_actors::store::{StoreError, Write};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::db::Db;
+use crate::error::PersistenceError;
+use crate::ops::{LocationRow, Reduced};
+use crate::options::StoreOptions;
+use crate::store::Inner;
+
+/// One caller's batch waiting for the writer.
+pub(crate) struct CommitReq {
+    pub writes: Vec<Write>,
+    pub reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Counters of the write path (monotonic).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub commits: AtomicU64,
+    pub commit_transactions: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub snapshot_flushes: AtomicU64,
+    pub courier_rows: AtomicU64,
+    pub location_rows: AtomicU64,
+    pub dropped_rows: AtomicU64,
+    pub flush_failures: AtomicU64,
+}
+
+/// The error every caller of a failed group sees (the source is shared).
+#[derive(Debug, thiserror::Error)]
+#[error("group commit failed")]
+struct GroupFailed(#[source] Arc<PersistenceError>);
+
+/// Runs the group-commit writer until every sender is gone.
+pub(crate) async fn run_writer(db: Db, mut rx: mpsc::Receiver<CommitReq>, counters: Arc<Counters>, opts: StoreOptions) {
+    let mut group: Vec<CommitReq> = Vec::with_capacity(opts.max_group);
+    while let Some(first) = rx.recv().await {
+        group.push(first);
+        while group.len() < opts.max_group {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        if group.iter().all(|r| r.writes.is_empty()) {
+            // Only barriers (`flush` / `close` waiting for the queue to drain): nothing to write.
+            for r in group.drain(..) {
+                let _ = r.reply.send(Ok(()));
+            }
+            continue;
+        }
+        let result = commit_group(&db, group.iter().flat_map(|r| r.writes.iter()), opts.statement_timeout).await;
+        counters.commit_transactions.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                counters.commits.fetch_add(group.len() as u64, Ordering::Relaxed);
+                for r in group.drain(..) {
+                    let _ = r.reply.send(Ok(()));
+                }
+            }
+            Err(e) if e.is_connectivity() || group.len() == 1 => {
+                let connectivity = e.is_connectivity();
+                let e = Arc::new(e);
+                let fail = |r: CommitReq| {
+                    // A barrier only waits for the requests before it to be answered.
+                    let res = if r.writes.is_empty() {
+                        Ok(())
+                    } else {
+                        counters.commit_failures.fetch_add(1, Ordering::Relaxed);
+                        Err(StoreError::Unavailable(Box::new(GroupFailed(e.clone()))))
+                    };
+                    let _ = r.reply.send(res);
+                };
+                let mut failed = group.len();
+                group.drain(..).for_each(fail);
+                if connectivity {
+                    // Fail fast: whatever queued up while this attempt waited for the database
+                    // fails with it, instead of each later group waiting out its own timeout.
+                    while let Ok(r) = rx.try_recv() {
+                        failed += 1;
+                        fail(r);
+                    }
+                }
+                tracing::warn!(error = %e, requests = failed, "group commit failed");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, requests = group.len(), "group commit refused, retrying requests one by one");
+                for r in group.drain(..) {
+                    let res = commit_group(&db, r.writes.iter(), opts.statement_timeout).await;
+                    counters.commit_transactions.fetch_add(1, Ordering::Relaxed);
+                    match res {
+                        Ok(()) => counters.commits.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => counters.commit_failures.fetch_add(1, Ordering::Relaxed),
+                    };
+                    let _ = r.reply.send(res.map_err(StoreError::from));
+                }
+            }
+        }
+    }
+    tracing::debug!("store writer stopped");
+}
+
+async fn commit_group<'a>(
+    db: &Db,
+    writes: impl Iterator<Item = &'a Write>,
+    limit: Duration,
+) -> Result<(), PersistenceError> {
+    let reduced = Reduced::new(writes);
+    let fut = async {
+        match db {
+            Db::Pg(p) => crate::ops::pg::commit(p, &reduced).await,
+            Db::Sqlite(p) => crate::ops::sqlite::commit(p, &reduced).await,
+        }
+    };
+    tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))?
+}
+
+/// Courier snapshots and location samples waiting for the next flush.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotBuffer {
+    couriers: HashMap<(TenantId, CourierId), CourierRecord>,
+    locations: Vec<(TenantId, CourierId, LocationSample)>,
+}
+
+impl SnapshotBuffer {
+    /// Adds snapshots (all or none); an older snapshot of a courier never replaces a newer one.
+    pub(crate) fn push_couriers(&mut self, couriers: Vec<CourierRecord>, cap: usize) -> Result<(), PersistenceError> {
+        let new_keys = couriers
+            .iter()
+            .filter(|c| !self.couriers.contains_key(&(c.tenant.clone(), c.id.clone())))
+            .count();
+        if self.couriers.len() + new_keys > cap {
+            return Err(PersistenceError::Backpressure);
+        }
+        for c in couriers {
+            self.keep_newest(c);
+        }
+        Ok(())
+    }
+
+    fn keep_newest(&mut self, c: CourierRecord) {
+        match self.couriers.entry((c.tenant.clone(), c.id.clone())) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if c.updated_at >= e.get().updated_at {
+                    e.insert(c);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(c);
+            }
+        }
+    }
+
+    /// Adds location samples (all or none).
+    pub(crate) fn push_locations(
+        &mut self,
+        tenant: &TenantId,
+        courier: &CourierId,
+        samples: Vec<LocationSample>,
+        cap: usize,
+    ) -> Result<(), PersistenceError> {
+        if self.locations.len() + samples.len() > cap {
+            return Err(PersistenceError::Backpressure);
+        }
+        self.locations.extend(samples.into_iter().map(|s| (tenant.clone(), courier.clone(), s)));
+        Ok(())
+    }
+
+    /// Drops buffered samples of one courier (privacy erase).
+    pub(crate) fn erase_locations(&mut self, tenant: &TenantId, courier: &CourierId) {
+        self.locations.retain(|(t, c, _)| !(t == tenant && c == courier));
+    }
+
+    pub(crate) fn len(&self) -> (usize, usize) {
+        (self.couriers.len(), self.locations.len())
+    }
+
+    fn take(&mut self) -> (Vec<CourierRecord>, Vec<(TenantId, CourierId, LocationSample)>) {
+        (std::mem::take(&mut self.couriers).into_values().collect(), std::mem::take(&mut self.locations))
+    }
+
+    /// Puts rows of a failed flush back in front of what arrived meanwhile. May exceed the
+    /// capacity: rows once accepted are never dropped for lack of room.
+    fn put_back(&mut self, couriers: Vec<CourierRecord>, mut locations: Vec<(TenantId, CourierId, LocationSample)>) {
+        for c in couriers {
+            self.keep_newest(c);
+        }
+        locations.append(&mut self.locations);
+        self.locations = locations;
+    }
+}
+
+fn loc_rows(v: &[(TenantId, CourierId, LocationSample)]) -> Vec<LocationRow<'_>> {
+    v.iter().map(|(t, c, s)| (t.as_str(), c.as_str(), s)).collect()
+}
+
+async fn write_snapshots(
+    db: &Db,
+    couriers: &[CourierRecord],
+    locations: &[(TenantId, CourierId, LocationSample)],
+    limit: Duration,
+) -> Result<(), PersistenceError> {
+    let couriers: Vec<&CourierRecord> = couriers.iter().collect();
+    let locations = loc_rows(locations);
+    let fut = async {
+        match db {
+            Db::Pg(p) => crate::ops::pg_bulk::write_snapshots(p, &couriers, &locations).await,
+            Db::Sqlite(p) => crate::ops::sqlite::write_snapshots(p, &couriers, &locations).await,
+        }
+    };
+    tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))?
+}
+
+/// Writes out everything buffered. Serialized by the caller (`Inner::flush_lock`).
+pub(crate) async fn flush_snapshots(inner: &Inner) -> Result<(), PersistenceError> {
+    let _serial = inner.flush_lock.lock().await;
+    let (couriers, locations) = inner.snapshots.lock().take();
+    if couriers.is_empty() && locations.is_empty() {
+        return Ok(());
+    }
+    let limit = inner.opts.statement_timeout;
+    let c = &inner.counters;
+    match write_snapshots(&inner.db, &couriers, &locations, limit).await {
+        Ok(()) => {
+            c.snapshot_flushes.fetch_add(1, Ordering::Relaxed);
+            c.courier_rows.fetch_add(couriers.len() as u64, Ordering::Relaxed);
+            c.location_rows.fetch_add(locations.len() as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) if e.is_connectivity() => {
+            c.flush_failures.fetch_add(1, Ordering::Relaxed);
+            inner.snapshots.lock().put_back(couriers, locations);
+            Err(e)
+        }
+        Err(e) => {
+            // The database refused something in the batch: write row by row and drop only the
+            // rows it refuses.
+            tracing::warn!(error = %e, "snapshot flush refused, writing row by row");
+            let mut couriers = couriers.into_iter();
+            while let Some(one) = couriers.next() {
+                match write_snapshots(&inner.db, std::slice::from_ref(&one), &[], limit).await {
+                    Ok(()) => {
+                        c.courier_rows.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if e.is_connectivity() => {
+                        let rest: Vec<_> = std::iter::once(one).chain(couriers).collect();
+                        inner.snapshots.lock().put_back(rest, locations);
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, tenant = %one.tenant, courier = %one.id, "dropping courier snapshot the database refuses");
+                        c.dropped_rows.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            for (i, one) in locations.iter().enumerate() {
+                match write_snapshots(&inner.db, &[], std::slice::from_ref(one), limit).await {
+                    Ok(()) => {
+                        c.location_rows.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if e.is_connectivity() => {
+                        inner.snapshots.lock().put_back(Vec::new(), locations[i..].to_vec());
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, tenant = %one.0, courier = %one.1, "dropping location sample the database refuses");
+                        c.dropped_rows.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            c.snapshot_flushes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+}
+
+/// Flushes every `snapshot_flush` while the store lives and is not closed (snapshots enqueued
+/// after `close` are never written, like those of a crash); after a failure it waits with
+/// exponential backoff (up to 2 s) before the next attempt.
+pub(crate) async fn run_flusher(inner: Weak<Inner>, every: Duration) {
+    let max_backoff = Duration::from_secs(2);
+    let mut wait = every;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(inner) = inner.upgrade().filter(|i| !i.is_closed()) else { break };
+        match flush_snapshots(&inner).await {
+            Ok(()) => wait = every,
+            Err(e) => {
+                wait = (wait * 2).min(max_backoff);
+                tracing::warn!(error = %e, retry_in = ?wait, "snapshot flush failed; rows kept");
+            }
+        }
+    }
+    tracing::debug!("snapshot flusher stopped");
+}

@@ -1,0 +1,535 @@
+//! The storage suite: every test body runs against a fresh SQLite file and a fresh PostgreSQL
+//! database (see `common`), so both backends are held to the same behaviour.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Ctx, Kind, Proxy, courier, event, full_order, new_order, zone};
+use hexfleet_actors::domain::{
+    CourierId, EntityKind, LocationSample, OrderId, OrderState, TenantId, ZoneId,
+};
+use hexfleet_actors::store::{EventQuery, Store, StoreError, Write};
+use hexfleet_persistence::{SqlStore, StoreOptions};
+
+/// Generates `mod $name { sqlite(), postgres() }`, each running the async fn `$name(Ctx)`.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                crate::common::run(crate::common::Kind::Sqlite, super::$name).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                crate::common::run(crate::common::Kind::Postgres, super::$name).await;
+            }
+        }
+    )*};
+}
+
+both_backends!(
+    order_round_trip,
+    commit_is_atomic,
+    group_commit,
+    restart_recovers_everything,
+    event_log_filters,
+    location_history,
+    purge_in_batches,
+    courier_snapshots_latest_wins,
+    zone_geometry_round_trip,
+    snapshot_backpressure,
+    migrate_is_idempotent,
+);
+
+fn t(s: &str) -> TenantId {
+    TenantId::new(s)
+}
+
+async fn order_round_trip(ctx: Ctx) {
+    let store = ctx.open().await;
+    let o = full_order("t1", "o1");
+    store.commit(vec![Write::Order(o.clone())]).await.unwrap();
+    assert_eq!(store.order(&t("t1"), &OrderId::new("o1")).await.unwrap(), Some(o.clone()));
+    // Tenant scoping: same id, other tenant.
+    assert_eq!(store.order(&t("t2"), &OrderId::new("o1")).await.unwrap(), None);
+    let mut other = new_order("t2", "o1", 5);
+    other.state = OrderState::Assigned;
+    store.commit(vec![Write::Order(other.clone())]).await.unwrap();
+    assert_eq!(store.order(&t("t1"), &OrderId::new("o1")).await.unwrap(), Some(o.clone()));
+    assert_eq!(store.order(&t("t2"), &OrderId::new("o1")).await.unwrap(), Some(other));
+
+    // An older version never overwrites a newer one.
+    let mut stale = o.clone();
+    stale.version = 1;
+    stale.state = OrderState::Created;
+    store.commit(vec![Write::Order(stale)]).await.unwrap();
+    assert_eq!(store.order(&t("t1"), &OrderId::new("o1")).await.unwrap(), Some(o.clone()));
+
+    // Terminal orders are readable but not recovered.
+    let mut done = o.clone();
+    done.state = OrderState::Delivered;
+    done.offer = None;
+    done.version = 7;
+    store.commit(vec![Write::Order(done.clone())]).await.unwrap();
+    assert_eq!(store.order(&t("t1"), &OrderId::new("o1")).await.unwrap(), Some(done));
+    let rec = store.load().await.unwrap();
+    assert_eq!(rec.open_orders.len(), 1, "{:?}", rec.open_orders);
+    assert_eq!(rec.open_orders[0].tenant, t("t2"));
+    store.close().await.unwrap();
+}
+
+/// Installs a trigger that makes the database refuse any event of kind `test.fail`.
+async fn install_failing_trigger(ctx: &Ctx) {
+    match ctx.kind {
+        Kind::Postgres => {
+            ctx.exec(
+                "CREATE FUNCTION refuse_test_fail() RETURNS trigger AS $$ BEGIN \
+                   IF NEW.kind = 'test.fail' THEN RAISE EXCEPTION 'refused by test trigger'; END IF; \
+                   RETURN NEW; END $$ LANGUAGE plpgsql; \
+                 CREATE TRIGGER refuse_test_fail BEFORE INSERT ON events \
+                   FOR EACH ROW EXECUTE FUNCTION refuse_test_fail();",
+            )
+            .await
+        }
+        Kind::Sqlite => {
+            ctx.exec(
+                "CREATE TRIGGER refuse_test_fail BEFORE INSERT ON events \
+                 WHEN NEW.kind = 'test.fail' BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END;",
+            )
+            .await
+        }
+    }
+}
+
+async fn commit_is_atomic(ctx: Ctx) {
+    let store = ctx.open().await;
+    install_failing_trigger(&ctx).await;
+    let bad = vec![
+        Write::Order(new_order("t1", "o-bad", 1)),
+        Write::Courier(courier("t1", "c-bad", 1, 52.5)),
+        Write::Zone(zone("t1", "z-bad")),
+        Write::Event(event("t1", EntityKind::Order, "o-bad", "order.created", 1)),
+        Write::Event(event("t1", EntityKind::Order, "o-bad", "test.fail", 1)),
+    ];
+    let err = store.commit(bad).await.expect_err("the trigger refuses the batch");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert_eq!(store.order(&t("t1"), &OrderId::new("o-bad")).await.unwrap(), None);
+    let rec = store.load().await.unwrap();
+    assert!(rec.couriers.is_empty() && rec.zones.is_empty() && rec.open_orders.is_empty(), "{rec:?}");
+    let q = EventQuery { tenant: t("t1"), entity: None, since_seq: None, limit: 100 };
+    assert!(store.events(q).await.unwrap().is_empty());
+
+    // A refused batch inside a group fails alone; the others of its group are committed.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let kind = if i == 17 { "test.fail" } else { "order.created" };
+            let id = format!("o{i}");
+            s.commit(vec![Write::Order(new_order("t1", &id, i)), Write::Event(event("t1", EntityKind::Order, &id, kind, i))])
+                .await
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let res = task.await.unwrap();
+        let present = store.order(&t("t1"), &OrderId::new(format!("o{i}"))).await.unwrap().is_some();
+        if i == 17 {
+            assert!(res.is_err() && !present, "batch 17 must fail alone");
+        } else {
+            assert!(res.is_ok() && present, "batch {i}: {res:?}");
+        }
+    }
+    store.close().await.unwrap();
+}
+
+async fn group_commit(ctx: Ctx) {
+    let store = ctx.open().await;
+    let n = 300;
+    let before = store.stats();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("g{i}");
+            s.commit(vec![
+                Write::Order(new_order("t1", &id, i)),
+                Write::Event(event("t1", EntityKind::Order, &id, "order.created", i)),
+            ])
+            .await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let after = store.stats();
+    let commits = after.commits - before.commits;
+    let txs = after.commit_transactions - before.commit_transactions;
+    eprintln!("{:?}: {commits} commits in {txs} transactions", ctx.kind);
+    assert_eq!(commits, n as u64);
+    assert!(txs < commits, "group commit should merge concurrent commits: {txs} transactions for {commits} commits");
+    store.close().await.unwrap();
+
+    // Durable: a new store on the same database sees all of them.
+    let store = ctx.open().await;
+    let rec = store.load().await.unwrap();
+    assert_eq!(rec.open_orders.len(), n as usize);
+    let q = EventQuery { tenant: t("t1"), entity: None, since_seq: None, limit: 10_000 };
+    let evs = store.events(q).await.unwrap();
+    assert_eq!(evs.len(), n as usize);
+    assert!(evs.windows(2).all(|w| w[0].seq < w[1].seq));
+    store.close().await.unwrap();
+}
+
+async fn restart_recovers_everything(ctx: Ctx) {
+    let store = ctx.open().await;
+    let o1 = full_order("t1", "o1");
+    let mut o2 = new_order("t2", "o2", 10);
+    o2.state = OrderState::PickedUp;
+    o2.courier = Some(CourierId::new("c1"));
+    let c_committed = courier("t1", "c1", 100, 52.5);
+    let z = zone("t1", "z1");
+    store
+        .commit(vec![
+            Write::Order(o1.clone()),
+            Write::Order(o2.clone()),
+            Write::Courier(c_committed),
+            Write::Zone(z.clone()),
+            Write::Zone(zone("t1", "z-gone")),
+            Write::Event(event("t1", EntityKind::Order, "o1", "order.created", 1)),
+        ])
+        .await
+        .unwrap();
+    store.commit(vec![Write::DeleteZone { tenant: t("t1"), id: ZoneId::new("z-gone") }]).await.unwrap();
+    // A newer snapshot of c1 and a snapshot-only courier, written by close's flush.
+    let c1_new = courier("t1", "c1", 200, 52.6);
+    let c2 = courier("t2", "c2", 150, 48.1);
+    store.snapshot_couriers(vec![c1_new.clone(), c2.clone()]).unwrap();
+    store.close().await.unwrap();
+    assert!(store.commit(vec![Write::Order(new_order("t1", "late", 1))]).await.is_err(), "closed store refuses commits");
+
+    let store = ctx.open().await;
+    let mut rec = store.load().await.unwrap();
+    rec.couriers.sort_by(|a, b| a.id.cmp(&b.id));
+    rec.open_orders.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(rec.couriers, vec![c1_new, c2]);
+    assert_eq!(rec.open_orders, vec![o1, o2]);
+    assert_eq!(rec.zones, vec![z]);
+    let q = EventQuery { tenant: t("t1"), entity: None, since_seq: None, limit: 10 };
+    assert_eq!(store.events(q).await.unwrap().len(), 1);
+    store.close().await.unwrap();
+}
+
+async fn event_log_filters(ctx: Ctx) {
+    let store = ctx.open().await;
+    let e = |tenant, entity, id, kind, ts| Write::Event(event(tenant, entity, id, kind, ts));
+    store
+        .commit(vec![
+            e("t1", EntityKind::Order, "o1", "order.created", 1),
+            e("t1", EntityKind::Courier, "o1", "courier.registered", 2),
+            e("t2", EntityKind::Order, "o1", "order.created", 3),
+            e("t1", EntityKind::Order, "o2", "order.created", 4),
+        ])
+        .await
+        .unwrap();
+    store.commit(vec![e("t1", EntityKind::Order, "o1", "order.assigned", 5)]).await.unwrap();
+    store.commit(vec![e("t1", EntityKind::Order, "o1", "order.delivered", 6)]).await.unwrap();
+
+    let all = store.events(EventQuery { tenant: t("t1"), entity: None, since_seq: None, limit: 100 }).await.unwrap();
+    assert_eq!(all.iter().map(|s| s.event.ts).collect::<Vec<_>>(), vec![1, 2, 4, 5, 6]);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(all[0].event, event("t1", EntityKind::Order, "o1", "order.created", 1), "every field round-trips");
+
+    let o1 = |since, limit| EventQuery {
+        tenant: t("t1"),
+        entity: Some((EntityKind::Order, "o1".to_owned())),
+        since_seq: since,
+        limit,
+    };
+    let kinds = |v: Vec<hexfleet_actors::store::StoredEvent>| v.into_iter().map(|s| s.event.kind).collect::<Vec<_>>();
+    let hist = store.events(o1(None, 100)).await.unwrap();
+    assert_eq!(kinds(hist.clone()), vec!["order.created", "order.assigned", "order.delivered"]);
+    assert_eq!(kinds(store.events(o1(Some(hist[0].seq), 100)).await.unwrap()), vec!["order.assigned", "order.delivered"]);
+    assert_eq!(kinds(store.events(o1(None, 2)).await.unwrap()), vec!["order.created", "order.assigned"]);
+    assert!(store.events(o1(Some(hist[2].seq), 100)).await.unwrap().is_empty());
+    let t2 = store.events(EventQuery { tenant: t("t2"), entity: None, since_seq: None, limit: 100 }).await.unwrap();
+    assert_eq!(t2.len(), 1);
+    assert_eq!(t2[0].event.tenant, t("t2"));
+    store.close().await.unwrap();
+}
+
+/// The retention purge deletes a backlog larger than its batch completely, ties included, and
+/// nothing at or after the cut-off.
+async fn purge_in_batches(ctx: Ctx) {
+    let store = SqlStore::open(&ctx.url, StoreOptions { purge_batch: 7, ..ctx.options() }).await.unwrap();
+    // Three couriers with the same timestamps (ties across the batch boundary), two tenants.
+    for (tenant, courier) in [("t1", "c1"), ("t1", "c2"), ("t2", "c1")] {
+        store.record_locations(&t(tenant), &CourierId::new(courier), samples(1_000, 20)).unwrap();
+    }
+    store.flush().await.unwrap();
+    // Samples at 1_000, 2_000, … 20_000: 15 per courier are before 16_000.
+    assert_eq!(store.purge_locations(16_000).await.unwrap(), 3 * 15);
+    for (tenant, courier) in [("t1", "c1"), ("t1", "c2"), ("t2", "c1")] {
+        let left = store.export_locations(&t(tenant), &CourierId::new(courier), 0, i64::MAX).await.unwrap();
+        assert_eq!(left.iter().map(|s| s.ts).collect::<Vec<_>>(), vec![16_000, 17_000, 18_000, 19_000, 20_000]);
+    }
+    assert_eq!(store.purge_locations(16_000).await.unwrap(), 0);
+    assert_eq!(store.purge_locations(i64::MAX).await.unwrap(), 15);
+    store.close().await.unwrap();
+}
+
+fn samples(from: i64, n: i64) -> Vec<LocationSample> {
+    (0..n)
+        .map(|i| LocationSample {
+            pos: common::ll(52.5 + i as f64 * 1e-4, 13.4),
+            ts: from + i * 1000,
+            speed: if i % 2 == 0 { Some(3.5) } else { None },
+        })
+        .collect()
+}
+
+async fn location_history(ctx: Ctx) {
+    let store = ctx.open().await;
+    let (c1, c2) = (CourierId::new("c1"), CourierId::new("c2"));
+    store.record_locations(&t("t1"), &c1, samples(10_000, 10)).unwrap();
+    store.record_locations(&t("t1"), &c2, samples(10_000, 5)).unwrap();
+    store.record_locations(&t("t2"), &c1, samples(10_000, 3)).unwrap();
+    // A duplicate sample (same courier and time) is kept once.
+    store.record_locations(&t("t1"), &c1, samples(10_000, 1)).unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(store.stats().buffered_locations, 0);
+
+    let all = store.export_locations(&t("t1"), &c1, 0, i64::MAX).await.unwrap();
+    assert_eq!(all, samples(10_000, 10), "every field round-trips, oldest first");
+    let range = store.export_locations(&t("t1"), &c1, 12_000, 14_000).await.unwrap();
+    assert_eq!(range.iter().map(|s| s.ts).collect::<Vec<_>>(), vec![12_000, 13_000, 14_000], "inclusive range");
+
+    // Erase: only that courier of that tenant, including samples still buffered.
+    store.record_locations(&t("t1"), &c1, samples(50_000, 2)).unwrap();
+    assert_eq!(store.erase_locations(&t("t1"), &c1).await.unwrap(), 10);
+    store.flush().await.unwrap();
+    assert!(store.export_locations(&t("t1"), &c1, 0, i64::MAX).await.unwrap().is_empty());
+    assert_eq!(store.export_locations(&t("t2"), &c1, 0, i64::MAX).await.unwrap().len(), 3);
+    assert_eq!(store.export_locations(&t("t1"), &c2, 0, i64::MAX).await.unwrap().len(), 5);
+
+    // Purge: everything older than the cut-off, every tenant.
+    assert_eq!(store.purge_locations(12_000).await.unwrap(), 2 + 2);
+    assert_eq!(store.export_locations(&t("t1"), &c2, 0, i64::MAX).await.unwrap().len(), 3);
+    assert_eq!(store.export_locations(&t("t2"), &c1, 0, i64::MAX).await.unwrap().len(), 1);
+    store.close().await.unwrap();
+}
+
+async fn courier_snapshots_latest_wins(ctx: Ctx) {
+    let store = ctx.open().await;
+    let newest = courier("t1", "c1", 300, 52.7);
+    store.snapshot_couriers(vec![courier("t1", "c1", 100, 52.5)]).unwrap();
+    store.snapshot_couriers(vec![newest.clone(), courier("t1", "c2", 100, 52.5)]).unwrap();
+    store.snapshot_couriers(vec![courier("t1", "c1", 200, 52.6)]).unwrap(); // older: ignored
+    // The periodic flusher writes them without an explicit flush.
+    let s = store.clone();
+    common::eventually(Duration::from_secs(5), "snapshots flushed", move || {
+        let s = s.clone();
+        async move { s.load().await.unwrap().couriers.len() == 2 }
+    })
+    .await;
+    let rec = store.load().await.unwrap();
+    assert_eq!(rec.couriers.iter().find(|c| c.id.as_str() == "c1"), Some(&newest));
+    assert!(store.stats().courier_rows >= 2);
+
+    // An older snapshot arriving later, through the buffer or a commit, never overwrites.
+    store.snapshot_couriers(vec![courier("t1", "c1", 250, 1.0)]).unwrap();
+    store.flush().await.unwrap();
+    store.commit(vec![Write::Courier(courier("t1", "c1", 260, 2.0))]).await.unwrap();
+    let rec = store.load().await.unwrap();
+    assert_eq!(rec.couriers.iter().find(|c| c.id.as_str() == "c1"), Some(&newest));
+    // A newer one does; a courier with no fix round-trips.
+    let mut bare = courier("t1", "c1", 400, 0.0);
+    bare.last_fix = None;
+    bare.name = None;
+    bare.device_id = None;
+    store.commit(vec![Write::Courier(bare.clone())]).await.unwrap();
+    let rec = store.load().await.unwrap();
+    assert_eq!(rec.couriers.iter().find(|c| c.id.as_str() == "c1"), Some(&bare));
+    store.close().await.unwrap();
+}
+
+async fn zone_geometry_round_trip(ctx: Ctx) {
+    let store = ctx.open().await;
+    let z = zone("t1", "z1");
+    assert_eq!(z.geometry.0[0].interiors().len(), 1, "fixture has a hole");
+    store.commit(vec![Write::Zone(z.clone())]).await.unwrap();
+    let rec = store.load().await.unwrap();
+    assert_eq!(rec.zones, vec![z.clone()]);
+    // Bit-exact coordinates.
+    let bits = |z: &hexfleet_actors::domain::ZoneRecord| -> Vec<u64> {
+        use geo::CoordsIter;
+        z.geometry.coords_iter().flat_map(|c| [c.x.to_bits(), c.y.to_bits()]).collect()
+    };
+    assert_eq!(bits(&rec.zones[0]), bits(&z));
+    // Replace, then delete.
+    let mut z2 = z.clone();
+    z2.kind = "restricted".into();
+    z2.name = None;
+    z2.geometry.0.truncate(1);
+    store.commit(vec![Write::Zone(z2.clone())]).await.unwrap();
+    assert_eq!(store.load().await.unwrap().zones, vec![z2]);
+    store.commit(vec![Write::DeleteZone { tenant: t("t1"), id: ZoneId::new("z1") }]).await.unwrap();
+    assert!(store.load().await.unwrap().zones.is_empty());
+    store.close().await.unwrap();
+}
+
+async fn snapshot_backpressure(ctx: Ctx) {
+    let opts = StoreOptions { snapshot_capacity: 3, snapshot_flush: Duration::from_secs(1), ..ctx.options() };
+    let store = SqlStore::open(&ctx.url, opts).await.unwrap();
+    store.snapshot_couriers((0..3).map(|i| courier("t1", &format!("c{i}"), 1, 50.0)).collect()).unwrap();
+    // Latest-wins updates of buffered couriers still fit; a fourth courier does not.
+    store.snapshot_couriers(vec![courier("t1", "c0", 2, 50.0)]).unwrap();
+    let err = store.snapshot_couriers(vec![courier("t1", "c3", 2, 50.0)]).unwrap_err();
+    assert!(matches!(err, StoreError::Backpressure), "{err:?}");
+    store.flush().await.unwrap();
+    store.snapshot_couriers(vec![courier("t1", "c3", 2, 50.0)]).unwrap();
+    let err = store.record_locations(&t("t1"), &CourierId::new("c0"), samples(0, 4)).unwrap_err();
+    assert!(matches!(err, StoreError::Backpressure), "{err:?}");
+    store.close().await.unwrap();
+    let store = ctx.open().await;
+    assert_eq!(store.load().await.unwrap().couriers.len(), 4);
+    store.close().await.unwrap();
+}
+
+async fn migrate_is_idempotent(ctx: Ctx) {
+    let expected = match ctx.kind {
+        Kind::Sqlite => "sqlite",
+        Kind::Postgres => "postgres",
+    };
+    assert_eq!(hexfleet_persistence::migrate(&ctx.url).await.unwrap(), expected);
+    assert_eq!(hexfleet_persistence::migrate(&ctx.url).await.unwrap(), expected);
+    let store = ctx.open().await;
+    assert_eq!(store.backend(), expected);
+    store.ping().await.unwrap();
+    store.close().await.unwrap();
+}
+
+/// SQLite accepts a `sqlite:` URL and a plain path, creating missing directories.
+#[tokio::test]
+async fn sqlite_url_forms() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("a/b/plain.db");
+    let url = format!("sqlite:{}", dir.path().join("c/url.db").display());
+    for u in [plain.to_string_lossy().into_owned(), url] {
+        let store = SqlStore::open(&u, StoreOptions::default()).await.unwrap();
+        assert_eq!(store.backend(), "sqlite");
+        store.commit(vec![Write::Order(new_order("t1", "o1", 1))]).await.unwrap();
+        store.close().await.unwrap();
+        let store = SqlStore::open(&u, StoreOptions::default()).await.unwrap();
+        assert_eq!(store.load().await.unwrap().open_orders.len(), 1, "{u}");
+        store.close().await.unwrap();
+    }
+    assert!(matches!(
+        SqlStore::open("mysql://x", StoreOptions::default()).await,
+        Err(hexfleet_persistence::PersistenceError::UnsupportedUrl(_))
+    ));
+}
+
+/// PostgreSQL behind a proxy that is cut: durable writes fail fast with `Unavailable`,
+/// snapshots stay buffered, and everything resumes when the proxy is restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_and_recovery() {
+    common::run(Kind::Postgres, |ctx| outage(ctx, Outage::Cut)).await;
+}
+
+/// The same with a network partition instead of refused connections: connections hang rather
+/// than fail, so only the store's timeouts make the commit fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_partition_and_recovery() {
+    common::run(Kind::Postgres, |ctx| outage(ctx, Outage::Stall)).await;
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Outage {
+    Cut,
+    Stall,
+}
+
+async fn outage(ctx: Ctx, how: Outage) {
+    let proxy = Proxy::start(common::pg_host_port(&ctx.url)).await;
+    let url = common::via(&ctx.url, proxy.addr);
+    let opts = StoreOptions {
+        acquire_timeout: Duration::from_millis(500),
+        statement_timeout: Duration::from_secs(2),
+        // Small groups: without the writer's fail-fast, 64 callers would wait 8 timeouts.
+        max_group: 8,
+        ..ctx.options()
+    };
+    let store = SqlStore::open(&url, opts).await.unwrap();
+    store.commit(vec![Write::Order(new_order("t1", "before", 1))]).await.unwrap();
+    store.snapshot_couriers(vec![courier("t1", "c0", 1, 50.0)]).unwrap();
+    store.flush().await.unwrap();
+
+    match how {
+        Outage::Cut => proxy.cut(),
+        Outage::Stall => proxy.stall(),
+    }
+    let started = Instant::now();
+    let err = store.commit(vec![Write::Order(new_order("t1", "during", 2))]).await.unwrap_err();
+    let took = started.elapsed();
+    eprintln!("{how:?}: commit failed after {took:?}: {err}");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(took < Duration::from_secs(3), "commit must fail within a few seconds, took {took:?}");
+    assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))));
+
+    // Many callers at once: each fails within about two attempts, not one timeout per group.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            s.commit(vec![Write::Order(new_order("t1", &format!("during{i}"), 2))]).await
+        }));
+    }
+    for task in tasks {
+        assert!(matches!(task.await.unwrap(), Err(StoreError::Unavailable(_))));
+    }
+    let took = started.elapsed();
+    eprintln!("{how:?}: 64 concurrent commits failed within {took:?}");
+    assert!(took < Duration::from_secs(3), "concurrent commits must fail fast, took {took:?}");
+
+    // Tracking goes on: snapshots are accepted and kept while flushes fail.
+    let couriers: Vec<_> = (0..50).map(|i| courier("t1", &format!("c{i}"), 10, 50.0 + f64::from(i) * 0.01)).collect();
+    store.snapshot_couriers(couriers.clone()).unwrap();
+    store.record_locations(&t("t1"), &CourierId::new("c1"), samples(1_000, 5)).unwrap();
+    let s = store.clone();
+    common::eventually(Duration::from_secs(10), "a flush fails and keeps its rows", move || {
+        let st = s.stats();
+        async move { st.flush_failures >= 1 && st.buffered_couriers == 50 && st.buffered_locations == 5 }
+    })
+    .await;
+
+    proxy.restore();
+    let s = store.clone();
+    common::eventually(Duration::from_secs(10), "commits succeed again", move || {
+        let s = s.clone();
+        async move { s.commit(vec![Write::Order(new_order("t1", "after", 3))]).await.is_ok() }
+    })
+    .await;
+    let s = store.clone();
+    common::eventually(Duration::from_secs(10), "buffered snapshots written", move || {
+        let st = s.stats();
+        async move { st.buffered_couriers == 0 && st.buffered_locations == 0 }
+    })
+    .await;
+    store.close().await.unwrap();
+    drop(proxy);
+
+    // Checked directly, not through the proxy.
+    let direct = ctx.open().await;
+    let mut rec = direct.load().await.unwrap();
+    rec.couriers.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut expected = couriers;
+    expected.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(rec.couriers, expected);
+    let mut ids: Vec<_> = rec.open_orders.iter().map(|o| o.id.as_str().to_owned()).collect();
+    ids.sort();
+    assert_eq!(ids, vec!["after", "before"], "the commit that failed during the outage is absent");
+    assert_eq!(direct.export_locations(&t("t1"), &CourierId::new("c1"), 0, i64::MAX).await.unwrap().len(), 5);
+    direct.close().await.unwrap();
+}

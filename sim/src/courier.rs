@@ -1,0 +1,386 @@
+//! One simulated courier over a real WebSocket: it moves, reports `loc`, goes `available`,
+//! answers offers, follows `assigned`/`route`, and reports `picked_up` and `delivered`.
+//!
+//! The courier is a single task with one `select!` loop over the socket, a movement tick and
+//! the shutdown token; every wait is bounded and the loop ends on shutdown or after a bounded
+//! number of failed reconnects.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::geomath::{distance_m, BBox, LatLng};
+use crate::movement::{random_point_near, Mover, Vehicle};
+use crate::net::{connect_ws, Server, Ws};
+use crate::protocol::{is_terminal_state, CourierMsg, CourierStatus, OrderEventKind, ServerMsg, StopKind};
+
+/// Counters shared by all simulated clients of a demo run.
+#[derive(Debug, Default)]
+pub struct SimStats {
+    pub connected: AtomicU64,
+    pub locs_sent: AtomicU64,
+    pub offers: AtomicU64,
+    pub accepted: AtomicU64,
+    pub declined: AtomicU64,
+    pub assigned: AtomicU64,
+    pub picked_up: AtomicU64,
+    pub delivered: AtomicU64,
+    pub server_errors: AtomicU64,
+    pub disconnects: AtomicU64,
+    pub orders_created: AtomicU64,
+    pub order_errors: AtomicU64,
+    pub watcher_msgs: AtomicU64,
+    pub watchers_open: AtomicU64,
+}
+
+impl SimStats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How a simulated courier behaves.
+#[derive(Debug, Clone)]
+pub struct CourierOptions {
+    /// `loc` is sent every `loc_every.0..=loc_every.1` (uniform).
+    pub loc_every: (Duration, Duration),
+    /// Movement is integrated at this step.
+    pub tick: Duration,
+    /// Probability of accepting an offer.
+    pub accept_prob: f64,
+    /// Think time before answering an offer (capped below its expiry).
+    pub reply_delay: (Duration, Duration),
+    /// Time spent at a pickup or drop-off before reporting the event.
+    pub dwell: (Duration, Duration),
+    /// A stop counts as reached within this many metres.
+    pub arrive_radius_m: f64,
+    /// Failed (re)connects in a row before the courier gives up.
+    pub max_reconnects: u32,
+    pub connect_timeout: Duration,
+}
+
+impl Default for CourierOptions {
+    fn default() -> Self {
+        Self {
+            loc_every: (Duration::from_secs(1), Duration::from_secs(5)),
+            tick: Duration::from_millis(500),
+            accept_prob: 0.9,
+            reply_delay: (Duration::from_millis(300), Duration::from_millis(2500)),
+            dwell: (Duration::from_secs(5), Duration::from_secs(20)),
+            arrive_radius_m: 25.0,
+            max_reconnects: 20,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Identity and start of one courier.
+#[derive(Debug, Clone)]
+pub struct CourierSpec {
+    pub id: String,
+    pub token: String,
+    pub vehicle: Vehicle,
+    pub start: LatLng,
+    pub seed: u64,
+}
+
+/// A stop the courier intends to visit.
+#[derive(Debug, Clone, PartialEq)]
+struct PlanStop {
+    order_id: String,
+    kind: StopKind,
+    at: LatLng,
+}
+
+fn rand_dur(rng: &mut impl Rng, (lo, hi): (Duration, Duration)) -> Duration {
+    if hi <= lo {
+        return lo;
+    }
+    rng.random_range(lo..=hi)
+}
+
+struct State {
+    rng: StdRng,
+    mover: Mover,
+    plan: VecDeque<PlanStop>,
+    /// Stops already reported, so a late `route` does not send us back.
+    done: Vec<(String, StopKind)>,
+    dwell_until: Option<Instant>,
+    /// Offers waiting for their think time: (when, order id, accept).
+    replies: Vec<(Instant, String, bool)>,
+    last_step: Instant,
+    next_loc: Instant,
+}
+
+impl State {
+    fn target_changed(&mut self, bbox: &BBox) {
+        if let Some(at) = self.plan.front().map(|s| s.at)
+            && self.mover.destination() != Some(at)
+        {
+            self.mover.go_to(&mut self.rng, at, bbox);
+        }
+    }
+
+    fn add_stop(&mut self, stop: PlanStop) {
+        if self.done.iter().any(|(o, k)| *o == stop.order_id && *k == stop.kind) || self.plan.contains(&stop) {
+            return;
+        }
+        self.plan.push_back(stop);
+    }
+}
+
+/// Runs one courier until `shutdown` (or until reconnecting failed `max_reconnects` times).
+pub async fn run_courier(
+    server: Server,
+    spec: CourierSpec,
+    bbox: BBox,
+    opts: CourierOptions,
+    stats: Arc<SimStats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let now = Instant::now();
+    let mut st = State {
+        rng: StdRng::seed_from_u64(spec.seed),
+        mover: Mover::new(spec.vehicle, spec.start),
+        plan: VecDeque::new(),
+        done: Vec::new(),
+        dwell_until: None,
+        replies: Vec::new(),
+        last_step: now,
+        next_loc: now,
+    };
+    let path = format!("/v1/ws/courier?token={}", spec.token);
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let ws = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = connect_ws(&server, &path, None, None, opts.connect_timeout) => r,
+        };
+        match ws {
+            Ok(ws) => {
+                failures = 0;
+                SimStats::inc(&stats.connected);
+                let r = drive(ws, &mut st, &spec, &bbox, &opts, &stats, &shutdown).await;
+                stats.connected.fetch_sub(1, Ordering::Relaxed);
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                SimStats::inc(&stats.disconnects);
+                if let Err(e) = r {
+                    tracing::debug!(courier = %spec.id, error = %e, "courier socket ended");
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::debug!(courier = %spec.id, error = %e, failures, "courier connect failed");
+                if failures >= opts.max_reconnects {
+                    anyhow::bail!("courier {} gave up after {failures} failed connects: {e:#}", spec.id);
+                }
+            }
+        }
+        // Back off 0.5–5 s before reconnecting.
+        let backoff = Duration::from_millis(500 * u64::from(failures.clamp(1, 10)));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn send(ws: &mut Ws, msg: &CourierMsg) -> anyhow::Result<()> {
+    ws.send(Message::Text(serde_json::to_string(msg)?.into())).await?;
+    Ok(())
+}
+
+async fn drive(
+    mut ws: Ws,
+    st: &mut State,
+    spec: &CourierSpec,
+    bbox: &BBox,
+    opts: &CourierOptions,
+    stats: &SimStats,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::debug!(courier = %spec.id, "courier connected");
+    // First a position, then available: the server knows where we are before it offers work.
+    let fix = st.mover.step(&mut st.rng, 0.0);
+    send(&mut ws, &loc(fix, st.mover.vehicle)).await?;
+    SimStats::inc(&stats.locs_sent);
+    send(&mut ws, &CourierMsg::Status { status: CourierStatus::Available }).await?;
+    let mut tick = tokio::time::interval(opts.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = send(&mut ws, &CourierMsg::Status { status: CourierStatus::Offline }).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                return Ok(());
+            }
+            msg = ws.next() => {
+                let Some(msg) = msg else { anyhow::bail!("server closed the socket") };
+                match msg? {
+                    Message::Text(t) => on_server_msg(t.as_str(), st, bbox, opts, stats),
+                    Message::Close(f) => anyhow::bail!("server closed: {f:?}"),
+                    _ => {}
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                // Offer replies whose think time is over.
+                let mut i = 0;
+                while i < st.replies.len() {
+                    if st.replies[i].0 <= now {
+                        let (_, order_id, accept) = st.replies.swap_remove(i);
+                        send(&mut ws, &CourierMsg::OfferReply { order_id, accept }).await?;
+                    } else {
+                        i += 1;
+                    }
+                }
+                let dt = now.duration_since(st.last_step).as_secs_f64();
+                st.last_step = now;
+                let fix = advance(st, bbox, opts, now, dt, &mut ws, stats).await?;
+                if now >= st.next_loc {
+                    send(&mut ws, &loc(fix, st.mover.vehicle)).await?;
+                    SimStats::inc(&stats.locs_sent);
+                    st.next_loc = now + rand_dur(&mut st.rng, opts.loc_every);
+                }
+            }
+        }
+    }
+}
+
+fn loc(fix: crate::movement::Fix, vehicle: Vehicle) -> CourierMsg {
+    let acc = match vehicle {
+        Vehicle::Bike => 6.0,
+        Vehicle::Car => 8.0,
+    };
+    CourierMsg::Loc {
+        lat: round7(fix.pos.lat),
+        lng: round7(fix.pos.lng),
+        ts: crate::unix_ms(),
+        speed: Some((fix.speed * 10.0).round() / 10.0),
+        heading: Some(fix.heading.round()),
+        acc: Some(acc),
+    }
+}
+
+/// Seven decimals: ~1 cm, what phones report; keeps frames short.
+fn round7(x: f64) -> f64 {
+    (x * 1e7).round() / 1e7
+}
+
+/// Moves the courier one tick; handles arrival, dwell and the event it then reports.
+async fn advance(
+    st: &mut State,
+    bbox: &BBox,
+    opts: &CourierOptions,
+    now: Instant,
+    dt: f64,
+    ws: &mut Ws,
+    stats: &SimStats,
+) -> anyhow::Result<crate::movement::Fix> {
+    if let Some(until) = st.dwell_until {
+        if now < until {
+            return Ok(st.mover.step(&mut st.rng, 0.0));
+        }
+        st.dwell_until = None;
+        if let Some(stop) = st.plan.pop_front() {
+            let event = match stop.kind {
+                StopKind::Pickup => OrderEventKind::PickedUp,
+                StopKind::Dropoff => OrderEventKind::Delivered,
+            };
+            send(ws, &CourierMsg::OrderEvent { order_id: stop.order_id.clone(), event }).await?;
+            SimStats::inc(match stop.kind {
+                StopKind::Pickup => &stats.picked_up,
+                StopKind::Dropoff => &stats.delivered,
+            });
+            st.done.push((stop.order_id, stop.kind));
+            if st.done.len() > 64 {
+                st.done.remove(0);
+            }
+        }
+        st.target_changed(bbox);
+    }
+    if let Some(stop) = st.plan.front() {
+        if distance_m(st.mover.pos, stop.at) <= opts.arrive_radius_m {
+            st.dwell_until = Some(now + rand_dur(&mut st.rng, opts.dwell));
+            return Ok(st.mover.step(&mut st.rng, 0.0));
+        }
+        if st.mover.arrived() {
+            st.target_changed(bbox);
+        }
+    } else if st.mover.arrived() {
+        // Idle: cruise to somewhere nearby, as couriers do between jobs.
+        let to = random_point_near(&mut st.rng, st.mover.pos, 300.0, 1500.0, bbox);
+        st.mover.go_to(&mut st.rng, to, bbox);
+    }
+    Ok(st.mover.step(&mut st.rng, dt))
+}
+
+fn on_server_msg(text: &str, st: &mut State, bbox: &BBox, opts: &CourierOptions, stats: &SimStats) {
+    let Ok(msg) = serde_json::from_str::<ServerMsg>(text) else {
+        tracing::debug!(frame = text, "unparsed server frame");
+        return;
+    };
+    match msg {
+        ServerMsg::Offer { order_id, expires_at, .. } => {
+            SimStats::inc(&stats.offers);
+            let accept = st.rng.random_bool(opts.accept_prob.clamp(0.0, 1.0));
+            SimStats::inc(if accept { &stats.accepted } else { &stats.declined });
+            let mut delay = rand_dur(&mut st.rng, opts.reply_delay);
+            if let Some(exp) = expires_at {
+                let left = (exp - crate::unix_ms() - 300).max(0) as u64;
+                delay = delay.min(Duration::from_millis(left));
+            }
+            st.replies.push((Instant::now() + delay, order_id, accept));
+        }
+        ServerMsg::Assigned { order_id, pickup, dropoff, .. } => {
+            SimStats::inc(&stats.assigned);
+            st.add_stop(PlanStop { order_id: order_id.clone(), kind: StopKind::Pickup, at: LatLng::new(pickup.lat, pickup.lng) });
+            st.add_stop(PlanStop { order_id, kind: StopKind::Dropoff, at: LatLng::new(dropoff.lat, dropoff.lng) });
+            if st.dwell_until.is_none() {
+                st.target_changed(bbox);
+            }
+        }
+        ServerMsg::Route { stops, .. } => {
+            // The server's order wins; stops we already reported stay done.
+            let dwelling_at = if st.dwell_until.is_some() { st.plan.front().cloned() } else { None };
+            st.plan.clear();
+            if let Some(d) = dwelling_at {
+                st.plan.push_back(d);
+            }
+            for s in stops {
+                st.add_stop(PlanStop { order_id: s.order_id, kind: s.kind, at: LatLng::new(s.lat, s.lng) });
+            }
+            if st.dwell_until.is_none() {
+                st.target_changed(bbox);
+            }
+        }
+        ServerMsg::OrderUpdate { order_id, state, .. } if is_terminal_state(&state) => {
+            let dwelling_on_it = st.dwell_until.is_some() && st.plan.front().is_some_and(|s| s.order_id == order_id);
+            if dwelling_on_it {
+                st.dwell_until = None;
+            }
+            st.plan.retain(|s| s.order_id != order_id);
+            st.target_changed(bbox);
+        }
+        ServerMsg::Error { code, message } => {
+            SimStats::inc(&stats.server_errors);
+            tracing::debug!(%code, %message, "server error frame");
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,257 @@
+//! The demo fleet: couriers, Poisson order demand with hotspots, and customers watching their
+//! orders, all against a running server. `hexfleet demo` calls [`run_demo`] in-process.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::courier::{run_courier, CourierOptions, CourierSpec, SimStats};
+use crate::demand::{Demand, Poisson};
+use crate::geomath::BBox;
+use crate::movement::{random_point, Vehicle};
+use crate::net::{connect_ws, post_json, Server};
+use crate::protocol::{is_terminal_state, ServerMsg};
+use crate::token::{courier_id, TokenMint};
+
+/// What the demo simulates.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// The server, e.g. `http://127.0.0.1:8080` (must be loopback).
+    pub base_url: String,
+    /// HS256 secret the server verifies tokens with.
+    pub jwt_secret: String,
+    pub tenant: String,
+    pub couriers: usize,
+    /// `[min_lng, min_lat, max_lng, max_lat]`.
+    pub bbox: [f64; 4],
+    /// Mean order arrivals per minute (Poisson).
+    pub orders_per_min: f64,
+    /// At most this many customers watching their orders at once.
+    pub watchers: usize,
+    /// Longest pickup → drop-off distance, metres: short trips so a viewer sees deliveries
+    /// within the first minutes.
+    pub max_trip_m: f64,
+    pub seed: u64,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8080".to_owned(),
+            jwt_secret: crate::DEFAULT_JWT_SECRET.to_owned(),
+            tenant: "demo".to_owned(),
+            couriers: 200,
+            bbox: crate::DEFAULT_BBOX,
+            orders_per_min: 30.0,
+            watchers: 20,
+            max_trip_m: 2_000.0,
+            seed: 42,
+        }
+    }
+}
+
+/// Runs the demo fleet until `shutdown` is cancelled, then stops every client (bounded wait).
+pub async fn run_demo(cfg: DemoConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_demo_with(cfg, CourierOptions::default(), shutdown, Arc::new(SimStats::default())).await
+}
+
+/// [`run_demo`] with explicit courier behaviour and a stats handle the caller can read.
+pub async fn run_demo_with(
+    cfg: DemoConfig,
+    opts: CourierOptions,
+    shutdown: CancellationToken,
+    stats: Arc<SimStats>,
+) -> anyhow::Result<()> {
+    let server = Server::parse(&cfg.base_url)?;
+    let bbox = BBox::from_array(cfg.bbox);
+    anyhow::ensure!(bbox.is_valid(), "invalid bbox {:?}", cfg.bbox);
+    let mint = TokenMint::new(&cfg.jwt_secret, &cfg.tenant, 24 * 3600);
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let stop = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+
+    for i in 1..=cfg.couriers {
+        let id = courier_id(i);
+        let spec = CourierSpec {
+            token: mint.courier(&id)?,
+            id,
+            vehicle: if rng.random_bool(0.7) { Vehicle::Bike } else { Vehicle::Car },
+            start: random_point(&mut rng, &bbox),
+            seed: rng.random(),
+        };
+        let (server, opts, stats, stop) = (server.clone(), opts.clone(), stats.clone(), stop.clone());
+        // Stagger the connects over ~2 s so the server is not hit by a thundering herd.
+        let delay = Duration::from_millis((i as u64 * 2000) / cfg.couriers.max(1) as u64);
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            run_courier(server, spec, bbox, opts, stats, stop).await
+        });
+    }
+
+    let demand = Demand { max_trip_m: cfg.max_trip_m, ..Demand::with_random_hotspots(&mut rng, bbox, 4) };
+    {
+        let (server, mint, stats, stop, cfg) = (server.clone(), mint.clone(), stats.clone(), stop.clone(), cfg.clone());
+        let seed = rng.random();
+        tasks.spawn(async move { order_loop(server, mint, demand, cfg, stats, stop, seed).await });
+    }
+    {
+        let (stats, stop) = (stats.clone(), stop.clone());
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = every.tick() => log_stats(&stats),
+                }
+            }
+        });
+    }
+
+    shutdown.cancelled().await;
+    stop.cancel();
+    // Every task watches `stop`; give them a bounded time to say goodbye.
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "demo task ended with an error"),
+                Err(e) if e.is_panic() => tracing::error!(error = %e, "demo task panicked"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    log_stats(&stats);
+    Ok(())
+}
+
+fn log_stats(s: &SimStats) {
+    let g = SimStats::get;
+    tracing::info!(
+        couriers_connected = g(&s.connected),
+        locs_sent = g(&s.locs_sent),
+        orders_created = g(&s.orders_created),
+        order_errors = g(&s.order_errors),
+        offers = g(&s.offers),
+        accepted = g(&s.accepted),
+        declined = g(&s.declined),
+        assigned = g(&s.assigned),
+        picked_up = g(&s.picked_up),
+        delivered = g(&s.delivered),
+        watchers = g(&s.watchers_open),
+        watcher_msgs = g(&s.watcher_msgs),
+        server_errors = g(&s.server_errors),
+        disconnects = g(&s.disconnects),
+        "sim"
+    );
+}
+
+async fn order_loop(
+    server: Server,
+    mint: TokenMint,
+    demand: Demand,
+    cfg: DemoConfig,
+    stats: Arc<SimStats>,
+    stop: CancellationToken,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let poisson = Poisson::per_minute(cfg.orders_per_min);
+    let dispatcher = mint.dispatcher()?;
+    let mut watchers = JoinSet::new();
+    loop {
+        let gap = poisson.next_gap_s(&mut rng).min(3600.0);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs_f64(gap)) => {}
+        }
+        while watchers.try_join_next().is_some() {}
+        let o = demand.next_order(&mut rng);
+        let body = serde_json::json!({
+            "pickup": {"lat": o.pickup.lat, "lng": o.pickup.lng},
+            "dropoff": {"lat": o.dropoff.lat, "lng": o.dropoff.lng},
+        });
+        let resp = post_json(&server, "/v1/orders", &dispatcher, &body, Duration::from_secs(10)).await;
+        let id = match resp {
+            Ok(r) if r.status == 201 || r.status == 200 => {
+                serde_json::from_slice::<serde_json::Value>(&r.body)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str().map(str::to_owned)))
+            }
+            Ok(r) => {
+                tracing::debug!(status = r.status, body = %String::from_utf8_lossy(&r.body), "order rejected");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "order request failed");
+                None
+            }
+        };
+        let Some(id) = id else {
+            stats.order_errors.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        stats.orders_created.fetch_add(1, Ordering::Relaxed);
+        if (stats.watchers_open.load(Ordering::Relaxed) as usize) < cfg.watchers {
+            let token = mint.customer(&id)?;
+            let (server, stats, stop) = (server.clone(), stats.clone(), stop.clone());
+            stats.watchers_open.fetch_add(1, Ordering::Relaxed);
+            watchers.spawn(async move {
+                let r = watch_order(&server, &id, &token, &stats, &stop).await;
+                stats.watchers_open.fetch_sub(1, Ordering::Relaxed);
+                if let Err(e) = r {
+                    tracing::debug!(order = %id, error = %format!("{e:#}"), "watcher ended");
+                }
+            });
+        }
+    }
+    watchers.abort_all();
+    Ok(())
+}
+
+/// A customer watching one order until it ends (at most two hours).
+async fn watch_order(
+    server: &Server,
+    order_id: &str,
+    token: &str,
+    stats: &SimStats,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/ws/track/{order_id}?token={token}");
+    let mut ws = connect_ws(server, &path, None, None, Duration::from_secs(10)).await?;
+    let deadline = tokio::time::sleep(Duration::from_secs(2 * 3600));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = &mut deadline => break,
+            m = ws.next() => {
+                let m = m.context("tracking socket closed")??;
+                if let Message::Text(t) = m {
+                    stats.watcher_msgs.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(ServerMsg::OrderUpdate { state, .. }) = serde_json::from_str::<ServerMsg>(t.as_str())
+                        && is_terminal_state(&state)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    Ok(())
+}
