@@ -8,6 +8,7 @@
 //! cargo run --release -p hexfleet-benches --bin hexfleet-bench -- dispatch
 //! cargo run --release -p hexfleet-benches --bin hexfleet-bench -- orders
 //! cargo run --release -p hexfleet-benches --bin hexfleet-bench -- restart --database-url postgres://postgres@127.0.0.1:5432/test
+//! cargo run --release -p hexfleet-benches --bin hexfleet-bench -- memory
 //! ```
 
 use std::sync::Arc;
@@ -73,6 +74,14 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Resident memory per courier of the in-memory state (actor, trail, index, maps), without
+    /// sockets: `couriers` couriers each fed `fixes` fixes (enough to fill the trail).
+    Memory {
+        #[arg(long, default_value_t = 50_000)]
+        couriers: usize,
+        #[arg(long, default_value_t = 150)]
+        fixes: usize,
+    },
     /// Restart time: seed a database with couriers and open orders, then time `Fleet::start`
     /// (load the snapshots, spawn every actor, rebuild the index) on it.
     Restart {
@@ -97,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(orders_report(database_url, couriers, ingest_rate, concurrency, seconds))
         }
         Cmd::Restart { database_url, couriers, orders } => rt.block_on(restart_report(database_url, couriers, orders)),
+        Cmd::Memory { couriers, fixes } => rt.block_on(memory_report(couriers, fixes)),
     }
 }
 
@@ -441,6 +451,82 @@ async fn restart_report(database_url: Option<String>, couriers: usize, orders: u
     f.shutdown().await?;
     drop(f);
     drop_database(admin).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Resident set size of this process in KiB (`VmRSS`).
+fn rss_kib() -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string("/proc/self/status")?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}
+
+async fn memory_report(couriers: usize, fixes: usize) -> anyhow::Result<()> {
+    // The SQLite store, as in production: its memory is a bounded page cache, not per courier
+    // (the in-memory test store keeps every snapshot and history row, which would count here).
+    let dir = std::env::temp_dir().join(format!("hexfleet-bench-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let url = format!("sqlite:{}", dir.join("mem.db").display());
+    let store = hexfleet_persistence::SqlStore::open(&url, Default::default()).await.context("opening the store")?;
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), ..Default::default() };
+    let trail_len = config.trail_len;
+    let f = Fleet::start(FleetDeps { store: Arc::new(store), publisher: Arc::new(NullPublisher), clock: Arc::new(TokioClock::new()), config }).await?;
+    let t = TenantId::new("bench");
+    let mut rng = Rng::new(21);
+    let now = f.now_ms();
+    // Warm up the runtime, the store and the allocator with a few couriers before the baseline.
+    for i in 0..200 {
+        let c = CourierId::new(format!("warm{i}"));
+        f.upsert_courier(&t, &c, CourierPatch::default(), &Who::System).await?;
+        f.ingest(&t, &c, vec![Fix { pos: city_point(&mut rng, 30_000.0), ts: now, speed: None, heading: None, acc: None }])?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib()?;
+    let t0 = Instant::now();
+    let mut ids = Vec::with_capacity(couriers);
+    let mut starts = Vec::with_capacity(couriers);
+    for i in 0..couriers {
+        let c = CourierId::new(format!("c{i}"));
+        f.upsert_courier(&t, &c, CourierPatch { capacity: Some(2), ..Default::default() }, &Who::System).await?;
+        f.set_status(&t, &c, CourierStatus::Available)?;
+        starts.push(city_point(&mut rng, 30_000.0));
+        ids.push(c);
+    }
+    let created = rss_kib()?;
+    // Fixes in batches of 10 (as a `locs` frame), 1 s and ~5 m apart, heading north-east.
+    let step = 5.0 / 111_195.0;
+    for b in 0..fixes.div_ceil(10) {
+        for (i, c) in ids.iter().enumerate() {
+            let batch: Vec<Fix> = (b * 10..((b + 1) * 10).min(fixes))
+                .map(|k| {
+                    let p = starts[i];
+                    let pos = hexfleet_geo::LatLng::new(p.lat + step * k as f64, p.lng + step * k as f64).expect("inside the city");
+                    Fix { pos, ts: now + k as i64 * 1_000, speed: Some(5.0), heading: Some(45.0), acc: Some(5.0) }
+                })
+                .collect();
+            f.ingest(&t, c, batch)?;
+        }
+        // Let the actors drain before the next round so mailboxes do not count as state.
+        let last = ids.last().context("no couriers")?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while f.trail(&t, last).await?.len() < ((b + 1) * 10).min(fixes).min(trail_len) {
+            anyhow::ensure!(Instant::now() < deadline, "fixes were not applied");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Every courier's trail is full: the state is in steady shape.
+    for c in &ids {
+        let n = f.trail(&t, c).await?.len();
+        anyhow::ensure!(n == fixes.min(trail_len), "courier {c} has {n} fixes in its trail");
+    }
+    let after = rss_kib()?;
+    let n = couriers as f64;
+    println!("memory: {couriers} couriers, {fixes} fixes each (trail {trail_len}), {:.1} s", t0.elapsed().as_secs_f64());
+    println!("  rss before {before} KiB, couriers created {created} KiB, trails full {after} KiB");
+    println!("  per courier: {:.2} KiB created (actor, record, maps), {:.2} KiB after fixes (with trail, index, cells)", (created - before) as f64 / n, (after - before) as f64 / n);
+    println!("  size_of::<Fix>() = {} bytes", std::mem::size_of::<Fix>());
+    f.shutdown().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
