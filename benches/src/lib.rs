@@ -3,6 +3,8 @@
 //!
 //! Everything is seeded (xorshift), so numbers are comparable run to run.
 
+pub mod lilim;
+
 use hexfleet_geo::assign::{AssignmentProblem, Candidate};
 use hexfleet_geo::fence::{Fence, FenceSet};
 use hexfleet_geo::stops::{RouteProblem, Stop, StopKind};
