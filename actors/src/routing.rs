@@ -64,6 +64,7 @@ impl RoutePlanner {
                     ready_at_s: o.ready_at.map_or(0.0, rel).max(0.0),
                     deliver_by_s: None,
                     service_s: self.pickup_service_s,
+                    latest_s: None,
                 });
             }
             pts.push(o.dropoff);
@@ -74,9 +75,10 @@ impl RoutePlanner {
                 ready_at_s: 0.0,
                 deliver_by_s: o.deliver_by.map(rel),
                 service_s: self.dropoff_service_s,
+                latest_s: None,
             });
         }
-        let p = RouteProblem { start_s: 0.0, capacity, stops, lateness_weight: self.lateness_weight };
+        let p = RouteProblem { start_s: 0.0, capacity, stops, lateness_weight: self.lateness_weight, end: None };
         let tt = |a: usize, b: usize| self.travel_s(pts[a], pts[b]);
         let plan = stops::plan(&p, tt)?;
         // Walk the plan once more for each drop-off's completion time.

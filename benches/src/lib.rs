@@ -3,6 +3,8 @@
 //!
 //! Everything is seeded (xorshift), so numbers are comparable run to run.
 
+pub mod lilim;
+
 use hexfleet_geo::assign::{AssignmentProblem, Candidate};
 use hexfleet_geo::fence::{Fence, FenceSet};
 use hexfleet_geo::stops::{RouteProblem, Stop, StopKind};
@@ -100,12 +102,12 @@ pub fn route(pairs: usize, onboard: usize, seed: u64) -> (RouteProblem, Vec<LatL
     for o in 0..(pairs + onboard) as u32 {
         if (o as usize) < pairs {
             pts.push(city_point(&mut rng, 10_000.0));
-            stops.push(Stop { order: o, kind: StopKind::Pickup, size: 1, ready_at_s: rng.range(0.0, 600.0), deliver_by_s: None, service_s: 120.0 });
+            stops.push(Stop { order: o, kind: StopKind::Pickup, size: 1, ready_at_s: rng.range(0.0, 600.0), deliver_by_s: None, service_s: 120.0, latest_s: None });
         }
         pts.push(city_point(&mut rng, 10_000.0));
-        stops.push(Stop { order: o, kind: StopKind::Dropoff, size: 1, ready_at_s: 0.0, deliver_by_s: Some(rng.range(900.0, 3_600.0)), service_s: 60.0 });
+        stops.push(Stop { order: o, kind: StopKind::Dropoff, size: 1, ready_at_s: 0.0, deliver_by_s: Some(rng.range(900.0, 3_600.0)), service_s: 60.0, latest_s: None });
     }
-    (RouteProblem { start_s: 0.0, capacity: 4, stops, lateness_weight: 5.0 }, pts)
+    (RouteProblem { start_s: 0.0, capacity: 4, stops, lateness_weight: 5.0, end: None }, pts)
 }
 
 /// Travel-time matrix (seconds) for [`route`]'s points.

@@ -9,8 +9,10 @@
 //! cargo run --release -p hexfleet-benches --bin hexfleet-bench -- orders
 //! cargo run --release -p hexfleet-benches --bin hexfleet-bench -- restart --database-url postgres://postgres@127.0.0.1:5432/test
 //! cargo run --release -p hexfleet-benches --bin hexfleet-bench -- memory
+//! cargo run --release -p hexfleet-benches --bin hexfleet-bench -- lilim
 //! ```
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -93,6 +95,26 @@ enum Cmd {
         #[arg(long, default_value_t = 50_000)]
         orders: usize,
     },
+    /// Li & Lim pickup-and-delivery instances (100 customers): insertion construction and
+    /// large-neighbourhood search over the stop planner with hard windows; vehicles and
+    /// distance against the best known, every solution validated independently.
+    Lilim {
+        /// Instance files (Li & Lim format). Default: lc101, lr101 and lrc101 from
+        /// `../shared/data/pdptw/` beside the clone.
+        files: Vec<PathBuf>,
+        /// Best-known table (CSV with instance, routes, distance). Default:
+        /// `best_known_lilim100.csv` beside each instance file.
+        #[arg(long)]
+        best_known: Option<PathBuf>,
+        /// Search iterations per instance (vehicle reduction may use up to half).
+        #[arg(long, default_value_t = 4_000)]
+        iterations: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also print each solution's routes (node ids, depot omitted).
+        #[arg(long)]
+        routes: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,7 +129,65 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Restart { database_url, couriers, orders } => rt.block_on(restart_report(database_url, couriers, orders)),
         Cmd::Memory { couriers, fixes } => rt.block_on(memory_report(couriers, fixes)),
+        Cmd::Lilim { files, best_known, iterations, seed, routes } => lilim_report(files, best_known, iterations, seed, routes),
     }
+}
+
+fn lilim_report(files: Vec<PathBuf>, best_known: Option<PathBuf>, iterations: usize, seed: u64, print_routes: bool) -> anyhow::Result<()> {
+    use hexfleet_benches::lilim::{self, Instance, Params};
+    let files = if files.is_empty() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/pdptw");
+        ["lc101", "lr101", "lrc101"].iter().map(|n| dir.join(format!("{n}.txt"))).collect()
+    } else {
+        files
+    };
+    println!("Li & Lim PDPTW: insertion construction + LNS ({iterations} iterations, seed {seed}); vehicles / distance; gap = distance vs best known");
+    println!(
+        "{:<8} {:>16} {:>16} {:>16} {:>16} {:>8} {:>7}  stop planner re-plan of the final routes",
+        "instance", "best known", "construction", "after veh. red.", "final", "gap", "time s"
+    );
+    for file in &files {
+        let name = file.file_stem().and_then(|s| s.to_str()).context("instance file name")?;
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {} (the Li & Lim data is expected in ../shared/data/pdptw/ beside the clone)", file.display()))?;
+        let inst = Instance::parse(name, &text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        let csv_path = best_known.clone().unwrap_or_else(|| file.with_file_name("best_known_lilim100.csv"));
+        let bk = std::fs::read_to_string(&csv_path).ok().and_then(|csv| lilim::best_known(&csv, name));
+        let started = Instant::now();
+        let out = lilim::solve(&inst, Params { iterations, seed }).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        let secs = started.elapsed().as_secs_f64();
+        // The figures count only if an independent check accepts the routes.
+        let dist = lilim::validate(&inst, &out.routes).map_err(|e| anyhow::anyhow!("{name}: INVALID solution: {e}"))?;
+        anyhow::ensure!((dist - out.distance).abs() < 1e-6, "{name}: validator distance {dist} differs from the search's {}", out.distance);
+        anyhow::ensure!(out.refused == 0, "{name}: stops::evaluate refused {} insertions the screening allowed", out.refused);
+        let vd = |v: usize, d: f64| format!("{v} / {d:.2}");
+        let r = out.replan;
+        println!(
+            "{name:<8} {:>16} {:>16} {:>16} {:>16} {:>8} {secs:>7.2}  {:.0} ms; heuristic feasible on {}/{} routes > {} stops, no later on {}/{}, shorter on {}{}",
+            bk.map_or("?".into(), |b| vd(b.vehicles, b.distance)),
+            vd(out.construction.0, out.construction.1),
+            vd(out.reduced.0, out.reduced.1),
+            vd(out.routes.len(), dist),
+            bk.map_or("?".into(), |b| {
+                // The table has 4 decimals: a rounding difference is no gap.
+                let gap = if (dist - b.distance).abs() < 1e-3 { 0.0 } else { (dist - b.distance) / b.distance * 100.0 };
+                format!("{gap:+.2}%")
+            }),
+            r.seconds * 1e3,
+            r.heuristic_found,
+            r.heuristic_routes,
+            hexfleet_geo::stops::EXACT_MAX_STOPS,
+            r.no_later,
+            r.routes,
+            r.shorter,
+            if r.shorter > 0 { format!(" (-{:.2})", r.saved) } else { String::new() },
+        );
+        if print_routes {
+            for (k, route) in out.routes.iter().enumerate() {
+                println!("  route {:>2}: {}", k + 1, route.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn assign_report(seeds: u64) -> anyhow::Result<()> {
