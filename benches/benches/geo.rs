@@ -75,7 +75,12 @@ fn fence(c: &mut Criterion) {
     let mut rng = Rng::new(4);
     let queries: Vec<_> = (0..4096).map(|_| city_point(&mut rng, 40_000.0)).collect();
     let hits: usize = queries.iter().map(|q| set.containing(*q).len()).sum();
-    eprintln!("fences: 10k, {} cover cells, {:.2} fences per query point on average", set.cover_cells(), hits as f64 / queries.len() as f64);
+    eprintln!(
+        "fences: 10k, {} cover cells, {:.2} fences per query point on average, fences per resolution {:?}",
+        set.cover_cells(),
+        hits as f64 / queries.len() as f64,
+        set.resolutions_in_use()
+    );
     let mut g = c.benchmark_group("fence_10k");
     g.bench_function("point_query", |b| {
         let mut out = Vec::with_capacity(16);
