@@ -88,6 +88,12 @@ pub struct ServeArgs {
     /// How often the retention purge runs (e.g. `1h`, `15m`); it also runs once at start.
     #[arg(long, env = "HEXFLEET_HISTORY_PURGE_INTERVAL", default_value = "1h", value_parser = parse_purge_interval)]
     pub history_purge_interval: Duration,
+    /// Console batch window in milliseconds: positions for a console are conflated (latest per
+    /// courier) and sent at most this often. It bounds update → console latency (p99 is about
+    /// the window plus queueing) and the frames per second each console receives. 20 keeps
+    /// p99 under the 25 ms target; raise it (e.g. 250) to send fewer, larger frames.
+    #[arg(long, env = "HEXFLEET_CONSOLE_BATCH_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(5..=5_000))]
+    pub console_batch_ms: u64,
 }
 
 fn parse_purge_interval(s: &str) -> Result<Duration, String> {

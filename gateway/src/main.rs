@@ -51,6 +51,7 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.workers = a.workers;
     cfg.history_retention = a.history_retention();
     cfg.history_purge_every = a.history_purge_interval;
+    cfg.console_batch = Duration::from_millis(a.console_batch_ms);
     Ok(cfg)
 }
 

@@ -35,6 +35,8 @@ pub struct ServeConfig {
     pub history_retention: Duration,
     /// How often the retention purge runs (and once at start).
     pub history_purge_every: Duration,
+    /// Console batch window (see `--console-batch-ms`).
+    pub console_batch: Duration,
 }
 
 impl ServeConfig {
@@ -51,6 +53,7 @@ impl ServeConfig {
             store: StoreOptions::default(),
             history_retention: Duration::from_secs(30 * 24 * 3600),
             history_purge_every: Duration::from_secs(3600),
+            console_batch: crate::ws::CONSOLE_BATCH,
         }
     }
 }
@@ -65,6 +68,8 @@ pub struct AppState {
     pub main: tokio::runtime::Handle,
     pub shutdown: CancellationToken,
     pub started: std::time::Instant,
+    /// Console batch window.
+    pub console_batch: Duration,
 }
 
 impl AppState {
@@ -149,6 +154,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         main: tokio::runtime::Handle::current(),
         shutdown: shutdown.clone(),
         started: std::time::Instant::now(),
+        console_batch: cfg.console_batch,
     });
     let purge_stop = shutdown.child_token();
     let purge = {

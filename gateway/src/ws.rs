@@ -33,8 +33,11 @@ pub const RATE_BURST: f64 = 200.0;
 pub const MAX_BAD_IN_A_ROW: u32 = 20;
 /// Messages refused by the rate limit (in one burst) after which the session is closed.
 pub const MAX_LIMITED: u32 = 200;
-/// How often the console gets its batches.
-pub const CONSOLE_BATCH: Duration = Duration::from_millis(250);
+/// Default console batch window (`--console-batch-ms`).
+pub const CONSOLE_BATCH: Duration = Duration::from_millis(20);
+
+/// How often a console gets a `stats` message.
+const CONSOLE_STATS_EVERY: Duration = Duration::from_secs(1);
 /// A client that sends nothing (not even a pong) for this long is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -400,9 +403,9 @@ async fn console_session(st: State, tenant: TenantId, mut session: Session, mut 
     let sid = st.broker.add_console(tenant.as_str(), view.clone());
     metrics::gauge!("hexfleet_ws_connections", "kind" => "console").increment(1.0);
     let mut guard = Guard::new();
-    let mut tick = tokio::time::interval(CONSOLE_BATCH);
+    let mut tick = tokio::time::interval(st.console_batch);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ticks: u64 = 0;
+    let mut next_stats = Instant::now();
     let mut last_fixes = (crate::server::fixes_ingested(), Instant::now());
     let close = loop {
         if view.outbox.overflowed() {
@@ -415,7 +418,6 @@ async fn console_session(st: State, tenant: TenantId, mut session: Session, mut 
                 if !flush(&mut session, &view.outbox).await { break None; }
             }
             _ = tick.tick() => {
-                ticks += 1;
                 let (couriers, orders) = view.outbox.take_batches();
                 let mut out = Vec::new();
                 if !couriers.is_empty() {
@@ -424,7 +426,8 @@ async fn console_session(st: State, tenant: TenantId, mut session: Session, mut 
                 if !orders.is_empty() {
                     out.push(json!({ "t": "orders", "seq": view.outbox.next_seq(), "items": orders }).to_string());
                 }
-                if ticks.is_multiple_of(4) {
+                if Instant::now() >= next_stats {
+                    next_stats = Instant::now() + CONSOLE_STATS_EVERY;
                     let (online, open) = st.fleet.counts();
                     let now = (crate::server::fixes_ingested(), Instant::now());
                     let rate = (now.0.saturating_sub(last_fixes.0)) as f64 / now.1.duration_since(last_fixes.1).as_secs_f64().max(0.001);

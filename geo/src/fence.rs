@@ -252,7 +252,6 @@ impl Quick {
 
 #[derive(Debug, Clone)]
 struct Slot {
-    id: FenceId,
     fence: Fence,
     cover: Vec<CellIndex>,
     /// Sequence number of the first insertion of this id ([`FenceSet::seq`]).
@@ -317,7 +316,7 @@ impl FenceSet {
         }
         self.res_use[u8::from(res) as usize] += 1;
         self.ids.insert(id, slot_no);
-        self.slots[slot_no as usize] = Some(Slot { id, fence, cover: cover_cells, added_seq, added_at_ms });
+        self.slots[slot_no as usize] = Some(Slot { fence, cover: cover_cells, added_seq, added_at_ms });
     }
 
     /// Removes a fence; returns its geometry. Trackers close open stays with
