@@ -103,7 +103,7 @@ pub struct CourierState {
     shared: Arc<CourierShared>,
     index: Arc<TenantIndex>,
     rec: CourierRecord,
-    trail: VecDeque<Fix>,
+    trail: VecDeque<TrailFix>,
     held: HashMap<OrderId, Arc<Order>>,
     /// Arrival commands already sent, so one arrival is reported once.
     arrivals_sent: HashSet<(OrderId, OrderState)>,
@@ -126,7 +126,7 @@ impl Actor for CourierActor {
         let st = CourierState {
             ctx: args.ctx,
             index,
-            trail: rec.last_fix.into_iter().collect(),
+            trail: rec.last_fix.map(TrailFix::from).into_iter().collect(),
             rec,
             held,
             arrivals_sent: HashSet::new(),
@@ -175,7 +175,7 @@ impl Actor for CourierActor {
             }
             CourierMsg::OrderChanged(o) => st.on_order(o),
             CourierMsg::Trail(reply) => {
-                let _ = reply.send(st.trail.iter().copied().collect());
+                let _ = reply.send(st.trail.iter().map(|f| f.fix()).collect());
             }
             CourierMsg::FenceRemoved { fence, at } => st.shared.zones.lock().on_fence_removed(&st.ctx, &st.rec, fence, at),
             CourierMsg::Crash => panic!("injected crash in courier actor {}", st.rec.id),
@@ -200,7 +200,7 @@ impl CourierState {
                 // Late fix: into the trail in time order, the live position stays.
                 metrics::counter!("hexfleet_fixes_late_total").increment(1);
                 let at = self.trail.partition_point(|f| f.ts <= fix.ts);
-                self.trail.insert(at, fix);
+                self.trail.insert(at, TrailFix::from(fix));
                 self.trim_trail();
                 continue;
             }
@@ -254,7 +254,7 @@ impl CourierState {
             }
         }
         self.shared.zones.lock().on_fix(&self.ctx, &self.rec, fix);
-        self.trail.push_back(fix);
+        self.trail.push_back(TrailFix::from(fix));
         self.trim_trail();
     }
 
@@ -387,3 +387,70 @@ impl CourierState {
     }
 }
 
+
+/// A trail entry: a [`Fix`] in 24 bytes instead of 48 (the trail is most of a courier's memory).
+/// Coordinates in 1e-7 degrees (about 1 cm), speed in cm/s (to 655 m/s), heading in
+/// centidegrees, accuracy in decimetres (to 6.5 km); `u16::MAX` means absent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TrailFix {
+    ts: Ms,
+    lat_e7: i32,
+    lng_e7: i32,
+    speed_cm_s: u16,
+    heading_cdeg: u16,
+    acc_dm: u16,
+}
+
+const ABSENT: u16 = u16::MAX;
+
+fn pack(v: Option<f32>, scale: f32) -> u16 {
+    // Finite and non-negative on entry (validated at the edge); clamp keeps it so anyway.
+    v.map_or(ABSENT, |v| (v * scale).round().clamp(0.0, f32::from(ABSENT - 1)) as u16)
+}
+
+fn unpack(v: u16, scale: f32) -> Option<f32> {
+    (v != ABSENT).then(|| f32::from(v) / scale)
+}
+
+impl From<Fix> for TrailFix {
+    fn from(f: Fix) -> Self {
+        TrailFix {
+            ts: f.ts,
+            lat_e7: (f.pos.lat * 1e7).round() as i32,
+            lng_e7: (f.pos.lng * 1e7).round() as i32,
+            speed_cm_s: pack(f.speed, 100.0),
+            heading_cdeg: pack(f.heading, 100.0),
+            acc_dm: pack(f.acc, 10.0),
+        }
+    }
+}
+
+impl TrailFix {
+    fn fix(&self) -> Fix {
+        let pos = LatLng::new(f64::from(self.lat_e7) / 1e7, f64::from(self.lng_e7) / 1e7).expect("packed from a valid position");
+        Fix { pos, ts: self.ts, speed: unpack(self.speed_cm_s, 100.0), heading: unpack(self.heading_cdeg, 100.0), acc: unpack(self.acc_dm, 10.0) }
+    }
+}
+
+#[cfg(test)]
+mod trail_tests {
+    use super::*;
+
+    #[test]
+    fn trail_fix_is_small_and_round_trips_within_a_centimetre() {
+        assert_eq!(std::mem::size_of::<TrailFix>(), 24);
+        for (lat, lng) in [(45.5017, -73.5673), (-89.9999999, 179.9999999), (90.0, -180.0), (0.0, 0.0)] {
+            let f = Fix { pos: LatLng::new(lat, lng).unwrap(), ts: 1_700_000_000_123, speed: Some(13.37), heading: Some(359.99), acc: None };
+            let g = TrailFix::from(f).fix();
+            assert!((g.pos.lat - lat).abs() <= 0.6e-7 && (g.pos.lng - lng).abs() <= 0.6e-7, "{g:?}");
+            assert_eq!(g.ts, f.ts);
+            assert!((g.speed.unwrap() - 13.37).abs() < 0.006);
+            assert!((g.heading.unwrap() - 359.99).abs() < 0.006);
+            assert_eq!(g.acc, None);
+        }
+        // Out of the packed range: clamped, not wrapped.
+        let f = Fix { pos: LatLng::new(1.0, 1.0).unwrap(), ts: 0, speed: Some(1e6), heading: None, acc: Some(1e9) };
+        let g = TrailFix::from(f).fix();
+        assert!(g.speed.unwrap() > 600.0 && g.acc.unwrap() > 6_000.0);
+    }
+}

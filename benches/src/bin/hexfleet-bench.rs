@@ -601,11 +601,37 @@ async fn memory_report(couriers: usize, fixes: usize) -> anyhow::Result<()> {
         anyhow::ensure!(n == fixes.min(trail_len), "courier {c} has {n} fixes in its trail");
     }
     let after = rss_kib()?;
+    // The floor: what an idle ractor actor costs (task, mailbox and signal channels),
+    // measured after the fleet so freed memory cannot flatter the fleet's figure.
+    let idle_kib = {
+        struct Idle;
+        impl ractor::Actor for Idle {
+            type Msg = ();
+            type State = ();
+            type Arguments = ();
+            async fn pre_start(&self, _: ractor::ActorRef<()>, (): ()) -> Result<(), ractor::ActorProcessingErr> {
+                Ok(())
+            }
+        }
+        let n = couriers.min(20_000);
+        let r0 = rss_kib()?;
+        let mut refs = Vec::with_capacity(n);
+        for _ in 0..n {
+            refs.push(ractor::Actor::spawn(None, Idle, ()).await.context("spawning an idle actor")?);
+        }
+        let r1 = rss_kib()?;
+        for (a, h) in refs {
+            a.stop(None);
+            let _ = h.await;
+        }
+        (r1 - r0) as f64 / n as f64
+    };
     let n = couriers as f64;
     println!("memory: {couriers} couriers, {fixes} fixes each (trail {trail_len}), {:.1} s", t0.elapsed().as_secs_f64());
     println!("  rss before {before} KiB, couriers created {created} KiB, trails full {after} KiB");
     println!("  per courier: {:.2} KiB created (actor, record, maps), {:.2} KiB after fixes (with trail, index, cells)", (created - before) as f64 / n, (after - before) as f64 / n);
-    println!("  size_of::<Fix>() = {} bytes", std::mem::size_of::<Fix>());
+    println!("  an idle ractor actor alone: {idle_kib:.2} KiB");
+    println!("  size_of::<Fix>() = {} bytes (the trail packs it in 24)", std::mem::size_of::<Fix>());
     f.shutdown().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
