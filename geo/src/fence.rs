@@ -29,6 +29,7 @@
 use std::collections::HashSet;
 
 use geo::coordinate_position::{CoordPos, coord_pos_relative_to_ring};
+use geo::kernels::{Kernel, Orientation, RobustKernel};
 use geo::{BoundingRect, Coord, MultiPolygon, Polygon};
 use smallvec::SmallVec;
 use h3o::geom::{ContainmentMode, TilerBuilder};
@@ -231,10 +232,14 @@ struct CoverEntry {
 /// The first, cheap step of an exact test, kept in a dense array beside the slots so a
 /// boundary hit costs one cache line before any geometry: circles are decided here, polygons
 /// are rejected here when the point is outside their bounding box.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Quick {
     Circle { center: LatLng, radius_m: f64 },
-    /// Degree bounding box (min lng, min lat, max lng, max lat) of the whole multi-polygon.
+    /// A single polygon without holes (the common case): its bounding box and its closed ring,
+    /// one pointer away instead of four (slot → multi-polygon → polygon → ring).
+    Ring { bbox: [f64; 4], ring: Box<[Coord<f64>]> },
+    /// Anything else: the degree bounding box (min lng, min lat, max lng, max lat) of the whole
+    /// multi-polygon; the exact test goes to the fence.
     Boxed([f64; 4]),
 }
 
@@ -242,12 +247,48 @@ impl Quick {
     fn of(fence: &Fence) -> Quick {
         match &fence.shape {
             Shape::Circle { center, radius_m } => Quick::Circle { center: *center, radius_m: *radius_m },
-            Shape::Polygons(_) => {
+            Shape::Polygons(mp) => {
                 let (a, b, c, d) = fence.bbox();
-                Quick::Boxed([a, b, c, d])
+                match mp.0.as_slice() {
+                    [p] if p.interiors().is_empty() => Quick::Ring { bbox: [a, b, c, d], ring: p.exterior().0.clone().into_boxed_slice() },
+                    _ => Quick::Boxed([a, b, c, d]),
+                }
             }
         }
     }
+}
+
+fn in_box(p: LatLng, b: &[f64; 4]) -> bool {
+    !(p.lng < b[0] || p.lat < b[1] || p.lng > b[2] || p.lat > b[3])
+}
+
+/// Inside or on the border of a closed ring: `geo`'s `coord_pos_relative_to_ring` (the same
+/// winding-number rule and robust orientation predicate) over a slice, so the fast path gives
+/// exactly the answer of [`Fence::contains`].
+fn ring_contains(c: Coord<f64>, ring: &[Coord<f64>]) -> bool {
+    let between = |v: f64, a: f64, b: f64| if a < b { v >= a && v <= b } else { v >= b && v <= a };
+    let mut winding = 0i32;
+    for w in ring.windows(2) {
+        let (s, e) = (w[0], w[1]);
+        if s.y <= c.y {
+            if e.y >= c.y {
+                let o = <RobustKernel as Kernel<f64>>::orient2d(s, e, c);
+                if o == Orientation::CounterClockwise && e.y != c.y {
+                    winding += 1;
+                } else if o == Orientation::Collinear && between(c.x, s.x, e.x) {
+                    return true;
+                }
+            }
+        } else if e.y <= c.y {
+            let o = <RobustKernel as Kernel<f64>>::orient2d(s, e, c);
+            if o == Orientation::Clockwise {
+                winding -= 1;
+            } else if o == Orientation::Collinear && between(c.x, s.x, e.x) {
+                return true;
+            }
+        }
+    }
+    winding != 0
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +369,7 @@ impl FenceSet {
     fn remove_slot(&mut self, id: FenceId) -> Option<Slot> {
         let slot_no = self.ids.remove(&id)?;
         let slot = self.slots[slot_no as usize].take().expect("ids point at live slots");
+        self.quick[slot_no as usize] = Quick::Boxed([0.0; 4]);
         for cell in &slot.cover {
             if let Some(v) = self.cells.get_mut(cell) {
                 v.retain(|e| e.slot != slot_no);
@@ -411,11 +453,11 @@ impl FenceSet {
             let Some(entries) = self.cells.get(&cell) else { continue };
             for e in entries {
                 let inside = e.interior
-                    || match self.quick[e.slot as usize] {
-                        Quick::Circle { center, radius_m } => haversine_m(center, p) <= radius_m,
+                    || match &self.quick[e.slot as usize] {
+                        Quick::Circle { center, radius_m } => haversine_m(*center, p) <= *radius_m,
+                        Quick::Ring { bbox, ring } => in_box(p, bbox) && ring_contains(Coord { x: p.lng, y: p.lat }, ring),
                         Quick::Boxed(b) => {
-                            !(p.lng < b[0] || p.lat < b[1] || p.lng > b[2] || p.lat > b[3])
-                                && self.slots[e.slot as usize].as_ref().expect("cover points at live slots").fence.contains(p)
+                            in_box(p, b) && self.slots[e.slot as usize].as_ref().expect("cover points at live slots").fence.contains(p)
                         }
                     };
                 if inside {
@@ -759,6 +801,35 @@ impl FenceTracker {
 mod tests {
     use super::*;
     use geo::Intersects;
+
+    #[test]
+    fn ring_fast_path_matches_geo_on_corners_edges_and_around() {
+        let poly = Polygon::new(
+            geo::LineString::from(vec![(-73.60, 45.50), (-73.55, 45.49), (-73.52, 45.53), (-73.56, 45.52), (-73.58, 45.56), (-73.60, 45.50)]),
+            vec![],
+        );
+        let ring = poly.exterior().0.clone();
+        let mut pts: Vec<Coord<f64>> = ring.clone();
+        for w in ring.windows(2) {
+            pts.push(Coord { x: (w[0].x + w[1].x) / 2.0, y: (w[0].y + w[1].y) / 2.0 });
+            pts.push(Coord { x: w[0].x, y: w[1].y });
+            pts.push(Coord { x: w[1].x, y: w[0].y });
+        }
+        let mut k = 0u64;
+        for _ in 0..2_000 {
+            k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let (a, b) = ((k >> 11) as f64 / (1u64 << 53) as f64, ((k >> 3) & 0xFFFF) as f64 / 65_536.0);
+            pts.push(Coord { x: -73.61 + a * 0.10, y: 45.48 + b * 0.09 });
+        }
+        for c in pts {
+            assert_eq!(ring_contains(c, &ring), poly.intersects(&c), "{c:?}");
+        }
+        let mut set = FenceSet::new();
+        set.insert(1, Fence::polygon(poly.clone()).unwrap(), 0);
+        assert!(matches!(set.quick[0], Quick::Ring { .. }), "a simple polygon takes the ring fast path");
+        set.remove(1);
+        assert!(matches!(set.quick[0], Quick::Boxed(_)), "removal frees the ring");
+    }
     use geo::{LineString, polygon};
     use proptest::prelude::*;
 
