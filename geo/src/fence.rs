@@ -451,17 +451,35 @@ impl FenceSet {
             }
             let cell = if r == finest { base } else { base.parent(Resolution::try_from(r).expect("0..16")).expect("coarser") };
             let Some(entries) = self.cells.get(&cell) else { continue };
+            // Two passes so the independent loads of the cheap tests overlap (the time here is
+            // cache misses, not arithmetic): interior hits and circles and bounding boxes
+            // first, then the exact ring tests of what is left.
+            let mut exact: SmallVec<[(u32, FenceId); 8]> = SmallVec::new();
             for e in entries {
-                let inside = e.interior
-                    || match &self.quick[e.slot as usize] {
-                        Quick::Circle { center, radius_m } => haversine_m(*center, p) <= *radius_m,
-                        Quick::Ring { bbox, ring } => in_box(p, bbox) && ring_contains(Coord { x: p.lng, y: p.lat }, ring),
-                        Quick::Boxed(b) => {
-                            in_box(p, b) && self.slots[e.slot as usize].as_ref().expect("cover points at live slots").fence.contains(p)
-                        }
-                    };
-                if inside {
+                if e.interior {
                     f(e.id);
+                    continue;
+                }
+                match &self.quick[e.slot as usize] {
+                    Quick::Circle { center, radius_m } => {
+                        if haversine_m(*center, p) <= *radius_m {
+                            f(e.id);
+                        }
+                    }
+                    Quick::Ring { bbox, .. } | Quick::Boxed(bbox) => {
+                        if in_box(p, bbox) {
+                            exact.push((e.slot, e.id));
+                        }
+                    }
+                }
+            }
+            for (slot, id) in exact {
+                let inside = match &self.quick[slot as usize] {
+                    Quick::Ring { ring, .. } => ring_contains(Coord { x: p.lng, y: p.lat }, ring),
+                    _ => self.slots[slot as usize].as_ref().expect("cover points at live slots").fence.contains(p),
+                };
+                if inside {
+                    f(id);
                 }
             }
         }
