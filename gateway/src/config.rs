@@ -94,6 +94,12 @@ pub struct ServeArgs {
     /// p99 under the 25 ms target; raise it (e.g. 250) to send fewer, larger frames.
     #[arg(long, env = "HEXFLEET_CONSOLE_BATCH_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(5..=5_000))]
     pub console_batch_ms: u64,
+    /// How often the fleet index (R-tree) is rebuilt from live positions, in milliseconds:
+    /// the most `nearby`, dispatch and console snapshots lag behind. Each rebuild bulk-loads
+    /// every courier of a tenant whose index changed (about 8 ms for 20k couriers, 46 ms for
+    /// 100k) on a blocking thread.
+    #[arg(long, env = "HEXFLEET_INDEX_REBUILD_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub index_rebuild_ms: u64,
 }
 
 fn parse_purge_interval(s: &str) -> Result<Duration, String> {
@@ -132,6 +138,7 @@ impl ServeArgs {
             auto_accept_tenants: self.auto_accept_tenants.clone(),
             dispatch_policy: hexfleet_actors::fleet::DispatchPolicy::parse(&self.dispatch_policy).unwrap_or_default(),
             batch_max_delay_s: self.batch_max_delay_s.max(0.0),
+            index_rebuild: Duration::from_millis(self.index_rebuild_ms),
             ..Default::default()
         }
     }
