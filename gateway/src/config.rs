@@ -259,6 +259,20 @@ mod tests {
     }
 
     #[test]
+    fn console_window_and_index_period_defaults_and_bounds() {
+        let cli = Cli::try_parse_from(["hexfleet", "serve"]).unwrap();
+        let Cmd::Serve(s) = cli.cmd else { panic!() };
+        assert_eq!((s.console_batch_ms, s.index_rebuild_ms), (20, 100));
+        assert_eq!(s.fleet_config().index_rebuild, Duration::from_millis(100));
+        let cli = Cli::try_parse_from(["hexfleet", "serve", "--console-batch-ms", "250", "--index-rebuild-ms", "200"]).unwrap();
+        let Cmd::Serve(s) = cli.cmd else { panic!() };
+        assert_eq!((s.console_batch_ms, s.index_rebuild_ms), (250, 200));
+        assert_eq!(s.fleet_config().index_rebuild, Duration::from_millis(200));
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--console-batch-ms", "0"]).is_err());
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--index-rebuild-ms", "1"]).is_err());
+    }
+
+    #[test]
     fn history_retention_defaults_and_bounds() {
         let cli = Cli::try_parse_from(["hexfleet", "serve"]).unwrap();
         let Cmd::Serve(s) = cli.cmd else { panic!() };
