@@ -33,6 +33,10 @@ impl Rng {
     pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
         lo + (hi - lo) * self.f()
     }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.f() * n as f64) as usize).min(n - 1)
+    }
 }
 
 /// A uniformly random point in a square of `side_m` metres around [`CENTER`].

@@ -32,6 +32,7 @@
 //! [`stops::evaluate`] on the whole route (a refusal is counted, see [`Outcome::refused`]).
 
 use hexfleet_geo::stops::{self, RouteEnd, RouteProblem, Stop, StopKind};
+use crate::Rng;
 
 /// One node of an instance.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -520,27 +521,9 @@ impl Sol {
     }
 }
 
-/// Small deterministic generator (xorshift64*).
-#[derive(Debug, Clone)]
-struct XorShift(u64);
-
-impl XorShift {
-    fn f(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        ((self.f() * n as f64) as usize).min(n - 1)
-    }
-}
-
 struct Search<'a> {
     inst: &'a Instance,
-    rng: XorShift,
+    rng: Rng,
     /// Request of each node.
     req_of: Vec<usize>,
     /// The longest distance between two nodes.
@@ -557,7 +540,7 @@ impl<'a> Search<'a> {
             req_of[d] = q;
         }
         let max_dist = inst.dist.iter().copied().fold(0.0, f64::max);
-        Search { inst, rng: XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1), req_of, max_dist, refused: 0, iterations: 0 }
+        Search { inst, rng: Rng::new(seed), req_of, max_dist, refused: 0, iterations: 0 }
     }
 
     /// The cheapest insertion of request `q` into `route`; an empty route costs a vehicle.

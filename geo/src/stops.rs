@@ -16,9 +16,9 @@
 //!   lateness) pair makes it exact even with waiting and lateness, because both the remaining
 //!   time and the remaining lateness only grow with the arrival time. Labels that miss a hard
 //!   window are dropped (an earlier label never misses one a later label meets).
-//! * Beyond: cheapest insertion of each request (pickup/drop-off pair, or lone drop-off) in
-//!   order of deadline, then local search — relocate a request to its best position and
-//!   reverse segments (2-opt) when precedence allows — until no move improves.
+//! * Beyond: cheapest insertion of each request (pickup/drop-off pair, or lone drop-off) from
+//!   several request orders, then local search (relocate a request, move a stop, reverse a
+//!   segment) and seeded ruin-and-recreate; see [`plan_heuristic`].
 
 /// Routes up to this many stops are solved exactly by [`plan`].
 pub const EXACT_MAX_STOPS: usize = 8;

@@ -1,18 +1,15 @@
 //! The stop planner's hard windows on the Li & Lim PDPTW benchmark (`shared/data/pdptw/`).
 //!
-//! The multi-vehicle search is benchmark code and lives in the bench crate
-//! (`benches/src/lilim.rs`, run by `hexfleet-bench lilim`, figures in BENCHMARKS.md). It needs
-//! nothing but this crate and std, so it is compiled into this test directly: a change to
-//! `stops` that breaks it fails here, with the geo tests.
+//! The multi-vehicle search is benchmark code (`benches/src/lilim.rs`, run by
+//! `hexfleet-bench lilim`, figures in BENCHMARKS.md); a change to `stops` that breaks it fails
+//! here.
 
+// The one locator of `shared/data` (fails under CI=true when the data is missing).
+#[path = "../../geo/tests/common/mod.rs"]
 mod common;
 
-#[allow(dead_code)]
-#[path = "../../benches/src/lilim.rs"]
-mod lilim;
-
+use hexfleet_benches::lilim::{self, Instance, Params, best_known, route_problem, route_travel, solve, validate};
 use hexfleet_geo::stops;
-use lilim::{Instance, Params, best_known, route_problem, route_travel, solve, validate};
 
 fn lc101() -> Option<(Instance, lilim::BestKnown)> {
     let text = common::shared_data("pdptw/lc101.txt")?;
