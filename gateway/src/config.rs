@@ -92,7 +92,7 @@ pub struct ServeArgs {
     /// courier) and sent at most this often. It bounds update → console latency (p99 is about
     /// the window plus queueing) and the frames per second each console receives. 20 keeps
     /// p99 under the 25 ms target; raise it (e.g. 250) to send fewer, larger frames.
-    #[arg(long, env = "HEXFLEET_CONSOLE_BATCH_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(5..=5_000))]
+    #[arg(long, env = "HEXFLEET_CONSOLE_BATCH_MS", default_value_t = crate::ws::CONSOLE_BATCH.as_millis() as u64, value_parser = clap::value_parser!(u64).range(5..=5_000))]
     pub console_batch_ms: u64,
     /// How often the fleet index (R-tree) is rebuilt from live positions, in milliseconds:
     /// the most `nearby`, dispatch and console snapshots lag behind. Each rebuild bulk-loads

@@ -125,7 +125,7 @@ impl Fence {
                 // borders inside), with the bounding boxes cached.
                 let c = Coord { x: p.lng, y: p.lat };
                 mp.0.iter().zip(&self.boxes).any(|(poly, b)| {
-                    if c.x < b[0] || c.y < b[1] || c.x > b[2] || c.y > b[3] {
+                    if !in_box(p, b) {
                         return false;
                     }
                     match coord_pos_relative_to_ring(c, poly.exterior()) {

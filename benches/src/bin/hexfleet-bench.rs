@@ -535,11 +535,9 @@ async fn restart_report(database_url: Option<String>, couriers: usize, orders: u
     Ok(())
 }
 
-/// Resident set size of this process in KiB (`VmRSS`).
+/// Resident set size of this process in KiB.
 fn rss_kib() -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string("/proc/self/status")?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+    hexfleet_sim::load::read_rss_kib(std::process::id())
 }
 
 async fn memory_report(couriers: usize, fixes: usize) -> anyhow::Result<()> {
