@@ -190,7 +190,7 @@ impl CourierState {
         let cfg = &ctx.config;
         let mut moved = false;
         for fix in fixes {
-            metrics::counter!("hexfleet_fixes_total").increment(1);
+            ctx.fixes_total.increment(1);
             let Some(last) = self.rec.last_fix else {
                 self.accept(fix);
                 moved = true;

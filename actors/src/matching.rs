@@ -90,7 +90,7 @@ pub(crate) fn plan_round(
 ) -> Round {
     let cfg = &ctx.config;
     let index = ctx.positions.tenant(tenant);
-    let snap = index.snapshot();
+    let snap = index.fresh_blocking(cfg.index_rebuild);
     let mut cols: Vec<Col> = Vec::new();
     let mut col_of: HashMap<CourierKey, Option<u32>> = HashMap::new();
     let mut pairs: Vec<assign::Candidate> = Vec::new();

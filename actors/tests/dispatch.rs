@@ -54,10 +54,13 @@ impl World {
 
     /// Waits until the index snapshot shows `c` at `pos` with the given availability.
     async fn wait_indexed(&self, c: &CourierId, pos: LatLng, available: bool) {
-        let ok = eventually(|| {
-            self.f.nearby(&self.t, pos, 50, Some(1.0)).iter().any(|n| n.courier.id == *c && (n.courier.status == CourierStatus::Available) == available)
+        let ok = tokio::time::timeout(DEADLINE, async {
+            while !self.f.nearby(&self.t, pos, 50, Some(1.0)).await.iter().any(|n| n.courier.id == *c && (n.courier.status == CourierStatus::Available) == available) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         })
-        .await;
+        .await
+        .is_ok();
         assert!(ok, "courier {c} never showed up in the index");
     }
 

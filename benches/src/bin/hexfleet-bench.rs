@@ -292,7 +292,7 @@ async fn fleet_with(store: Arc<dyn Store>, couriers: usize, config: FleetConfig)
     // Wait until the index snapshot has them all.
     let probe = city_point(&mut Rng::new(1), 1.0);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while f.nearby(&t, probe, couriers, None).len() < couriers {
+    while f.nearby(&t, probe, couriers, None).await.len() < couriers {
         anyhow::ensure!(Instant::now() < deadline, "couriers never all reached the index");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -518,7 +518,7 @@ async fn restart_report(database_url: Option<String>, couriers: usize, orders: u
     let total = started.elapsed();
     let (nc, no) = f.counts();
     let probe = city_point(&mut Rng::new(1), 1.0);
-    let indexed = f.nearby(&t, probe, couriers, None).len();
+    let indexed = f.nearby(&t, probe, couriers, None).await.len();
     println!(
         "restart on {}: {nc} couriers and {no} open orders back in {:.2} s (store open + migrations {:.2} s, load + actors + index {:.2} s); {indexed} couriers in the index; seeding took {:.1} s",
         if url.starts_with("postgres") { "PostgreSQL" } else { "SQLite" },
