@@ -138,7 +138,7 @@ struct OutboxInner {
     /// Conflated messages by key (latest wins), e.g. one slot per courier.
     latest: HashMap<String, String>,
     /// Console batches: courier items and order items by id (latest wins), flushed by a ticker.
-    batch_couriers: HashMap<Arc<str>, ConsoleCourier>,
+    batch_couriers: HashMap<Arc<str>, Arc<ConsoleItem>>,
     batch_orders: HashMap<String, Value>,
 }
 
@@ -186,14 +186,16 @@ impl Outbox {
     }
 
     /// Queues a courier's latest position for the next console batch (latest wins).
-    fn batch_courier(&self, item: &ConsoleCourier) {
-        self.inner.lock().batch_couriers.insert(item.id.clone(), item.clone());
+    fn batch_courier(&self, item: &Arc<ConsoleItem>) {
+        self.inner.lock().batch_couriers.insert(item.courier.id.clone(), item.clone());
     }
 
     /// A status change without a position merges into the pending item, if any.
     fn batch_status(&self, id: &str, status: &'static str) {
-        if let Some(prev) = self.inner.lock().batch_couriers.get_mut(id) {
-            prev.status = status;
+        if let Some(prev) = self.inner.lock().batch_couriers.get_mut(id)
+            && prev.courier.status != status
+        {
+            *prev = ConsoleItem::new(ConsoleCourier { status, ..prev.courier.clone() });
         }
     }
 
@@ -220,16 +222,13 @@ impl Outbox {
     }
 
     /// Takes the console batches.
-    pub fn take_batches(&self) -> (Vec<ConsoleCourier>, Vec<Value>) {
+    pub fn take_batches(&self) -> (Vec<Arc<ConsoleItem>>, Vec<Value>) {
         let mut g = self.inner.lock();
         (g.batch_couriers.drain().map(|(_, v)| v).collect(), g.batch_orders.drain().map(|(_, v)| v).collect())
     }
 }
 
-/// A courier item of a console `couriers` batch. Built once per position update and shared by
-/// every console that sees it: a typed value, cheap to clone (two `Arc` bumps), serialised once
-/// per batch. (It was a `serde_json::Value` map per console, which made allocation the largest
-/// cost under load; see BENCHMARKS.md.)
+/// A courier item of a console `couriers` batch, typed.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConsoleCourier {
     #[serde(serialize_with = "ser_arc_str")]
@@ -240,6 +239,40 @@ pub struct ConsoleCourier {
     pub status: &'static str,
     pub speed: Option<f32>,
     pub heading: Option<f32>,
+}
+
+/// A console item as queued: built and rendered to JSON once per position update, then shared
+/// (one `Arc` bump) by every console that sees it. A batch is the rendered items joined, so an
+/// update is serialised once however many consoles watch. (It was a `serde_json::Value` map
+/// per console, later a typed item serialised per console; see BENCHMARKS.md.)
+#[derive(Debug)]
+pub struct ConsoleItem {
+    pub courier: ConsoleCourier,
+    json: String,
+}
+
+impl ConsoleItem {
+    pub fn new(courier: ConsoleCourier) -> Arc<Self> {
+        let json = serde_json::to_string(&courier).unwrap_or_default();
+        Arc::new(ConsoleItem { courier, json })
+    }
+}
+
+/// A console `couriers` message holding `items`.
+pub fn couriers_batch_json(seq: u64, items: &[Arc<ConsoleItem>]) -> String {
+    let len: usize = items.iter().map(|i| i.json.len() + 1).sum();
+    let mut out = String::with_capacity(len + 48);
+    out.push_str(r#"{"t":"couriers","seq":"#);
+    out.push_str(&seq.to_string());
+    out.push_str(r#","items":["#);
+    for (n, i) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str(&i.json);
+    }
+    out.push_str("]}");
+    out
 }
 
 fn ser_arc_str<S: serde::Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
@@ -264,17 +297,47 @@ struct TrackStream {
 pub struct ConsoleView {
     pub outbox: Arc<Outbox>,
     /// `[min_lng, min_lat, max_lng, max_lat]`; `None` until the client subscribes.
-    /// Read on every position update by every worker: an `ArcSwapOption` (no shared write on
-    /// read), not a mutex, whose cache line bounced between threads (2.5 % of server CPU).
-    pub bbox: arc_swap::ArcSwapOption<[f64; 4]>,
+    bbox: ViewBox,
+}
+
+/// A console's box, read on every position update by every thread: four atomics, so a read
+/// writes nothing shared. (A mutex here bounced its cache line between threads, and an
+/// `ArcSwapOption` still cost 2.5 % of server CPU.) A read racing with a re-subscribe may mix
+/// the old and new box for that one update, which at worst sends or skips one position.
+#[derive(Debug)]
+struct ViewBox {
+    set: AtomicBool,
+    b: [AtomicU64; 4],
 }
 
 impl ConsoleView {
+    pub fn new(outbox: Arc<Outbox>, bbox: Option<[f64; 4]>) -> Self {
+        let v = ConsoleView { outbox, bbox: ViewBox { set: AtomicBool::new(false), b: Default::default() } };
+        if let Some(b) = bbox {
+            v.set_bbox(b);
+        }
+        v
+    }
+
+    /// Subscribes the view to a new box.
+    pub fn set_bbox(&self, b: [f64; 4]) {
+        for (slot, v) in self.bbox.b.iter().zip(b) {
+            slot.store(v.to_bits(), Ordering::Relaxed);
+        }
+        self.bbox.set.store(true, Ordering::Release);
+    }
+
+    fn subscribed(&self) -> bool {
+        self.bbox.set.load(Ordering::Acquire)
+    }
+
     fn sees(&self, lat: f64, lng: f64) -> bool {
-        self.bbox.load().as_deref().is_some_and(|b| {
-            let lng_ok = if b[0] <= b[2] { lng >= b[0] && lng <= b[2] } else { lng >= b[0] || lng <= b[2] };
-            lng_ok && lat >= b[1] && lat <= b[3]
-        })
+        if !self.subscribed() {
+            return false;
+        }
+        let b = self.bbox.b.each_ref().map(|a| f64::from_bits(a.load(Ordering::Relaxed)));
+        let lng_ok = if b[0] <= b[2] { lng >= b[0] && lng <= b[2] } else { lng >= b[0] || lng <= b[2] };
+        lng_ok && lat >= b[1] && lat <= b[3]
     }
 }
 
@@ -432,14 +495,16 @@ impl Broker {
                 if let Some(cs) = self.local.consoles.get(tenant) {
                     let mut item = None;
                     for (_, v) in cs.iter().filter(|(_, v)| v.sees(*lat, *lng)) {
-                        let item = item.get_or_insert_with(|| ConsoleCourier {
-                            id: Arc::from(courier.as_str()),
-                            lat: *lat,
-                            lng: *lng,
-                            ts: *ts,
-                            status: status_name(status),
-                            speed: *speed,
-                            heading: *heading,
+                        let item = item.get_or_insert_with(|| {
+                            ConsoleItem::new(ConsoleCourier {
+                                id: Arc::from(courier.as_str()),
+                                lat: *lat,
+                                lng: *lng,
+                                ts: *ts,
+                                status: status_name(status),
+                                speed: *speed,
+                                heading: *heading,
+                            })
                         });
                         v.outbox.batch_courier(item);
                     }
@@ -492,7 +557,7 @@ impl Broker {
             }
             Fanout::Zone { tenant, id, feature } => {
                 if let Some(cs) = self.local.consoles.get(tenant) {
-                    for (_, v) in cs.iter().filter(|(_, v)| v.bbox.load().is_some()) {
+                    for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
                         let m = match feature {
                             Some(f) => json!({ "t": "zones", "seq": v.outbox.next_seq(), "items": [f] }),
                             None => json!({ "t": "zones", "seq": v.outbox.next_seq(), "items": [], "deleted": [id] }),
@@ -503,7 +568,7 @@ impl Broker {
             }
             Fanout::Event { tenant, event } => {
                 if let Some(cs) = self.local.consoles.get(tenant) {
-                    for (_, v) in cs.iter().filter(|(_, v)| v.bbox.load().is_some()) {
+                    for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
                         let m = json!({ "t": "event", "seq": v.outbox.next_seq(), "event": event });
                         v.outbox.push(m.to_string());
                     }
@@ -680,7 +745,7 @@ mod tests {
     #[test]
     fn console_sees_only_its_box_and_its_tenant() {
         let b = Broker::local("n");
-        let v = Arc::new(ConsoleView { outbox: Outbox::new(8), bbox: arc_swap::ArcSwapOption::from_pointee([13.0, 52.0, 14.0, 53.0]) });
+        let v = Arc::new(ConsoleView::new(Outbox::new(8), Some([13.0, 52.0, 14.0, 53.0])));
         b.add_console("t", v.clone());
         b.deliver_local(&position("in", "o", 52.5));
         b.deliver_local(&position("out", "o", 54.5));
@@ -690,7 +755,21 @@ mod tests {
         }
         b.deliver_local(&other);
         let (couriers, _) = v.outbox.take_batches();
-        let ids: Vec<&str> = couriers.iter().map(|c| &*c.id).collect();
+        let ids: Vec<&str> = couriers.iter().map(|c| &*c.courier.id).collect();
         assert_eq!(ids, vec!["in"]);
+        // The rendered batch is valid JSON with the typed fields.
+        let msg: Value = serde_json::from_str(&couriers_batch_json(7, &couriers)).unwrap();
+        assert_eq!(msg["t"], "couriers");
+        assert_eq!(msg["seq"], 7);
+        assert_eq!(msg["items"][0]["id"], "in");
+        assert_eq!(msg["items"][0]["lat"], 52.5);
+        assert_eq!(serde_json::from_str::<Value>(&couriers_batch_json(8, &[])).unwrap()["items"], json!([]));
+        // A status change merges into the pending item and its rendering.
+        b.deliver_local(&position("in", "o", 52.6));
+        b.deliver_local(&Fanout::Status { tenant: "t".into(), courier: "in".into(), status: "offline".into() });
+        let (couriers, _) = v.outbox.take_batches();
+        let msg: Value = serde_json::from_str(&couriers_batch_json(9, &couriers)).unwrap();
+        assert_eq!(msg["items"][0]["status"], "offline");
+        assert_eq!(msg["items"][0]["lat"], 52.6);
     }
 }

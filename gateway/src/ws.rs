@@ -399,7 +399,7 @@ fn valid_bbox(b: &[f64; 4]) -> bool {
 }
 
 async fn console_session(st: State, tenant: TenantId, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
-    let view = Arc::new(ConsoleView { outbox: Outbox::new(OUTBOX_CAPACITY), bbox: arc_swap::ArcSwapOption::empty() });
+    let view = Arc::new(ConsoleView::new(Outbox::new(OUTBOX_CAPACITY), None));
     let sid = st.broker.add_console(tenant.as_str(), view.clone());
     metrics::gauge!("hexfleet_ws_connections", "kind" => "console").increment(1.0);
     let mut guard = Guard::new();
@@ -421,7 +421,7 @@ async fn console_session(st: State, tenant: TenantId, mut session: Session, mut 
                 let (couriers, orders) = view.outbox.take_batches();
                 let mut out = Vec::new();
                 if !couriers.is_empty() {
-                    out.push(batch_json("couriers", view.outbox.next_seq(), &couriers));
+                    out.push(crate::broker::couriers_batch_json(view.outbox.next_seq(), &couriers));
                 }
                 if !orders.is_empty() {
                     out.push(batch_json("orders", view.outbox.next_seq(), &orders));
@@ -449,7 +449,7 @@ async fn console_session(st: State, tenant: TenantId, mut session: Session, mut 
                     match serde_json::from_str::<ConsoleIn>(&text) {
                         Ok(ConsoleIn::Subscribe { bbox }) if valid_bbox(&bbox) => {
                             guard.good();
-                            view.bbox.store(Some(Arc::new(bbox)));
+                            view.set_bbox(bbox);
                             if !console_snapshot(&st, &tenant, &view, bbox, &mut session).await { break None; }
                         }
                         Ok(ConsoleIn::Subscribe { .. }) => {
