@@ -577,7 +577,7 @@ impl Fleet {
     }
 
     /// Hands validated fixes to the courier (hot path; never waits on the actor).
-    pub fn ingest(&self, tenant: &TenantId, id: &CourierId, fixes: Vec<Fix>) -> Result<(), FleetError> {
+    pub fn ingest(&self, tenant: &TenantId, id: &CourierId, fixes: impl IntoIterator<Item = Fix>) -> Result<(), FleetError> {
         let h = self.ctx.couriers.get(&(tenant.clone(), id.clone())).ok_or(FleetError::NotFound { what: "courier" })?;
         if h.shared.inbox.push(fixes) {
             h.actor.cast(CourierMsg::Drain).map_err(|_| FleetError::ActorGone("courier"))?;

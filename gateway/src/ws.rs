@@ -34,7 +34,7 @@ pub const MAX_BAD_IN_A_ROW: u32 = 20;
 /// Messages refused by the rate limit (in one burst) after which the session is closed.
 pub const MAX_LIMITED: u32 = 200;
 /// Default console batch window (`--console-batch-ms`).
-pub const CONSOLE_BATCH: Duration = Duration::from_millis(20);
+pub const CONSOLE_BATCH: Duration = Duration::from_millis(10);
 
 /// How often a console gets a `stats` message.
 const CONSOLE_STATS_EVERY: Duration = Duration::from_secs(1);
@@ -116,7 +116,8 @@ async fn flush(session: &mut Session, outbox: &Outbox) -> bool {
 
 /// What one read of the socket gave.
 enum Input {
-    Text(String),
+    /// A text frame, as received (no copy).
+    Text(bytestring::ByteString),
     Closed,
     Other,
     Fatal(CloseReason),
@@ -126,13 +127,13 @@ async fn read(stream: &mut actix_ws::AggregatedMessageStream, session: &mut Sess
     match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
         Err(_) => Input::Fatal(CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) }),
         Ok(None) | Ok(Some(Ok(AggregatedMessage::Close(_)))) => Input::Closed,
-        Ok(Some(Ok(AggregatedMessage::Text(t)))) => Input::Text(t.to_string()),
+        Ok(Some(Ok(AggregatedMessage::Text(t)))) => Input::Text(t),
         Ok(Some(Ok(AggregatedMessage::Ping(p)))) => {
             let _ = session.pong(&p).await;
             Input::Other
         }
         Ok(Some(Ok(AggregatedMessage::Pong(_)))) => Input::Other,
-        Ok(Some(Ok(AggregatedMessage::Binary(_)))) => Input::Text(String::new()),
+        Ok(Some(Ok(AggregatedMessage::Binary(_)))) => Input::Text(bytestring::ByteString::new()),
         Ok(Some(Err(e))) => {
             metrics::counter!("hexfleet_ws_protocol_errors_total").increment(1);
             let (code, why) = match e {
@@ -232,7 +233,7 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, text:
         && f.t == "loc"
     {
         let l = LocDto { lat: f.lat, lng: f.lng, ts: f.ts, speed: f.speed, heading: f.heading, acc: f.acc };
-        st.fleet.ingest(tenant, id, vec![l.to_fix(now)?])?;
+        st.fleet.ingest(tenant, id, [l.to_fix(now)?])?;
         crate::server::count_fixes(1);
         return Ok(());
     }
@@ -240,7 +241,7 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, text:
     match msg {
         CourierIn::Loc(l) => {
             let fix = l.to_fix(now)?;
-            st.fleet.ingest(tenant, id, vec![fix])?;
+            st.fleet.ingest(tenant, id, [fix])?;
             crate::server::count_fixes(1);
         }
         CourierIn::Locs { items } => {
