@@ -73,6 +73,9 @@ pub struct LoadConfig {
     pub seed: u64,
     /// Print a progress line to stderr every second.
     pub progress: bool,
+    /// Create every courier over HTTP (`PUT /v1/couriers/{id}`) before connecting, and read
+    /// the server's memory in between, so the connection figure counts sockets alone.
+    pub preregister: bool,
 }
 
 impl Default for LoadConfig {
@@ -98,6 +101,7 @@ impl Default for LoadConfig {
             redis_pipeline: 64,
             seed: 1,
             progress: true,
+            preregister: false,
         }
     }
 }
@@ -148,10 +152,16 @@ pub struct RedisReport {
 pub struct MemoryReport {
     pub pid: u32,
     pub rss_before_kib: u64,
+    /// With `--preregister`: after every courier was created over HTTP, before any socket.
+    pub rss_registered_kib: Option<u64>,
     pub rss_connected_kib: u64,
     pub rss_after_updates_kib: u64,
-    /// (connected − before) / open sockets (couriers + watchers).
+    /// (connected − before) / open sockets (couriers + watchers); with `--preregister`,
+    /// (connected − registered) / open sockets: the sockets alone.
     pub kib_per_connection: f64,
+    /// With `--preregister`: (registered − before) / couriers: a courier's actor, record and
+    /// maps before its first position.
+    pub kib_per_courier_registered: Option<f64>,
     /// (after updates − before) / couriers: socket plus live state of one courier.
     pub kib_per_courier: f64,
     /// (after updates − connected) / couriers: what sending positions added.
@@ -362,6 +372,14 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
     let run_started_ms = crate::unix_ms();
 
     let mem_before = cfg.server_pid.map(read_rss_kib).transpose()?;
+    let mem_registered = match (cfg.preregister, cfg.server_pid) {
+        (true, Some(pid)) => {
+            preregister(&cfg, &server, &mint, run_started_ms).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Some(read_rss_kib(pid)?)
+        }
+        _ => None,
+    };
 
     // Watchers first, so they see the first updates.
     let mut readers = JoinSet::new();
@@ -461,7 +479,7 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
         // Let the server settle (allocations of the handshakes, lazily created state).
         tokio::time::sleep(Duration::from_millis(500)).await;
         let connected = read_rss_kib(pid)?;
-        report.memory = Some(MemoryReport { pid, rss_connected_kib: connected, ..Default::default() });
+        report.memory = Some(MemoryReport { pid, rss_connected_kib: connected, rss_registered_kib: mem_registered, ..Default::default() });
     }
 
     // Tracking: a few couriers go available, get an order each, and a customer watches it.
@@ -551,7 +569,9 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
         let couriers = report.couriers_connected.max(1) as f64;
         mem.rss_before_kib = before;
         mem.rss_after_updates_kib = after;
-        mem.kib_per_connection = (mem.rss_connected_kib as f64 - before as f64) / conns;
+        let base = mem.rss_registered_kib.unwrap_or(before);
+        mem.kib_per_connection = (mem.rss_connected_kib as f64 - base as f64) / conns;
+        mem.kib_per_courier_registered = mem.rss_registered_kib.map(|r| (r as f64 - before as f64) / couriers);
         mem.kib_per_courier = (after as f64 - before as f64) / couriers;
         mem.kib_per_courier_state = (after as f64 - mem.rss_connected_kib as f64) / couriers;
     }
@@ -705,6 +725,24 @@ async fn read_courier(mut stream: WsRead, c: Arc<Counters>, ctl: mpsc::Sender<Co
 enum WatchKind {
     Console,
     Track,
+}
+
+/// Creates the run's couriers over HTTP, `connect_concurrency` requests at a time.
+async fn preregister(cfg: &LoadConfig, server: &Server, mint: &TokenMint, run_started_ms: i64) -> anyhow::Result<()> {
+    let admin = mint.dispatcher()?;
+    let started = Instant::now();
+    let mut results = futures_util::stream::iter((0..cfg.couriers).map(|i| {
+        let path = format!("/v1/couriers/{}", load_courier_id(i, cfg.track, run_started_ms));
+        let admin = &admin;
+        async move { crate::net::request_json(server, "PUT", &path, admin, &serde_json::json!({}), cfg.connect_timeout).await }
+    }))
+    .buffer_unordered(cfg.connect_concurrency.clamp(1, 64));
+    while let Some(r) = results.next().await {
+        let r = r.context("registering a courier")?;
+        anyhow::ensure!(r.status == 200, "registering a courier: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body));
+    }
+    tracing::info!(couriers = cfg.couriers, seconds = started.elapsed().as_secs_f64(), "couriers registered");
+    Ok(())
 }
 
 /// A console `couriers` batch, reduced to what latency needs (other fields are skipped).
@@ -1047,8 +1085,15 @@ impl LoadReport {
         }
         row("errors", format!("{} send, {} server error frames, {} disconnects", self.send_errors, self.server_error_frames, self.disconnects));
         if let Some(m) = &self.memory {
-            row("server rss (KiB)", format!("before {}  connected {}  after updates {}", m.rss_before_kib, m.rss_connected_kib, m.rss_after_updates_kib));
-            row("server KiB per connection", format!("{:.2}", m.kib_per_connection));
+            let registered = m.rss_registered_kib.map_or(String::new(), |r| format!("  registered {r}"));
+            row("server rss (KiB)", format!("before {}{registered}  connected {}  after updates {}", m.rss_before_kib, m.rss_connected_kib, m.rss_after_updates_kib));
+            match m.kib_per_courier_registered {
+                Some(r) => {
+                    row("server KiB per connection", format!("{:.2} (sockets only: couriers were created before)", m.kib_per_connection));
+                    row("server KiB per courier state", format!("{r:.2} created + {:.2} from updates = {:.2}", m.kib_per_courier_state, r + m.kib_per_courier_state));
+                }
+                None => row("server KiB per connection", format!("{:.2} (socket plus the courier it creates)", m.kib_per_connection)),
+            }
             row("server KiB per courier", format!("{:.2} total, {:.2} from updates", m.kib_per_courier, m.kib_per_courier_state));
         }
         if let Some(r) = &self.redis {

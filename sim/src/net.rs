@@ -108,10 +108,22 @@ pub struct HttpResponse {
     pub body: Vec<u8>,
 }
 
-/// `POST {path}` with a JSON body and a bearer token, one connection per request
-/// (`Connection: close`), read to the end. Enough for a few orders per second.
+/// `POST {path}` with a JSON body and a bearer token; see [`request_json`].
 pub async fn post_json(
     server: &Server,
+    path: &str,
+    bearer: &str,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> anyhow::Result<HttpResponse> {
+    request_json(server, "POST", path, bearer, body, timeout).await
+}
+
+/// `{method} {path}` with a JSON body and a bearer token, one connection per request
+/// (`Connection: close`), read to the end. Enough for a few orders per second.
+pub async fn request_json(
+    server: &Server,
+    method: &str,
     path: &str,
     bearer: &str,
     body: &serde_json::Value,
@@ -121,7 +133,7 @@ pub async fn post_json(
     let fut = async {
         let mut stream = TcpStream::connect(server.addr).await.with_context(|| format!("connecting to {}", server.addr))?;
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {bearer}\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {bearer}\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             server.authority,
             body.len()
         );

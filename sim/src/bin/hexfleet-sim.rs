@@ -121,6 +121,10 @@ struct LoadArgs {
     /// Sender tasks pacing the updates.
     #[arg(long, default_value_t = 4)]
     shards: usize,
+    /// Create every courier over HTTP before connecting (needs --server-pid to matter): the
+    /// memory report then splits sockets from couriers' state.
+    #[arg(long)]
+    preregister: bool,
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     connect_timeout: Duration,
     /// The server's process id: report its resident memory per connection and per courier.
@@ -315,6 +319,7 @@ async fn load(a: LoadArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         redis_pipeline: a.redis_pipeline,
         seed: a.seed,
         progress: !a.quiet,
+        preregister: a.preregister,
     };
     let report = run_load(cfg, shutdown).await?;
     if a.json {
