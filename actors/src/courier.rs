@@ -48,13 +48,10 @@ impl FixInbox {
         !self.scheduled.swap(true, Ordering::AcqRel)
     }
 
-    /// Swaps the pending fixes into `into` (which must be empty), so the two buffers take
-    /// turns and a steady stream allocates nothing.
-    fn take_into(&self, into: &mut Vec<Fix>) {
-        debug_assert!(into.is_empty());
+    fn take(&self) -> Vec<Fix> {
         let mut p = self.pending.lock();
         self.scheduled.store(false, Ordering::Release);
-        std::mem::swap(&mut *p, into);
+        std::mem::take(&mut *p)
     }
 
     /// After a restart the pending wake-up died with the old mailbox.
@@ -114,8 +111,6 @@ pub struct CourierState {
     suspects: Vec<Fix>,
     last_snapshot: Ms,
     last_history: Option<Fix>,
-    /// The buffer the last drain used, handed back to the inbox on the next one.
-    drained: Vec<Fix>,
 }
 
 impl Actor for CourierActor {
@@ -138,7 +133,6 @@ impl Actor for CourierActor {
             suspects: Vec::new(),
             last_snapshot: 0,
             last_history: None,
-            drained: Vec::new(),
             shared: args.shared,
         };
         st.update_index();
@@ -152,14 +146,9 @@ impl Actor for CourierActor {
     async fn handle(&self, _me: ActorRef<CourierMsg>, msg: CourierMsg, st: &mut CourierState) -> Result<(), ActorProcessingErr> {
         match msg {
             CourierMsg::Drain => {
-                let mut fixes = std::mem::take(&mut st.drained);
-                st.shared.inbox.take_into(&mut fixes);
+                let mut fixes = st.shared.inbox.take();
                 fixes.sort_by_key(|f| f.ts);
-                st.on_fixes(&fixes);
-                fixes.clear();
-                // A burst (a phone's offline backlog) must not pin a large buffer per courier.
-                fixes.shrink_to(8);
-                st.drained = fixes;
+                st.on_fixes(fixes);
             }
             CourierMsg::SetStatus(s) => {
                 st.rec.status = s;
@@ -196,11 +185,11 @@ impl Actor for CourierActor {
 }
 
 impl CourierState {
-    fn on_fixes(&mut self, fixes: &[Fix]) {
+    fn on_fixes(&mut self, fixes: Vec<Fix>) {
         let ctx = self.ctx.clone();
         let cfg = &ctx.config;
         let mut moved = false;
-        for &fix in fixes {
+        for fix in fixes {
             ctx.fixes_total.increment(1);
             let Some(last) = self.rec.last_fix else {
                 self.accept(fix);
