@@ -9,6 +9,8 @@
 //! - `wkb`: zone geometry as Well-Known Binary (bit-exact round trip);
 //! - `writer`: the group-commit writer task and the courier snapshot / location buffer with its
 //!   periodic flusher;
+//! - [`webhooks`]: webhook subscriptions and their delivery outbox, filled in the transaction
+//!   that appends the events;
 //! - [`SqlStore`]: the handle implementing [`Store`].
 //!
 //! Durability: [`Store::commit`] returns after COMMIT (SQLite in WAL mode with
@@ -29,6 +31,7 @@ mod ops;
 mod options;
 mod rows;
 mod store;
+pub mod webhooks;
 mod wkb;
 mod writer;
 

@@ -163,6 +163,19 @@ impl SqlStore {
         rx.await.map_err(|_| PersistenceError::WriterStopped)?.map_err(|_| PersistenceError::WriterStopped)
     }
 
+    pub(crate) fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// Bounds a call by the statement timeout, so a half-open connection cannot hang a caller.
+    pub(crate) async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, PersistenceError>>,
+    ) -> Result<T, PersistenceError> {
+        let limit: Duration = self.inner.opts.statement_timeout;
+        tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))?
+    }
+
     /// Bounds a read by the statement timeout, so a half-open connection cannot hang a caller.
     async fn read<T>(
         &self,

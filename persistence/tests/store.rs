@@ -1,6 +1,7 @@
 //! The storage suite: every test body runs against a fresh SQLite file and a fresh PostgreSQL
 //! database (see `common`), so both backends are held to the same behaviour.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -11,22 +12,6 @@ use hexfleet_actors::domain::{
 };
 use hexfleet_actors::store::{EventQuery, Store, StoreError, Write};
 use hexfleet_persistence::{SqlStore, StoreOptions};
-
-/// Generates `mod $name { sqlite(), postgres() }`, each running the async fn `$name(Ctx)`.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                crate::common::run(crate::common::Kind::Sqlite, super::$name).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                crate::common::run(crate::common::Kind::Postgres, super::$name).await;
-            }
-        }
-    )*};
-}
 
 both_backends!(
     order_round_trip,

@@ -23,6 +23,23 @@ use hexfleet_persistence::{SqlStore, StoreOptions};
 use sqlx::Connection;
 use tokio::net::{TcpListener, TcpStream};
 
+/// Generates `mod $name { sqlite(), postgres() }`, each running the async fn `$name(Ctx)`.
+#[allow(unused_macros)]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                crate::common::run(crate::common::Kind::Sqlite, super::$name).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                crate::common::run(crate::common::Kind::Postgres, super::$name).await;
+            }
+        }
+    )*};
+}
+
 /// Which backend a test runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

@@ -1,0 +1,543 @@
+//! Webhook subscriptions and their delivery outbox.
+//!
+//! A subscription names an HTTP(S) URL, a signing secret and the event kinds it wants (exact
+//! kinds such as `order.delivered`, or patterns ending in `*`: `order.*`, `zone.*`, `*`). The
+//! outbox is filled by the transaction that appends events to the log (`ops::insert_events`), so
+//! an event is due for delivery exactly when it is durable. The gateway's delivery worker
+//! [claims](SqlStore::claim_webhook_deliveries) due rows under a lease, sends them, and
+//! [records](SqlStore::finish_webhook_delivery) the outcome; a worker that dies mid-delivery
+//! leaves its rows due again when the lease lapses (at-least-once; receivers dedupe on the
+//! event's `seq`).
+
+use hexfleet_actors::domain::TenantId;
+use hexfleet_actors::store::StoredEvent;
+
+use crate::db::Db;
+use crate::error::PersistenceError;
+use crate::rows::EventRow;
+use crate::store::SqlStore;
+
+/// A webhook subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    /// Owning tenant.
+    pub tenant: TenantId,
+    /// Id chosen by the client (`PUT /v1/webhooks/{id}`).
+    pub id: String,
+    /// Where deliveries are POSTed.
+    pub url: String,
+    /// Event kinds or patterns (`order.*`), as given.
+    pub events: Vec<String>,
+    /// HMAC-SHA256 key of the signature header.
+    pub secret: String,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+}
+
+/// Delivery counts of one webhook.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WebhookStats {
+    /// Waiting for their first attempt or for a retry.
+    pub pending: i64,
+    /// Answered 2xx.
+    pub delivered: i64,
+    /// Gave up after the last attempt.
+    pub dead: i64,
+}
+
+/// A state of an outbox row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Not delivered yet; will be attempted at `next_attempt_at`.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Every attempt failed.
+    Dead,
+}
+
+impl DeliveryState {
+    /// As stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, PersistenceError> {
+        match s {
+            "pending" => Ok(DeliveryState::Pending),
+            "delivered" => Ok(DeliveryState::Delivered),
+            "dead" => Ok(DeliveryState::Dead),
+            other => Err(PersistenceError::corrupt("webhook_outbox", format!("unknown state {other:?}"))),
+        }
+    }
+}
+
+/// One outbox row as a dispatcher sees it (`GET /v1/webhooks/{id}/deliveries`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    /// The event's position in the log.
+    pub event_seq: i64,
+    /// The event's kind.
+    pub kind: String,
+    /// Where the delivery stands.
+    pub state: DeliveryState,
+    /// Attempts made (or started) so far.
+    pub attempts: i32,
+    /// When the next attempt is due (pending rows), Unix ms.
+    pub next_attempt_at: i64,
+    /// HTTP status of the last attempt, when one came back.
+    pub last_status: Option<i32>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// Unix ms of the last change.
+    pub updated_at: i64,
+}
+
+/// A claimed delivery: everything the worker needs to send it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delivery {
+    /// The webhook it goes to.
+    pub webhook_id: String,
+    /// The webhook's URL now.
+    pub url: String,
+    /// The webhook's secret now.
+    pub secret: String,
+    /// This attempt's number (1 for the first).
+    pub attempt: i32,
+    /// What is delivered.
+    pub event: StoredEvent,
+}
+
+/// How an attempt ended, as the worker decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx.
+    Delivered {
+        /// The receiver's status.
+        status: u16,
+    },
+    /// Failed; try again at `at`.
+    Retry {
+        /// Unix ms of the next attempt.
+        at: i64,
+        /// The receiver's status, when it answered.
+        status: Option<u16>,
+        /// What went wrong.
+        error: String,
+    },
+    /// Failed for the last time.
+    Dead {
+        /// The receiver's status, when it answered.
+        status: Option<u16>,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Splits a subscribed pattern into the `prefix` column (`None` for an exact kind).
+fn prefix_of(pattern: &str) -> Option<&str> {
+    pattern.strip_suffix('*')
+}
+
+#[derive(sqlx::FromRow)]
+struct WebhookRow {
+    tenant: String,
+    id: String,
+    url: String,
+    secret: String,
+    events: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl WebhookRow {
+    fn into_domain(self) -> Result<Webhook, PersistenceError> {
+        let events: Vec<String> = serde_json::from_str(&self.events)
+            .map_err(|e| PersistenceError::corrupt("webhooks", format!("events: {e}")))?;
+        Ok(Webhook {
+            tenant: TenantId::new(self.tenant),
+            id: self.id,
+            url: self.url,
+            secret: self.secret,
+            events,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct OutboxRow {
+    event_seq: i64,
+    kind: String,
+    state: String,
+    attempts: i32,
+    next_attempt_at: i64,
+    last_status: Option<i32>,
+    last_error: Option<String>,
+    updated_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    webhook_id: String,
+    url: String,
+    secret: String,
+    attempts: i32,
+    #[sqlx(flatten)]
+    event: EventRow,
+}
+
+/// Longest `last_error` kept (a receiver's error page is not worth storing whole).
+const MAX_ERROR_LEN: usize = 500;
+
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_ERROR_LEN {
+        return s;
+    }
+    let mut end = MAX_ERROR_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+macro_rules! webhook_ops {
+    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal) => {
+        #[doc = concat!("Webhook statements compiled for `", stringify!($db), "`.")]
+        mod $name {
+            use sqlx::{Pool, QueryBuilder};
+
+            use super::*;
+
+            type Db = $db;
+            const JSON_IN: &str = $json_in;
+            const JSON_OUT: &str = $json_out;
+
+            pub(super) async fn put(pool: &Pool<Db>, w: &Webhook) -> Result<bool, PersistenceError> {
+                let events = serde_json::to_string(&w.events).expect("strings serialize");
+                let mut tx = pool.begin().await?;
+                let existed: Option<i64> = sqlx::query_scalar("SELECT created_at FROM webhooks WHERE tenant = $1 AND id = $2")
+                    .bind(w.tenant.as_str())
+                    .bind(&w.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO webhooks (tenant, id, url, secret, events, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5{JSON_IN}, $6, $6) \
+                     ON CONFLICT (tenant, id) DO UPDATE SET url = excluded.url, secret = excluded.secret, \
+                     events = excluded.events, updated_at = excluded.updated_at"
+                )))
+                .bind(w.tenant.as_str())
+                .bind(&w.id)
+                .bind(&w.url)
+                .bind(&w.secret)
+                .bind(events)
+                .bind(w.updated_at)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM webhook_events WHERE tenant = $1 AND webhook_id = $2")
+                    .bind(w.tenant.as_str())
+                    .bind(&w.id)
+                    .execute(&mut *tx)
+                    .await?;
+                let mut patterns: Vec<&str> = w.events.iter().map(String::as_str).collect();
+                patterns.sort_unstable();
+                patterns.dedup();
+                if !patterns.is_empty() {
+                    let mut qb = QueryBuilder::<Db>::new("INSERT INTO webhook_events (tenant, webhook_id, pattern, prefix) ");
+                    qb.push_values(&patterns, |mut b, p| {
+                        b.push_bind(w.tenant.as_str()).push_bind(&w.id).push_bind(*p).push_bind(prefix_of(p));
+                    });
+                    qb.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(existed.is_none())
+            }
+
+            fn select_webhooks() -> String {
+                format!("SELECT tenant, id, url, secret, events{JSON_OUT} AS events, created_at, updated_at FROM webhooks")
+            }
+
+            pub(super) async fn get(pool: &Pool<Db>, tenant: &TenantId, id: &str) -> Result<Option<Webhook>, PersistenceError> {
+                let row: Option<WebhookRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{} WHERE tenant = $1 AND id = $2", select_webhooks())))
+                    .bind(tenant.as_str())
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await?;
+                row.map(WebhookRow::into_domain).transpose()
+            }
+
+            pub(super) async fn list(pool: &Pool<Db>, tenant: &TenantId) -> Result<Vec<Webhook>, PersistenceError> {
+                let rows: Vec<WebhookRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{} WHERE tenant = $1 ORDER BY id", select_webhooks())))
+                    .bind(tenant.as_str())
+                    .fetch_all(pool)
+                    .await?;
+                rows.into_iter().map(WebhookRow::into_domain).collect()
+            }
+
+            pub(super) async fn delete(pool: &Pool<Db>, tenant: &TenantId, id: &str) -> Result<bool, PersistenceError> {
+                let mut tx = pool.begin().await?;
+                let gone = sqlx::query("DELETE FROM webhooks WHERE tenant = $1 AND id = $2")
+                    .bind(tenant.as_str())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                for table in ["webhook_events", "webhook_outbox"] {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE tenant = $1 AND webhook_id = $2")))
+                        .bind(tenant.as_str())
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(gone > 0)
+            }
+
+            pub(super) async fn stats(pool: &Pool<Db>, tenant: &TenantId, id: &str) -> Result<WebhookStats, PersistenceError> {
+                let rows: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT state, COUNT(*) FROM webhook_outbox WHERE tenant = $1 AND webhook_id = $2 GROUP BY state",
+                )
+                .bind(tenant.as_str())
+                .bind(id)
+                .fetch_all(pool)
+                .await?;
+                let mut s = WebhookStats::default();
+                for (state, n) in rows {
+                    match DeliveryState::parse(&state)? {
+                        DeliveryState::Pending => s.pending = n,
+                        DeliveryState::Delivered => s.delivered = n,
+                        DeliveryState::Dead => s.dead = n,
+                    }
+                }
+                Ok(s)
+            }
+
+            pub(super) async fn deliveries(
+                pool: &Pool<Db>,
+                tenant: &TenantId,
+                id: &str,
+                limit: i64,
+            ) -> Result<Vec<DeliveryRecord>, PersistenceError> {
+                let rows: Vec<OutboxRow> = sqlx::query_as(
+                    "SELECT o.event_seq, e.kind, o.state, o.attempts, o.next_attempt_at, o.last_status, o.last_error, o.updated_at \
+                     FROM webhook_outbox o JOIN events e ON e.tenant = o.tenant AND e.seq = o.event_seq \
+                     WHERE o.tenant = $1 AND o.webhook_id = $2 ORDER BY o.event_seq DESC LIMIT $3",
+                )
+                .bind(tenant.as_str())
+                .bind(id)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+                rows.into_iter()
+                    .map(|r| {
+                        Ok(DeliveryRecord {
+                            event_seq: r.event_seq,
+                            kind: r.kind,
+                            state: DeliveryState::parse(&r.state)?,
+                            attempts: r.attempts,
+                            next_attempt_at: r.next_attempt_at,
+                            last_status: r.last_status,
+                            last_error: r.last_error,
+                            updated_at: r.updated_at,
+                        })
+                    })
+                    .collect()
+            }
+
+            pub(super) async fn claim(
+                pool: &Pool<Db>,
+                now: i64,
+                lease_until: i64,
+                lease: &str,
+                limit: i64,
+            ) -> Result<Vec<Delivery>, PersistenceError> {
+                // The outer condition is re-checked on rows another node claimed meanwhile
+                // (PostgreSQL re-evaluates it after waiting for the row lock), so no row is
+                // claimed twice within one lease.
+                sqlx::query(
+                    "UPDATE webhook_outbox SET lease = $1, next_attempt_at = $2, attempts = attempts + 1 \
+                     WHERE state = 'pending' AND next_attempt_at <= $3 AND (tenant, webhook_id, event_seq) IN \
+                     (SELECT tenant, webhook_id, event_seq FROM webhook_outbox \
+                      WHERE state = 'pending' AND next_attempt_at <= $3 ORDER BY next_attempt_at, event_seq LIMIT $4)",
+                )
+                .bind(lease)
+                .bind(lease_until)
+                .bind(now)
+                .bind(limit)
+                .execute(pool)
+                .await?;
+                let rows: Vec<ClaimedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT o.webhook_id, w.url, w.secret, o.attempts, \
+                     e.seq, e.tenant, e.entity, e.entity_id, e.kind, e.actor, e.reason, e.ts, e.attrs{JSON_OUT} AS attrs \
+                     FROM webhook_outbox o \
+                     JOIN webhooks w ON w.tenant = o.tenant AND w.id = o.webhook_id \
+                     JOIN events e ON e.tenant = o.tenant AND e.seq = o.event_seq \
+                     WHERE o.lease = $1 AND o.state = 'pending' ORDER BY e.seq"
+                )))
+                .bind(lease)
+                .fetch_all(pool)
+                .await?;
+                rows.into_iter()
+                    .map(|r| {
+                        let (seq, event) = r.event.into_domain()?;
+                        Ok(Delivery {
+                            webhook_id: r.webhook_id,
+                            url: r.url,
+                            secret: r.secret,
+                            attempt: r.attempts,
+                            event: StoredEvent { seq, event },
+                        })
+                    })
+                    .collect()
+            }
+
+            pub(super) async fn finish(
+                pool: &Pool<Db>,
+                tenant: &TenantId,
+                webhook_id: &str,
+                seq: i64,
+                lease: &str,
+                outcome: &Outcome,
+                now: i64,
+            ) -> Result<bool, PersistenceError> {
+                let (state, next, status, error) = match outcome {
+                    Outcome::Delivered { status } => (DeliveryState::Delivered, now, Some(*status), None),
+                    Outcome::Retry { at, status, error } => (DeliveryState::Pending, *at, *status, Some(clip(error))),
+                    Outcome::Dead { status, error } => (DeliveryState::Dead, now, *status, Some(clip(error))),
+                };
+                let r = sqlx::query(
+                    "UPDATE webhook_outbox SET state = $1, next_attempt_at = $2, last_status = $3, last_error = $4, \
+                     updated_at = $5, lease = NULL \
+                     WHERE tenant = $6 AND webhook_id = $7 AND event_seq = $8 AND lease = $9",
+                )
+                .bind(state.as_str())
+                .bind(next)
+                .bind(status.map(i32::from))
+                .bind(error)
+                .bind(now)
+                .bind(tenant.as_str())
+                .bind(webhook_id)
+                .bind(seq)
+                .bind(lease)
+                .execute(pool)
+                .await?;
+                Ok(r.rows_affected() > 0)
+            }
+
+            pub(super) async fn purge(pool: &Pool<Db>, before: i64) -> Result<u64, PersistenceError> {
+                let r = sqlx::query("DELETE FROM webhook_outbox WHERE state <> 'pending' AND updated_at < $1")
+                    .bind(before)
+                    .execute(pool)
+                    .await?;
+                Ok(r.rows_affected())
+            }
+        }
+    };
+}
+
+webhook_ops!(pg, sqlx::Postgres, json_in = "::json", json_out = "::text");
+webhook_ops!(sqlite, sqlx::Sqlite, json_in = "", json_out = "");
+
+macro_rules! on_db {
+    ($store:expr, $f:ident ( $($arg:expr),* )) => {
+        async {
+            match $store.db() {
+                Db::Pg(p) => pg::$f(p, $($arg),*).await,
+                Db::Sqlite(p) => sqlite::$f(p, $($arg),*).await,
+            }
+        }
+    };
+}
+
+impl SqlStore {
+    /// Creates or replaces a webhook (its patterns too); returns true when it was created.
+    /// Deliveries already in the outbox keep going to the webhook under its new URL and secret.
+    pub async fn put_webhook(&self, w: &Webhook) -> Result<bool, PersistenceError> {
+        self.bounded(on_db!(self, put(w))).await
+    }
+
+    /// One webhook.
+    pub async fn webhook(&self, tenant: &TenantId, id: &str) -> Result<Option<Webhook>, PersistenceError> {
+        self.bounded(on_db!(self, get(tenant, id))).await
+    }
+
+    /// The tenant's webhooks, by id.
+    pub async fn webhooks(&self, tenant: &TenantId) -> Result<Vec<Webhook>, PersistenceError> {
+        self.bounded(on_db!(self, list(tenant))).await
+    }
+
+    /// Deletes a webhook with its pending and past deliveries; returns false if there was none.
+    pub async fn delete_webhook(&self, tenant: &TenantId, id: &str) -> Result<bool, PersistenceError> {
+        self.bounded(on_db!(self, delete(tenant, id))).await
+    }
+
+    /// Delivery counts of one webhook.
+    pub async fn webhook_stats(&self, tenant: &TenantId, id: &str) -> Result<WebhookStats, PersistenceError> {
+        self.bounded(on_db!(self, stats(tenant, id))).await
+    }
+
+    /// The newest `limit` deliveries of one webhook, newest first.
+    pub async fn webhook_deliveries(&self, tenant: &TenantId, id: &str, limit: u32) -> Result<Vec<DeliveryRecord>, PersistenceError> {
+        self.bounded(on_db!(self, deliveries(tenant, id, i64::from(limit)))).await
+    }
+
+    /// Claims up to `limit` deliveries due at `now` (every tenant): they are leased to `lease`
+    /// until `lease_until`, their attempt counted, and returned oldest event first.
+    pub async fn claim_webhook_deliveries(
+        &self,
+        now: i64,
+        lease_until: i64,
+        lease: &str,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, PersistenceError> {
+        self.bounded(on_db!(self, claim(now, lease_until, lease, i64::from(limit)))).await
+    }
+
+    /// Records how a claimed delivery ended. Returns false when the lease was lost meanwhile
+    /// (the row was claimed again, or the webhook deleted); the outcome is then dropped.
+    pub async fn finish_webhook_delivery(
+        &self,
+        tenant: &TenantId,
+        webhook_id: &str,
+        seq: i64,
+        lease: &str,
+        outcome: &Outcome,
+        now: i64,
+    ) -> Result<bool, PersistenceError> {
+        self.bounded(on_db!(self, finish(tenant, webhook_id, seq, lease, outcome, now))).await
+    }
+
+    /// Deletes delivered and dead deliveries last changed before `before` (every tenant).
+    pub async fn purge_webhook_deliveries(&self, before: i64) -> Result<u64, PersistenceError> {
+        self.bounded(on_db!(self, purge(before))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_split_into_prefixes() {
+        assert_eq!(prefix_of("order.*"), Some("order."));
+        assert_eq!(prefix_of("*"), Some(""));
+        assert_eq!(prefix_of("zone.enter"), None);
+    }
+
+    #[test]
+    fn errors_are_clipped_on_a_char_boundary() {
+        let long = "é".repeat(400);
+        let c = clip(&long);
+        assert!(c.len() <= MAX_ERROR_LEN && c.len() >= MAX_ERROR_LEN - 1);
+        assert!(long.starts_with(c));
+        assert_eq!(clip("short"), "short");
+    }
+}

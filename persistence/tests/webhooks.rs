@@ -1,0 +1,143 @@
+//! Webhook subscriptions and the delivery outbox, on both backends: which events land in the
+//! outbox (same transaction as the event), claiming under a lease, retries, outcomes, purge.
+
+#[macro_use]
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{Ctx, event};
+use hexfleet_actors::domain::{EntityKind, TenantId};
+use hexfleet_actors::store::{Store, Write};
+use hexfleet_persistence::webhooks::{DeliveryState, Outcome, Webhook};
+
+both_backends!(outbox_follows_subscriptions, claims_leases_and_outcomes);
+
+fn hook(tenant: &str, id: &str, events: &[&str], at: i64) -> Webhook {
+    Webhook {
+        tenant: TenantId::new(tenant),
+        id: id.into(),
+        url: format!("http://127.0.0.1:9/{id}"),
+        events: events.iter().map(|s| s.to_string()).collect(),
+        secret: "s3cret-s3cret".into(),
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+/// (webhook, kind) of every delivery claimable far in the future.
+async fn due(store: &hexfleet_persistence::SqlStore, lease: &str) -> BTreeSet<(String, String)> {
+    store
+        .claim_webhook_deliveries(i64::MAX / 4, i64::MAX / 2, lease, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.webhook_id, d.event.event.kind))
+        .collect()
+}
+
+async fn outbox_follows_subscriptions(ctx: Ctx) {
+    let store = ctx.open().await;
+    let t = TenantId::new("t1");
+    // Before any webhook exists, events go to the log only.
+    store.commit(vec![Write::Event(event("t1", EntityKind::Order, "o0", "order.created", 900))]).await.unwrap();
+
+    assert!(store.put_webhook(&hook("t1", "all-orders", &["order.*"], 1_000)).await.unwrap(), "created");
+    assert!(store.put_webhook(&hook("t1", "picky", &["zone.enter", "order.delivered", "order.*"], 1_000)).await.unwrap());
+    assert!(store.put_webhook(&hook("t2", "other-tenant", &["*"], 1_000)).await.unwrap());
+    // Replacing says so, keeps created_at and takes the new patterns.
+    assert!(!store.put_webhook(&hook("t1", "picky", &["zone.enter", "order.delivered"], 2_000)).await.unwrap());
+    let picky = store.webhook(&t, "picky").await.unwrap().expect("stored");
+    assert_eq!((picky.created_at, picky.updated_at), (1_000, 2_000));
+    assert_eq!(picky.events, vec!["zone.enter".to_string(), "order.delivered".to_string()]);
+    let ids: Vec<String> = store.webhooks(&t).await.unwrap().into_iter().map(|w| w.id).collect();
+    assert_eq!(ids, ["all-orders", "picky"]);
+    assert!(store.webhook(&TenantId::new("t2"), "picky").await.unwrap().is_none(), "tenants are apart");
+
+    store
+        .commit(vec![
+            Write::Event(event("t1", EntityKind::Order, "o1", "order.created", 3_000)),
+            Write::Event(event("t1", EntityKind::Zone, "z1", "zone.enter", 3_001)),
+            Write::Event(event("t1", EntityKind::Courier, "c1", "courier.updated", 3_002)),
+            Write::Event(event("t1", EntityKind::Order, "o1", "order.delivered", 3_003)),
+            // `order.*` must not match a kind that merely starts with "order".
+            Write::Event(event("t1", EntityKind::Order, "o1", "orderly.thing", 3_004)),
+        ])
+        .await
+        .unwrap();
+    let got = due(&store, "L").await;
+    let want: BTreeSet<(String, String)> = [
+        ("all-orders", "order.created"),
+        ("all-orders", "order.delivered"),
+        ("picky", "zone.enter"),
+        ("picky", "order.delivered"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(got, want, "one delivery per matching (webhook, event), none for other tenants");
+    assert_eq!(store.webhook_stats(&t, "all-orders").await.unwrap().pending, 2);
+
+    // Deleting a webhook drops its deliveries; another tenant's is untouched.
+    assert!(store.delete_webhook(&t, "all-orders").await.unwrap());
+    assert!(!store.delete_webhook(&t, "all-orders").await.unwrap(), "already gone");
+    assert_eq!(store.webhook_stats(&t, "all-orders").await.unwrap().pending, 0);
+    assert!(store.webhook_deliveries(&t, "all-orders", 10).await.unwrap().is_empty());
+    assert_eq!(store.webhook_deliveries(&t, "picky", 10).await.unwrap().len(), 2);
+    store.close().await.unwrap();
+}
+
+async fn claims_leases_and_outcomes(ctx: Ctx) {
+    let store = ctx.open().await;
+    let t = TenantId::new("t1");
+    store.put_webhook(&hook("t1", "w", &["order.*"], 1_000)).await.unwrap();
+    let evs: Vec<Write> =
+        (0..5).map(|i| Write::Event(event("t1", EntityKind::Order, &format!("o{i}"), "order.created", 2_000 + i))).collect();
+    store.commit(evs).await.unwrap();
+
+    // Not due before the event's time; then claimed oldest first, at most `limit`.
+    assert!(store.claim_webhook_deliveries(1_999, 50_000, "A", 10).await.unwrap().is_empty());
+    let a = store.claim_webhook_deliveries(10_000, 50_000, "A", 3).await.unwrap();
+    assert_eq!(a.len(), 3);
+    assert!(a.windows(2).all(|w| w[0].event.seq < w[1].event.seq));
+    assert!(a.iter().all(|d| d.attempt == 1 && d.url.ends_with("/w") && d.secret == "s3cret-s3cret"));
+    assert_eq!(a[0].event.event.entity_id, "o0");
+    // Leased rows are not claimed again until the lease lapses; the rest are.
+    let b = store.claim_webhook_deliveries(10_000, 50_000, "B", 10).await.unwrap();
+    assert_eq!(b.len(), 2);
+    assert!(store.claim_webhook_deliveries(49_999, 60_000, "C", 10).await.unwrap().is_empty());
+
+    // Outcomes.
+    let d0 = &a[0];
+    let ok = Outcome::Delivered { status: 204 };
+    assert!(store.finish_webhook_delivery(&t, "w", d0.event.seq, "A", &ok, 11_000).await.unwrap());
+    let retry = Outcome::Retry { at: 20_000, status: Some(500), error: "HTTP 500".into() };
+    assert!(store.finish_webhook_delivery(&t, "w", a[1].event.seq, "A", &retry, 11_000).await.unwrap());
+    let dead = Outcome::Dead { status: None, error: "x".repeat(10_000) };
+    assert!(store.finish_webhook_delivery(&t, "w", a[2].event.seq, "A", &dead, 11_000).await.unwrap());
+    // A stale lease cannot overwrite: b's rows belong to B.
+    assert!(!store.finish_webhook_delivery(&t, "w", b[0].event.seq, "A", &ok, 11_000).await.unwrap());
+
+    let s = store.webhook_stats(&t, "w").await.unwrap();
+    assert_eq!((s.pending, s.delivered, s.dead), (3, 1, 1));
+    let recs = store.webhook_deliveries(&t, "w", 10).await.unwrap();
+    assert_eq!(recs.len(), 5);
+    assert!(recs.windows(2).all(|w| w[0].event_seq > w[1].event_seq), "newest first");
+    let r1 = recs.iter().find(|r| r.event_seq == a[1].event.seq).unwrap();
+    assert_eq!((r1.state, r1.attempts, r1.next_attempt_at, r1.last_status), (DeliveryState::Pending, 1, 20_000, Some(500)));
+    assert_eq!(r1.last_error.as_deref(), Some("HTTP 500"));
+    let r2 = recs.iter().find(|r| r.event_seq == a[2].event.seq).unwrap();
+    assert_eq!(r2.state, DeliveryState::Dead);
+    assert!(r2.last_error.as_ref().unwrap().len() <= 500, "errors are clipped");
+
+    // The retry comes back at its time, as attempt 2.
+    assert!(store.claim_webhook_deliveries(19_999, 70_000, "D", 10).await.unwrap().is_empty());
+    let again = store.claim_webhook_deliveries(20_000, 70_000, "D", 10).await.unwrap();
+    assert_eq!(again.iter().map(|d| (d.event.seq, d.attempt)).collect::<Vec<_>>(), vec![(a[1].event.seq, 2)]);
+
+    // Purge removes finished rows older than the cut-off, never pending ones.
+    assert_eq!(store.purge_webhook_deliveries(11_001).await.unwrap(), 2);
+    let s = store.webhook_stats(&t, "w").await.unwrap();
+    assert_eq!((s.pending, s.delivered, s.dead), (3, 0, 0));
+    store.close().await.unwrap();
+}
