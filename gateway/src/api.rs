@@ -53,7 +53,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/zones", web::get().to(crate::zones::list_zones))
                 .route("/zones/{id}", web::put().to(crate::zones::put_zone))
                 .route("/zones/{id}", web::get().to(crate::zones::get_zone))
-                .route("/zones/{id}", web::delete().to(crate::zones::delete_zone)),
+                .route("/zones/{id}", web::delete().to(crate::zones::delete_zone))
+                .route("/webhooks", web::get().to(crate::webhooks::list_webhooks))
+                .route("/webhooks/{id}", web::put().to(crate::webhooks::put_webhook))
+                .route("/webhooks/{id}", web::get().to(crate::webhooks::get_webhook))
+                .route("/webhooks/{id}", web::delete().to(crate::webhooks::delete_webhook))
+                .route("/webhooks/{id}/deliveries", web::get().to(crate::webhooks::deliveries)),
         );
 }
 

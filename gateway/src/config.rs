@@ -102,6 +102,16 @@ pub struct ServeArgs {
     /// nobody reads is not rebuilt.
     #[arg(long, env = "HEXFLEET_INDEX_REBUILD_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
     pub index_rebuild_ms: u64,
+    /// Webhook request timeout in milliseconds (connect, send, and wait for the status).
+    #[arg(long, env = "HEXFLEET_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=120_000))]
+    pub webhook_timeout_ms: u64,
+    /// Attempts per webhook delivery before it is given up (dead). With the default backoff,
+    /// 15 attempts span about 4.5 hours.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_MAX_ATTEMPTS", default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub webhook_max_attempts: u32,
+    /// Wait before the second attempt in milliseconds; it doubles per attempt, up to an hour.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_BACKOFF_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub webhook_backoff_ms: u64,
 }
 
 fn parse_purge_interval(s: &str) -> Result<Duration, String> {

@@ -2,14 +2,16 @@
 //! authentication (JWT), the fan-out broker (local sessions and Redis pub/sub between nodes),
 //! Prometheus metrics, the static console page and the `hexfleet` binary.
 //!
-//! Architecture invariant: only this crate knows HTTP, WebSocket, JWT and Redis. It turns wire
+//! Architecture invariant: only this crate knows HTTP (served and, for webhooks, sent),
+//! WebSocket, JWT and Redis. It turns wire
 //! messages into domain calls on [`hexfleet_actors::Fleet`] and domain updates into wire
 //! messages; every error is mapped to a status or a WebSocket error code once, in [`error`].
 //!
 //! Components: [`config`] (CLI), [`server`] (assembly, shutdown), [`api`] (REST),
 //! [`ws`] (WebSocket sessions), [`broker`] (fan-out), [`auth`], [`dto`] (wire types),
 //! [`osmand`] (Traccar/OsmAnd protocol), [`history`] (location history export/erase and the
-//! retention purge), [`zones`] (zone CRUD as GeoJSON), [`error`].
+//! retention purge), [`zones`] (zone CRUD as GeoJSON), [`webhooks`] (subscriptions and the
+//! delivery worker: signed POSTs with retries), [`error`].
 
 pub mod api;
 pub mod auth;
@@ -21,6 +23,7 @@ pub mod history;
 pub mod openapi;
 pub mod osmand;
 pub mod server;
+pub mod webhooks;
 pub mod ws;
 pub mod zones;
 

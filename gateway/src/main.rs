@@ -52,6 +52,9 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.history_retention = a.history_retention();
     cfg.history_purge_every = a.history_purge_interval;
     cfg.console_batch = Duration::from_millis(a.console_batch_ms);
+    cfg.webhooks.timeout = Duration::from_millis(a.webhook_timeout_ms);
+    cfg.webhooks.max_attempts = a.webhook_max_attempts;
+    cfg.webhooks.backoff = Duration::from_millis(a.webhook_backoff_ms);
     Ok(cfg)
 }
 

@@ -13,12 +13,17 @@ use crate::dto::{AssignReq, CourierDto, CourierPutReq, LatLngDto, NearbyDto, New
         crate::api::create_order, crate::api::get_order, crate::api::cancel_order, crate::api::assign_order,
         crate::api::put_courier, crate::api::get_courier, crate::api::nearby, crate::api::events,
         crate::history::export, crate::history::erase,
-        crate::zones::put_zone, crate::zones::list_zones, crate::zones::get_zone, crate::zones::delete_zone
+        crate::zones::put_zone, crate::zones::list_zones, crate::zones::get_zone, crate::zones::delete_zone,
+        crate::webhooks::put_webhook, crate::webhooks::list_webhooks, crate::webhooks::get_webhook,
+        crate::webhooks::delete_webhook, crate::webhooks::deliveries
     ),
     components(schemas(AssignReq, crate::dto::AssignmentDto, crate::dto::CandidateDto, CourierDto, CourierPutReq, LatLngDto, NearbyDto, NewOrderReq, OrderDto, PositionDto,
         crate::history::HistoryCollection, crate::history::HistoryFeature, crate::history::PointGeometry,
         crate::history::HistoryProperties, crate::history::ErasedDto,
-        crate::zones::ZoneDto, crate::zones::ZonePropsDto, crate::zones::ZoneListDto)),
+        crate::zones::ZoneDto, crate::zones::ZonePropsDto, crate::zones::ZoneListDto,
+        crate::webhooks::WebhookPutReq, crate::webhooks::WebhookDto, crate::webhooks::WebhookStatsDto,
+        crate::webhooks::WebhookListDto, crate::webhooks::DeliveryDto, crate::webhooks::DeliveryListDto,
+        crate::webhooks::WebhookPayload)),
     modifiers(&Bearer)
 )]
 struct ApiDoc;

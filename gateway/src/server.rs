@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub history_purge_every: Duration,
     /// Console batch window (see `--console-batch-ms`).
     pub console_batch: Duration,
+    /// Webhook delivery.
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl ServeConfig {
@@ -54,6 +56,7 @@ impl ServeConfig {
             history_retention: Duration::from_secs(30 * 24 * 3600),
             history_purge_every: Duration::from_secs(3600),
             console_batch: crate::ws::CONSOLE_BATCH,
+            webhooks: crate::webhooks::WebhookConfig::default(),
         }
     }
 }
@@ -161,6 +164,11 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         let f = fleet.clone();
         crate::history::spawn_purge(store.clone(), move || f.now_ms(), cfg.history_retention, cfg.history_purge_every, purge_stop.clone())
     };
+    let hooks_stop = shutdown.child_token();
+    let hooks = {
+        let f = fleet.clone();
+        crate::webhooks::spawn_delivery(store.clone(), move || f.now_ms(), cfg.webhooks.clone(), cfg.node_id.clone(), hooks_stop.clone())
+    };
     let keys = web::Data::new(state.keys.clone());
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -193,6 +201,10 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         purge_stop.cancel();
         if tokio::time::timeout(Duration::from_secs(10), purge).await.is_err() {
             tracing::warn!("retention purge did not stop in time");
+        }
+        hooks_stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(15), hooks).await.is_err() {
+            tracing::warn!("webhook delivery did not stop in time (its leases lapse and another node retries)");
         }
         tracing::info!("shutting down: stop dispatch and actors, flush storage");
         let res = fleet.shutdown().await;

@@ -1,0 +1,265 @@
+//! Webhooks end to end: the API (roles, tenants, validation), signed deliveries to a real HTTP
+//! receiver, retries with backoff, giving up, and an outbox that survives a restart (SQLite and
+//! PostgreSQL).
+
+mod common;
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use common::{DEADLINE, PgDb, TestServer, eventually, fast_config};
+use hexfleet_gateway::auth::Role;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::sync::mpsc;
+
+const HOOK_SECRET: &str = "whsec-0123456789abcdef";
+
+/// One request the receiver got.
+#[derive(Debug)]
+struct Got {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    answered: u16,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> &str {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).unwrap_or("")
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+}
+
+struct ReceiverState {
+    /// Requests still to be refused with 500.
+    fail: AtomicUsize,
+    tx: mpsc::UnboundedSender<Got>,
+}
+
+/// A real HTTP server (actix-web) standing in for a customer's endpoint.
+struct Receiver {
+    url: String,
+    state: web::Data<ReceiverState>,
+    rx: mpsc::UnboundedReceiver<Got>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+async fn receive(st: web::Data<ReceiverState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let failing = st.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    let answered = if failing { 500 } else { 204 };
+    let headers = req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect();
+    let _ = st.tx.send(Got { headers, body: body.to_vec(), answered });
+    if failing { HttpResponse::InternalServerError().body("try again") } else { HttpResponse::NoContent().finish() }
+}
+
+impl Receiver {
+    async fn start(fail_first: usize) -> Receiver {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = web::Data::new(ReceiverState { fail: AtomicUsize::new(fail_first), tx });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+        let st = state.clone();
+        let srv = HttpServer::new(move || App::new().app_data(st.clone()).default_service(web::to(receive)))
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .unwrap()
+            .run();
+        let handle = srv.handle();
+        tokio::spawn(srv);
+        Receiver { url, state, rx, handle }
+    }
+
+    /// The next request whose body satisfies `pred`, within the deadline.
+    async fn next(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Got {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let got = tokio::time::timeout_at(until, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: no matching webhook request within {DEADLINE:?}"))
+                .expect("receiver alive");
+            if pred(&got.json()) {
+                return got;
+            }
+        }
+    }
+}
+
+fn verify_signature(got: &Got, secret: &str) {
+    let sig = got.header("x-hexfleet-signature");
+    let (t, v1) = sig
+        .split_once(',')
+        .and_then(|(t, v)| Some((t.strip_prefix("t=")?, v.strip_prefix("v1=")?)))
+        .unwrap_or_else(|| panic!("malformed signature header {sig:?}"));
+    let t: i64 = t.parse().expect("t is Unix seconds");
+    assert!((t - common::now_ms() / 1000).abs() < 60, "signature time {t} is now");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&got.body);
+    let want: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(v1, want, "signature verifies over the raw body");
+}
+
+fn order_body(id: &str) -> Value {
+    json!({"id": id, "pickup": {"lat": 52.52, "lng": 13.405}, "dropoff": {"lat": 52.5163, "lng": 13.3777}})
+}
+
+async fn delete(srv: &TestServer, path: &str, token: &str) -> u16 {
+    srv.http.delete(format!("{}{path}", srv.base)).bearer_auth(token).send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_signed_delivery_retries_and_giving_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
+    cfg.webhooks.poll = Duration::from_millis(20);
+    cfg.webhooks.backoff = Duration::from_millis(50);
+    cfg.webhooks.max_attempts = 3;
+    cfg.webhooks.timeout = Duration::from_secs(2);
+    let mut srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("acme");
+    // Refuses the first two attempts, then takes them.
+    let mut rx = Receiver::start(2).await;
+
+    // --- the API: roles, validation, tenants ---
+    let good = json!({"url": rx.url, "events": ["order.*"], "secret": HOOK_SECRET});
+    let courier = srv.token(Role::Courier, "c1", "acme", None);
+    assert_eq!(srv.put("/v1/webhooks/w1", &courier, good.clone()).await.0, 403, "couriers cannot add webhooks");
+    for (bad, why) in [
+        (json!({"url": "ftp://x.example/", "events": ["*"], "secret": HOOK_SECRET}), "scheme"),
+        (json!({"url": rx.url, "events": [], "secret": HOOK_SECRET}), "no events"),
+        (json!({"url": rx.url, "events": ["Order.Created"], "secret": HOOK_SECRET}), "pattern"),
+        (json!({"url": rx.url, "events": ["*"], "secret": "short"}), "secret"),
+        (json!({"url": rx.url, "events": ["*"], "secret": HOOK_SECRET, "extra": 1}), "unknown field"),
+    ] {
+        let (s, b) = srv.put("/v1/webhooks/w1", &disp, bad).await;
+        assert_eq!(s, 400, "{why}: {b}");
+        assert!(b["error"]["code"].is_string(), "{why}: error shape {b}");
+    }
+    let (s, b) = srv.put("/v1/webhooks/w1", &disp, good.clone()).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["url"], rx.url.as_str());
+    assert!(b.get("secret").is_none(), "the secret is never read back: {b}");
+    assert_eq!(srv.put("/v1/webhooks/w1", &disp, good.clone()).await.0, 200, "replace");
+    let (s, list) = srv.get("/v1/webhooks", Some(&disp)).await;
+    assert_eq!((s, list["items"].as_array().map(Vec::len)), (200, Some(1)));
+    assert_eq!(srv.get("/v1/webhooks/w1", Some(&srv.dispatcher("other"))).await.0, 404, "tenants are apart");
+
+    // --- a signed delivery that succeeds on the third attempt ---
+    let (s, o) = srv.post("/v1/orders", &disp, order_body("o-hook-1")).await;
+    assert_eq!(s, 201, "{o}");
+    let is_created = |v: &Value| v["kind"] == "order.created" && v["entity_id"] == "o-hook-1";
+    let mut attempts = Vec::new();
+    for _ in 0..3 {
+        attempts.push(rx.next("order.created", is_created).await);
+    }
+    assert_eq!(attempts.iter().map(|g| g.answered).collect::<Vec<_>>(), [500, 500, 204]);
+    assert_eq!(attempts.iter().map(|g| g.header("x-hexfleet-attempt").to_owned()).collect::<Vec<_>>(), ["1", "2", "3"]);
+    let first = attempts[0].json();
+    for g in &attempts {
+        verify_signature(g, HOOK_SECRET);
+        assert_eq!(g.header("content-type"), "application/json");
+        assert_eq!(g.header("x-hexfleet-event"), "order.created");
+        let v = g.json();
+        assert_eq!(v["id"], first["id"], "a retry carries the same id");
+        assert_eq!(g.header("x-hexfleet-delivery"), v["id"].as_str().unwrap());
+    }
+    assert_eq!((first["tenant"].as_str(), first["entity"].as_str(), first["webhook_id"].as_str()), (Some("acme"), Some("order"), Some("w1")));
+    let seq = first["seq"].as_i64().expect("seq");
+    // The same event is in the tenant's log under that seq.
+    let (_, evs) = srv.get("/v1/events?entity=order&id=o-hook-1", Some(&disp)).await;
+    assert!(evs.to_string().contains(&format!("\"seq\":{seq}")), "{evs}");
+
+    let d = eventually("delivery recorded", || async {
+        let (_, d) = srv.get("/v1/webhooks/w1/deliveries", Some(&disp)).await;
+        let item = d["items"].as_array()?.iter().find(|i| i["seq"] == seq)?.clone();
+        (item["state"] == "delivered").then_some(item)
+    })
+    .await;
+    assert_eq!((d["attempts"].as_i64(), d["last_status"].as_i64(), d["kind"].as_str()), (Some(3), Some(204), Some("order.created")));
+    let (_, w) = srv.get("/v1/webhooks/w1", Some(&disp)).await;
+    assert!(w["deliveries"]["delivered"].as_i64() >= Some(1), "{w}");
+
+    // --- an endpoint that never answers is given up after max_attempts ---
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/gone", closed.local_addr().unwrap());
+    drop(closed);
+    let (s, _) = srv.put("/v1/webhooks/dead", &disp, json!({"url": dead_url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+    assert_eq!(s, 201);
+    assert_eq!(srv.post("/v1/orders", &disp, order_body("o-hook-2")).await.0, 201);
+    let item = eventually("the dead delivery", || async {
+        let (_, d) = srv.get("/v1/webhooks/dead/deliveries", Some(&disp)).await;
+        let item = d["items"].as_array()?.first()?.clone();
+        (item["state"] == "dead").then_some(item)
+    })
+    .await;
+    assert_eq!(item["attempts"], 3);
+    assert!(item["last_status"].is_null() && !item["last_error"].as_str().unwrap_or("").is_empty(), "{item}");
+    // The healthy webhook got order 2 as well, first time.
+    let g = rx.next("order 2", |v| v["kind"] == "order.created" && v["entity_id"] == "o-hook-2").await;
+    assert_eq!((g.answered, g.header("x-hexfleet-attempt")), (204, "1"));
+
+    // --- delete ---
+    assert_eq!(delete(&srv, "/v1/webhooks/dead", &disp).await, 204);
+    assert_eq!(delete(&srv, "/v1/webhooks/dead", &disp).await, 404);
+    assert_eq!(srv.get("/v1/webhooks/dead", Some(&disp)).await.0, 404);
+
+    srv.stop().await;
+    rx.handle.stop(true).await;
+}
+
+/// Deliveries the receiver refused before a restart are made after it, from the outbox.
+async fn outbox_survives_restart(db: String) {
+    let mut cfg = fast_config(&db);
+    cfg.webhooks.poll = Duration::from_millis(20);
+    cfg.webhooks.backoff = Duration::from_millis(100);
+    cfg.webhooks.max_attempts = 50;
+    let mut rx = Receiver::start(usize::MAX).await;
+    let mut srv = TestServer::start(cfg.clone()).await;
+    let disp = srv.dispatcher("acme");
+    let (s, _) = srv.put("/v1/webhooks/w", &disp, json!({"url": rx.url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+    assert_eq!(s, 201);
+    assert_eq!(srv.post("/v1/orders", &disp, order_body("o-restart")).await.0, 201);
+    let is_it = |v: &Value| v["entity_id"] == "o-restart";
+    let refused = rx.next("first attempt", is_it).await;
+    assert_eq!(refused.answered, 500);
+    srv.stop().await;
+
+    // The receiver recovers while the server is down; the restarted server delivers.
+    rx.state.fail.store(0, Ordering::SeqCst);
+    let mut srv = TestServer::start(cfg).await;
+    let ok = loop {
+        let g = rx.next("delivery after restart", is_it).await;
+        if g.answered == 204 {
+            break g;
+        }
+    };
+    verify_signature(&ok, HOOK_SECRET);
+    assert_eq!(ok.json()["id"], refused.json()["id"]);
+    assert!(ok.header("x-hexfleet-attempt").parse::<u32>().unwrap() >= 2);
+    eventually("delivered state", || async {
+        let (_, w) = srv.get("/v1/webhooks/w", Some(&disp)).await;
+        (w["deliveries"]["delivered"] == 1 && w["deliveries"]["pending"] == 0).then_some(())
+    })
+    .await;
+    srv.stop().await;
+    rx.handle.stop(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_survives_restart_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    outbox_survives_restart(dir.path().join("h.db").to_string_lossy().into_owned()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_survives_restart_postgres() {
+    let Some(db) = PgDb::create().await else { return };
+    outbox_survives_restart(db.url.clone()).await;
+    db.drop_db().await;
+}
