@@ -315,6 +315,8 @@ pub enum EntityKind {
     Order,
     Courier,
     Zone,
+    /// A webhook subscription (its changes are audited; the gateway owns webhooks).
+    Webhook,
 }
 
 impl EntityKind {
@@ -323,6 +325,7 @@ impl EntityKind {
             EntityKind::Order => "order",
             EntityKind::Courier => "courier",
             EntityKind::Zone => "zone",
+            EntityKind::Webhook => "webhook",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -330,6 +333,7 @@ impl EntityKind {
             "order" => Some(EntityKind::Order),
             "courier" => Some(EntityKind::Courier),
             "zone" => Some(EntityKind::Zone),
+            "webhook" => Some(EntityKind::Webhook),
             _ => None,
         }
     }

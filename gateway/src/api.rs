@@ -200,7 +200,7 @@ pub(crate) async fn events(st: State, auth: Auth, q: web::Query<EventsQuery>) ->
     auth.require(&[Role::Dispatcher, Role::Admin])?;
     let entity = match (&q.entity, &q.id) {
         (Some(e), Some(id)) => {
-            let kind = EntityKind::parse(e).ok_or_else(|| ApiError::bad_request("bad_entity", "entity must be order, courier or zone"))?;
+            let kind = EntityKind::parse(e).ok_or_else(|| ApiError::bad_request("bad_entity", "entity must be order, courier, zone or webhook"))?;
             Some((kind, id.clone()))
         }
         (None, None) => None,

@@ -264,7 +264,7 @@ pub(crate) async fn put_webhook(st: State, auth: Auth, path: web::Path<String>, 
     validate(&req)?;
     let now = st.fleet.now_ms();
     let w = Webhook { tenant: auth.tenant.clone(), id, url: req.url, events: req.events, secret: req.secret, created_at: now, updated_at: now };
-    let created = st.store.put_webhook(&w).await.map_err(store_err)?;
+    let created = st.store.put_webhook(&w, &auth.who().to_string()).await.map_err(store_err)?;
     let stored = st.store.webhook(&w.tenant, &w.id).await.map_err(store_err)?.ok_or_else(|| ApiError::internal("webhook vanished"))?;
     let body = dto(stored, None);
     Ok(if created { HttpResponse::Created().json(body) } else { HttpResponse::Ok().json(body) })
@@ -290,7 +290,7 @@ pub(crate) async fn get_webhook(st: State, auth: Auth, path: web::Path<String>) 
 pub(crate) async fn delete_webhook(st: State, auth: Auth, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     auth.require(&[Role::Dispatcher, Role::Admin])?;
     let id = webhook_id(&path)?;
-    if st.store.delete_webhook(&auth.tenant, &id).await.map_err(store_err)? {
+    if st.store.delete_webhook(&auth.tenant, &id, &auth.who().to_string(), st.fleet.now_ms()).await.map_err(store_err)? {
         Ok(HttpResponse::NoContent().finish())
     } else {
         Err(ApiError::not_found(format!("webhook {id} not found")))

@@ -211,7 +211,7 @@ macro_rules! backend_ops {
                 Ok(())
             }
 
-            async fn insert_events(conn: &mut Conn, events: &[&DomainEvent]) -> Result<(), PersistenceError> {
+            pub(crate) async fn insert_events(conn: &mut Conn, events: &[&DomainEvent]) -> Result<(), PersistenceError> {
                 for chunk in events.chunks(MAX_PARAMS / 8) {
                     let mut qb = QueryBuilder::<Db>::new(
                         "INSERT INTO events (tenant, entity, entity_id, kind, actor, reason, ts, attrs) ",

@@ -9,7 +9,7 @@
 //! leaves its rows due again when the lease lapses (at-least-once; receivers dedupe on the
 //! event's `seq`).
 
-use hexfleet_actors::domain::TenantId;
+use hexfleet_actors::domain::{DomainEvent, EntityKind, TenantId};
 use hexfleet_actors::store::StoredEvent;
 
 use crate::db::Db;
@@ -140,6 +140,20 @@ pub enum Outcome {
     },
 }
 
+/// The audit entry of a webhook change (the secret stays out of the log).
+fn audit_event(w: &Webhook, actor: &str, kind: &str) -> DomainEvent {
+    DomainEvent {
+        tenant: w.tenant.clone(),
+        entity: EntityKind::Webhook,
+        entity_id: w.id.clone(),
+        kind: kind.into(),
+        actor: actor.to_owned(),
+        reason: None,
+        ts: w.updated_at,
+        attrs: vec![("url".into(), w.url.clone()), ("events".into(), w.events.join(","))],
+    }
+}
+
 /// Splits a subscribed pattern into the `prefix` column (`None` for an exact kind).
 fn prefix_of(pattern: &str) -> Option<&str> {
     pattern.strip_suffix('*')
@@ -220,7 +234,7 @@ macro_rules! webhook_ops {
             const JSON_IN: &str = $json_in;
             const JSON_OUT: &str = $json_out;
 
-            pub(super) async fn put(pool: &Pool<Db>, w: &Webhook) -> Result<bool, PersistenceError> {
+            pub(super) async fn put(pool: &Pool<Db>, w: &Webhook, audit: &DomainEvent) -> Result<bool, PersistenceError> {
                 let events = serde_json::to_string(&w.events).expect("strings serialize");
                 let mut tx = pool.begin().await?;
                 let existed: Option<i64> = sqlx::query_scalar("SELECT created_at FROM webhooks WHERE tenant = $1 AND id = $2")
@@ -257,6 +271,9 @@ macro_rules! webhook_ops {
                     });
                     qb.build().execute(&mut *tx).await?;
                 }
+                let mut audit = audit.clone();
+                audit.kind = if existed.is_none() { "webhook.created" } else { "webhook.updated" }.into();
+                crate::ops::$name::insert_events(&mut tx, &[&audit]).await?;
                 tx.commit().await?;
                 Ok(existed.is_none())
             }
@@ -282,7 +299,7 @@ macro_rules! webhook_ops {
                 rows.into_iter().map(WebhookRow::into_domain).collect()
             }
 
-            pub(super) async fn delete(pool: &Pool<Db>, tenant: &TenantId, id: &str) -> Result<bool, PersistenceError> {
+            pub(super) async fn delete(pool: &Pool<Db>, tenant: &TenantId, id: &str, audit: &DomainEvent) -> Result<bool, PersistenceError> {
                 let mut tx = pool.begin().await?;
                 let gone = sqlx::query("DELETE FROM webhooks WHERE tenant = $1 AND id = $2")
                     .bind(tenant.as_str())
@@ -296,6 +313,9 @@ macro_rules! webhook_ops {
                         .bind(id)
                         .execute(&mut *tx)
                         .await?;
+                }
+                if gone > 0 {
+                    crate::ops::$name::insert_events(&mut tx, &[audit]).await?;
                 }
                 tx.commit().await?;
                 Ok(gone > 0)
@@ -460,8 +480,11 @@ macro_rules! on_db {
 impl SqlStore {
     /// Creates or replaces a webhook (its patterns too); returns true when it was created.
     /// Deliveries already in the outbox keep going to the webhook under its new URL and secret.
-    pub async fn put_webhook(&self, w: &Webhook) -> Result<bool, PersistenceError> {
-        self.bounded(on_db!(self, put(w))).await
+    /// Appends `webhook.created` or `webhook.updated` (by `actor`, with the URL and patterns,
+    /// never the secret) to the event log in the same transaction.
+    pub async fn put_webhook(&self, w: &Webhook, actor: &str) -> Result<bool, PersistenceError> {
+        let audit = audit_event(w, actor, "webhook.updated");
+        self.bounded(on_db!(self, put(w, &audit))).await
     }
 
     /// One webhook.
@@ -474,9 +497,20 @@ impl SqlStore {
         self.bounded(on_db!(self, list(tenant))).await
     }
 
-    /// Deletes a webhook with its pending and past deliveries; returns false if there was none.
-    pub async fn delete_webhook(&self, tenant: &TenantId, id: &str) -> Result<bool, PersistenceError> {
-        self.bounded(on_db!(self, delete(tenant, id))).await
+    /// Deletes a webhook with its pending and past deliveries, appending `webhook.deleted` (by
+    /// `actor`, at `at`) in the same transaction; returns false if there was none.
+    pub async fn delete_webhook(&self, tenant: &TenantId, id: &str, actor: &str, at: i64) -> Result<bool, PersistenceError> {
+        let audit = DomainEvent {
+            tenant: tenant.clone(),
+            entity: EntityKind::Webhook,
+            entity_id: id.to_owned(),
+            kind: "webhook.deleted".into(),
+            actor: actor.to_owned(),
+            reason: None,
+            ts: at,
+            attrs: Vec::new(),
+        };
+        self.bounded(on_db!(self, delete(tenant, id, &audit))).await
     }
 
     /// Delivery counts of one webhook.

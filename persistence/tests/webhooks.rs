@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use common::{Ctx, event};
 use hexfleet_actors::domain::{EntityKind, TenantId};
-use hexfleet_actors::store::{Store, Write};
+use hexfleet_actors::store::{EventQuery, Store, Write};
 use hexfleet_persistence::webhooks::{DeliveryState, Outcome, Webhook};
 
 both_backends!(outbox_follows_subscriptions, claims_leases_and_outcomes);
@@ -42,11 +42,11 @@ async fn outbox_follows_subscriptions(ctx: Ctx) {
     // Before any webhook exists, events go to the log only.
     store.commit(vec![Write::Event(event("t1", EntityKind::Order, "o0", "order.created", 900))]).await.unwrap();
 
-    assert!(store.put_webhook(&hook("t1", "all-orders", &["order.*"], 1_000)).await.unwrap(), "created");
-    assert!(store.put_webhook(&hook("t1", "picky", &["zone.enter", "order.delivered", "order.*"], 1_000)).await.unwrap());
-    assert!(store.put_webhook(&hook("t2", "other-tenant", &["*"], 1_000)).await.unwrap());
+    assert!(store.put_webhook(&hook("t1", "all-orders", &["order.*"], 1_000), "dispatcher:d").await.unwrap(), "created");
+    assert!(store.put_webhook(&hook("t1", "picky", &["zone.enter", "order.delivered", "order.*"], 1_000), "dispatcher:d").await.unwrap());
+    assert!(store.put_webhook(&hook("t2", "other-tenant", &["*"], 1_000), "dispatcher:d").await.unwrap());
     // Replacing says so, keeps created_at and takes the new patterns.
-    assert!(!store.put_webhook(&hook("t1", "picky", &["zone.enter", "order.delivered"], 2_000)).await.unwrap());
+    assert!(!store.put_webhook(&hook("t1", "picky", &["zone.enter", "order.delivered"], 2_000), "dispatcher:d").await.unwrap());
     let picky = store.webhook(&t, "picky").await.unwrap().expect("stored");
     assert_eq!((picky.created_at, picky.updated_at), (1_000, 2_000));
     assert_eq!(picky.events, vec!["zone.enter".to_string(), "order.delivered".to_string()]);
@@ -71,26 +71,38 @@ async fn outbox_follows_subscriptions(ctx: Ctx) {
         ("all-orders", "order.delivered"),
         ("picky", "zone.enter"),
         ("picky", "order.delivered"),
+        // `*` also matches the audit entry of its own creation (same transaction).
+        ("other-tenant", "webhook.created"),
     ]
     .iter()
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
-    assert_eq!(got, want, "one delivery per matching (webhook, event), none for other tenants");
+    assert_eq!(got, want, "one delivery per matching (webhook, event), none across tenants");
     assert_eq!(store.webhook_stats(&t, "all-orders").await.unwrap().pending, 2);
 
     // Deleting a webhook drops its deliveries; another tenant's is untouched.
-    assert!(store.delete_webhook(&t, "all-orders").await.unwrap());
-    assert!(!store.delete_webhook(&t, "all-orders").await.unwrap(), "already gone");
+    assert!(store.delete_webhook(&t, "all-orders", "admin:a", 5_000).await.unwrap());
+    assert!(!store.delete_webhook(&t, "all-orders", "admin:a", 5_000).await.unwrap(), "already gone");
     assert_eq!(store.webhook_stats(&t, "all-orders").await.unwrap().pending, 0);
     assert!(store.webhook_deliveries(&t, "all-orders", 10).await.unwrap().is_empty());
     assert_eq!(store.webhook_deliveries(&t, "picky", 10).await.unwrap().len(), 2);
+
+    // Every change is in the audit log, in the same transaction, without the secret.
+    let q = EventQuery { tenant: t.clone(), entity: Some((EntityKind::Webhook, "picky".into())), since_seq: None, limit: 10 };
+    let kinds: Vec<String> = store.events(q).await.unwrap().into_iter().map(|e| e.event.kind).collect();
+    assert_eq!(kinds, ["webhook.created", "webhook.updated"]);
+    let q = EventQuery { tenant: t.clone(), entity: Some((EntityKind::Webhook, "all-orders".into())), since_seq: None, limit: 10 };
+    let evs = store.events(q).await.unwrap();
+    assert_eq!(evs.iter().map(|e| e.event.kind.as_str()).collect::<Vec<_>>(), ["webhook.created", "webhook.deleted"]);
+    assert_eq!((evs[1].event.actor.as_str(), evs[1].event.ts), ("admin:a", 5_000));
+    assert!(evs.iter().all(|e| !format!("{:?}", e.event.attrs).contains("s3cret")), "no secret in the log");
     store.close().await.unwrap();
 }
 
 async fn claims_leases_and_outcomes(ctx: Ctx) {
     let store = ctx.open().await;
     let t = TenantId::new("t1");
-    store.put_webhook(&hook("t1", "w", &["order.*"], 1_000)).await.unwrap();
+    store.put_webhook(&hook("t1", "w", &["order.*"], 1_000), "dispatcher:d").await.unwrap();
     let evs: Vec<Write> =
         (0..5).map(|i| Write::Event(event("t1", EntityKind::Order, &format!("o{i}"), "order.created", 2_000 + i))).collect();
     store.commit(evs).await.unwrap();
