@@ -253,6 +253,20 @@ impl CourierState {
             fix.ts - h.ts >= self.ctx.config.history_every_ms || haversine_m(h.pos, fix.pos) >= 100.0
         });
         if keep {
+            if let Some(h) = self.last_history
+                && self.ctx.config.learn_speeds
+            {
+                // Consecutive history samples (about 10 s or 100 m apart) are what the speed
+                // model learns from; the model drops pairs that are too short, long or fast.
+                self.ctx.speeds.observe(crate::speeds::SpeedSample {
+                    tenant: self.rec.tenant.clone(),
+                    vehicle: self.rec.vehicle,
+                    from: h.pos,
+                    from_ms: h.ts,
+                    to: fix.pos,
+                    to_ms: fix.ts,
+                });
+            }
             self.last_history = Some(fix);
             let sample = crate::domain::LocationSample { pos: fix.pos, ts: fix.ts, speed: fix.speed };
             if let Err(e) = self.ctx.store.record_locations(&self.rec.tenant, &self.rec.id, vec![sample]) {
@@ -302,7 +316,7 @@ impl CourierState {
 
     /// Seconds to reach `to` from `from` by this courier's vehicle.
     fn eta_s(&self, from: LatLng, to: LatLng) -> f64 {
-        self.ctx.config.planner(self.rec.vehicle).travel_s(from, to)
+        self.ctx.planner(&self.rec.tenant, self.rec.vehicle, self.ctx.clock.now_ms()).travel_s(from, to)
     }
 
     fn check_arrivals(&mut self, pos: LatLng) {
@@ -378,7 +392,7 @@ impl CourierState {
     fn send_route(&self) {
         let start = self.rec.last_fix.map(|f| f.pos);
         let orders: Vec<&Order> = self.held.values().map(|o| o.as_ref()).collect();
-        let planner = self.ctx.config.planner(self.rec.vehicle);
+        let planner = self.ctx.planner(&self.rec.tenant, self.rec.vehicle, self.ctx.clock.now_ms());
         let planned = start.and_then(|s| planner.plan(s, self.ctx.clock.now_ms(), self.rec.capacity, &orders));
         let stops = match planned {
             Some(p) => p.stops,

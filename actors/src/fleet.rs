@@ -86,6 +86,11 @@ pub struct FleetConfig {
     pub dispatch_res: u8,
     /// Geofence hysteresis and dwell.
     pub fence_tracker: hexfleet_geo::fence::TrackerConfig,
+    /// Learn travel speeds from the fleet's movement and use them for ETAs and dispatch
+    /// (`speeds.rs`); off, every vehicle travels at its prior speed.
+    pub learn_speeds: bool,
+    /// How often newly learned speeds become visible to ETAs and dispatch.
+    pub speed_publish: Duration,
 }
 
 impl Default for FleetConfig {
@@ -116,6 +121,8 @@ impl Default for FleetConfig {
             call_timeout: Duration::from_secs(5),
             dispatch_res: 7,
             fence_tracker: hexfleet_geo::fence::TrackerConfig::default(),
+            learn_speeds: true,
+            speed_publish: Duration::from_secs(10),
         }
     }
 }
@@ -126,11 +133,14 @@ impl FleetConfig {
         self.auto_accept || self.auto_accept_tenants.iter().any(|t| t == tenant.as_str())
     }
 
-    /// The route planner for a vehicle under this configuration.
+    /// The route planner for a vehicle under this configuration, at the vehicle's prior speed
+    /// (`FleetCtx::planner` adds the learned speeds).
     pub fn planner(&self, vehicle: Vehicle) -> RoutePlanner {
         RoutePlanner {
             detour: self.detour_factor,
             speed_mps: vehicle.prior_speed_mps(),
+            speeds: None,
+            at_ms: 0,
             pickup_service_s: self.pickup_service_s,
             dropoff_service_s: self.dropoff_service_s,
             lateness_weight: self.lateness_weight,
@@ -204,9 +214,22 @@ pub struct FleetCtx {
     /// `hexfleet_fixes_total`, registered once: the `counter!` macro looks the key up in the
     /// recorder on every call, which cost 2 % of server CPU per GPS fix.
     pub(crate) fixes_total: metrics::Counter,
+    /// Learned travel speeds (`speeds.rs`).
+    pub speeds: Arc<crate::speeds::Speeds>,
 }
 
 impl FleetCtx {
+    /// The route planner of a tenant's vehicle type departing at `at_ms`: learned speeds when
+    /// there are any (and learning is on), the vehicle's prior speed otherwise.
+    pub fn planner(&self, tenant: &TenantId, vehicle: Vehicle, at_ms: Ms) -> RoutePlanner {
+        let mut p = self.config.planner(vehicle);
+        if self.config.learn_speeds {
+            p.speeds = self.speeds.model(tenant, vehicle);
+        }
+        p.at_ms = at_ms;
+        p
+    }
+
     pub(crate) fn supervisor(&self) -> Result<ActorCell, FleetError> {
         self.supervisor.read().clone().ok_or(FleetError::ActorGone("supervisor"))
     }
@@ -438,6 +461,7 @@ impl Fleet {
             clock: deps.clock,
             positions: Arc::new(Positions::default()),
             fixes_total: metrics::counter!("hexfleet_fixes_total"),
+            speeds: crate::speeds::Speeds::start(deps.config.speed_publish),
             couriers: DashMap::new(),
             orders: DashMap::new(),
             last_orders: DashMap::new(),
@@ -708,7 +732,7 @@ impl Fleet {
     pub async fn assign(&self, tenant: &TenantId, id: &OrderId, courier: &CourierId, who: Who) -> Result<Arc<Order>, FleetError> {
         let rec = self.courier(tenant, courier)?;
         let order = self.order(tenant, id).await?;
-        let planner = self.ctx.config.planner(rec.vehicle);
+        let planner = self.ctx.planner(tenant, rec.vehicle, self.now_ms());
         let cost_s = rec.last_fix.map_or(0.0, |f| planner.travel_s(f.pos, order.pickup));
         let record = crate::domain::AssignmentRecord {
             at: self.now_ms(),

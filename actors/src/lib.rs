@@ -17,6 +17,7 @@ pub mod order;
 pub mod positions;
 pub mod publish;
 mod routing;
+pub mod speeds;
 pub mod store;
 pub mod zone;
 

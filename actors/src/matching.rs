@@ -107,7 +107,7 @@ pub(crate) fn plan_round(
                 if !rec.on_shift || rec.status != CourierStatus::Available {
                     return None;
                 }
-                let planner = cfg.planner(rec.vehicle);
+                let planner = ctx.planner(tenant, rec.vehicle, now);
                 let mine = committed.get(&id).cloned().unwrap_or_default();
                 let refs: Vec<&Order> = mine.iter().map(|o| o.as_ref()).collect();
                 let base = planner.plan(e.pos, now, rec.capacity, &refs);

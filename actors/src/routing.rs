@@ -4,9 +4,14 @@
 //!
 //! The dispatcher uses [`RoutePlanner::plan`] to price adding an order to a courier's route (the
 //! marginal cost and the delay it causes to the orders already held); the courier actor uses it
-//! to send the device its `route`. Travel time is great-circle distance × detour ÷ the vehicle's
-//! speed: an ETA model, not a road router (see `hexfleet_geo::eta::RouteProvider`).
+//! to send the device its `route`. Travel time is great-circle distance × detour ÷ speed, where
+//! the speed is learned from the fleet per H3 cell and hour of week (`crate::speeds`) when a
+//! model exists for the courier's tenant and vehicle, and the vehicle's prior speed otherwise:
+//! an ETA model, not a road router (see `hexfleet_geo::eta::RouteProvider`).
 
+use std::sync::Arc;
+
+use hexfleet_geo::eta::SpeedModel;
 use hexfleet_geo::stops::{self, RouteProblem, Stop, StopKind};
 use hexfleet_geo::{LatLng, haversine_m};
 
@@ -14,12 +19,17 @@ use crate::domain::{Ms, Order};
 use crate::publish::RouteStop;
 
 /// Parameters of route planning.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RoutePlanner {
     /// Road distance ÷ great-circle distance.
     pub detour: f64,
-    /// Vehicle speed in m/s.
+    /// Vehicle speed in m/s where no learned model exists.
     pub speed_mps: f64,
+    /// Learned speeds of this tenant's vehicle type (they fall back to the vehicle's prior
+    /// where nothing was observed).
+    pub speeds: Option<Arc<SpeedModel>>,
+    /// Departure time (Unix ms): the hour of week the learned speeds are read at.
+    pub at_ms: Ms,
     /// Seconds spent at a pickup.
     pub pickup_service_s: f64,
     /// Seconds spent at a drop-off.
@@ -39,9 +49,19 @@ pub struct PlannedRoute {
 }
 
 impl RoutePlanner {
-    /// Travel seconds between two points.
+    /// Expected speed around `p`, m/s.
+    pub fn speed_at(&self, p: LatLng) -> f64 {
+        self.speeds.as_ref().map_or(self.speed_mps, |m| m.speed_mps(p, self.at_ms))
+    }
+
+    /// Travel seconds between two points (at the mean of the speeds at both ends).
     pub fn travel_s(&self, a: LatLng, b: LatLng) -> f64 {
-        haversine_m(a, b) * self.detour / self.speed_mps.max(0.1)
+        let v = if self.speeds.is_some() { 0.5 * (self.speed_at(a) + self.speed_at(b)) } else { self.speed_mps };
+        Self::leg_s(haversine_m(a, b), self.detour, v)
+    }
+
+    fn leg_s(metres: f64, detour: f64, speed_mps: f64) -> f64 {
+        metres * detour / speed_mps.max(0.1)
     }
 
     /// The best stop order for `orders` starting at `start` at time `now` (Unix ms), with the
@@ -79,7 +99,9 @@ impl RoutePlanner {
             });
         }
         let p = RouteProblem { start_s: 0.0, capacity, stops, lateness_weight: self.lateness_weight, end: None };
-        let tt = |a: usize, b: usize| self.travel_s(pts[a], pts[b]);
+        // One speed look-up per point (an H3 cell each), not per pair.
+        let v: Vec<f64> = pts.iter().map(|p| self.speed_at(*p)).collect();
+        let tt = |a: usize, b: usize| Self::leg_s(haversine_m(pts[a], pts[b]), self.detour, 0.5 * (v[a] + v[b]));
         let plan = stops::plan(&p, tt)?;
         // Walk the plan once more for each drop-off's completion time.
         let mut done_s = vec![0.0; orders.len()];
@@ -154,7 +176,7 @@ mod tests {
         }
     }
 
-    const P: RoutePlanner = RoutePlanner { detour: 1.3, speed_mps: 5.0, pickup_service_s: 60.0, dropoff_service_s: 60.0, lateness_weight: 2.0 };
+    const P: RoutePlanner = RoutePlanner { detour: 1.3, speed_mps: 5.0, speeds: None, at_ms: 0, pickup_service_s: 60.0, dropoff_service_s: 60.0, lateness_weight: 2.0 };
 
     #[test]
     fn pickups_precede_dropoffs_and_on_board_orders_have_only_a_dropoff() {

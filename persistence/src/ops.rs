@@ -227,34 +227,6 @@ macro_rules! backend_ops {
                             .push_bind(rows::attrs_json(e))
                             .push_unseparated(JSON_IN);
                     });
-                    qb.push(" RETURNING seq, tenant, kind, ts");
-                    let stored: Vec<(i64, String, String, i64)> = qb.build_query_as().fetch_all(&mut *conn).await?;
-                    enqueue_webhooks(conn, &stored).await?;
-                }
-                Ok(())
-            }
-
-            /// The webhook outbox: one pending delivery per (event, subscribed webhook), written
-            /// in the transaction that appends the events, so every durable event is delivered
-            /// (at least once) to every webhook subscribed when it was appended. A webhook with
-            /// several patterns matching one event gets it once.
-            async fn enqueue_webhooks(conn: &mut Conn, stored: &[(i64, String, String, i64)]) -> Result<(), PersistenceError> {
-                for chunk in stored.chunks(MAX_PARAMS / 4) {
-                    let mut qb = QueryBuilder::<Db>::new(
-                        "INSERT INTO webhook_outbox \
-                         (tenant, webhook_id, event_seq, state, attempts, next_attempt_at, updated_at) \
-                         SELECT DISTINCT v.column1, s.webhook_id, v.column2, 'pending', 0, v.column4, v.column4 \
-                         FROM (",
-                    );
-                    qb.push_values(chunk, |mut b, (seq, tenant, kind, ts)| {
-                        b.push_bind(tenant.as_str()).push_bind(*seq).push_bind(kind.as_str()).push_bind(*ts);
-                    });
-                    qb.push(
-                        ") AS v JOIN webhook_events s ON s.tenant = v.column1 \
-                         AND (s.pattern = v.column3 \
-                              OR (s.prefix IS NOT NULL AND substr(v.column3, 1, length(s.prefix)) = s.prefix)) \
-                         WHERE true ON CONFLICT DO NOTHING",
-                    );
                     qb.build().execute(&mut *conn).await?;
                 }
                 Ok(())

@@ -2,8 +2,9 @@
 //!
 //! A subscription names an HTTP(S) URL, a signing secret and the event kinds it wants (exact
 //! kinds such as `order.delivered`, or patterns ending in `*`: `order.*`, `zone.*`, `*`). The
-//! outbox is filled by the transaction that appends events to the log (`ops::insert_events`), so
-//! an event is due for delivery exactly when it is durable. The gateway's delivery worker
+//! outbox is filled by a trigger on `events` (see the `webhooks` migration), inside the
+//! transaction that appends the events, so an event is due for delivery exactly when it is
+//! durable, whichever code path appended it. The gateway's delivery worker
 //! [claims](SqlStore::claim_webhook_deliveries) due rows under a lease, sends them, and
 //! [records](SqlStore::finish_webhook_delivery) the outcome; a worker that dies mid-delivery
 //! leaves its rows due again when the lease lapses (at-least-once; receivers dedupe on the
@@ -379,6 +380,17 @@ macro_rules! webhook_ops {
                 lease: &str,
                 limit: i64,
             ) -> Result<Vec<Delivery>, PersistenceError> {
+                // A read first: an idle outbox costs no write transaction (SQLite's write lock
+                // is the group-commit writer's).
+                let any: Option<i64> = sqlx::query_scalar(
+                    "SELECT event_seq FROM webhook_outbox WHERE state = 'pending' AND next_attempt_at <= $1 LIMIT 1",
+                )
+                .bind(now)
+                .fetch_optional(pool)
+                .await?;
+                if any.is_none() {
+                    return Ok(Vec::new());
+                }
                 // The outer condition is re-checked on rows another node claimed meanwhile
                 // (PostgreSQL re-evaluates it after waiting for the row lock), so no row is
                 // claimed twice within one lease.

@@ -1,6 +1,6 @@
 -- Webhooks: subscriptions, the event kinds each one wants, and the outbox of deliveries.
--- Outbox rows are inserted in the same transaction as the events they deliver (see
--- `ops::insert_events`), so an event that is durable is also due for delivery.
+-- Outbox rows are inserted by a trigger on `events` (below), in the same transaction as the
+-- events they deliver, so an event that is durable is also due for delivery.
 
 CREATE TABLE webhooks (
     tenant       TEXT             NOT NULL,
@@ -42,3 +42,22 @@ CREATE TABLE webhook_outbox (
 );
 CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_attempt_at);
 CREATE INDEX webhook_outbox_lease ON webhook_outbox (lease);
+
+-- The outbox is filled by the database itself: whatever inserts events, in the same
+-- transaction, every webhook of the tenant with a matching pattern gets one pending row per
+-- event. Statement-level, so a multi-row insert runs one INSERT … SELECT.
+CREATE FUNCTION events_to_webhook_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO webhook_outbox (tenant, webhook_id, event_seq, state, attempts, next_attempt_at, updated_at)
+    SELECT DISTINCT e.tenant, s.webhook_id, e.seq, 'pending', 0, e.ts, e.ts
+    FROM new_events e
+    JOIN webhook_events s ON s.tenant = e.tenant
+        AND (s.pattern = e.kind OR (s.prefix IS NOT NULL AND substr(e.kind, 1, length(s.prefix)) = s.prefix))
+    ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_to_webhook_outbox AFTER INSERT ON events
+    REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION events_to_webhook_outbox();

@@ -1,0 +1,153 @@
+//! Travel speeds learned from the fleet's own movement, per tenant and vehicle, for ETAs and
+//! dispatch (`hexfleet_geo::eta::SpeedModel`: per H3 cell and hour of week, shrunk towards
+//! the vehicle's prior speed where little was seen).
+//!
+//! Flow: a courier actor, when it keeps a location-history sample (every `history_every_ms`
+//! or 100 m), hands the pair (previous sample → this one) to [`Speeds::observe`], a
+//! non-blocking `try_send` into a bounded queue (samples are dropped and counted when it is
+//! full: the hot path never waits and takes no lock). One learner task owns the models, folds
+//! samples in, and every `publish_every` swaps in immutable copies of the models that changed.
+//! Readers ([`Speeds::model`]: the courier's ETA to its next stop, dispatch pricing) load the
+//! published map without locking.
+//!
+//! Not persisted: a restart starts from the priors and relearns (a fleet of a few hundred
+//! couriers fills a city's cells within an hour).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hexfleet_geo::LatLng;
+use hexfleet_geo::eta::{SpeedConfig, SpeedModel};
+use tokio::sync::mpsc;
+
+use crate::domain::{Ms, TenantId, Vehicle};
+
+/// Samples waiting for the learner before new ones are dropped.
+const QUEUE: usize = 65_536;
+
+type Key = (TenantId, Vehicle);
+type Published = HashMap<Key, Arc<SpeedModel>>;
+
+/// One observed movement of one courier.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpeedSample {
+    pub tenant: TenantId,
+    pub vehicle: Vehicle,
+    pub from: LatLng,
+    pub from_ms: Ms,
+    pub to: LatLng,
+    pub to_ms: Ms,
+}
+
+/// The learned speeds: the queue into the learner and the published models.
+#[derive(Debug)]
+pub struct Speeds {
+    tx: mpsc::Sender<SpeedSample>,
+    published: Arc<ArcSwap<Published>>,
+    dropped: metrics::Counter,
+}
+
+/// The speed model settings for a vehicle: its prior, and speeds it cannot reach rejected.
+pub fn config_for(vehicle: Vehicle) -> SpeedConfig {
+    let prior = vehicle.prior_speed_mps();
+    SpeedConfig { prior_mps: prior, min_mps: (prior / 5.0).min(1.0), ..SpeedConfig::default() }
+}
+
+impl Speeds {
+    /// The handle and its learner task (spawned on the current runtime); the task ends when
+    /// the handle is dropped. `publish_every` bounds how stale a reader's model is.
+    pub fn start(publish_every: Duration) -> Arc<Speeds> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let published = Arc::new(ArcSwap::from_pointee(Published::new()));
+        tokio::spawn(learn(rx, published.clone(), publish_every));
+        Arc::new(Speeds { tx, published, dropped: metrics::counter!("hexfleet_speed_samples_dropped_total") })
+    }
+
+    /// Queues a sample for learning; never waits.
+    pub fn observe(&self, s: SpeedSample) {
+        if self.tx.try_send(s).is_err() {
+            self.dropped.increment(1);
+        }
+    }
+
+    /// The latest published model of a tenant's vehicle type, if anything was learned.
+    pub fn model(&self, tenant: &TenantId, vehicle: Vehicle) -> Option<Arc<SpeedModel>> {
+        self.published.load().get(&(tenant.clone(), vehicle)).cloned()
+    }
+}
+
+async fn learn(mut rx: mpsc::Receiver<SpeedSample>, published: Arc<ArcSwap<Published>>, every: Duration) {
+    let mut models: HashMap<Key, SpeedModel> = HashMap::new();
+    let mut dirty: HashSet<Key> = HashSet::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let learned = metrics::counter!("hexfleet_speed_samples_learned_total");
+    loop {
+        tokio::select! {
+            s = rx.recv() => {
+                let Some(s) = s else { break };
+                let key = (s.tenant, s.vehicle);
+                let m = models.entry(key.clone()).or_insert_with(|| SpeedModel::new(config_for(key.1)));
+                if m.observe(s.from, s.from_ms, s.to, s.to_ms) {
+                    learned.increment(1);
+                    dirty.insert(key);
+                }
+            }
+            _ = tick.tick() => {
+                if dirty.is_empty() {
+                    continue;
+                }
+                let mut next: Published = (**published.load()).clone();
+                for key in dirty.drain() {
+                    if let Some(m) = models.get(&key) {
+                        next.insert(key, Arc::new(m.clone()));
+                    }
+                }
+                published.store(Arc::new(next));
+            }
+        }
+    }
+    tracing::debug!("speed learner stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ll(lat: f64, lng: f64) -> LatLng {
+        LatLng::new(lat, lng).unwrap()
+    }
+
+    #[tokio::test]
+    async fn learns_per_tenant_and_vehicle_and_publishes() {
+        let speeds = Speeds::start(Duration::from_millis(20));
+        let t = TenantId::new("t");
+        assert!(speeds.model(&t, Vehicle::Bike).is_none(), "nothing learned yet");
+        // A bike crawling at 2 m/s through one district, 10 s steps.
+        let (lat, mut lng) = (52.52f64, 13.40f64);
+        let t0 = 1_764_000_000_000;
+        for i in 0..200 {
+            let next = lng + 20.0 / (111_320.0 * lat.to_radians().cos());
+            speeds.observe(SpeedSample { tenant: t.clone(), vehicle: Vehicle::Bike, from: ll(lat, lng), from_ms: t0 + i * 10_000, to: ll(lat, next), to_ms: t0 + (i + 1) * 10_000 });
+            lng = next;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let m = loop {
+            if let Some(m) = speeds.model(&t, Vehicle::Bike).filter(|m| m.len() > 0) {
+                if m.speed_mps(ll(lat, 13.41), t0 + 500_000) < 2.5 {
+                    break m;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "model not published");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let v = m.speed_mps(ll(lat, 13.41), t0 + 500_000);
+        assert!((1.9..2.5).contains(&v), "learned about 2 m/s, got {v}");
+        // Elsewhere, and for other vehicles and tenants, the priors hold.
+        assert!((m.speed_mps(ll(48.85, 2.35), t0) - Vehicle::Bike.prior_speed_mps()).abs() < 1e-9);
+        assert!(speeds.model(&t, Vehicle::Car).is_none());
+        assert!(speeds.model(&TenantId::new("other"), Vehicle::Bike).is_none());
+    }
+}
