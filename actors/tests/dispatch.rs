@@ -494,3 +494,46 @@ async fn offers_that_expired_while_the_server_was_down_are_redispatched_at_start
     w.settle().await;
     w.offered_to(&OrderId::new("o1"), &CourierId::new("b")).await;
 }
+
+/// Dispatch prices couriers with the speeds the fleet has shown: a courier in a district where
+/// bikes crawl loses to a farther one on open roads, and wins when learning is off.
+#[tokio::test]
+async fn learned_speeds_decide_who_reaches_the_pickup_first() {
+    use hexfleet_actors::domain::Vehicle;
+    for learn in [false, true] {
+        let w = world(FleetConfig { learn_speeds: learn, speed_publish: Duration::from_millis(10), ..FleetConfig::default() }).await;
+        let slow_spot = at(0.0, -3000.0);
+        // The fleet's history there: a bike at 1.5 m/s, one fix every 10 s (each one a history
+        // sample, so each consecutive pair is a speed sample), through the courier actor.
+        let teacher = CourierId::new("teacher");
+        w.f.upsert_courier(&w.t, &teacher, CourierPatch::default(), &Who::System).await.unwrap();
+        let fixes: Vec<Fix> = (0..120)
+            .map(|i| Fix { pos: at(0.0, -3600.0 + 15.0 * i as f64), ts: T0 - (120 - i) * 10_000, speed: None, heading: None, acc: None })
+            .collect();
+        w.f.ingest(&w.t, &teacher, fixes).unwrap();
+        if learn {
+            let ok = eventually(|| {
+                w.f.ctx().speeds.model(&w.t, Vehicle::Bike).is_some_and(|m| m.speed_mps(slow_spot, T0) < 2.0)
+            })
+            .await;
+            assert!(ok, "the model never learned the slow district");
+        } else {
+            // Nothing to wait for: learning off means no samples are even sent. Make sure the
+            // teacher's fixes were processed before dispatching.
+            let last = at(0.0, -3600.0 + 15.0 * 119.0);
+            w.wait_indexed(&teacher, last, false).await;
+            assert!(w.f.ctx().speeds.model(&w.t, Vehicle::Bike).is_none());
+        }
+        let in_the_slow_district = w.courier("slow", slow_spot, 1).await;
+        let on_open_roads = w.courier("open", at(0.0, 3500.0), 1).await;
+        let o = w.order("o", at(0.0, 0.0), at(500.0, 0.0)).await;
+        w.settle().await;
+        let want = if learn { &on_open_roads } else { &in_the_slow_district };
+        let got = w.offered_to(&o, want).await;
+        let rec = got.assignment.as_ref().expect("assignment record");
+        // The open-roads courier is priced at the prior speed either way: 3,500 m × 1.3 / 4.5.
+        let open_cost = rec.candidates.iter().find(|c| c.0 == on_open_roads).expect("candidate").1;
+        assert!((open_cost - 3500.0 * 1.3 / 4.5).abs() < 20.0, "learn={learn}: open-roads cost {open_cost}");
+        w.f.shutdown().await.unwrap();
+    }
+}

@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// nobody reads is not rebuilt.
     #[arg(long, env = "HEXFLEET_INDEX_REBUILD_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
     pub index_rebuild_ms: u64,
+    /// Learn travel speeds per H3 cell and hour of week from the fleet's movement and use them
+    /// for ETAs and dispatch (`--learn-speeds false`: every vehicle at its prior speed).
+    #[arg(long, env = "HEXFLEET_LEARN_SPEEDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub learn_speeds: bool,
     /// Webhook request timeout in milliseconds (connect, send, and wait for the status).
     #[arg(long, env = "HEXFLEET_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=120_000))]
     pub webhook_timeout_ms: u64,
@@ -151,6 +155,7 @@ impl ServeArgs {
             dispatch_policy: hexfleet_actors::fleet::DispatchPolicy::parse(&self.dispatch_policy).unwrap_or_default(),
             batch_max_delay_s: self.batch_max_delay_s.max(0.0),
             index_rebuild: Duration::from_millis(self.index_rebuild_ms),
+            learn_speeds: self.learn_speeds,
             ..Default::default()
         }
     }
@@ -282,6 +287,20 @@ mod tests {
         assert_eq!(s.fleet_config().index_rebuild, Duration::from_millis(200));
         assert!(Cli::try_parse_from(["hexfleet", "serve", "--console-batch-ms", "0"]).is_err());
         assert!(Cli::try_parse_from(["hexfleet", "serve", "--index-rebuild-ms", "1"]).is_err());
+    }
+
+    #[test]
+    fn speed_learning_and_webhook_flags() {
+        let cli = Cli::try_parse_from(["hexfleet", "serve"]).unwrap();
+        let Cmd::Serve(s) = cli.cmd else { panic!() };
+        assert!(s.learn_speeds && s.fleet_config().learn_speeds);
+        assert_eq!((s.webhook_timeout_ms, s.webhook_max_attempts, s.webhook_backoff_ms), (10_000, 15, 1_000));
+        let cli = Cli::try_parse_from(["hexfleet", "serve", "--learn-speeds", "false", "--webhook-max-attempts", "3"]).unwrap();
+        let Cmd::Serve(s) = cli.cmd else { panic!() };
+        assert!(!s.fleet_config().learn_speeds);
+        assert_eq!(s.webhook_max_attempts, 3);
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-max-attempts", "0"]).is_err());
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-timeout-ms", "5"]).is_err());
     }
 
     #[test]
