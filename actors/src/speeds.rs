@@ -135,10 +135,10 @@ mod tests {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let m = loop {
-            if let Some(m) = speeds.model(&t, Vehicle::Bike).filter(|m| m.len() > 0) {
-                if m.speed_mps(ll(lat, 13.41), t0 + 500_000) < 2.5 {
-                    break m;
-                }
+            if let Some(m) = speeds.model(&t, Vehicle::Bike).filter(|m| !m.is_empty())
+                && m.speed_mps(ll(lat, 13.41), t0 + 500_000) < 2.5
+            {
+                break m;
             }
             assert!(tokio::time::Instant::now() < deadline, "model not published");
             tokio::time::sleep(Duration::from_millis(10)).await;
