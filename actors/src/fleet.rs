@@ -141,6 +141,7 @@ impl FleetConfig {
             speed_mps: vehicle.prior_speed_mps(),
             speeds: None,
             at_ms: 0,
+            memo: None,
             pickup_service_s: self.pickup_service_s,
             dropoff_service_s: self.dropoff_service_s,
             lateness_weight: self.lateness_weight,

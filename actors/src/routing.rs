@@ -9,6 +9,7 @@
 //! model exists for the courier's tenant and vehicle, and the vehicle's prior speed otherwise:
 //! an ETA model, not a road router (see `hexfleet_geo::eta::RouteProvider`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use hexfleet_geo::eta::SpeedModel;
@@ -30,6 +31,10 @@ pub struct RoutePlanner {
     pub speeds: Option<Arc<SpeedModel>>,
     /// Departure time (Unix ms): the hour of week the learned speeds are read at.
     pub at_ms: Ms,
+    /// Speeds already looked up (a dispatch round prices the same pickups and courier
+    /// positions many times; a look-up is an H3 cell and two hash probes). Shared only by
+    /// planners of the same model and departure time.
+    pub memo: Option<Arc<SpeedMemo>>,
     /// Seconds spent at a pickup.
     pub pickup_service_s: f64,
     /// Seconds spent at a drop-off.
@@ -37,6 +42,10 @@ pub struct RoutePlanner {
     /// Cost of one second of lateness, in seconds of route time.
     pub lateness_weight: f64,
 }
+
+/// See [`RoutePlanner::memo`].
+#[derive(Debug, Default)]
+pub struct SpeedMemo(parking_lot::Mutex<HashMap<(u64, u64), f64>>);
 
 /// A planned route.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,7 +60,11 @@ pub struct PlannedRoute {
 impl RoutePlanner {
     /// Expected speed around `p`, m/s.
     pub fn speed_at(&self, p: LatLng) -> f64 {
-        self.speeds.as_ref().map_or(self.speed_mps, |m| m.speed_mps(p, self.at_ms))
+        let Some(m) = &self.speeds else { return self.speed_mps };
+        match &self.memo {
+            None => m.speed_mps(p, self.at_ms),
+            Some(memo) => *memo.0.lock().entry((p.lat.to_bits(), p.lng.to_bits())).or_insert_with(|| m.speed_mps(p, self.at_ms)),
+        }
     }
 
     /// Travel seconds between two points (at the mean of the speeds at both ends).
@@ -176,7 +189,7 @@ mod tests {
         }
     }
 
-    const P: RoutePlanner = RoutePlanner { detour: 1.3, speed_mps: 5.0, speeds: None, at_ms: 0, pickup_service_s: 60.0, dropoff_service_s: 60.0, lateness_weight: 2.0 };
+    const P: RoutePlanner = RoutePlanner { detour: 1.3, speed_mps: 5.0, speeds: None, at_ms: 0, memo: None, pickup_service_s: 60.0, dropoff_service_s: 60.0, lateness_weight: 2.0 };
 
     #[test]
     fn pickups_precede_dropoffs_and_on_board_orders_have_only_a_dropoff() {

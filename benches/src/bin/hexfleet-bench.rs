@@ -300,14 +300,24 @@ async fn fleet_with(store: Arc<dyn Store>, couriers: usize, config: FleetConfig)
 }
 
 async fn dispatch_report(couriers: usize, orders: usize, reps: usize) -> anyhow::Result<()> {
-    for policy in [DispatchPolicy::Optimal, DispatchPolicy::Greedy] {
-        let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), dispatch_policy: policy, ..Default::default() };
+    // The second row prices with learned speeds: a model covering the city, so every route
+    // problem looks its points up in it.
+    for (policy, learned) in [(DispatchPolicy::Optimal, false), (DispatchPolicy::Optimal, true), (DispatchPolicy::Greedy, false)] {
+        let config = FleetConfig {
+            dispatch_tick: Duration::from_secs(3600),
+            dispatch_policy: policy,
+            speed_publish: Duration::from_millis(50),
+            ..Default::default()
+        };
         let t0 = Instant::now();
         let (f, t, _) = fleet_with(Arc::new(MemoryStore::new()), couriers, config).await?;
         let mut rng = Rng::new(12);
         for i in 0..orders {
             let new = NewOrder { id: Some(OrderId::new(format!("o{i}"))), pickup: city_point(&mut rng, 30_000.0), dropoff: city_point(&mut rng, 30_000.0), size: 1, ready_at: None, deliver_by: None };
             f.create_order(&t, new, &Who::System).await?;
+        }
+        if learned {
+            teach_speeds(&f, &t, &mut rng).await?;
         }
         let setup = t0.elapsed();
         let mut times = Vec::new();
@@ -320,8 +330,9 @@ async fn dispatch_report(couriers: usize, orders: usize, reps: usize) -> anyhow:
         let p = last.context("no reps")?;
         times.sort_by(f64::total_cmp);
         println!(
-            "dispatch round {:>7}: {} waiting orders x {} couriers: {} candidate couriers, {} pairs priced, {} matched, cost {:.0} s (lower bound {:.0}); round time median {:.1} ms, min {:.1} ms, max {:.1} ms over {reps} (setup {:.1} s)",
+            "dispatch round {:>7}{}: {} waiting orders x {} couriers: {} candidate couriers, {} pairs priced, {} matched, cost {:.0} s (lower bound {:.0}); round time median {:.1} ms, min {:.1} ms, max {:.1} ms over {reps} (setup {:.1} s)",
             policy.as_str(),
+            if learned { " (learned speeds)" } else { "" },
             p.orders,
             couriers,
             p.couriers,
@@ -335,6 +346,30 @@ async fn dispatch_report(couriers: usize, orders: usize, reps: usize) -> anyhow:
             setup.as_secs_f64()
         );
         f.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// Feeds the fleet's speed learner 100k movements spread over the city and all hours (each
+/// 10 s at 2–12 m/s), and waits until the model is published.
+async fn teach_speeds(f: &Fleet, t: &TenantId, rng: &mut Rng) -> anyhow::Result<()> {
+    use hexfleet_actors::domain::Vehicle;
+    use hexfleet_actors::speeds::SpeedSample;
+    let t0: i64 = 1_764_000_000_000;
+    for chunk in 0..20 {
+        for i in 0..5_000i64 {
+            let from = city_point(rng, 30_000.0);
+            let v = rng.range(2.0, 12.0);
+            let to = hexfleet_geo::LatLng::new(from.lat + v * 10.0 / 111_195.0, from.lng)?;
+            let ts = t0 + (chunk * 5_000 + i) * 7_919 % (7 * 24 * 3_600_000);
+            f.ctx().speeds.observe(SpeedSample { tenant: t.clone(), vehicle: Vehicle::Bike, from, from_ms: ts, to, to_ms: ts + 10_000 });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.ctx().speeds.model(t, Vehicle::Bike).is_none_or(|m| m.len() < 1_000) {
+        anyhow::ensure!(Instant::now() < deadline, "the speed model was not published");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
 }
