@@ -850,6 +850,13 @@ impl Fleet {
         crate::zone::put_zone(&self.ctx, tenant, zone, who).await
     }
 
+    /// Brings this node's copy of a zone up to date with the store after another node changed
+    /// it (created, replaced or deleted); writes and publishes nothing. Returns whether the
+    /// local copy changed.
+    pub async fn sync_zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<bool, FleetError> {
+        crate::zone::sync_zone(&self.ctx, tenant, id).await
+    }
+
     /// Deletes a zone; returns once it is durable. Couriers inside get a closing `zone.exit`.
     pub async fn delete_zone(&self, tenant: &TenantId, id: &ZoneId, who: &Who) -> Result<(), FleetError> {
         crate::zone::delete_zone(&self.ctx, tenant, id, who).await

@@ -88,6 +88,8 @@ pub trait Store: Send + Sync + 'static {
     async fn load(&self) -> Result<Recovered, StoreError>;
     /// Reads one order (any state).
     async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError>;
+    /// Reads one zone (another node may have changed it).
+    async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError>;
     /// Reads the event log, oldest first.
     async fn events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, StoreError>;
     /// A courier's location history between `from` and `to` (inclusive), oldest first.
@@ -184,6 +186,11 @@ impl Store for MemoryStore {
             open_orders: g.orders.values().filter(|o| !o.state.is_terminal()).cloned().collect(),
             zones: g.zones.values().cloned().collect(),
         })
+    }
+    async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError> {
+        let g = self.inner.lock();
+        Self::check(&g)?;
+        Ok(g.zones.get(&(tenant.clone(), id.clone())).cloned())
     }
     async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError> {
         let g = self.inner.lock();

@@ -447,6 +447,17 @@ pub(crate) async fn put_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, mut rec: Zo
     let event = zone_event(&rec, if existed { "zone.updated" } else { "zone.created" }, who, now);
     ctx.store.commit(vec![Write::Zone(rec.clone()), Write::Event(event.clone())]).await?;
     let rec = Arc::new(rec);
+    install_zone(ctx, tenant, rec.clone(), fence).await?;
+    ctx.publisher.publish(Update::Zone(rec.clone()));
+    ctx.publisher.publish(Update::Event(Arc::new(event)));
+    Ok(rec)
+}
+
+/// Makes a stored zone live on this node: the fence set, the zone's actor, the demand inside.
+/// The caller holds the registry's write lock.
+async fn install_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, rec: Arc<ZoneRecord>, fence: Fence) -> Result<(), FleetError> {
+    let reg = &ctx.zones;
+    let cell = reg.tenant(tenant);
     let mut snap = (**cell.load()).clone();
     let fid = reg.install(&mut snap, rec.clone(), fence);
     let snap = Arc::new(snap);
@@ -465,9 +476,7 @@ pub(crate) async fn put_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, mut rec: Zo
         .map(|o| o.id.clone())
         .collect();
     reg.send(key, AreaMsg::ResetDemand(demand));
-    ctx.publisher.publish(Update::Zone(rec.clone()));
-    ctx.publisher.publish(Update::Event(Arc::new(event)));
-    Ok(rec)
+    Ok(())
 }
 
 /// Deletes a zone; durable before it returns. Couriers inside get a closing exit.
@@ -479,6 +488,17 @@ pub(crate) async fn delete_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, id: &Zon
     let now = ctx.clock.now_ms();
     let event = zone_event(&rec, "zone.deleted", who, now);
     ctx.store.commit(vec![Write::DeleteZone { tenant: tenant.clone(), id: id.clone() }, Write::Event(event.clone())]).await?;
+    remove_zone(ctx, tenant, id, fid, &rec, now);
+    ctx.publisher.publish(Update::ZoneDeleted { tenant: tenant.clone(), id: id.clone() });
+    ctx.publisher.publish(Update::Event(Arc::new(event)));
+    Ok(())
+}
+
+/// Takes a zone out of this node: fence set, actor, and a closing exit for couriers inside.
+/// The caller holds the registry's write lock.
+fn remove_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, id: &ZoneId, fid: FenceId, rec: &ZoneRecord, now: Ms) {
+    let reg = &ctx.zones;
+    let cell = reg.tenant(tenant);
     let mut snap = (**cell.load()).clone();
     snap.fences.remove(fid);
     snap.zones.remove(id);
@@ -497,9 +517,29 @@ pub(crate) async fn delete_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, id: &Zon
     for h in ctx.couriers.iter().filter(|e| e.key().0 == *tenant) {
         let _ = h.actor.cast(crate::courier::CourierMsg::FenceRemoved { fence: fid, at: now });
     }
-    ctx.publisher.publish(Update::ZoneDeleted { tenant: tenant.clone(), id: id.clone() });
-    ctx.publisher.publish(Update::Event(Arc::new(event)));
-    Ok(())
+}
+
+/// Brings this node's copy of a zone up to date with the store, after another node changed it
+/// (the gateway calls this for zone changes that arrive through Redis). Nothing is written or
+/// published: the node that changed the zone did both. Returns whether anything changed.
+pub(crate) async fn sync_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, id: &ZoneId) -> Result<bool, FleetError> {
+    let reg = &ctx.zones;
+    let _w = reg.write.lock().await;
+    let stored = ctx.store.zone(tenant, id).await?;
+    let local = reg.tenant(tenant).load().zones.get(id).cloned();
+    match (stored, local) {
+        (Some(z), Some((_, l))) if *l == z => Ok(false),
+        (Some(z), _) => {
+            let fence = Fence::multi_polygon(z.geometry.clone()).map_err(|e| FleetError::Invalid(e.to_string()))?;
+            install_zone(ctx, tenant, Arc::new(z), fence).await?;
+            Ok(true)
+        }
+        (None, Some((fid, l))) => {
+            remove_zone(ctx, tenant, id, fid, &l, ctx.clock.now_ms());
+            Ok(true)
+        }
+        (None, None) => Ok(false),
+    }
 }
 
 /// Loads recovered zones (fleet start), before couriers start.

@@ -362,12 +362,23 @@ struct Local {
     consoles: DashMap<String, Subscribers<ConsoleView>>,
 }
 
+/// Called with (tenant, zone id) when another node changed a zone.
+pub type ZoneHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// The broker. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Broker {
     node: Arc<str>,
     local: Arc<Local>,
     redis_tx: Option<mpsc::Sender<Vec<u8>>>,
+    /// Set once the fleet runs (`server::start`): zone changes of other nodes are applied here.
+    zone_hook: Arc<std::sync::OnceLock<ZoneHook>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("node", &self.node).field("redis", &self.redis_tx.is_some()).finish_non_exhaustive()
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -379,7 +390,23 @@ struct Envelope {
 impl Broker {
     /// A broker for this node only.
     pub fn local(node: &str) -> Broker {
-        Broker { node: node.into(), local: Arc::default(), redis_tx: None }
+        Broker { node: node.into(), local: Arc::default(), redis_tx: None, zone_hook: Arc::default() }
+    }
+
+    /// Registers what to do when another node changes a zone (at most once; later calls are
+    /// ignored). Zones are state, not just a stream: every node's geofences must follow them.
+    pub fn on_remote_zone(&self, hook: ZoneHook) {
+        let _ = self.zone_hook.set(hook);
+    }
+
+    /// A fan-out message from another node.
+    fn deliver_remote(&self, f: &Fanout) {
+        if let Fanout::Zone { tenant, id, .. } = f
+            && let Some(hook) = self.zone_hook.get()
+        {
+            hook(tenant, id);
+        }
+        self.deliver_local(f);
     }
 
     /// A broker that also fans out through Redis (`prefix` separates deployments and tests).
@@ -652,7 +679,7 @@ async fn redis_subscriber(client: redis::Client, channel: String, first: redis::
             let Some(msg) = msg else { break };
             let payload: &[u8] = msg.get_payload_bytes();
             match serde_json::from_slice::<Envelope>(payload) {
-                Ok(env) if *env.node != *broker.node => broker.deliver_local(&env.f),
+                Ok(env) if *env.node != *broker.node => broker.deliver_remote(&env.f),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "undecodable fan-out message from redis"),
             }

@@ -148,6 +148,20 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         config: cfg.fleet.clone(),
     })
     .await?;
+    {
+        // Zones changed on another node: re-read them from the store, on the main runtime.
+        let fleet = fleet.clone();
+        let main = tokio::runtime::Handle::current();
+        broker.on_remote_zone(Arc::new(move |tenant: &str, id: &str| {
+            let (fleet, tenant, id) = (fleet.clone(), hexfleet_actors::domain::TenantId::new(tenant), hexfleet_actors::domain::ZoneId::new(id));
+            main.spawn(async move {
+                match fleet.sync_zone(&tenant, &id).await {
+                    Ok(changed) => tracing::debug!(%tenant, zone = %id, changed, "zone synced from another node"),
+                    Err(e) => tracing::warn!(%tenant, zone = %id, error = %e, "cannot sync a zone changed on another node"),
+                }
+            });
+        }));
+    }
     let state = web::Data::new(AppState {
         fleet: fleet.clone(),
         broker,

@@ -274,3 +274,65 @@ async fn a_console_sees_zone_enter_when_a_courier_drives_in() {
     assert_eq!(exit.unwrap()["event"]["reason"], "zone deleted");
     assert_eq!(gone.unwrap()["deleted"][0], "mile-end");
 }
+
+/// Two nodes on one PostgreSQL database and one Redis: a zone drawn on node A guards the
+/// couriers connected to node B (their geofence events come from B), and deleting it on A
+/// closes their stay on B. Without the sync, B would know the zone only after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_changed_on_one_node_is_live_on_the_other() {
+    let url = std::env::var("HEXFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = async { redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await.map(|_| ()) };
+    if let Err(e) = reachable.await {
+        assert!(!std::env::var("CI").is_ok_and(|v| v == "true"), "Redis at {url} is unreachable and CI=true: {e}");
+        eprintln!("NOTE: skipping the Redis test, {url} unreachable: {e}");
+        return;
+    }
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let node = |name: &str| {
+        let mut cfg = fast_config(&db.url);
+        cfg.redis_url = Some(url.clone());
+        cfg.redis_prefix = prefix.clone();
+        cfg.node_id = name.into();
+        cfg
+    };
+    let mut a = TestServer::start(node("node-a")).await;
+    let mut b = TestServer::start(node("node-b")).await;
+    let tenant = "mtl2";
+    let (disp_a, disp_b) = (a.dispatcher(tenant), b.dispatcher(tenant));
+    let f = district("111-Mile-End", "hub");
+    let (inside, outside) = inside_and_outside(&f);
+
+    // A courier on node B, outside the district.
+    let mut courier = b.ws("/v1/ws/courier", &b.token(Role::Courier, "cb", tenant, None)).await;
+    let t0 = now_ms() - 600_000;
+    courier.send(json!({"t":"loc","lat":outside.0,"lng":outside.1,"ts":t0})).await;
+    assert_eq!(b.get("/v1/zones/mile-end", Some(&disp_b)).await.0, 404);
+
+    // Drawn on A; B learns it through Redis and the shared store.
+    let (s, v) = a.put("/v1/zones/mile-end", &disp_a, f).await;
+    assert_eq!(s, 201, "{v}");
+    eventually("node b has the zone", || async {
+        let (s, v) = b.get("/v1/zones/mile-end", Some(&disp_b)).await;
+        (s == 200 && v["properties"]["kind"] == "hub").then_some(())
+    })
+    .await;
+    courier.send(json!({"t":"loc","lat":inside.0,"lng":inside.1,"ts":t0 + 300_000})).await;
+    eventually("zone.enter of the courier on node b", || async {
+        let (_, v) = a.get("/v1/events?entity=zone&id=mile-end", Some(&disp_a)).await;
+        v["items"].as_array()?.iter().any(|e| e["kind"] == "zone.enter" && e["attrs"]["courier_id"] == "cb").then_some(())
+    })
+    .await;
+
+    // Deleted on A: B drops it and closes the courier's stay.
+    assert_eq!(delete(&a, "/v1/zones/mile-end", &disp_a).await.0, 204);
+    eventually("node b dropped the zone", || async { (b.get("/v1/zones/mile-end", Some(&disp_b)).await.0 == 404).then_some(()) }).await;
+    eventually("closing zone.exit from node b", || async {
+        let (_, v) = a.get("/v1/events?entity=zone&id=mile-end", Some(&disp_a)).await;
+        v["items"].as_array()?.iter().any(|e| e["kind"] == "zone.exit" && e["attrs"]["courier_id"] == "cb").then_some(())
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}

@@ -77,7 +77,7 @@ macro_rules! backend_ops {
     ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal) => {
         #[doc = concat!("Statements compiled for `", stringify!($db), "`.")]
         pub(crate) mod $name {
-            use hexfleet_actors::domain::{CourierId, CourierRecord, DomainEvent, LocationSample, Order, OrderId, TenantId, ZoneRecord};
+            use hexfleet_actors::domain::{CourierId, CourierRecord, DomainEvent, LocationSample, Order, OrderId, TenantId, ZoneId, ZoneRecord};
             use hexfleet_actors::store::{EventQuery, Recovered, StoredEvent};
             use sqlx::{Pool, QueryBuilder};
 
@@ -292,6 +292,16 @@ macro_rules! backend_ops {
                     open_orders: orders.into_iter().map(OrderRow::into_domain).collect::<Result<_, _>>()?,
                     zones: zones.into_iter().map(ZoneRow::into_domain).collect::<Result<_, _>>()?,
                 })
+            }
+
+            pub(crate) async fn zone(pool: &Pool<Db>, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, PersistenceError> {
+                let row: Option<ZoneRow> =
+                    sqlx::query_as("SELECT tenant, id, kind, name, geometry, updated_at FROM zones WHERE tenant = $1 AND id = $2")
+                        .bind(tenant.as_str())
+                        .bind(id.as_str())
+                        .fetch_optional(pool)
+                        .await?;
+                row.map(ZoneRow::into_domain).transpose()
             }
 
             pub(crate) async fn order(pool: &Pool<Db>, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, PersistenceError> {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hexfleet_actors::domain::{CourierId, CourierRecord, LocationSample, Ms, Order, OrderId, TenantId};
+use hexfleet_actors::domain::{CourierId, CourierRecord, LocationSample, Ms, Order, OrderId, TenantId, ZoneId, ZoneRecord};
 use hexfleet_actors::store::{EventQuery, Recovered, Store, StoreError, StoredEvent, Write};
 use tokio::sync::{mpsc, oneshot};
 
@@ -246,6 +246,9 @@ impl Store for SqlStore {
 
     async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError> {
         self.read(async { on_backend!(&self.inner.db, order(tenant, id)) }).await
+    }
+    async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError> {
+        self.read(async { on_backend!(&self.inner.db, zone(tenant, id)) }).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
