@@ -116,6 +116,10 @@ pub struct ServeArgs {
     /// Wait before the second attempt in milliseconds; it doubles per attempt, up to an hour.
     #[arg(long, env = "HEXFLEET_WEBHOOK_BACKOFF_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub webhook_backoff_ms: u64,
+    /// Let webhooks reach loopback, private and link-local addresses (on-premises receivers).
+    /// Off by default: a tenant's dispatcher must not be able to probe the internal network.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_private: bool,
 }
 
 fn parse_purge_interval(s: &str) -> Result<Duration, String> {
@@ -295,6 +299,7 @@ mod tests {
         let Cmd::Serve(s) = cli.cmd else { panic!() };
         assert!(s.learn_speeds && s.fleet_config().learn_speeds);
         assert_eq!((s.webhook_timeout_ms, s.webhook_max_attempts, s.webhook_backoff_ms), (10_000, 15, 1_000));
+        assert!(!s.webhook_allow_private, "private destinations are refused unless asked for");
         let cli = Cli::try_parse_from(["hexfleet", "serve", "--learn-speeds", "false", "--webhook-max-attempts", "3"]).unwrap();
         let Cmd::Serve(s) = cli.cmd else { panic!() };
         assert!(!s.fleet_config().learn_speeds);

@@ -55,6 +55,7 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.webhooks.timeout = Duration::from_millis(a.webhook_timeout_ms);
     cfg.webhooks.max_attempts = a.webhook_max_attempts;
     cfg.webhooks.backoff = Duration::from_millis(a.webhook_backoff_ms);
+    cfg.webhooks.allow_private = a.webhook_allow_private;
     Ok(cfg)
 }
 

@@ -73,6 +73,8 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// Console batch window.
     pub console_batch: Duration,
+    /// Webhooks may target loopback and private addresses (`--webhook-allow-private`).
+    pub webhooks_allow_private: bool,
 }
 
 impl AppState {
@@ -172,6 +174,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         shutdown: shutdown.clone(),
         started: std::time::Instant::now(),
         console_batch: cfg.console_batch,
+        webhooks_allow_private: cfg.webhooks.allow_private,
     });
     let purge_stop = shutdown.child_token();
     let purge = {

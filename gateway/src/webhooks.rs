@@ -17,6 +17,13 @@
 //! and jitter until `max_attempts`, then the row is dead. Delivery is at least once and not
 //! ordered across retries: receivers dedupe and order on `seq` (also in `X-Hexfleet-Delivery`).
 //!
+//! Destinations: unless `allow_private` is set (`--webhook-allow-private`), a webhook may not
+//! reach loopback, private (RFC 1918, unique-local), link-local (cloud metadata), CGNAT,
+//! unspecified, multicast or documentation addresses: a URL naming one is refused at `PUT`, and
+//! a host name is resolved by [`PublicOnly`] at every connection, which refuses it if any
+//! address it resolves to is one of those (so DNS cannot be used to reach them either). This
+//! keeps one tenant's dispatcher from probing the operator's internal network (SSRF).
+//!
 //! Signature: `X-Hexfleet-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 //! A receiver recomputes it over the raw body and rejects old `t` values (replays).
 //!
@@ -68,6 +75,8 @@ pub struct WebhookConfig {
     pub batch: u32,
     /// Delivered and dead rows are purged after this long.
     pub keep_finished: Duration,
+    /// Let webhooks reach loopback and private networks (on-premises receivers, tests).
+    pub allow_private: bool,
 }
 
 impl Default for WebhookConfig {
@@ -81,6 +90,7 @@ impl Default for WebhookConfig {
             concurrency: 16,
             batch: 200,
             keep_finished: Duration::from_secs(7 * 24 * 3600),
+            allow_private: false,
         }
     }
 }
@@ -215,13 +225,78 @@ fn valid_pattern(p: &str) -> bool {
         && body.split('.').all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
 }
 
-fn validate(req: &WebhookPutReq) -> Result<(), ApiError> {
+/// Whether a webhook may connect to `ip` when private destinations are not allowed.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)) // CGNAT 100.64/10
+                || (a == 192 && b == 0 && v4.octets()[2] == 0) // IETF 192.0.0/24
+                || (a == 198 && (18..20).contains(&b)) // benchmarking 198.18/15
+                || a >= 240) // reserved
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let seg0 = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg0 & 0xfe00) == 0xfc00 // unique local fc00::/7
+                || (seg0 & 0xffc0) == 0xfe80 // link local fe80::/10
+                || seg0 == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
+        }
+    }
+}
+
+/// A DNS resolver for webhook requests that refuses host names resolving to non-public
+/// addresses (see the module doc). Every address must be public, so a name cannot mix one in.
+#[derive(Debug)]
+pub struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+                return Err(format!("{host} resolves to {}, which webhooks may not reach", bad.ip()).into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+fn validate(req: &WebhookPutReq, allow_private: bool) -> Result<(), ApiError> {
     let bad = |m: String| Err(ApiError::bad_request("invalid_webhook", m));
     if req.url.len() > MAX_URL_LEN {
         return bad(format!("url is longer than {MAX_URL_LEN} bytes"));
     }
     match reqwest::Url::parse(&req.url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            let literal = match u.host() {
+                Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+                Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+                _ => None,
+            };
+            let local_name = u.host_str().is_some_and(|h| h.eq_ignore_ascii_case("localhost") || h.to_ascii_lowercase().ends_with(".localhost"));
+            if !allow_private && (literal.is_some_and(|ip| !is_public(ip)) || local_name) {
+                return Err(ApiError::bad_request(
+                    "forbidden_destination",
+                    "webhooks may not reach loopback, private or link-local addresses on this server (see --webhook-allow-private)",
+                ));
+            }
+        }
         Ok(_) => return bad("url must be an absolute http:// or https:// URL with a host".into()),
         Err(e) => return bad(format!("url: {e}")),
     }
@@ -261,7 +336,7 @@ pub(crate) async fn put_webhook(st: State, auth: Auth, path: web::Path<String>, 
     auth.require(&[Role::Dispatcher, Role::Admin])?;
     let id = webhook_id(&path)?;
     let req = body.into_inner();
-    validate(&req)?;
+    validate(&req, st.webhooks_allow_private)?;
     let now = st.fleet.now_ms();
     let w = Webhook { tenant: auth.tenant.clone(), id, url: req.url, events: req.events, secret: req.secret, created_at: now, updated_at: now };
     let created = st.store.put_webhook(&w, &auth.who().to_string()).await.map_err(store_err)?;
@@ -363,7 +438,19 @@ fn describe(e: &reqwest::Error) -> String {
     s
 }
 
-async fn send(client: &reqwest::Client, d: &Delivery, unix_s: i64) -> Result<u16, String> {
+async fn send(client: &reqwest::Client, d: &Delivery, unix_s: i64, allow_private: bool) -> Result<u16, String> {
+    if !allow_private {
+        // Names go through `PublicOnly`; literal addresses never reach a resolver.
+        let url = reqwest::Url::parse(&d.url).map_err(|e| format!("url: {e}"))?;
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+            _ => None,
+        };
+        if let Some(ip) = literal.filter(|ip| !is_public(*ip)) {
+            return Err(format!("{ip} is not an address webhooks may reach"));
+        }
+    }
     let body = serde_json::to_vec(&WebhookPayload::of(d)).map_err(|e| e.to_string())?;
     let sig = signature(&d.secret, unix_s, &body);
     let resp = client
@@ -390,7 +477,11 @@ pub fn spawn_delivery(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let client = match reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if !cfg.allow_private {
+            builder = builder.dns_resolver(Arc::new(PublicOnly));
+        }
+        let client = match builder
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -442,7 +533,7 @@ pub fn spawn_delivery(
                         let now = &now;
                         async move {
                             let started = Instant::now();
-                            let result = send(client, &d, now() / 1000).await;
+                            let result = send(client, &d, now() / 1000, cfg.allow_private).await;
                             metrics::histogram!("hexfleet_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
                             let outcome = judge(cfg, d.attempt, now(), result);
                             let label = match &outcome {
@@ -484,19 +575,44 @@ mod tests {
     #[test]
     fn validation() {
         let s = "0123456789abcdef";
-        assert!(validate(&req("https://example.com/h", &["order.*", "zone.enter", "*"], s)).is_ok());
-        assert!(validate(&req("http://127.0.0.1:9000/x", &["order.delivered"], s)).is_ok());
+        assert!(validate(&req("https://example.com/h", &["order.*", "zone.enter", "*"], s), false).is_ok());
+        assert!(validate(&req("http://127.0.0.1:9000/x", &["order.delivered"], s), true).is_ok());
+        for private in ["http://127.0.0.1:9000/x", "http://10.1.2.3/", "http://169.254.169.254/latest/meta-data", "http://[::1]:80/", "http://localhost:8080/", "http://192.168.0.1/", "http://[fd00::1]/", "http://100.64.0.1/", "http://0.0.0.0/"] {
+            let e = validate(&req(private, &["*"], s), false).unwrap_err();
+            assert_eq!(e.code, "forbidden_destination", "{private}");
+        }
         for bad_url in ["ftp://example.com/", "example.com/h", "https://", "not a url", "file:///etc/passwd"] {
-            assert!(validate(&req(bad_url, &["*"], s)).is_err(), "{bad_url}");
+            assert!(validate(&req(bad_url, &["*"], s), true).is_err(), "{bad_url}");
         }
         for bad in ["", "order.", ".order", "Order.created", "order.*.x", "order*", "order..x", "**"] {
-            assert!(validate(&req("https://e.com", &[bad], s)).is_err(), "{bad:?}");
+            assert!(validate(&req("https://e.com", &[bad], s), true).is_err(), "{bad:?}");
         }
-        assert!(validate(&req("https://e.com", &[], s)).is_err());
-        assert!(validate(&req("https://e.com", &["*"], "short")).is_err());
+        assert!(validate(&req("https://e.com", &[], s), true).is_err());
+        assert!(validate(&req("https://e.com", &["*"], "short"), true).is_err());
         let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("k{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert!(validate(&req("https://e.com", &many, s)).is_err());
+        assert!(validate(&req("https://e.com", &many, s), true).is_err());
+    }
+
+    #[test]
+    fn public_addresses() {
+        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "93.184.216.34"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.100.100.200", "0.0.0.0", "255.255.255.255", "224.0.0.1", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2001:db8::1", "198.18.0.1", "240.0.0.1"] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_resolver_refuses_names_of_private_addresses() {
+        use reqwest::dns::Resolve as _;
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let err = match PublicOnly.resolve(name).await {
+            Ok(_) => panic!("localhost resolved"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("may not reach"), "{err}");
     }
 
     #[test]

@@ -121,6 +121,7 @@ async fn api_signed_delivery_retries_and_giving_up() {
     cfg.webhooks.backoff = Duration::from_millis(50);
     cfg.webhooks.max_attempts = 3;
     cfg.webhooks.timeout = Duration::from_secs(2);
+    cfg.webhooks.allow_private = true; // the receiver is on 127.0.0.1
     let mut srv = TestServer::start(cfg).await;
     let disp = srv.dispatcher("acme");
     // Refuses the first two attempts, then takes them.
@@ -219,6 +220,7 @@ async fn outbox_survives_restart(db: String) {
     cfg.webhooks.poll = Duration::from_millis(20);
     cfg.webhooks.backoff = Duration::from_millis(100);
     cfg.webhooks.max_attempts = 50;
+    cfg.webhooks.allow_private = true; // the receiver is on 127.0.0.1
     let mut rx = Receiver::start(usize::MAX).await;
     let mut srv = TestServer::start(cfg.clone()).await;
     let disp = srv.dispatcher("acme");
@@ -262,4 +264,19 @@ async fn outbox_survives_restart_postgres() {
     let Some(db) = PgDb::create().await else { return };
     outbox_survives_restart(db.url.clone()).await;
     db.drop_db().await;
+}
+
+/// By default a webhook cannot target the operator's own network (SSRF).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_destinations_are_refused_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = TestServer::start(fast_config(dir.path().join("h.db").to_str().unwrap())).await;
+    let disp = srv.dispatcher("acme");
+    for url in ["http://127.0.0.1:8080/x", "http://169.254.169.254/latest/meta-data/", "http://10.0.0.7/hook", "http://[::1]/", "http://localhost/x"] {
+        let (s, b) = srv.put("/v1/webhooks/w", &disp, json!({"url": url, "events": ["*"], "secret": HOOK_SECRET})).await;
+        assert_eq!((s, b["error"]["code"].as_str()), (400, Some("forbidden_destination")), "{url}: {b}");
+    }
+    let (s, b) = srv.put("/v1/webhooks/w", &disp, json!({"url": "https://hooks.example.com/x", "events": ["*"], "secret": HOOK_SECRET})).await;
+    assert_eq!(s, 201, "a public host name is accepted (and resolved, checked, at each delivery): {b}");
+    srv.stop().await;
 }
