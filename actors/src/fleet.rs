@@ -91,6 +91,9 @@ pub struct FleetConfig {
     pub learn_speeds: bool,
     /// How often newly learned speeds become visible to ETAs and dispatch.
     pub speed_publish: Duration,
+    /// How often learned speeds that changed are saved (and at shutdown): what a crash may
+    /// lose of them.
+    pub speed_save_every: Duration,
 }
 
 impl Default for FleetConfig {
@@ -123,6 +126,7 @@ impl Default for FleetConfig {
             fence_tracker: hexfleet_geo::fence::TrackerConfig::default(),
             learn_speeds: true,
             speed_publish: Duration::from_secs(10),
+            speed_save_every: Duration::from_secs(300),
         }
     }
 }
@@ -456,13 +460,33 @@ pub struct Fleet {
 impl Fleet {
     /// Starts the supervision tree and rebuilds every actor from the store.
     pub async fn start(deps: FleetDeps) -> Result<Fleet, FleetError> {
+        // Learned speeds of the previous run; without them ETAs start from the priors.
+        let saved_speeds = match deps.store.load_speeds().await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "learned speeds not loaded; starting from the priors");
+                Vec::new()
+            }
+        };
+        let speeds = {
+            let clock = deps.clock.clone();
+            crate::speeds::Speeds::start(
+                crate::speeds::LearnerConfig {
+                    publish_every: deps.config.speed_publish,
+                    save_every: deps.config.speed_save_every,
+                    store: deps.store.clone(),
+                    now: Arc::new(move || clock.now_ms()),
+                },
+                saved_speeds,
+            )
+        };
         let ctx = Arc::new(FleetCtx {
             store: deps.store,
             publisher: deps.publisher,
             clock: deps.clock,
             positions: Arc::new(Positions::default()),
             fixes_total: metrics::counter!("hexfleet_fixes_total"),
-            speeds: crate::speeds::Speeds::start(deps.config.speed_publish),
+            speeds,
             couriers: DashMap::new(),
             orders: DashMap::new(),
             last_orders: DashMap::new(),
@@ -915,6 +939,9 @@ impl Fleet {
             d.stop(None);
         }
         self.ctx.zones.drain_events(Duration::from_secs(2)).await;
+        if tokio::time::timeout(Duration::from_secs(5), self.ctx.speeds.save_now()).await.is_err() {
+            tracing::warn!("learned speeds not saved at shutdown in time");
+        }
         // Write every courier's latest state before stopping.
         let all: Vec<CourierRecord> = self.ctx.couriers.iter().map(|h| h.shared.record.lock().clone()).collect();
         for chunk in all.chunks(1000) {

@@ -10,8 +10,9 @@
 //! Readers ([`Speeds::model`]: the courier's ETA to its next stop, dispatch pricing) load the
 //! published map without locking.
 //!
-//! Not persisted: a restart starts from the priors and relearns (a fleet of a few hundred
-//! couriers fills a city's cells within an hour).
+//! Persistence: the learner saves the tables that changed every `speed_save_every` (5 min) and
+//! when the fleet shuts down (`Store::save_speeds`), and the fleet loads them at start, so a
+//! restart keeps what was learned; a crash loses at most the last interval of learning.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -20,9 +21,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hexfleet_geo::LatLng;
 use hexfleet_geo::eta::{SpeedConfig, SpeedModel};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::{Ms, TenantId, Vehicle};
+use crate::store::{SpeedTable, Store};
 
 /// Samples waiting for the learner before new ones are dropped.
 const QUEUE: usize = 65_536;
@@ -41,10 +43,29 @@ pub struct SpeedSample {
     pub to_ms: Ms,
 }
 
+enum Msg {
+    Sample(SpeedSample),
+    /// Save what changed now and answer (shutdown).
+    Save(oneshot::Sender<()>),
+}
+
+/// How the learner runs.
+#[derive(Clone)]
+pub struct LearnerConfig {
+    /// How often changed models become visible to readers.
+    pub publish_every: Duration,
+    /// How often changed models are saved.
+    pub save_every: Duration,
+    /// Where they are saved.
+    pub store: Arc<dyn Store>,
+    /// The clock of `updated_at` (Unix ms).
+    pub now: Arc<dyn Fn() -> Ms + Send + Sync>,
+}
+
 /// The learned speeds: the queue into the learner and the published models.
 #[derive(Debug)]
 pub struct Speeds {
-    tx: mpsc::Sender<SpeedSample>,
+    tx: mpsc::Sender<Msg>,
     published: Arc<ArcSwap<Published>>,
     dropped: metrics::Counter,
 }
@@ -58,17 +79,38 @@ pub fn config_for(vehicle: Vehicle) -> SpeedConfig {
 impl Speeds {
     /// The handle and its learner task (spawned on the current runtime); the task ends when
     /// the handle is dropped. `publish_every` bounds how stale a reader's model is.
-    pub fn start(publish_every: Duration) -> Arc<Speeds> {
+    /// `saved` are the tables stored by an earlier run; a table that does not parse is logged
+    /// and skipped (its pair starts from the prior).
+    pub fn start(cfg: LearnerConfig, saved: Vec<SpeedTable>) -> Arc<Speeds> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let published = Arc::new(ArcSwap::from_pointee(Published::new()));
-        tokio::spawn(learn(rx, published.clone(), publish_every));
+        let mut models = HashMap::new();
+        for t in saved {
+            match SpeedModel::load(config_for(t.vehicle), &t.text) {
+                Ok(m) => {
+                    models.insert((t.tenant, t.vehicle), m);
+                }
+                Err(e) => tracing::warn!(tenant = %t.tenant, vehicle = t.vehicle.as_str(), error = %e, "stored speed table unreadable; starting from the prior"),
+            }
+        }
+        let published: Published = models.iter().map(|(k, m)| (k.clone(), Arc::new(m.clone()))).collect();
+        let published = Arc::new(ArcSwap::from_pointee(published));
+        tokio::spawn(learn(rx, models, published.clone(), cfg));
         Arc::new(Speeds { tx, published, dropped: metrics::counter!("hexfleet_speed_samples_dropped_total") })
     }
 
     /// Queues a sample for learning; never waits.
     pub fn observe(&self, s: SpeedSample) {
-        if self.tx.try_send(s).is_err() {
+        if self.tx.try_send(Msg::Sample(s)).is_err() {
             self.dropped.increment(1);
+        }
+    }
+
+    /// Saves every model that changed since the last save, and waits (shutdown path; samples
+    /// queued before this call are learned first).
+    pub async fn save_now(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Save(tx)).await.is_ok() {
+            let _ = rx.await;
         }
     }
 
@@ -78,23 +120,49 @@ impl Speeds {
     }
 }
 
-async fn learn(mut rx: mpsc::Receiver<SpeedSample>, published: Arc<ArcSwap<Published>>, every: Duration) {
-    let mut models: HashMap<Key, SpeedModel> = HashMap::new();
+async fn save(models: &HashMap<Key, SpeedModel>, unsaved: &mut HashSet<Key>, cfg: &LearnerConfig) {
+    if unsaved.is_empty() {
+        return;
+    }
+    let at = (cfg.now)();
+    let tables: Vec<SpeedTable> = unsaved
+        .iter()
+        .filter_map(|k| models.get(k).map(|m| SpeedTable { tenant: k.0.clone(), vehicle: k.1, text: m.save(), updated_at: at }))
+        .collect();
+    match cfg.store.save_speeds(tables).await {
+        Ok(()) => unsaved.clear(),
+        // Kept for the next interval.
+        Err(e) => tracing::warn!(error = %e, "learned speeds not saved; retrying later"),
+    }
+}
+
+async fn learn(mut rx: mpsc::Receiver<Msg>, mut models: HashMap<Key, SpeedModel>, published: Arc<ArcSwap<Published>>, cfg: LearnerConfig) {
     let mut dirty: HashSet<Key> = HashSet::new();
-    let mut tick = tokio::time::interval(every);
+    let mut unsaved: HashSet<Key> = HashSet::new();
+    let mut tick = tokio::time::interval(cfg.publish_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut save_tick = tokio::time::interval_at(tokio::time::Instant::now() + cfg.save_every, cfg.save_every);
+    save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let learned = metrics::counter!("hexfleet_speed_samples_learned_total");
     loop {
         tokio::select! {
-            s = rx.recv() => {
-                let Some(s) = s else { break };
-                let key = (s.tenant, s.vehicle);
-                let m = models.entry(key.clone()).or_insert_with(|| SpeedModel::new(config_for(key.1)));
-                if m.observe(s.from, s.from_ms, s.to, s.to_ms) {
-                    learned.increment(1);
-                    dirty.insert(key);
+            m = rx.recv() => match m {
+                None => break,
+                Some(Msg::Sample(s)) => {
+                    let key = (s.tenant, s.vehicle);
+                    let m = models.entry(key.clone()).or_insert_with(|| SpeedModel::new(config_for(key.1)));
+                    if m.observe(s.from, s.from_ms, s.to, s.to_ms) {
+                        learned.increment(1);
+                        dirty.insert(key.clone());
+                        unsaved.insert(key);
+                    }
                 }
-            }
+                Some(Msg::Save(reply)) => {
+                    save(&models, &mut unsaved, &cfg).await;
+                    let _ = reply.send(());
+                }
+            },
+            _ = save_tick.tick() => save(&models, &mut unsaved, &cfg).await,
             _ = tick.tick() => {
                 if dirty.is_empty() {
                     continue;
@@ -120,9 +188,14 @@ mod tests {
         LatLng::new(lat, lng).unwrap()
     }
 
+    fn learner(store: Arc<dyn Store>) -> LearnerConfig {
+        LearnerConfig { publish_every: Duration::from_millis(20), save_every: Duration::from_secs(3600), store, now: Arc::new(|| 42) }
+    }
+
     #[tokio::test]
     async fn learns_per_tenant_and_vehicle_and_publishes() {
-        let speeds = Speeds::start(Duration::from_millis(20));
+        let store = Arc::new(crate::store::MemoryStore::new());
+        let speeds = Speeds::start(learner(store.clone()), Vec::new());
         let t = TenantId::new("t");
         assert!(speeds.model(&t, Vehicle::Bike).is_none(), "nothing learned yet");
         // A bike crawling at 2 m/s through one district, 10 s steps.
@@ -149,5 +222,19 @@ mod tests {
         assert!((m.speed_mps(ll(48.85, 2.35), t0) - Vehicle::Bike.prior_speed_mps()).abs() < 1e-9);
         assert!(speeds.model(&t, Vehicle::Car).is_none());
         assert!(speeds.model(&TenantId::new("other"), Vehicle::Bike).is_none());
+
+        // Saved on request; a new learner starts from the saved table (published at once).
+        assert!(store.load_speeds().await.unwrap().is_empty(), "not saved before the interval");
+        speeds.save_now().await;
+        let saved = store.load_speeds().await.unwrap();
+        assert_eq!(saved.len(), 1);
+        assert_eq!((saved[0].vehicle, saved[0].updated_at), (Vehicle::Bike, 42));
+        let again = Speeds::start(learner(store.clone()), saved);
+        let m2 = again.model(&t, Vehicle::Bike).expect("loaded model");
+        assert_eq!(m2.speed_mps(ll(lat, 13.41), t0 + 500_000), v);
+        // A table that does not parse is skipped, not fatal.
+        let bad = crate::store::SpeedTable { tenant: t.clone(), vehicle: Vehicle::Car, text: "nonsense".into(), updated_at: 1 };
+        let third = Speeds::start(learner(store), vec![bad]);
+        assert!(third.model(&t, Vehicle::Car).is_none());
     }
 }

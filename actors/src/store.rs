@@ -103,6 +103,20 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Writes out everything queued (shutdown path).
     async fn flush(&self) -> Result<(), StoreError>;
+    /// Replaces the stored speed tables of these (tenant, vehicle) pairs.
+    async fn save_speeds(&self, tables: Vec<SpeedTable>) -> Result<(), StoreError>;
+    /// Every stored speed table.
+    async fn load_speeds(&self) -> Result<Vec<SpeedTable>, StoreError>;
+}
+
+/// The learned speeds of one tenant's vehicle type, as `hexfleet_geo::eta::SpeedModel::save`
+/// writes them (`speeds.rs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpeedTable {
+    pub tenant: TenantId,
+    pub vehicle: crate::domain::Vehicle,
+    pub text: String,
+    pub updated_at: Ms,
 }
 
 /// An in-memory [`Store`] for tests of the actors. Not durable; never used by `serve`.
@@ -118,6 +132,7 @@ struct MemoryInner {
     zones: HashMap<(TenantId, ZoneId), ZoneRecord>,
     events: Vec<DomainEvent>,
     locations: HashMap<(TenantId, CourierId), Vec<LocationSample>>,
+    speeds: HashMap<(TenantId, crate::domain::Vehicle), SpeedTable>,
     /// When set, every call fails as if the database were down.
     down: bool,
 }
@@ -242,5 +257,18 @@ impl Store for MemoryStore {
     }
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    async fn save_speeds(&self, tables: Vec<SpeedTable>) -> Result<(), StoreError> {
+        let mut g = self.inner.lock();
+        Self::check(&g)?;
+        for t in tables {
+            g.speeds.insert((t.tenant.clone(), t.vehicle), t);
+        }
+        Ok(())
+    }
+    async fn load_speeds(&self) -> Result<Vec<SpeedTable>, StoreError> {
+        let g = self.inner.lock();
+        Self::check(&g)?;
+        Ok(g.speeds.values().cloned().collect())
     }
 }

@@ -537,3 +537,27 @@ async fn learned_speeds_decide_who_reaches_the_pickup_first() {
         w.f.shutdown().await.unwrap();
     }
 }
+
+/// What the fleet learned survives a restart: saved at shutdown, loaded and in use at start.
+#[tokio::test]
+async fn learned_speeds_survive_a_restart() {
+    use hexfleet_actors::domain::Vehicle;
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(T0));
+    let config = FleetConfig { speed_publish: Duration::from_millis(10), ..FleetConfig::default() };
+    let start = || Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: clock.clone(), config: config.clone() });
+    let f = start().await.unwrap();
+    let t = TenantId::new("t");
+    let c = CourierId::new("teacher");
+    f.upsert_courier(&t, &c, CourierPatch::default(), &Who::System).await.unwrap();
+    let fixes: Vec<Fix> = (0..60).map(|i| Fix { pos: at(0.0, 15.0 * i as f64), ts: T0 - (60 - i) * 10_000, speed: None, heading: None, acc: None }).collect();
+    f.ingest(&t, &c, fixes).unwrap();
+    assert!(eventually(|| f.ctx().speeds.model(&t, Vehicle::Bike).is_some_and(|m| m.speed_mps(at(0.0, 450.0), T0) < 2.5)).await, "learned");
+    f.shutdown().await.unwrap();
+
+    let g = start().await.unwrap();
+    let m = g.ctx().speeds.model(&t, Vehicle::Bike).expect("loaded at start, before any new sample");
+    let v = m.speed_mps(at(0.0, 450.0), T0);
+    assert!(v < 2.5, "the slow street is still slow after the restart: {v}");
+    g.shutdown().await.unwrap();
+}

@@ -78,7 +78,7 @@ macro_rules! backend_ops {
         #[doc = concat!("Statements compiled for `", stringify!($db), "`.")]
         pub(crate) mod $name {
             use hexfleet_actors::domain::{CourierId, CourierRecord, DomainEvent, LocationSample, Order, OrderId, TenantId, ZoneId, ZoneRecord};
-            use hexfleet_actors::store::{EventQuery, Recovered, StoredEvent};
+            use hexfleet_actors::store::{EventQuery, Recovered, SpeedTable, StoredEvent};
             use sqlx::{Pool, QueryBuilder};
 
             use super::{LocationRow, Reduced, MAX_PARAMS};
@@ -379,6 +379,36 @@ macro_rules! backend_ops {
                 .execute(pool)
                 .await?;
                 Ok(r.rows_affected())
+            }
+
+            pub(crate) async fn save_speeds(pool: &Pool<Db>, tables: &[SpeedTable]) -> Result<(), PersistenceError> {
+                let mut tx = pool.begin().await?;
+                for t in tables {
+                    sqlx::query(
+                        "INSERT INTO speed_models (tenant, vehicle, model, updated_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (tenant, vehicle) DO UPDATE SET model = excluded.model, updated_at = excluded.updated_at",
+                    )
+                    .bind(t.tenant.as_str())
+                    .bind(t.vehicle.as_str())
+                    .bind(&t.text)
+                    .bind(t.updated_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            pub(crate) async fn load_speeds(pool: &Pool<Db>) -> Result<Vec<SpeedTable>, PersistenceError> {
+                let rows: Vec<(String, String, String, i64)> =
+                    sqlx::query_as("SELECT tenant, vehicle, model, updated_at FROM speed_models").fetch_all(pool).await?;
+                rows.into_iter()
+                    .map(|(tenant, vehicle, text, updated_at)| {
+                        let vehicle = hexfleet_actors::domain::Vehicle::parse(&vehicle)
+                            .ok_or_else(|| PersistenceError::corrupt("speed_models", format!("unknown vehicle {vehicle:?}")))?;
+                        Ok(SpeedTable { tenant: TenantId::new(tenant), vehicle, text, updated_at })
+                    })
+                    .collect()
             }
 
             pub(crate) async fn ping(pool: &Pool<Db>) -> Result<(), PersistenceError> {

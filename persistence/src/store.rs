@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hexfleet_actors::domain::{CourierId, CourierRecord, LocationSample, Ms, Order, OrderId, TenantId, ZoneId, ZoneRecord};
-use hexfleet_actors::store::{EventQuery, Recovered, Store, StoreError, StoredEvent, Write};
+use hexfleet_actors::store::{EventQuery, Recovered, SpeedTable, Store, StoreError, StoredEvent, Write};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::Db;
@@ -246,6 +246,12 @@ impl Store for SqlStore {
 
     async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError> {
         self.read(async { on_backend!(&self.inner.db, order(tenant, id)) }).await
+    }
+    async fn save_speeds(&self, tables: Vec<SpeedTable>) -> Result<(), StoreError> {
+        self.read(async { on_backend!(&self.inner.db, save_speeds(&tables)) }).await
+    }
+    async fn load_speeds(&self) -> Result<Vec<SpeedTable>, StoreError> {
+        self.read(async { on_backend!(&self.inner.db, load_speeds()) }).await
     }
     async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError> {
         self.read(async { on_backend!(&self.inner.db, zone(tenant, id)) }).await

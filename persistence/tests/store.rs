@@ -14,6 +14,7 @@ use hexfleet_actors::store::{EventQuery, Store, StoreError, Write};
 use hexfleet_persistence::{SqlStore, StoreOptions};
 
 both_backends!(
+    speed_tables_round_trip,
     order_round_trip,
     commit_is_atomic,
     group_commit,
@@ -517,4 +518,22 @@ async fn outage(ctx: Ctx, how: Outage) {
     assert_eq!(ids, vec!["after", "before"], "the commit that failed during the outage is absent");
     assert_eq!(direct.export_locations(&t("t1"), &CourierId::new("c1"), 0, i64::MAX).await.unwrap().len(), 5);
     direct.close().await.unwrap();
+}
+
+async fn speed_tables_round_trip(ctx: Ctx) {
+    use hexfleet_actors::domain::Vehicle;
+    use hexfleet_actors::store::SpeedTable;
+    let store = ctx.open().await;
+    assert!(store.load_speeds().await.unwrap().is_empty());
+    let table = |tenant: &str, vehicle, text: &str, at| SpeedTable { tenant: TenantId::new(tenant), vehicle, text: text.into(), updated_at: at };
+    store
+        .save_speeds(vec![table("t1", Vehicle::Bike, "hexfleet-speeds v1\n87283472bffffff 3 4.5 10\n", 1), table("t2", Vehicle::Car, "hexfleet-speeds v1\n", 1)])
+        .await
+        .unwrap();
+    // Saving again replaces that pair only.
+    store.save_speeds(vec![table("t1", Vehicle::Bike, "hexfleet-speeds v1\n", 2)]).await.unwrap();
+    let mut got = store.load_speeds().await.unwrap();
+    got.sort_by(|a, b| a.tenant.as_str().cmp(b.tenant.as_str()));
+    assert_eq!(got, vec![table("t1", Vehicle::Bike, "hexfleet-speeds v1\n", 2), table("t2", Vehicle::Car, "hexfleet-speeds v1\n", 1)]);
+    store.close().await.unwrap();
 }
