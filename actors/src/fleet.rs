@@ -91,6 +91,10 @@ pub struct FleetConfig {
     pub learn_speeds: bool,
     /// How often newly learned speeds become visible to ETAs and dispatch.
     pub speed_publish: Duration,
+    /// With several nodes: how often this node compares its zones with the store and syncs
+    /// any that another node changed without this one hearing of it (Redis notifications are
+    /// best effort). `None` (the default, for a single node): never.
+    pub zone_resync: Option<Duration>,
     /// How often learned speeds that changed are saved (and at shutdown): what a crash may
     /// lose of them.
     pub speed_save_every: Duration,
@@ -127,6 +131,7 @@ impl Default for FleetConfig {
             learn_speeds: true,
             speed_publish: Duration::from_secs(10),
             speed_save_every: Duration::from_secs(300),
+            zone_resync: None,
         }
     }
 }
@@ -532,8 +537,24 @@ impl Fleet {
             ctx.dispatcher(&t).await?;
         }
         tracing::info!(couriers = nc, open_orders = no, elapsed_ms = started.elapsed().as_millis() as u64, "fleet recovered");
-        let rebuilder = ctx.positions.spawn_rebuilder(ctx.config.index_rebuild);
-        Ok(Fleet { ctx, tasks: Arc::new(vec![rebuilder]) })
+        let mut tasks = vec![ctx.positions.spawn_rebuilder(ctx.config.index_rebuild)];
+        if let Some(every) = ctx.config.zone_resync {
+            let weak = Arc::downgrade(&ctx);
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(ctx) = weak.upgrade() else { break };
+                    match crate::zone::resync_zones(&ctx).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(zones = n, "zones changed elsewhere were synced by the periodic check"),
+                        Err(e) => tracing::warn!(error = %e, "periodic zone check failed"),
+                    }
+                }
+            }));
+        }
+        Ok(Fleet { ctx, tasks: Arc::new(tasks) })
     }
 
     async fn install_courier(ctx: &Arc<FleetCtx>, rec: CourierRecord) -> Result<CourierHandle, FleetError> {

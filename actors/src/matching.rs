@@ -94,8 +94,9 @@ pub(crate) fn plan_round(
     let mut cols: Vec<Col> = Vec::new();
     let mut col_of: HashMap<CourierKey, Option<u32>> = HashMap::new();
     let mut pairs: Vec<assign::Candidate> = Vec::new();
-    // One speed memo per vehicle type for the round (same model, same departure time).
-    let mut memos: HashMap<crate::domain::Vehicle, Arc<crate::routing::SpeedMemo>> = HashMap::new();
+    // One planner per vehicle type for the round: the same learned model (a newer one may be
+    // published mid-round) and a memo of the speeds looked up in it.
+    let mut planners: HashMap<crate::domain::Vehicle, RoutePlanner> = HashMap::new();
     for (i, o) in open.iter().enumerate() {
         let declined: Vec<CourierKey> = o.declined.iter().map(|c| index.key(c)).collect();
         let near = snap.nearest(o.pickup, cfg.candidates_per_order, Some(cfg.max_pickup_distance_m), |e| {
@@ -109,10 +110,16 @@ pub(crate) fn plan_round(
                 if !rec.on_shift || rec.status != CourierStatus::Available {
                     return None;
                 }
-                let mut planner = ctx.planner(tenant, rec.vehicle, now);
-                if planner.speeds.is_some() {
-                    planner.memo = Some(memos.entry(rec.vehicle).or_default().clone());
-                }
+                let planner = planners
+                    .entry(rec.vehicle)
+                    .or_insert_with(|| {
+                        let mut p = ctx.planner(tenant, rec.vehicle, now);
+                        if p.speeds.is_some() {
+                            p.memo = Some(Arc::default());
+                        }
+                        p
+                    })
+                    .clone();
                 let mine = committed.get(&id).cloned().unwrap_or_default();
                 let refs: Vec<&Order> = mine.iter().map(|o| o.as_ref()).collect();
                 let base = planner.plan(e.pos, now, rec.capacity, &refs);

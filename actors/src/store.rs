@@ -88,6 +88,8 @@ pub trait Store: Send + Sync + 'static {
     async fn load(&self) -> Result<Recovered, StoreError>;
     /// Reads one order (any state).
     async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError>;
+    /// (tenant, id, updated_at) of every stored zone: what another node may have changed.
+    async fn zone_versions(&self) -> Result<Vec<(TenantId, ZoneId, Ms)>, StoreError>;
     /// Reads one zone (another node may have changed it).
     async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError>;
     /// Reads the event log, oldest first.
@@ -201,6 +203,11 @@ impl Store for MemoryStore {
             open_orders: g.orders.values().filter(|o| !o.state.is_terminal()).cloned().collect(),
             zones: g.zones.values().cloned().collect(),
         })
+    }
+    async fn zone_versions(&self) -> Result<Vec<(TenantId, ZoneId, Ms)>, StoreError> {
+        let g = self.inner.lock();
+        Self::check(&g)?;
+        Ok(g.zones.values().map(|z| (z.tenant.clone(), z.id.clone(), z.updated_at)).collect())
     }
     async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError> {
         let g = self.inner.lock();

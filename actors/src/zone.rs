@@ -240,6 +240,11 @@ impl ZoneRegistry {
         self.tenants.entry(tenant.clone()).or_insert_with(|| Arc::new(ArcSwap::from_pointee(ZoneSnapshot::default()))).clone()
     }
 
+    /// Every tenant with a zone cell on this node.
+    pub(crate) fn tenants(&self) -> Vec<(TenantId, Arc<ArcSwap<ZoneSnapshot>>)> {
+        self.tenants.iter().map(|e| (e.key().clone(), e.value().clone())).collect()
+    }
+
     /// The tenant's current zones (lock-free read).
     pub fn snapshot(&self, tenant: &TenantId) -> Arc<ZoneSnapshot> {
         self.tenant(tenant).load_full()
@@ -442,8 +447,11 @@ pub(crate) async fn put_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, mut rec: Zo
     let _w = reg.write.lock().await;
     let cell = reg.tenant(tenant);
     let now = ctx.clock.now_ms();
-    rec.updated_at = now;
-    let existed = cell.load().zones.contains_key(&rec.id);
+    // Strictly increasing per zone, so other nodes' periodic check (which compares
+    // `updated_at`) sees every change, even two in one millisecond.
+    let previous = cell.load().zones.get(&rec.id).map(|(_, z)| z.updated_at);
+    rec.updated_at = previous.map_or(now, |p| now.max(p + 1));
+    let existed = previous.is_some();
     let event = zone_event(&rec, if existed { "zone.updated" } else { "zone.created" }, who, now);
     ctx.store.commit(vec![Write::Zone(rec.clone()), Write::Event(event.clone())]).await?;
     let rec = Arc::new(rec);
@@ -517,6 +525,27 @@ fn remove_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, id: &ZoneId, fid: FenceId
     for h in ctx.couriers.iter().filter(|e| e.key().0 == *tenant) {
         let _ = h.actor.cast(crate::courier::CourierMsg::FenceRemoved { fence: fid, at: now });
     }
+}
+
+/// Compares every zone this node holds with the store and syncs those that differ (created,
+/// changed or deleted elsewhere): the safety net under the Redis notifications, which are best
+/// effort. Returns how many zones changed here.
+pub(crate) async fn resync_zones(ctx: &Arc<FleetCtx>) -> Result<usize, FleetError> {
+    let stored: HashMap<(TenantId, ZoneId), Ms> = ctx.store.zone_versions().await?.into_iter().map(|(t, id, at)| ((t, id), at)).collect();
+    let mut local: HashMap<(TenantId, ZoneId), Ms> = HashMap::new();
+    for (tenant, cell) in ctx.zones.tenants() {
+        for z in cell.load().zones() {
+            local.insert((tenant.clone(), z.id.clone()), z.updated_at);
+        }
+    }
+    let mut changed = 0;
+    let keys: HashSet<&(TenantId, ZoneId)> = stored.keys().chain(local.keys()).collect();
+    for key in keys {
+        if stored.get(key) != local.get(key) && sync_zone(ctx, &key.0, &key.1).await? {
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }
 
 /// Brings this node's copy of a zone up to date with the store, after another node changed it

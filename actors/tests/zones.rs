@@ -34,9 +34,13 @@ struct Env {
 }
 
 async fn env_with(store: Arc<MemoryStore>) -> Env {
+    env_configured(store, FleetConfig::default()).await
+}
+
+async fn env_configured(store: Arc<MemoryStore>, config: FleetConfig) -> Env {
     let p = Arc::new(RecordingPublisher::default());
     let clock = Arc::new(ManualClock::new(T0));
-    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), index_rebuild: Duration::from_millis(10), ..Default::default() };
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), index_rebuild: Duration::from_millis(10), ..config };
     let f = Fleet::start(FleetDeps { store: store.clone(), publisher: p.clone(), clock: clock.clone(), config }).await.unwrap();
     Env { f, p, store, clock, t: TenantId::new("t") }
 }
@@ -381,4 +385,38 @@ async fn fixes_are_evaluated_in_fix_time_order_and_late_fixes_do_not_move_fences
     assert_eq!(events(&e.p, "zone.enter", "c1").len(), 1);
     assert_eq!(events(&e.p, "zone.exit", "c1").len(), 1);
     e.zone_stats_become("z1", (0, 0)).await;
+}
+
+/// Two nodes on one store and no notifications at all: the periodic check alone brings the
+/// second node's zones in line with what the first one wrote (create, replace, delete).
+#[tokio::test]
+async fn the_periodic_check_syncs_zones_changed_by_another_node() {
+    let store = Arc::new(MemoryStore::new());
+    let a = env_with(store.clone()).await;
+    let b = env_configured(store, FleetConfig { zone_resync: Some(Duration::from_millis(20)), ..Default::default() }).await;
+    let has = |e: &Env, kind: &'static str| {
+        let zs = e.f.zones(&e.t);
+        zs.len() == 1 && zs[0].kind == kind
+    };
+    a.put(zone(&a.t, "z1", "hub", square())).await;
+    assert!(eventually(|| has(&b, "hub")).await, "created elsewhere");
+    // Replaced within the same millisecond: still a new version.
+    a.put(zone(&a.t, "z1", "restricted", square())).await;
+    assert!(eventually(|| has(&b, "restricted")).await, "replaced elsewhere");
+    a.f.delete_zone(&a.t, &ZoneId::new("z1"), &Who::System).await.unwrap();
+    assert!(eventually(|| b.f.zones(&b.t).is_empty()).await, "deleted elsewhere");
+    // The node that learned it this way refuses orders outside it like the writer does.
+    a.put(zone(&a.t, "sa", "service_area", square())).await;
+    assert!(eventually(|| has(&b, "service_area")).await);
+    assert!(matches!(b.order("x", OUT, IN).await, Err(FleetError::OutsideServiceArea)));
+}
+
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    tokio::time::timeout(DEADLINE, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .is_ok()
 }

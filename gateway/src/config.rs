@@ -110,7 +110,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HEXFLEET_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=120_000))]
     pub webhook_timeout_ms: u64,
     /// Attempts per webhook delivery before it is given up (dead). With the default backoff,
-    /// 15 attempts span about 4.5 hours.
+    /// 15 attempts span about 3 hours.
     #[arg(long, env = "HEXFLEET_WEBHOOK_MAX_ATTEMPTS", default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub webhook_max_attempts: u32,
     /// Wait before the second attempt in milliseconds; it doubles per attempt, up to an hour.

@@ -143,11 +143,16 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         Some(url) => Broker::with_redis(&cfg.node_id, url, &cfg.redis_prefix, shutdown.clone()).await?,
         None => Broker::local(&cfg.node_id),
     };
+    let mut fleet_config = cfg.fleet.clone();
+    if cfg.redis_url.is_some() && fleet_config.zone_resync.is_none() {
+        // Several nodes: a zone change whose Redis notification was lost is caught up here.
+        fleet_config.zone_resync = Some(Duration::from_secs(60));
+    }
     let fleet = Fleet::start(FleetDeps {
         store: store.clone(),
         publisher: Arc::new(broker.clone()),
         clock: Arc::new(TokioClock::new()),
-        config: cfg.fleet.clone(),
+        config: fleet_config,
     })
     .await?;
     {

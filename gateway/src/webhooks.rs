@@ -69,10 +69,9 @@ pub struct WebhookConfig {
     pub backoff: Duration,
     /// Longest wait between attempts.
     pub max_backoff: Duration,
-    /// Deliveries in flight at once.
+    /// Deliveries in flight at once, and claimed at once: every claimed delivery is sent at
+    /// once, so a claim's lease (timeout + 30 s) always outlasts its sends.
     pub concurrency: usize,
-    /// Deliveries claimed per poll.
-    pub batch: u32,
     /// Delivered and dead rows are purged after this long.
     pub keep_finished: Duration,
     /// Let webhooks reach loopback and private networks (on-premises receivers, tests).
@@ -88,7 +87,6 @@ impl Default for WebhookConfig {
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(3600),
             concurrency: 16,
-            batch: 200,
             keep_finished: Duration::from_secs(7 * 24 * 3600),
             allow_private: false,
         }
@@ -168,7 +166,7 @@ pub struct WebhookPayload {
     pub webhook_id: String,
     /// e.g. `order.delivered`, `zone.enter`.
     pub kind: String,
-    /// `order`, `courier` or `zone`.
+    /// `order`, `courier`, `zone` or `webhook`.
     pub entity: String,
     pub entity_id: String,
     /// Who caused it.
@@ -245,16 +243,26 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
                 || a >= 240) // reserved
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            let seg = v6.segments();
+            if v6.is_loopback() || v6.is_unspecified() {
+                return false;
+            }
+            // IPv4-mapped (::ffff:a.b.c.d) and IPv4-compatible (::a.b.c.d) carry an IPv4 address.
+            if let Some(v4) = v6.to_ipv4() {
                 return is_public(IpAddr::V4(v4));
             }
-            let seg0 = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (seg0 & 0xfe00) == 0xfc00 // unique local fc00::/7
-                || (seg0 & 0xffc0) == 0xfe80 // link local fe80::/10
-                || seg0 == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
+            // 6to4 (2002::/16) embeds one too.
+            if seg[0] == 0x2002 {
+                let v4 = std::net::Ipv4Addr::new((seg[1] >> 8) as u8, seg[1] as u8, (seg[2] >> 8) as u8, seg[2] as u8);
+                return is_public(IpAddr::V4(v4));
+            }
+            !(v6.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+                || (seg[0] & 0xffc0) == 0xfe80 // link local fe80::/10
+                || (seg[0] & 0xffc0) == 0xfec0 // site local fec0::/10 (deprecated)
+                || (seg[0] == 0x0064 && seg[1] == 0xff9b) // NAT64 64:ff9b::/96 and 64:ff9b:1::/48
+                || (seg[0] == 0x2001 && seg[1] == 0x0000) // Teredo 2001::/32
+                || (seg[0] == 0x2001 && seg[1] == 0x0db8)) // documentation
         }
     }
 }
@@ -479,7 +487,8 @@ pub fn spawn_delivery(
     tokio::spawn(async move {
         let mut builder = reqwest::Client::builder();
         if !cfg.allow_private {
-            builder = builder.dns_resolver(Arc::new(PublicOnly));
+            // A proxy from the environment would resolve names itself, past `PublicOnly`.
+            builder = builder.dns_resolver(Arc::new(PublicOnly)).no_proxy();
         }
         let client = match builder
             .timeout(cfg.timeout)
@@ -516,14 +525,15 @@ pub fn spawn_delivery(
             loop {
                 let t = now();
                 let lease = format!("{node}:{}", uuid::Uuid::new_v4().simple());
-                let batch = match store.claim_webhook_deliveries(t, t + lease_ms, &lease, cfg.batch).await {
+                let claim = u32::try_from(cfg.concurrency.max(1)).unwrap_or(u32::MAX);
+                let batch = match store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim).await {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot claim webhook deliveries; retrying next poll");
                         break;
                     }
                 };
-                let full = batch.len() as u32 >= cfg.batch;
+                let full = batch.len() as u32 >= claim;
                 let results = futures_util::stream::iter(batch)
                     .map(|d| {
                         let client = &client;
@@ -596,10 +606,10 @@ mod tests {
 
     #[test]
     fn public_addresses() {
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "93.184.216.34"] {
+        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "93.184.216.34", "2002:808:808::1"] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.100.100.200", "0.0.0.0", "255.255.255.255", "224.0.0.1", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2001:db8::1", "198.18.0.1", "240.0.0.1"] {
+        for ip in ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.100.100.200", "0.0.0.0", "255.255.255.255", "224.0.0.1", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2001:db8::1", "198.18.0.1", "240.0.0.1", "::127.0.0.1", "64:ff9b::7f00:1", "64:ff9b:1::1", "2002:7f00:1::1", "2002:a00:1::", "2001:0:4136:e378::1", "fec0::1"] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
     }

@@ -178,7 +178,8 @@ impl SpeedModel {
             if !mean.is_finite() || mean <= 0.0 {
                 return Err(err("mean must be a positive number"));
             }
-            let n: u32 = n.parse().map_err(|_| err("bad sample count"))?;
+            // Clamped: a count beyond the cap would overflow the running mean's update.
+            let n: u32 = n.parse::<u32>().map_err(|_| err("bad sample count"))?.min(config.max_samples.max(1));
             let s = Stat { mean, n };
             if h == "*" {
                 m.by_cell.insert(cell, s);
@@ -282,6 +283,18 @@ mod tests {
         assert!(matches!(SpeedModel::load(SpeedConfig::default(), "nope"), Err(GeoError::SpeedTable { line: 1, .. })));
         let bad = "hexfleet-speeds v1\n872b8e3c2ffffff 200 5.0 3\n";
         assert!(matches!(SpeedModel::load(SpeedConfig::default(), bad), Err(GeoError::SpeedTable { line: 2, .. })));
+    }
+
+    #[test]
+    fn a_stored_sample_count_beyond_the_cap_is_clamped() {
+        let cell = cell_at(ll(45.5, -73.6), Resolution::Seven);
+        let text = format!("hexfleet-speeds v1\n{:x} * 3.0 {}\n{:x} 7 3.0 {}\n", u64::from(cell), u32::MAX, u64::from(cell), u32::MAX);
+        let mut m = SpeedModel::load(SpeedConfig::default(), &text).unwrap();
+        // Learning on top neither overflows nor leaves the plausible range.
+        let (a, b) = (ll(45.5, -73.6), ll(45.5005, -73.6));
+        assert!(m.observe(a, MON_8, b, MON_8 + 10_000));
+        let v = m.speed_mps(a, MON_8);
+        assert!(v.is_finite() && (2.9..=3.6).contains(&v), "{v}");
     }
 
     #[test]

@@ -294,6 +294,12 @@ macro_rules! backend_ops {
                 })
             }
 
+            pub(crate) async fn zone_versions(pool: &Pool<Db>) -> Result<Vec<(TenantId, ZoneId, i64)>, PersistenceError> {
+                let rows: Vec<(String, String, i64)> =
+                    sqlx::query_as("SELECT tenant, id, updated_at FROM zones").fetch_all(pool).await?;
+                Ok(rows.into_iter().map(|(t, id, at)| (TenantId::new(t), ZoneId::new(id), at)).collect())
+            }
+
             pub(crate) async fn zone(pool: &Pool<Db>, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, PersistenceError> {
                 let row: Option<ZoneRow> =
                     sqlx::query_as("SELECT tenant, id, kind, name, geometry, updated_at FROM zones WHERE tenant = $1 AND id = $2")

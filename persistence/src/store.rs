@@ -253,6 +253,9 @@ impl Store for SqlStore {
     async fn load_speeds(&self) -> Result<Vec<SpeedTable>, StoreError> {
         self.read(async { on_backend!(&self.inner.db, load_speeds()) }).await
     }
+    async fn zone_versions(&self) -> Result<Vec<(TenantId, ZoneId, Ms)>, StoreError> {
+        self.read(async { on_backend!(&self.inner.db, zone_versions()) }).await
+    }
     async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError> {
         self.read(async { on_backend!(&self.inner.db, zone(tenant, id)) }).await
     }

@@ -238,6 +238,14 @@ macro_rules! webhook_ops {
             pub(super) async fn put(pool: &Pool<Db>, w: &Webhook, audit: &DomainEvent) -> Result<bool, PersistenceError> {
                 let events = serde_json::to_string(&w.events).expect("strings serialize");
                 let mut tx = pool.begin().await?;
+                // A write first: on SQLite a transaction that reads and then writes cannot wait
+                // for the group-commit writer's lock (it fails as busy); this one takes the write
+                // lock at its first statement and waits for it like any writer.
+                sqlx::query("DELETE FROM webhook_events WHERE tenant = $1 AND webhook_id = $2")
+                    .bind(w.tenant.as_str())
+                    .bind(&w.id)
+                    .execute(&mut *tx)
+                    .await?;
                 let existed: Option<i64> = sqlx::query_scalar("SELECT created_at FROM webhooks WHERE tenant = $1 AND id = $2")
                     .bind(w.tenant.as_str())
                     .bind(&w.id)
@@ -257,11 +265,6 @@ macro_rules! webhook_ops {
                 .bind(w.updated_at)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query("DELETE FROM webhook_events WHERE tenant = $1 AND webhook_id = $2")
-                    .bind(w.tenant.as_str())
-                    .bind(&w.id)
-                    .execute(&mut *tx)
-                    .await?;
                 let mut patterns: Vec<&str> = w.events.iter().map(String::as_str).collect();
                 patterns.sort_unstable();
                 patterns.dedup();

@@ -20,7 +20,8 @@ CREATE TABLE webhook_events (
     webhook_id   TEXT             NOT NULL,
     pattern      TEXT             NOT NULL,
     prefix       TEXT,
-    PRIMARY KEY (tenant, webhook_id, pattern)
+    PRIMARY KEY (tenant, webhook_id, pattern),
+    FOREIGN KEY (tenant, webhook_id) REFERENCES webhooks (tenant, id) ON DELETE CASCADE
 );
 CREATE INDEX webhook_events_tenant ON webhook_events (tenant);
 
@@ -38,7 +39,10 @@ CREATE TABLE webhook_outbox (
     last_status     INTEGER,
     last_error      TEXT,
     updated_at      BIGINT        NOT NULL,
-    PRIMARY KEY (tenant, webhook_id, event_seq)
+    PRIMARY KEY (tenant, webhook_id, event_seq),
+    -- The trigger's insert locks the webhook row (PostgreSQL), so a delete racing an event
+    -- either sees the new rows or cascades to them: no orphan deliveries.
+    FOREIGN KEY (tenant, webhook_id) REFERENCES webhooks (tenant, id) ON DELETE CASCADE
 );
 CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_attempt_at);
 CREATE INDEX webhook_outbox_lease ON webhook_outbox (lease);
