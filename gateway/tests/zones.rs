@@ -280,13 +280,7 @@ async fn a_console_sees_zone_enter_when_a_courier_drives_in() {
 /// closes their stay on B. Without the sync, B would know the zone only after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_changed_on_one_node_is_live_on_the_other() {
-    let url = std::env::var("HEXFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let reachable = async { redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await.map(|_| ()) };
-    if let Err(e) = reachable.await {
-        assert!(!std::env::var("CI").is_ok_and(|v| v == "true"), "Redis at {url} is unreachable and CI=true: {e}");
-        eprintln!("NOTE: skipping the Redis test, {url} unreachable: {e}");
-        return;
-    }
+    let Some(url) = redis_or_skip().await else { return };
     let Some(db) = PgDb::create().await else { return };
     let prefix = format!("hexfleet:test:{}:", uuid_like());
     let node = |name: &str| {

@@ -174,6 +174,19 @@ where
     }
 }
 
+/// The test Redis (`HEXFLEET_TEST_REDIS_URL`, default 127.0.0.1:6379). `None` (with a note) when
+/// it is unreachable and CI is not set; a panic when `CI=true`.
+pub async fn redis_or_skip() -> Option<String> {
+    let url = std::env::var("HEXFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = async { redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await.map(|_| ()) };
+    if let Err(e) = reachable.await {
+        assert!(!std::env::var("CI").is_ok_and(|v| v == "true"), "Redis at {url} is unreachable and CI=true: {e}");
+        eprintln!("NOTE: skipping the Redis test, {url} unreachable: {e}");
+        return None;
+    }
+    Some(url)
+}
+
 /// A fresh PostgreSQL database for one test, dropped by [`PgDb::drop_db`]. `None` (with a note)
 /// when PostgreSQL is unreachable and CI is not set; a panic when `CI=true`.
 pub struct PgDb {
