@@ -25,6 +25,17 @@
 
 #![warn(missing_docs)]
 
+/// Runs the same call on whichever backend `$db` (a `&Db`) is, with the statements of the
+/// crate module `$m` (its `pg` and `sqlite` submodules), and awaits it.
+macro_rules! on_backend {
+    ($db:expr, $m:ident :: $f:ident ( $($arg:expr),* )) => {
+        match $db {
+            $crate::db::Db::Pg(p) => $crate::$m::pg::$f(p, $($arg),*).await,
+            $crate::db::Db::Sqlite(p) => $crate::$m::sqlite::$f(p, $($arg),*).await,
+        }
+    };
+}
+
 mod db;
 mod error;
 mod ops;

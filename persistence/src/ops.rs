@@ -83,7 +83,7 @@ macro_rules! backend_ops {
 
             use super::{LocationRow, Reduced, MAX_PARAMS};
             use crate::error::PersistenceError;
-            use crate::rows::{self, CourierRow, EventRow, OrderRow, ZoneRow, COURIER_COLUMNS, ORDER_COLUMNS, TERMINAL_STATES_SQL};
+            use crate::rows::{self, CourierRow, EventRow, OrderRow, ZoneRow, COURIER_COLUMNS, ORDER_COLUMNS, TERMINAL_STATES_SQL, ZONE_COLUMNS};
 
             type Db = $db;
             type Conn = <Db as sqlx::Database>::Connection;
@@ -284,7 +284,7 @@ macro_rules! backend_ops {
                 .fetch_all(pool)
                 .await?;
                 let zones: Vec<ZoneRow> =
-                    sqlx::query_as("SELECT tenant, id, kind, name, geometry, updated_at FROM zones")
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {ZONE_COLUMNS} FROM zones")))
                         .fetch_all(pool)
                         .await?;
                 Ok(Recovered {
@@ -302,7 +302,7 @@ macro_rules! backend_ops {
 
             pub(crate) async fn zone(pool: &Pool<Db>, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, PersistenceError> {
                 let row: Option<ZoneRow> =
-                    sqlx::query_as("SELECT tenant, id, kind, name, geometry, updated_at FROM zones WHERE tenant = $1 AND id = $2")
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {ZONE_COLUMNS} FROM zones WHERE tenant = $1 AND id = $2")))
                         .bind(tenant.as_str())
                         .bind(id.as_str())
                         .fetch_optional(pool)

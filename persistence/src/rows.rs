@@ -196,6 +196,9 @@ impl OrderRow {
     }
 }
 
+/// The columns of [`ZoneRow`], in order.
+pub(crate) const ZONE_COLUMNS: &str = "tenant, id, kind, name, geometry, updated_at";
+
 /// `zones` table.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct ZoneRow {

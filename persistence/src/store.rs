@@ -181,22 +181,8 @@ impl SqlStore {
         &self,
         fut: impl Future<Output = Result<T, PersistenceError>>,
     ) -> Result<T, StoreError> {
-        let limit: Duration = self.inner.opts.statement_timeout;
-        match tokio::time::timeout(limit, fut).await {
-            Ok(r) => r.map_err(StoreError::from),
-            Err(_) => Err(PersistenceError::Timeout(limit).into()),
-        }
+        self.bounded(fut).await.map_err(StoreError::from)
     }
-}
-
-/// Runs the same call on whichever backend the store has.
-macro_rules! on_backend {
-    ($db:expr, $f:ident ( $($arg:expr),* )) => {
-        match $db {
-            Db::Pg(p) => crate::ops::pg::$f(p, $($arg),*).await,
-            Db::Sqlite(p) => crate::ops::sqlite::$f(p, $($arg),*).await,
-        }
-    };
 }
 
 #[async_trait]
@@ -237,7 +223,7 @@ impl Store for SqlStore {
         // Loading 100k couriers and 50k orders takes longer than one statement timeout may
         // allow; it runs once at start, so it is bounded by a generous multiple.
         let limit = self.inner.opts.statement_timeout * 12;
-        let fut = async { on_backend!(&self.inner.db, load()) };
+        let fut = async { on_backend!(&self.inner.db, ops::load()) };
         match tokio::time::timeout(limit, fut).await {
             Ok(r) => r.map_err(StoreError::from),
             Err(_) => Err(PersistenceError::Timeout(limit).into()),
@@ -245,28 +231,28 @@ impl Store for SqlStore {
     }
 
     async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, order(tenant, id)) }).await
+        self.read(async { on_backend!(&self.inner.db, ops::order(tenant, id)) }).await
     }
     async fn save_speeds(&self, tables: Vec<SpeedTable>) -> Result<(), StoreError> {
-        self.read(async { on_backend!(&self.inner.db, save_speeds(&tables)) }).await
+        self.read(async { on_backend!(&self.inner.db, ops::save_speeds(&tables)) }).await
     }
     async fn load_speeds(&self) -> Result<Vec<SpeedTable>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, load_speeds()) }).await
+        self.read(async { on_backend!(&self.inner.db, ops::load_speeds()) }).await
     }
     async fn zone_versions(&self) -> Result<Vec<(TenantId, ZoneId, Ms)>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, zone_versions()) }).await
+        self.read(async { on_backend!(&self.inner.db, ops::zone_versions()) }).await
     }
     async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, zone(tenant, id)) }).await
+        self.read(async { on_backend!(&self.inner.db, ops::zone(tenant, id)) }).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, events(&query)) }).await
+        self.read(async { on_backend!(&self.inner.db, ops::events(&query)) }).await
     }
 
     async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms)
         -> Result<Vec<LocationSample>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, export_locations(tenant, courier, from, to)) }).await
+        self.read(async { on_backend!(&self.inner.db, ops::export_locations(tenant, courier, from, to)) }).await
     }
 
     async fn erase_locations(&self, tenant: &TenantId, courier: &CourierId) -> Result<u64, StoreError> {
@@ -275,7 +261,7 @@ impl Store for SqlStore {
         // the delete.
         let _no_flush = self.inner.flush_lock.lock().await;
         self.inner.snapshots.lock().erase_locations(tenant, courier);
-        self.read(async { on_backend!(&self.inner.db, erase_locations(tenant, courier)) }).await
+        self.read(async { on_backend!(&self.inner.db, ops::erase_locations(tenant, courier)) }).await
     }
 
     /// In batches of about [`StoreOptions::purge_batch`] rows, each its own statement under the
@@ -286,7 +272,7 @@ impl Store for SqlStore {
         let batch = i64::try_from(self.inner.opts.purge_batch).unwrap_or(i64::MAX);
         let mut total = 0;
         loop {
-            let n = self.read(async { on_backend!(&self.inner.db, purge_locations(before, batch)) }).await?;
+            let n = self.read(async { on_backend!(&self.inner.db, ops::purge_locations(before, batch)) }).await?;
             total += n;
             if n <= batch as u64 {
                 return Ok(total);
@@ -295,7 +281,7 @@ impl Store for SqlStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ping()) }).await
+        self.read(async { on_backend!(&self.inner.db, ops::ping()) }).await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

@@ -13,7 +13,6 @@
 use hexfleet_actors::domain::{DomainEvent, EntityKind, TenantId};
 use hexfleet_actors::store::StoredEvent;
 
-use crate::db::Db;
 use crate::error::PersistenceError;
 use crate::rows::EventRow;
 use crate::store::SqlStore;
@@ -311,13 +310,7 @@ macro_rules! webhook_ops {
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
-                for table in ["webhook_events", "webhook_outbox"] {
-                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE tenant = $1 AND webhook_id = $2")))
-                        .bind(tenant.as_str())
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                // Its patterns and deliveries go with it (`ON DELETE CASCADE`).
                 if gone > 0 {
                     crate::ops::$name::insert_events(&mut tx, &[audit]).await?;
                 }
@@ -481,17 +474,6 @@ macro_rules! webhook_ops {
 webhook_ops!(pg, sqlx::Postgres, json_in = "::json", json_out = "::text");
 webhook_ops!(sqlite, sqlx::Sqlite, json_in = "", json_out = "");
 
-macro_rules! on_db {
-    ($store:expr, $f:ident ( $($arg:expr),* )) => {
-        async {
-            match $store.db() {
-                Db::Pg(p) => pg::$f(p, $($arg),*).await,
-                Db::Sqlite(p) => sqlite::$f(p, $($arg),*).await,
-            }
-        }
-    };
-}
-
 impl SqlStore {
     /// Creates or replaces a webhook (its patterns too); returns true when it was created.
     /// Deliveries already in the outbox keep going to the webhook under its new URL and secret.
@@ -499,17 +481,17 @@ impl SqlStore {
     /// never the secret) to the event log in the same transaction.
     pub async fn put_webhook(&self, w: &Webhook, actor: &str) -> Result<bool, PersistenceError> {
         let audit = audit_event(w, actor, "webhook.updated");
-        self.bounded(on_db!(self, put(w, &audit))).await
+        self.bounded(async { on_backend!(self.db(), webhooks::put(w, &audit)) }).await
     }
 
     /// One webhook.
     pub async fn webhook(&self, tenant: &TenantId, id: &str) -> Result<Option<Webhook>, PersistenceError> {
-        self.bounded(on_db!(self, get(tenant, id))).await
+        self.bounded(async { on_backend!(self.db(), webhooks::get(tenant, id)) }).await
     }
 
     /// The tenant's webhooks, by id.
     pub async fn webhooks(&self, tenant: &TenantId) -> Result<Vec<Webhook>, PersistenceError> {
-        self.bounded(on_db!(self, list(tenant))).await
+        self.bounded(async { on_backend!(self.db(), webhooks::list(tenant)) }).await
     }
 
     /// Deletes a webhook with its pending and past deliveries, appending `webhook.deleted` (by
@@ -525,17 +507,17 @@ impl SqlStore {
             ts: at,
             attrs: Vec::new(),
         };
-        self.bounded(on_db!(self, delete(tenant, id, &audit))).await
+        self.bounded(async { on_backend!(self.db(), webhooks::delete(tenant, id, &audit)) }).await
     }
 
     /// Delivery counts of one webhook.
     pub async fn webhook_stats(&self, tenant: &TenantId, id: &str) -> Result<WebhookStats, PersistenceError> {
-        self.bounded(on_db!(self, stats(tenant, id))).await
+        self.bounded(async { on_backend!(self.db(), webhooks::stats(tenant, id)) }).await
     }
 
     /// The newest `limit` deliveries of one webhook, newest first.
     pub async fn webhook_deliveries(&self, tenant: &TenantId, id: &str, limit: u32) -> Result<Vec<DeliveryRecord>, PersistenceError> {
-        self.bounded(on_db!(self, deliveries(tenant, id, i64::from(limit)))).await
+        self.bounded(async { on_backend!(self.db(), webhooks::deliveries(tenant, id, i64::from(limit))) }).await
     }
 
     /// Claims up to `limit` deliveries due at `now` (every tenant): they are leased to `lease`
@@ -547,7 +529,7 @@ impl SqlStore {
         lease: &str,
         limit: u32,
     ) -> Result<Vec<Delivery>, PersistenceError> {
-        self.bounded(on_db!(self, claim(now, lease_until, lease, i64::from(limit)))).await
+        self.bounded(async { on_backend!(self.db(), webhooks::claim(now, lease_until, lease, i64::from(limit))) }).await
     }
 
     /// Records how a claimed delivery ended. Returns false when the lease was lost meanwhile
@@ -561,12 +543,12 @@ impl SqlStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<bool, PersistenceError> {
-        self.bounded(on_db!(self, finish(tenant, webhook_id, seq, lease, outcome, now))).await
+        self.bounded(async { on_backend!(self.db(), webhooks::finish(tenant, webhook_id, seq, lease, outcome, now)) }).await
     }
 
     /// Deletes delivered and dead deliveries last changed before `before` (every tenant).
     pub async fn purge_webhook_deliveries(&self, before: i64) -> Result<u64, PersistenceError> {
-        self.bounded(on_db!(self, purge(before))).await
+        self.bounded(async { on_backend!(self.db(), webhooks::purge(before)) }).await
     }
 }
 
