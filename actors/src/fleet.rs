@@ -473,18 +473,15 @@ impl Fleet {
                 Vec::new()
             }
         };
-        let speeds = {
-            let clock = deps.clock.clone();
-            crate::speeds::Speeds::start(
-                crate::speeds::LearnerConfig {
-                    publish_every: deps.config.speed_publish,
-                    save_every: deps.config.speed_save_every,
-                    store: deps.store.clone(),
-                    now: Arc::new(move || clock.now_ms()),
-                },
-                saved_speeds,
-            )
-        };
+        let speeds = crate::speeds::Speeds::start(
+            crate::speeds::LearnerConfig {
+                publish_every: deps.config.speed_publish,
+                save_every: deps.config.speed_save_every,
+                store: deps.store.clone(),
+                clock: deps.clock.clone(),
+            },
+            saved_speeds,
+        );
         let ctx = Arc::new(FleetCtx {
             store: deps.store,
             publisher: deps.publisher,

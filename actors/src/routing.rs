@@ -69,8 +69,7 @@ impl RoutePlanner {
 
     /// Travel seconds between two points (at the mean of the speeds at both ends).
     pub fn travel_s(&self, a: LatLng, b: LatLng) -> f64 {
-        let v = if self.speeds.is_some() { 0.5 * (self.speed_at(a) + self.speed_at(b)) } else { self.speed_mps };
-        Self::leg_s(haversine_m(a, b), self.detour, v)
+        Self::leg_s(haversine_m(a, b), self.detour, 0.5 * (self.speed_at(a) + self.speed_at(b)))
     }
 
     fn leg_s(metres: f64, detour: f64, speed_mps: f64) -> f64 {

@@ -23,6 +23,7 @@ use hexfleet_geo::LatLng;
 use hexfleet_geo::eta::{SpeedConfig, SpeedModel};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::clock::SharedClock;
 use crate::domain::{Ms, TenantId, Vehicle};
 use crate::store::{SpeedTable, Store};
 
@@ -58,8 +59,8 @@ pub struct LearnerConfig {
     pub save_every: Duration,
     /// Where they are saved.
     pub store: Arc<dyn Store>,
-    /// The clock of `updated_at` (Unix ms).
-    pub now: Arc<dyn Fn() -> Ms + Send + Sync>,
+    /// The clock of `updated_at`.
+    pub clock: SharedClock,
 }
 
 /// The learned speeds: the queue into the learner and the published models.
@@ -124,7 +125,7 @@ async fn save(models: &HashMap<Key, SpeedModel>, unsaved: &mut HashSet<Key>, cfg
     if unsaved.is_empty() {
         return;
     }
-    let at = (cfg.now)();
+    let at = cfg.clock.now_ms();
     let tables: Vec<SpeedTable> = unsaved
         .iter()
         .filter_map(|k| models.get(k).map(|m| SpeedTable { tenant: k.0.clone(), vehicle: k.1, text: m.save(), updated_at: at }))
@@ -189,7 +190,8 @@ mod tests {
     }
 
     fn learner(store: Arc<dyn Store>) -> LearnerConfig {
-        LearnerConfig { publish_every: Duration::from_millis(20), save_every: Duration::from_secs(3600), store, now: Arc::new(|| 42) }
+        let clock = Arc::new(crate::clock::ManualClock::new(42));
+        LearnerConfig { publish_every: Duration::from_millis(20), save_every: Duration::from_secs(3600), store, clock }
     }
 
     #[tokio::test]

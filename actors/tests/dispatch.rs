@@ -2,9 +2,12 @@
 //! dispatch rounds run when the test asks (`dispatch_now`; the periodic tick is an hour). Every
 //! wait is on an observable event with a deadline.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::eventually;
 use hexfleet_actors::clock::ManualClock;
 use hexfleet_actors::domain::{Actor as Who, CourierId, CourierStatus, Fix, LatLng, Order, OrderId, OrderState, TenantId};
 use hexfleet_actors::fleet::{CourierPatch, DispatchPolicy, NewOrder};
@@ -127,15 +130,6 @@ impl Now for ManualClock {
     }
 }
 
-async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    tokio::time::timeout(DEADLINE, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .is_ok()
-}
 
 #[tokio::test]
 async fn the_nearest_courier_gets_the_offer_and_the_record_says_why() {

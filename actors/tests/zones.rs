@@ -3,9 +3,12 @@
 //! zone actor, and service-area refusal. In-memory store, recording publisher, a manual clock
 //! and fix times chosen by the test; every wait has a deadline.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::eventually;
 use geo::{LineString, MultiPolygon, Polygon};
 use hexfleet_actors::clock::ManualClock;
 use hexfleet_actors::domain::{
@@ -409,14 +412,4 @@ async fn the_periodic_check_syncs_zones_changed_by_another_node() {
     a.put(zone(&a.t, "sa", "service_area", square())).await;
     assert!(eventually(|| has(&b, "service_area")).await);
     assert!(matches!(b.order("x", OUT, IN).await, Err(FleetError::OutsideServiceArea)));
-}
-
-async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    tokio::time::timeout(DEADLINE, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .is_ok()
 }
