@@ -267,6 +267,15 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
     }
 }
 
+/// The address a URL names literally (`http://10.0.0.1/`, `http://[::1]/`), if it does.
+fn literal_ip(u: &reqwest::Url) -> Option<std::net::IpAddr> {
+    match u.host()? {
+        url::Host::Ipv4(ip) => Some(ip.into()),
+        url::Host::Ipv6(ip) => Some(ip.into()),
+        url::Host::Domain(_) => None,
+    }
+}
+
 /// A DNS resolver for webhook requests that refuses host names resolving to non-public
 /// addresses (see the module doc). Every address must be public, so a name cannot mix one in.
 #[derive(Debug)]
@@ -292,11 +301,7 @@ fn validate(req: &WebhookPutReq, allow_private: bool) -> Result<(), ApiError> {
     }
     match reqwest::Url::parse(&req.url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
-            let literal = match u.host() {
-                Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
-                Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
-                _ => None,
-            };
+            let literal = literal_ip(&u);
             let local_name = u.host_str().is_some_and(|h| h.eq_ignore_ascii_case("localhost") || h.to_ascii_lowercase().ends_with(".localhost"));
             if !allow_private && (literal.is_some_and(|ip| !is_public(ip)) || local_name) {
                 return Err(ApiError::bad_request(
@@ -450,22 +455,18 @@ async fn send(client: &reqwest::Client, d: &Delivery, unix_s: i64, allow_private
     if !allow_private {
         // Names go through `PublicOnly`; literal addresses never reach a resolver.
         let url = reqwest::Url::parse(&d.url).map_err(|e| format!("url: {e}"))?;
-        let literal = match url.host() {
-            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
-            _ => None,
-        };
-        if let Some(ip) = literal.filter(|ip| !is_public(*ip)) {
+        if let Some(ip) = literal_ip(&url).filter(|ip| !is_public(*ip)) {
             return Err(format!("{ip} is not an address webhooks may reach"));
         }
     }
-    let body = serde_json::to_vec(&WebhookPayload::of(d)).map_err(|e| e.to_string())?;
+    let payload = WebhookPayload::of(d);
+    let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
     let sig = signature(&d.secret, unix_s, &body);
     let resp = client
         .post(&d.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header("X-Hexfleet-Event", &d.event.event.kind)
-        .header("X-Hexfleet-Delivery", format!("{}:{}", d.event.event.tenant, d.event.seq))
+        .header("X-Hexfleet-Delivery", payload.id)
         .header("X-Hexfleet-Attempt", d.attempt.to_string())
         .header("X-Hexfleet-Signature", sig)
         .body(body)

@@ -109,10 +109,6 @@ fn order_body(id: &str) -> Value {
     json!({"id": id, "pickup": {"lat": 52.52, "lng": 13.405}, "dropoff": {"lat": 52.5163, "lng": 13.3777}})
 }
 
-async fn delete(srv: &TestServer, path: &str, token: &str) -> u16 {
-    srv.http.delete(format!("{}{path}", srv.base)).bearer_auth(token).send().await.unwrap().status().as_u16()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_signed_delivery_retries_and_giving_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -206,8 +202,8 @@ async fn api_signed_delivery_retries_and_giving_up() {
     assert_eq!((g.answered, g.header("x-hexfleet-attempt")), (204, "1"));
 
     // --- delete ---
-    assert_eq!(delete(&srv, "/v1/webhooks/dead", &disp).await, 204);
-    assert_eq!(delete(&srv, "/v1/webhooks/dead", &disp).await, 404);
+    assert_eq!(srv.delete("/v1/webhooks/dead", &disp).await.0, 204);
+    assert_eq!(srv.delete("/v1/webhooks/dead", &disp).await.0, 404);
     assert_eq!(srv.get("/v1/webhooks/dead", Some(&disp)).await.0, 404);
 
     srv.stop().await;

@@ -34,12 +34,6 @@ fn inside_and_outside(f: &Value) -> ((f64, f64), (f64, f64)) {
     ((p.y(), p.x()), (r.max().y + 0.02, p.x()))
 }
 
-async fn delete(srv: &TestServer, path: &str, token: &str) -> (u16, Value) {
-    let r = srv.http.delete(format!("{}{path}", srv.base)).bearer_auth(token).send().await.unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn put_raw(srv: &TestServer, path: &str, token: &str, body: &str) -> (u16, Value) {
     let r = srv
         .http
@@ -101,13 +95,13 @@ async fn round_trip(db: &str) {
     assert_eq!(s, 403, "{v}");
     assert_error(&v, "forbidden");
     assert_eq!(srv.get("/v1/zones", Some(&courier)).await.0, 403);
-    assert_eq!(delete(&srv, "/v1/zones/d1", &courier).await.0, 403);
+    assert_eq!(srv.delete("/v1/zones/d1", &courier).await.0, 403);
     assert_eq!(srv.get("/v1/zones", None).await.0, 401);
     let other = srv.dispatcher("other");
     let (s, v) = srv.get("/v1/zones", Some(&other)).await;
     assert_eq!((s, v["items"].as_array().map(Vec::len)), (200, Some(0)), "{v}");
     assert_eq!(srv.get("/v1/zones/d1", Some(&other)).await.0, 404);
-    assert_eq!(delete(&srv, "/v1/zones/d1", &other).await.0, 404);
+    assert_eq!(srv.delete("/v1/zones/d1", &other).await.0, 404);
 
     srv.stop().await;
     let mut srv = TestServer::start(fast_config(db)).await;
@@ -119,10 +113,10 @@ async fn round_trip(db: &str) {
     assert_eq!(d0["properties"]["kind"], "service_area");
     assert!(positions(&d0) > 3);
 
-    let (s, _) = delete(&srv, "/v1/zones/d1", &disp).await;
+    let (s, _) = srv.delete("/v1/zones/d1", &disp).await;
     assert_eq!(s, 204);
     assert_eq!(srv.get("/v1/zones/d1", Some(&disp)).await.0, 404);
-    let (s, v) = delete(&srv, "/v1/zones/d1", &disp).await;
+    let (s, v) = srv.delete("/v1/zones/d1", &disp).await;
     assert_eq!(s, 404);
     assert_error(&v, "not_found");
     let (s, ev) = srv.get("/v1/events?entity=zone&id=d1", Some(&disp)).await;
@@ -263,7 +257,7 @@ async fn a_console_sees_zone_enter_when_a_courier_drives_in() {
     })
     .await;
     // Deleting the zone: the console sees the closing exit.
-    let (s, _) = delete(&srv, "/v1/zones/mile-end", &disp).await;
+    let (s, _) = srv.delete("/v1/zones/mile-end", &disp).await;
     assert_eq!(s, 204);
     // Both arrive, in either order (the exit comes from the courier's actor).
     let (mut exit, mut gone) = (None, None);
@@ -319,7 +313,7 @@ async fn a_zone_changed_on_one_node_is_live_on_the_other() {
     .await;
 
     // Deleted on A: B drops it and closes the courier's stay.
-    assert_eq!(delete(&a, "/v1/zones/mile-end", &disp_a).await.0, 204);
+    assert_eq!(a.delete("/v1/zones/mile-end", &disp_a).await.0, 204);
     eventually("node b dropped the zone", || async { (b.get("/v1/zones/mile-end", Some(&disp_b)).await.0 == 404).then_some(()) }).await;
     eventually("closing zone.exit from node b", || async {
         let (_, v) = a.get("/v1/events?entity=zone&id=mile-end", Some(&disp_a)).await;

@@ -70,6 +70,12 @@ impl TestServer {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    pub async fn delete(&self, path: &str, token: &str) -> (u16, Value) {
+        let r = self.http.delete(format!("{}{path}", self.base)).bearer_auth(token).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
         let mut req = self.http.get(format!("{}{path}", self.base));
         if let Some(t) = token {
