@@ -138,6 +138,8 @@ async fn api_signed_delivery_retries_and_giving_up() {
         assert_eq!(s, 400, "{why}: {b}");
         assert!(b["error"]["code"].is_string(), "{why}: error shape {b}");
     }
+    let (s, b) = srv.put("/v1/webhooks/bad%20id", &disp, good.clone()).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (400, Some("bad_id")), "{b}");
     let (s, b) = srv.put("/v1/webhooks/w1", &disp, good.clone()).await;
     assert_eq!(s, 201, "{b}");
     assert_eq!(b["url"], rx.url.as_str());
@@ -205,6 +207,7 @@ async fn api_signed_delivery_retries_and_giving_up() {
     assert_eq!(srv.delete("/v1/webhooks/dead", &disp).await.0, 204);
     assert_eq!(srv.delete("/v1/webhooks/dead", &disp).await.0, 404);
     assert_eq!(srv.get("/v1/webhooks/dead", Some(&disp)).await.0, 404);
+    assert_eq!(srv.get("/v1/webhooks/dead/deliveries", Some(&disp)).await.0, 404);
 
     srv.stop().await;
     rx.handle.stop(true).await;
