@@ -31,6 +31,10 @@ pub enum StoreError {
     /// Stored data could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A [`Write::Fence`] of the batch did not hold: this node no longer owns the market, so
+    /// nothing of the batch was written.
+    #[error("market {0} is not owned by this node (any more)")]
+    Fenced(TenantId),
 }
 
 /// One durable write; a batch of them is applied atomically by [`Store::commit`].
@@ -46,6 +50,10 @@ pub enum Write {
     DeleteZone { tenant: TenantId, id: ZoneId },
     /// Append to the event log.
     Event(DomainEvent),
+    /// A fencing token: the batch commits only if `holder` still holds `tenant`'s market lease
+    /// at `epoch` (checked inside the transaction), and fails whole with
+    /// [`StoreError::Fenced`] otherwise. Writes nothing itself.
+    Fence { tenant: TenantId, holder: String, epoch: i64 },
 }
 
 /// Everything needed to rebuild the actors after a restart.
@@ -86,6 +94,8 @@ pub trait Store: Send + Sync + 'static {
         -> Result<(), StoreError>;
     /// Loads couriers, open orders and zones of every tenant.
     async fn load(&self) -> Result<Recovered, StoreError>;
+    /// Loads the couriers, open orders and zones of one tenant (a market taken over).
+    async fn load_tenant(&self, tenant: &TenantId) -> Result<Recovered, StoreError>;
     /// Reads one order (any state).
     async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError>;
     /// (tenant, id, updated_at) of every stored zone: what another node may have changed.
@@ -176,6 +186,8 @@ impl Store for MemoryStore {
                     g.zones.remove(&(tenant, id));
                 }
                 Write::Event(e) => g.events.push(e),
+                // The memory store has no leases: it serves one node.
+                Write::Fence { .. } => {}
             }
         }
         Ok(())
@@ -203,6 +215,13 @@ impl Store for MemoryStore {
             open_orders: g.orders.values().filter(|o| !o.state.is_terminal()).cloned().collect(),
             zones: g.zones.values().cloned().collect(),
         })
+    }
+    async fn load_tenant(&self, tenant: &TenantId) -> Result<Recovered, StoreError> {
+        let mut r = self.load().await?;
+        r.couriers.retain(|c| c.tenant == *tenant);
+        r.open_orders.retain(|o| o.tenant == *tenant);
+        r.zones.retain(|z| z.tenant == *tenant);
+        Ok(r)
     }
     async fn zone_versions(&self) -> Result<Vec<(TenantId, ZoneId, Ms)>, StoreError> {
         let g = self.inner.lock();

@@ -87,6 +87,9 @@ impl From<StoreError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("{msg}; retry later"))
             }
             StoreError::Corrupt(_) => ApiError::internal(msg),
+            StoreError::Fenced(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("{msg}; retry later"))
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The crate's one error type, [`PersistenceError`], and its mapping onto the storage port's
 //! [`StoreError`] (which the gateway maps to HTTP 503 and friends).
 
+use hexfleet_actors::domain::TenantId;
 use hexfleet_actors::store::StoreError;
 
 /// Everything that can go wrong in `hexfleet-persistence`.
@@ -41,6 +42,13 @@ pub enum PersistenceError {
     /// A database call took longer than the configured timeout.
     #[error("database call timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// A `Write::Fence` of the batch did not hold (the market's lease is another holder's, at
+    /// another epoch, or lapsed): nothing of the batch was written. Not a connectivity error.
+    #[error("market {tenant} is no longer held at the fenced epoch")]
+    Fenced {
+        /// The market (tenant) whose fence failed.
+        tenant: String,
+    },
 }
 
 impl PersistenceError {
@@ -94,6 +102,7 @@ impl From<PersistenceError> for StoreError {
         match e {
             PersistenceError::Backpressure => StoreError::Backpressure,
             PersistenceError::Corrupt { table, detail } => StoreError::Corrupt(format!("{table}: {detail}")),
+            PersistenceError::Fenced { tenant } => StoreError::Fenced(TenantId::new(tenant)),
             other => StoreError::Unavailable(Box::new(other)),
         }
     }

@@ -11,6 +11,8 @@
 //!   periodic flusher;
 //! - [`webhooks`]: webhook subscriptions and their delivery outbox, filled in the transaction
 //!   that appends the events;
+//! - [`leases`]: market leases between nodes (holder, address, epoch, expiry on the database
+//!   clock); a batch carrying a `Write::Fence` commits only while its lease holds;
 //! - [`SqlStore`]: the handle implementing [`Store`].
 //!
 //! Durability: [`Store::commit`] returns after COMMIT (SQLite in WAL mode with
@@ -38,6 +40,7 @@ macro_rules! on_backend {
 
 mod db;
 mod error;
+pub mod leases;
 mod ops;
 mod options;
 mod rows;

@@ -3,7 +3,9 @@
 //! The SQL text is shared (SQLite understands `$N` placeholders and `ON CONFLICT … DO UPDATE`
 //! like PostgreSQL); [`backend_ops!`] instantiates the same functions for `sqlx::Postgres`
 //! ([`pg`]) and `sqlx::Sqlite` ([`sqlite`]). The only differences are passed in as
-//! parameters: how a JSON value is written (`::json` cast on PostgreSQL) and read back.
+//! parameters: how a JSON value is written (`::json` cast on PostgreSQL) and read back, the
+//! database clock ([`pg::NOW`], also used by [`crate::leases`]), and how a transaction that
+//! checks market-lease fences holds the lease rows until it commits (see [`pg::commit`]).
 //!
 //! Multi-row statements are chunked so that one statement stays below both backends' bind
 //! parameter limits (PostgreSQL 65,535; SQLite 32,766). On PostgreSQL the snapshot flusher uses
@@ -12,7 +14,10 @@
 use std::collections::HashMap;
 
 use hexfleet_actors::domain::{CourierRecord, DomainEvent, LocationSample, Order, ZoneRecord};
-use hexfleet_actors::store::Write;
+use hexfleet_actors::store::{Recovered, Write};
+
+use crate::error::PersistenceError;
+use crate::rows::{CourierRow, OrderRow, ZoneRow};
 
 /// Most bind parameters one statement uses.
 const MAX_PARAMS: usize = 30_000;
@@ -22,7 +27,8 @@ pub(crate) type LocationRow<'a> = (&'a str, &'a str, &'a LocationSample);
 
 /// A group of writes reduced to the statements needed, preserving the effect of applying them
 /// in order: the last snapshot per order, courier and zone wins (a zone's last write may be a
-/// delete), events are appended in order.
+/// delete), events are appended in order. Fences (`Write::Fence`) are collected once each,
+/// sorted, to be checked before anything is written.
 #[derive(Default)]
 pub(crate) struct Reduced<'a> {
     pub orders: Vec<&'a Order>,
@@ -30,6 +36,10 @@ pub(crate) struct Reduced<'a> {
     pub zone_upserts: Vec<&'a ZoneRecord>,
     pub zone_deletes: Vec<(&'a str, &'a str)>,
     pub events: Vec<&'a DomainEvent>,
+    /// (tenant, holder, epoch) of every fence, deduplicated and sorted by tenant: every
+    /// transaction locks lease rows in the same order (and so does [`crate::leases`]), so two
+    /// of them never wait for each other in a cycle.
+    pub fences: Vec<(&'a str, &'a str, i64)>,
 }
 
 impl<'a> Reduced<'a> {
@@ -61,8 +71,11 @@ impl<'a> Reduced<'a> {
                     zones.insert((tenant.as_str(), id.as_str()), None);
                 }
                 Write::Event(e) => r.events.push(e),
+                Write::Fence { tenant, holder, epoch } => r.fences.push((tenant.as_str(), holder.as_str(), *epoch)),
             }
         }
+        r.fences.sort_unstable();
+        r.fences.dedup();
         for (key, z) in zones {
             match z {
                 Some(z) => r.zone_upserts.push(z),
@@ -74,7 +87,10 @@ impl<'a> Reduced<'a> {
 }
 
 macro_rules! backend_ops {
-    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal) => {
+    (
+        $name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, now = $now:literal,
+        begin_write = $begin_write:literal, lock_shared = $lock_shared:literal, lock_update = $lock_update:literal
+    ) => {
         #[doc = concat!("Statements compiled for `", stringify!($db), "`.")]
         pub(crate) mod $name {
             use hexfleet_actors::domain::{CourierId, CourierRecord, DomainEvent, LocationSample, Order, OrderId, TenantId, ZoneId, ZoneRecord};
@@ -82,6 +98,7 @@ macro_rules! backend_ops {
             use sqlx::{Pool, QueryBuilder};
 
             use super::{LocationRow, Reduced, MAX_PARAMS};
+            use crate::error::PersistenceError::Fenced;
             use crate::error::PersistenceError;
             use crate::rows::{self, CourierRow, EventRow, OrderRow, ZoneRow, COURIER_COLUMNS, ORDER_COLUMNS, TERMINAL_STATES_SQL, ZONE_COLUMNS};
 
@@ -92,9 +109,36 @@ macro_rules! backend_ops {
             const JSON_IN: &str = $json_in;
             /// How a JSON column is read back as text.
             const JSON_OUT: &str = $json_out;
+            /// The database clock, Unix ms (an SQL expression): market leases are timed by it,
+            /// never by a node's clock, so clock skew between nodes does not matter.
+            pub(crate) const NOW: &str = $now;
+            /// Starts a write transaction that holds the write lock from its first statement.
+            const BEGIN_WRITE: &str = $begin_write;
+            /// Appended to a `SELECT` of lease rows that must not change before the transaction
+            /// commits (a fence check).
+            const LOCK_SHARED: &str = $lock_shared;
+            /// Appended to a `SELECT` of lease rows that the statement is about to update (locks
+            /// them in the `ORDER BY` order).
+            pub(crate) const LOCK_UPDATE: &str = $lock_update;
 
-            /// Applies a reduced group of writes on one connection (inside the caller's transaction).
+            /// Applies a reduced group of writes on one connection (inside the caller's
+            /// transaction). Checks the fences first: if one does not hold, fails with
+            /// [`PersistenceError::Fenced`] before anything is written (the caller rolls back).
             pub(crate) async fn apply(conn: &mut Conn, r: &Reduced<'_>) -> Result<(), PersistenceError> {
+                for (tenant, holder, epoch) in &r.fences {
+                    let held: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT 1 FROM market_leases WHERE tenant = $1 AND holder = $2 AND epoch = $3 \
+                         AND expires_at > {NOW}{LOCK_SHARED}"
+                    )))
+                    .bind(*tenant)
+                    .bind(*holder)
+                    .bind(*epoch)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    if held.is_none() {
+                        return Err(Fenced { tenant: (*tenant).to_owned() });
+                    }
+                }
                 upsert_orders(conn, &r.orders).await?;
                 upsert_couriers(conn, &r.couriers).await?;
                 upsert_zones(conn, &r.zone_upserts).await?;
@@ -109,9 +153,14 @@ macro_rules! backend_ops {
                 Ok(())
             }
 
-            /// Applies a group of writes in one transaction.
+            /// Applies a group of writes in one transaction. The transaction holds what its fence
+            /// checks read until it commits, so a market cannot change hands in between: on
+            /// PostgreSQL the checked lease rows are locked `FOR SHARE` (a concurrent acquire of
+            /// one waits for this commit); on SQLite the transaction is `BEGIN IMMEDIATE`, holding
+            /// the database's write lock from the start (a deferred one that reads first could
+            /// not take the lock later once another writer committed: `SQLITE_BUSY_SNAPSHOT`).
             pub(crate) async fn commit(pool: &Pool<Db>, r: &Reduced<'_>) -> Result<(), PersistenceError> {
-                let mut tx = pool.begin().await?;
+                let mut tx = if r.fences.is_empty() { pool.begin().await? } else { pool.begin_with(BEGIN_WRITE).await? };
                 apply(&mut tx, r).await?;
                 tx.commit().await?;
                 Ok(())
@@ -287,11 +336,28 @@ macro_rules! backend_ops {
                     sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {ZONE_COLUMNS} FROM zones")))
                         .fetch_all(pool)
                         .await?;
-                Ok(Recovered {
-                    couriers: couriers.into_iter().map(CourierRow::into_domain).collect::<Result<_, _>>()?,
-                    open_orders: orders.into_iter().map(OrderRow::into_domain).collect::<Result<_, _>>()?,
-                    zones: zones.into_iter().map(ZoneRow::into_domain).collect::<Result<_, _>>()?,
-                })
+                super::recovered(couriers, orders, zones)
+            }
+
+            /// [`load`] of one tenant (a market taken over from another node).
+            pub(crate) async fn load_tenant(pool: &Pool<Db>, tenant: &TenantId) -> Result<Recovered, PersistenceError> {
+                let couriers: Vec<CourierRow> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COURIER_COLUMNS} FROM couriers WHERE tenant = $1")))
+                        .bind(tenant.as_str())
+                        .fetch_all(pool)
+                        .await?;
+                let orders: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {ORDER_COLUMNS} FROM orders WHERE tenant = $1 AND state NOT IN {TERMINAL_STATES_SQL}"
+                )))
+                .bind(tenant.as_str())
+                .fetch_all(pool)
+                .await?;
+                let zones: Vec<ZoneRow> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {ZONE_COLUMNS} FROM zones WHERE tenant = $1")))
+                        .bind(tenant.as_str())
+                        .fetch_all(pool)
+                        .await?;
+                super::recovered(couriers, orders, zones)
             }
 
             pub(crate) async fn zone_versions(pool: &Pool<Db>) -> Result<Vec<(TenantId, ZoneId, i64)>, PersistenceError> {
@@ -425,8 +491,35 @@ macro_rules! backend_ops {
     };
 }
 
-backend_ops!(pg, sqlx::Postgres, json_in = "::json", json_out = "::text");
-backend_ops!(sqlite, sqlx::Sqlite, json_in = "", json_out = "");
+backend_ops!(
+    pg,
+    sqlx::Postgres,
+    json_in = "::json",
+    json_out = "::text",
+    now = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+    begin_write = "BEGIN",
+    lock_shared = " FOR SHARE",
+    lock_update = " FOR UPDATE"
+);
+backend_ops!(
+    sqlite,
+    sqlx::Sqlite,
+    json_in = "",
+    json_out = "",
+    now = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+    begin_write = "BEGIN IMMEDIATE",
+    lock_shared = "",
+    lock_update = ""
+);
+
+/// Decodes the rows of a recovery load.
+fn recovered(couriers: Vec<CourierRow>, orders: Vec<OrderRow>, zones: Vec<ZoneRow>) -> Result<Recovered, PersistenceError> {
+    Ok(Recovered {
+        couriers: couriers.into_iter().map(CourierRow::into_domain).collect::<Result<_, _>>()?,
+        open_orders: orders.into_iter().map(OrderRow::into_domain).collect::<Result<_, _>>()?,
+        zones: zones.into_iter().map(ZoneRow::into_domain).collect::<Result<_, _>>()?,
+    })
+}
 
 /// PostgreSQL bulk writes with `UNNEST`: one statement per table whatever the row count, with
 /// one array parameter per column (no bind-limit chunking, one plan). Used by the snapshot
@@ -553,5 +646,25 @@ pub(crate) mod pg_bulk {
         insert_locations(&mut tx, locations).await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hexfleet_actors::domain::TenantId;
+    use hexfleet_actors::store::Write;
+
+    use super::Reduced;
+
+    fn fence(tenant: &str, holder: &str, epoch: i64) -> Write {
+        Write::Fence { tenant: TenantId::new(tenant), holder: holder.into(), epoch }
+    }
+
+    #[test]
+    fn fences_are_collected_once_each_in_tenant_order() {
+        let writes = [fence("m2", "A", 3), fence("m1", "A", 1), fence("m2", "A", 3), fence("m1", "B", 1), fence("m1", "A", 1)];
+        let r = Reduced::new(writes.iter());
+        assert_eq!(r.fences, [("m1", "A", 1), ("m1", "B", 1), ("m2", "A", 3)]);
+        assert!(r.orders.is_empty() && r.events.is_empty(), "a fence writes nothing itself");
     }
 }

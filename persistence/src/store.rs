@@ -176,6 +176,20 @@ impl SqlStore {
         tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))?
     }
 
+    /// Bounds a recovery load. Loading 100k couriers and 50k orders takes longer than one
+    /// statement timeout may allow; it runs once at start (or once per market taken over), so
+    /// it is bounded by a generous multiple.
+    async fn load_bounded(
+        &self,
+        fut: impl Future<Output = Result<Recovered, PersistenceError>>,
+    ) -> Result<Recovered, StoreError> {
+        let limit = self.inner.opts.statement_timeout * 12;
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(PersistenceError::Timeout(limit).into()),
+        }
+    }
+
     /// Bounds a read by the statement timeout, so a half-open connection cannot hang a caller.
     async fn read<T>(
         &self,
@@ -220,14 +234,11 @@ impl Store for SqlStore {
     }
 
     async fn load(&self) -> Result<Recovered, StoreError> {
-        // Loading 100k couriers and 50k orders takes longer than one statement timeout may
-        // allow; it runs once at start, so it is bounded by a generous multiple.
-        let limit = self.inner.opts.statement_timeout * 12;
-        let fut = async { on_backend!(&self.inner.db, ops::load()) };
-        match tokio::time::timeout(limit, fut).await {
-            Ok(r) => r.map_err(StoreError::from),
-            Err(_) => Err(PersistenceError::Timeout(limit).into()),
-        }
+        self.load_bounded(async { on_backend!(&self.inner.db, ops::load()) }).await
+    }
+
+    async fn load_tenant(&self, tenant: &TenantId) -> Result<Recovered, StoreError> {
+        self.load_bounded(async { on_backend!(&self.inner.db, ops::load_tenant(tenant)) }).await
     }
 
     async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError> {

@@ -6,7 +6,9 @@
 //!   transaction runs, new requests pile up and form the next group, so under load the cost of
 //!   one durable commit is shared by many callers. If a group fails because the database
 //!   refused a statement (not because it is unreachable), each request is retried in its own
-//!   transaction so one bad batch fails alone.
+//!   transaction so one bad batch fails alone. A failed market-lease fence names its market:
+//!   the requests fenced on it are retried alone (and fail with `StoreError::Fenced`), the
+//!   others again as one group.
 //! - **Snapshots.** Courier snapshots (latest per courier wins) and location samples wait in a
 //!   bounded in-memory buffer and are written every `snapshot_flush` as multi-row statements in
 //!   one transaction. A failed flush puts the rows back (newer snapshots win) and retries with
@@ -96,7 +98,7 @@ pub(crate) async fn run_writer(db: Db, mut rx: mpsc::Receiver<CommitReq>, counte
                         Ok(())
                     } else {
                         counters.commit_failures.fetch_add(1, Ordering::Relaxed);
-                        Err(StoreError::Unavailable(Box::new(GroupFailed(e.clone()))))
+                        Err(group_error(&e))
                     };
                     let _ = r.reply.send(res);
                 };
@@ -110,23 +112,96 @@ pub(crate) async fn run_writer(db: Db, mut rx: mpsc::Receiver<CommitReq>, counte
                         fail(r);
                     }
                 }
-                tracing::warn!(error = %e, requests = failed, "group commit failed");
+                if matches!(*e, PersistenceError::Fenced { .. }) {
+                    tracing::info!(error = %e, "commit fenced: market moved");
+                } else {
+                    tracing::warn!(error = %e, requests = failed, "group commit failed");
+                }
             }
             Err(e) => {
-                tracing::warn!(error = %e, requests = group.len(), "group commit refused, retrying requests one by one");
-                for r in group.drain(..) {
-                    let res = commit_group(&db, r.writes.iter(), opts.statement_timeout).await;
-                    counters.commit_transactions.fetch_add(1, Ordering::Relaxed);
-                    match res {
-                        Ok(()) => counters.commits.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => counters.commit_failures.fetch_add(1, Ordering::Relaxed),
-                    };
-                    let _ = r.reply.send(res.map_err(StoreError::from));
-                }
+                let refused = std::mem::replace(&mut group, Vec::with_capacity(opts.max_group));
+                retry_refused(&db, refused, e, &counters, opts.statement_timeout).await;
             }
         }
     }
     tracing::debug!("store writer stopped");
+}
+
+/// What the callers of a group that failed as a whole are told: `Fenced` when the one request
+/// of the group carried a fence that did not hold, `Unavailable` otherwise.
+fn group_error(e: &Arc<PersistenceError>) -> StoreError {
+    match &**e {
+        PersistenceError::Fenced { tenant } => StoreError::Fenced(TenantId::new(tenant)),
+        _ => StoreError::Unavailable(Box::new(GroupFailed(e.clone()))),
+    }
+}
+
+/// Answers the requests of a group the database refused (`e`, not a connectivity error) so
+/// that only the requests at fault fail. When a fence failed, the requests fenced on that
+/// market go alone and the others again as one group (repeated while fences fail): a market
+/// that moved, whose in-flight batches all fail, does not cost every other batch of the group
+/// its own transaction. Any other refusal: every request alone.
+async fn retry_refused(db: &Db, mut group: Vec<CommitReq>, mut e: PersistenceError, counters: &Counters, limit: Duration) {
+    loop {
+        let PersistenceError::Fenced { tenant } = &e else {
+            tracing::warn!(error = %e, requests = group.len(), "group commit refused, retrying requests one by one");
+            return commit_each(db, group, counters, limit).await;
+        };
+        let tenant = tenant.clone();
+        let (fenced, rest): (Vec<CommitReq>, Vec<CommitReq>) = group.into_iter().partition(|r| {
+            r.writes.iter().any(|w| matches!(w, Write::Fence { tenant: t, .. } if t.as_str() == tenant))
+        });
+        tracing::info!(%tenant, fenced = fenced.len(), others = rest.len(), "group commit fenced: market moved");
+        if fenced.is_empty() || rest.len() <= 1 {
+            // Nothing left to group (or no request names the market, which cannot happen:
+            // never loop on it).
+            commit_each(db, fenced, counters, limit).await;
+            return commit_each(db, rest, counters, limit).await;
+        }
+        commit_each(db, fenced, counters, limit).await;
+        let res = commit_group(db, rest.iter().flat_map(|r| r.writes.iter()), limit).await;
+        counters.commit_transactions.fetch_add(1, Ordering::Relaxed);
+        match res {
+            Ok(()) => {
+                counters.commits.fetch_add(rest.len() as u64, Ordering::Relaxed);
+                for r in rest {
+                    let _ = r.reply.send(Ok(()));
+                }
+                return;
+            }
+            Err(again) if again.is_connectivity() => {
+                tracing::warn!(error = %again, requests = rest.len(), "group commit failed");
+                let again = Arc::new(again);
+                for r in rest {
+                    let res = if r.writes.is_empty() {
+                        Ok(())
+                    } else {
+                        counters.commit_failures.fetch_add(1, Ordering::Relaxed);
+                        Err(group_error(&again))
+                    };
+                    let _ = r.reply.send(res);
+                }
+                return;
+            }
+            Err(again) => {
+                group = rest;
+                e = again;
+            }
+        }
+    }
+}
+
+/// Commits each request in its own transaction and answers it.
+async fn commit_each(db: &Db, group: Vec<CommitReq>, counters: &Counters, limit: Duration) {
+    for r in group {
+        let res = commit_group(db, r.writes.iter(), limit).await;
+        counters.commit_transactions.fetch_add(1, Ordering::Relaxed);
+        match res {
+            Ok(()) => counters.commits.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counters.commit_failures.fetch_add(1, Ordering::Relaxed),
+        };
+        let _ = r.reply.send(res.map_err(StoreError::from));
+    }
 }
 
 async fn commit_group<'a>(
