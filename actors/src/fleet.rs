@@ -465,6 +465,14 @@ pub struct Fleet {
 impl Fleet {
     /// Starts the supervision tree and rebuilds every actor from the store.
     pub async fn start(deps: FleetDeps) -> Result<Fleet, FleetError> {
+        Self::start_owning(deps, |_| true).await
+    }
+
+    /// Like [`Fleet::start`], but rebuilds only the couriers and open orders of the markets
+    /// (tenants) `owns` accepts: with several nodes, the markets whose lease this node holds.
+    /// Zones of every tenant are loaded (any node may serve their API and they stay in sync
+    /// through the store). Other markets are taken over later with [`Fleet::adopt_market`].
+    pub async fn start_owning(deps: FleetDeps, owns: impl Fn(&TenantId) -> bool) -> Result<Fleet, FleetError> {
         // Learned speeds of the previous run; without them ETAs start from the priors.
         let saved_speeds = match deps.store.load_speeds().await {
             Ok(t) => t,
@@ -504,15 +512,47 @@ impl Fleet {
         *ctx.supervisor.write() = Some(sup.get_cell());
         let started = std::time::Instant::now();
         ctx.zones.bind(&ctx);
-        let rec = ctx.store.load().await?;
+        let mut rec = ctx.store.load().await?;
+        crate::zone::recover(&ctx, std::mem::take(&mut rec.zones)).await?;
+        rec.couriers.retain(|c| owns(&c.tenant));
+        rec.open_orders.retain(|o| owns(&o.tenant));
         let (nc, no) = (rec.couriers.len(), rec.open_orders.len());
-        crate::zone::recover(&ctx, rec.zones).await?;
+        Self::install_recovered(&ctx, rec).await?;
+        tracing::info!(couriers = nc, open_orders = no, elapsed_ms = started.elapsed().as_millis() as u64, "fleet recovered");
+        let mut tasks = vec![ctx.positions.spawn_rebuilder(ctx.config.index_rebuild)];
+        if let Some(every) = ctx.config.zone_resync {
+            let weak = Arc::downgrade(&ctx);
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(ctx) = weak.upgrade() else { break };
+                    match crate::zone::resync_zones(&ctx).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(zones = n, "zones changed elsewhere were synced by the periodic check"),
+                        Err(e) => tracing::warn!(error = %e, "periodic zone check failed"),
+                    }
+                }
+            }));
+        }
+        Ok(Fleet { ctx, tasks: Arc::new(tasks) })
+    }
+
+    /// Spawns the actors of recovered couriers and open orders that this node does not run
+    /// yet (the zones are installed separately): at start, and when a market is taken over.
+    async fn install_recovered(ctx: &Arc<FleetCtx>, rec: crate::store::Recovered) -> Result<(), FleetError> {
         for c in rec.couriers {
-            Self::install_courier(&ctx, c).await?;
+            if !ctx.couriers.contains_key(&(c.tenant.clone(), c.id.clone())) {
+                Self::install_courier(ctx, c).await?;
+            }
         }
         ctx.positions.rebuild_all_blocking();
         let mut tenants: Vec<TenantId> = Vec::new();
         for o in rec.open_orders {
+            if ctx.orders.contains_key(&(o.tenant.clone(), o.id.clone())) {
+                continue;
+            }
             if !tenants.contains(&o.tenant) {
                 tenants.push(o.tenant.clone());
             }
@@ -533,25 +573,27 @@ impl Fleet {
         for t in tenants {
             ctx.dispatcher(&t).await?;
         }
-        tracing::info!(couriers = nc, open_orders = no, elapsed_ms = started.elapsed().as_millis() as u64, "fleet recovered");
-        let mut tasks = vec![ctx.positions.spawn_rebuilder(ctx.config.index_rebuild)];
-        if let Some(every) = ctx.config.zone_resync {
-            let weak = Arc::downgrade(&ctx);
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let Some(ctx) = weak.upgrade() else { break };
-                    match crate::zone::resync_zones(&ctx).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(zones = n, "zones changed elsewhere were synced by the periodic check"),
-                        Err(e) => tracing::warn!(error = %e, "periodic zone check failed"),
-                    }
-                }
-            }));
-        }
-        Ok(Fleet { ctx, tasks: Arc::new(tasks) })
+        Ok(())
+    }
+
+    /// Takes over a market (tenant) from the store: spawns the actors of its couriers and open
+    /// orders as the previous owner last made them durable, its dispatcher, and its learned
+    /// speeds as last saved. Couriers and
+    /// orders this node already runs are left alone. Call it only once this node holds the
+    /// market's lease, before serving any request of that market. Returns (couriers, open
+    /// orders) loaded.
+    pub async fn adopt_market(&self, tenant: &TenantId) -> Result<(usize, usize), FleetError> {
+        let started = std::time::Instant::now();
+        let mut rec = self.ctx.store.load_tenant(tenant).await?;
+        rec.zones.clear();
+        let counts = (rec.couriers.len(), rec.open_orders.len());
+        // Learned speeds as the previous owner last saved them.
+        let mut tables = self.ctx.store.load_speeds().await?;
+        tables.retain(|t| t.tenant == *tenant);
+        self.ctx.speeds.reload(tables).await;
+        Self::install_recovered(&self.ctx, rec).await?;
+        tracing::info!(%tenant, couriers = counts.0, open_orders = counts.1, elapsed_ms = started.elapsed().as_millis() as u64, "market taken over");
+        Ok(counts)
     }
 
     async fn install_courier(ctx: &Arc<FleetCtx>, rec: CourierRecord) -> Result<CourierHandle, FleetError> {

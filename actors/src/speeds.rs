@@ -48,6 +48,8 @@ enum Msg {
     Sample(SpeedSample),
     /// Save what changed now and answer (shutdown).
     Save(oneshot::Sender<()>),
+    /// Replace these models with the stored ones (a market taken over from another node).
+    Reload(Vec<SpeedTable>, oneshot::Sender<()>),
 }
 
 /// How the learner runs.
@@ -115,6 +117,16 @@ impl Speeds {
         }
     }
 
+    /// Replaces the models of these tables with the stored text, and publishes them at once:
+    /// a market taken over from another node continues from what that node last saved, not
+    /// from this node's copy of when it started.
+    pub async fn reload(&self, tables: Vec<SpeedTable>) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Reload(tables, tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// The latest published model of a tenant's vehicle type, if anything was learned.
     pub fn model(&self, tenant: &TenantId, vehicle: Vehicle) -> Option<Arc<SpeedModel>> {
         self.published.load().get(&(tenant.clone(), vehicle)).cloned()
@@ -160,6 +172,23 @@ async fn learn(mut rx: mpsc::Receiver<Msg>, mut models: HashMap<Key, SpeedModel>
                 }
                 Some(Msg::Save(reply)) => {
                     save(&models, &mut unsaved, &cfg).await;
+                    let _ = reply.send(());
+                }
+                Some(Msg::Reload(tables, reply)) => {
+                    let mut next: Published = (**published.load()).clone();
+                    for t in tables {
+                        match SpeedModel::load(config_for(t.vehicle), &t.text) {
+                            Ok(m) => {
+                                let key = (t.tenant, t.vehicle);
+                                next.insert(key.clone(), Arc::new(m.clone()));
+                                models.insert(key.clone(), m);
+                                unsaved.remove(&key);
+                                dirty.remove(&key);
+                            }
+                            Err(e) => tracing::warn!(tenant = %t.tenant, vehicle = t.vehicle.as_str(), error = %e, "stored speed table unreadable; kept this node's model"),
+                        }
+                    }
+                    published.store(Arc::new(next));
                     let _ = reply.send(());
                 }
             },

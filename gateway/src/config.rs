@@ -79,6 +79,20 @@ pub struct ServeArgs {
     /// This node's name in logs and in cross-node fan-out (default: random).
     #[arg(long, env = "HEXFLEET_NODE_ID")]
     pub node_id: Option<String>,
+    /// Lease markets (tenants) between nodes sharing the database: one node at a time runs a
+    /// market's actors and dispatch, other nodes forward its requests there, and a market
+    /// whose owner dies is taken over when its lease lapses. Default: on when `REDIS_URL` is
+    /// set (several nodes), off otherwise (one node owns everything).
+    #[arg(long, env = "HEXFLEET_MARKET_LEASES", action = clap::ArgAction::Set)]
+    pub market_leases: Option<bool>,
+    /// Base URL other nodes reach this one at, e.g. `http://node-a:8080` (default:
+    /// `http://<listen address>`, which must then not be 0.0.0.0).
+    #[arg(long, env = "HEXFLEET_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Market lease length in milliseconds: how long a dead node's markets wait before another
+    /// node takes them over. Leases are renewed every third of it.
+    #[arg(long, env = "HEXFLEET_MARKET_LEASE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(300..=600_000))]
+    pub market_lease_ms: u64,
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "HEXFLEET_WORKERS")]
     pub workers: Option<usize>,

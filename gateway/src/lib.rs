@@ -2,7 +2,8 @@
 //! authentication (JWT), the fan-out broker (local sessions and Redis pub/sub between nodes),
 //! Prometheus metrics, the static console page and the `hexfleet` binary.
 //!
-//! Architecture invariant: only this crate knows HTTP (served and, for webhooks, sent),
+//! Architecture invariant: only this crate knows HTTP (served and, for webhooks and requests
+//! forwarded to a market's owner, sent),
 //! WebSocket, JWT and Redis. It turns wire
 //! messages into domain calls on [`hexfleet_actors::Fleet`] and domain updates into wire
 //! messages; every error is mapped to a status or a WebSocket error code once, in [`error`].
@@ -11,7 +12,8 @@
 //! [`ws`] (WebSocket sessions), [`broker`] (fan-out), [`auth`], [`dto`] (wire types),
 //! [`osmand`] (Traccar/OsmAnd protocol), [`history`] (location history export/erase and the
 //! retention purge), [`zones`] (zone CRUD as GeoJSON), [`webhooks`] (subscriptions and the
-//! delivery worker: signed POSTs with retries), [`error`].
+//! delivery worker: signed POSTs with retries), [`markets`] (market leases between nodes and
+//! forwarding to a market's owner), [`error`].
 
 pub mod api;
 pub mod auth;
@@ -20,6 +22,7 @@ pub mod config;
 pub mod dto;
 pub mod error;
 pub mod history;
+pub mod markets;
 pub mod openapi;
 pub mod osmand;
 pub mod server;

@@ -56,6 +56,21 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.webhooks.max_attempts = a.webhook_max_attempts;
     cfg.webhooks.backoff = Duration::from_millis(a.webhook_backoff_ms);
     cfg.webhooks.allow_private = a.webhook_allow_private;
+    if a.market_leases.unwrap_or(a.redis_url.is_some()) {
+        let advertise_url = match &a.advertise_url {
+            Some(u) => {
+                let parsed = url::Url::parse(u).with_context(|| format!("--advertise-url {u} is not a URL"))?;
+                anyhow::ensure!(matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some(), "--advertise-url must be an http(s) URL with a host");
+                u.trim_end_matches('/').to_owned()
+            }
+            None => String::new(), // `http://<bound address>`, checked when the listener is bound
+        };
+        cfg.markets = Some(hexfleet_gateway::markets::MarketConfig {
+            ttl: Duration::from_millis(a.market_lease_ms),
+            renew_every: Duration::from_millis(a.market_lease_ms / 3),
+            advertise_url,
+        });
+    }
     Ok(cfg)
 }
 

@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub console_batch: Duration,
     /// Webhook delivery.
     pub webhooks: crate::webhooks::WebhookConfig,
+    /// Market leases between nodes (`markets.rs`); `None`: this node owns every market.
+    pub markets: Option<crate::markets::MarketConfig>,
 }
 
 impl ServeConfig {
@@ -57,6 +59,7 @@ impl ServeConfig {
             history_purge_every: Duration::from_secs(3600),
             console_batch: crate::ws::CONSOLE_BATCH,
             webhooks: crate::webhooks::WebhookConfig::default(),
+            markets: None,
         }
     }
 }
@@ -75,6 +78,8 @@ pub struct AppState {
     pub console_batch: Duration,
     /// Webhooks may target loopback and private addresses (`--webhook-allow-private`).
     pub webhooks_allow_private: bool,
+    /// Market leases, when several nodes share the store.
+    pub markets: Option<Arc<crate::markets::Markets>>,
 }
 
 impl AppState {
@@ -148,13 +153,39 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         // Several nodes: a zone change whose Redis notification was lost is caught up here.
         fleet_config.zone_resync = Some(Duration::from_secs(60));
     }
-    let fleet = Fleet::start(FleetDeps {
-        store: store.clone(),
-        publisher: Arc::new(broker.clone()),
-        clock: Arc::new(TokioClock::new()),
-        config: fleet_config,
-    })
-    .await?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let markets = match &cfg.markets {
+        Some(mc) => {
+            let mut mc = mc.clone();
+            if mc.advertise_url.is_empty() {
+                anyhow::ensure!(!addr.ip().is_unspecified(), "set --advertise-url: other nodes cannot reach {addr}");
+                mc.advertise_url = format!("http://{addr}");
+            }
+            let m = Arc::new(crate::markets::Markets::new(store.clone(), &cfg.node_id, mc)?);
+            let n = m.claim_unowned().await?;
+            tracing::info!(markets = n, holder = m.holder(), "market leases taken at start");
+            Some(m)
+        }
+        None => None,
+    };
+    let fleet_store: Arc<dyn hexfleet_actors::store::Store> = match &markets {
+        Some(m) => Arc::new(crate::markets::FencedStore::new(store.clone(), m.clone())),
+        None => store.clone(),
+    };
+    let deps = FleetDeps { store: fleet_store, publisher: Arc::new(broker.clone()), clock: Arc::new(TokioClock::new()), config: fleet_config };
+    let fleet = match &markets {
+        Some(m) => {
+            let m = m.clone();
+            Fleet::start_owning(deps, move |t| m.holds(t)).await?
+        }
+        None => Fleet::start(deps).await?,
+    };
+    let keeper_stop = shutdown.child_token();
+    let keeper = markets.as_ref().map(|m| {
+        m.bind(fleet.clone());
+        m.spawn_keeper(keeper_stop.clone(), shutdown.clone())
+    });
     {
         // Zones changed on another node: re-read them from the store, on the main runtime.
         let fleet = fleet.clone();
@@ -180,6 +211,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         started: std::time::Instant::now(),
         console_batch: cfg.console_batch,
         webhooks_allow_private: cfg.webhooks.allow_private,
+        markets: markets.clone(),
     });
     let purge_stop = shutdown.child_token();
     let purge = {
@@ -192,13 +224,13 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         crate::webhooks::spawn_delivery(store.clone(), move || f.now_ms(), cfg.webhooks.clone(), cfg.node_id.clone(), hooks_stop.clone())
     };
     let keys = web::Data::new(state.keys.clone());
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
     let st = state.clone();
     let mut http = HttpServer::new(move || {
         App::new()
             .app_data(st.clone())
             .app_data(keys.clone())
+            // Requests for a market another node owns go to that node (`markets.rs`).
+            .wrap(actix_web::middleware::from_fn(crate::markets::route_market))
             // WebSocket routes first: the `/v1` scope of the API would otherwise claim them.
             .configure(crate::ws::configure)
             .configure(crate::api::configure)
@@ -228,12 +260,23 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         if tokio::time::timeout(Duration::from_secs(15), hooks).await.is_err() {
             tracing::warn!("webhook delivery did not stop in time (its leases lapse and another node retries)");
         }
+        keeper_stop.cancel();
+        if let Some(k) = keeper {
+            let _ = k.await;
+        }
         tracing::info!("shutting down: stop dispatch and actors, flush storage");
         let res = fleet.shutdown().await;
+        let lost = markets.as_ref().and_then(|m| m.lost());
+        if let Some(m) = &markets {
+            m.release().await;
+        }
         if let Err(e) = store.close().await {
             tracing::error!(error = %e, "store did not close cleanly");
         }
         drop(st);
+        if let Some(why) = lost {
+            anyhow::bail!("{why}");
+        }
         res.map_err(anyhow::Error::from)
     });
     Ok(Running { addr, shutdown, state, join })

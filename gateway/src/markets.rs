@@ -1,0 +1,615 @@
+//! Market ownership between nodes: who runs a market's actors and dispatch, and how a request
+//! that reaches another node gets to them.
+//!
+//! A market is a tenant. With several nodes (`--market-leases`, on by default with `REDIS_URL`)
+//! exactly one node at a time *owns* a market: it runs that market's courier and order actors
+//! and its dispatcher, and every durable write of them carries a fencing token. Ownership is a
+//! lease in the shared database (`persistence::leases`: holder, advertised address, epoch,
+//! expiry on the database clock):
+//!
+//! - **Taking a market.** At start a node takes every market no one holds and loads only those
+//!   ([`hexfleet_actors::Fleet::start_owning`]). Later, the first request for a market no one
+//!   holds takes it on the node it reaches, and every [`MarketConfig::renew_every`] each node
+//!   takes over markets whose lease lapsed (their owner died or was cut off), loading their
+//!   couriers and open orders from the store ([`hexfleet_actors::Fleet::adopt_market`]).
+//! - **Keeping it.** The same tick renews the node's leases. If a renewal shows that a lease
+//!   was taken by another node (this node was paused or cut off for longer than the TTL), the
+//!   node stops: its actors may hold state the new owner has moved past, and a supervisor
+//!   restarts it clean. A renewal that fails because the database is unreachable changes
+//!   nothing: no other node can take the market without the database either, and live
+//!   tracking goes on in memory.
+//! - **Fencing.** [`FencedStore`] adds a `Write::Fence` (market, holder, epoch) to every batch
+//!   that writes an order or a courier; the store checks it inside the transaction, so a node
+//!   that lost a market can never make a write of it durable after the new owner took over.
+//! - **Routing.** [`route_market`] (middleware) sends a request for a market owned elsewhere to
+//!   its owner's advertised address: HTTP requests by reqwest, WebSockets (courier apps and
+//!   consoles) by a tokio-tungstenite connection piped frame by frame. Customer tracking
+//!   sockets (`/v1/ws/track/…`) and the webhook API stay on the node they reach: tracking is
+//!   fed by the Redis fan-out and webhooks live in the store. A forwarded request carries
+//!   `X-Hexfleet-Forwarded`; a node never forwards such a request again (503 `market_moving`
+//!   instead), so two nodes with different views cannot bounce a request between them.
+
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage as _, HttpResponse, web};
+use async_trait::async_trait;
+use dashmap::DashMap;
+use futures_util::{SinkExt as _, StreamExt as _};
+use hexfleet_actors::Fleet;
+use hexfleet_actors::domain::{CourierId, CourierRecord, LocationSample, Ms, Order, OrderId, TenantId, ZoneId, ZoneRecord};
+use hexfleet_actors::store::{EventQuery, Recovered, SpeedTable, Store, StoreError, StoredEvent, Write};
+use hexfleet_persistence::SqlStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::server::AppState;
+
+/// Header set on a request one node forwards to another.
+pub const FORWARDED: &str = "x-hexfleet-forwarded";
+
+/// Largest request body forwarded to a market's owner.
+const MAX_FORWARD_BODY: usize = 1024 * 1024;
+
+/// How markets are leased.
+#[derive(Clone, Debug)]
+pub struct MarketConfig {
+    /// Lease length: how long a market stays without dispatch after its owner dies.
+    pub ttl: Duration,
+    /// How often leases are renewed and lapsed markets taken over (`ttl / 3` by the CLI).
+    pub renew_every: Duration,
+    /// Base URL other nodes reach this one at (`http://host:port`).
+    pub advertise_url: String,
+}
+
+/// Where a request for a market is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This node owns the market.
+    Local,
+    /// Another node owns it, at this base URL.
+    Remote(String),
+}
+
+/// This node's market leases.
+pub struct Markets {
+    store: Arc<SqlStore>,
+    /// `<node id>#<random>`: a restarted node with the same id is another holder, so it cannot
+    /// inherit the leases of a previous process that may still be running somewhere.
+    holder: String,
+    node_id: String,
+    config: MarketConfig,
+    /// Markets whose lease this node holds, with its epoch (the fencing token).
+    epochs: DashMap<TenantId, i64>,
+    /// Markets whose actors run here: held and loaded. Requests are served locally only then.
+    ready: DashMap<TenantId, ()>,
+    /// Owners of other markets as last read, until the `Instant`.
+    owners: DashMap<TenantId, (String, Instant)>,
+    /// One take-over at a time per market.
+    taking: DashMap<TenantId, Arc<tokio::sync::Mutex<()>>>,
+    fleet: OnceLock<Fleet>,
+    /// The runtime the actors live on (take-overs may start on an HTTP worker).
+    main: tokio::runtime::Handle,
+    /// Why this node stopped, when it lost a market.
+    lost: parking_lot::Mutex<Option<String>>,
+    http: reqwest::Client,
+}
+
+impl Markets {
+    /// A node's market leases; takes nothing yet. Call it on the runtime the actors run on.
+    pub fn new(store: Arc<SqlStore>, node_id: &str, config: MarketConfig) -> anyhow::Result<Markets> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(2))
+            .build()?;
+        Ok(Markets {
+            store,
+            holder: format!("{node_id}#{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            node_id: node_id.to_owned(),
+            config,
+            epochs: DashMap::new(),
+            ready: DashMap::new(),
+            owners: DashMap::new(),
+            taking: DashMap::new(),
+            fleet: OnceLock::new(),
+            main: tokio::runtime::Handle::current(),
+            lost: parking_lot::Mutex::new(None),
+            http,
+        })
+    }
+
+    /// This process's lease holder name.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Whether this node holds `tenant`'s lease.
+    pub fn holds(&self, tenant: &TenantId) -> bool {
+        self.epochs.contains_key(tenant)
+    }
+
+    /// The market this node lost, if it lost one (the reason it stopped).
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().clone()
+    }
+
+    /// Takes every market no one holds, before the fleet starts (it then loads only those).
+    pub async fn claim_unowned(&self) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for t in self.store.unowned_markets().await? {
+            if let Some(l) = self.store.acquire_lease(&t, &self.holder, &self.config.advertise_url, self.config.ttl).await? {
+                self.epochs.insert(t.clone(), l.epoch);
+                self.ready.insert(t, ());
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Hands over the fleet (after it started on the claimed markets).
+    pub fn bind(&self, fleet: Fleet) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Where `tenant`'s requests are served, taking the market if no one holds it.
+    pub async fn route(&self, tenant: &TenantId) -> Result<Route, ApiError> {
+        if self.ready.contains_key(tenant) {
+            return Ok(Route::Local);
+        }
+        if let Some(o) = self.owners.get(tenant)
+            && o.1 > Instant::now()
+        {
+            return Ok(Route::Remote(o.0.clone()));
+        }
+        self.take_or_find(tenant).await
+    }
+
+    /// Takes `tenant` if no one holds it (and loads it), else finds its owner.
+    async fn take_or_find(&self, tenant: &TenantId) -> Result<Route, ApiError> {
+        let lock = self.taking.entry(tenant.clone()).or_default().clone();
+        let _g = lock.lock().await;
+        if self.ready.contains_key(tenant) {
+            return Ok(Route::Local);
+        }
+        for _ in 0..2 {
+            let taken = self
+                .store
+                .acquire_lease(tenant, &self.holder, &self.config.advertise_url, self.config.ttl)
+                .await
+                .map_err(store_down)?;
+            if let Some(l) = taken {
+                self.adopt(tenant, l.epoch).await?;
+                return Ok(Route::Local);
+            }
+            if let Some(l) = self.store.lease(tenant).await.map_err(store_down)?
+                && l.live
+                && l.holder != self.holder
+            {
+                // Cached for a third of the TTL: after a take-over, requests follow the new
+                // owner within that (or at once, if the old owner is gone and refuses).
+                self.owners.insert(tenant.clone(), (l.addr.clone(), Instant::now() + self.config.ttl / 3));
+                return Ok(Route::Remote(l.addr));
+            }
+            // The lease lapsed between the two statements: try to take it once more.
+        }
+        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("market {tenant} is changing owner; retry")))
+    }
+
+    /// Loads a market this node just took and starts serving it.
+    async fn adopt(&self, tenant: &TenantId, epoch: i64) -> Result<(), ApiError> {
+        self.epochs.insert(tenant.clone(), epoch);
+        self.owners.remove(tenant);
+        let fleet = self.fleet.get().ok_or_else(|| ApiError::internal("fleet not started"))?.clone();
+        let t = tenant.clone();
+        // On the main runtime, where the actors live (this may run on an HTTP worker).
+        let res = self.main.spawn(async move { fleet.adopt_market(&t).await }).await;
+        match res {
+            Ok(Ok(_)) => {
+                self.ready.insert(tenant.clone(), ());
+                metrics::counter!("hexfleet_market_takeovers_total").increment(1);
+                Ok(())
+            }
+            // The lease stays ours and is renewed; the next request or tick loads it again
+            // (adoption skips what is already running).
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(ApiError::internal(format!("market take-over failed: {e}"))),
+        }
+    }
+
+    /// The fencing write for `tenant`, if this node holds it.
+    pub fn fence(&self, tenant: &TenantId) -> Option<Write> {
+        self.epochs.get(tenant).map(|e| Write::Fence { tenant: tenant.clone(), holder: self.holder.clone(), epoch: *e })
+    }
+
+    /// One renewal and take-over pass (run by [`Markets::spawn_keeper`] every `renew_every`).
+    /// Returns the market this node lost, if any.
+    pub async fn tick(&self) -> Option<TenantId> {
+        match self.store.renew_leases(&self.holder, self.config.ttl).await {
+            Ok(still) => {
+                let still: HashSet<TenantId> = still.into_iter().map(|(t, _)| t).collect();
+                let lost = self.epochs.iter().map(|e| e.key().clone()).find(|t| !still.contains(t));
+                if let Some(t) = lost {
+                    // Nothing of it is written from here on (fences, snapshots, speeds).
+                    self.epochs.remove(&t);
+                    self.ready.remove(&t);
+                    return Some(t);
+                }
+                metrics::gauge!("hexfleet_markets_owned").set(self.epochs.len() as f64);
+                // Held but not loaded (a take-over whose load failed): load it now.
+                let pending: Vec<(TenantId, i64)> = self
+                    .epochs
+                    .iter()
+                    .filter(|e| !self.ready.contains_key(e.key()))
+                    .map(|e| (e.key().clone(), *e.value()))
+                    .collect();
+                for (t, epoch) in pending {
+                    if let Err(e) = self.adopt(&t, epoch).await {
+                        tracing::warn!(tenant = %t, error = %e.message, "cannot load a market this node holds; retrying");
+                    }
+                }
+            }
+            Err(e) => {
+                metrics::counter!("hexfleet_market_renewal_failures_total").increment(1);
+                tracing::warn!(error = %e, "market leases not renewed (database unreachable?); serving on");
+                return None;
+            }
+        }
+        match self.store.unowned_markets().await {
+            Ok(free) => {
+                for t in free {
+                    match self.take_or_find(&t).await {
+                        Ok(Route::Local) => tracing::info!(tenant = %t, node = %self.node_id, "took over a market whose lease lapsed"),
+                        Ok(Route::Remote(_)) => {}
+                        Err(e) => tracing::warn!(tenant = %t, error = %e.message, "market take-over failed"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list unowned markets"),
+        }
+        None
+    }
+
+    /// Renews and takes over every `renew_every` until `stop`; cancels `shutdown` (and records why)
+    /// when this node lost a market.
+    pub fn spawn_keeper(self: &Arc<Self>, stop: CancellationToken, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let every = me.config.renew_every.max(Duration::from_millis(50));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if let Some(t) = me.tick().await {
+                    let why = format!("lost the lease of market {t} to another node");
+                    tracing::error!(tenant = %t, node = %me.node_id, "{why}; stopping so that only its new owner acts on it");
+                    metrics::counter!("hexfleet_market_leases_lost_total").increment(1);
+                    *me.lost.lock() = Some(why);
+                    shutdown.cancel();
+                    break;
+                }
+            }
+        })
+    }
+
+    /// Gives up this node's leases (clean shutdown, after the fleet flushed): other nodes take
+    /// the markets over at their next tick instead of waiting for the leases to lapse.
+    pub async fn release(&self) {
+        match self.store.release_leases(&self.holder).await {
+            Ok(n) => tracing::info!(markets = n, "market leases released"),
+            Err(e) => tracing::warn!(error = %e, "market leases not released; they lapse on their own"),
+        }
+    }
+}
+
+fn store_down(e: hexfleet_persistence::PersistenceError) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("cannot read market ownership: {e}"))
+}
+
+/// The store the fleet writes through when markets are leased: every batch that writes an
+/// order or a courier carries the fencing token of its market, and a batch of a market this
+/// node does not hold fails at once with `StoreError::Fenced`.
+pub struct FencedStore {
+    inner: Arc<SqlStore>,
+    markets: Arc<Markets>,
+}
+
+impl FencedStore {
+    pub fn new(inner: Arc<SqlStore>, markets: Arc<Markets>) -> Self {
+        FencedStore { inner, markets }
+    }
+}
+
+#[async_trait]
+impl Store for FencedStore {
+    async fn commit(&self, mut batch: Vec<Write>) -> Result<(), StoreError> {
+        let mut tenants: Vec<&TenantId> = Vec::new();
+        for w in &batch {
+            let t = match w {
+                Write::Order(o) => &o.tenant,
+                Write::Courier(c) => &c.tenant,
+                _ => continue,
+            };
+            if !tenants.contains(&t) {
+                tenants.push(t);
+            }
+        }
+        let mut fences = Vec::with_capacity(tenants.len());
+        for t in tenants {
+            fences.push(self.markets.fence(t).ok_or_else(|| StoreError::Fenced(t.clone()))?);
+        }
+        batch.extend(fences);
+        self.inner.commit(batch).await
+    }
+    // The periodic, not-durable writes are not fenced in the database; they are dropped here
+    // for markets this node does not hold (so a node that lost one, flushing on its way out,
+    // cannot overwrite what the new owner wrote).
+    fn snapshot_couriers(&self, mut couriers: Vec<CourierRecord>) -> Result<(), StoreError> {
+        couriers.retain(|c| self.markets.holds(&c.tenant));
+        self.inner.snapshot_couriers(couriers)
+    }
+    fn record_locations(&self, tenant: &TenantId, courier: &CourierId, samples: Vec<LocationSample>) -> Result<(), StoreError> {
+        if !self.markets.holds(tenant) {
+            return Ok(());
+        }
+        self.inner.record_locations(tenant, courier, samples)
+    }
+    async fn load(&self) -> Result<Recovered, StoreError> {
+        self.inner.load().await
+    }
+    async fn load_tenant(&self, tenant: &TenantId) -> Result<Recovered, StoreError> {
+        self.inner.load_tenant(tenant).await
+    }
+    async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError> {
+        self.inner.order(tenant, id).await
+    }
+    async fn zone_versions(&self) -> Result<Vec<(TenantId, ZoneId, Ms)>, StoreError> {
+        self.inner.zone_versions().await
+    }
+    async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError> {
+        self.inner.zone(tenant, id).await
+    }
+    async fn events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner.events(query).await
+    }
+    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms) -> Result<Vec<LocationSample>, StoreError> {
+        self.inner.export_locations(tenant, courier, from, to).await
+    }
+    async fn erase_locations(&self, tenant: &TenantId, courier: &CourierId) -> Result<u64, StoreError> {
+        self.inner.erase_locations(tenant, courier).await
+    }
+    async fn purge_locations(&self, before: Ms) -> Result<u64, StoreError> {
+        self.inner.purge_locations(before).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+    async fn save_speeds(&self, mut tables: Vec<SpeedTable>) -> Result<(), StoreError> {
+        tables.retain(|t| self.markets.holds(&t.tenant));
+        if tables.is_empty() {
+            return Ok(());
+        }
+        self.inner.save_speeds(tables).await
+    }
+    async fn load_speeds(&self) -> Result<Vec<SpeedTable>, StoreError> {
+        self.inner.load_speeds().await
+    }
+}
+
+/// Whether a request is about a market's live state, so that its owner must serve it.
+fn owner_serves(path: &str) -> bool {
+    path.starts_with("/v1/")
+        && path != "/v1/openapi.json"
+        && !path.starts_with("/v1/webhooks")
+        && !path.starts_with("/v1/ws/track/")
+}
+
+/// Middleware: serves a request here when this node owns its market (or markets are not
+/// leased), else forwards it to the owner. Requests without a valid token pass through, and
+/// their handler answers 401.
+pub async fn route_market(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let markets = req.app_data::<web::Data<AppState>>().and_then(|s| s.markets.clone());
+    let Some(markets) = markets.filter(|_| owner_serves(req.path())) else {
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+    };
+    let Ok(auth) = crate::auth::authenticate(req.request()) else {
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+    };
+    let owner = match markets.route(&auth.tenant).await {
+        Ok(Route::Local) => return next.call(req).await.map(ServiceResponse::map_into_boxed_body),
+        Ok(Route::Remote(addr)) => addr,
+        Err(e) => return Ok(req.error_response(e)),
+    };
+    if req.headers().contains_key(FORWARDED) {
+        let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("market {} is changing owner; retry", auth.tenant));
+        return Ok(req.error_response(e));
+    }
+    metrics::counter!("hexfleet_market_forwarded_total").increment(1);
+    let websocket = req.headers().get("upgrade").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if websocket { forward_ws(req, &owner, &markets).await } else { forward_http(req, &owner, &markets).await }
+}
+
+/// Headers that describe one hop, not the message: never forwarded.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection" | "keep-alive" | "proxy-authenticate" | "proxy-authorization" | "te" | "trailer" | "transfer-encoding"
+            | "upgrade" | "host" | "content-length"
+    ) || name.starts_with("sec-websocket-")
+}
+
+async fn forward_http(mut req: ServiceRequest, owner: &str, markets: &Markets) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let mut payload = req.take_payload();
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk?;
+        if body.len() + chunk.len() > MAX_FORWARD_BODY {
+            let e = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("body larger than {MAX_FORWARD_BODY} bytes"));
+            return Ok(req.error_response(e));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let url = format!("{owner}{}", req.uri().path_and_query().map_or("/", |p| p.as_str()));
+    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes()).map_err(actix_web::error::ErrorBadRequest)?;
+    let mut out = markets.http.request(method, &url).header(FORWARDED, &markets.node_id).body(body.freeze());
+    for (k, v) in req.headers() {
+        if !hop_by_hop(k.as_str()) {
+            out = out.header(k.as_str(), v.as_bytes());
+        }
+    }
+    if let Some(peer) = req.peer_addr() {
+        out = out.header("x-forwarded-for", peer.ip().to_string());
+    }
+    let resp = match out.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            markets.owners.retain(|_, (a, _)| a != owner);
+            let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("the node owning this market cannot be reached ({e}); retry"));
+            return Ok(req.error_response(e));
+        }
+    };
+    let mut b = HttpResponse::build(StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY));
+    for (k, v) in resp.headers() {
+        if !hop_by_hop(k.as_str()) {
+            b.insert_header((k.as_str(), v.as_bytes()));
+        }
+    }
+    let body = resp.bytes().await.map_err(actix_web::error::ErrorBadGateway)?;
+    Ok(req.into_response(b.body(body)))
+}
+
+async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::{self as tg, Message};
+
+    let ws_base = owner.replacen("http", "ws", 1);
+    let url = format!("{ws_base}{}", req.uri().path_and_query().map_or("/", |p| p.as_str()));
+    let mut up = url.into_client_request().map_err(actix_web::error::ErrorBadRequest)?;
+    if let Some(a) = req.headers().get("authorization") {
+        up.headers_mut().insert("authorization", tg::http::HeaderValue::from_bytes(a.as_bytes()).map_err(actix_web::error::ErrorBadRequest)?);
+    }
+    up.headers_mut().insert(FORWARDED, tg::http::HeaderValue::from_str(&markets.node_id).map_err(actix_web::error::ErrorInternalServerError)?);
+    let mut cfg = tg::protocol::WebSocketConfig::default();
+    cfg.max_message_size = Some(16 * 1024 * 1024);
+    // Connect to the owner first, so a refusal (401, 403, 404 …) reaches the client as the
+    // owner's HTTP answer instead of an upgrade that closes at once.
+    let upstream = match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async_with_config(up, Some(cfg), true)).await {
+        Ok(Ok((s, _))) => s,
+        Ok(Err(tg::Error::Http(resp))) => {
+            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let body = resp.into_body().unwrap_or_default();
+            return Ok(req.into_response(HttpResponse::build(status).content_type("application/json").body(body)));
+        }
+        Ok(Err(e)) => {
+            markets.owners.retain(|_, (a, _)| a != owner);
+            let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("the node owning this market cannot be reached ({e}); retry"));
+            return Ok(req.error_response(e));
+        }
+        Err(_) => {
+            let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", "the node owning this market did not answer; retry");
+            return Ok(req.error_response(e));
+        }
+    };
+    let (http_req, mut payload) = req.into_parts();
+    let body = <web::Payload as actix_web::FromRequest>::from_request(&http_req, &mut payload).await?;
+    let (response, mut session, stream) = actix_ws::handle(&http_req, body)?;
+    let mut stream = stream
+        .max_frame_size(crate::ws::MAX_FRAME)
+        .aggregate_continuations()
+        .max_continuation_size(crate::ws::MAX_FRAME);
+    actix_web::rt::spawn(async move {
+        let (mut up_tx, mut up_rx) = upstream.split();
+        loop {
+            tokio::select! {
+                m = stream.next() => match m {
+                    Some(Ok(actix_ws::AggregatedMessage::Text(t))) => {
+                        if up_tx.send(Message::text(t.to_string())).await.is_err() { break; }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Binary(b))) => {
+                        if up_tx.send(Message::binary(b)).await.is_err() { break; }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Ping(p))) => {
+                        let _ = session.pong(&p).await;
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => {}
+                    Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => {
+                        let frame = reason.map(|r| tg::protocol::CloseFrame {
+                            code: u16::from(r.code).into(),
+                            reason: r.description.unwrap_or_default().into(),
+                        });
+                        let _ = up_tx.send(Message::Close(frame)).await;
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        let _ = up_tx.send(Message::Close(None)).await;
+                        let _ = session.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Protocol, description: Some(e.to_string()) })).await;
+                        return;
+                    }
+                    None => {
+                        let _ = up_tx.send(Message::Close(None)).await;
+                        return;
+                    }
+                },
+                m = up_rx.next() => match m {
+                    Some(Ok(Message::Text(t))) => {
+                        if session.text(t.as_str().to_owned()).await.is_err() { break; }
+                    }
+                    Some(Ok(Message::Binary(b))) => {
+                        if session.binary(b).await.is_err() { break; }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let reason = frame.map(|f| actix_ws::CloseReason { code: u16::from(f.code).into(), description: Some(f.reason.as_str().to_owned()) });
+                        let _ = session.close(reason).await;
+                        return;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => {
+                        let _ = session.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Again, description: Some("the node owning this market went away; reconnect".into()) })).await;
+                        return;
+                    }
+                },
+            }
+        }
+        let _ = session.close(None).await;
+    });
+    Ok(ServiceResponse::new(http_req, response).map_into_boxed_body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_serves_live_state_and_not_tracking_or_webhooks() {
+        assert!(owner_serves("/v1/orders"));
+        assert!(owner_serves("/v1/ws/courier"));
+        assert!(owner_serves("/v1/ws/console"));
+        assert!(owner_serves("/v1/zones/z1"));
+        assert!(!owner_serves("/v1/ws/track/o1"));
+        assert!(!owner_serves("/v1/webhooks/w1"));
+        assert!(!owner_serves("/v1/openapi.json"));
+        assert!(!owner_serves("/healthz"));
+        assert!(!owner_serves("/osmand"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        for h in ["connection", "upgrade", "host", "content-length", "sec-websocket-key", "transfer-encoding"] {
+            assert!(hop_by_hop(h), "{h}");
+        }
+        for h in ["authorization", "content-type", "accept", "x-request-id"] {
+            assert!(!hop_by_hop(h), "{h}");
+        }
+    }
+}

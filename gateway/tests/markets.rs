@@ -1,0 +1,286 @@
+//! Market leases between nodes, on one PostgreSQL database and one Redis: a market's requests
+//! reach its owner from any node (HTTP and WebSockets), a market whose owner dies (SIGKILL of a
+//! real `hexfleet serve` process) is taken over from the store when its lease lapses, and a
+//! node that lost a market can no longer write it and stops.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use hexfleet_gateway::ServeConfig;
+use hexfleet_gateway::auth::Role;
+use hexfleet_gateway::markets::MarketConfig;
+use serde_json::{Value, json};
+
+const PICKUP: (f64, f64) = (52.5215, 13.4075);
+const DROPOFF: (f64, f64) = (52.5300, 13.4200);
+const NEAR: (f64, f64) = (52.5200, 13.4050);
+
+fn order(id: &str) -> Value {
+    json!({"id":id,"pickup":{"lat":PICKUP.0,"lng":PICKUP.1},"dropoff":{"lat":DROPOFF.0,"lng":DROPOFF.1}})
+}
+
+/// A node with market leases of `ttl`, renewed every `renew`.
+fn leased(db: &str, redis: &str, prefix: &str, name: &str, ttl: Duration, renew: Duration) -> ServeConfig {
+    let mut cfg = fast_config(db);
+    cfg.redis_url = Some(redis.into());
+    cfg.redis_prefix = prefix.into();
+    cfg.node_id = name.into();
+    cfg.markets = Some(MarketConfig { ttl, renew_every: renew, advertise_url: String::new() });
+    cfg
+}
+
+async fn lease_row(db: &str, tenant: &str) -> (String, i64) {
+    use sqlx::Connection as _;
+    let mut c = sqlx::PgConnection::connect(db).await.unwrap();
+    sqlx::query_as("SELECT holder, epoch FROM market_leases WHERE tenant = $1").bind(tenant).fetch_one(&mut c).await.unwrap()
+}
+
+/// Node A owns the market (the first request reached it); everything sent to node B about that
+/// market is served by A: orders created and read through B live on A, a courier whose app is
+/// connected to B gets A's offers and its answers reach A's order actors, and a console on B
+/// sees A's live state. A customer tracking socket stays on B and is fed through Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reach_the_markets_owner_from_any_node() {
+    let Some(redis) = redis_or_skip().await else { return };
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let tenant = "berlin";
+    let (disp_a, disp_b) = (a.dispatcher(tenant), b.dispatcher(tenant));
+
+    // The first request for the market takes it: node A.
+    let (s, v) = a.post("/v1/orders", &disp_a, order("o1")).await;
+    assert_eq!(s, 201, "{v}");
+    let (holder, epoch) = lease_row(&db.url, tenant).await;
+    assert!(holder.starts_with("node-a#"), "{holder}");
+    assert_eq!(epoch, 1);
+
+    // Created through B: live on A (its actor and dispatcher), not on B.
+    let (s, v) = b.post("/v1/orders", &disp_b, order("o2")).await;
+    assert_eq!(s, 201, "{v}");
+    let live = |srv: &TestServer| srv.running.as_ref().unwrap().state.fleet.open_orders(&tenant.into()).len();
+    assert_eq!((live(&a), live(&b)), (2, 0));
+    let (s, v) = b.get("/v1/orders/o1", Some(&disp_b)).await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("created")), "{v}");
+    assert_eq!(lease_row(&db.url, tenant).await.0, holder, "B forwards and takes nothing");
+
+    // A customer tracks o1 on node B.
+    let mut customer = b.ws("/v1/ws/track/o1", &b.token(Role::Customer, "cust", tenant, Some("o1"))).await;
+    customer.expect("snapshot", |v| t(v) == "order_update" && v["order_id"] == "o1").await;
+
+    // A courier app connected to B: forwarded to A, it gets A's offers and answers them.
+    let mut courier = b.ws("/v1/ws/courier", &b.token(Role::Courier, "c1", tenant, None)).await;
+    courier.send(json!({"t":"status","status":"available"})).await;
+    courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
+    let offer = courier.expect("an offer from A's dispatcher", |v| t(v) == "offer").await;
+    let first = offer["order_id"].as_str().unwrap().to_owned();
+    courier.send(json!({"t":"offer_reply","order_id":first,"accept":true})).await;
+    courier.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == first.as_str()).await;
+    let (s, v) = a.get(&format!("/v1/orders/{first}"), Some(&disp_a)).await;
+    assert_eq!((s, v["state"].as_str(), v["courier_id"].as_str()), (200, Some("assigned"), Some("c1")), "{v}");
+    assert!(a.running.as_ref().unwrap().state.fleet.courier(&tenant.into(), &"c1".into()).is_ok(), "the courier's actor runs on A");
+    assert!(b.running.as_ref().unwrap().state.fleet.courier(&tenant.into(), &"c1".into()).is_err(), "and not on B");
+    if first == "o1" {
+        customer.expect("assigned, through Redis", |v| t(v) == "order_update" && v["state"] == "assigned").await;
+    }
+
+    // A console on B shows A's couriers in its snapshot.
+    let mut console = b.ws("/v1/ws/console", &disp_b).await;
+    console.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 14.0, 53.0]})).await;
+    let snap = console.expect("couriers snapshot", |v| t(v) == "couriers" && v["snapshot"] == true).await;
+    assert!(snap["items"].as_array().unwrap().iter().any(|c| c.to_string().contains("\"c1\"")), "{snap}");
+
+    // Errors of the owner come back as they are; a bad token is refused by B itself.
+    let (s, v) = b.get("/v1/orders/nope", Some(&disp_b)).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")), "{v}");
+    let (s, _) = b.get("/v1/orders/o1", Some("not-a-token")).await;
+    assert_eq!(s, 401);
+    // A request already forwarded once is never forwarded again.
+    let r = b.http.get(format!("{}/v1/orders/o1", b.base)).bearer_auth(&disp_b).header("x-hexfleet-forwarded", "node-x").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "market_moving");
+
+    drop(courier);
+    b.stop().await;
+    a.stop().await;
+    db.drop_db().await;
+}
+
+/// `hexfleet serve` with market leases on PostgreSQL and Redis, on a random port.
+struct Proc {
+    child: Child,
+    base: String,
+}
+
+impl Proc {
+    fn spawn(db: &str, redis: &str, prefix: &str) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hexfleet"))
+            .arg("serve")
+            .env_clear()
+            .env("DATABASE_URL", db)
+            .env("REDIS_URL", redis)
+            .env("HEXFLEET_REDIS_PREFIX", prefix)
+            .env("HEXFLEET_NODE_ID", "node-a")
+            .env("HEXFLEET_MARKET_LEASE_MS", "1500")
+            .env("HEXFLEET_DISPATCH_TICK_MS", "50")
+            .env("HEXFLEET_LISTEN", "127.0.0.1:0")
+            .env("HEXFLEET_JWT_SECRET", SECRET)
+            .env("HEXFLEET_WORKERS", "2")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hexfleet serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("hexfleet listening on ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.trim().to_owned());
+                    }
+                } else if !line.trim().is_empty() {
+                    eprintln!("[node-a] {line}");
+                }
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(30)).expect("hexfleet serve prints its address");
+        Proc { child, base }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Node A (a real process) owns the market and dies by SIGKILL with an order open and its
+/// lease held. Node B takes the market over when the lease lapses: it loads the open order
+/// from the store, its dispatcher offers it, and the lease's epoch moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_market_whose_owner_dies_is_taken_over_when_its_lease_lapses() {
+    let Some(redis) = redis_or_skip().await else { return };
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let tenant = "paris";
+    let mut a = Proc::spawn(&db.url, &redis, &prefix);
+    let http = reqwest::Client::new();
+    let keys = hexfleet_gateway::auth::Keys::new(SECRET);
+    let disp = keys.mint(Role::Dispatcher, "disp", tenant, None, Duration::from_secs(3600));
+    let r = http.post(format!("{}/v1/orders", a.base)).bearer_auth(&disp).json(&order("o1")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+    let (holder_a, epoch_a) = lease_row(&db.url, tenant).await;
+    assert!(holder_a.starts_with("node-a#"), "{holder_a}");
+
+    let ttl = Duration::from_millis(1500);
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, ttl / 3)).await;
+    assert_eq!(b.get("/v1/orders/o1", Some(&disp)).await.0, 200, "forwarded to A while A lives");
+    let started = std::time::Instant::now();
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+
+    // B takes the market over by itself (its keeper), without any request for it.
+    eventually("node b holds the market", || async {
+        let (holder, epoch) = lease_row(&db.url, tenant).await;
+        (holder.starts_with("node-b#") && b.running.as_ref().unwrap().state.fleet.open_orders(&tenant.into()).len() == 1).then_some(epoch)
+    })
+    .await;
+    eprintln!("take-over {:?} after SIGKILL (lease {ttl:?})", started.elapsed());
+    assert!(started.elapsed() >= ttl / 2, "not before the lease could lapse");
+    let (_, epoch_b) = lease_row(&db.url, tenant).await;
+    assert_eq!(epoch_b, epoch_a + 1);
+    let (s, v) = b.get("/v1/orders/o1", Some(&disp)).await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("created")), "{v}");
+
+    // B's dispatcher now offers the order to a courier connected to B.
+    let mut courier = b.ws("/v1/ws/courier", &b.token(Role::Courier, "c1", tenant, None)).await;
+    courier.send(json!({"t":"status","status":"available"})).await;
+    courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
+    courier.expect("offer of o1 from B", |v| t(v) == "offer" && v["order_id"] == "o1").await;
+    courier.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
+    courier.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
+    let (_, ev) = b.get("/v1/events?entity=order&id=o1", Some(&disp)).await;
+    let kinds: Vec<&str> = ev["items"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds, ["order.created", "order.offered", "order.assigned"], "{ev}");
+    drop(courier);
+    b.stop().await;
+    db.drop_db().await;
+}
+
+/// The lease of a market node A owns is taken from under it (as if A had been paused longer
+/// than the TTL and another node took over): A's next write of that market is refused by the
+/// fence (503 `market_moving`, nothing written), its order actor lives on, and at its next
+/// renewal A stops with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_market_cannot_write_it_and_stops() {
+    let Some(redis) = redis_or_skip().await else { return };
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let tenant = "lyon";
+    // Renewals far apart: the write below happens before A looks at its lease again.
+    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", Duration::from_secs(60), Duration::from_secs(3600))).await;
+    let disp = a.dispatcher(tenant);
+    assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
+    {
+        use sqlx::Connection as _;
+        let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let n = sqlx::query("UPDATE market_leases SET holder = 'thief#1', epoch = epoch + 1 WHERE tenant = $1").bind(tenant).execute(&mut c).await.unwrap();
+        assert_eq!(n.rows_affected(), 1);
+    }
+    let (s, v) = a.post("/v1/orders/o1/cancel", &disp, json!({})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (503, Some("market_moving")), "{v}");
+    let (s, v) = a.post("/v1/orders", &disp, order("o2")).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (503, Some("market_moving")), "{v}");
+    let (s, v) = a.get("/v1/orders/o1", Some(&disp)).await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("created")), "the order actor lives on: {v}");
+    {
+        use sqlx::Connection as _;
+        let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let (state,): (String,) = sqlx::query_as("SELECT state FROM orders WHERE tenant = $1 AND id = 'o1'").bind(tenant).fetch_one(&mut c).await.unwrap();
+        assert_eq!(state, "created");
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orders WHERE tenant = $1").bind(tenant).fetch_one(&mut c).await.unwrap();
+        assert_eq!(n, 1, "o2 was not written");
+    }
+    // The renewal finds the lease gone: the node stops and says why.
+    let running = a.running.take().unwrap();
+    let markets = running.state.markets.clone().unwrap();
+    assert_eq!(markets.tick().await.map(|t| t.to_string()).as_deref(), Some(tenant));
+    drop(markets);
+    running.stop().await.expect("stops");
+    db.drop_db().await;
+}
+
+/// The keeper stops the node when a renewal shows the lease was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keeper_stops_a_node_whose_lease_was_taken() {
+    let Some(redis) = redis_or_skip().await else { return };
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let tenant = "nantes";
+    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", Duration::from_secs(5), Duration::from_millis(200))).await;
+    let disp = a.dispatcher(tenant);
+    assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
+    {
+        use sqlx::Connection as _;
+        let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("UPDATE market_leases SET holder = 'thief#1', epoch = epoch + 1 WHERE tenant = $1").bind(tenant).execute(&mut c).await.unwrap();
+    }
+    let running = a.running.take().unwrap();
+    let err = tokio::time::timeout(DEADLINE, running.wait()).await.expect("the node stops in time").expect_err("it stops with an error");
+    assert!(err.to_string().contains("lost the lease of market nantes"), "{err}");
+    // The thief's lease is untouched by A's shutdown (A releases only its own).
+    assert_eq!(lease_row(&db.url, tenant).await.0, "thief#1");
+    db.drop_db().await;
+}
