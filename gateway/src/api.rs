@@ -223,10 +223,16 @@ pub(crate) async fn events(st: State, auth: Auth, q: web::Query<EventsQuery>) ->
 // ---- OsmAnd / Traccar Client ----
 
 async fn osmand_get(st: State, req: HttpRequest) -> HttpResponse {
+    if let Some(r) = osmand_forward(&st, &req, web::Bytes::new()).await {
+        return r;
+    }
     osmand_query(&st, req.query_string())
 }
 
 async fn osmand_post(st: State, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    if let Some(r) = osmand_forward(&st, &req, body.clone()).await {
+        return r;
+    }
     let json = req.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
     if json {
         return osmand_json(&st, &body);
@@ -238,6 +244,34 @@ async fn osmand_post(st: State, req: HttpRequest, body: web::Bytes) -> HttpRespo
     match std::str::from_utf8(&body) {
         Ok(form) => osmand_query(&st, form),
         Err(_) => osmand_err(StatusCode::BAD_REQUEST, "bad_request", "body is not utf-8"),
+    }
+}
+
+/// With market leases: a report whose first device this node does not know goes to the node
+/// owning that device's market (devices carry no token, so the middleware cannot route them).
+/// A batch is forwarded whole, to the owner of its first unknown device.
+async fn osmand_forward(st: &AppState, req: &HttpRequest, body: web::Bytes) -> Option<HttpResponse> {
+    let markets = st.markets.as_ref()?;
+    let now = st.fleet.now_ms();
+    let json = req.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
+    let fixes = if json {
+        osmand::parse_json(&body, now).ok()?
+    } else if !req.query_string().is_empty() {
+        vec![osmand::parse_query(req.query_string(), now).ok()?]
+    } else {
+        vec![osmand::parse_query(std::str::from_utf8(&body).ok()?, now).ok()?]
+    };
+    let unknown = fixes.iter().find(|f| st.fleet.device(&f.device_id).is_none())?;
+    match markets.route_device(&unknown.device_id).await {
+        Ok(None) => None,
+        Ok(Some(_)) if req.headers().contains_key(crate::markets::FORWARDED) => {
+            Some(osmand_err(StatusCode::SERVICE_UNAVAILABLE, "market_moving", "the device's market is changing owner; retry"))
+        }
+        Ok(Some(owner)) => {
+            metrics::counter!("hexfleet_market_forwarded_total").increment(1);
+            Some(markets.forward(&owner, req, body).await)
+        }
+        Err(e) => Some(osmand_err(e.status, e.code, &e.message)),
     }
 }
 

@@ -90,6 +90,8 @@ pub struct Markets {
     ready: DashMap<TenantId, ()>,
     /// Owners of other markets as last read, until the `Instant`.
     owners: DashMap<TenantId, (String, Instant)>,
+    /// Markets of devices (OsmAnd) this node does not know, until the `Instant`.
+    devices: DashMap<String, (TenantId, Instant)>,
     /// One take-over at a time per market.
     taking: DashMap<TenantId, Arc<tokio::sync::Mutex<()>>>,
     fleet: OnceLock<Fleet>,
@@ -117,6 +119,7 @@ impl Markets {
             ready: DashMap::new(),
             owners: DashMap::new(),
             taking: DashMap::new(),
+            devices: DashMap::new(),
             fleet: OnceLock::new(),
             main: tokio::runtime::Handle::current(),
             lost: parking_lot::Mutex::new(None),
@@ -460,33 +463,75 @@ async fn forward_http(mut req: ServiceRequest, owner: &str, markets: &Markets) -
         }
         body.extend_from_slice(&chunk);
     }
-    let url = format!("{owner}{}", req.uri().path_and_query().map_or("/", |p| p.as_str()));
-    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes()).map_err(actix_web::error::ErrorBadRequest)?;
-    let mut out = markets.http.request(method, &url).header(FORWARDED, &markets.node_id).body(body.freeze());
-    for (k, v) in req.headers() {
-        if !hop_by_hop(k.as_str()) {
-            out = out.header(k.as_str(), v.as_bytes());
+    let resp = markets.forward(owner, req.request(), body.freeze()).await;
+    Ok(req.into_response(resp))
+}
+
+impl Markets {
+    /// Sends a request (its method, path, query, end-to-end headers and `body`) to the node at
+    /// `owner` and answers with that node's response, or 503 `market_moving` when it cannot be
+    /// reached.
+    pub async fn forward(&self, owner: &str, req: &actix_web::HttpRequest, body: web::Bytes) -> HttpResponse {
+        let url = format!("{owner}{}", req.uri().path_and_query().map_or("/", |p| p.as_str()));
+        let Ok(method) = reqwest::Method::from_bytes(req.method().as_str().as_bytes()) else {
+            return actix_web::ResponseError::error_response(&ApiError::bad_request("bad_method", "unsupported method"));
+        };
+        let mut out = self.http.request(method, &url).header(FORWARDED, &self.node_id).body(body);
+        for (k, v) in req.headers() {
+            if !hop_by_hop(k.as_str()) {
+                out = out.header(k.as_str(), v.as_bytes());
+            }
+        }
+        if let Some(peer) = req.peer_addr() {
+            out = out.header("x-forwarded-for", peer.ip().to_string());
+        }
+        let unreachable = |e: &dyn std::fmt::Display| {
+            self.owners.retain(|_, (a, _)| a != owner);
+            actix_web::ResponseError::error_response(&ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "market_moving",
+                format!("the node owning this market cannot be reached ({e}); retry"),
+            ))
+        };
+        let resp = match out.send().await {
+            Ok(r) => r,
+            Err(e) => return unreachable(&e),
+        };
+        let mut b = HttpResponse::build(StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY));
+        for (k, v) in resp.headers() {
+            if !hop_by_hop(k.as_str()) {
+                b.insert_header((k.as_str(), v.as_bytes()));
+            }
+        }
+        match resp.bytes().await {
+            Ok(body) => b.body(body),
+            Err(e) => unreachable(&e),
         }
     }
-    if let Some(peer) = req.peer_addr() {
-        out = out.header("x-forwarded-for", peer.ip().to_string());
+
+    /// Where an OsmAnd / Traccar report for `device_id`, a device this node does not know,
+    /// must go: `None` to answer here (this node owns the device's market now, or no courier
+    /// has the device), else the owner's address. Device → market lookups are cached for a
+    /// minute.
+    pub async fn route_device(&self, device_id: &str) -> Result<Option<String>, ApiError> {
+        let cached = self.devices.get(device_id).filter(|d| d.1 > Instant::now()).map(|d| d.0.clone());
+        let tenant = match cached {
+            Some(t) => t,
+            None => {
+                let found = self.store.device_courier(device_id).await.map_err(ApiError::from)?;
+                let Some((tenant, _)) = found else { return Ok(None) };
+                if self.devices.len() > 100_000 {
+                    self.devices.retain(|_, d| d.1 > Instant::now());
+                }
+                self.devices.insert(device_id.to_owned(), (tenant.clone(), Instant::now() + Duration::from_secs(60)));
+                tenant
+            }
+        };
+        Ok(match self.route(&tenant).await? {
+            Route::Local => None,
+            Route::Remote(addr) => Some(addr),
+        })
     }
-    let resp = match out.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            markets.owners.retain(|_, (a, _)| a != owner);
-            let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("the node owning this market cannot be reached ({e}); retry"));
-            return Ok(req.error_response(e));
-        }
-    };
-    let mut b = HttpResponse::build(StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY));
-    for (k, v) in resp.headers() {
-        if !hop_by_hop(k.as_str()) {
-            b.insert_header((k.as_str(), v.as_bytes()));
-        }
-    }
-    let body = resp.bytes().await.map_err(actix_web::error::ErrorBadGateway)?;
-    Ok(req.into_response(b.body(body)))
 }
 
 async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {

@@ -1,5 +1,5 @@
 //! Market leases between nodes, on one PostgreSQL database and one Redis: a market's requests
-//! reach its owner from any node (HTTP and WebSockets), a market whose owner dies (SIGKILL of a
+//! reach its owner from any node (HTTP, WebSockets and OsmAnd device reports), a market whose owner dies (SIGKILL of a
 //! real `hexfleet serve` process) is taken over from the store when its lease lapses, and a
 //! node that lost a market can no longer write it and stops.
 
@@ -95,6 +95,21 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     console.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 14.0, 53.0]})).await;
     let snap = console.expect("couriers snapshot", |v| t(v) == "couriers" && v["snapshot"] == true).await;
     assert!(snap["items"].as_array().unwrap().iter().any(|c| c.to_string().contains("\"c1\"")), "{snap}");
+
+    // A Traccar/OsmAnd device (no token) registered to a courier of A's market reports to B:
+    // B finds the device's market in the store and forwards the report to A.
+    let (s, v) = b.put("/v1/couriers/c9", &disp_b, json!({"device_id":"864895030279986","vehicle":"car"})).await;
+    assert_eq!(s, 200, "{v}");
+    let url = format!("{}/osmand?id=864895030279986&timestamp={}&lat=52.5163&lon=13.3777", b.base, now_ms() / 1000 - 5);
+    let r = b.http.get(url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    eventually("the device's fix reaches A", || async {
+        let (_, c) = a.get("/v1/couriers/c9", Some(&disp_a)).await;
+        (c["position"]["lat"].as_f64() == Some(52.5163)).then_some(())
+    })
+    .await;
+    let r = b.http.get(format!("{}/osmand?id=nobody&lat=52.5&lon=13.4", b.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400, "an unknown device is refused by B itself");
 
     // Errors of the owner come back as they are; a bad token is refused by B itself.
     let (s, v) = b.get("/v1/orders/nope", Some(&disp_b)).await;

@@ -360,6 +360,15 @@ macro_rules! backend_ops {
                 super::recovered(couriers, orders, zones)
             }
 
+            pub(crate) async fn device_courier(pool: &Pool<Db>, device_id: &str) -> Result<Option<(TenantId, CourierId)>, PersistenceError> {
+                let row: Option<(String, String)> =
+                    sqlx::query_as("SELECT tenant, id FROM couriers WHERE device_id = $1 ORDER BY updated_at DESC LIMIT 1")
+                        .bind(device_id)
+                        .fetch_optional(pool)
+                        .await?;
+                Ok(row.map(|(t, id)| (TenantId::new(t), CourierId::new(id))))
+            }
+
             pub(crate) async fn zone_versions(pool: &Pool<Db>) -> Result<Vec<(TenantId, ZoneId, i64)>, PersistenceError> {
                 let rows: Vec<(String, String, i64)> =
                     sqlx::query_as("SELECT tenant, id, updated_at FROM zones").fetch_all(pool).await?;

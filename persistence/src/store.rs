@@ -190,6 +190,13 @@ impl SqlStore {
         }
     }
 
+    /// The courier a device (OsmAnd / Traccar Client) is registered to, in any tenant: how a
+    /// node routes a device's report to the node owning the courier's market. With a device
+    /// id registered twice (not prevented across tenants), the most recently updated courier.
+    pub async fn device_courier(&self, device_id: &str) -> Result<Option<(TenantId, CourierId)>, StoreError> {
+        self.read(async { on_backend!(&self.inner.db, ops::device_courier(device_id)) }).await
+    }
+
     /// Bounds a read by the statement timeout, so a half-open connection cannot hang a caller.
     async fn read<T>(
         &self,
