@@ -252,6 +252,12 @@ impl Markets {
                     .map(|e| (e.key().clone(), *e.value()))
                     .collect();
                 for (t, epoch) in pending {
+                    // Under the market's lock: a request may be taking it at the same time.
+                    let lock = self.taking.entry(t.clone()).or_default().clone();
+                    let _g = lock.lock().await;
+                    if self.ready.contains_key(&t) || !self.epochs.contains_key(&t) {
+                        continue;
+                    }
                     if let Err(e) = self.adopt(&t, epoch).await {
                         tracing::warn!(tenant = %t, error = %e.message, "cannot load a market this node holds; retrying");
                     }

@@ -8,7 +8,7 @@
 //!
 //! - [`SqlStore::acquire_lease`] takes a free, lapsed or released lease, or extends one the
 //!   holder already has, in one atomic upsert; [`SqlStore::renew_leases`] extends all of a
-//!   holder's live leases and tells which it still has; [`SqlStore::release_leases`] gives
+//!   holder's leases no one else took (live or lapsed) and tells which it still has; [`SqlStore::release_leases`] gives
 //!   them up at once (clean shutdown).
 //! - The **epoch** is the fencing token: 1 for a market's first lease, one more every time the
 //!   lease changes hands or is taken again after a lapse or a release, unchanged while one
@@ -94,6 +94,15 @@ macro_rules! lease_ops {
 
             /// The holder's live leases, locked in tenant order (PostgreSQL) by the statement
             /// that uses it as `tenant IN (…)`.
+            /// The holder's leases that were not released, live or lapsed, locked in tenant
+            /// order. A lapsed lease still naming the holder was taken by no one since.
+            fn kept_by_holder() -> String {
+                format!(
+                    "SELECT tenant FROM market_leases WHERE holder = $1 AND expires_at > 0 \
+                     ORDER BY tenant{LOCK_UPDATE}"
+                )
+            }
+
             fn live_of_holder() -> String {
                 format!(
                     "SELECT tenant FROM market_leases WHERE holder = $1 AND expires_at > {NOW} \
@@ -137,9 +146,9 @@ macro_rules! lease_ops {
             pub(super) async fn renew(pool: &Pool<Db>, holder: &str, ttl: i64) -> Result<Vec<(TenantId, i64)>, PersistenceError> {
                 let mut rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                     "UPDATE market_leases SET expires_at = {NOW} + $2 \
-                     WHERE holder = $1 AND expires_at > {NOW} AND tenant IN ({}) \
+                     WHERE holder = $1 AND expires_at > 0 AND tenant IN ({}) \
                      RETURNING tenant, epoch",
-                    live_of_holder()
+                    kept_by_holder()
                 )))
                 .bind(holder)
                 .bind(ttl)
@@ -221,8 +230,10 @@ impl SqlStore {
         self.bounded(async { on_backend!(self.db(), leases::acquire(tenant, holder, addr, ttl)) }).await
     }
 
-    /// Extends every live lease of `holder` to now + `ttl`; returns (tenant, epoch) of the
-    /// leases it still holds, by tenant. Lapsed or taken leases are neither renewed nor
+    /// Extends every lease of `holder` to now + `ttl`, also one that lapsed while no one took
+    /// it (after a database outage longer than the lease, say: no other node acted on the
+    /// market since, so the holder may go on at the same epoch); returns (tenant, epoch) of
+    /// the leases it still holds, by tenant. Taken or released leases are neither renewed nor
     /// returned: a market the caller believes it holds and that is missing here was lost.
     pub async fn renew_leases(&self, holder: &str, ttl: Duration) -> Result<Vec<(TenantId, i64)>, PersistenceError> {
         let ttl = ttl_ms(ttl);
