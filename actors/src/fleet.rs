@@ -226,6 +226,8 @@ pub struct FleetCtx {
     pub(crate) fixes_total: metrics::Counter,
     /// Learned travel speeds (`speeds.rs`).
     pub speeds: Arc<crate::speeds::Speeds>,
+    /// Markets are taken over one at a time ([`Fleet::adopt_market`]).
+    adopting: tokio::sync::Mutex<()>,
 }
 
 impl FleetCtx {
@@ -506,6 +508,7 @@ impl Fleet {
             zones: crate::zone::ZoneRegistry::new(deps.config.dispatch_res),
             children: DashMap::new(),
             supervisor: parking_lot::RwLock::new(None),
+            adopting: tokio::sync::Mutex::new(()),
             config: deps.config,
         });
         let (sup, _) = Actor::spawn(None, FleetSupervisor, ctx.clone()).await.map_err(|_| FleetError::ActorGone("supervisor"))?;
@@ -550,11 +553,11 @@ impl Fleet {
         ctx.positions.rebuild_all_blocking();
         let mut tenants: Vec<TenantId> = Vec::new();
         for o in rec.open_orders {
-            if ctx.orders.contains_key(&(o.tenant.clone(), o.id.clone())) {
-                continue;
-            }
             if !tenants.contains(&o.tenant) {
                 tenants.push(o.tenant.clone());
+            }
+            if ctx.orders.contains_key(&(o.tenant.clone(), o.id.clone())) {
+                continue;
             }
             if let Some(c) = o.commitment() {
                 // Restored as it was, even if a capacity change since then overfills it.
@@ -582,18 +585,32 @@ impl Fleet {
     /// orders this node already runs are left alone. Call it only once this node holds the
     /// market's lease, before serving any request of that market. Returns (couriers, open
     /// orders) loaded.
+    ///
+    /// Safe to call again, concurrently, or from a caller that gives up waiting: take-overs
+    /// run one at a time, each in a task of its own that runs to the end even if the caller is
+    /// dropped (so no order's capacity reservation is counted twice and no actor is spawned
+    /// twice), and a later call completes what an earlier failed one left out.
     pub async fn adopt_market(&self, tenant: &TenantId) -> Result<(usize, usize), FleetError> {
-        let started = std::time::Instant::now();
-        let mut rec = self.ctx.store.load_tenant(tenant).await?;
-        rec.zones.clear();
-        let counts = (rec.couriers.len(), rec.open_orders.len());
-        // Learned speeds as the previous owner last saved them.
-        let mut tables = self.ctx.store.load_speeds().await?;
-        tables.retain(|t| t.tenant == *tenant);
-        self.ctx.speeds.reload(tables).await;
-        Self::install_recovered(&self.ctx, rec).await?;
-        tracing::info!(%tenant, couriers = counts.0, open_orders = counts.1, elapsed_ms = started.elapsed().as_millis() as u64, "market taken over");
-        Ok(counts)
+        let (ctx, tenant) = (self.ctx.clone(), tenant.clone());
+        let task = tokio::spawn(async move {
+            let _one_at_a_time = ctx.adopting.lock().await;
+            let started = std::time::Instant::now();
+            let mut rec = ctx.store.load_tenant(&tenant).await?;
+            rec.zones.clear();
+            let counts = (rec.couriers.len(), rec.open_orders.len());
+            // Learned speeds as the previous owner last saved them (none: this node's copy).
+            match ctx.store.load_speeds().await {
+                Ok(mut tables) => {
+                    tables.retain(|t| t.tenant == tenant);
+                    ctx.speeds.reload(tables).await;
+                }
+                Err(e) => tracing::warn!(%tenant, error = %e, "learned speeds of a market taken over not loaded"),
+            }
+            Self::install_recovered(&ctx, rec).await?;
+            tracing::info!(%tenant, couriers = counts.0, open_orders = counts.1, elapsed_ms = started.elapsed().as_millis() as u64, "market taken over");
+            Ok(counts)
+        });
+        task.await.map_err(|_| FleetError::ActorGone("market take-over"))?
     }
 
     async fn install_courier(ctx: &Arc<FleetCtx>, rec: CourierRecord) -> Result<CourierHandle, FleetError> {

@@ -121,3 +121,63 @@ async fn a_panicking_actor_is_restarted_from_its_last_state() {
     .expect("order actor restarted");
     assert_eq!(res.state, OrderState::Cancelled);
 }
+
+/// A market taken over from the store (`Fleet::adopt_market`) while the caller gives up
+/// waiting and others ask again at the same time: every courier and open order gets exactly
+/// one actor, capacity reservations are counted once, held orders are listed by their courier,
+/// and the dispatcher runs. Couriers and orders of other markets stay out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_market_taken_over_concurrently_is_loaded_once() {
+    use hexfleet_actors::domain::{CourierRecord, Order, OrderId};
+    use hexfleet_actors::store::{Store as _, Write};
+    let store = Arc::new(MemoryStore::new());
+    let (t, other) = (TenantId::new("lille"), TenantId::new("elsewhere"));
+    let mut writes = Vec::new();
+    for i in 0..300 {
+        let mut c = CourierRecord::new(t.clone(), CourierId::new(format!("c{i}")), 1_000);
+        c.capacity = 3;
+        c.last_fix = Some(fix(50.6 + i as f64 * 1e-4, 3.06, 1_000));
+        writes.push(Write::Courier(c));
+    }
+    writes.push(Write::Courier(CourierRecord::new(other.clone(), CourierId::new("x"), 1_000)));
+    for i in 0..300 {
+        writes.push(Write::Order(Order {
+            tenant: t.clone(),
+            id: OrderId::new(format!("o{i}")),
+            pickup: LatLng::new(50.6, 3.06).unwrap(),
+            dropoff: LatLng::new(50.61, 3.07).unwrap(),
+            size: 1,
+            ready_at: None,
+            deliver_by: None,
+            state: if i % 2 == 0 { OrderState::Assigned } else { OrderState::Created },
+            courier: (i % 2 == 0).then(|| CourierId::new(format!("c{i}"))),
+            offer: None,
+            declined: Vec::new(),
+            assignment: None,
+            created_at: 1_000,
+            updated_at: 1_000,
+            version: 1,
+        }));
+    }
+    store.commit(writes).await.unwrap();
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), index_rebuild: Duration::from_millis(10), ..Default::default() };
+    let deps = FleetDeps { store, publisher: Arc::new(RecordingPublisher::default()), clock: Arc::new(TokioClock::new()), config };
+    let f = Fleet::start_owning(deps, |_| false).await.unwrap();
+    assert_eq!(f.counts(), (0, 0), "nothing loaded before the take-over");
+
+    // The first caller gives up at once; two more ask at the same time.
+    let _ = tokio::time::timeout(Duration::from_millis(1), f.adopt_market(&t)).await;
+    let (a, b) = tokio::join!(f.adopt_market(&t), f.adopt_market(&t));
+    assert_eq!(a.unwrap(), (300, 300));
+    assert_eq!(b.unwrap(), (300, 300));
+    assert_eq!(f.open_orders(&t).len(), 300);
+    assert!(f.courier(&t, &CourierId::new("c299")).is_ok());
+    assert!(f.courier(&other, &CourierId::new("x")).is_err(), "other markets stay out");
+    let bad = f.check_invariants().await;
+    assert!(bad.is_empty(), "{bad:?}");
+    for i in (0..300).step_by(2) {
+        assert_eq!(f.ctx().load(&t, &CourierId::new(format!("c{i}"))), 1, "c{i} reserved once");
+    }
+    // A dispatch round runs for the market.
+    f.dispatch_now(&t).await.expect("the market's dispatcher runs");
+}
