@@ -29,7 +29,7 @@
 //!   `X-Hexfleet-Forwarded`; a node never forwards such a request again (503 `market_moving`
 //!   instead), so two nodes with different views cannot bounce a request between them.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,12 @@ use crate::server::AppState;
 
 /// Header set on a request one node forwards to another.
 pub const FORWARDED: &str = "x-hexfleet-forwarded";
+
+/// Device → market entries cached at most.
+const MAX_DEVICES_CACHED: usize = 100_000;
+
+/// The longest a forwarded HTTP request may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Largest request body forwarded to a market's owner.
 const MAX_FORWARD_BODY: usize = 1024 * 1024;
@@ -90,8 +96,9 @@ pub struct Markets {
     ready: DashMap<TenantId, ()>,
     /// Owners of other markets as last read, until the `Instant`.
     owners: DashMap<TenantId, (String, Instant)>,
-    /// Markets of devices (OsmAnd) this node does not know, until the `Instant`.
-    devices: DashMap<String, (TenantId, Instant)>,
+    /// Markets of devices (OsmAnd) this node does not know (`None`: no courier has it), until
+    /// the `Instant`.
+    devices: DashMap<String, (Option<TenantId>, Instant)>,
     /// One take-over at a time per market.
     taking: DashMap<TenantId, Arc<tokio::sync::Mutex<()>>>,
     fleet: OnceLock<Fleet>,
@@ -109,6 +116,8 @@ impl Markets {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .connect_timeout(Duration::from_secs(2))
+            // A paused owner still accepts connections: do not wait on it for ever.
+            .timeout(FORWARD_TIMEOUT)
             .build()?;
         Ok(Markets {
             store,
@@ -230,43 +239,40 @@ impl Markets {
         self.epochs.get(tenant).map(|e| Write::Fence { tenant: tenant.clone(), holder: self.holder.clone(), epoch: *e })
     }
 
-    /// One renewal and take-over pass (run by [`Markets::spawn_keeper`] every `renew_every`).
-    /// Returns the market this node lost, if any.
-    pub async fn tick(&self) -> Option<TenantId> {
+    /// One renewal: extends this node's leases and returns a market it lost, if any (another
+    /// node took it). A market taken while the renewal ran is judged at the next one.
+    pub async fn renew(&self) -> Option<TenantId> {
+        let before: Vec<(TenantId, i64)> = self.epochs.iter().map(|e| (e.key().clone(), *e.value())).collect();
         match self.store.renew_leases(&self.holder, self.config.ttl).await {
             Ok(still) => {
-                let still: HashSet<TenantId> = still.into_iter().map(|(t, _)| t).collect();
-                let lost = self.epochs.iter().map(|e| e.key().clone()).find(|t| !still.contains(t));
-                if let Some(t) = lost {
-                    // Nothing of it is written from here on (fences, snapshots, speeds).
-                    self.epochs.remove(&t);
-                    self.ready.remove(&t);
-                    return Some(t);
-                }
-                metrics::gauge!("hexfleet_markets_owned").set(self.epochs.len() as f64);
-                // Held but not loaded (a take-over whose load failed): load it now.
-                let pending: Vec<(TenantId, i64)> = self
-                    .epochs
-                    .iter()
-                    .filter(|e| !self.ready.contains_key(e.key()))
-                    .map(|e| (e.key().clone(), *e.value()))
-                    .collect();
-                for (t, epoch) in pending {
-                    // Under the market's lock: a request may be taking it at the same time.
-                    let lock = self.taking.entry(t.clone()).or_default().clone();
-                    let _g = lock.lock().await;
-                    if self.ready.contains_key(&t) || !self.epochs.contains_key(&t) {
-                        continue;
-                    }
-                    if let Err(e) = self.adopt(&t, epoch).await {
-                        tracing::warn!(tenant = %t, error = %e.message, "cannot load a market this node holds; retrying");
-                    }
-                }
+                let still: HashMap<TenantId, i64> = still.into_iter().collect();
+                metrics::gauge!("hexfleet_markets_owned").set(still.len() as f64);
+                let lost = before.into_iter().find(|(t, epoch)| {
+                    // Lost: held at this epoch before and after the renewal, and not renewed.
+                    still.get(t) != Some(epoch) && self.epochs.get(t).is_some_and(|e| *e == *epoch)
+                });
+                let (t, _) = lost?;
+                // Nothing of it is written from here on (fences, snapshots, speeds).
+                self.epochs.remove(&t);
+                self.ready.remove(&t);
+                Some(t)
             }
             Err(e) => {
                 metrics::counter!("hexfleet_market_renewal_failures_total").increment(1);
                 tracing::warn!(error = %e, "market leases not renewed (database unreachable?); serving on");
-                return None;
+                None
+            }
+        }
+    }
+
+    /// One take-over pass: loads markets this node holds but has not loaded (a take-over
+    /// whose load failed), then takes over every market whose lease lapsed.
+    pub async fn take_over(self: &Arc<Self>) {
+        let pending: Vec<TenantId> =
+            self.epochs.iter().filter(|e| !self.ready.contains_key(e.key())).map(|e| e.key().clone()).collect();
+        for t in pending {
+            if let Err(e) = self.take_or_find(&t).await {
+                tracing::warn!(tenant = %t, error = %e.message, "cannot load a market this node holds; retrying");
             }
         }
         match self.store.unowned_markets().await {
@@ -281,12 +287,14 @@ impl Markets {
             }
             Err(e) => tracing::warn!(error = %e, "cannot list unowned markets"),
         }
-        None
     }
 
-    /// Renews and takes over every `renew_every` until `stop`; cancels `shutdown` (and records why)
-    /// when this node lost a market.
-    pub fn spawn_keeper(self: &Arc<Self>, stop: CancellationToken, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    /// Renews this node's leases every `renew_every` until `stop`; cancels `shutdown` (and
+    /// records why) when this node lost a market. Started before the fleet loads the markets
+    /// taken at start, and stopped only after they are released, so no lease lapses while the
+    /// node loads or drains. Take-overs run in another task ([`Markets::spawn_taker`]), so a
+    /// slow load never delays a renewal.
+    pub fn spawn_renewer(self: &Arc<Self>, stop: CancellationToken, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             let every = me.config.renew_every.max(Duration::from_millis(50));
@@ -297,13 +305,29 @@ impl Markets {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                if let Some(t) = me.tick().await {
+                if let Some(t) = me.renew().await {
                     let why = format!("lost the lease of market {t} to another node");
                     tracing::error!(tenant = %t, node = %me.node_id, "{why}; stopping so that only its new owner acts on it");
                     metrics::counter!("hexfleet_market_leases_lost_total").increment(1);
                     *me.lost.lock() = Some(why);
                     shutdown.cancel();
-                    break;
+                    // Keep renewing the other markets while the node drains.
+                }
+            }
+        })
+    }
+
+    /// Takes over lapsed markets every `renew_every` until `stop`.
+    pub fn spawn_taker(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let every = me.config.renew_every.max(Duration::from_millis(50));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => me.take_over().await,
                 }
             }
         })
@@ -312,6 +336,9 @@ impl Markets {
     /// Gives up this node's leases (clean shutdown, after the fleet flushed): other nodes take
     /// the markets over at their next tick instead of waiting for the leases to lapse.
     pub async fn release(&self) {
+        // From here on this node writes nothing of any market.
+        self.epochs.clear();
+        self.ready.clear();
         match self.store.release_leases(&self.holder).await {
             Ok(n) => tracing::info!(markets = n, "market leases released"),
             Err(e) => tracing::warn!(error = %e, "market leases not released; they lapse on their own"),
@@ -324,7 +351,7 @@ fn store_down(e: hexfleet_persistence::PersistenceError) -> ApiError {
 }
 
 /// The store the fleet writes through when markets are leased: every batch that writes an
-/// order or a courier carries the fencing token of its market, and a batch of a market this
+/// order, a courier or an event carries the fencing token of its market, and a batch of a market this
 /// node does not hold fails at once with `StoreError::Fenced`.
 pub struct FencedStore {
     inner: Arc<SqlStore>,
@@ -345,6 +372,8 @@ impl Store for FencedStore {
             let t = match w {
                 Write::Order(o) => &o.tenant,
                 Write::Courier(c) => &c.tenant,
+                // Events fill the webhook outbox: a node that lost the market must not add any.
+                Write::Event(e) => &e.tenant,
                 _ => continue,
             };
             if !tenants.contains(&t) {
@@ -492,7 +521,7 @@ impl Markets {
             out = out.header("x-forwarded-for", peer.ip().to_string());
         }
         let unreachable = |e: &dyn std::fmt::Display| {
-            self.owners.retain(|_, (a, _)| a != owner);
+            self.forget_owner(owner);
             actix_web::ResponseError::error_response(&ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "market_moving",
@@ -503,6 +532,10 @@ impl Markets {
             Ok(r) => r,
             Err(e) => return unreachable(&e),
         };
+        if resp.status().as_u16() == 503 {
+            // Perhaps the owner is no longer the owner: look it up again next time.
+            self.forget_owner(owner);
+        }
         let mut b = HttpResponse::build(StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY));
         for (k, v) in resp.headers() {
             if !hop_by_hop(k.as_str()) {
@@ -515,6 +548,11 @@ impl Markets {
         }
     }
 
+    /// Drops `owner` from the cache of owners, so the next request reads the lease again.
+    fn forget_owner(&self, owner: &str) {
+        self.owners.retain(|_, (a, _)| a != owner);
+    }
+
     /// Where an OsmAnd / Traccar report for `device_id`, a device this node does not know,
     /// must go: `None` to answer here (this node owns the device's market now, or no courier
     /// has the device), else the owner's address. Device → market lookups are cached for a
@@ -524,15 +562,20 @@ impl Markets {
         let tenant = match cached {
             Some(t) => t,
             None => {
-                let found = self.store.device_courier(device_id).await.map_err(ApiError::from)?;
-                let Some((tenant, _)) = found else { return Ok(None) };
-                if self.devices.len() > 100_000 {
+                let found = self.store.device_courier(device_id).await.map_err(ApiError::from)?.map(|(t, _)| t);
+                if self.devices.len() >= MAX_DEVICES_CACHED {
                     self.devices.retain(|_, d| d.1 > Instant::now());
+                    if self.devices.len() >= MAX_DEVICES_CACHED {
+                        self.devices.clear();
+                    }
                 }
-                self.devices.insert(device_id.to_owned(), (tenant.clone(), Instant::now() + Duration::from_secs(60)));
-                tenant
+                // Unknown devices are remembered too, so a flood of them costs one query each
+                // per minute, not one per report.
+                self.devices.insert(device_id.to_owned(), (found.clone(), Instant::now() + Duration::from_secs(60)));
+                found
             }
         };
+        let Some(tenant) = tenant else { return Ok(None) };
         Ok(match self.route(&tenant).await? {
             Route::Local => None,
             Route::Remote(addr) => Some(addr),
@@ -559,15 +602,19 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
         Ok(Ok((s, _))) => s,
         Ok(Err(tg::Error::Http(resp))) => {
             let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                markets.forget_owner(owner);
+            }
             let body = resp.into_body().unwrap_or_default();
             return Ok(req.into_response(HttpResponse::build(status).content_type("application/json").body(body)));
         }
         Ok(Err(e)) => {
-            markets.owners.retain(|_, (a, _)| a != owner);
+            markets.forget_owner(owner);
             let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("the node owning this market cannot be reached ({e}); retry"));
             return Ok(req.error_response(e));
         }
         Err(_) => {
+            markets.forget_owner(owner);
             let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", "the node owning this market did not answer; retry");
             return Ok(req.error_response(e));
         }
@@ -590,10 +637,14 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                     Some(Ok(actix_ws::AggregatedMessage::Binary(b))) => {
                         if up_tx.send(Message::binary(b)).await.is_err() { break; }
                     }
+                    // Pings travel to the owner (they keep the session alive there too),
+                    // and its pongs come back.
                     Some(Ok(actix_ws::AggregatedMessage::Ping(p))) => {
-                        let _ = session.pong(&p).await;
+                        if up_tx.send(Message::Ping(p)).await.is_err() { break; }
                     }
-                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => {}
+                    Some(Ok(actix_ws::AggregatedMessage::Pong(p))) => {
+                        if up_tx.send(Message::Pong(p)).await.is_err() { break; }
+                    }
                     Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => {
                         let frame = reason.map(|r| tg::protocol::CloseFrame {
                             code: u16::from(r.code).into(),
@@ -618,6 +669,9 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                     }
                     Some(Ok(Message::Binary(b))) => {
                         if session.binary(b).await.is_err() { break; }
+                    }
+                    Some(Ok(Message::Pong(p))) => {
+                        let _ = session.pong(&p).await;
                     }
                     Some(Ok(Message::Close(frame))) => {
                         let reason = frame.map(|f| actix_ws::CloseReason { code: u16::from(f.code).into(), description: Some(f.reason.as_str().to_owned()) });

@@ -169,22 +169,32 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         }
         None => None,
     };
+    // Renewing starts before the markets taken are loaded, and ends after they are released.
+    let renew_stop = CancellationToken::new();
+    let renewer = markets.as_ref().map(|m| m.spawn_renewer(renew_stop.clone(), shutdown.clone()));
     let fleet_store: Arc<dyn hexfleet_actors::store::Store> = match &markets {
         Some(m) => Arc::new(crate::markets::FencedStore::new(store.clone(), m.clone())),
         None => store.clone(),
     };
     let deps = FleetDeps { store: fleet_store, publisher: Arc::new(broker.clone()), clock: Arc::new(TokioClock::new()), config: fleet_config };
-    let fleet = match &markets {
+    let started = match &markets {
         Some(m) => {
             let m = m.clone();
-            Fleet::start_owning(deps, move |t| m.holds(t)).await?
+            Fleet::start_owning(deps, move |t| m.holds(t)).await
         }
-        None => Fleet::start(deps).await?,
+        None => Fleet::start(deps).await,
     };
-    let keeper_stop = shutdown.child_token();
-    let keeper = markets.as_ref().map(|m| {
+    let fleet = match started {
+        Ok(f) => f,
+        Err(e) => {
+            renew_stop.cancel();
+            return Err(e.into());
+        }
+    };
+    let taker_stop = shutdown.child_token();
+    let taker = markets.as_ref().map(|m| {
         m.bind(fleet.clone());
-        m.spawn_keeper(keeper_stop.clone(), shutdown.clone())
+        m.spawn_taker(taker_stop.clone())
     });
     {
         // Zones changed on another node: re-read them from the store, on the main runtime.
@@ -260,12 +270,16 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         if tokio::time::timeout(Duration::from_secs(15), hooks).await.is_err() {
             tracing::warn!("webhook delivery did not stop in time (its leases lapse and another node retries)");
         }
-        keeper_stop.cancel();
-        if let Some(k) = keeper {
-            let _ = k.await;
+        taker_stop.cancel();
+        if let Some(t) = taker {
+            let _ = t.await;
         }
         tracing::info!("shutting down: stop dispatch and actors, flush storage");
         let res = fleet.shutdown().await;
+        renew_stop.cancel();
+        if let Some(r) = renewer {
+            let _ = r.await;
+        }
         let lost = markets.as_ref().and_then(|m| m.lost());
         if let Some(m) = &markets {
             m.release().await;

@@ -271,7 +271,7 @@ async fn a_node_that_lost_its_market_cannot_write_it_and_stops() {
     // The renewal finds the lease gone: the node stops and says why.
     let running = a.running.take().unwrap();
     let markets = running.state.markets.clone().unwrap();
-    assert_eq!(markets.tick().await.map(|t| t.to_string()).as_deref(), Some(tenant));
+    assert_eq!(markets.renew().await.map(|t| t.to_string()).as_deref(), Some(tenant));
     drop(markets);
     running.stop().await.expect("stops");
     db.drop_db().await;
@@ -297,5 +297,37 @@ async fn the_keeper_stops_a_node_whose_lease_was_taken() {
     assert!(err.to_string().contains("lost the lease of market nantes"), "{err}");
     // The thief's lease is untouched by A's shutdown (A releases only its own).
     assert_eq!(lease_row(&db.url, tenant).await.0, "thief#1");
+    db.drop_db().await;
+}
+
+/// Markets taken by requests while renewals run: a renewal never mistakes a market taken
+/// during it for one it lost (which would stop the node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markets_taken_during_a_renewal_are_not_reported_lost() {
+    let Some(redis) = redis_or_skip().await else { return };
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", Duration::from_secs(60), Duration::from_secs(3600))).await;
+    let markets = a.running.as_ref().unwrap().state.markets.clone().unwrap();
+    let taking = {
+        let m = markets.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let route = m.route(&format!("m{i}").as_str().into()).await.expect("a free market is taken");
+                assert_eq!(route, hexfleet_gateway::markets::Route::Local);
+            }
+        })
+    };
+    let mut renewals = 0;
+    while !taking.is_finished() {
+        assert_eq!(markets.renew().await, None, "no market was lost");
+        renewals += 1;
+    }
+    taking.await.unwrap();
+    assert_eq!(markets.renew().await, None);
+    assert!(renewals > 10, "renewals ran during the take-overs ({renewals})");
+    assert!((0..300).all(|i| markets.holds(&format!("m{i}").as_str().into())));
+    drop(markets);
+    a.stop().await;
     db.drop_db().await;
 }
