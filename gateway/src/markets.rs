@@ -252,9 +252,12 @@ impl Markets {
                     still.get(t) != Some(epoch) && self.epochs.get(t).is_some_and(|e| *e == *epoch)
                 });
                 let (t, _) = lost?;
-                // Nothing of it is written from here on (fences, snapshots, speeds).
+                // Nothing of it is written from here on (fences, snapshots, speeds), and what
+                // waits in the snapshot buffer is dropped.
                 self.epochs.remove(&t);
                 self.ready.remove(&t);
+                let (couriers, samples) = self.store.discard_buffered(&t);
+                tracing::info!(tenant = %t, couriers, samples, "buffered snapshots of a lost market dropped");
                 Some(t)
             }
             Err(e) => {

@@ -197,6 +197,13 @@ impl SqlStore {
         self.read(async { on_backend!(&self.inner.db, ops::device_courier(device_id)) }).await
     }
 
+    /// Drops the courier snapshots and location samples of `tenant` still waiting for a flush
+    /// (a market this node lost: the new owner's rows must not be overwritten); returns how
+    /// many. A flush already under way is not recalled.
+    pub fn discard_buffered(&self, tenant: &TenantId) -> (usize, usize) {
+        self.inner.snapshots.lock().discard_tenant(tenant)
+    }
+
     /// Bounds a read by the statement timeout, so a half-open connection cannot hang a caller.
     async fn read<T>(
         &self,

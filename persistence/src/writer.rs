@@ -270,6 +270,15 @@ impl SnapshotBuffer {
         Ok(())
     }
 
+    /// Drops everything buffered of one tenant (a market this node lost); returns how many
+    /// snapshots and samples.
+    pub(crate) fn discard_tenant(&mut self, tenant: &TenantId) -> (usize, usize) {
+        let (c, l) = self.len();
+        self.couriers.retain(|(t, _), _| t != tenant);
+        self.locations.retain(|(t, _, _)| t != tenant);
+        (c - self.couriers.len(), l - self.locations.len())
+    }
+
     /// Drops buffered samples of one courier (privacy erase).
     pub(crate) fn erase_locations(&mut self, tenant: &TenantId, courier: &CourierId) {
         self.locations.retain(|(t, c, _)| !(t == tenant && c == courier));

@@ -21,6 +21,7 @@ both_backends!(
     fenced_batch_fails_alone_in_its_group,
     fence_waits_for_a_take_over_in_progress,
     concurrent_acquires_have_one_winner,
+    a_lost_markets_buffered_snapshots_are_dropped,
 );
 
 const LONG: Duration = Duration::from_secs(60);
@@ -420,5 +421,24 @@ async fn concurrent_acquires_have_one_winner(ctx: Ctx) {
             }
         }
     }
+    store.close().await.unwrap();
+}
+
+/// What waits in the snapshot buffer for a market this node lost is dropped, and only that:
+/// the other market's rows are written at the next flush, the lost one's never.
+async fn a_lost_markets_buffered_snapshots_are_dropped(ctx: Ctx) {
+    let opts = hexfleet_persistence::StoreOptions { snapshot_flush: Duration::from_secs(3600), ..ctx.options() };
+    let store = SqlStore::open(&ctx.url, opts).await.expect("open store");
+    store.snapshot_couriers(vec![courier("lost", "c1", 1_000, 50.0), courier("kept", "c2", 1_000, 51.0)]).unwrap();
+    let sample = hexfleet_actors::domain::LocationSample { pos: common::ll(50.0, 3.0), ts: 1_000, speed: None };
+    store.record_locations(&t("lost"), &CourierId::new("c1"), vec![sample, sample]).unwrap();
+    store.record_locations(&t("kept"), &CourierId::new("c2"), vec![sample]).unwrap();
+    assert_eq!(store.discard_buffered(&t("lost")), (1, 2));
+    assert_eq!(store.discard_buffered(&t("lost")), (0, 0));
+    store.flush().await.unwrap();
+    assert!(store.load_tenant(&t("lost")).await.unwrap().couriers.is_empty(), "the lost market's snapshot was not written");
+    assert_eq!(store.load_tenant(&t("kept")).await.unwrap().couriers.len(), 1);
+    assert_eq!(store.export_locations(&t("kept"), &CourierId::new("c2"), 0, i64::MAX).await.unwrap().len(), 1);
+    assert!(store.export_locations(&t("lost"), &CourierId::new("c1"), 0, i64::MAX).await.unwrap().is_empty());
     store.close().await.unwrap();
 }
