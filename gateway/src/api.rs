@@ -264,7 +264,7 @@ async fn osmand_forward(st: &AppState, req: &HttpRequest, body: web::Bytes) -> O
     let unknown = fixes.iter().find(|f| st.fleet.device(&f.device_id).is_none())?;
     match markets.route_device(&unknown.device_id).await {
         Ok(None) => None,
-        Ok(Some(_)) if req.headers().contains_key(crate::markets::FORWARDED) => {
+        Ok(Some(owner)) if req.headers().contains_key(crate::markets::FORWARDED) || markets.is_self(&owner) => {
             Some(osmand_err(StatusCode::SERVICE_UNAVAILABLE, "market_moving", "the device's market is changing owner; retry"))
         }
         Ok(Some(owner)) => {

@@ -136,6 +136,11 @@ impl Markets {
         })
     }
 
+    /// Whether `addr` is this node's advertised address.
+    pub fn is_self(&self, addr: &str) -> bool {
+        addr == self.config.advertise_url
+    }
+
     /// This process's lease holder name.
     pub fn holder(&self) -> &str {
         &self.holder
@@ -472,7 +477,9 @@ pub async fn route_market(req: ServiceRequest, next: Next<impl MessageBody + 'st
         Ok(Route::Remote(addr)) => addr,
         Err(e) => return Ok(req.error_response(e)),
     };
-    if req.headers().contains_key(FORWARDED) {
+    // Forwarded once already, or the lease still names this node's address (a previous process
+    // of this node, restarted before its lease lapsed): wait for the lease to change hands.
+    if req.headers().contains_key(FORWARDED) || markets.is_self(&owner) {
         let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("market {} is changing owner; retry", auth.tenant));
         return Ok(req.error_response(e));
     }
