@@ -305,9 +305,7 @@ impl Markets {
     pub fn spawn_renewer(self: &Arc<Self>, stop: CancellationToken, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
-            let every = me.config.renew_every.max(Duration::from_millis(50));
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut tick = me.ticker();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -325,13 +323,19 @@ impl Markets {
         })
     }
 
+    /// Ticks every `renew_every`, the first one period from now.
+    fn ticker(&self) -> tokio::time::Interval {
+        let every = self.config.renew_every.max(Duration::from_millis(50));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    }
+
     /// Takes over lapsed markets every `renew_every` until `stop`.
     pub fn spawn_taker(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
-            let every = me.config.renew_every.max(Duration::from_millis(50));
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut tick = me.ticker();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,

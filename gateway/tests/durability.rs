@@ -7,9 +7,8 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -51,64 +50,6 @@ where
 // SIGKILL of the real server process
 // ---------------------------------------------------------------------------------------------
 
-/// The `hexfleet serve` binary on a random port; its stderr is drained by a thread.
-struct Proc {
-    child: Child,
-    base: String,
-}
-
-impl Proc {
-    fn spawn(db: &str) -> Proc {
-        Self::spawn_with(db, &[])
-    }
-
-    fn spawn_with(db: &str, env: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hexfleet"))
-            .arg("serve")
-            .env_clear()
-            .envs(env.iter().copied())
-            .env("DATABASE_URL", db)
-            .env("HEXFLEET_LISTEN", "127.0.0.1:0")
-            .env("HEXFLEET_JWT_SECRET", SECRET)
-            .env("HEXFLEET_WORKERS", "2")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hexfleet serve");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("hexfleet listening on ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.trim().to_owned());
-                    }
-                } else if !line.trim().is_empty() {
-                    eprintln!("[hexfleet] {line}");
-                }
-            }
-        });
-        let base = rx.recv_timeout(Duration::from_secs(30)).expect("hexfleet serve prints its address");
-        Proc { child, base }
-    }
-
-    /// SIGKILL: no shutdown path, no flush.
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What the client knows about one order.
 #[derive(Clone, Debug, Default)]

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -128,58 +126,6 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     db.drop_db().await;
 }
 
-/// `hexfleet serve` with market leases on PostgreSQL and Redis, on a random port.
-struct Proc {
-    child: Child,
-    base: String,
-}
-
-impl Proc {
-    fn spawn(db: &str, redis: &str, prefix: &str) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hexfleet"))
-            .arg("serve")
-            .env_clear()
-            .env("DATABASE_URL", db)
-            .env("REDIS_URL", redis)
-            .env("HEXFLEET_REDIS_PREFIX", prefix)
-            .env("HEXFLEET_NODE_ID", "node-a")
-            .env("HEXFLEET_MARKET_LEASE_MS", "1500")
-            .env("HEXFLEET_DISPATCH_TICK_MS", "50")
-            .env("HEXFLEET_LISTEN", "127.0.0.1:0")
-            .env("HEXFLEET_JWT_SECRET", SECRET)
-            .env("HEXFLEET_WORKERS", "2")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hexfleet serve");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("hexfleet listening on ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.trim().to_owned());
-                    }
-                } else if !line.trim().is_empty() {
-                    eprintln!("[node-a] {line}");
-                }
-            }
-        });
-        let base = rx.recv_timeout(Duration::from_secs(30)).expect("hexfleet serve prints its address");
-        Proc { child, base }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Node A (a real process) owns the market and dies by SIGKILL with an order open and its
 /// lease held. Node B takes the market over when the lease lapses: it loads the open order
@@ -190,7 +136,16 @@ async fn a_market_whose_owner_dies_is_taken_over_when_its_lease_lapses() {
     let Some(db) = PgDb::create().await else { return };
     let prefix = format!("hexfleet:test:{}:", uuid_like());
     let tenant = "paris";
-    let mut a = Proc::spawn(&db.url, &redis, &prefix);
+    let mut a = Proc::spawn_with(
+        &db.url,
+        &[
+            ("REDIS_URL", redis.as_str()),
+            ("HEXFLEET_REDIS_PREFIX", prefix.as_str()),
+            ("HEXFLEET_NODE_ID", "node-a"),
+            ("HEXFLEET_MARKET_LEASE_MS", "1500"),
+            ("HEXFLEET_DISPATCH_TICK_MS", "50"),
+        ],
+    );
     let http = reqwest::Client::new();
     let keys = hexfleet_gateway::auth::Keys::new(SECRET);
     let disp = keys.mint(Role::Dispatcher, "disp", tenant, None, Duration::from_secs(3600));
@@ -203,8 +158,7 @@ async fn a_market_whose_owner_dies_is_taken_over_when_its_lease_lapses() {
     let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, ttl / 3)).await;
     assert_eq!(b.get("/v1/orders/o1", Some(&disp)).await.0, 200, "forwarded to A while A lives");
     let started = std::time::Instant::now();
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.kill9();
 
     // B takes the market over by itself (its keeper), without any request for it.
     eventually("node b holds the market", || async {

@@ -92,16 +92,7 @@ pub(crate) async fn run_writer(db: Db, mut rx: mpsc::Receiver<CommitReq>, counte
             Err(e) if e.is_connectivity() || group.len() == 1 => {
                 let connectivity = e.is_connectivity();
                 let e = Arc::new(e);
-                let fail = |r: CommitReq| {
-                    // A barrier only waits for the requests before it to be answered.
-                    let res = if r.writes.is_empty() {
-                        Ok(())
-                    } else {
-                        counters.commit_failures.fetch_add(1, Ordering::Relaxed);
-                        Err(group_error(&e))
-                    };
-                    let _ = r.reply.send(res);
-                };
+                let fail = |r: CommitReq| answer_failed(r, &e, &counters);
                 let mut failed = group.len();
                 group.drain(..).for_each(fail);
                 if connectivity {
@@ -125,6 +116,18 @@ pub(crate) async fn run_writer(db: Db, mut rx: mpsc::Receiver<CommitReq>, counte
         }
     }
     tracing::debug!("store writer stopped");
+}
+
+/// Answers one request of a group that failed as a whole. A barrier (no writes) only waits
+/// for the requests before it to be answered, so it succeeds.
+fn answer_failed(r: CommitReq, e: &Arc<PersistenceError>, counters: &Counters) {
+    let res = if r.writes.is_empty() {
+        Ok(())
+    } else {
+        counters.commit_failures.fetch_add(1, Ordering::Relaxed);
+        Err(group_error(e))
+    };
+    let _ = r.reply.send(res);
 }
 
 /// What the callers of a group that failed as a whole are told: `Fenced` when the one request
@@ -173,13 +176,7 @@ async fn retry_refused(db: &Db, mut group: Vec<CommitReq>, mut e: PersistenceErr
                 tracing::warn!(error = %again, requests = rest.len(), "group commit failed");
                 let again = Arc::new(again);
                 for r in rest {
-                    let res = if r.writes.is_empty() {
-                        Ok(())
-                    } else {
-                        counters.commit_failures.fetch_add(1, Ordering::Relaxed);
-                        Err(group_error(&again))
-                    };
-                    let _ = r.reply.send(res);
+                    answer_failed(r, &again, counters);
                 }
                 return;
             }
