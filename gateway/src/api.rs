@@ -50,6 +50,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/couriers/{id}/history", web::get().to(crate::history::export))
                 .route("/couriers/{id}/history", web::delete().to(crate::history::erase))
                 .route("/events", web::get().to(events))
+                .route("/market", web::get().to(crate::markets::get_market))
                 .route("/zones", web::get().to(crate::zones::list_zones))
                 .route("/zones/{id}", web::put().to(crate::zones::put_zone))
                 .route("/zones/{id}", web::get().to(crate::zones::get_zone))

@@ -461,6 +461,7 @@ impl Store for FencedStore {
 fn owner_serves(path: &str) -> bool {
     path.starts_with("/v1/")
         && path != "/v1/openapi.json"
+        && path != "/v1/market"
         && !path.starts_with("/v1/webhooks")
         && !path.starts_with("/v1/ws/track/")
 }
@@ -718,6 +719,7 @@ mod tests {
         assert!(!owner_serves("/v1/ws/track/o1"));
         assert!(!owner_serves("/v1/webhooks/w1"));
         assert!(!owner_serves("/v1/openapi.json"));
+        assert!(!owner_serves("/v1/market"));
         assert!(!owner_serves("/healthz"));
         assert!(!owner_serves("/osmand"));
     }
@@ -731,4 +733,54 @@ mod tests {
             assert!(!hop_by_hop(h), "{h}");
         }
     }
+}
+
+/// Who runs a market (`GET /v1/market`).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct MarketDto {
+    pub tenant: String,
+    /// Whether this deployment leases markets between nodes (`false`: one node runs them all).
+    pub leased: bool,
+    /// The node id part of the lease holder (`<node id>#<process>`).
+    pub node: Option<String>,
+    pub holder: Option<String>,
+    /// Where other nodes forward the market's requests.
+    pub addr: Option<String>,
+    /// The fencing token: one more every time the market changes hands.
+    pub epoch: Option<i64>,
+    /// Unix ms, database clock.
+    pub expires_at: Option<i64>,
+    /// Whether the lease is held now; `false` with a holder: lapsed or released, taken over at
+    /// the next request or renewal period.
+    pub live: bool,
+    /// Whether the node answering runs the market.
+    pub here: bool,
+}
+
+/// The lease of the caller's market, read from the store by whichever node the request
+/// reaches (it takes nothing).
+#[utoipa::path(get, path = "/v1/market", responses((status = 200, body = MarketDto)), security(("bearer" = [])))]
+pub(crate) async fn get_market(st: web::Data<AppState>, auth: crate::auth::Auth) -> Result<HttpResponse, ApiError> {
+    auth.require(&[crate::auth::Role::Dispatcher, crate::auth::Role::Admin])?;
+    let Some(m) = &st.markets else {
+        let dto = MarketDto { tenant: auth.tenant.to_string(), leased: false, node: None, holder: None, addr: None, epoch: None, expires_at: None, live: true, here: true };
+        return Ok(HttpResponse::Ok().json(dto));
+    };
+    let lease = st.store.lease(&auth.tenant).await.map_err(store_down)?;
+    let here = m.holds(&auth.tenant);
+    let dto = match lease {
+        Some(l) => MarketDto {
+            tenant: auth.tenant.to_string(),
+            leased: true,
+            node: l.holder.split('#').next().map(str::to_owned),
+            holder: Some(l.holder),
+            addr: Some(l.addr),
+            epoch: Some(l.epoch),
+            expires_at: Some(l.expires_at),
+            live: l.live,
+            here,
+        },
+        None => MarketDto { tenant: auth.tenant.to_string(), leased: true, node: None, holder: None, addr: None, epoch: None, expires_at: None, live: false, here },
+    };
+    Ok(HttpResponse::Ok().json(dto))
 }

@@ -59,6 +59,16 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     assert!(holder.starts_with("node-a#"), "{holder}");
     assert_eq!(epoch, 1);
 
+    // Either node says who runs the market.
+    for (srv, tok, here) in [(&a, &disp_a, true), (&b, &disp_b, false)] {
+        let (s, v) = srv.get("/v1/market", Some(tok)).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!((v["node"].as_str(), v["epoch"].as_i64(), v["live"].as_bool(), v["here"].as_bool()), (Some("node-a"), Some(1), Some(true), Some(here)), "{v}");
+        assert_eq!(v["addr"], a.base.as_str());
+    }
+    let (s, _) = b.get("/v1/market", Some(&b.token(Role::Courier, "c1", tenant, None))).await;
+    assert_eq!(s, 403, "staff only");
+
     // Created through B: live on A (its actor and dispatcher), not on B.
     let (s, v) = b.post("/v1/orders", &disp_b, order("o2")).await;
     assert_eq!(s, 201, "{v}");
