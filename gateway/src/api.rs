@@ -36,6 +36,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/", web::get().to(console_page))
         .route("/console", web::get().to(console_page))
         .route("/track/{order_id}", web::get().to(console_page))
+        .route("/favicon.ico", web::get().to(favicon))
         .route("/osmand", web::get().to(osmand_get))
         .route("/osmand", web::post().to(osmand_post))
         .service(
@@ -356,6 +357,13 @@ async fn metrics(st: State) -> HttpResponse {
 
 async fn openapi() -> HttpResponse {
     HttpResponse::Ok().content_type("application/json").body(crate::openapi::spec_json())
+}
+
+/// A hexagon, as SVG (browsers accept it at `/favicon.ico` by its content type).
+const FAVICON: &str = r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><polygon points="16,2 28,9 28,23 16,30 4,23 4,9" fill="#0f766e"/><circle cx="16" cy="16" r="5" fill="#fff"/></svg>"##;
+
+async fn favicon() -> HttpResponse {
+    HttpResponse::Ok().content_type("image/svg+xml").insert_header(("cache-control", "public, max-age=86400")).body(FAVICON)
 }
 
 async fn console_page() -> HttpResponse {

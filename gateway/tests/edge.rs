@@ -276,3 +276,17 @@ async fn a_console_gets_stats_and_courier_batches_while_couriers_stream() {
     assert!(stats["couriers_online"].as_u64().is_some_and(|n| n >= 1), "{stats}");
     assert!(stats["orders_open"].is_u64() && stats["ingest_per_s"].is_number(), "{stats}");
 }
+
+/// The console page and its icon are served without a token (the page asks for one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_page_and_favicon_are_served() {
+    let (srv, _d) = server().await;
+    let r = srv.http.get(format!("{}/", srv.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(r.text().await.unwrap().contains("<html"));
+    let r = srv.http.get(format!("{}/favicon.ico", srv.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-type"], "image/svg+xml");
+    assert!(r.text().await.unwrap().starts_with("<svg"));
+}
