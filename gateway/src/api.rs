@@ -225,44 +225,54 @@ pub(crate) async fn events(st: State, auth: Auth, q: web::Query<EventsQuery>) ->
 // ---- OsmAnd / Traccar Client ----
 
 async fn osmand_get(st: State, req: HttpRequest) -> HttpResponse {
-    if let Some(r) = osmand_forward(&st, &req, web::Bytes::new()).await {
-        return r;
-    }
-    osmand_query(&st, req.query_string())
+    let parsed = osmand::parse_query(req.query_string(), st.fleet.now_ms()).map(|f| vec![f]);
+    osmand_report(&st, &req, web::Bytes::new(), parsed, StatusCode::BAD_REQUEST).await
 }
 
 async fn osmand_post(st: State, req: HttpRequest, body: web::Bytes) -> HttpResponse {
-    if let Some(r) = osmand_forward(&st, &req, body.clone()).await {
-        return r;
-    }
+    let now = st.fleet.now_ms();
     let json = req.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
     if json {
-        return osmand_json(&st, &body);
+        let parsed = osmand::parse_json(&body, now);
+        return osmand_report(&st, &req, body, parsed, StatusCode::NOT_FOUND).await;
     }
     let q = req.query_string();
-    if !q.is_empty() {
-        return osmand_query(&st, q);
+    let form = if !q.is_empty() {
+        q
+    } else {
+        match std::str::from_utf8(&body) {
+            Ok(form) => form,
+            Err(_) => return osmand_err(StatusCode::BAD_REQUEST, "bad_request", "body is not utf-8"),
+        }
+    };
+    let parsed = osmand::parse_query(form, now).map(|f| vec![f]);
+    osmand_report(&st, &req, body, parsed, StatusCode::BAD_REQUEST).await
+}
+
+/// One parsed report: refused if it did not parse, forwarded if another node owns its
+/// device's market, else ingested here (`unknown`: the status for an unregistered device).
+async fn osmand_report(
+    st: &AppState,
+    req: &HttpRequest,
+    body: web::Bytes,
+    parsed: Result<Vec<osmand::OsmandFix>, osmand::OsmandError>,
+    unknown: StatusCode,
+) -> HttpResponse {
+    let fixes = match parsed {
+        Ok(f) => f,
+        Err(e) => return osmand_err(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+    };
+    if let Some(r) = osmand_forward(st, req, body, &fixes).await {
+        return r;
     }
-    match std::str::from_utf8(&body) {
-        Ok(form) => osmand_query(&st, form),
-        Err(_) => osmand_err(StatusCode::BAD_REQUEST, "bad_request", "body is not utf-8"),
-    }
+    osmand_ingest(st, fixes, unknown)
 }
 
 /// With market leases: a report whose first device this node does not know goes to the node
 /// owning that device's market (devices carry no token, so the middleware cannot route them).
 /// A batch is forwarded whole, to the owner of its first unknown device.
-async fn osmand_forward(st: &AppState, req: &HttpRequest, body: web::Bytes) -> Option<HttpResponse> {
+async fn osmand_forward(st: &AppState, req: &HttpRequest, body: web::Bytes, fixes: &[osmand::OsmandFix]) -> Option<HttpResponse> {
     let markets = st.markets.as_ref()?;
-    let now = st.fleet.now_ms();
-    let json = req.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
-    let fixes = if json {
-        osmand::parse_json(&body, now).ok()?
-    } else if !req.query_string().is_empty() {
-        vec![osmand::parse_query(req.query_string(), now).ok()?]
-    } else {
-        vec![osmand::parse_query(std::str::from_utf8(&body).ok()?, now).ok()?]
-    };
     let unknown = fixes.iter().find(|f| st.fleet.device(&f.device_id).is_none())?;
     match markets.route_device(&unknown.device_id).await {
         Ok(None) => None,
@@ -280,22 +290,6 @@ async fn osmand_forward(st: &AppState, req: &HttpRequest, body: web::Bytes) -> O
 fn osmand_err(status: StatusCode, code: &str, msg: &str) -> HttpResponse {
     metrics::counter!("hexfleet_osmand_rejected_total").increment(1);
     HttpResponse::build(status).json(json!({ "error": { "code": code, "message": msg } }))
-}
-
-fn osmand_query(st: &AppState, raw: &str) -> HttpResponse {
-    let now = st.fleet.now_ms();
-    match osmand::parse_query(raw, now) {
-        Ok(fix) => osmand_ingest(st, vec![fix], StatusCode::BAD_REQUEST),
-        Err(e) => osmand_err(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
-    }
-}
-
-fn osmand_json(st: &AppState, body: &[u8]) -> HttpResponse {
-    let now = st.fleet.now_ms();
-    match osmand::parse_json(body, now) {
-        Ok(fixes) => osmand_ingest(st, fixes, StatusCode::NOT_FOUND),
-        Err(e) => osmand_err(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
-    }
 }
 
 /// Maps device ids to couriers and ingests with the same checks as the courier socket.

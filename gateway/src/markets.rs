@@ -215,7 +215,7 @@ impl Markets {
             }
             // The lease lapsed between the two statements: try to take it once more.
         }
-        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("market {tenant} is changing owner; retry")))
+        Err(changing_owner(tenant))
     }
 
     /// Loads a market this node just took and starts serving it.
@@ -275,7 +275,7 @@ impl Markets {
 
     /// One take-over pass: loads markets this node holds but has not loaded (a take-over
     /// whose load failed), then takes over every market whose lease lapsed.
-    pub async fn take_over(self: &Arc<Self>) {
+    pub async fn take_over(&self) {
         let pending: Vec<TenantId> =
             self.epochs.iter().filter(|e| !self.ready.contains_key(e.key())).map(|e| e.key().clone()).collect();
         for t in pending {
@@ -356,6 +356,16 @@ impl Markets {
             Err(e) => tracing::warn!(error = %e, "market leases not released; they lapse on their own"),
         }
     }
+}
+
+/// 503 `market_moving`: the market is between owners.
+fn changing_owner(tenant: &TenantId) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("market {tenant} is changing owner; retry"))
+}
+
+/// 503 `market_moving`: the market's owner cannot be reached (`why`).
+fn owner_unreachable(why: &dyn std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("the node owning this market cannot be reached ({why}); retry"))
 }
 
 fn store_down(e: hexfleet_persistence::PersistenceError) -> ApiError {
@@ -485,8 +495,7 @@ pub async fn route_market(req: ServiceRequest, next: Next<impl MessageBody + 'st
     // Forwarded once already, or the lease still names this node's address (a previous process
     // of this node, restarted before its lease lapsed): wait for the lease to change hands.
     if req.headers().contains_key(FORWARDED) || markets.is_self(&owner) {
-        let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("market {} is changing owner; retry", auth.tenant));
-        return Ok(req.error_response(e));
+        return Ok(req.error_response(changing_owner(&auth.tenant)));
     }
     metrics::counter!("hexfleet_market_forwarded_total").increment(1);
     let websocket = req.headers().get("upgrade").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
@@ -537,11 +546,7 @@ impl Markets {
         }
         let unreachable = |e: &dyn std::fmt::Display| {
             self.forget_owner(owner);
-            actix_web::ResponseError::error_response(&ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "market_moving",
-                format!("the node owning this market cannot be reached ({e}); retry"),
-            ))
+            actix_web::ResponseError::error_response(&owner_unreachable(e))
         };
         let resp = match out.send().await {
             Ok(r) => r,
@@ -625,12 +630,12 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
         }
         Ok(Err(e)) => {
             markets.forget_owner(owner);
-            let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("the node owning this market cannot be reached ({e}); retry"));
+            let e = owner_unreachable(&e);
             return Ok(req.error_response(e));
         }
         Err(_) => {
             markets.forget_owner(owner);
-            let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", "the node owning this market did not answer; retry");
+            let e = owner_unreachable(&"it did not answer in time");
             return Ok(req.error_response(e));
         }
     };

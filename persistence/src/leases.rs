@@ -8,8 +8,8 @@
 //!
 //! - [`SqlStore::acquire_lease`] takes a free, lapsed or released lease, or extends one the
 //!   holder already has, in one atomic upsert; [`SqlStore::renew_leases`] extends all of a
-//!   holder's leases no one else took (live or lapsed) and tells which it still has; [`SqlStore::release_leases`] gives
-//!   them up at once (clean shutdown).
+//!   holder's leases no one else took (live or lapsed) and tells which it still has;
+//!   [`SqlStore::release_leases`] gives them up at once (clean shutdown).
 //! - The **epoch** is the fencing token: 1 for a market's first lease, one more every time the
 //!   lease changes hands or is taken again after a lapse or a release, unchanged while one
 //!   holder keeps it live. Rows are never deleted (a release sets `expires_at` to 0), so a
@@ -92,10 +92,9 @@ macro_rules! lease_ops {
                 format!("tenant, holder, addr, epoch, expires_at, {NOW} AS db_now")
             }
 
-            /// The holder's live leases, locked in tenant order (PostgreSQL) by the statement
-            /// that uses it as `tenant IN (…)`.
             /// The holder's leases that were not released, live or lapsed, locked in tenant
-            /// order. A lapsed lease still naming the holder was taken by no one since.
+            /// order (PostgreSQL) by the statement that uses it as `tenant IN (…)`. A lapsed
+            /// lease still naming the holder was taken by no one since.
             fn kept_by_holder() -> String {
                 format!(
                     "SELECT tenant FROM market_leases WHERE holder = $1 AND expires_at > 0 \
@@ -103,6 +102,7 @@ macro_rules! lease_ops {
                 )
             }
 
+            /// The holder's live leases, locked in tenant order like [`kept_by_holder`].
             fn live_of_holder() -> String {
                 format!(
                     "SELECT tenant FROM market_leases WHERE holder = $1 AND expires_at > {NOW} \
