@@ -124,6 +124,10 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")), "{v}");
     let (s, _) = b.get("/v1/orders/o1", Some("not-a-token")).await;
     assert_eq!(s, 401);
+    // A body too large to forward is refused by B, with the error shape.
+    let big = json!({"id":"o-big","pickup":{"lat":PICKUP.0,"lng":PICKUP.1},"dropoff":{"lat":DROPOFF.0,"lng":DROPOFF.1},"pad":"x".repeat(1_100_000)});
+    let (s, v) = b.post("/v1/orders", &disp_b, big).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (413, Some("payload_too_large")), "{v}");
     // A request already forwarded once is never forwarded again.
     let r = b.http.get(format!("{}/v1/orders/o1", b.base)).bearer_auth(&disp_b).header("x-hexfleet-forwarded", "node-x").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 503);
@@ -294,4 +298,25 @@ async fn markets_taken_during_a_renewal_are_not_reported_lost() {
     drop(markets);
     a.stop().await;
     db.drop_db().await;
+}
+
+/// A node with market leases refuses to start with an advertise URL other nodes cannot use,
+/// and says why.
+#[test]
+fn a_bad_advertise_url_is_refused_at_start() {
+    for (url, why) in [("https://node-a:8080", "must be an http:// URL"), ("not a url", "is not a URL")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hexfleet"))
+            .arg("serve")
+            .env_clear()
+            .env("HEXFLEET_MARKET_LEASES", "true")
+            .env("HEXFLEET_ADVERTISE_URL", url)
+            .env("HEXFLEET_LISTEN", "127.0.0.1:0")
+            .env("HEXFLEET_JWT_SECRET", SECRET)
+            .env("DATABASE_URL", "/nonexistent-dir/never-opened.db")
+            .output()
+            .expect("run hexfleet serve");
+        assert!(!out.status.success(), "{url}: started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{url}: {err}");
+    }
 }
