@@ -22,6 +22,8 @@ macro_rules! id_type {
             pub fn new(s: impl AsRef<str>) -> Self { Self(Arc::from(s.as_ref())) }
             /// The id as text.
             pub fn as_str(&self) -> &str { &self.0 }
+            /// The shared text (clone it to hand the id on without copying).
+            pub fn as_arc(&self) -> &Arc<str> { &self.0 }
         }
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { write!(f, "{}", self.0) }

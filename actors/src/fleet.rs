@@ -200,6 +200,33 @@ pub struct CourierHandle {
     pub shared: Arc<CourierShared>,
 }
 
+/// A connection's cached [`CourierHandle`] ([`Fleet::courier_tap`]). Same semantics as
+/// [`Fleet::ingest`]: when the cached actor has stopped (a supervised restart), the tap looks
+/// the courier up again and wakes its successor, which drains the same inbox.
+pub struct CourierTap {
+    ctx: Arc<FleetCtx>,
+    key: (TenantId, CourierId),
+    handle: CourierHandle,
+}
+
+impl CourierTap {
+    /// Hands validated fixes to the courier (hot path; never waits on the actor).
+    pub fn ingest(&mut self, fixes: impl IntoIterator<Item = Fix>) -> Result<(), FleetError> {
+        if !self.handle.shared.inbox.push(fixes) || self.handle.actor.cast(CourierMsg::Drain).is_ok() {
+            return Ok(());
+        }
+        let h = self.ctx.couriers.get(&self.key).ok_or(FleetError::NotFound { what: "courier" })?.clone();
+        if !Arc::ptr_eq(&h.shared, &self.handle.shared) {
+            // The courier was installed anew: the fixes went to an inbox nobody drains.
+            self.handle = h;
+            return Err(FleetError::ActorGone("courier"));
+        }
+        h.actor.cast(CourierMsg::Drain).map_err(|_| FleetError::ActorGone("courier"))?;
+        self.handle = h;
+        Ok(())
+    }
+}
+
 /// The context shared by every actor of the fleet.
 pub struct FleetCtx {
     pub store: Arc<dyn Store>,
@@ -709,6 +736,13 @@ impl Fleet {
             h.actor.cast(CourierMsg::Drain).map_err(|_| FleetError::ActorGone("courier"))?;
         }
         Ok(())
+    }
+
+    /// A direct line to one courier's inbox for a connection that streams its fixes: the
+    /// courier is looked up once instead of once per fix.
+    pub fn courier_tap(&self, tenant: &TenantId, id: &CourierId) -> Result<CourierTap, FleetError> {
+        let handle = self.ctx.couriers.get(&(tenant.clone(), id.clone())).ok_or(FleetError::NotFound { what: "courier" })?.clone();
+        Ok(CourierTap { ctx: self.ctx.clone(), key: (tenant.clone(), id.clone()), handle })
     }
 
     /// Sets a courier's status.

@@ -74,6 +74,39 @@ async fn an_impossible_jump_is_held_back() {
 }
 
 #[tokio::test]
+async fn a_connection_tap_follows_its_courier_across_a_restart() {
+    let (f, p) = fleet().await;
+    let (t, c) = (TenantId::new("t"), CourierId::new("c1"));
+    f.ensure_courier(&t, &c).await.unwrap();
+    let mut tap = f.courier_tap(&t, &c).unwrap();
+    tap.ingest([fix(52.5, 13.4, 1_000)]).unwrap();
+    assert!(moved_to(&p, 1_000).await);
+    f.crash_courier(&t, &c);
+    // Wait for the restart through the fleet's map.
+    let restarted = tokio::time::timeout(DEADLINE, async {
+        let mut ts = 2_000;
+        loop {
+            if f.ingest(&t, &c, [fix(52.5, 13.4001, ts)]).is_ok()
+                && p.wait_for(Duration::from_millis(200), |u| matches!(u, Update::CourierMoved { fix, .. } if fix.ts == ts)).await
+            {
+                return ts;
+            }
+            ts += 1;
+        }
+    })
+    .await
+    .expect("courier restarted");
+    // The tap still holds the dead actor: it must find the restarted one and wake it, or the
+    // fix would wait in the inbox with nobody to drain it.
+    let ts = restarted + 1_000;
+    tap.ingest([fix(52.5, 13.4002, ts)]).expect("the tap reaches the restarted courier");
+    assert!(moved_to(&p, ts).await, "the fix sent through the stale tap was processed");
+    tap.ingest([fix(52.5, 13.4003, ts + 1_000)]).unwrap();
+    assert!(moved_to(&p, ts + 1_000).await);
+    assert!(f.courier_tap(&t, &CourierId::new("nobody")).is_err(), "an unknown courier has no tap");
+}
+
+#[tokio::test]
 async fn a_panicking_actor_is_restarted_from_its_last_state() {
     let (f, p) = fleet().await;
     let (t, c) = (TenantId::new("t"), CourierId::new("c1"));

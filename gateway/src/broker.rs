@@ -21,6 +21,7 @@
 //! dropped with an error log and a counter: cross-node fan-out is best effort by design, while
 //! local delivery and durability are not affected.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,17 +49,20 @@ pub const REPLAY_CAPACITY: usize = 256;
 #[serde(tag = "k", rename_all = "snake_case")]
 pub enum Fanout {
     /// A courier moved (conflatable).
+    ///
+    /// The hot path: built for every accepted fix, so its ids share the actors' `Arc<str>`s
+    /// and the status is a static name (no allocation on this node; Redis copies decode owned).
     Position {
-        tenant: String,
-        courier: String,
+        tenant: Arc<str>,
+        courier: Arc<str>,
         lat: f64,
         lng: f64,
         ts: i64,
         speed: Option<f32>,
         heading: Option<f32>,
-        status: String,
+        status: Cow<'static, str>,
         /// Orders the courier holds, with the ETA in seconds to that order's next stop.
-        tracking: Vec<(String, Option<f64>)>,
+        tracking: Vec<(Arc<str>, Option<f64>)>,
     },
     /// A courier's status changed (conflatable, merged into the console's courier item).
     Status { tenant: String, courier: String, status: String },
@@ -75,8 +79,8 @@ pub enum Fanout {
 impl Fanout {
     fn tenant(&self) -> &str {
         match self {
-            Fanout::Position { tenant, .. }
-            | Fanout::Status { tenant, .. }
+            Fanout::Position { tenant, .. } => tenant,
+            Fanout::Status { tenant, .. }
             | Fanout::Order { tenant, .. }
             | Fanout::ToCourier { tenant, .. }
             | Fanout::Event { tenant, .. }
@@ -88,15 +92,15 @@ impl Fanout {
     pub fn from_update(u: &Update) -> Option<Fanout> {
         Some(match u {
             Update::CourierMoved { tenant, courier, fix, status, tracking } => Fanout::Position {
-                tenant: tenant.to_string(),
-                courier: courier.to_string(),
+                tenant: tenant.as_arc().clone(),
+                courier: courier.as_arc().clone(),
                 lat: fix.pos.lat,
                 lng: fix.pos.lng,
                 ts: fix.ts,
                 speed: fix.speed,
                 heading: fix.heading,
-                status: status.as_str().to_owned(),
-                tracking: tracking.iter().map(|(o, eta)| (o.to_string(), eta.map(|e| e.round()))).collect(),
+                status: Cow::Borrowed(status.as_str()),
+                tracking: tracking.iter().map(|(o, eta)| (o.as_arc().clone(), eta.map(|e| e.round()))).collect(),
             },
             Update::CourierStatus { tenant, courier, status } => {
                 Fanout::Status { tenant: tenant.to_string(), courier: courier.to_string(), status: status.as_str().to_owned() }
@@ -138,7 +142,9 @@ struct OutboxInner {
     /// Conflated messages by key (latest wins), e.g. one slot per courier.
     latest: HashMap<String, String>,
     /// Console batches: courier items and order items by id (latest wins), flushed by a ticker.
-    batch_couriers: HashMap<Arc<str>, Arc<ConsoleItem>>,
+    /// Keyed with foldhash: one insert per position per console is on the GPS hot path, and
+    /// the ids come from verified tokens, so SipHash's flood resistance buys nothing here.
+    batch_couriers: HashMap<Arc<str>, Arc<ConsoleItem>, foldhash::fast::RandomState>,
     batch_orders: HashMap<String, Value>,
 }
 
@@ -505,7 +511,7 @@ impl Broker {
         match f {
             Fanout::Position { tenant, courier, lat, lng, ts, speed, heading, status, tracking } => {
                 for (order, eta) in tracking {
-                    let key = (tenant.clone(), order.clone());
+                    let key = (tenant.to_string(), order.to_string());
                     let Some(mut s) = self.local.tracks.get_mut(&key) else { continue };
                     if s.sessions.is_empty() {
                         continue;
@@ -519,12 +525,12 @@ impl Broker {
                         metrics::counter!("hexfleet_ws_deliveries_total").increment(1);
                     }
                 }
-                if let Some(cs) = self.local.consoles.get(tenant) {
+                if let Some(cs) = self.local.consoles.get(&**tenant) {
                     let mut item = None;
                     for (_, v) in cs.iter().filter(|(_, v)| v.sees(*lat, *lng)) {
                         let item = item.get_or_insert_with(|| {
                             ConsoleItem::new(ConsoleCourier {
-                                id: Arc::from(courier.as_str()),
+                                id: courier.clone(),
                                 lat: *lat,
                                 lng: *lng,
                                 ts: *ts,

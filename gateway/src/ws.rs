@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
 use futures_util::StreamExt as _;
-use hexfleet_actors::domain::{CourierId, CourierStatus, OrderId, TenantId, valid_id};
+use hexfleet_actors::domain::{CourierId, CourierStatus, Fix, OrderId, TenantId, valid_id};
+use hexfleet_actors::fleet::CourierTap;
 use hexfleet_actors::order::Command;
 use serde::Deserialize;
 use serde_json::json;
@@ -165,6 +166,8 @@ async fn courier_session(st: State, tenant: TenantId, id: CourierId, mut session
     let sid = st.broker.add_courier(tenant.as_str(), id.as_str(), outbox.clone());
     metrics::gauge!("hexfleet_ws_connections", "kind" => "courier").increment(1.0);
     let mut guard = Guard::new();
+    // Looked up once: the GPS path then skips the fleet's courier map.
+    let mut tap = None;
     // Orders it already holds (reconnect): tell the app again.
     for o in st.fleet.courier_orders(&tenant, &id) {
         let m = crate::dto::order_update_json(&o, outbox.next_seq());
@@ -191,7 +194,7 @@ async fn courier_session(st: State, tenant: TenantId, id: CourierId, mut session
                             let _ = session.text(error_json("rate_limited", "too many messages; slow down")).await;
                         }
                     }
-                    Verdict::Ok => match courier_message(&st, &tenant, &id, &text).await {
+                    Verdict::Ok => match courier_message(&st, &tenant, &id, &mut tap, &text).await {
                         Ok(()) => guard.good(),
                         Err(e) => {
                             if session.text(error_json(e.code, &e.message)).await.is_err() { break None; }
@@ -222,7 +225,16 @@ struct FastLoc<'a> {
     acc: Option<f32>,
 }
 
-async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, text: &str) -> Result<(), ApiError> {
+/// Hands fixes to the courier through the session's cached [`CourierTap`].
+fn ingest(st: &AppState, tenant: &TenantId, id: &CourierId, tap: &mut Option<CourierTap>, fixes: impl IntoIterator<Item = Fix>) -> Result<(), ApiError> {
+    let tap = match tap {
+        Some(t) => t,
+        None => tap.insert(st.fleet.courier_tap(tenant, id)?),
+    };
+    Ok(tap.ingest(fixes)?)
+}
+
+async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: &mut Option<CourierTap>, text: &str) -> Result<(), ApiError> {
     if text.is_empty() {
         return Err(ApiError::bad_request("bad_message", "expected a JSON text frame"));
     }
@@ -233,7 +245,7 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, text:
         && f.t == "loc"
     {
         let l = LocDto { lat: f.lat, lng: f.lng, ts: f.ts, speed: f.speed, heading: f.heading, acc: f.acc };
-        st.fleet.ingest(tenant, id, [l.to_fix(now)?])?;
+        ingest(st, tenant, id, tap, [l.to_fix(now)?])?;
         crate::server::count_fixes(1);
         return Ok(());
     }
@@ -241,7 +253,7 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, text:
     match msg {
         CourierIn::Loc(l) => {
             let fix = l.to_fix(now)?;
-            st.fleet.ingest(tenant, id, [fix])?;
+            ingest(st, tenant, id, tap, [fix])?;
             crate::server::count_fixes(1);
         }
         CourierIn::Locs { items } => {
@@ -251,7 +263,7 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, text:
             // All or nothing: one bad fix refuses the batch so the app can tell which it sent.
             let fixes = items.into_iter().map(|l: LocDto| l.to_fix(now)).collect::<Result<Vec<_>, _>>()?;
             let n = fixes.len() as u64;
-            st.fleet.ingest(tenant, id, fixes)?;
+            ingest(st, tenant, id, tap, fixes)?;
             crate::server::count_fixes(n);
         }
         CourierIn::Status { status } => {
