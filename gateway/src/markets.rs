@@ -239,6 +239,11 @@ impl Markets {
         }
     }
 
+    /// `(holder, epoch)` of this node's lease on `tenant`, if it holds one.
+    pub fn lease_of(&self, tenant: &TenantId) -> Option<(String, i64)> {
+        self.epochs.get(tenant).map(|e| (self.holder.clone(), *e))
+    }
+
     /// The fencing write for `tenant`, if this node holds it.
     pub fn fence(&self, tenant: &TenantId) -> Option<Write> {
         self.epochs.get(tenant).map(|e| Write::Fence { tenant: tenant.clone(), holder: self.holder.clone(), epoch: *e })
@@ -381,7 +386,11 @@ pub struct FencedStore {
 }
 
 impl FencedStore {
+    /// Also fences the snapshot flushes of `inner`: a market lost after its rows were buffered
+    /// loses them at the flush, in the flush's transaction.
     pub fn new(inner: Arc<SqlStore>, markets: Arc<Markets>) -> Self {
+        let weak = Arc::downgrade(&markets);
+        inner.fence_snapshots(Box::new(move |t| weak.upgrade()?.lease_of(t)));
         FencedStore { inner, markets }
     }
 }

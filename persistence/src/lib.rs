@@ -51,7 +51,7 @@ mod writer;
 
 pub use error::PersistenceError;
 pub use options::StoreOptions;
-pub use store::{SqlStore, StoreStats};
+pub use store::{LeaseLookup, SqlStore, StoreStats};
 
 /// Where the embedded SQLite database lives when no `DATABASE_URL` is given.
 pub const DEFAULT_SQLITE_PATH: &str = "./data/hexfleet.db";

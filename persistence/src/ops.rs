@@ -121,11 +121,12 @@ macro_rules! backend_ops {
             /// them in the `ORDER BY` order).
             pub(crate) const LOCK_UPDATE: &str = $lock_update;
 
-            /// Applies a reduced group of writes on one connection (inside the caller's
-            /// transaction). Checks the fences first: if one does not hold, fails with
-            /// [`PersistenceError::Fenced`] before anything is written (the caller rolls back).
-            pub(crate) async fn apply(conn: &mut Conn, r: &Reduced<'_>) -> Result<(), PersistenceError> {
-                for (tenant, holder, epoch) in &r.fences {
+            /// Checks market-lease fences `(tenant, holder, epoch)`, sorted by tenant, inside the
+            /// caller's transaction: each lease row must still name that holder at that epoch
+            /// and be unexpired, and stays so until the transaction ends. The first that does not
+            /// hold fails with [`PersistenceError::Fenced`] naming its tenant.
+            pub(crate) async fn check_fences(conn: &mut Conn, fences: &[(&str, &str, i64)]) -> Result<(), PersistenceError> {
+                for (tenant, holder, epoch) in fences {
                     let held: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                         "SELECT 1 FROM market_leases WHERE tenant = $1 AND holder = $2 AND epoch = $3 \
                          AND expires_at > {NOW}{LOCK_SHARED}"
@@ -139,6 +140,14 @@ macro_rules! backend_ops {
                         return Err(Fenced { tenant: (*tenant).to_owned() });
                     }
                 }
+                Ok(())
+            }
+
+            /// Applies a reduced group of writes on one connection (inside the caller's
+            /// transaction). Checks the fences first: if one does not hold, fails with
+            /// [`PersistenceError::Fenced`] before anything is written (the caller rolls back).
+            pub(crate) async fn apply(conn: &mut Conn, r: &Reduced<'_>) -> Result<(), PersistenceError> {
+                check_fences(conn, &r.fences).await?;
                 upsert_orders(conn, &r.orders).await?;
                 upsert_couriers(conn, &r.couriers).await?;
                 upsert_zones(conn, &r.zone_upserts).await?;
@@ -305,8 +314,10 @@ macro_rules! backend_ops {
                 pool: &Pool<Db>,
                 couriers: &[&CourierRecord],
                 locations: &[LocationRow<'_>],
+                fences: &[(&str, &str, i64)],
             ) -> Result<(), PersistenceError> {
-                let mut tx = pool.begin().await?;
+                let mut tx = if fences.is_empty() { pool.begin().await? } else { pool.begin_with(BEGIN_WRITE).await? };
+                check_fences(&mut tx, fences).await?;
                 upsert_couriers(&mut tx, couriers).await?;
                 insert_locations(&mut tx, locations).await?;
                 tx.commit().await?;
@@ -649,8 +660,10 @@ pub(crate) mod pg_bulk {
         pool: &PgPool,
         couriers: &[&CourierRecord],
         locations: &[LocationRow<'_>],
+        fences: &[(&str, &str, i64)],
     ) -> Result<(), PersistenceError> {
         let mut tx = pool.begin().await?;
+        super::pg::check_fences(&mut tx, fences).await?;
         upsert_couriers(&mut tx, couriers).await?;
         insert_locations(&mut tx, locations).await?;
         tx.commit().await?;

@@ -32,6 +32,20 @@ pub(crate) struct Inner {
     commits: mpsc::Sender<CommitReq>,
     /// Set by [`SqlStore::close`]; later durable writes fail at once.
     closed: AtomicBool,
+    /// With market leases: whose rows a flush may write ([`SqlStore::fence_snapshots`]).
+    pub(crate) snapshot_fences: std::sync::OnceLock<LeaseOf>,
+}
+
+/// `(holder, epoch)` of the lease this node holds on a market, `None` when it holds none.
+pub type LeaseLookup = dyn Fn(&TenantId) -> Option<(String, i64)> + Send + Sync;
+
+/// [`LeaseLookup`] with a `Debug` for [`Inner`].
+pub(crate) struct LeaseOf(pub(crate) Box<LeaseLookup>);
+
+impl std::fmt::Debug for LeaseOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseOf(..)")
+    }
 }
 
 impl Inner {
@@ -67,6 +81,8 @@ pub struct StoreStats {
     pub dropped_rows: u64,
     /// Flushes that failed because the database was unreachable (rows were kept).
     pub flush_failures: u64,
+    /// Snapshot rows dropped at flush because this node no longer held their market.
+    pub fenced_rows: u64,
     /// Courier snapshots waiting for the next flush.
     pub buffered_couriers: usize,
     /// Location samples waiting for the next flush.
@@ -92,6 +108,7 @@ impl SqlStore {
             flush_lock: tokio::sync::Mutex::new(()),
             commits: tx,
             closed: AtomicBool::new(false),
+            snapshot_fences: std::sync::OnceLock::new(),
         });
         tokio::spawn(writer::run_flusher(Arc::downgrade(&inner), opts.snapshot_flush));
         tracing::info!(backend = inner.db.backend(), "store opened");
@@ -121,6 +138,7 @@ impl SqlStore {
             location_rows: c.location_rows.load(Ordering::Relaxed),
             dropped_rows: c.dropped_rows.load(Ordering::Relaxed),
             flush_failures: c.flush_failures.load(Ordering::Relaxed),
+            fenced_rows: c.fenced_rows.load(Ordering::Relaxed),
             buffered_couriers,
             buffered_locations,
         }
@@ -202,6 +220,15 @@ impl SqlStore {
     /// many. A flush already under way is not recalled.
     pub fn discard_buffered(&self, tenant: &TenantId) -> (usize, usize) {
         self.inner.snapshots.lock().discard_tenant(tenant)
+    }
+
+    /// Fences snapshot flushes by market lease: from now on each flush asks `lease_of` for the
+    /// lease this node holds on every market in it, drops the rows of markets it holds no
+    /// lease on, and checks the others' leases in the flush's transaction (a market lost after
+    /// its rows were buffered loses them there). Set once, when the node runs market leases;
+    /// later calls are ignored.
+    pub fn fence_snapshots(&self, lease_of: Box<LeaseLookup>) {
+        let _ = self.inner.snapshot_fences.set(LeaseOf(lease_of));
     }
 
     /// Bounds a read by the statement timeout, so a half-open connection cannot hang a caller.

@@ -55,6 +55,7 @@ pub(crate) struct Counters {
     pub location_rows: AtomicU64,
     pub dropped_rows: AtomicU64,
     pub flush_failures: AtomicU64,
+    pub fenced_rows: AtomicU64,
 }
 
 /// The error every caller of a failed group sees (the source is shared).
@@ -304,33 +305,91 @@ fn loc_rows(v: &[(TenantId, CourierId, LocationSample)]) -> Vec<LocationRow<'_>>
     v.iter().map(|(t, c, s)| (t.as_str(), c.as_str(), s)).collect()
 }
 
+/// A lease this node holds on a market, `(tenant, holder, epoch)`: checked in the flush's
+/// transaction, like a `Write::Fence` in a commit.
+type FenceToken = (TenantId, String, i64);
+
 async fn write_snapshots(
     db: &Db,
     couriers: &[CourierRecord],
     locations: &[(TenantId, CourierId, LocationSample)],
+    fences: &[FenceToken],
     limit: Duration,
 ) -> Result<(), PersistenceError> {
     let couriers: Vec<&CourierRecord> = couriers.iter().collect();
     let locations = loc_rows(locations);
+    let fences: Vec<(&str, &str, i64)> = fences.iter().map(|(t, h, e)| (t.as_str(), h.as_str(), *e)).collect();
     let fut = async {
         match db {
-            Db::Pg(p) => crate::ops::pg_bulk::write_snapshots(p, &couriers, &locations).await,
-            Db::Sqlite(p) => crate::ops::sqlite::write_snapshots(p, &couriers, &locations).await,
+            Db::Pg(p) => crate::ops::pg_bulk::write_snapshots(p, &couriers, &locations, &fences).await,
+            Db::Sqlite(p) => crate::ops::sqlite::write_snapshots(p, &couriers, &locations, &fences).await,
         }
     };
     tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))?
 }
 
+/// The fence of `tenant`'s rows, if its market is fenced.
+fn fence_of(fences: &[FenceToken], tenant: &TenantId) -> Vec<FenceToken> {
+    fences.iter().filter(|f| f.0 == *tenant).cloned().collect()
+}
+
+/// Removes `tenant`'s rows from a flush (a market this node does not hold); returns how many.
+fn drop_tenant(couriers: &mut Vec<CourierRecord>, locations: &mut Vec<(TenantId, CourierId, LocationSample)>, tenant: &TenantId) -> usize {
+    let before = couriers.len() + locations.len();
+    couriers.retain(|c| c.tenant != *tenant);
+    locations.retain(|l| l.0 != *tenant);
+    before - couriers.len() - locations.len()
+}
+
+/// With market leases, the fences of the tenants in a flush: tenants whose market this node
+/// no longer holds lose their rows here (counted in `fenced_rows`).
+fn flush_fences(
+    inner: &Inner,
+    couriers: &mut Vec<CourierRecord>,
+    locations: &mut Vec<(TenantId, CourierId, LocationSample)>,
+) -> Vec<FenceToken> {
+    let Some(lease_of) = inner.snapshot_fences.get() else { return Vec::new() };
+    let mut tenants: Vec<TenantId> = couriers.iter().map(|c| c.tenant.clone()).chain(locations.iter().map(|l| l.0.clone())).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    let mut fences = Vec::with_capacity(tenants.len());
+    for t in tenants {
+        match (lease_of.0)(&t) {
+            Some((holder, epoch)) => fences.push((t, holder, epoch)),
+            None => {
+                let n = drop_tenant(couriers, locations, &t);
+                inner.counters.fenced_rows.fetch_add(n as u64, Ordering::Relaxed);
+                tracing::info!(tenant = %t, rows = n, "snapshot rows of a market this node does not hold dropped at flush");
+            }
+        }
+    }
+    fences
+}
+
 /// Writes out everything buffered. Serialized by the caller (`Inner::flush_lock`).
 pub(crate) async fn flush_snapshots(inner: &Inner) -> Result<(), PersistenceError> {
     let _serial = inner.flush_lock.lock().await;
-    let (couriers, locations) = inner.snapshots.lock().take();
-    if couriers.is_empty() && locations.is_empty() {
-        return Ok(());
-    }
+    let (mut couriers, mut locations) = inner.snapshots.lock().take();
+    let mut fences = flush_fences(inner, &mut couriers, &mut locations);
     let limit = inner.opts.statement_timeout;
     let c = &inner.counters;
-    match write_snapshots(&inner.db, &couriers, &locations, limit).await {
+    let written = loop {
+        if couriers.is_empty() && locations.is_empty() {
+            return Ok(());
+        }
+        match write_snapshots(&inner.db, &couriers, &locations, &fences, limit).await {
+            // Lost between the buffer and the database: drop that market's rows, write the rest.
+            Err(PersistenceError::Fenced { tenant }) => {
+                let tenant = TenantId::new(tenant);
+                let n = drop_tenant(&mut couriers, &mut locations, &tenant);
+                fences.retain(|f| f.0 != tenant);
+                c.fenced_rows.fetch_add(n as u64, Ordering::Relaxed);
+                tracing::info!(tenant = %tenant, rows = n, "snapshot rows of a market lost to another node dropped at flush");
+            }
+            other => break other,
+        }
+    };
+    match written {
         Ok(()) => {
             c.snapshot_flushes.fetch_add(1, Ordering::Relaxed);
             c.courier_rows.fetch_add(couriers.len() as u64, Ordering::Relaxed);
@@ -348,7 +407,7 @@ pub(crate) async fn flush_snapshots(inner: &Inner) -> Result<(), PersistenceErro
             tracing::warn!(error = %e, "snapshot flush refused, writing row by row");
             let mut couriers = couriers.into_iter();
             while let Some(one) = couriers.next() {
-                match write_snapshots(&inner.db, std::slice::from_ref(&one), &[], limit).await {
+                match write_snapshots(&inner.db, std::slice::from_ref(&one), &[], &fence_of(&fences, &one.tenant), limit).await {
                     Ok(()) => {
                         c.courier_rows.fetch_add(1, Ordering::Relaxed);
                     }
@@ -364,7 +423,7 @@ pub(crate) async fn flush_snapshots(inner: &Inner) -> Result<(), PersistenceErro
                 }
             }
             for (i, one) in locations.iter().enumerate() {
-                match write_snapshots(&inner.db, &[], std::slice::from_ref(one), limit).await {
+                match write_snapshots(&inner.db, &[], std::slice::from_ref(one), &fence_of(&fences, &one.0), limit).await {
                     Ok(()) => {
                         c.location_rows.fetch_add(1, Ordering::Relaxed);
                     }

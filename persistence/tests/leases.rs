@@ -22,6 +22,7 @@ both_backends!(
     fence_waits_for_a_take_over_in_progress,
     concurrent_acquires_have_one_winner,
     a_lost_markets_buffered_snapshots_are_dropped,
+    flushes_are_fenced_by_the_lease_held_at_flush_time,
 );
 
 const LONG: Duration = Duration::from_secs(60);
@@ -440,5 +441,54 @@ async fn a_lost_markets_buffered_snapshots_are_dropped(ctx: Ctx) {
     assert_eq!(store.load_tenant(&t("kept")).await.unwrap().couriers.len(), 1);
     assert_eq!(store.export_locations(&t("kept"), &CourierId::new("c2"), 0, i64::MAX).await.unwrap().len(), 1);
     assert!(store.export_locations(&t("lost"), &CourierId::new("c1"), 0, i64::MAX).await.unwrap().is_empty());
+    store.close().await.unwrap();
+}
+
+/// With fenced flushes, a snapshot row reaches the database only if this node still holds its
+/// market's lease when the flush commits: rows of a market the node no longer claims are
+/// dropped before the write, and rows of a market another node took after they were buffered
+/// fail the fence in the flush's transaction, so they cannot overwrite the new owner's (older
+/// by `updated_at`) row. The other markets' rows are written.
+async fn flushes_are_fenced_by_the_lease_held_at_flush_time(ctx: Ctx) {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    let opts = hexfleet_persistence::StoreOptions { snapshot_flush: Duration::from_secs(3600), ..ctx.options() };
+    let store = SqlStore::open(&ctx.url, opts).await.expect("open store");
+    let kept = store.acquire_lease(&t("kept"), "A", "http://a", LONG).await.unwrap().expect("kept");
+    let lost = store.acquire_lease(&t("lost"), "A", "http://a", SHORT).await.unwrap().expect("lost");
+    // What this node believes it holds (its `Markets`); `gone` it has already let go of.
+    let held: Arc<parking_lot::Mutex<HashMap<TenantId, (String, i64)>>> = Arc::default();
+    held.lock().insert(t("kept"), ("A".into(), kept.epoch));
+    held.lock().insert(t("lost"), ("A".into(), lost.epoch));
+    let view = held.clone();
+    store.fence_snapshots(Box::new(move |tenant| view.lock().get(tenant).cloned()));
+
+    let sample = hexfleet_actors::domain::LocationSample { pos: common::ll(50.0, 3.0), ts: 1_000, speed: None };
+    store
+        .snapshot_couriers(vec![courier("kept", "c1", 1_000, 50.0), courier("lost", "c2", 1_000, 50.0), courier("gone", "c3", 1_000, 50.0)])
+        .unwrap();
+    for (m, c) in [("kept", "c1"), ("lost", "c2"), ("gone", "c3")] {
+        store.record_locations(&t(m), &CourierId::new(c), vec![sample]).unwrap();
+    }
+
+    // B takes `lost` over (epoch + 1) and writes its own, older-stamped, snapshot of c2.
+    until_lapsed(&store, "lost").await;
+    let b = store.acquire_lease(&t("lost"), "B", "http://b", LONG).await.unwrap().expect("B takes the lapsed market");
+    assert_eq!(b.epoch, lost.epoch + 1);
+    store.commit(vec![fence("lost", "B", b.epoch), Write::Courier(courier("lost", "c2", 500, 52.0))]).await.unwrap();
+
+    store.flush().await.expect("the flush writes what it may and drops the rest");
+    let c1 = store.load_tenant(&t("kept")).await.unwrap().couriers;
+    assert_eq!(c1.len(), 1, "the held market's snapshot is written");
+    let c2 = store.load_tenant(&t("lost")).await.unwrap().couriers;
+    assert_eq!(c2.len(), 1);
+    assert_eq!((c2[0].updated_at, c2[0].last_fix.unwrap().pos.lat), (500, 52.0), "the new owner's row stands");
+    assert!(store.load_tenant(&t("gone")).await.unwrap().couriers.is_empty(), "no lease claimed: not written");
+    assert_eq!(store.export_locations(&t("kept"), &CourierId::new("c1"), 0, i64::MAX).await.unwrap().len(), 1);
+    assert!(store.export_locations(&t("lost"), &CourierId::new("c2"), 0, i64::MAX).await.unwrap().is_empty());
+    assert!(store.export_locations(&t("gone"), &CourierId::new("c3"), 0, i64::MAX).await.unwrap().is_empty());
+    let stats = store.stats();
+    assert_eq!(stats.fenced_rows, 4, "a snapshot and a sample each of `lost` and `gone`");
+    assert_eq!((stats.buffered_couriers, stats.buffered_locations), (0, 0), "fenced rows are not put back");
     store.close().await.unwrap();
 }
