@@ -130,6 +130,15 @@ pub struct ServeArgs {
     /// Wait before the second attempt in milliseconds; it doubles per attempt, up to an hour.
     #[arg(long, env = "HEXFLEET_WEBHOOK_BACKOFF_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub webhook_backoff_ms: u64,
+    /// Consecutive failed attempts after which a webhook's endpoint is paused (its circuit
+    /// opens): its deliveries wait, attempts uncounted, so one dead endpoint neither burns its
+    /// own retries nor holds up other webhooks.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_BREAKER_AFTER", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub webhook_breaker_after: u32,
+    /// First pause of a failing endpoint in milliseconds; it doubles each time the probe after
+    /// a pause fails, up to 10 minutes.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_BREAKER_COOLDOWN_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub webhook_breaker_cooldown_ms: u64,
     /// Let webhooks reach loopback, private and link-local addresses (on-premises receivers).
     /// Off by default: a tenant's dispatcher must not be able to probe the internal network.
     #[arg(long, env = "HEXFLEET_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
@@ -313,6 +322,8 @@ mod tests {
         let Cmd::Serve(s) = cli.cmd else { panic!() };
         assert!(s.learn_speeds && s.fleet_config().learn_speeds);
         assert_eq!((s.webhook_timeout_ms, s.webhook_max_attempts, s.webhook_backoff_ms), (10_000, 15, 1_000));
+        assert_eq!((s.webhook_breaker_after, s.webhook_breaker_cooldown_ms), (5, 30_000));
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-breaker-after", "0"]).is_err());
         assert!(!s.webhook_allow_private, "private destinations are refused unless asked for");
         let cli = Cli::try_parse_from(["hexfleet", "serve", "--learn-speeds", "false", "--webhook-max-attempts", "3"]).unwrap();
         let Cmd::Serve(s) = cli.cmd else { panic!() };

@@ -55,6 +55,8 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.webhooks.timeout = Duration::from_millis(a.webhook_timeout_ms);
     cfg.webhooks.max_attempts = a.webhook_max_attempts;
     cfg.webhooks.backoff = Duration::from_millis(a.webhook_backoff_ms);
+    cfg.webhooks.breaker_after = a.webhook_breaker_after;
+    cfg.webhooks.breaker_cooldown = Duration::from_millis(a.webhook_breaker_cooldown_ms);
     cfg.webhooks.allow_private = a.webhook_allow_private;
     if a.market_leases.unwrap_or(a.redis_url.is_some()) {
         let advertise_url = match &a.advertise_url {

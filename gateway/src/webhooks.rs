@@ -24,11 +24,15 @@
 //! address it resolves to is one of those (so DNS cannot be used to reach them either). This
 //! keeps one tenant's dispatcher from probing the operator's internal network (SSRF).
 //!
+//! A webhook whose endpoint fails `breaker_after` times in a row is paused ([`Breakers`]):
+//! its rows are not claimed for a cool-down (no attempt counted), then one delivery probes it.
+//! So a dead endpoint neither burns its retries nor holds up other webhooks' batches.
+//!
 //! Signature: `X-Hexfleet-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 //! A receiver recomputes it over the raw body and rejects old `t` values (replays).
 //!
-//! Metrics: `hexfleet_webhook_deliveries_total{outcome="delivered"|"retry"|"dead"}` and
-//! `hexfleet_webhook_delivery_seconds`.
+//! Metrics: `hexfleet_webhook_deliveries_total{outcome="delivered"|"retry"|"dead"|"deferred"}`,
+//! `hexfleet_webhook_circuit_opened_total` and `hexfleet_webhook_delivery_seconds`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,6 +76,11 @@ pub struct WebhookConfig {
     /// Deliveries in flight at once, and claimed at once: every claimed delivery is sent at
     /// once, so a claim's lease (timeout + 30 s) always outlasts its sends.
     pub concurrency: usize,
+    /// Consecutive failures after which an endpoint's circuit opens ([`Breakers`]).
+    pub breaker_after: u32,
+    /// First pause of an open circuit; doubles after each failed probe, up to
+    /// [`MAX_BREAKER_COOLDOWN`].
+    pub breaker_cooldown: Duration,
     /// Delivered and dead rows are purged after this long.
     pub keep_finished: Duration,
     /// Let webhooks reach loopback and private networks (on-premises receivers, tests).
@@ -87,6 +96,8 @@ impl Default for WebhookConfig {
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(3600),
             concurrency: 16,
+            breaker_after: 5,
+            breaker_cooldown: Duration::from_secs(30),
             keep_finished: Duration::from_secs(7 * 24 * 3600),
             allow_private: false,
         }
@@ -476,6 +487,102 @@ async fn send(client: &reqwest::Client, d: &Delivery, unix_s: i64, allow_private
     Ok(resp.status().as_u16())
 }
 
+/// Longest pause of a failing endpoint.
+pub const MAX_BREAKER_COOLDOWN: Duration = Duration::from_secs(600);
+
+/// One webhook's circuit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Circuit {
+    /// Sending; `failures` in a row so far.
+    Closed { failures: u32 },
+    /// Paused until the instant; `pauses` in a row so far (the next pause doubles).
+    /// `probe_out`: the pause is the wait for a probe's outcome.
+    Open { until: Instant, pauses: u32, probe_out: bool },
+    /// The pause is over: the next delivery claimed probes the endpoint.
+    Probing { pauses: u32 },
+}
+
+/// The delivery worker's circuit breakers, one per webhook (`(tenant, id)`), on this node.
+///
+/// `breaker_after` failed attempts in a row open a webhook's circuit for `breaker_cooldown`:
+/// its deliveries are not claimed meanwhile (they stay pending, no attempt counted). Then one
+/// delivery probes the endpoint: success closes the circuit, failure opens it again for twice
+/// as long (up to [`MAX_BREAKER_COOLDOWN`]). So a dead endpoint costs one attempt per pause
+/// instead of a batch of timeouts per poll, and other webhooks' batches are not held up by it.
+#[derive(Debug)]
+pub struct Breakers {
+    after: u32,
+    cooldown: Duration,
+    circuits: std::collections::HashMap<(String, String), Circuit>,
+}
+
+/// What the worker does with a claimed delivery.
+#[derive(Debug, PartialEq)]
+pub enum Admit {
+    Send,
+    /// Its circuit is open (or its probe is out): back to pending at the instant, uncounted.
+    Defer(Instant),
+}
+
+impl Breakers {
+    pub fn new(cfg: &WebhookConfig) -> Self {
+        Breakers { after: cfg.breaker_after.max(1), cooldown: cfg.breaker_cooldown, circuits: Default::default() }
+    }
+
+    /// Webhooks whose circuit is open at `now` (not to be claimed).
+    pub fn open(&mut self, now: Instant) -> Vec<(String, String)> {
+        for c in self.circuits.values_mut() {
+            if let Circuit::Open { until, pauses, .. } = *c
+                && until <= now
+            {
+                *c = Circuit::Probing { pauses };
+            }
+        }
+        self.circuits.iter().filter(|(_, c)| matches!(c, Circuit::Open { .. })).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Whether to send a claimed delivery of `key` now. A probing circuit lets one delivery
+    /// out; the others wait `probe_wait` (a request timeout) for its outcome.
+    pub fn admit(&mut self, key: &(String, String), now: Instant, probe_wait: Duration) -> Admit {
+        match self.circuits.get_mut(key) {
+            None | Some(Circuit::Closed { .. }) => Admit::Send,
+            Some(Circuit::Open { until, .. }) => Admit::Defer(*until),
+            Some(c) => {
+                let pauses = if let Circuit::Probing { pauses } = *c { pauses } else { 0 };
+                *c = Circuit::Open { until: now + probe_wait, pauses, probe_out: true };
+                Admit::Send
+            }
+        }
+    }
+
+    /// Records the outcome of a delivery sent; returns the pause when it opened the circuit.
+    pub fn record(&mut self, key: (String, String), ok: bool, now: Instant) -> Option<Duration> {
+        let c = self.circuits.entry(key).or_insert(Circuit::Closed { failures: 0 });
+        if ok {
+            *c = Circuit::Closed { failures: 0 };
+            return None;
+        }
+        let pauses = match *c {
+            Circuit::Closed { failures } if failures + 1 < self.after => {
+                *c = Circuit::Closed { failures: failures + 1 };
+                return None;
+            }
+            Circuit::Closed { .. } => 0,
+            Circuit::Open { pauses, probe_out: true, .. } => pauses + 1,
+            // A send made before the circuit opened, failing late: already counted in.
+            Circuit::Open { probe_out: false, .. } | Circuit::Probing { .. } => return None,
+        };
+        let pause = self.cooldown.saturating_mul(1u32 << pauses.min(16)).min(MAX_BREAKER_COOLDOWN.max(self.cooldown));
+        *c = Circuit::Open { until: now + pause, pauses, probe_out: false };
+        Some(pause)
+    }
+
+    /// Forgets closed circuits with no failures (keeps the map to the webhooks that fail).
+    fn tidy(&mut self) {
+        self.circuits.retain(|_, c| *c != Circuit::Closed { failures: 0 });
+    }
+}
+
 /// Starts the delivery worker; it stops when `stop` is cancelled (finishing the requests in
 /// flight). `now` is the fleet's clock in Unix ms.
 pub fn spawn_delivery(
@@ -508,6 +615,7 @@ pub fn spawn_delivery(
         let mut tick = tokio::time::interval(cfg.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_purge = Instant::now();
+        let breakers = parking_lot::Mutex::new(Breakers::new(&cfg));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -527,7 +635,9 @@ pub fn spawn_delivery(
                 let t = now();
                 let lease = format!("{node}:{}", uuid::Uuid::new_v4().simple());
                 let claim = u32::try_from(cfg.concurrency.max(1)).unwrap_or(u32::MAX);
-                let batch = match store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim).await {
+                let open = breakers.lock().open(Instant::now());
+                let skip: Vec<(&str, &str)> = open.iter().map(|(t, w)| (t.as_str(), w.as_str())).collect();
+                let batch = match store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim, &skip).await {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot claim webhook deliveries; retrying next poll");
@@ -542,15 +652,33 @@ pub fn spawn_delivery(
                         let store = &store;
                         let lease = &lease;
                         let now = &now;
+                        let breakers = &breakers;
                         async move {
+                            let key = (d.event.event.tenant.to_string(), d.webhook_id.clone());
                             let started = Instant::now();
-                            let result = send(client, &d, now() / 1000, cfg.allow_private).await;
-                            metrics::histogram!("hexfleet_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
-                            let outcome = judge(cfg, d.attempt, now(), result);
+                            let admitted = breakers.lock().admit(&key, started, cfg.timeout);
+                            let outcome = match admitted {
+                                Admit::Defer(until) => {
+                                    let wait = i64::try_from(until.saturating_duration_since(started).as_millis()).unwrap_or(i64::MAX / 4);
+                                    Outcome::Deferred { at: now() + wait }
+                                }
+                                Admit::Send => {
+                                    let result = send(client, &d, now() / 1000, cfg.allow_private).await;
+                                    metrics::histogram!("hexfleet_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
+                                    let ok = matches!(result, Ok(s) if (200..300).contains(&s));
+                                    if let Some(pause) = breakers.lock().record(key, ok, Instant::now()) {
+                                        metrics::counter!("hexfleet_webhook_circuit_opened_total").increment(1);
+                                        tracing::warn!(tenant = %d.event.event.tenant, webhook = %d.webhook_id, ?pause,
+                                            "webhook endpoint keeps failing; its deliveries are paused");
+                                    }
+                                    judge(cfg, d.attempt, now(), result)
+                                }
+                            };
                             let label = match &outcome {
                                 Outcome::Delivered { .. } => "delivered",
                                 Outcome::Retry { .. } => "retry",
                                 Outcome::Dead { .. } => "dead",
+                                Outcome::Deferred { .. } => "deferred",
                             };
                             metrics::counter!("hexfleet_webhook_deliveries_total", "outcome" => label).increment(1);
                             if let Outcome::Dead { error, .. } = &outcome {
@@ -566,6 +694,7 @@ pub fn spawn_delivery(
                     .buffer_unordered(cfg.concurrency.max(1))
                     .count();
                 results.await;
+                breakers.lock().tidy();
                 if !full || stop.is_cancelled() {
                     break;
                 }
@@ -624,6 +753,58 @@ mod tests {
             Err(e) => e.to_string(),
         };
         assert!(err.contains("may not reach"), "{err}");
+    }
+
+    #[test]
+    fn a_failing_endpoint_is_paused_then_probed_once() {
+        let cfg = WebhookConfig { breaker_after: 3, breaker_cooldown: Duration::from_secs(30), ..Default::default() };
+        let mut b = Breakers::new(&cfg);
+        let (k, other) = (("t".to_owned(), "bad".to_owned()), ("t".to_owned(), "good".to_owned()));
+        let t0 = Instant::now();
+        let wait = Duration::from_secs(10);
+        // Two failures, a success: still closed, the count starts again.
+        assert_eq!(b.record(k.clone(), false, t0), None);
+        assert_eq!(b.record(k.clone(), false, t0), None);
+        assert_eq!(b.record(k.clone(), true, t0), None);
+        assert_eq!(b.record(k.clone(), false, t0), None);
+        assert_eq!(b.record(k.clone(), false, t0), None);
+        // The third in a row opens it for the cool-down; late failures of the same batch do
+        // not stretch the pause.
+        assert_eq!(b.record(k.clone(), false, t0), Some(Duration::from_secs(30)));
+        assert_eq!(b.record(k.clone(), false, t0), None);
+        assert_eq!(b.open(t0 + Duration::from_secs(29)), vec![k.clone()]);
+        assert_eq!(b.admit(&k, t0, wait), Admit::Defer(t0 + Duration::from_secs(30)));
+        assert_eq!(b.admit(&other, t0, wait), Admit::Send, "other webhooks are not affected");
+        // After the pause: claimable again, one probe goes out, the rest wait for its outcome.
+        let t1 = t0 + Duration::from_secs(30);
+        assert!(b.open(t1).is_empty());
+        assert_eq!(b.admit(&k, t1, wait), Admit::Send);
+        assert_eq!(b.admit(&k, t1, wait), Admit::Defer(t1 + wait));
+        assert_eq!(b.open(t1), vec![k.clone()], "not claimed while the probe is out");
+        // The probe fails: paused twice as long.
+        assert_eq!(b.record(k.clone(), false, t1), Some(Duration::from_secs(60)));
+        let t2 = t1 + Duration::from_secs(60);
+        assert!(b.open(t2).is_empty());
+        assert_eq!(b.admit(&k, t2, wait), Admit::Send);
+        // Up to the cap.
+        let mut t = t2;
+        for _ in 0..10 {
+            let p = b.record(k.clone(), false, t).expect("a failed probe reopens");
+            assert!(p <= MAX_BREAKER_COOLDOWN);
+            t += p;
+            assert!(b.open(t).is_empty());
+            assert_eq!(b.admit(&k, t, wait), Admit::Send);
+        }
+        assert_eq!(b.record(k.clone(), false, t), Some(MAX_BREAKER_COOLDOWN));
+        // A probe that succeeds closes it: everything is sent again.
+        let t3 = t + MAX_BREAKER_COOLDOWN;
+        assert!(b.open(t3).is_empty());
+        assert_eq!(b.admit(&k, t3, wait), Admit::Send);
+        assert_eq!(b.record(k.clone(), true, t3), None);
+        assert_eq!(b.admit(&k, t3, wait), Admit::Send);
+        assert_eq!(b.admit(&k, t3, wait), Admit::Send);
+        b.tidy();
+        assert!(b.circuits.is_empty(), "healthy webhooks are not kept");
     }
 
     #[test]

@@ -213,6 +213,73 @@ async fn api_signed_delivery_retries_and_giving_up() {
     rx.handle.stop(true).await;
 }
 
+/// A failing endpoint trips its webhook's circuit: after `breaker_after` failures its
+/// deliveries are neither sent nor counted as attempts while the circuit is open, and the other
+/// webhook's deliveries go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_paused_and_does_not_hold_up_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
+    cfg.webhooks.poll = Duration::from_millis(20);
+    cfg.webhooks.backoff = Duration::from_millis(20);
+    cfg.webhooks.max_attempts = 50;
+    cfg.webhooks.timeout = Duration::from_secs(2);
+    cfg.webhooks.breaker_after = 3;
+    // Longer than the test: the circuit stays open once it opens.
+    cfg.webhooks.breaker_cooldown = Duration::from_secs(600);
+    cfg.webhooks.allow_private = true;
+    let mut srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("acme");
+    let broken = Receiver::start(usize::MAX).await;
+    let mut healthy = Receiver::start(0).await;
+    for (id, url) in [("broken", &broken.url), ("healthy", &healthy.url)] {
+        let (s, b) = srv.put(&format!("/v1/webhooks/{id}"), &disp, json!({"url": url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    for i in 0..6 {
+        assert_eq!(srv.post("/v1/orders", &disp, order_body(&format!("o-cb-{i}"))).await.0, 201);
+    }
+    // Sent concurrently: in any order.
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 6 {
+        let g = healthy.next("healthy deliveries", |v| v["entity_id"].as_str().is_some_and(|id| id.starts_with("o-cb-"))).await;
+        seen.insert(g.json()["entity_id"].as_str().unwrap().to_owned());
+    }
+    // Every broken delivery is due (a failed one's backoff is 20–40 ms; one whose event came
+    // after the circuit opened was never tried), yet none is claimed: with the circuit closed,
+    // the next poll would send them.
+    let items = eventually("the broken webhook's deliveries due and idle", || async {
+        let (_, d) = srv.get("/v1/webhooks/broken/deliveries", Some(&disp)).await;
+        let items = d["items"].as_array()?.clone();
+        let now = common::now_ms();
+        (items.len() == 6
+            && items.iter().all(|i| {
+                i["state"] == "pending" && i["next_attempt_at"].as_i64().is_some_and(|t| t + 200 < now)
+            })
+            && items.iter().map(|i| i["attempts"].as_i64().unwrap_or(0)).sum::<i64>() >= 3)
+        .then_some(items)
+    })
+    .await;
+    let sent = usize::MAX - broken.state.fail.load(Ordering::SeqCst);
+    let attempts = |items: &[Value]| items.iter().map(|i| i["attempts"].as_i64().unwrap()).sum::<i64>();
+    assert_eq!(attempts(&items), sent as i64, "every attempt counted is a request the endpoint got");
+    assert!((3..=12).contains(&sent), "at least breaker_after, at most one batch beyond: {sent}");
+    // The worker polls on: a later order reaches the healthy endpoint, after the broken
+    // deliveries were due...
+    assert_eq!(srv.post("/v1/orders", &disp, order_body("o-cb-late")).await.0, 201);
+    healthy.next("a later delivery", |v| v["entity_id"] == "o-cb-late").await;
+    // ...and the broken endpoint got nothing more: no request, no attempt spent, none given up.
+    assert_eq!(usize::MAX - broken.state.fail.load(Ordering::SeqCst), sent, "requests to the paused endpoint");
+    let (_, d) = srv.get("/v1/webhooks/broken/deliveries", Some(&disp)).await;
+    let items = d["items"].as_array().unwrap();
+    assert_eq!(items.len(), 7);
+    assert_eq!(attempts(items), sent as i64, "paused deliveries spend no attempts: {d}");
+    assert!(items.iter().all(|i| i["state"] == "pending"), "none given up: {d}");
+    srv.stop().await;
+    broken.handle.stop(true).await;
+    healthy.handle.stop(true).await;
+}
+
 /// Deliveries the receiver refused before a restart are made after it, from the outbox.
 async fn outbox_survives_restart(db: String) {
     let mut cfg = fast_config(&db);

@@ -131,6 +131,13 @@ pub enum Outcome {
         /// What went wrong.
         error: String,
     },
+    /// Not attempted: the endpoint's circuit is open (the worker pauses a failing endpoint).
+    /// Pending again at `at`; the claim's attempt is given back, and the last status and error
+    /// are kept.
+    Deferred {
+        /// Unix ms from which it may be claimed again.
+        at: i64,
+    },
     /// Failed for the last time.
     Dead {
         /// The receiver's status, when it answered.
@@ -375,33 +382,48 @@ macro_rules! webhook_ops {
                 lease_until: i64,
                 lease: &str,
                 limit: i64,
+                skip: &[(&str, &str)],
             ) -> Result<Vec<Delivery>, PersistenceError> {
+                // Webhooks whose rows are left alone (open circuits), as `$first, $first+1, …`.
+                let not_skipped = |first: usize| {
+                    if skip.is_empty() {
+                        return String::new();
+                    }
+                    let rows: Vec<String> = (0..skip.len()).map(|i| format!("(${}, ${})", first + 2 * i, first + 2 * i + 1)).collect();
+                    format!(" AND (tenant, webhook_id) NOT IN (VALUES {})", rows.join(", "))
+                };
                 // A read first: an idle outbox costs no write transaction (SQLite's write lock
                 // is the group-commit writer's).
-                let any: Option<i64> = sqlx::query_scalar(
-                    "SELECT event_seq FROM webhook_outbox WHERE state = 'pending' AND next_attempt_at <= $1 LIMIT 1",
-                )
-                .bind(now)
-                .fetch_optional(pool)
-                .await?;
+                let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT event_seq FROM webhook_outbox WHERE state = 'pending' AND next_attempt_at <= $1{} LIMIT 1",
+                    not_skipped(2)
+                )))
+                .bind(now);
+                for (t, w) in skip {
+                    q = q.bind(*t).bind(*w);
+                }
+                let any: Option<i64> = q.fetch_optional(pool).await?;
                 if any.is_none() {
                     return Ok(Vec::new());
                 }
                 // The outer condition is re-checked on rows another node claimed meanwhile
                 // (PostgreSQL re-evaluates it after waiting for the row lock), so no row is
                 // claimed twice within one lease.
-                sqlx::query(
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "UPDATE webhook_outbox SET lease = $1, next_attempt_at = $2, attempts = attempts + 1 \
                      WHERE state = 'pending' AND next_attempt_at <= $3 AND (tenant, webhook_id, event_seq) IN \
                      (SELECT tenant, webhook_id, event_seq FROM webhook_outbox \
-                      WHERE state = 'pending' AND next_attempt_at <= $3 ORDER BY next_attempt_at, event_seq LIMIT $4)",
-                )
+                      WHERE state = 'pending' AND next_attempt_at <= $3{} ORDER BY next_attempt_at, event_seq LIMIT $4)",
+                    not_skipped(5)
+                )))
                 .bind(lease)
                 .bind(lease_until)
                 .bind(now)
-                .bind(limit)
-                .execute(pool)
-                .await?;
+                .bind(limit);
+                for (t, w) in skip {
+                    q = q.bind(*t).bind(*w);
+                }
+                q.execute(pool).await?;
                 let rows: Vec<ClaimedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                     "SELECT o.webhook_id, w.url, w.secret, o.attempts, \
                      e.seq, e.tenant, e.entity, e.entity_id, e.kind, e.actor, e.reason, e.ts, e.attrs{JSON_OUT} AS attrs \
@@ -436,7 +458,23 @@ macro_rules! webhook_ops {
                 outcome: &Outcome,
                 now: i64,
             ) -> Result<bool, PersistenceError> {
+                if let Outcome::Deferred { at } = outcome {
+                    let r = sqlx::query(
+                        "UPDATE webhook_outbox SET next_attempt_at = $1, attempts = attempts - 1, updated_at = $2, lease = NULL \
+                         WHERE tenant = $3 AND webhook_id = $4 AND event_seq = $5 AND lease = $6",
+                    )
+                    .bind(*at)
+                    .bind(now)
+                    .bind(tenant.as_str())
+                    .bind(webhook_id)
+                    .bind(seq)
+                    .bind(lease)
+                    .execute(pool)
+                    .await?;
+                    return Ok(r.rows_affected() > 0);
+                }
                 let (state, next, status, error) = match outcome {
+                    Outcome::Deferred { .. } => unreachable!("handled above"),
                     Outcome::Delivered { status } => (DeliveryState::Delivered, now, Some(*status), None),
                     Outcome::Retry { at, status, error } => (DeliveryState::Pending, *at, *status, Some(clip(error))),
                     Outcome::Dead { status, error } => (DeliveryState::Dead, now, *status, Some(clip(error))),
@@ -520,16 +558,19 @@ impl SqlStore {
         self.bounded(async { on_backend!(self.db(), webhooks::deliveries(tenant, id, i64::from(limit))) }).await
     }
 
-    /// Claims up to `limit` deliveries due at `now` (every tenant): they are leased to `lease`
-    /// until `lease_until`, their attempt counted, and returned oldest event first.
+    /// Claims up to `limit` deliveries due at `now` (every tenant), except those of the
+    /// webhooks in `skip` (`(tenant, webhook id)`: endpoints whose circuit is open): they are
+    /// leased to `lease` until `lease_until`, their attempt counted, and returned oldest event
+    /// first.
     pub async fn claim_webhook_deliveries(
         &self,
         now: i64,
         lease_until: i64,
         lease: &str,
         limit: u32,
+        skip: &[(&str, &str)],
     ) -> Result<Vec<Delivery>, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), webhooks::claim(now, lease_until, lease, i64::from(limit))) }).await
+        self.bounded(async { on_backend!(self.db(), webhooks::claim(now, lease_until, lease, i64::from(limit), skip)) }).await
     }
 
     /// Records how a claimed delivery ended. Returns false when the lease was lost meanwhile

@@ -11,7 +11,7 @@ use hexfleet_actors::domain::{EntityKind, TenantId};
 use hexfleet_actors::store::{EventQuery, Store, Write};
 use hexfleet_persistence::webhooks::{DeliveryState, Outcome, Webhook};
 
-both_backends!(outbox_follows_subscriptions, claims_leases_and_outcomes);
+both_backends!(outbox_follows_subscriptions, claims_leases_and_outcomes, open_circuits_are_skipped_and_deferrals_give_the_attempt_back);
 
 fn hook(tenant: &str, id: &str, events: &[&str], at: i64) -> Webhook {
     Webhook {
@@ -28,7 +28,7 @@ fn hook(tenant: &str, id: &str, events: &[&str], at: i64) -> Webhook {
 /// (webhook, kind) of every delivery claimable far in the future.
 async fn due(store: &hexfleet_persistence::SqlStore, lease: &str) -> BTreeSet<(String, String)> {
     store
-        .claim_webhook_deliveries(i64::MAX / 4, i64::MAX / 2, lease, 1000)
+        .claim_webhook_deliveries(i64::MAX / 4, i64::MAX / 2, lease, 1000, &[])
         .await
         .unwrap()
         .into_iter()
@@ -108,16 +108,16 @@ async fn claims_leases_and_outcomes(ctx: Ctx) {
     store.commit(evs).await.unwrap();
 
     // Not due before the event's time; then claimed oldest first, at most `limit`.
-    assert!(store.claim_webhook_deliveries(1_999, 50_000, "A", 10).await.unwrap().is_empty());
-    let a = store.claim_webhook_deliveries(10_000, 50_000, "A", 3).await.unwrap();
+    assert!(store.claim_webhook_deliveries(1_999, 50_000, "A", 10, &[]).await.unwrap().is_empty());
+    let a = store.claim_webhook_deliveries(10_000, 50_000, "A", 3, &[]).await.unwrap();
     assert_eq!(a.len(), 3);
     assert!(a.windows(2).all(|w| w[0].event.seq < w[1].event.seq));
     assert!(a.iter().all(|d| d.attempt == 1 && d.url.ends_with("/w") && d.secret == "s3cret-s3cret"));
     assert_eq!(a[0].event.event.entity_id, "o0");
     // Leased rows are not claimed again until the lease lapses; the rest are.
-    let b = store.claim_webhook_deliveries(10_000, 50_000, "B", 10).await.unwrap();
+    let b = store.claim_webhook_deliveries(10_000, 50_000, "B", 10, &[]).await.unwrap();
     assert_eq!(b.len(), 2);
-    assert!(store.claim_webhook_deliveries(49_999, 60_000, "C", 10).await.unwrap().is_empty());
+    assert!(store.claim_webhook_deliveries(49_999, 60_000, "C", 10, &[]).await.unwrap().is_empty());
 
     // Outcomes.
     let d0 = &a[0];
@@ -143,13 +143,55 @@ async fn claims_leases_and_outcomes(ctx: Ctx) {
     assert!(r2.last_error.as_ref().unwrap().len() <= 500, "errors are clipped");
 
     // The retry comes back at its time, as attempt 2.
-    assert!(store.claim_webhook_deliveries(19_999, 70_000, "D", 10).await.unwrap().is_empty());
-    let again = store.claim_webhook_deliveries(20_000, 70_000, "D", 10).await.unwrap();
+    assert!(store.claim_webhook_deliveries(19_999, 70_000, "D", 10, &[]).await.unwrap().is_empty());
+    let again = store.claim_webhook_deliveries(20_000, 70_000, "D", 10, &[]).await.unwrap();
     assert_eq!(again.iter().map(|d| (d.event.seq, d.attempt)).collect::<Vec<_>>(), vec![(a[1].event.seq, 2)]);
 
     // Purge removes finished rows older than the cut-off, never pending ones.
     assert_eq!(store.purge_webhook_deliveries(11_001).await.unwrap(), 2);
     let s = store.webhook_stats(&t, "w").await.unwrap();
     assert_eq!((s.pending, s.delivered, s.dead), (3, 0, 0));
+    store.close().await.unwrap();
+}
+
+/// The worker's circuit breaker rests on two store operations: a claim that leaves the rows of
+/// webhooks with an open circuit alone (same tenant or not), and a deferral that puts a
+/// claimed row back without counting the attempt or touching its last status.
+async fn open_circuits_are_skipped_and_deferrals_give_the_attempt_back(ctx: Ctx) {
+    let store = ctx.open().await;
+    let t = TenantId::new("t1");
+    for (tenant, id) in [("t1", "bad"), ("t1", "good"), ("t2", "bad")] {
+        store.put_webhook(&hook(tenant, id, &["order.*"], 1_000), "dispatcher:d").await.unwrap();
+    }
+    let evs = |tenant: &str| -> Vec<Write> {
+        (0..3).map(|i| Write::Event(event(tenant, EntityKind::Order, &format!("o{i}"), "order.created", 2_000 + i))).collect()
+    };
+    store.commit(evs("t1")).await.unwrap();
+    store.commit(evs("t2")).await.unwrap();
+
+    // t1's `bad` is skipped; t2's webhook of the same name is not.
+    let got = store.claim_webhook_deliveries(10_000, 50_000, "A", 100, &[("t1", "bad")]).await.unwrap();
+    let mut who: Vec<(String, String)> = got.iter().map(|d| (d.event.event.tenant.to_string(), d.webhook_id.clone())).collect();
+    who.dedup();
+    assert_eq!(got.len(), 6);
+    assert_eq!(who, [("t1".to_string(), "good".to_string()), ("t2".to_string(), "bad".to_string())]);
+    // Only skipped rows are due: nothing is claimed, however many are skipped.
+    assert!(store.claim_webhook_deliveries(10_000, 50_000, "B", 100, &[("t1", "bad"), ("t9", "x")]).await.unwrap().is_empty());
+
+    // Claimed and deferred: pending again at `at`, attempt given back, last status kept.
+    let bad = store.claim_webhook_deliveries(10_000, 50_000, "C", 1, &[]).await.unwrap();
+    assert_eq!((bad[0].webhook_id.as_str(), bad[0].attempt), ("bad", 1));
+    let seq = bad[0].event.seq;
+    let retry = Outcome::Retry { at: 10_000, status: Some(503), error: "HTTP 503".into() };
+    assert!(store.finish_webhook_delivery(&t, "bad", seq, "C", &retry, 10_000).await.unwrap());
+    let again = store.claim_webhook_deliveries(10_000, 50_000, "D", 100, &[]).await.unwrap();
+    assert_eq!(again.iter().find(|d| d.event.seq == seq).map(|d| d.attempt), Some(2));
+    assert!(store.finish_webhook_delivery(&t, "bad", seq, "D", &Outcome::Deferred { at: 30_000 }, 10_001).await.unwrap());
+    assert!(!store.finish_webhook_delivery(&t, "bad", seq, "D", &Outcome::Deferred { at: 30_000 }, 10_002).await.unwrap(), "the lease is gone");
+    let r = store.webhook_deliveries(&t, "bad", 10).await.unwrap().into_iter().find(|r| r.event_seq == seq).unwrap();
+    assert_eq!((r.state, r.attempts, r.next_attempt_at, r.last_status), (DeliveryState::Pending, 1, 30_000, Some(503)));
+    assert!(store.claim_webhook_deliveries(29_999, 50_000, "E", 100, &[("t1", "good"), ("t2", "bad")]).await.unwrap().iter().all(|d| d.event.seq != seq));
+    let back = store.claim_webhook_deliveries(30_000, 60_000, "F", 100, &[("t1", "good"), ("t2", "bad")]).await.unwrap();
+    assert!(back.iter().any(|d| d.event.seq == seq && d.attempt == 2), "claimed again at its time, as attempt 2");
     store.close().await.unwrap();
 }
