@@ -60,7 +60,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/webhooks/{id}", web::put().to(crate::webhooks::put_webhook))
                 .route("/webhooks/{id}", web::get().to(crate::webhooks::get_webhook))
                 .route("/webhooks/{id}", web::delete().to(crate::webhooks::delete_webhook))
-                .route("/webhooks/{id}/deliveries", web::get().to(crate::webhooks::deliveries)),
+                .route("/webhooks/{id}/deliveries", web::get().to(crate::webhooks::deliveries))
+                .route("/webhooks/{id}/redeliver", web::post().to(crate::webhooks::redeliver)),
         );
 }
 

@@ -15,7 +15,7 @@ use crate::dto::{AssignReq, CourierDto, CourierPutReq, LatLngDto, NearbyDto, New
         crate::history::export, crate::history::erase,
         crate::zones::put_zone, crate::zones::list_zones, crate::zones::get_zone, crate::zones::delete_zone,
         crate::webhooks::put_webhook, crate::webhooks::list_webhooks, crate::webhooks::get_webhook,
-        crate::webhooks::delete_webhook, crate::webhooks::deliveries, crate::markets::get_market
+        crate::webhooks::delete_webhook, crate::webhooks::deliveries, crate::webhooks::redeliver, crate::markets::get_market
     ),
     components(schemas(AssignReq, crate::dto::AssignmentDto, crate::dto::CandidateDto, CourierDto, CourierPutReq, LatLngDto, NearbyDto, NewOrderReq, OrderDto, PositionDto,
         crate::history::HistoryCollection, crate::history::HistoryFeature, crate::history::PointGeometry,
@@ -23,7 +23,7 @@ use crate::dto::{AssignReq, CourierDto, CourierPutReq, LatLngDto, NearbyDto, New
         crate::zones::ZoneDto, crate::zones::ZonePropsDto, crate::zones::ZoneListDto,
         crate::webhooks::WebhookPutReq, crate::webhooks::WebhookDto, crate::webhooks::WebhookStatsDto,
         crate::webhooks::WebhookListDto, crate::webhooks::DeliveryDto, crate::webhooks::DeliveryListDto,
-        crate::webhooks::WebhookPayload, crate::markets::MarketDto)),
+        crate::webhooks::WebhookPayload, crate::webhooks::RedeliverReq, crate::webhooks::RedeliverDto, crate::markets::MarketDto)),
     modifiers(&Bearer)
 )]
 struct ApiDoc;

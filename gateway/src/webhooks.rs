@@ -4,7 +4,9 @@
 //!   subscription; `GET /v1/webhooks`, `GET /v1/webhooks/{id}` (with delivery counts),
 //!   `DELETE /v1/webhooks/{id}` (204; pending deliveries are dropped), and
 //!   `GET /v1/webhooks/{id}/deliveries?limit=` (newest first: state, attempts, last status and
-//!   error). Dispatchers and admins of the tenant; the secret is never read back.
+//!   error), and `POST /v1/webhooks/{id}/redeliver` `{}` or `{"seq": N}` (send dead deliveries,
+//!   or one finished delivery, again). Dispatchers and admins of the tenant; the secret is never
+//!   read back.
 //! - `events` holds event kinds of the log (`order.delivered`, `zone.enter`, …) or patterns
 //!   ending in `*` (`order.*`, `zone.*`, `*`). A webhook gets the events appended after it was
 //!   created.
@@ -394,6 +396,44 @@ pub(crate) async fn delete_webhook(st: State, auth: Auth, path: web::Path<String
     } else {
         Err(ApiError::not_found(format!("webhook {id} not found")))
     }
+}
+
+/// Body of `POST /v1/webhooks/{id}/redeliver`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedeliverReq {
+    /// The event (`seq`) of one finished delivery (dead or delivered) to send again; without it,
+    /// every dead delivery of the webhook is sent again.
+    pub seq: Option<i64>,
+}
+
+/// Answer of `POST /v1/webhooks/{id}/redeliver`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RedeliverDto {
+    /// Deliveries queued again (pending, attempts from 0).
+    pub requeued: u64,
+}
+
+/// Sends deliveries again after the receiver was fixed: dead ones (all, or one by `seq`) or a
+/// delivered one by `seq`. They start over (attempts from 0) and are due at once. Recorded as
+/// `webhook.redelivered` in the event log.
+#[utoipa::path(post, path = "/v1/webhooks/{id}/redeliver", params(("id" = String, Path)), request_body = RedeliverReq,
+    responses((status = 200, body = RedeliverDto), (status = 404, description = "no such webhook, or no finished delivery with that seq")),
+    security(("bearer" = [])))]
+pub(crate) async fn redeliver(st: State, auth: Auth, path: web::Path<String>, body: web::Json<RedeliverReq>) -> Result<HttpResponse, ApiError> {
+    auth.require(&[Role::Dispatcher, Role::Admin])?;
+    let id = webhook_id(&path)?;
+    if st.store.webhook(&auth.tenant, &id).await.map_err(store_err)?.is_none() {
+        return Err(ApiError::not_found(format!("webhook {id} not found")));
+    }
+    let seq = body.seq;
+    let requeued = st.store.redeliver_webhook(&auth.tenant, &id, seq, &auth.who().to_string(), st.fleet.now_ms()).await.map_err(store_err)?;
+    if let (Some(seq), 0) = (seq, requeued) {
+        return Err(ApiError::not_found(format!(
+            "webhook {id} has no dead or delivered delivery of event {seq} (a pending one is already queued)"
+        )));
+    }
+    Ok(HttpResponse::Ok().json(RedeliverDto { requeued }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -203,6 +203,35 @@ async fn api_signed_delivery_retries_and_giving_up() {
     let g = rx.next("order 2", |v| v["kind"] == "order.created" && v["entity_id"] == "o-hook-2").await;
     assert_eq!((g.answered, g.header("x-hexfleet-attempt")), (204, "1"));
 
+    // --- redelivery, once the endpoint is fixed ---
+    let dead_seq = item["seq"].as_i64().unwrap();
+    let (s, b) = srv.post("/v1/webhooks/dead/redeliver", &disp, json!({"seq": dead_seq + 100_000})).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (404, Some("not_found")), "no such delivery: {b}");
+    assert_eq!(srv.post("/v1/webhooks/nope/redeliver", &disp, json!({})).await.0, 404);
+    assert_eq!(srv.post("/v1/webhooks/dead/redeliver", &courier, json!({})).await.0, 403);
+    assert_eq!(srv.post("/v1/webhooks/dead/redeliver", &disp, json!({"seq": "x"})).await.0, 400);
+    let (s, _) = srv.put("/v1/webhooks/dead", &disp, json!({"url": rx.url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+    assert_eq!(s, 200, "pointed at a working endpoint");
+    let (s, b) = srv.post("/v1/webhooks/dead/redeliver", &disp, json!({})).await;
+    assert_eq!((s, b["requeued"].as_u64()), (200, Some(1)), "{b}");
+    let g = rx.next("the redelivery", |v| v["webhook_id"] == "dead" && v["seq"] == dead_seq).await;
+    assert_eq!((g.answered, g.header("x-hexfleet-attempt")), (204, "1"), "it starts over");
+    let item = eventually("redelivered", || async {
+        let (_, d) = srv.get("/v1/webhooks/dead/deliveries", Some(&disp)).await;
+        let item = d["items"].as_array()?.first()?.clone();
+        (item["state"] == "delivered").then_some(item)
+    })
+    .await;
+    assert_eq!(item["attempts"], 1);
+    // Nothing dead is left; a delivered one can be sent again by its seq; a pending one cannot.
+    let (s, b) = srv.post("/v1/webhooks/dead/redeliver", &disp, json!({})).await;
+    assert_eq!((s, b["requeued"].as_u64()), (200, Some(0)));
+    let (s, b) = srv.post("/v1/webhooks/dead/redeliver", &disp, json!({"seq": dead_seq})).await;
+    assert_eq!((s, b["requeued"].as_u64()), (200, Some(1)), "{b}");
+    rx.next("sent again", |v| v["webhook_id"] == "dead" && v["seq"] == dead_seq).await;
+    let (_, evs) = srv.get("/v1/events?entity=webhook&id=dead", Some(&disp)).await;
+    assert_eq!(evs.to_string().matches("webhook.redelivered").count(), 2, "audited: {evs}");
+
     // --- delete ---
     assert_eq!(srv.delete("/v1/webhooks/dead", &disp).await.0, 204);
     assert_eq!(srv.delete("/v1/webhooks/dead", &disp).await.0, 404);

@@ -325,6 +325,37 @@ macro_rules! webhook_ops {
                 Ok(gone > 0)
             }
 
+            pub(super) async fn redeliver(
+                pool: &Pool<Db>,
+                tenant: &TenantId,
+                id: &str,
+                seq: Option<i64>,
+                at: i64,
+                audit: &DomainEvent,
+            ) -> Result<u64, PersistenceError> {
+                let mut tx = pool.begin().await?;
+                // One finished delivery (dead or delivered), or every dead one.
+                let which = if seq.is_some() { "state <> 'pending' AND event_seq = $4" } else { "state = 'dead' AND $4 IS NULL" };
+                let n = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE webhook_outbox SET state = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1, lease = NULL \
+                     WHERE tenant = $2 AND webhook_id = $3 AND {which}"
+                )))
+                .bind(at)
+                .bind(tenant.as_str())
+                .bind(id)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n > 0 {
+                    let mut audit = audit.clone();
+                    audit.attrs.push(("count".into(), n.to_string()));
+                    crate::ops::$name::insert_events(&mut tx, &[&audit]).await?;
+                }
+                tx.commit().await?;
+                Ok(n)
+            }
+
             pub(super) async fn stats(pool: &Pool<Db>, tenant: &TenantId, id: &str) -> Result<WebhookStats, PersistenceError> {
                 let rows: Vec<(String, i64)> = sqlx::query_as(
                     "SELECT state, COUNT(*) FROM webhook_outbox WHERE tenant = $1 AND webhook_id = $2 GROUP BY state",
@@ -546,6 +577,24 @@ impl SqlStore {
             attrs: Vec::new(),
         };
         self.bounded(async { on_backend!(self.db(), webhooks::delete(tenant, id, &audit)) }).await
+    }
+
+    /// Queues deliveries of a webhook again, as new (attempt count reset, due at `at`): the
+    /// one of event `seq` if it is finished (dead or delivered), or every dead one. Appends
+    /// `webhook.redelivered` (by `actor`, with the count) in the same transaction when any
+    /// was. Returns how many; the caller checks that the webhook exists.
+    pub async fn redeliver_webhook(&self, tenant: &TenantId, id: &str, seq: Option<i64>, actor: &str, at: i64) -> Result<u64, PersistenceError> {
+        let audit = DomainEvent {
+            tenant: tenant.clone(),
+            entity: EntityKind::Webhook,
+            entity_id: id.to_owned(),
+            kind: "webhook.redelivered".into(),
+            actor: actor.to_owned(),
+            reason: None,
+            ts: at,
+            attrs: seq.map(|s| ("seq".to_owned(), s.to_string())).into_iter().collect(),
+        };
+        self.bounded(async { on_backend!(self.db(), webhooks::redeliver(tenant, id, seq, at, &audit)) }).await
     }
 
     /// Delivery counts of one webhook.

@@ -11,7 +11,12 @@ use hexfleet_actors::domain::{EntityKind, TenantId};
 use hexfleet_actors::store::{EventQuery, Store, Write};
 use hexfleet_persistence::webhooks::{DeliveryState, Outcome, Webhook};
 
-both_backends!(outbox_follows_subscriptions, claims_leases_and_outcomes, open_circuits_are_skipped_and_deferrals_give_the_attempt_back);
+both_backends!(
+    outbox_follows_subscriptions,
+    claims_leases_and_outcomes,
+    open_circuits_are_skipped_and_deferrals_give_the_attempt_back,
+    redelivery_requeues_finished_deliveries
+);
 
 fn hook(tenant: &str, id: &str, events: &[&str], at: i64) -> Webhook {
     Webhook {
@@ -193,5 +198,35 @@ async fn open_circuits_are_skipped_and_deferrals_give_the_attempt_back(ctx: Ctx)
     assert!(store.claim_webhook_deliveries(29_999, 50_000, "E", 100, &[("t1", "good"), ("t2", "bad")]).await.unwrap().iter().all(|d| d.event.seq != seq));
     let back = store.claim_webhook_deliveries(30_000, 60_000, "F", 100, &[("t1", "good"), ("t2", "bad")]).await.unwrap();
     assert!(back.iter().any(|d| d.event.seq == seq && d.attempt == 2), "claimed again at its time, as attempt 2");
+    store.close().await.unwrap();
+}
+
+/// Redelivery puts finished rows back as new: every dead one, or one by seq (dead or
+/// delivered), never a pending one, and audits it in the same transaction.
+async fn redelivery_requeues_finished_deliveries(ctx: Ctx) {
+    let store = ctx.open().await;
+    let t = TenantId::new("t1");
+    store.put_webhook(&hook("t1", "w", &["order.*"], 1_000), "dispatcher:d").await.unwrap();
+    let evs: Vec<Write> =
+        (0..3).map(|i| Write::Event(event("t1", EntityKind::Order, &format!("o{i}"), "order.created", 2_000 + i))).collect();
+    store.commit(evs).await.unwrap();
+    let c = store.claim_webhook_deliveries(10_000, 50_000, "A", 10, &[]).await.unwrap();
+    let (dead, delivered, pending) = (c[0].event.seq, c[1].event.seq, c[2].event.seq);
+    let gone = Outcome::Dead { status: Some(500), error: "HTTP 500".into() };
+    assert!(store.finish_webhook_delivery(&t, "w", dead, "A", &gone, 11_000).await.unwrap());
+    assert!(store.finish_webhook_delivery(&t, "w", delivered, "A", &Outcome::Delivered { status: 200 }, 11_000).await.unwrap());
+    let later = Outcome::Retry { at: 40_000, status: Some(503), error: "HTTP 503".into() };
+    assert!(store.finish_webhook_delivery(&t, "w", pending, "A", &later, 11_000).await.unwrap());
+
+    assert_eq!(store.redeliver_webhook(&t, "w", Some(pending), "dispatcher:d", 12_000).await.unwrap(), 0, "pending: already queued");
+    assert_eq!(store.redeliver_webhook(&t, "w", None, "dispatcher:d", 12_000).await.unwrap(), 1, "every dead one");
+    assert_eq!(store.redeliver_webhook(&t, "w", Some(delivered), "admin:a", 12_500).await.unwrap(), 1);
+    assert_eq!(store.redeliver_webhook(&TenantId::new("t2"), "w", None, "admin:a", 12_500).await.unwrap(), 0, "tenants are apart");
+    let again = store.claim_webhook_deliveries(12_500, 60_000, "B", 10, &[]).await.unwrap();
+    let got: Vec<(i64, i32)> = again.iter().map(|d| (d.event.seq, d.attempt)).collect();
+    assert_eq!(got, vec![(dead, 1), (delivered, 1)], "both start over; the pending one waits for its time");
+    let q = EventQuery { tenant: t.clone(), entity: Some((EntityKind::Webhook, "w".into())), since_seq: None, limit: 10 };
+    let kinds: Vec<String> = store.events(q).await.unwrap().into_iter().map(|e| e.event.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "webhook.redelivered").count(), 2, "{kinds:?}");
     store.close().await.unwrap();
 }
