@@ -1,0 +1,28 @@
+#!/bin/bash
+# One end-to-end load run on this machine (BENCHMARKS.md, "End-to-end load"): a fresh release
+# server on a fresh SQLite file, the load generator beside it, 4 consoles and 50 trackers.
+# Build first: cargo build --release --bin hexfleet --bin hexfleet-sim
+# usage: benches/load.sh RATE [COURIERS]
+#   DUR=30s          measured run time after connecting
+#   BIN=path         server binary (to compare two builds on the same machine)
+#   SERVER_ARGS=...  extra `hexfleet serve` flags (e.g. "--workers 1")
+#   EXTRA=...        extra generator flags (e.g. "--redis-url redis://127.0.0.1:6379")
+#   PSTAT=1          also count the server's user instructions and cycles (perf stat, 15 s in
+#                    the middle of the run): steadier than CPU seconds on a shared machine
+set -u
+cd "$(dirname "$0")/.."
+R=$1; N=${2:-19500}
+DIR=${TMPDIR:-/tmp}/hexfleet-load-$$
+mkdir -p "$DIR"; ulimit -n 20000
+RUST_LOG=warn ${BIN:-./target/release/hexfleet} serve --listen 127.0.0.1:8090 --database-url "sqlite:$DIR/h.db" ${SERVER_ARGS:-} 2>"$DIR/server.log" &
+S=$!
+for _ in $(seq 100); do curl -sf http://127.0.0.1:8090/healthz >/dev/null && break; sleep 0.1; done
+if [ -n "${PSTAT:-}" ]; then
+  (sleep 15; perf stat -x, -e instructions:u,cycles:u,cycles:k -p $S -- sleep 15 2>"$DIR/pstat.txt" >/dev/null
+   awk -F, '{printf "  server %s over 15 s: %.3e\n", $3, $1}' "$DIR/pstat.txt") &
+fi
+./target/release/hexfleet-sim load --url http://127.0.0.1:8090 --couriers "$N" --rate "$R" --duration "${DUR:-30s}" \
+  --ramp 5s --watchers 4 --track 50 --server-pid $S ${EXTRA:-} --quiet
+kill $S; wait $S 2>/dev/null
+wait
+rm -rf "$DIR"
