@@ -8,7 +8,8 @@
 #   SERVER_ARGS=...  extra `hexfleet serve` flags (e.g. "--workers 1")
 #   EXTRA=...        extra generator flags (e.g. "--redis-url redis://127.0.0.1:6379")
 #   PSTAT=1          also count the server's user instructions and cycles (perf stat, 15 s in
-#                    the middle of the run): steadier than CPU seconds on a shared machine
+#                    the middle of the run; needs DUR of 30s or more): steadier than CPU
+#                    seconds on a shared machine
 set -u
 cd "$(dirname "$0")/.."
 R=$1; N=${2:-19500}
