@@ -60,6 +60,12 @@ impl FixInbox {
         std::mem::take(&mut *p)
     }
 
+    /// The wake-up could not be sent (the actor had stopped): the next push must try again,
+    /// or a successor that started before this push would never be woken.
+    pub(crate) fn unschedule(&self) {
+        self.scheduled.store(false, Ordering::Release);
+    }
+
     /// After a restart the pending wake-up died with the old mailbox.
     pub(crate) fn reset_schedule(&self) -> bool {
         self.scheduled.store(false, Ordering::Release);

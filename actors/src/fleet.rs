@@ -200,9 +200,10 @@ pub struct CourierHandle {
     pub shared: Arc<CourierShared>,
 }
 
-/// A connection's cached [`CourierHandle`] ([`Fleet::courier_tap`]). Same semantics as
-/// [`Fleet::ingest`]: when the cached actor has stopped (a supervised restart), the tap looks
-/// the courier up again and wakes its successor, which drains the same inbox.
+/// A connection's cached [`CourierHandle`] ([`Fleet::courier_tap`]). Like [`Fleet::ingest`],
+/// except that the courier is looked up again only when a wake-up fails: when the cached actor
+/// has stopped (a supervised restart), the tap finds its successor and wakes it; it drains the
+/// same inbox.
 pub struct CourierTap {
     ctx: Arc<FleetCtx>,
     key: (TenantId, CourierId),
@@ -215,13 +216,23 @@ impl CourierTap {
         if !self.handle.shared.inbox.push(fixes) || self.handle.actor.cast(CourierMsg::Drain).is_ok() {
             return Ok(());
         }
-        let h = self.ctx.couriers.get(&self.key).ok_or(FleetError::NotFound { what: "courier" })?.clone();
+        let gone = |shared: &CourierShared| {
+            shared.inbox.unschedule();
+            FleetError::ActorGone("courier")
+        };
+        let Some(h) = self.ctx.couriers.get(&self.key).map(|h| h.clone()) else {
+            return Err(gone(&self.handle.shared));
+        };
         if !Arc::ptr_eq(&h.shared, &self.handle.shared) {
             // The courier was installed anew: the fixes went to an inbox nobody drains.
+            let e = gone(&self.handle.shared);
             self.handle = h;
-            return Err(FleetError::ActorGone("courier"));
+            return Err(e);
         }
-        h.actor.cast(CourierMsg::Drain).map_err(|_| FleetError::ActorGone("courier"))?;
+        if h.actor.cast(CourierMsg::Drain).is_err() {
+            // Restarting, and its successor not in the map yet.
+            return Err(gone(&h.shared));
+        }
         self.handle = h;
         Ok(())
     }
@@ -732,8 +743,9 @@ impl Fleet {
     /// Hands validated fixes to the courier (hot path; never waits on the actor).
     pub fn ingest(&self, tenant: &TenantId, id: &CourierId, fixes: impl IntoIterator<Item = Fix>) -> Result<(), FleetError> {
         let h = self.ctx.couriers.get(&(tenant.clone(), id.clone())).ok_or(FleetError::NotFound { what: "courier" })?;
-        if h.shared.inbox.push(fixes) {
-            h.actor.cast(CourierMsg::Drain).map_err(|_| FleetError::ActorGone("courier"))?;
+        if h.shared.inbox.push(fixes) && h.actor.cast(CourierMsg::Drain).is_err() {
+            h.shared.inbox.unschedule();
+            return Err(FleetError::ActorGone("courier"));
         }
         Ok(())
     }

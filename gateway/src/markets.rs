@@ -418,9 +418,10 @@ impl Store for FencedStore {
         batch.extend(fences);
         self.inner.commit(batch).await
     }
-    // The periodic, not-durable writes are not fenced in the database; they are dropped here
-    // for markets this node does not hold (so a node that lost one, flushing on its way out,
-    // cannot overwrite what the new owner wrote).
+    // The periodic, not-durable writes are dropped here for markets this node does not hold,
+    // and the snapshot flush checks the lease again in its transaction
+    // (`SqlStore::fence_snapshots`, set in `new`): a node that lost a market cannot overwrite
+    // what the new owner wrote.
     fn snapshot_couriers(&self, mut couriers: Vec<CourierRecord>) -> Result<(), StoreError> {
         couriers.retain(|c| self.markets.holds(&c.tenant));
         self.inner.snapshot_couriers(couriers)

@@ -538,23 +538,27 @@ enum Circuit {
     /// Paused until the instant; `pauses` in a row so far (the next pause doubles).
     /// `probe_out`: the pause is the wait for a probe's outcome.
     Open { until: Instant, pauses: u32, probe_out: bool },
-    /// The pause is over: the next delivery claimed probes the endpoint.
-    Probing { pauses: u32 },
+    /// The pause ended at `since`: the next delivery claimed probes the endpoint.
+    Probing { pauses: u32, since: Instant },
 }
 
-/// The delivery worker's circuit breakers, one per webhook (`(tenant, id)`), on this node.
+/// The delivery worker's circuit breakers, one per webhook and URL (`(tenant, id, url)`: a
+/// webhook pointed at a new URL starts closed), on this node.
 ///
 /// `breaker_after` failed attempts in a row open a webhook's circuit for `breaker_cooldown`:
 /// its deliveries are not claimed meanwhile (they stay pending, no attempt counted). Then one
 /// delivery probes the endpoint: success closes the circuit, failure opens it again for twice
-/// as long (up to [`MAX_BREAKER_COOLDOWN`]). So a dead endpoint costs one attempt per pause
+/// as long (up to [`MAX_BREAKER_COOLDOWN`], or the cool-down if that is longer). So a dead endpoint costs one attempt per pause
 /// instead of a batch of timeouts per poll, and other webhooks' batches are not held up by it.
 #[derive(Debug)]
 pub struct Breakers {
     after: u32,
     cooldown: Duration,
-    circuits: std::collections::HashMap<(String, String), Circuit>,
+    circuits: std::collections::HashMap<CircuitKey, Circuit>,
 }
+
+/// `(tenant, webhook id, url)`.
+pub type CircuitKey = (String, String, String);
 
 /// What the worker does with a claimed delivery.
 #[derive(Debug, PartialEq)]
@@ -570,12 +574,12 @@ impl Breakers {
     }
 
     /// Webhooks whose circuit is open at `now` (not to be claimed).
-    pub fn open(&mut self, now: Instant) -> Vec<(String, String)> {
+    pub fn open(&mut self, now: Instant) -> Vec<CircuitKey> {
         for c in self.circuits.values_mut() {
             if let Circuit::Open { until, pauses, .. } = *c
                 && until <= now
             {
-                *c = Circuit::Probing { pauses };
+                *c = Circuit::Probing { pauses, since: until };
             }
         }
         self.circuits.iter().filter(|(_, c)| matches!(c, Circuit::Open { .. })).map(|(k, _)| k.clone()).collect()
@@ -583,12 +587,12 @@ impl Breakers {
 
     /// Whether to send a claimed delivery of `key` now. A probing circuit lets one delivery
     /// out; the others wait `probe_wait` (a request timeout) for its outcome.
-    pub fn admit(&mut self, key: &(String, String), now: Instant, probe_wait: Duration) -> Admit {
+    pub fn admit(&mut self, key: &CircuitKey, now: Instant, probe_wait: Duration) -> Admit {
         match self.circuits.get_mut(key) {
             None | Some(Circuit::Closed { .. }) => Admit::Send,
             Some(Circuit::Open { until, .. }) => Admit::Defer(*until),
             Some(c) => {
-                let pauses = if let Circuit::Probing { pauses } = *c { pauses } else { 0 };
+                let pauses = if let Circuit::Probing { pauses, .. } = *c { pauses } else { 0 };
                 *c = Circuit::Open { until: now + probe_wait, pauses, probe_out: true };
                 Admit::Send
             }
@@ -596,10 +600,14 @@ impl Breakers {
     }
 
     /// Records the outcome of a delivery sent; returns the pause when it opened the circuit.
-    pub fn record(&mut self, key: (String, String), ok: bool, now: Instant) -> Option<Duration> {
+    pub fn record(&mut self, key: CircuitKey, ok: bool, now: Instant) -> Option<Duration> {
         let c = self.circuits.entry(key).or_insert(Circuit::Closed { failures: 0 });
         if ok {
-            *c = Circuit::Closed { failures: 0 };
+            // A late success of a send made before the circuit opened does not close it: only
+            // the probe does (a flaky endpoint would otherwise flap and never back off).
+            if !matches!(c, Circuit::Open { probe_out: false, .. }) {
+                *c = Circuit::Closed { failures: 0 };
+            }
             return None;
         }
         let pauses = match *c {
@@ -617,9 +625,15 @@ impl Breakers {
         Some(pause)
     }
 
-    /// Forgets closed circuits with no failures (keeps the map to the webhooks that fail).
-    fn tidy(&mut self) {
-        self.circuits.retain(|_, c| *c != Circuit::Closed { failures: 0 });
+    /// Forgets closed circuits with no failures, and circuits whose probe nobody claimed for
+    /// a long time (the webhook was deleted or points elsewhere): the map keeps only the
+    /// webhooks that fail.
+    fn tidy(&mut self, now: Instant) {
+        self.circuits.retain(|_, c| match *c {
+            Circuit::Closed { failures } => failures > 0,
+            Circuit::Probing { since, .. } => now.saturating_duration_since(since) < MAX_BREAKER_COOLDOWN * 2,
+            Circuit::Open { .. } => true,
+        });
     }
 }
 
@@ -676,7 +690,7 @@ pub fn spawn_delivery(
                 let lease = format!("{node}:{}", uuid::Uuid::new_v4().simple());
                 let claim = u32::try_from(cfg.concurrency.max(1)).unwrap_or(u32::MAX);
                 let open = breakers.lock().open(Instant::now());
-                let skip: Vec<(&str, &str)> = open.iter().map(|(t, w)| (t.as_str(), w.as_str())).collect();
+                let skip: Vec<(&str, &str, &str)> = open.iter().map(|(t, w, u)| (t.as_str(), w.as_str(), u.as_str())).collect();
                 let batch = match store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim, &skip).await {
                     Ok(b) => b,
                     Err(e) => {
@@ -694,7 +708,7 @@ pub fn spawn_delivery(
                         let now = &now;
                         let breakers = &breakers;
                         async move {
-                            let key = (d.event.event.tenant.to_string(), d.webhook_id.clone());
+                            let key = (d.event.event.tenant.to_string(), d.webhook_id.clone(), d.url.clone());
                             let started = Instant::now();
                             let admitted = breakers.lock().admit(&key, started, cfg.timeout);
                             let outcome = match admitted {
@@ -706,10 +720,17 @@ pub fn spawn_delivery(
                                     let result = send(client, &d, now() / 1000, cfg.allow_private).await;
                                     metrics::histogram!("hexfleet_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
                                     let ok = matches!(result, Ok(s) if (200..300).contains(&s));
-                                    if let Some(pause) = breakers.lock().record(key, ok, Instant::now()) {
+                                    let opened = breakers.lock().record(key, ok, Instant::now());
+                                    if let Some(pause) = opened {
                                         metrics::counter!("hexfleet_webhook_circuit_opened_total").increment(1);
                                         tracing::warn!(tenant = %d.event.event.tenant, webhook = %d.webhook_id, ?pause,
                                             "webhook endpoint keeps failing; its deliveries are paused");
+                                        // Its backlog waits out the pause off the claim's path.
+                                        let until = now() + i64::try_from(pause.as_millis()).unwrap_or(i64::MAX / 4);
+                                        let e = &d.event.event;
+                                        if let Err(err) = store.pause_webhook_deliveries(e.tenant.as_str(), &d.webhook_id, until).await {
+                                            tracing::warn!(error = %err, webhook = %d.webhook_id, "cannot move a paused webhook's deliveries");
+                                        }
                                     }
                                     judge(cfg, d.attempt, now(), result)
                                 }
@@ -734,7 +755,7 @@ pub fn spawn_delivery(
                     .buffer_unordered(cfg.concurrency.max(1))
                     .count();
                 results.await;
-                breakers.lock().tidy();
+                breakers.lock().tidy(Instant::now());
                 if !full || stop.is_cancelled() {
                     break;
                 }
@@ -799,7 +820,8 @@ mod tests {
     fn a_failing_endpoint_is_paused_then_probed_once() {
         let cfg = WebhookConfig { breaker_after: 3, breaker_cooldown: Duration::from_secs(30), ..Default::default() };
         let mut b = Breakers::new(&cfg);
-        let (k, other) = (("t".to_owned(), "bad".to_owned()), ("t".to_owned(), "good".to_owned()));
+        let key = |id: &str| ("t".to_owned(), id.to_owned(), format!("https://example.com/{id}"));
+        let (k, other) = (key("bad"), key("good"));
         let t0 = Instant::now();
         let wait = Duration::from_secs(10);
         // Two failures, a success: still closed, the count starts again.
@@ -843,8 +865,23 @@ mod tests {
         assert_eq!(b.record(k.clone(), true, t3), None);
         assert_eq!(b.admit(&k, t3, wait), Admit::Send);
         assert_eq!(b.admit(&k, t3, wait), Admit::Send);
-        b.tidy();
+        b.tidy(t3);
         assert!(b.circuits.is_empty(), "healthy webhooks are not kept");
+
+        // A late success (sent before the circuit opened) does not close it.
+        for _ in 0..3 {
+            b.record(k.clone(), false, t3);
+        }
+        assert_eq!(b.open(t3), vec![k.clone()]);
+        assert_eq!(b.record(k.clone(), true, t3), None);
+        assert_eq!(b.open(t3), vec![k.clone()], "still open");
+        // The same webhook at a new URL starts closed; a probe nobody claims is forgotten.
+        let moved = ("t".to_owned(), "bad".to_owned(), "https://example.com/fixed".to_owned());
+        assert_eq!(b.admit(&moved, t3, wait), Admit::Send);
+        let late = t3 + Duration::from_secs(30) + MAX_BREAKER_COOLDOWN * 2;
+        assert!(b.open(late).is_empty());
+        b.tidy(late);
+        assert!(b.circuits.is_empty(), "an unclaimed probe of a webhook gone elsewhere is dropped");
     }
 
     #[test]

@@ -274,18 +274,17 @@ async fn a_failing_endpoint_is_paused_and_does_not_hold_up_the_others() {
         let g = healthy.next("healthy deliveries", |v| v["entity_id"].as_str().is_some_and(|id| id.starts_with("o-cb-"))).await;
         seen.insert(g.json()["entity_id"].as_str().unwrap().to_owned());
     }
-    // Every broken delivery is due (a failed one's backoff is 20–40 ms; one whose event came
-    // after the circuit opened was never tried), yet none is claimed: with the circuit closed,
-    // the next poll would send them.
-    let items = eventually("the broken webhook's deliveries due and idle", || async {
+    // The circuit opened: the broken webhook's waiting deliveries were moved to the end of its
+    // pause (600 s), without spending attempts; with it closed they would be retried every
+    // 20–40 ms.
+    let items = eventually("the broken webhook paused", || async {
         let (_, d) = srv.get("/v1/webhooks/broken/deliveries", Some(&disp)).await;
         let items = d["items"].as_array()?.clone();
         let now = common::now_ms();
         (items.len() == 6
-            && items.iter().all(|i| {
-                i["state"] == "pending" && i["next_attempt_at"].as_i64().is_some_and(|t| t + 200 < now)
-            })
-            && items.iter().map(|i| i["attempts"].as_i64().unwrap_or(0)).sum::<i64>() >= 3)
+            && items.iter().all(|i| i["state"] == "pending")
+            && items.iter().map(|i| i["attempts"].as_i64().unwrap_or(0)).sum::<i64>() >= 3
+            && items.iter().any(|i| i["next_attempt_at"].as_i64().is_some_and(|t| t > now + 500_000)))
         .then_some(items)
     })
     .await;
@@ -304,6 +303,15 @@ async fn a_failing_endpoint_is_paused_and_does_not_hold_up_the_others() {
     assert_eq!(items.len(), 7);
     assert_eq!(attempts(items), sent as i64, "paused deliveries spend no attempts: {d}");
     assert!(items.iter().all(|i| i["state"] == "pending"), "none given up: {d}");
+    // Pointed at a working URL, the webhook is a new circuit, and its waiting deliveries are
+    // due at once: all seven arrive.
+    let (s, _) = srv.put("/v1/webhooks/broken", &disp, json!({"url": healthy.url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+    assert_eq!(s, 200);
+    let mut moved = std::collections::BTreeSet::new();
+    while moved.len() < 7 {
+        let g = healthy.next("the paused deliveries, at the new URL", |v| v["webhook_id"] == "broken").await;
+        moved.insert(g.json()["seq"].as_i64().unwrap());
+    }
     srv.stop().await;
     broken.handle.stop(true).await;
     healthy.handle.stop(true).await;

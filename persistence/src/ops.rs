@@ -123,13 +123,17 @@ macro_rules! backend_ops {
 
             /// Checks market-lease fences `(tenant, holder, epoch)`, sorted by tenant, inside the
             /// caller's transaction: each lease row must still name that holder at that epoch
-            /// and be unexpired, and stays so until the transaction ends. The first that does not
-            /// hold fails with [`PersistenceError::Fenced`] naming its tenant.
-            pub(crate) async fn check_fences(conn: &mut Conn, fences: &[(&str, &str, i64)]) -> Result<(), PersistenceError> {
+            /// (and, with `live`, be unexpired), and stays so until the transaction ends. The
+            /// first that does not hold fails with [`PersistenceError::Fenced`] naming its tenant.
+            ///
+            /// Commits (dispatch decisions) need a live lease. Snapshot flushes do not: a lease
+            /// that lapsed while the database was down, and that no one took (a take-over raises
+            /// the epoch), is still this node's, and its buffered rows must not be lost.
+            pub(crate) async fn check_fences(conn: &mut Conn, fences: &[(&str, &str, i64)], live: bool) -> Result<(), PersistenceError> {
+                let live_sql = if live { format!(" AND expires_at > {NOW}") } else { String::new() };
                 for (tenant, holder, epoch) in fences {
                     let held: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                        "SELECT 1 FROM market_leases WHERE tenant = $1 AND holder = $2 AND epoch = $3 \
-                         AND expires_at > {NOW}{LOCK_SHARED}"
+                        "SELECT 1 FROM market_leases WHERE tenant = $1 AND holder = $2 AND epoch = $3{live_sql}{LOCK_SHARED}"
                     )))
                     .bind(*tenant)
                     .bind(*holder)
@@ -147,7 +151,7 @@ macro_rules! backend_ops {
             /// transaction). Checks the fences first: if one does not hold, fails with
             /// [`PersistenceError::Fenced`] before anything is written (the caller rolls back).
             pub(crate) async fn apply(conn: &mut Conn, r: &Reduced<'_>) -> Result<(), PersistenceError> {
-                check_fences(conn, &r.fences).await?;
+                check_fences(conn, &r.fences, true).await?;
                 upsert_orders(conn, &r.orders).await?;
                 upsert_couriers(conn, &r.couriers).await?;
                 upsert_zones(conn, &r.zone_upserts).await?;
@@ -317,7 +321,7 @@ macro_rules! backend_ops {
                 fences: &[(&str, &str, i64)],
             ) -> Result<(), PersistenceError> {
                 let mut tx = if fences.is_empty() { pool.begin().await? } else { pool.begin_with(BEGIN_WRITE).await? };
-                check_fences(&mut tx, fences).await?;
+                check_fences(&mut tx, fences, false).await?;
                 upsert_couriers(&mut tx, couriers).await?;
                 insert_locations(&mut tx, locations).await?;
                 tx.commit().await?;
@@ -663,7 +667,7 @@ pub(crate) mod pg_bulk {
         fences: &[(&str, &str, i64)],
     ) -> Result<(), PersistenceError> {
         let mut tx = pool.begin().await?;
-        super::pg::check_fences(&mut tx, fences).await?;
+        super::pg::check_fences(&mut tx, fences, false).await?;
         upsert_couriers(&mut tx, couriers).await?;
         insert_locations(&mut tx, locations).await?;
         tx.commit().await?;

@@ -271,6 +271,19 @@ macro_rules! webhook_ops {
                 .bind(w.updated_at)
                 .execute(&mut *tx)
                 .await?;
+                if existed.is_some() {
+                    // A replaced webhook (typically a fixed URL) gets its waiting deliveries at
+                    // once, not at the end of a backoff or a circuit-breaker pause.
+                    sqlx::query(
+                        "UPDATE webhook_outbox SET next_attempt_at = $1 \
+                         WHERE tenant = $2 AND webhook_id = $3 AND state = 'pending' AND lease IS NULL AND next_attempt_at > $1",
+                    )
+                    .bind(w.updated_at)
+                    .bind(w.tenant.as_str())
+                    .bind(&w.id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 let mut patterns: Vec<&str> = w.events.iter().map(String::as_str).collect();
                 patterns.sort_unstable();
                 patterns.dedup();
@@ -356,6 +369,19 @@ macro_rules! webhook_ops {
                 Ok(n)
             }
 
+            pub(super) async fn pause(pool: &Pool<Db>, tenant: &str, id: &str, until: i64) -> Result<u64, PersistenceError> {
+                let r = sqlx::query(
+                    "UPDATE webhook_outbox SET next_attempt_at = $1 \
+                     WHERE tenant = $2 AND webhook_id = $3 AND state = 'pending' AND lease IS NULL AND next_attempt_at < $1",
+                )
+                .bind(until)
+                .bind(tenant)
+                .bind(id)
+                .execute(pool)
+                .await?;
+                Ok(r.rows_affected())
+            }
+
             pub(super) async fn stats(pool: &Pool<Db>, tenant: &TenantId, id: &str) -> Result<WebhookStats, PersistenceError> {
                 let rows: Vec<(String, i64)> = sqlx::query_as(
                     "SELECT state, COUNT(*) FROM webhook_outbox WHERE tenant = $1 AND webhook_id = $2 GROUP BY state",
@@ -413,15 +439,20 @@ macro_rules! webhook_ops {
                 lease_until: i64,
                 lease: &str,
                 limit: i64,
-                skip: &[(&str, &str)],
+                skip: &[(&str, &str, &str)],
             ) -> Result<Vec<Delivery>, PersistenceError> {
-                // Webhooks whose rows are left alone (open circuits), as `$first, $first+1, …`.
+                // Webhooks whose rows are left alone (open circuits) while they still point at
+                // the URL that failed, as `$first, $first+1, …`.
                 let not_skipped = |first: usize| {
                     if skip.is_empty() {
                         return String::new();
                     }
-                    let rows: Vec<String> = (0..skip.len()).map(|i| format!("(${}, ${})", first + 2 * i, first + 2 * i + 1)).collect();
-                    format!(" AND (tenant, webhook_id) NOT IN (VALUES {})", rows.join(", "))
+                    let rows: Vec<String> =
+                        (0..skip.len()).map(|i| format!("(${}, ${}, ${})", first + 3 * i, first + 3 * i + 1, first + 3 * i + 2)).collect();
+                    format!(
+                        " AND (tenant, webhook_id) NOT IN (SELECT w.tenant, w.id FROM webhooks w WHERE (w.tenant, w.id, w.url) IN (VALUES {}))",
+                        rows.join(", ")
+                    )
                 };
                 // A read first: an idle outbox costs no write transaction (SQLite's write lock
                 // is the group-commit writer's).
@@ -430,8 +461,8 @@ macro_rules! webhook_ops {
                     not_skipped(2)
                 )))
                 .bind(now);
-                for (t, w) in skip {
-                    q = q.bind(*t).bind(*w);
+                for (t, w, u) in skip {
+                    q = q.bind(*t).bind(*w).bind(*u);
                 }
                 let any: Option<i64> = q.fetch_optional(pool).await?;
                 if any.is_none() {
@@ -451,8 +482,8 @@ macro_rules! webhook_ops {
                 .bind(lease_until)
                 .bind(now)
                 .bind(limit);
-                for (t, w) in skip {
-                    q = q.bind(*t).bind(*w);
+                for (t, w, u) in skip {
+                    q = q.bind(*t).bind(*w).bind(*u);
                 }
                 q.execute(pool).await?;
                 let rows: Vec<ClaimedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -607,8 +638,15 @@ impl SqlStore {
         self.bounded(async { on_backend!(self.db(), webhooks::deliveries(tenant, id, i64::from(limit))) }).await
     }
 
+    /// Moves the waiting deliveries of a webhook whose circuit opened to `until` (attempts
+    /// unchanged), so that a paused backlog does not stay at the front of every claim's scan.
+    pub async fn pause_webhook_deliveries(&self, tenant: &str, id: &str, until: i64) -> Result<u64, PersistenceError> {
+        self.bounded(async { on_backend!(self.db(), webhooks::pause(tenant, id, until)) }).await
+    }
+
     /// Claims up to `limit` deliveries due at `now` (every tenant), except those of the
-    /// webhooks in `skip` (`(tenant, webhook id)`: endpoints whose circuit is open): they are
+    /// webhooks in `skip` (`(tenant, webhook id, url)`: endpoints whose circuit is open, while
+    /// the webhook still points at that URL): they are
     /// leased to `lease` until `lease_until`, their attempt counted, and returned oldest event
     /// first.
     pub async fn claim_webhook_deliveries(
@@ -617,7 +655,7 @@ impl SqlStore {
         lease_until: i64,
         lease: &str,
         limit: u32,
-        skip: &[(&str, &str)],
+        skip: &[(&str, &str, &str)],
     ) -> Result<Vec<Delivery>, PersistenceError> {
         self.bounded(async { on_backend!(self.db(), webhooks::claim(now, lease_until, lease, i64::from(limit), skip)) }).await
     }

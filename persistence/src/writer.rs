@@ -416,6 +416,9 @@ pub(crate) async fn flush_snapshots(inner: &Inner) -> Result<(), PersistenceErro
                         inner.snapshots.lock().put_back(rest, locations);
                         return Err(e);
                     }
+                    Err(PersistenceError::Fenced { .. }) => {
+                        c.fenced_rows.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, tenant = %one.tenant, courier = %one.id, "dropping courier snapshot the database refuses");
                         c.dropped_rows.fetch_add(1, Ordering::Relaxed);
@@ -430,6 +433,9 @@ pub(crate) async fn flush_snapshots(inner: &Inner) -> Result<(), PersistenceErro
                     Err(e) if e.is_connectivity() => {
                         inner.snapshots.lock().put_back(Vec::new(), locations[i..].to_vec());
                         return Err(e);
+                    }
+                    Err(PersistenceError::Fenced { .. }) => {
+                        c.fenced_rows.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, tenant = %one.0, courier = %one.1, "dropping location sample the database refuses");

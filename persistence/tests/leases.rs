@@ -456,16 +456,24 @@ async fn flushes_are_fenced_by_the_lease_held_at_flush_time(ctx: Ctx) {
     let store = SqlStore::open(&ctx.url, opts).await.expect("open store");
     let kept = store.acquire_lease(&t("kept"), "A", "http://a", LONG).await.unwrap().expect("kept");
     let lost = store.acquire_lease(&t("lost"), "A", "http://a", SHORT).await.unwrap().expect("lost");
+    // Lapses (as in a database outage longer than the lease) but no one takes it: still A's.
+    let lapsed = store.acquire_lease(&t("lapsed"), "A", "http://a", SHORT).await.unwrap().expect("lapsed");
     // What this node believes it holds (its `Markets`); `gone` it has already let go of.
     let held: Arc<parking_lot::Mutex<HashMap<TenantId, (String, i64)>>> = Arc::default();
     held.lock().insert(t("kept"), ("A".into(), kept.epoch));
     held.lock().insert(t("lost"), ("A".into(), lost.epoch));
+    held.lock().insert(t("lapsed"), ("A".into(), lapsed.epoch));
     let view = held.clone();
     store.fence_snapshots(Box::new(move |tenant| view.lock().get(tenant).cloned()));
 
     let sample = hexfleet_actors::domain::LocationSample { pos: common::ll(50.0, 3.0), ts: 1_000, speed: None };
     store
-        .snapshot_couriers(vec![courier("kept", "c1", 1_000, 50.0), courier("lost", "c2", 1_000, 50.0), courier("gone", "c3", 1_000, 50.0)])
+        .snapshot_couriers(vec![
+            courier("kept", "c1", 1_000, 50.0),
+            courier("lost", "c2", 1_000, 50.0),
+            courier("gone", "c3", 1_000, 50.0),
+            courier("lapsed", "c4", 1_000, 50.0),
+        ])
         .unwrap();
     for (m, c) in [("kept", "c1"), ("lost", "c2"), ("gone", "c3")] {
         store.record_locations(&t(m), &CourierId::new(c), vec![sample]).unwrap();
@@ -473,6 +481,7 @@ async fn flushes_are_fenced_by_the_lease_held_at_flush_time(ctx: Ctx) {
 
     // B takes `lost` over (epoch + 1) and writes its own, older-stamped, snapshot of c2.
     until_lapsed(&store, "lost").await;
+    until_lapsed(&store, "lapsed").await;
     let b = store.acquire_lease(&t("lost"), "B", "http://b", LONG).await.unwrap().expect("B takes the lapsed market");
     assert_eq!(b.epoch, lost.epoch + 1);
     store.commit(vec![fence("lost", "B", b.epoch), Write::Courier(courier("lost", "c2", 500, 52.0))]).await.unwrap();
@@ -484,6 +493,7 @@ async fn flushes_are_fenced_by_the_lease_held_at_flush_time(ctx: Ctx) {
     assert_eq!(c2.len(), 1);
     assert_eq!((c2[0].updated_at, c2[0].last_fix.unwrap().pos.lat), (500, 52.0), "the new owner's row stands");
     assert!(store.load_tenant(&t("gone")).await.unwrap().couriers.is_empty(), "no lease claimed: not written");
+    assert_eq!(store.load_tenant(&t("lapsed")).await.unwrap().couriers.len(), 1, "a lapsed lease no one took still covers the flush");
     assert_eq!(store.export_locations(&t("kept"), &CourierId::new("c1"), 0, i64::MAX).await.unwrap().len(), 1);
     assert!(store.export_locations(&t("lost"), &CourierId::new("c2"), 0, i64::MAX).await.unwrap().is_empty());
     assert!(store.export_locations(&t("gone"), &CourierId::new("c3"), 0, i64::MAX).await.unwrap().is_empty());

@@ -175,13 +175,13 @@ async fn open_circuits_are_skipped_and_deferrals_give_the_attempt_back(ctx: Ctx)
     store.commit(evs("t2")).await.unwrap();
 
     // t1's `bad` is skipped; t2's webhook of the same name is not.
-    let got = store.claim_webhook_deliveries(10_000, 50_000, "A", 100, &[("t1", "bad")]).await.unwrap();
+    let got = store.claim_webhook_deliveries(10_000, 50_000, "A", 100, &[("t1", "bad", "http://127.0.0.1:9/bad")]).await.unwrap();
     let mut who: Vec<(String, String)> = got.iter().map(|d| (d.event.event.tenant.to_string(), d.webhook_id.clone())).collect();
     who.dedup();
     assert_eq!(got.len(), 6);
     assert_eq!(who, [("t1".to_string(), "good".to_string()), ("t2".to_string(), "bad".to_string())]);
     // Only skipped rows are due: nothing is claimed, however many are skipped.
-    assert!(store.claim_webhook_deliveries(10_000, 50_000, "B", 100, &[("t1", "bad"), ("t9", "x")]).await.unwrap().is_empty());
+    assert!(store.claim_webhook_deliveries(10_000, 50_000, "B", 100, &[("t1", "bad", "http://127.0.0.1:9/bad"), ("t9", "x", "http://x")]).await.unwrap().is_empty());
 
     // Claimed and deferred: pending again at `at`, attempt given back, last status kept.
     let bad = store.claim_webhook_deliveries(10_000, 50_000, "C", 1, &[]).await.unwrap();
@@ -195,9 +195,31 @@ async fn open_circuits_are_skipped_and_deferrals_give_the_attempt_back(ctx: Ctx)
     assert!(!store.finish_webhook_delivery(&t, "bad", seq, "D", &Outcome::Deferred { at: 30_000 }, 10_002).await.unwrap(), "the lease is gone");
     let r = store.webhook_deliveries(&t, "bad", 10).await.unwrap().into_iter().find(|r| r.event_seq == seq).unwrap();
     assert_eq!((r.state, r.attempts, r.next_attempt_at, r.last_status), (DeliveryState::Pending, 1, 30_000, Some(503)));
-    assert!(store.claim_webhook_deliveries(29_999, 50_000, "E", 100, &[("t1", "good"), ("t2", "bad")]).await.unwrap().iter().all(|d| d.event.seq != seq));
-    let back = store.claim_webhook_deliveries(30_000, 60_000, "F", 100, &[("t1", "good"), ("t2", "bad")]).await.unwrap();
+    assert!(store.claim_webhook_deliveries(29_999, 50_000, "E", 100, &[("t1", "good", "http://127.0.0.1:9/good"), ("t2", "bad", "http://127.0.0.1:9/bad")]).await.unwrap().iter().all(|d| d.event.seq != seq));
+    let back = store.claim_webhook_deliveries(30_000, 60_000, "F", 100, &[("t1", "good", "http://127.0.0.1:9/good"), ("t2", "bad", "http://127.0.0.1:9/bad")]).await.unwrap();
     assert!(back.iter().any(|d| d.event.seq == seq && d.attempt == 2), "claimed again at its time, as attempt 2");
+
+    // Every lease above has lapsed by 100_000. The skip names the URL that failed: t1/bad is
+    // skipped while it points there, not once it points elsewhere.
+    let bad_url = "http://127.0.0.1:9/bad";
+    let others = store.claim_webhook_deliveries(100_000, 200_000, "G0", 100, &[("t1", "bad", bad_url)]).await.unwrap();
+    assert!(!others.is_empty() && others.iter().all(|d| !(d.webhook_id == "bad" && d.event.event.tenant.as_str() == "t1")));
+    let moved = store.claim_webhook_deliveries(100_000, 200_000, "G", 100, &[("t1", "bad", "http://old.example/")]).await.unwrap();
+    assert_eq!(moved.len(), 3, "a circuit of the old URL does not hold the webhook back");
+    for d in &moved {
+        let retry = Outcome::Retry { at: 150_000, status: Some(500), error: "HTTP 500".into() };
+        assert!(store.finish_webhook_delivery(&t, "bad", d.event.seq, "G", &retry, 100_001).await.unwrap());
+    }
+    // A circuit opens: its waiting rows move to the end of the pause, attempts unchanged.
+    assert_eq!(store.pause_webhook_deliveries("t1", "bad", 400_000).await.unwrap(), 3);
+    assert!(store.claim_webhook_deliveries(300_000, 500_000, "H", 100, &[]).await.unwrap().iter().all(|d| d.webhook_id != "bad" || d.event.event.tenant.as_str() != "t1"));
+    // Replacing the webhook (a fixed URL) makes them due at once.
+    let mut fixed = hook("t1", "bad", &["order.*"], 1_000);
+    fixed.url = "http://127.0.0.1:9/fixed".into();
+    fixed.updated_at = 310_000;
+    assert!(!store.put_webhook(&fixed, "dispatcher:d").await.unwrap());
+    let now_due = store.claim_webhook_deliveries(310_000, 500_000, "I", 100, &[]).await.unwrap();
+    assert_eq!(now_due.iter().filter(|d| d.webhook_id == "bad" && d.url.ends_with("/fixed")).count(), 3);
     store.close().await.unwrap();
 }
 
