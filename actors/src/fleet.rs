@@ -266,6 +266,8 @@ pub struct FleetCtx {
     pub speeds: Arc<crate::speeds::Speeds>,
     /// Markets are taken over one at a time ([`Fleet::adopt_market`]).
     adopting: tokio::sync::Mutex<()>,
+    /// Courier actors are spawned one at a time ([`Fleet::install_courier`]).
+    installing: tokio::sync::Mutex<()>,
 }
 
 impl FleetCtx {
@@ -547,6 +549,7 @@ impl Fleet {
             children: DashMap::new(),
             supervisor: parking_lot::RwLock::new(None),
             adopting: tokio::sync::Mutex::new(()),
+            installing: tokio::sync::Mutex::new(()),
             config: deps.config,
         });
         let (sup, _) = Actor::spawn(None, FleetSupervisor, ctx.clone()).await.map_err(|_| FleetError::ActorGone("supervisor"))?;
@@ -651,7 +654,14 @@ impl Fleet {
         task.await.map_err(|_| FleetError::ActorGone("market take-over"))?
     }
 
-    async fn install_courier(ctx: &Arc<FleetCtx>, rec: CourierRecord) -> Result<CourierHandle, FleetError> {
+    /// Spawns a courier's actor unless one runs already (two first connections of a new
+    /// courier, or one racing a `PUT`, would otherwise spawn two, and the fleet would keep
+    /// only the second). Returns the handle, and whether it was spawned now.
+    async fn install_courier(ctx: &Arc<FleetCtx>, rec: CourierRecord) -> Result<(CourierHandle, bool), FleetError> {
+        let _one_at_a_time = ctx.installing.lock().await;
+        if let Some(h) = ctx.couriers.get(&(rec.tenant.clone(), rec.id.clone())).map(|h| h.clone()) {
+            return Ok((h, false));
+        }
         let index = ctx.positions.tenant(&rec.tenant);
         let key = index.key(&rec.id);
         if let Some(d) = &rec.device_id {
@@ -664,7 +674,7 @@ impl Fleet {
             held: parking_lot::Mutex::new(Vec::new()),
             key,
         });
-        ctx.spawn_courier(shared).await
+        Ok((ctx.spawn_courier(shared).await?, true))
     }
 
     /// The shared context (for tests and tools).
@@ -686,8 +696,8 @@ impl Fleet {
         if let Some(r) = self.ctx.courier_record(tenant, id) {
             return Ok(r); // raced with another registration
         }
-        Self::install_courier(&self.ctx, rec.clone()).await?;
-        Ok(rec)
+        let (h, new) = Self::install_courier(&self.ctx, rec.clone()).await?;
+        Ok(if new { rec } else { h.shared.record.lock().clone() })
     }
 
     /// Creates or updates a courier's profile, durably.
@@ -713,16 +723,24 @@ impl Fleet {
         if let Some(d) = &rec.device_id {
             self.ctx.devices.insert(d.clone(), (tenant.clone(), id.clone()));
         }
-        match self.ctx.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.clone()) {
-            Some(h) => {
-                *h.shared.record.lock() = rec.clone();
-                let _ = h.actor.cast(CourierMsg::SetProfile(rec.clone()));
-            }
-            None => {
-                Self::install_courier(&self.ctx, rec.clone()).await?;
-            }
+        let h = match self.ctx.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.clone()) {
+            Some(h) => Some(h),
+            None => match Self::install_courier(&self.ctx, rec.clone()).await? {
+                (_, true) => None,
+                // Someone else installed it meanwhile: apply the profile to that actor.
+                (h, false) => Some(h),
+            },
+        };
+        if let Some(h) = h {
+            *h.shared.record.lock() = rec.clone();
+            let _ = h.actor.cast(CourierMsg::SetProfile(rec.clone()));
         }
         Ok(rec)
+    }
+
+    /// Courier actors running under the supervisor (one per courier).
+    pub fn courier_actors(&self) -> usize {
+        self.ctx.children.iter().filter(|c| matches!(c.value(), Child::Courier(..))).count()
     }
 
     /// The courier's current state.

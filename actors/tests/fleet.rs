@@ -106,6 +106,32 @@ async fn a_connection_tap_follows_its_courier_across_a_restart() {
     assert!(f.courier_tap(&t, &CourierId::new("nobody")).is_err(), "an unknown courier has no tap");
 }
 
+/// Two first connections of a new courier, racing each other and a profile `PUT`, must not
+/// spawn two actors (the fleet would keep one, and a connection could feed the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_courier_registered_concurrently_gets_one_actor() {
+    let (f, _p) = fleet().await;
+    let t = TenantId::new("t");
+    for n in 0..20 {
+        let c = CourierId::new(format!("c{n}"));
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let (f, t, c) = (f.clone(), t.clone(), c.clone());
+            calls.spawn(async move { f.ensure_courier(&t, &c).await.map(|_| ()) });
+        }
+        let (f2, t2, c2) = (f.clone(), t.clone(), c.clone());
+        calls.spawn(async move {
+            let patch = hexfleet_actors::fleet::CourierPatch { name: Some("Named".into()), ..Default::default() };
+            f2.upsert_courier(&t2, &c2, patch, &Who::System).await.map(|_| ())
+        });
+        while let Some(r) = calls.join_next().await {
+            r.unwrap().unwrap();
+        }
+        assert_eq!(f.courier(&t, &c).unwrap().name.as_deref(), Some("Named"), "the profile survives the race");
+    }
+    assert_eq!(f.courier_actors(), 20, "one actor per courier");
+}
+
 #[tokio::test]
 async fn a_panicking_actor_is_restarted_from_its_last_state() {
     let (f, p) = fleet().await;
