@@ -200,10 +200,10 @@ pub struct CourierHandle {
     pub shared: Arc<CourierShared>,
 }
 
-/// A connection's cached [`CourierHandle`] ([`Fleet::courier_tap`]). Like [`Fleet::ingest`],
-/// except that the courier is looked up again only when a wake-up fails: when the cached actor
-/// has stopped (a supervised restart), the tap finds its successor and wakes it; it drains the
-/// same inbox.
+/// A courier's cached [`CourierHandle`] ([`Fleet::courier_tap`]), the one way fixes reach a
+/// courier: a socket keeps one for its life, [`Fleet::ingest`] makes one per call. The courier
+/// is looked up again only when a wake-up fails: when the cached actor has stopped (a
+/// supervised restart), the tap finds its successor and wakes it; it drains the same inbox.
 pub struct CourierTap {
     ctx: Arc<FleetCtx>,
     key: (TenantId, CourierId),
@@ -216,25 +216,20 @@ impl CourierTap {
         if !self.handle.shared.inbox.push(fixes) || self.handle.actor.cast(CourierMsg::Drain).is_ok() {
             return Ok(());
         }
-        let gone = |shared: &CourierShared| {
-            shared.inbox.unschedule();
-            FleetError::ActorGone("courier")
-        };
-        let Some(h) = self.ctx.couriers.get(&self.key).map(|h| h.clone()) else {
-            return Err(gone(&self.handle.shared));
-        };
-        if !Arc::ptr_eq(&h.shared, &self.handle.shared) {
-            // The courier was installed anew: the fixes went to an inbox nobody drains.
-            let e = gone(&self.handle.shared);
-            self.handle = h;
-            return Err(e);
+        // The actor stopped. A courier keeps its `CourierShared` (and so its inbox) for the
+        // fleet's life: a restart reuses it and `install_courier` never replaces it, so the
+        // successor in the map drains the fixes just pushed.
+        match self.ctx.couriers.get(&self.key).map(|h| h.clone()) {
+            Some(h) if h.actor.cast(CourierMsg::Drain).is_ok() => {
+                self.handle = h;
+                Ok(())
+            }
+            // Restarting, and its successor not in the map yet: the next push wakes it.
+            _ => {
+                self.handle.shared.inbox.unschedule();
+                Err(FleetError::ActorGone("courier"))
+            }
         }
-        if h.actor.cast(CourierMsg::Drain).is_err() {
-            // Restarting, and its successor not in the map yet.
-            return Err(gone(&h.shared));
-        }
-        self.handle = h;
-        Ok(())
     }
 }
 
@@ -760,12 +755,7 @@ impl Fleet {
 
     /// Hands validated fixes to the courier (hot path; never waits on the actor).
     pub fn ingest(&self, tenant: &TenantId, id: &CourierId, fixes: impl IntoIterator<Item = Fix>) -> Result<(), FleetError> {
-        let h = self.ctx.couriers.get(&(tenant.clone(), id.clone())).ok_or(FleetError::NotFound { what: "courier" })?;
-        if h.shared.inbox.push(fixes) && h.actor.cast(CourierMsg::Drain).is_err() {
-            h.shared.inbox.unschedule();
-            return Err(FleetError::ActorGone("courier"));
-        }
-        Ok(())
+        self.courier_tap(tenant, id)?.ingest(fixes)
     }
 
     /// A direct line to one courier's inbox for a connection that streams its fixes: the

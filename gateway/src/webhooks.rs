@@ -548,8 +548,9 @@ enum Circuit {
 /// `breaker_after` failed attempts in a row open a webhook's circuit for `breaker_cooldown`:
 /// its deliveries are not claimed meanwhile (they stay pending, no attempt counted). Then one
 /// delivery probes the endpoint: success closes the circuit, failure opens it again for twice
-/// as long (up to [`MAX_BREAKER_COOLDOWN`], or the cool-down if that is longer). So a dead endpoint costs one attempt per pause
-/// instead of a batch of timeouts per poll, and other webhooks' batches are not held up by it.
+/// as long (up to [`MAX_BREAKER_COOLDOWN`], or the cool-down if that is longer). So a dead
+/// endpoint costs one attempt per pause instead of a batch of timeouts per poll, and other
+/// webhooks' batches are not held up by it.
 #[derive(Debug)]
 pub struct Breakers {
     after: u32,

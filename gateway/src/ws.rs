@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
 use futures_util::StreamExt as _;
-use hexfleet_actors::domain::{CourierId, CourierStatus, Fix, OrderId, TenantId, valid_id};
+use hexfleet_actors::domain::{CourierId, CourierStatus, OrderId, TenantId, valid_id};
 use hexfleet_actors::fleet::CourierTap;
 use hexfleet_actors::order::Command;
 use serde::Deserialize;
@@ -155,19 +155,19 @@ async fn courier_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<H
     let tenant = auth.tenant.clone();
     let cid = id.clone();
     st.on_main(async move { fleet.ensure_courier(&tenant, &cid).await }).await??;
+    // Looked up once: the GPS path then skips the fleet's courier map.
+    let tap = st.fleet.courier_tap(&auth.tenant, &id)?;
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
-    actix_web::rt::spawn(courier_session(st, auth.tenant, id, session, stream));
+    actix_web::rt::spawn(courier_session(st, auth.tenant, id, tap, session, stream));
     Ok(resp)
 }
 
-async fn courier_session(st: State, tenant: TenantId, id: CourierId, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+async fn courier_session(st: State, tenant: TenantId, id: CourierId, mut tap: CourierTap, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
     let outbox = Outbox::new(OUTBOX_CAPACITY);
     let sid = st.broker.add_courier(tenant.as_str(), id.as_str(), outbox.clone());
     metrics::gauge!("hexfleet_ws_connections", "kind" => "courier").increment(1.0);
     let mut guard = Guard::new();
-    // Looked up once: the GPS path then skips the fleet's courier map.
-    let mut tap = None;
     // Orders it already holds (reconnect): tell the app again.
     for o in st.fleet.courier_orders(&tenant, &id) {
         let m = crate::dto::order_update_json(&o, outbox.next_seq());
@@ -225,16 +225,7 @@ struct FastLoc<'a> {
     acc: Option<f32>,
 }
 
-/// Hands fixes to the courier through the session's cached [`CourierTap`].
-fn ingest(st: &AppState, tenant: &TenantId, id: &CourierId, tap: &mut Option<CourierTap>, fixes: impl IntoIterator<Item = Fix>) -> Result<(), ApiError> {
-    let tap = match tap {
-        Some(t) => t,
-        None => tap.insert(st.fleet.courier_tap(tenant, id)?),
-    };
-    Ok(tap.ingest(fixes)?)
-}
-
-async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: &mut Option<CourierTap>, text: &str) -> Result<(), ApiError> {
+async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: &mut CourierTap, text: &str) -> Result<(), ApiError> {
     if text.is_empty() {
         return Err(ApiError::bad_request("bad_message", "expected a JSON text frame"));
     }
@@ -245,7 +236,7 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: 
         && f.t == "loc"
     {
         let l = LocDto { lat: f.lat, lng: f.lng, ts: f.ts, speed: f.speed, heading: f.heading, acc: f.acc };
-        ingest(st, tenant, id, tap, [l.to_fix(now)?])?;
+        tap.ingest([l.to_fix(now)?])?;
         crate::server::count_fixes(1);
         return Ok(());
     }
@@ -253,7 +244,7 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: 
     match msg {
         CourierIn::Loc(l) => {
             let fix = l.to_fix(now)?;
-            ingest(st, tenant, id, tap, [fix])?;
+            tap.ingest([fix])?;
             crate::server::count_fixes(1);
         }
         CourierIn::Locs { items } => {
@@ -263,7 +254,7 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: 
             // All or nothing: one bad fix refuses the batch so the app can tell which it sent.
             let fixes = items.into_iter().map(|l: LocDto| l.to_fix(now)).collect::<Result<Vec<_>, _>>()?;
             let n = fixes.len() as u64;
-            ingest(st, tenant, id, tap, fixes)?;
+            tap.ingest(fixes)?;
             crate::server::count_fixes(n);
         }
         CourierIn::Status { status } => {
