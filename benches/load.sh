@@ -7,6 +7,7 @@
 #   BIN=path         server binary (to compare two builds on the same machine)
 #   SERVER_ARGS=...  extra `hexfleet serve` flags (e.g. "--workers 1")
 #   EXTRA=...        extra generator flags (e.g. "--redis-url redis://127.0.0.1:6379")
+#   INGEST=1         courier sockets on the server's ingest port (--ingest-listen 127.0.0.1:8091)
 #   PSTAT=1          also count the server's user instructions and cycles (perf stat, 15 s in
 #                    the middle of the run; needs DUR of 30s or more): steadier than CPU
 #                    seconds on a shared machine
@@ -15,6 +16,9 @@ cd "$(dirname "$0")/.."
 R=$1; N=${2:-19500}
 DIR=${TMPDIR:-/tmp}/hexfleet-load-$$
 mkdir -p "$DIR"; ulimit -n 20000
+if [ -n "${INGEST:-}" ]; then
+  SERVER_ARGS="${SERVER_ARGS:-} --ingest-listen 127.0.0.1:8091"; EXTRA="${EXTRA:-} --courier-url ws://127.0.0.1:8091"
+fi
 RUST_LOG=warn ${BIN:-./target/release/hexfleet} serve --listen 127.0.0.1:8090 --database-url "sqlite:$DIR/h.db" ${SERVER_ARGS:-} 2>"$DIR/server.log" &
 S=$!
 for _ in $(seq 100); do curl -sf http://127.0.0.1:8090/healthz >/dev/null && break; sleep 0.1; done

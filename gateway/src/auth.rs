@@ -110,12 +110,18 @@ impl Auth {
 
 /// The raw token of a request: bearer header first, then `?token=`.
 pub fn token_of(req: &HttpRequest) -> Option<String> {
-    if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    token_of_parts(header, req.query_string())
+}
+
+/// [`token_of`] for a request read without actix: its `Authorization` header and query string.
+pub fn token_of_parts(authorization: Option<&str>, query: &str) -> Option<String> {
+    if let Some(h) = authorization
         && let Some(t) = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))
     {
         return Some(t.trim().to_string());
     }
-    web::Query::<TokenQuery>::from_query(req.query_string()).ok().and_then(|q| q.into_inner().token)
+    web::Query::<TokenQuery>::from_query(query).ok().and_then(|q| q.into_inner().token)
 }
 
 #[derive(Deserialize)]
@@ -134,8 +140,14 @@ impl FromRequest for Auth {
 
 pub fn authenticate(req: &HttpRequest) -> Result<Auth, ApiError> {
     let keys = req.app_data::<web::Data<Keys>>().ok_or_else(|| ApiError::internal("auth keys missing"))?;
-    let token = token_of(req).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-    let claims = keys.verify(&token)?;
+    authenticate_token(keys, token_of(req).as_deref())
+}
+
+/// Verifies a raw token (from [`token_of`], or [`token_of_parts`] where there is no actix
+/// request) and checks its tenant and subject.
+pub fn authenticate_token(keys: &Keys, token: Option<&str>) -> Result<Auth, ApiError> {
+    let token = token.ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let claims = keys.verify(token)?;
     if !hexfleet_actors::domain::valid_id(&claims.tenant) || !hexfleet_actors::domain::valid_id(&claims.sub) {
         return Err(ApiError::unauthorized("token has an invalid tenant or subject"));
     }

@@ -93,6 +93,11 @@ pub struct ServeArgs {
     /// node takes them over. Leases are renewed every third of it.
     #[arg(long, env = "HEXFLEET_MARKET_LEASE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(300..=600_000))]
     pub market_lease_ms: u64,
+    /// A second port for courier sockets only (`/v1/ws/courier`, same protocol and tokens),
+    /// served by tokio-tungstenite on the raw stream instead of through the HTTP stack: less
+    /// CPU per GPS fix (BENCHMARKS.md). Off by default; the main port serves couriers either way.
+    #[arg(long, env = "HEXFLEET_INGEST_LISTEN")]
+    pub ingest_listen: Option<String>,
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "HEXFLEET_WORKERS")]
     pub workers: Option<usize>,

@@ -9,7 +9,8 @@
 //! messages; every error is mapped to a status or a WebSocket error code once, in [`error`].
 //!
 //! Components: [`config`] (CLI), [`server`] (assembly, shutdown), [`api`] (REST),
-//! [`ws`] (WebSocket sessions), [`broker`] (fan-out), [`auth`], [`dto`] (wire types),
+//! [`ws`] (WebSocket sessions), [`ingest`] (the courier ingest port: courier sockets read by
+//! tokio-tungstenite on the raw stream), [`broker`] (fan-out), [`auth`], [`dto`] (wire types),
 //! [`osmand`] (Traccar/OsmAnd protocol), [`history`] (location history export/erase and the
 //! retention purge), [`zones`] (zone CRUD as GeoJSON), [`webhooks`] (subscriptions and the
 //! delivery worker: signed POSTs with retries), [`markets`] (market leases between nodes and
@@ -22,6 +23,7 @@ pub mod config;
 pub mod dto;
 pub mod error;
 pub mod history;
+pub mod ingest;
 pub mod markets;
 pub mod openapi;
 pub mod osmand;

@@ -49,6 +49,7 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     }
     cfg.fleet = a.fleet_config();
     cfg.workers = a.workers;
+    cfg.ingest_listen = a.ingest_listen.clone();
     cfg.history_retention = a.history_retention();
     cfg.history_purge_every = a.history_purge_interval;
     cfg.console_batch = Duration::from_millis(a.console_batch_ms);
@@ -84,6 +85,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     cancel_on_signals(shutdown.clone());
     let running = hexfleet_gateway::start(cfg, listener, shutdown).await?;
     eprintln!("hexfleet listening on http://{}", running.addr);
+    if let Some(at) = running.ingest_addr {
+        eprintln!("courier ingest on ws://{at}{}", hexfleet_gateway::ingest::PATH);
+    }
     running.wait().await
 }
 

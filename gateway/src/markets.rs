@@ -613,41 +613,65 @@ impl Markets {
     }
 }
 
-async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-    use tokio_tungstenite::tungstenite::{self as tg, Message};
+/// Why the owner did not take a relayed WebSocket.
+pub(crate) enum OwnerRefused {
+    /// The owner answered the handshake with this status and body (401, 403, 404 …).
+    Http(StatusCode, Vec<u8>),
+    /// It could not be reached.
+    Error(ApiError),
+}
 
+/// Opens the relayed WebSocket to the market's owner, before the client's own upgrade, so a
+/// refusal reaches the client as the owner's HTTP answer instead of an upgrade that closes at once.
+pub(crate) async fn connect_owner_ws(
+    owner: &str,
+    path_and_query: &str,
+    authorization: Option<&str>,
+    markets: &Markets,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, OwnerRefused> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::{self as tg};
+
+    let bad = |e: &dyn std::fmt::Display| OwnerRefused::Error(ApiError::bad_request("bad_request", e.to_string()));
     let ws_base = owner.replacen("http", "ws", 1);
-    let url = format!("{ws_base}{}", req.uri().path_and_query().map_or("/", |p| p.as_str()));
-    let mut up = url.into_client_request().map_err(actix_web::error::ErrorBadRequest)?;
-    if let Some(a) = req.headers().get("authorization") {
-        up.headers_mut().insert("authorization", tg::http::HeaderValue::from_bytes(a.as_bytes()).map_err(actix_web::error::ErrorBadRequest)?);
+    let mut up = format!("{ws_base}{path_and_query}").into_client_request().map_err(|e| bad(&e))?;
+    if let Some(a) = authorization {
+        up.headers_mut().insert("authorization", tg::http::HeaderValue::from_str(a).map_err(|e| bad(&e))?);
     }
-    up.headers_mut().insert(FORWARDED, tg::http::HeaderValue::from_str(&markets.node_id).map_err(actix_web::error::ErrorInternalServerError)?);
+    up.headers_mut().insert(FORWARDED, tg::http::HeaderValue::from_str(&markets.node_id).map_err(|e| OwnerRefused::Error(ApiError::internal(e.to_string())))?);
     let mut cfg = tg::protocol::WebSocketConfig::default();
     cfg.max_message_size = Some(16 * 1024 * 1024);
-    // Connect to the owner first, so a refusal (401, 403, 404 …) reaches the client as the
-    // owner's HTTP answer instead of an upgrade that closes at once.
-    let upstream = match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async_with_config(up, Some(cfg), true)).await {
-        Ok(Ok((s, _))) => s,
+    match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async_with_config(up, Some(cfg), true)).await {
+        Ok(Ok((s, _))) => Ok(s),
         Ok(Err(tg::Error::Http(resp))) => {
             let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 markets.forget_owner(owner);
             }
-            let body = resp.into_body().unwrap_or_default();
-            return Ok(req.into_response(HttpResponse::build(status).content_type("application/json").body(body)));
+            Err(OwnerRefused::Http(status, resp.into_body().unwrap_or_default()))
         }
         Ok(Err(e)) => {
             markets.forget_owner(owner);
-            let e = owner_unreachable(&e);
-            return Ok(req.error_response(e));
+            Err(OwnerRefused::Error(owner_unreachable(&e)))
         }
         Err(_) => {
             markets.forget_owner(owner);
-            let e = owner_unreachable(&"it did not answer in time");
-            return Ok(req.error_response(e));
+            Err(OwnerRefused::Error(owner_unreachable(&"it did not answer in time")))
         }
+    }
+}
+
+async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    use tokio_tungstenite::tungstenite::{self as tg, Message};
+
+    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let authorization = req.headers().get("authorization").map(|a| a.to_str().map(str::to_owned)).transpose().map_err(actix_web::error::ErrorBadRequest)?;
+    let upstream = match connect_owner_ws(owner, &path_and_query, authorization.as_deref(), markets).await {
+        Ok(s) => s,
+        Err(OwnerRefused::Http(status, body)) => {
+            return Ok(req.into_response(HttpResponse::build(status).content_type("application/json").body(body)));
+        }
+        Err(OwnerRefused::Error(e)) => return Ok(req.error_response(e)),
     };
     let (http_req, mut payload) = req.into_parts();
     let body = <web::Payload as actix_web::FromRequest>::from_request(&http_req, &mut payload).await?;

@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub webhooks: crate::webhooks::WebhookConfig,
     /// Market leases between nodes (`markets.rs`); `None`: this node owns every market.
     pub markets: Option<crate::markets::MarketConfig>,
+    /// The courier ingest port (`ingest.rs`), if any.
+    pub ingest_listen: Option<String>,
 }
 
 impl ServeConfig {
@@ -60,6 +62,7 @@ impl ServeConfig {
             console_batch: crate::ws::CONSOLE_BATCH,
             webhooks: crate::webhooks::WebhookConfig::default(),
             markets: None,
+            ingest_listen: None,
         }
     }
 }
@@ -121,6 +124,8 @@ pub fn fixes_ingested() -> u64 {
 /// A running server.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where the courier ingest port listens, when it is on.
+    pub ingest_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub state: web::Data<AppState>,
     join: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -251,6 +256,17 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
     if let Some(w) = cfg.workers {
         http = http.workers(w.max(1));
     }
+    let ingest_tasks = tokio_util::task::TaskTracker::new();
+    let ingest_addr = match &cfg.ingest_listen {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a).await.map_err(|e| anyhow::anyhow!("cannot listen on {a} (ingest): {e}"))?;
+            let at = l.local_addr()?;
+            tokio::spawn(crate::ingest::serve(l, state.clone(), shutdown.clone(), ingest_tasks.clone()));
+            tracing::info!(addr = %at, "courier ingest port");
+            Some(at)
+        }
+        None => None,
+    };
     let http = http.run();
     let handle = http.handle();
     let http_task = tokio::spawn(http);
@@ -262,6 +278,11 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         tracing::info!("shutting down: stop accepting");
         handle.stop(true).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), http_task).await;
+        // Ingest sessions see the same token and close with 1001.
+        ingest_tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), ingest_tasks.wait()).await.is_err() {
+            tracing::warn!("courier ingest sessions did not close in time");
+        }
         purge_stop.cancel();
         if tokio::time::timeout(Duration::from_secs(10), purge).await.is_err() {
             tracing::warn!("retention purge did not stop in time");
@@ -293,7 +314,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         }
         res.map_err(anyhow::Error::from)
     });
-    Ok(Running { addr, shutdown, state, join })
+    Ok(Running { addr, ingest_addr, shutdown, state, join })
 }
 
 /// Waits for SIGINT or SIGTERM, then cancels `token`.

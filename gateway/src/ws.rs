@@ -148,22 +148,85 @@ async fn read(stream: &mut actix_ws::AggregatedMessageStream, session: &mut Sess
 
 // ---- courier ----
 
+/// How a session ends: a close code and its reason (`None` in [`CourierSocket::close`]: a plain
+/// close, the peer went away).
+pub(crate) struct Close {
+    pub code: u16,
+    pub why: String,
+}
+
+/// What one read of a courier socket gave.
+pub(crate) enum Read<T> {
+    Text(T),
+    Closed,
+    Other,
+    Fatal(Close),
+}
+
+/// One courier app's socket, whichever server reads it: actix-ws on the HTTP port
+/// ([`courier_ws`]) or tokio-tungstenite on the ingest port (`ingest.rs`). The session logic
+/// ([`courier_session`]) is the same for both.
+pub(crate) trait CourierSocket {
+    type Text: std::ops::Deref<Target = str>;
+    /// Sends one text frame; `false` when the socket is gone.
+    async fn send(&mut self, text: String) -> bool;
+    /// The next message (answering pings on the way); [`IDLE_TIMEOUT`] without one is fatal.
+    async fn recv(&mut self) -> Read<Self::Text>;
+    async fn close(self, close: Option<Close>);
+}
+
+/// The actix-ws side of a courier socket.
+struct ActixSocket {
+    session: Session,
+    stream: actix_ws::AggregatedMessageStream,
+}
+
+impl CourierSocket for ActixSocket {
+    type Text = bytestring::ByteString;
+
+    async fn send(&mut self, text: String) -> bool {
+        self.session.text(text).await.is_ok()
+    }
+
+    async fn recv(&mut self) -> Read<Self::Text> {
+        match read(&mut self.stream, &mut self.session).await {
+            Input::Text(t) => Read::Text(t),
+            Input::Closed => Read::Closed,
+            Input::Other => Read::Other,
+            Input::Fatal(r) => Read::Fatal(Close { code: r.code.into(), why: r.description.unwrap_or_default() }),
+        }
+    }
+
+    async fn close(self, close: Option<Close>) {
+        let reason = close.map(|c| CloseReason { code: CloseCode::from(c.code), description: Some(c.why) });
+        let _ = self.session.close(reason).await;
+    }
+}
+
+fn policy_close(why: &str) -> Option<Close> {
+    Some(Close { code: 1008, why: why.to_owned() })
+}
+
 async fn courier_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<HttpResponse, ApiError> {
     let auth = auth_ws(&req, &[Role::Courier])?;
-    let id = CourierId::new(&auth.claims.sub);
-    let fleet = st.fleet.clone();
-    let tenant = auth.tenant.clone();
-    let cid = id.clone();
-    st.on_main(async move { fleet.ensure_courier(&tenant, &cid).await }).await??;
-    // Looked up once: the GPS path then skips the fleet's courier map.
-    let tap = st.fleet.courier_tap(&auth.tenant, &id)?;
+    let tap = courier_tap(&st, &auth).await?;
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
-    actix_web::rt::spawn(courier_session(st, auth.tenant, id, tap, session, stream));
+    let id = CourierId::new(&auth.claims.sub);
+    actix_web::rt::spawn(courier_session(st, auth.tenant, id, tap, ActixSocket { session, stream }));
     Ok(resp)
 }
 
-async fn courier_session(st: State, tenant: TenantId, id: CourierId, mut tap: CourierTap, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+/// Registers the courier on first contact and looks its actor up once: the GPS path then skips
+/// the fleet's courier map. Runs before the upgrade, so a failure is a plain HTTP error.
+pub(crate) async fn courier_tap(st: &AppState, auth: &Auth) -> Result<CourierTap, ApiError> {
+    let id = CourierId::new(&auth.claims.sub);
+    let (fleet, tenant, cid) = (st.fleet.clone(), auth.tenant.clone(), id.clone());
+    st.on_main(async move { fleet.ensure_courier(&tenant, &cid).await }).await??;
+    Ok(st.fleet.courier_tap(&auth.tenant, &id)?)
+}
+
+pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantId, id: CourierId, mut tap: CourierTap, mut socket: S) {
     let outbox = Outbox::new(OUTBOX_CAPACITY);
     let sid = st.broker.add_courier(tenant.as_str(), id.as_str(), outbox.clone());
     metrics::gauge!("hexfleet_ws_connections", "kind" => "courier").increment(1.0);
@@ -175,30 +238,35 @@ async fn courier_session(st: State, tenant: TenantId, id: CourierId, mut tap: Co
     }
     let close = loop {
         if outbox.overflowed() {
-            let _ = session.text(error_json("too_slow", "the client did not read its messages in time")).await;
-            break policy("too slow");
+            let _ = socket.send(error_json("too_slow", "the client did not read its messages in time")).await;
+            break policy_close("too slow");
         }
         tokio::select! {
             biased;
             () = outbox.notified() => {
-                if !flush(&mut session, &outbox).await { break None; }
+                let mut gone = false;
+                for m in outbox.drain() {
+                    if !socket.send(m).await { gone = true; break; }
+                }
+                if gone { break None; }
             }
-            input = read(&mut stream, &mut session) => match input {
-                Input::Closed => break None,
-                Input::Fatal(r) => break Some(r),
-                Input::Other => {}
-                Input::Text(text) => match guard.admit() {
-                    Verdict::Close(why) => break policy(why),
+            () = st.shutdown.cancelled() => break Some(Close { code: 1001, why: "server shutting down".into() }),
+            input = socket.recv() => match input {
+                Read::Closed => break None,
+                Read::Fatal(c) => break Some(c),
+                Read::Other => {}
+                Read::Text(text) => match guard.admit() {
+                    Verdict::Close(why) => break policy_close(why),
                     Verdict::Limited => {
                         if guard.limited == 1 {
-                            let _ = session.text(error_json("rate_limited", "too many messages; slow down")).await;
+                            let _ = socket.send(error_json("rate_limited", "too many messages; slow down")).await;
                         }
                     }
                     Verdict::Ok => match courier_message(&st, &tenant, &id, &mut tap, &text).await {
                         Ok(()) => guard.good(),
                         Err(e) => {
-                            if session.text(error_json(e.code, &e.message)).await.is_err() { break None; }
-                            if guard.bad() { break policy("too many invalid messages"); }
+                            if !socket.send(error_json(e.code, &e.message)).await { break None; }
+                            if guard.bad() { break policy_close("too many invalid messages"); }
                         }
                     },
                 },
@@ -207,7 +275,7 @@ async fn courier_session(st: State, tenant: TenantId, id: CourierId, mut tap: Co
     };
     st.broker.drop_courier(tenant.as_str(), id.as_str(), sid);
     metrics::gauge!("hexfleet_ws_connections", "kind" => "courier").decrement(1.0);
-    let _ = session.close(close).await;
+    socket.close(close).await;
 }
 
 /// The shape of a `loc` frame (`{"t":"loc",...}`), for the fast path of [`courier_message`].

@@ -39,6 +39,9 @@ use crate::token::TokenMint;
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
     pub base_url: String,
+    /// Where courier sockets connect (`ws://host:port`, the server's `--ingest-listen`);
+    /// `None`: `base_url`, the HTTP port.
+    pub courier_url: Option<String>,
     pub jwt_secret: String,
     pub tenant: String,
     /// Courier sockets to open.
@@ -82,6 +85,7 @@ impl Default for LoadConfig {
     fn default() -> Self {
         Self {
             base_url: "http://127.0.0.1:8080".to_owned(),
+            courier_url: None,
             jwt_secret: crate::DEFAULT_JWT_SECRET.to_owned(),
             tenant: "demo".to_owned(),
             couriers: 1000,
@@ -353,6 +357,10 @@ type Control = (usize, String);
 /// early on `shutdown`.
 pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::Result<LoadReport> {
     let server = Server::parse(&cfg.base_url)?;
+    let courier_server = match &cfg.courier_url {
+        Some(u) => Server::parse(u)?,
+        None => server.clone(),
+    };
     let bbox = BBox::from_array(cfg.bbox);
     anyhow::ensure!(bbox.is_valid(), "invalid bbox {:?}", cfg.bbox);
     anyhow::ensure!(cfg.rate >= 0.0 && cfg.rate.is_finite(), "rate must be a finite number >= 0");
@@ -410,7 +418,7 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
         (0..cfg.couriers).map(|i| mint.courier(&load_courier_id(i, cfg.track, run_started_ms))).collect::<anyhow::Result<_>>()?;
     let mut conns: Vec<Option<Ws>> = Vec::with_capacity(cfg.couriers);
     {
-        let server = &server;
+        let server = &courier_server;
         let counters = &counters;
         let timeout = cfg.connect_timeout;
         let srcs = report.source_addrs;

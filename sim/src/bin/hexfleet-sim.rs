@@ -90,6 +90,10 @@ struct LoadArgs {
     /// Courier sockets to open.
     #[arg(long, default_value_t = 1000)]
     couriers: usize,
+    /// Connect courier sockets to the server's ingest port (`--ingest-listen`), e.g.
+    /// `ws://127.0.0.1:8091`, instead of `--url`.
+    #[arg(long)]
+    courier_url: Option<String>,
     /// Target GPS updates per second, all couriers together. Set it above what the server
     /// can take to measure its maximum.
     #[arg(long, default_value_t = 1000.0)]
@@ -300,6 +304,7 @@ async fn load(a: LoadArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let defaults = LoadConfig::default();
     let cfg = LoadConfig {
         base_url: a.target.url,
+        courier_url: a.courier_url,
         jwt_secret: a.target.jwt_secret,
         tenant: a.target.tenant.unwrap_or(defaults.tenant),
         couriers: a.couriers,

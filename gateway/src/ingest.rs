@@ -1,0 +1,273 @@
+//! The courier ingest port (`--ingest-listen`): `/v1/ws/courier` served by tokio-tungstenite
+//! straight on the TCP stream, on the actors' runtime.
+//!
+//! Same protocol, tokens, limits and session logic as the courier socket on the HTTP port
+//! ([`crate::ws::courier_session`]); only the transport differs. On the HTTP port each frame goes
+//! through actix's h1 dispatcher, its payload channel and actix-ws before the session sees it,
+//! and the session then wakes the courier's actor on another runtime. Here a frame is read and
+//! decoded by the session task itself, on the runtime where the actor runs, so the wake-up
+//! usually stays on the same thread. It is meant for fleets whose GPS rate makes that
+//! difference matter (BENCHMARKS.md, issue 6); the HTTP port keeps serving couriers too.
+//!
+//! The handshake is read here (httparse, as tungstenite does) so that authentication, the
+//! courier's registration and, with several nodes, the market's owner are settled before the
+//! upgrade: a refused socket gets a plain HTTP error with the API's JSON body. A courier whose
+//! market another node owns is relayed to that node's HTTP port, as the HTTP port does.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::web;
+use futures_util::{SinkExt as _, StreamExt as _};
+use hexfleet_actors::domain::CourierId;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{self as tg, Message, protocol::Role};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Role as TokenRole;
+use crate::error::ApiError;
+use crate::server::AppState;
+use crate::ws::{Close, CourierSocket, IDLE_TIMEOUT, MAX_FRAME, Read};
+
+/// The only path served here.
+pub const PATH: &str = "/v1/ws/courier";
+/// Largest request head accepted (request line and headers).
+const MAX_HEAD: usize = 8 * 1024;
+/// A client must finish its handshake within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts courier sockets on `listener` until `stop` is cancelled; each connection is one task
+/// on `tracker` (the caller waits on it at shutdown).
+pub async fn serve(listener: TcpListener, st: web::Data<AppState>, stop: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, _)) => {
+                tracker.spawn(connection(tcp, st.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors, mostly: back off instead of spinning.
+                tracing::warn!(error = %e, "ingest: accept failed");
+                metrics::counter!("hexfleet_ingest_accept_errors_total").increment(1);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The parts of a request head the handshake needs.
+struct Head {
+    path: String,
+    query: String,
+    authorization: Option<String>,
+    key: Vec<u8>,
+    /// Bytes read past the head (the client's first frames, if it did not wait for the 101).
+    rest: Vec<u8>,
+}
+
+async fn connection(mut tcp: TcpStream, st: web::Data<AppState>) {
+    let _ = tcp.set_nodelay(true);
+    let head = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut tcp)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return refuse(&mut tcp, &e).await,
+        Err(_) => return,
+    };
+    let token = crate::auth::token_of_parts(head.authorization.as_deref(), &head.query);
+    let auth = match crate::auth::authenticate_token(&st.keys, token.as_deref()).and_then(|a| a.require(&[TokenRole::Courier]).map(|()| a)) {
+        Ok(a) => a,
+        Err(e) => return refuse(&mut tcp, &e).await,
+    };
+    if let Some(markets) = st.markets.clone() {
+        match markets.route(&auth.tenant).await {
+            Ok(crate::markets::Route::Local) => {}
+            Ok(crate::markets::Route::Remote(owner)) => return relay(tcp, head, &owner, &markets).await,
+            Err(e) => return refuse(&mut tcp, &e).await,
+        }
+    }
+    let tap = match crate::ws::courier_tap(&st, &auth).await {
+        Ok(t) => t,
+        Err(e) => return refuse(&mut tcp, &e).await,
+    };
+    let Some(ws) = upgrade(tcp, head).await else { return };
+    let id = CourierId::new(&auth.claims.sub);
+    crate::ws::courier_session(st, auth.tenant, id, tap, TungsteniteSocket { ws }).await;
+}
+
+/// Reads and checks the request head: `GET /v1/ws/courier` asking for a WebSocket.
+async fn read_head(tcp: &mut TcpStream) -> Result<Head, ApiError> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = tcp.read(&mut chunk).await.map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
+        if n == 0 {
+            return Err(ApiError::bad_request("bad_request", "connection closed during the handshake"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => return parse_head(&req, buf[len..].to_vec()),
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(ApiError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "head_too_large", format!("request head larger than {MAX_HEAD} bytes")));
+            }
+            Err(e) => return Err(ApiError::bad_request("bad_request", format!("malformed request: {e}"))),
+        }
+    }
+}
+
+fn parse_head(req: &httparse::Request<'_, '_>, rest: Vec<u8>) -> Result<Head, ApiError> {
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if path != PATH {
+        return Err(ApiError::not_found(format!("the ingest port serves {PATH} only")));
+    }
+    if req.method != Some("GET") {
+        return Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"));
+    }
+    let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(h.value).ok());
+    let has_token = |name: &str, token: &str| header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)));
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Err(ApiError::bad_request("not_websocket", "expected a WebSocket upgrade"));
+    }
+    if header("sec-websocket-version") != Some("13") {
+        return Err(ApiError::bad_request("not_websocket", "Sec-WebSocket-Version must be 13"));
+    }
+    let key = header("sec-websocket-key").filter(|k| !k.is_empty()).ok_or_else(|| ApiError::bad_request("not_websocket", "Sec-WebSocket-Key is missing"))?;
+    Ok(Head {
+        path: path.to_owned(),
+        query: query.to_owned(),
+        authorization: header("authorization").map(str::to_owned),
+        key: key.as_bytes().to_vec(),
+        rest,
+    })
+}
+
+/// Answers a refused handshake with the API's JSON error, then closes.
+async fn refuse(tcp: &mut TcpStream, e: &ApiError) {
+    let body = serde_json::json!({ "error": { "code": e.code, "message": e.message } }).to_string();
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        e.status.as_u16(),
+        e.status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let _ = tcp.write_all(body.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}
+
+fn ws_config() -> tg::protocol::WebSocketConfig {
+    // A courier sends small frames: a 2 KiB read buffer (it grows for a larger frame) keeps a
+    // socket's memory low; writes go out at once (the outbox is the queue).
+    tg::protocol::WebSocketConfig::default()
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024)
+        .max_frame_size(Some(MAX_FRAME))
+        .max_message_size(Some(MAX_FRAME))
+}
+
+/// Completes the handshake (101) and wraps the stream.
+async fn upgrade(mut tcp: TcpStream, head: Head) -> Option<WebSocketStream<TcpStream>> {
+    let accept = tg::handshake::derive_accept_key(&head.key);
+    let resp = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
+    tcp.write_all(resp.as_bytes()).await.ok()?;
+    Some(WebSocketStream::from_partially_read(tcp, head.rest, Role::Server, Some(ws_config())).await)
+}
+
+/// A courier socket read by tokio-tungstenite.
+struct TungsteniteSocket {
+    ws: WebSocketStream<TcpStream>,
+}
+
+impl CourierSocket for TungsteniteSocket {
+    type Text = tg::Utf8Bytes;
+
+    async fn send(&mut self, text: String) -> bool {
+        self.ws.send(Message::text(text)).await.is_ok()
+    }
+
+    async fn recv(&mut self) -> Read<Self::Text> {
+        let m = match tokio::time::timeout(IDLE_TIMEOUT, self.ws.next()).await {
+            Err(_) => return Read::Fatal(Close { code: 1000, why: "idle timeout".into() }),
+            Ok(m) => m,
+        };
+        match m {
+            None | Some(Ok(Message::Close(_))) => Read::Closed,
+            Some(Ok(Message::Text(t))) => Read::Text(t),
+            // tungstenite queues the pong itself; it goes out with the next write or read.
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Read::Other,
+            Some(Ok(Message::Binary(_))) => Read::Text(tg::Utf8Bytes::default()),
+            Some(Err(tg::Error::ConnectionClosed | tg::Error::AlreadyClosed | tg::Error::Io(_))) => Read::Closed,
+            Some(Err(e)) => {
+                metrics::counter!("hexfleet_ws_protocol_errors_total").increment(1);
+                match e {
+                    tg::Error::Capacity(_) => Read::Fatal(Close { code: 1009, why: format!("frame larger than {MAX_FRAME} bytes") }),
+                    tg::Error::Utf8(_) => Read::Fatal(Close { code: 1007, why: "text frame is not UTF-8".into() }),
+                    other => Read::Fatal(Close { code: 1002, why: other.to_string() }),
+                }
+            }
+        }
+    }
+
+    async fn close(mut self, close: Option<Close>) {
+        let frame = close.map(|c| tg::protocol::CloseFrame { code: c.code.into(), reason: c.why.into() });
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.ws.close(frame)).await;
+    }
+}
+
+/// Relays a courier whose market another node owns to that node's HTTP port: the owner answers
+/// the handshake (its refusal reaches the client as is), then frames are copied both ways.
+async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::markets::Markets) {
+    let path_and_query = if head.query.is_empty() { head.path.clone() } else { format!("{}?{}", head.path, head.query) };
+    let upstream = match crate::markets::connect_owner_ws(owner, &path_and_query, head.authorization.as_deref(), markets).await {
+        Ok(u) => u,
+        Err(crate::markets::OwnerRefused::Http(status, body)) => {
+            let head = format!(
+                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or(""),
+                body.len()
+            );
+            let _ = tcp.write_all(head.as_bytes()).await;
+            let _ = tcp.write_all(&body).await;
+            let _ = tcp.shutdown().await;
+            return;
+        }
+        Err(crate::markets::OwnerRefused::Error(e)) => return refuse(&mut tcp, &e).await,
+    };
+    let Some(client) = upgrade(tcp, head).await else { return };
+    let (mut up_tx, mut up_rx) = upstream.split();
+    let (mut tx, mut rx) = client.split();
+    loop {
+        tokio::select! {
+            m = rx.next() => match m {
+                Some(Ok(m)) => {
+                    let close = m.is_close();
+                    if up_tx.send(m).await.is_err() || close { break; }
+                }
+                _ => {
+                    let _ = up_tx.send(Message::Close(None)).await;
+                    break;
+                }
+            },
+            m = up_rx.next() => match m {
+                Some(Ok(m)) => {
+                    let close = m.is_close();
+                    if tx.send(m).await.is_err() || close { break; }
+                }
+                _ => {
+                    let _ = tx.send(Message::Close(None)).await;
+                    break;
+                }
+            },
+        }
+    }
+}
