@@ -160,7 +160,25 @@ async fn refuse(tcp: &mut TcpStream, e: &ApiError) {
     );
     let _ = tcp.write_all(head.as_bytes()).await;
     let _ = tcp.write_all(body.as_bytes()).await;
+    linger(tcp).await;
+}
+
+/// Ends a refused connection: no more writes, then what the client is still sending is read and
+/// dropped for a moment, so the kernel does not reset the connection (and lose the answer)
+/// because of unread data.
+async fn linger(tcp: &mut TcpStream) {
     let _ = tcp.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while let Ok(n) = tcp.read(&mut sink).await {
+            total += n;
+            if n == 0 || total > 256 * 1024 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 fn ws_config() -> tg::protocol::WebSocketConfig {
@@ -238,7 +256,7 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
             );
             let _ = tcp.write_all(head.as_bytes()).await;
             let _ = tcp.write_all(&body).await;
-            let _ = tcp.shutdown().await;
+            linger(&mut tcp).await;
             return;
         }
         Err(crate::markets::OwnerRefused::Error(e)) => return refuse(&mut tcp, &e).await,

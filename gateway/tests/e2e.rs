@@ -14,11 +14,11 @@ const DROPOFF: (f64, f64) = (52.5300, 13.4200);
 /// A courier streams → nearby finds it → an order is created → offered and accepted → the
 /// customer's tracking socket sees positions → arrival at pickup is detected → picked up →
 /// arrival at drop-off → delivered → GET says delivered, also after a restart.
-async fn full_lifecycle(db: &str) {
+async fn full_lifecycle(db: &str, port: Port) {
     let mut srv = TestServer::start(fast_config(db)).await;
     let tenant = "acme";
     let disp = srv.dispatcher(tenant);
-    let mut courier = srv.ws("/v1/ws/courier", &srv.token(Role::Courier, "c1", tenant, None)).await;
+    let mut courier = srv.courier(port, &srv.token(Role::Courier, "c1", tenant, None)).await;
     let t0 = now_ms() - 600_000;
     courier.send(json!({"t":"status","status":"available"})).await;
     courier.send(json!({"t":"loc","lat":C_LAT,"lng":C_LNG,"ts":t0,"speed":3.0,"heading":90})).await;
@@ -93,13 +93,21 @@ async fn full_lifecycle(db: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    full_lifecycle(dir.path().join("hexfleet.db").to_str().unwrap()).await;
+    full_lifecycle(dir.path().join("hexfleet.db").to_str().unwrap(), Port::Http).await;
+}
+
+/// The same lifecycle with the courier app on the ingest port (`--ingest-listen`): offers,
+/// assignment and route reach it there, and its fixes and events drive the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_through_the_ingest_port() {
+    let dir = tempfile::tempdir().unwrap();
+    full_lifecycle(dir.path().join("hexfleet.db").to_str().unwrap(), Port::Ingest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_on_postgres() {
     let Some(db) = PgDb::create().await else { return };
-    full_lifecycle(&db.url).await;
+    full_lifecycle(&db.url, Port::Http).await;
     db.drop_db().await;
 }
 
@@ -123,4 +131,29 @@ async fn open_orders_survive_a_restart() {
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["state"], if i == 3 { "cancelled" } else { "created" });
     }
+}
+
+/// Stopping the server closes ingest-port sessions with 1001 (going away), and a fix accepted
+/// before the stop is still there after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_sessions_close_on_shutdown_and_their_fixes_survive_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    let db = db.to_str().unwrap();
+    let mut srv = TestServer::start(fast_config(db)).await;
+    let disp = srv.dispatcher("t1");
+    let mut courier = srv.courier(Port::Ingest, &srv.token(Role::Courier, "c1", "t1", None)).await;
+    courier.send(json!({"t":"loc","lat":52.5123,"lng":13.3877,"ts":now_ms()})).await;
+    eventually("the fix is accepted", || async {
+        let (_, c) = srv.get("/v1/couriers/c1", Some(&disp)).await;
+        (c["position"]["lat"].as_f64() == Some(52.5123)).then_some(())
+    })
+    .await;
+    let stopping = tokio::spawn(srv.running.take().unwrap().stop());
+    let close = courier.expect_close().await.expect("a close frame");
+    assert_eq!(close.code, tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away, "{close:?}");
+    stopping.await.unwrap().expect("clean shutdown");
+    let srv = TestServer::start(fast_config(db)).await;
+    let (s, c) = srv.get("/v1/couriers/c1", Some(&disp)).await;
+    assert_eq!((s, c["position"]["lat"].as_f64()), (200, Some(52.5123)), "{c}");
 }

@@ -56,6 +56,48 @@ async fn tokens_roles_and_tenants_are_enforced() {
     assert_eq!(refused("/v1/ws/console", srv.token(Role::Courier, "c1", "t1", None)).await, 403);
     assert_eq!(refused("/v1/ws/track/o1", srv.token(Role::Customer, "u", "t1", Some("o2"))).await, 403);
     assert_eq!(refused("/v1/ws/track/o1", srv.dispatcher("t2")).await, 404);
+
+    // The ingest port refuses the same way, before the upgrade, with the API's error body.
+    let ingest = srv.ingest.clone().unwrap();
+    let refused_ingest = |path: &str, tok: Option<String>| {
+        let url = match tok {
+            Some(t) => format!("{ingest}{path}?token={t}"),
+            None => format!("{ingest}{path}"),
+        };
+        async move {
+            match tokio_tungstenite::connect_async(url).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                    let body: serde_json::Value = serde_json::from_slice(r.body().as_deref().unwrap_or_default()).expect("a JSON error body");
+                    (r.status().as_u16(), body["error"]["code"].as_str().unwrap_or_default().to_owned())
+                }
+                other => panic!("expected a refused upgrade, got {:?}", other.map(|_| ())),
+            }
+        }
+    };
+    assert_eq!(refused_ingest("/v1/ws/courier", Some(srv.dispatcher("t1"))).await, (403, "forbidden".into()));
+    assert_eq!(refused_ingest("/v1/ws/courier", Some(expired.clone())).await, (401, "unauthorized".into()));
+    assert_eq!(refused_ingest("/v1/ws/courier", Some(forged.clone())).await, (401, "unauthorized".into()));
+    assert_eq!(refused_ingest("/v1/ws/courier", None).await, (401, "unauthorized".into()));
+    assert_eq!(refused_ingest("/v1/ws/console", Some(srv.dispatcher("t1"))).await, (404, "not_found".into()));
+    // Not a WebSocket at all, and not HTTP at all.
+    let http_url = ingest.replacen("ws://", "http://", 1);
+    let r = srv.http.get(format!("{http_url}/v1/ws/courier")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "not_websocket", "{v}");
+    let mut raw = tokio::net::TcpStream::connect(ingest.trim_start_matches("ws://")).await.unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    raw.write_all(b"\x16\x03\x01 not http at all\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(DEADLINE, raw.read_to_string(&mut answer)).await.expect("answered and closed").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // A head that never ends is cut off at 8 KiB.
+    let mut raw = tokio::net::TcpStream::connect(ingest.trim_start_matches("ws://")).await.unwrap();
+    let long = format!("GET /v1/ws/courier HTTP/1.1\r\nx-pad: {}\r\n", "a".repeat(10_000));
+    let _ = raw.write_all(long.as_bytes()).await;
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(DEADLINE, raw.read_to_string(&mut answer)).await.expect("answered and closed");
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,10 +141,19 @@ async fn nearby_ids(srv: &TestServer, tenant: &str, lat: f64, lng: f64) -> Vec<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_courier_sending_garbage_affects_nobody_else() {
+    garbage_affects_nobody_else(Port::Http).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_courier_sending_garbage_to_the_ingest_port_affects_nobody_else() {
+    garbage_affects_nobody_else(Port::Ingest).await;
+}
+
+async fn garbage_affects_nobody_else(port: Port) {
     let (srv, _d) = server().await;
     let tok = |c: &str| srv.token(Role::Courier, c, "t1", None);
-    let mut a = srv.ws("/v1/ws/courier", &tok("a")).await;
-    let mut b = srv.ws("/v1/ws/courier", &tok("b")).await;
+    let mut a = srv.courier(port, &tok("a")).await;
+    let mut b = srv.courier(port, &tok("b")).await;
     let now = now_ms();
 
     // Each bad message gets an error frame and the connection stays open.
@@ -131,7 +182,7 @@ async fn a_courier_sending_garbage_affects_nobody_else() {
     eventually("b still ingests", || async { nearby_ids(&srv, "t1", 52.6, 13.5).await.iter().any(|(id, _)| id == "b").then_some(()) }).await;
 
     // Garbage on repeat closes with a policy reason.
-    let mut c = srv.ws("/v1/ws/courier", &tok("c")).await;
+    let mut c = srv.courier(port, &tok("c")).await;
     for _ in 0..25 {
         c.send_raw("garbage").await;
     }
@@ -140,7 +191,7 @@ async fn a_courier_sending_garbage_affects_nobody_else() {
     assert_eq!(close.reason.as_str(), "too many invalid messages");
 
     // A flood past the rate limit: told, then closed with a reason.
-    let mut d = srv.ws("/v1/ws/courier", &tok("d")).await;
+    let mut d = srv.courier(port, &tok("d")).await;
     for i in 0..1_000 {
         d.send(json!({"t":"loc","lat":52.5,"lng":13.4,"ts":now + i})).await;
     }
@@ -289,4 +340,40 @@ async fn console_page_and_favicon_are_served() {
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.headers()["content-type"], "image/svg+xml");
     assert!(r.text().await.unwrap().starts_with("<svg"));
+}
+
+/// A courier app that sends its first frame right behind the handshake, without waiting for the
+/// 101 (both in one write), is served: the ingest port keeps the bytes it read past the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingest_port_keeps_a_frame_sent_with_the_handshake() {
+    use futures_util::StreamExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, coding::{Data, OpCode}};
+
+    let (srv, _d) = server().await;
+    let ingest = srv.ingest.clone().unwrap();
+    let token = srv.token(Role::Courier, "early", "t1", None);
+    let mut bytes = format!(
+        "GET /v1/ws/courier?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes();
+    let mut frame = Frame::message(r#"{"t":"teleport"}"#, OpCode::Data(Data::Text), true);
+    frame.header_mut().mask = Some([7, 1, 9, 3]);
+    frame.format(&mut bytes).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(ingest.trim_start_matches("ws://")).await.unwrap();
+    tcp.write_all(&bytes).await.unwrap();
+    // The 101, byte by byte up to the blank line, so nothing after it is consumed here.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tokio::time::timeout(DEADLINE, tcp.read_u8()).await.expect("handshake answered").unwrap());
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // RFC 6455's sample key and its answer.
+    assert!(head.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(tcp, tokio_tungstenite::tungstenite::protocol::Role::Client, None).await;
+    let answer = tokio::time::timeout(DEADLINE, ws.next()).await.expect("an answer to the early frame").unwrap().unwrap();
+    let v: serde_json::Value = serde_json::from_str(answer.to_text().unwrap()).unwrap();
+    assert_eq!((v["t"].as_str(), v["code"].as_str()), (Some("error"), Some("malformed_json")), "{v}");
 }

@@ -104,6 +104,19 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     let snap = console.expect("couriers snapshot", |v| t(v) == "couriers" && v["snapshot"] == true).await;
     assert!(snap["items"].as_array().unwrap().iter().any(|c| c.to_string().contains("\"c1\"")), "{snap}");
 
+    // A courier app on B's ingest port is relayed to A the same way; A's answers come back.
+    let mut c2 = b.courier(Port::Ingest, &b.token(Role::Courier, "c2", tenant, None)).await;
+    c2.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
+    eventually("c2's fix reaches A", || async {
+        let (_, c) = a.get("/v1/couriers/c2", Some(&disp_a)).await;
+        (c["position"]["lat"].as_f64() == Some(NEAR.0)).then_some(())
+    })
+    .await;
+    assert!(b.running.as_ref().unwrap().state.fleet.courier(&tenant.into(), &"c2".into()).is_err(), "c2 has no actor on B");
+    c2.send_raw("{not json").await;
+    c2.expect("A's error frame, relayed", |v| t(v) == "error" && v["code"] == "malformed_json").await;
+    drop(c2);
+
     // A Traccar/OsmAnd device (no token) registered to a courier of A's market reports to B:
     // B finds the device's market in the store and forwards the report to A.
     let (s, v) = b.put("/v1/couriers/c9", &disp_b, json!({"device_id":"864895030279986","vehicle":"car"})).await;

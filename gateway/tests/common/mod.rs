@@ -24,6 +24,8 @@ pub struct TestServer {
     pub running: Option<Running>,
     pub base: String,
     pub ws: String,
+    /// `ws://` address of the courier ingest port (`--ingest-listen`), when it is on.
+    pub ingest: Option<String>,
     pub keys: Keys,
     pub http: reqwest::Client,
 }
@@ -35,7 +37,17 @@ pub fn fast_config(db: &str) -> ServeConfig {
     cfg.fleet.index_rebuild = Duration::from_millis(20);
     cfg.fleet.offer_timeout_ms = 10_000;
     cfg.workers = Some(2);
+    cfg.ingest_listen = Some("127.0.0.1:0".into());
     cfg
+}
+
+/// Which port a courier app connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// `/v1/ws/courier` on the HTTP port (actix-ws).
+    Http,
+    /// The ingest port (tokio-tungstenite on the raw stream).
+    Ingest,
 }
 
 impl TestServer {
@@ -44,6 +56,7 @@ impl TestServer {
         let running = hexfleet_gateway::start(cfg, listener, CancellationToken::new()).await.expect("server starts");
         let addr = running.addr;
         TestServer {
+            ingest: running.ingest_addr.map(|a| format!("ws://{a}")),
             running: Some(running),
             base: format!("http://{addr}"),
             ws: format!("ws://{addr}"),
@@ -92,6 +105,16 @@ impl TestServer {
         let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!("{}{path}{sep}token={token}", self.ws);
         let (s, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        Ws { s }
+    }
+
+    /// A courier app's socket on `port`.
+    pub async fn courier(&self, port: Port, token: &str) -> Ws {
+        let base = match port {
+            Port::Http => self.ws.as_str(),
+            Port::Ingest => self.ingest.as_deref().expect("the ingest port is on"),
+        };
+        let (s, _) = tokio_tungstenite::connect_async(format!("{base}/v1/ws/courier?token={token}")).await.expect("websocket connects");
         Ws { s }
     }
 
