@@ -154,13 +154,33 @@ pub struct Outbox {
     inner: Mutex<OutboxInner>,
     notify: Notify,
     overflowed: AtomicBool,
+    /// The server asked the session to end (e.g. its market moved away).
+    closed: AtomicBool,
     seq: AtomicU64,
     capacity: usize,
 }
 
 impl Outbox {
     pub fn new(capacity: usize) -> Arc<Self> {
-        Arc::new(Outbox { inner: Mutex::default(), notify: Notify::new(), overflowed: AtomicBool::new(false), seq: AtomicU64::new(0), capacity })
+        Arc::new(Outbox {
+            inner: Mutex::default(),
+            notify: Notify::new(),
+            overflowed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+            capacity,
+        })
+    }
+
+    /// Asks the session to end; it closes its socket at its next turn.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Whether [`Outbox::close`] was called.
+    pub fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// The next per-connection sequence number.
@@ -449,6 +469,19 @@ impl Broker {
             v.retain(|(i, _)| *i != id);
             v.is_empty()
         });
+    }
+
+    /// Ends every courier session of `tenant` on this node (they close with 1013, and the apps
+    /// reconnect); returns how many.
+    pub fn close_couriers(&self, tenant: &str) -> usize {
+        let mut n = 0;
+        for e in self.local.couriers.iter().filter(|e| e.key().0 == tenant) {
+            for (_, o) in e.value() {
+                o.close();
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Registers a tracking session and answers a `since` request from the replay buffer.

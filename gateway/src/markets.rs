@@ -30,6 +30,7 @@
 //!   instead), so two nodes with different views cannot bounce a request between them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -106,12 +107,19 @@ pub struct Markets {
     main: tokio::runtime::Handle,
     /// Why this node stopped, when it lost a market.
     lost: parking_lot::Mutex<Option<String>>,
+    /// When the last successful renewal started: every lease this node holds runs at least
+    /// until this plus the TTL (the local deadline).
+    renewed_at: parking_lot::Mutex<tokio::time::Instant>,
+    /// Renewals failed past the local deadline: the markets are not served until one succeeds.
+    stepped_down: AtomicBool,
+    /// Courier sessions to close when stepping down.
+    broker: crate::broker::Broker,
     http: reqwest::Client,
 }
 
 impl Markets {
     /// A node's market leases; takes nothing yet. Call it on the runtime the actors run on.
-    pub fn new(store: Arc<SqlStore>, node_id: &str, config: MarketConfig) -> anyhow::Result<Markets> {
+    pub fn new(store: Arc<SqlStore>, node_id: &str, config: MarketConfig, broker: crate::broker::Broker) -> anyhow::Result<Markets> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -132,6 +140,10 @@ impl Markets {
             fleet: OnceLock::new(),
             main: tokio::runtime::Handle::current(),
             lost: parking_lot::Mutex::new(None),
+            // Before any lease is taken, so the deadline is never later than a lease's expiry.
+            renewed_at: parking_lot::Mutex::new(tokio::time::Instant::now()),
+            stepped_down: AtomicBool::new(false),
+            broker,
             http,
         })
     }
@@ -251,16 +263,38 @@ impl Markets {
 
     /// One renewal: extends this node's leases and returns a market it lost, if any (another
     /// node took it). A market taken while the renewal ran is judged at the next one.
+    ///
+    /// When renewals have failed for a whole TTL since the last one that succeeded, the leases
+    /// may have lapsed and been taken: the node steps down ([`Markets::step_down`]) until a
+    /// renewal succeeds again.
     pub async fn renew(&self) -> Option<TenantId> {
         let before: Vec<(TenantId, i64)> = self.epochs.iter().map(|e| (e.key().clone(), *e.value())).collect();
-        match self.store.renew_leases(&self.holder, self.config.ttl).await {
+        let started = tokio::time::Instant::now();
+        // Bounded: a connection that hangs instead of failing must not hold off the deadline.
+        let renewed = match tokio::time::timeout(self.config.ttl / 2, self.store.renew_leases(&self.holder, self.config.ttl)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.config.ttl / 2)),
+        };
+        match renewed {
             Ok(still) => {
+                *self.renewed_at.lock() = started;
                 let still: HashMap<TenantId, i64> = still.into_iter().collect();
                 metrics::gauge!("hexfleet_markets_owned").set(still.len() as f64);
                 let lost = before.into_iter().find(|(t, epoch)| {
                     // Lost: held at this epoch before and after the renewal, and not renewed.
                     still.get(t) != Some(epoch) && self.epochs.get(t).is_some_and(|e| *e == *epoch)
                 });
+                if self.stepped_down.swap(false, Ordering::AcqRel) {
+                    // Serve again what is still ours at the same epoch; a lost market goes on below.
+                    let mut n = 0;
+                    for (t, epoch) in &still {
+                        if self.epochs.get(t).is_some_and(|e| *e == *epoch) && lost.as_ref().is_none_or(|(l, _)| l != t) {
+                            self.ready.insert(t.clone(), ());
+                            n += 1;
+                        }
+                    }
+                    tracing::warn!(markets = n, node = %self.node_id, "market leases renewed again: serving them again");
+                }
                 let (t, _) = lost?;
                 // Nothing of it is written from here on (fences, snapshots, speeds), and what
                 // waits in the snapshot buffer is dropped.
@@ -272,10 +306,37 @@ impl Markets {
             }
             Err(e) => {
                 metrics::counter!("hexfleet_market_renewal_failures_total").increment(1);
-                tracing::warn!(error = %e, "market leases not renewed (database unreachable?); serving on");
+                let deadline = *self.renewed_at.lock() + self.config.ttl;
+                if tokio::time::Instant::now() >= deadline {
+                    self.step_down(&e);
+                } else {
+                    tracing::warn!(error = %e, "market leases not renewed (database unreachable?); serving on until the local deadline");
+                }
                 None
             }
         }
+    }
+
+    /// Stops serving every market this node holds, keeping the leases' epochs: its courier
+    /// sessions close (1013) so their apps reconnect, possibly to another node, and requests
+    /// for these markets no longer count as local (they answer 503 while the store is out of
+    /// reach). The next successful renewal serves again what is still this node's; a market
+    /// taken meanwhile is lost, and the node stops.
+    fn step_down(&self, why: &str) {
+        if self.stepped_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let held: Vec<TenantId> = self.ready.iter().map(|e| e.key().clone()).collect();
+        self.ready.clear();
+        let sessions: usize = held.iter().map(|t| self.broker.close_couriers(t.as_str())).sum();
+        metrics::counter!("hexfleet_market_step_downs_total").increment(1);
+        tracing::error!(error = %why, markets = held.len(), sessions, node = %self.node_id, ttl = ?self.config.ttl,
+            "no lease renewal for a whole lease: another node may own these markets now; not serving them until a renewal succeeds");
+    }
+
+    /// Whether this node stepped down for want of renewals ([`Markets::renew`]).
+    pub fn stepped_down(&self) -> bool {
+        self.stepped_down.load(Ordering::Acquire)
     }
 
     /// One take-over pass: loads markets this node holds but has not loaded (a take-over

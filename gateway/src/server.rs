@@ -167,7 +167,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
                 anyhow::ensure!(!addr.ip().is_unspecified(), "set --advertise-url: other nodes cannot reach {addr}");
                 mc.advertise_url = format!("http://{addr}");
             }
-            let m = Arc::new(crate::markets::Markets::new(store.clone(), &cfg.node_id, mc)?);
+            let m = Arc::new(crate::markets::Markets::new(store.clone(), &cfg.node_id, mc, broker.clone())?);
             let n = m.claim_unowned().await?;
             tracing::info!(markets = n, holder = m.holder(), "market leases taken at start");
             Some(m)

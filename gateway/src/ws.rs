@@ -241,6 +241,10 @@ pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantI
             let _ = socket.send(error_json("too_slow", "the client did not read its messages in time")).await;
             break policy_close("too slow");
         }
+        if outbox.closed() {
+            // 1013, try again later: the market is moving to another node.
+            break Some(Close { code: 1013, why: "this node no longer serves the market; reconnect".into() });
+        }
         tokio::select! {
             biased;
             () = outbox.notified() => {

@@ -7,16 +7,14 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
 use hexfleet_gateway::auth::{Keys, Role};
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
 
 const PICKUP: (f64, f64) = (52.5215, 13.4075);
 const DROPOFF: (f64, f64) = (52.5300, 13.4200);
@@ -313,70 +311,6 @@ async fn sigkill_while_a_courier_delivers_postgres() {
 // Database outage while serving
 // ---------------------------------------------------------------------------------------------
 
-/// A TCP proxy in front of PostgreSQL that the test cuts (drops every connection and refuses
-/// new ones) and restores; the shared server is never touched.
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    conns: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let conns: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (up2, conns2) = (up.clone(), conns.clone());
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else { continue };
-                if !up2.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let upstream = upstream.clone();
-                let task = tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&upstream).await else { return };
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                });
-                let mut g = conns2.lock();
-                g.retain(|h| !h.is_finished());
-                g.push(task.abort_handle());
-            }
-        });
-        Proxy { addr, up, conns, accept }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for h in self.conns.lock().drain(..) {
-            h.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for h in self.conns.lock().drain(..) {
-            h.abort();
-        }
-    }
-}
-
-/// Host and port of a PostgreSQL URL (`postgres://user@host:port/db`).
-fn pg_host_port(url: &str) -> String {
-    let rest = &url[url.find("://").map_or(0, |i| i + 3)..];
-    let rest = rest.split(['/', '?']).next().unwrap_or(rest);
-    let hp = rest.rsplit_once('@').map_or(rest, |(_, hp)| hp);
-    if hp.contains(':') { hp.to_owned() } else { format!("{hp}:5432") }
-}
 
 /// How a test takes the database away.
 enum Outage {

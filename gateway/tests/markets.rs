@@ -333,3 +333,116 @@ fn a_bad_advertise_url_is_refused_at_start() {
         assert!(err.contains(why), "{url}: {err}");
     }
 }
+
+/// Node A reaches the database through a TCP proxy the test cuts. Once A has gone a whole
+/// lease without a renewal it stops serving its market: its courier socket closes with 1013
+/// and its requests answer 503. Node B takes the market over when the lease lapses, and the
+/// courier reconnects there. When the proxy is restored, A finds its lease taken and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let Some(redis) = redis_or_skip().await else { return };
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let hp = pg_host_port(&db.url);
+    let proxy = Proxy::start(hp.clone()).await;
+    let via = db.url.replacen(&hp, &proxy.addr.to_string(), 1);
+    assert_ne!(via, db.url, "node A must go through the proxy");
+    let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
+    let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let tenant = "porto";
+    let (disp_a, disp_b) = (a.dispatcher(tenant), b.dispatcher(tenant));
+    assert_eq!(a.post("/v1/orders", &disp_a, order("o1")).await.0, 201);
+    assert!(lease_row(&db.url, tenant).await.0.starts_with("node-a#"));
+    let token = a.token(Role::Courier, "c1", tenant, None);
+    let mut courier = a.courier(Port::Ingest, &token).await;
+    courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
+    eventually("A serves c1", || async {
+        let (_, c) = a.get("/v1/couriers/c1", Some(&disp_a)).await;
+        c["position"]["lat"].as_f64().map(|_| ())
+    })
+    .await;
+
+    proxy.cut();
+    let close = courier.expect_close().await.expect("a close frame once A steps down");
+    assert_eq!(close.code, CloseCode::Again, "{close:?}");
+    let markets_a = a.running.as_ref().unwrap().state.markets.clone().unwrap();
+    assert!(markets_a.stepped_down());
+    let (s, v) = a.get("/v1/orders/o1", Some(&disp_a)).await;
+    assert_eq!(s, 503, "A no longer serves the market: {v}");
+
+    // B takes the market over from the store once A's lease lapses; the app reconnects to B.
+    let (s, v) = eventually("B serves the market", || async {
+        let (s, v) = b.get("/v1/orders/o1", Some(&disp_b)).await;
+        (s == 200).then_some((s, v))
+    })
+    .await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("created")), "{v}");
+    assert!(lease_row(&db.url, tenant).await.0.starts_with("node-b#"));
+    let mut courier = b.courier(Port::Http, &token).await;
+    courier.send(json!({"t":"loc","lat":PICKUP.0,"lng":PICKUP.1,"ts":now_ms()})).await;
+    eventually("B serves c1", || async {
+        let (_, c) = b.get("/v1/couriers/c1", Some(&disp_b)).await;
+        (c["position"]["lat"].as_f64() == Some(PICKUP.0)).then_some(())
+    })
+    .await;
+
+    // Back in reach, A's next renewal finds the lease taken: A stops and says why.
+    proxy.restore();
+    drop(markets_a);
+    let err = tokio::time::timeout(DEADLINE, a.running.take().unwrap().wait()).await.expect("A stops in time").expect_err("with an error");
+    assert!(err.to_string().contains("lost the lease of market porto"), "{err}");
+    drop(courier);
+    b.stop().await;
+    db.drop_db().await;
+}
+
+/// A lone node cut off from the database steps down after a lease without renewals and, when
+/// the database is back and no one took its market, serves it again at the same epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let Some(redis) = redis_or_skip().await else { return };
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let hp = pg_host_port(&db.url);
+    let proxy = Proxy::start(hp.clone()).await;
+    let via = db.url.replacen(&hp, &proxy.addr.to_string(), 1);
+    let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", Duration::from_secs(2), Duration::from_millis(300))).await;
+    let tenant = "braga";
+    let disp = a.dispatcher(tenant);
+    assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
+    let epoch = lease_row(&db.url, tenant).await.1;
+    let token = a.token(Role::Courier, "c1", tenant, None);
+    let mut courier = a.courier(Port::Http, &token).await;
+    courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
+
+    proxy.cut();
+    let close = courier.expect_close().await.expect("a close frame once A steps down");
+    assert_eq!(close.code, CloseCode::Again, "{close:?}");
+    let markets = a.running.as_ref().unwrap().state.markets.clone().unwrap();
+    assert!(markets.stepped_down());
+    proxy.restore();
+    eventually("A serves the market again", || async {
+        let (s, v) = a.get("/v1/orders/o1", Some(&disp)).await;
+        (s == 200 && !markets.stepped_down()).then_some(v)
+    })
+    .await;
+    // Renewed as it was (the renewal came first) or taken again by A at the next epoch (its
+    // take-over pass came first, the lease having lapsed): A's either way.
+    let (holder, now) = lease_row(&db.url, tenant).await;
+    assert!(holder.starts_with("node-a#") && (now == epoch || now == epoch + 1), "{holder} {now} (was {epoch})");
+    let mut courier = a.courier(Port::Http, &token).await;
+    // About 20 m on from its last fix: a plausible move, accepted at once.
+    let lat = NEAR.0 + 0.0002;
+    courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
+    eventually("c1 streams to A again", || async {
+        let (_, c) = a.get("/v1/couriers/c1", Some(&disp)).await;
+        (c["position"]["lat"].as_f64() == Some(lat)).then_some(())
+    })
+    .await;
+    drop(markets);
+    a.stop().await;
+    db.drop_db().await;
+}
