@@ -152,14 +152,19 @@ fn parse_head(req: &httparse::Request<'_, '_>, rest: Vec<u8>) -> Result<Head, Ap
 /// Answers a refused handshake with the API's JSON error, then closes.
 async fn refuse(tcp: &mut TcpStream, e: &ApiError) {
     let body = serde_json::json!({ "error": { "code": e.code, "message": e.message } }).to_string();
+    answer(tcp, e.status, body.as_bytes()).await;
+}
+
+/// Writes a plain HTTP answer (JSON `body`) and closes.
+async fn answer(tcp: &mut TcpStream, status: StatusCode, body: &[u8]) {
     let head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        e.status.as_u16(),
-        e.status.canonical_reason().unwrap_or(""),
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
         body.len()
     );
     let _ = tcp.write_all(head.as_bytes()).await;
-    let _ = tcp.write_all(body.as_bytes()).await;
+    let _ = tcp.write_all(body).await;
     linger(tcp).await;
 }
 
@@ -247,45 +252,37 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
     let path_and_query = if head.query.is_empty() { head.path.clone() } else { format!("{}?{}", head.path, head.query) };
     let upstream = match crate::markets::connect_owner_ws(owner, &path_and_query, head.authorization.as_deref(), markets).await {
         Ok(u) => u,
-        Err(crate::markets::OwnerRefused::Http(status, body)) => {
-            let head = format!(
-                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or(""),
-                body.len()
-            );
-            let _ = tcp.write_all(head.as_bytes()).await;
-            let _ = tcp.write_all(&body).await;
-            linger(&mut tcp).await;
-            return;
-        }
+        Err(crate::markets::OwnerRefused::Http(status, body)) => return answer(&mut tcp, status, &body).await,
         Err(crate::markets::OwnerRefused::Error(e)) => return refuse(&mut tcp, &e).await,
     };
     let Some(client) = upgrade(tcp, head).await else { return };
     let (mut up_tx, mut up_rx) = upstream.split();
     let (mut tx, mut rx) = client.split();
     loop {
-        tokio::select! {
-            m = rx.next() => match m {
-                Some(Ok(m)) => {
-                    let close = m.is_close();
-                    if up_tx.send(m).await.is_err() || close { break; }
-                }
-                _ => {
-                    let _ = up_tx.send(Message::Close(None)).await;
-                    break;
-                }
-            },
-            m = up_rx.next() => match m {
-                Some(Ok(m)) => {
-                    let close = m.is_close();
-                    if tx.send(m).await.is_err() || close { break; }
-                }
-                _ => {
-                    let _ = tx.send(Message::Close(None)).await;
-                    break;
-                }
-            },
+        let more = tokio::select! {
+            m = rx.next() => pass(m, &mut up_tx).await,
+            m = up_rx.next() => pass(m, &mut tx).await,
+        };
+        if !more {
+            break;
+        }
+    }
+}
+
+/// Passes one relayed message on; `false` once either side closed or failed (the other is then
+/// sent a close).
+async fn pass<S>(m: Option<Result<Message, tg::Error>>, to: &mut S) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    match m {
+        Some(Ok(m)) => {
+            let close = m.is_close();
+            to.send(m).await.is_ok() && !close
+        }
+        _ => {
+            let _ = to.send(Message::Close(None)).await;
+            false
         }
     }
 }

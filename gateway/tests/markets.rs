@@ -334,20 +334,43 @@ fn a_bad_advertise_url_is_refused_at_start() {
     }
 }
 
+/// A TCP proxy in front of `db`'s server, and `db`'s URL through it.
+async fn through_proxy(db: &PgDb) -> (Proxy, String) {
+    let hp = pg_host_port(&db.url);
+    let proxy = Proxy::start(hp.clone()).await;
+    let via = db.url.replacen(&hp, &proxy.addr.to_string(), 1);
+    assert_ne!(via, db.url, "the node must go through the proxy");
+    (proxy, via)
+}
+
+/// Waits until `srv` has courier `id` at latitude `lat`.
+async fn courier_at(srv: &TestServer, disp: &str, id: &str, lat: f64) {
+    eventually(&format!("{id} at {lat} on {}", srv.base), || async {
+        let (_, c) = srv.get(&format!("/v1/couriers/{id}"), Some(disp)).await;
+        (c["position"]["lat"].as_f64() == Some(lat)).then_some(())
+    })
+    .await;
+}
+
+/// Waits for `srv` to step down: `courier`, connected to it, is closed with 1013.
+async fn expect_step_down(srv: &TestServer, courier: &mut Ws) -> std::sync::Arc<hexfleet_gateway::markets::Markets> {
+    let close = courier.expect_close().await.expect("a close frame once the node steps down");
+    assert_eq!(close.code, tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Again, "{close:?}");
+    let markets = srv.running.as_ref().unwrap().state.markets.clone().unwrap();
+    assert!(markets.stepped_down());
+    markets
+}
+
 /// Node A reaches the database through a TCP proxy the test cuts. Once A has gone a whole
 /// lease without a renewal it stops serving its market: its courier socket closes with 1013
 /// and its requests answer 503. Node B takes the market over when the lease lapses, and the
 /// courier reconnects there. When the proxy is restored, A finds its lease taken and stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     let Some(redis) = redis_or_skip().await else { return };
     let Some(db) = PgDb::create().await else { return };
     let prefix = format!("hexfleet:test:{}:", uuid_like());
-    let hp = pg_host_port(&db.url);
-    let proxy = Proxy::start(hp.clone()).await;
-    let via = db.url.replacen(&hp, &proxy.addr.to_string(), 1);
-    assert_ne!(via, db.url, "node A must go through the proxy");
+    let (proxy, via) = through_proxy(&db).await;
     let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
     let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
     let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
@@ -358,17 +381,10 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
     let token = a.token(Role::Courier, "c1", tenant, None);
     let mut courier = a.courier(Port::Ingest, &token).await;
     courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
-    eventually("A serves c1", || async {
-        let (_, c) = a.get("/v1/couriers/c1", Some(&disp_a)).await;
-        c["position"]["lat"].as_f64().map(|_| ())
-    })
-    .await;
+    courier_at(&a, &disp_a, "c1", NEAR.0).await;
 
     proxy.cut();
-    let close = courier.expect_close().await.expect("a close frame once A steps down");
-    assert_eq!(close.code, CloseCode::Again, "{close:?}");
-    let markets_a = a.running.as_ref().unwrap().state.markets.clone().unwrap();
-    assert!(markets_a.stepped_down());
+    let markets_a = expect_step_down(&a, &mut courier).await;
     let (s, v) = a.get("/v1/orders/o1", Some(&disp_a)).await;
     assert_eq!(s, 503, "A no longer serves the market: {v}");
 
@@ -382,11 +398,7 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
     assert!(lease_row(&db.url, tenant).await.0.starts_with("node-b#"));
     let mut courier = b.courier(Port::Http, &token).await;
     courier.send(json!({"t":"loc","lat":PICKUP.0,"lng":PICKUP.1,"ts":now_ms()})).await;
-    eventually("B serves c1", || async {
-        let (_, c) = b.get("/v1/couriers/c1", Some(&disp_b)).await;
-        (c["position"]["lat"].as_f64() == Some(PICKUP.0)).then_some(())
-    })
-    .await;
+    courier_at(&b, &disp_b, "c1", PICKUP.0).await;
 
     // Back in reach, A's next renewal finds the lease taken: A stops and says why.
     proxy.restore();
@@ -399,16 +411,13 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
 }
 
 /// A lone node cut off from the database steps down after a lease without renewals and, when
-/// the database is back and no one took its market, serves it again at the same epoch.
+/// the database is back and no one took its market, serves it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     let Some(redis) = redis_or_skip().await else { return };
     let Some(db) = PgDb::create().await else { return };
     let prefix = format!("hexfleet:test:{}:", uuid_like());
-    let hp = pg_host_port(&db.url);
-    let proxy = Proxy::start(hp.clone()).await;
-    let via = db.url.replacen(&hp, &proxy.addr.to_string(), 1);
+    let (proxy, via) = through_proxy(&db).await;
     let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", Duration::from_secs(2), Duration::from_millis(300))).await;
     let tenant = "braga";
     let disp = a.dispatcher(tenant);
@@ -419,10 +428,7 @@ async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
     courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
 
     proxy.cut();
-    let close = courier.expect_close().await.expect("a close frame once A steps down");
-    assert_eq!(close.code, CloseCode::Again, "{close:?}");
-    let markets = a.running.as_ref().unwrap().state.markets.clone().unwrap();
-    assert!(markets.stepped_down());
+    let markets = expect_step_down(&a, &mut courier).await;
     proxy.restore();
     eventually("A serves the market again", || async {
         let (s, v) = a.get("/v1/orders/o1", Some(&disp)).await;
@@ -437,11 +443,7 @@ async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
     // About 20 m on from its last fix: a plausible move, accepted at once.
     let lat = NEAR.0 + 0.0002;
     courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
-    eventually("c1 streams to A again", || async {
-        let (_, c) = a.get("/v1/couriers/c1", Some(&disp)).await;
-        (c["position"]["lat"].as_f64() == Some(lat)).then_some(())
-    })
-    .await;
+    courier_at(&a, &disp, "c1", lat).await;
     drop(markets);
     a.stop().await;
     db.drop_db().await;
