@@ -36,6 +36,7 @@
 //! Metrics: `hexfleet_webhook_deliveries_total{outcome="delivered"|"retry"|"dead"|"deferred"}`,
 //! `hexfleet_webhook_circuit_opened_total` and `hexfleet_webhook_delivery_seconds`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,9 +76,13 @@ pub struct WebhookConfig {
     pub backoff: Duration,
     /// Longest wait between attempts.
     pub max_backoff: Duration,
-    /// Deliveries in flight at once, and claimed at once: every claimed delivery is sent at
-    /// once, so a claim's lease (timeout + 30 s) always outlasts its sends.
+    /// Deliveries in flight at once. A claim takes only as many as there are free slots, and
+    /// every claimed delivery is sent at once, so a claim's lease (timeout + 30 s) always
+    /// outlasts its sends.
     pub concurrency: usize,
+    /// Deliveries in flight at once to one webhook (and URL): a slow endpoint holds no more
+    /// slots than this, and the other webhooks' deliveries go on around it.
+    pub per_webhook: usize,
     /// Consecutive failures after which an endpoint's circuit opens ([`Breakers`]).
     pub breaker_after: u32,
     /// First pause of an open circuit; doubles after each failed probe, up to
@@ -98,6 +103,7 @@ impl Default for WebhookConfig {
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(3600),
             concurrency: 16,
+            per_webhook: 4,
             breaker_after: 5,
             breaker_cooldown: Duration::from_secs(30),
             keep_finished: Duration::from_secs(7 * 24 * 3600),
@@ -638,6 +644,63 @@ impl Breakers {
     }
 }
 
+/// Sends one claimed delivery (or defers it while its circuit is open) and records the outcome;
+/// returns its key.
+#[allow(clippy::too_many_arguments)]
+async fn deliver(
+    d: Delivery,
+    key: CircuitKey,
+    lease: String,
+    client: &reqwest::Client,
+    cfg: &WebhookConfig,
+    store: &SqlStore,
+    now: &(impl Fn() -> Ms + Send + Sync),
+    breakers: &parking_lot::Mutex<Breakers>,
+) -> CircuitKey {
+    let started = Instant::now();
+    let admitted = breakers.lock().admit(&key, started, cfg.timeout);
+    let outcome = match admitted {
+        Admit::Defer(until) => {
+            let wait = i64::try_from(until.saturating_duration_since(started).as_millis()).unwrap_or(i64::MAX / 4);
+            Outcome::Deferred { at: now() + wait }
+        }
+        Admit::Send => {
+            let result = send(client, &d, now() / 1000, cfg.allow_private).await;
+            metrics::histogram!("hexfleet_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
+            let ok = matches!(result, Ok(s) if (200..300).contains(&s));
+            let opened = breakers.lock().record(key.clone(), ok, Instant::now());
+            if let Some(pause) = opened {
+                metrics::counter!("hexfleet_webhook_circuit_opened_total").increment(1);
+                tracing::warn!(tenant = %d.event.event.tenant, webhook = %d.webhook_id, ?pause,
+                    "webhook endpoint keeps failing; its deliveries are paused");
+                // Its backlog waits out the pause off the claim's path.
+                let until = now() + i64::try_from(pause.as_millis()).unwrap_or(i64::MAX / 4);
+                let e = &d.event.event;
+                if let Err(err) = store.pause_webhook_deliveries(e.tenant.as_str(), &d.webhook_id, until).await {
+                    tracing::warn!(error = %err, webhook = %d.webhook_id, "cannot move a paused webhook's deliveries");
+                }
+            }
+            judge(cfg, d.attempt, now(), result)
+        }
+    };
+    let label = match &outcome {
+        Outcome::Delivered { .. } => "delivered",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Dead { .. } => "dead",
+        Outcome::Deferred { .. } => "deferred",
+    };
+    metrics::counter!("hexfleet_webhook_deliveries_total", "outcome" => label).increment(1);
+    if let Outcome::Dead { error, .. } = &outcome {
+        tracing::warn!(webhook = %d.webhook_id, seq = d.event.seq, %error, "webhook delivery gave up");
+    }
+    let e = &d.event.event;
+    if let Err(err) = store.finish_webhook_delivery(&e.tenant, &d.webhook_id, d.event.seq, &lease, &outcome, now()).await {
+        // The lease lapses and the delivery is made again: at least once.
+        tracing::warn!(error = %err, webhook = %d.webhook_id, seq = d.event.seq, "cannot record a webhook delivery");
+    }
+    key
+}
+
 /// Starts the delivery worker; it stops when `stop` is cancelled (finishing the requests in
 /// flight). `now` is the fleet's clock in Unix ms.
 pub fn spawn_delivery(
@@ -667,101 +730,66 @@ pub fn spawn_delivery(
             }
         };
         let lease_ms = i64::try_from((cfg.timeout + Duration::from_secs(30)).as_millis()).unwrap_or(i64::MAX / 4);
+        let slots = cfg.concurrency.max(1);
+        let per_webhook = cfg.per_webhook.clamp(1, slots);
         let mut tick = tokio::time::interval(cfg.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_purge = Instant::now();
         let breakers = parking_lot::Mutex::new(Breakers::new(&cfg));
+        // Sends in flight, and how many per (tenant, webhook, URL). A claim takes only what can
+        // be sent at once (so its lease, timeout + 30 s, outlasts every send) and skips
+        // webhooks at `per_webhook`: a slow endpoint holds at most that many slots, and the
+        // others go on around it.
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
+        let mut busy: HashMap<CircuitKey, usize> = HashMap::new();
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            if Instant::now() >= next_purge {
-                next_purge = Instant::now() + Duration::from_secs(3600);
-                let before = now() - i64::try_from(cfg.keep_finished.as_millis()).unwrap_or(i64::MAX / 4);
-                match store.purge_webhook_deliveries(before).await {
-                    Ok(n) if n > 0 => tracing::info!(purged = n, "old webhook deliveries purged"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "webhook delivery purge failed"),
-                }
-            }
-            // Drain what is due now, batch after batch, before sleeping again.
-            loop {
+            // Claims at start, at each tick, and whenever a send ends (its slot, or its webhook
+            // under the cap, may take a row that waited).
+            if in_flight.len() < slots && !stop.is_cancelled() {
+                let free = slots - in_flight.len();
                 let t = now();
                 let lease = format!("{node}:{}", uuid::Uuid::new_v4().simple());
-                let claim = u32::try_from(cfg.concurrency.max(1)).unwrap_or(u32::MAX);
-                let open = breakers.lock().open(Instant::now());
-                let skip: Vec<(&str, &str, &str)> = open.iter().map(|(t, w, u)| (t.as_str(), w.as_str(), u.as_str())).collect();
-                let batch = match store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim, &skip).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot claim webhook deliveries; retrying next poll");
-                        break;
-                    }
-                };
-                let full = batch.len() as u32 >= claim;
-                let results = futures_util::stream::iter(batch)
-                    .map(|d| {
-                        let client = &client;
-                        let cfg = &cfg;
-                        let store = &store;
-                        let lease = &lease;
-                        let now = &now;
-                        let breakers = &breakers;
-                        async move {
-                            let key = (d.event.event.tenant.to_string(), d.webhook_id.clone(), d.url.clone());
-                            let started = Instant::now();
-                            let admitted = breakers.lock().admit(&key, started, cfg.timeout);
-                            let outcome = match admitted {
-                                Admit::Defer(until) => {
-                                    let wait = i64::try_from(until.saturating_duration_since(started).as_millis()).unwrap_or(i64::MAX / 4);
-                                    Outcome::Deferred { at: now() + wait }
-                                }
-                                Admit::Send => {
-                                    let result = send(client, &d, now() / 1000, cfg.allow_private).await;
-                                    metrics::histogram!("hexfleet_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
-                                    let ok = matches!(result, Ok(s) if (200..300).contains(&s));
-                                    let opened = breakers.lock().record(key, ok, Instant::now());
-                                    if let Some(pause) = opened {
-                                        metrics::counter!("hexfleet_webhook_circuit_opened_total").increment(1);
-                                        tracing::warn!(tenant = %d.event.event.tenant, webhook = %d.webhook_id, ?pause,
-                                            "webhook endpoint keeps failing; its deliveries are paused");
-                                        // Its backlog waits out the pause off the claim's path.
-                                        let until = now() + i64::try_from(pause.as_millis()).unwrap_or(i64::MAX / 4);
-                                        let e = &d.event.event;
-                                        if let Err(err) = store.pause_webhook_deliveries(e.tenant.as_str(), &d.webhook_id, until).await {
-                                            tracing::warn!(error = %err, webhook = %d.webhook_id, "cannot move a paused webhook's deliveries");
-                                        }
-                                    }
-                                    judge(cfg, d.attempt, now(), result)
-                                }
-                            };
-                            let label = match &outcome {
-                                Outcome::Delivered { .. } => "delivered",
-                                Outcome::Retry { .. } => "retry",
-                                Outcome::Dead { .. } => "dead",
-                                Outcome::Deferred { .. } => "deferred",
-                            };
-                            metrics::counter!("hexfleet_webhook_deliveries_total", "outcome" => label).increment(1);
-                            if let Outcome::Dead { error, .. } = &outcome {
-                                tracing::warn!(webhook = %d.webhook_id, seq = d.event.seq, %error, "webhook delivery gave up");
-                            }
-                            let e = &d.event.event;
-                            if let Err(err) = store.finish_webhook_delivery(&e.tenant, &d.webhook_id, d.event.seq, lease, &outcome, now()).await {
-                                // The lease lapses and the delivery is made again: at least once.
-                                tracing::warn!(error = %err, webhook = %d.webhook_id, seq = d.event.seq, "cannot record a webhook delivery");
-                            }
+                let mut skip_keys = breakers.lock().open(Instant::now());
+                skip_keys.extend(busy.iter().filter(|(_, n)| **n >= per_webhook).map(|(k, _)| k.clone()));
+                let skip: Vec<(&str, &str, &str)> = skip_keys.iter().map(|(t, w, u)| (t.as_str(), w.as_str(), u.as_str())).collect();
+                let claim = u32::try_from(free).unwrap_or(u32::MAX);
+                match store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim, Some(1), &skip).await {
+                    Ok(batch) => {
+                        for d in batch {
+                            let key: CircuitKey = (d.event.event.tenant.to_string(), d.webhook_id.clone(), d.url.clone());
+                            *busy.entry(key.clone()).or_default() += 1;
+                            in_flight.push(deliver(d, key, lease.clone(), &client, &cfg, &store, &now, &breakers));
                         }
-                    })
-                    .buffer_unordered(cfg.concurrency.max(1))
-                    .count();
-                results.await;
-                breakers.lock().tidy(Instant::now());
-                if !full || stop.is_cancelled() {
-                    break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot claim webhook deliveries; retrying next poll"),
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(key) = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Some(n) = busy.get_mut(&key) {
+                        *n -= 1;
+                        if *n == 0 {
+                            busy.remove(&key);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    breakers.lock().tidy(Instant::now());
+                    if Instant::now() >= next_purge {
+                        next_purge = Instant::now() + Duration::from_secs(3600);
+                        let before = now() - i64::try_from(cfg.keep_finished.as_millis()).unwrap_or(i64::MAX / 4);
+                        match store.purge_webhook_deliveries(before).await {
+                            Ok(n) if n > 0 => tracing::info!(purged = n, "old webhook deliveries purged"),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "webhook delivery purge failed"),
+                        }
+                    }
                 }
             }
         }
+        // Stopping: the sends under way finish and are recorded.
+        while in_flight.next().await.is_some() {}
         tracing::debug!("webhook delivery stopped");
     })
 }

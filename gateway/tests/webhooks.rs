@@ -38,6 +38,8 @@ impl Got {
 struct ReceiverState {
     /// Requests still to be refused with 500.
     fail: AtomicUsize,
+    /// When set, each request waits for a permit before it is answered (a slow endpoint).
+    hold: Option<std::sync::Arc<tokio::sync::Semaphore>>,
     tx: mpsc::UnboundedSender<Got>,
 }
 
@@ -54,13 +56,20 @@ async fn receive(st: web::Data<ReceiverState>, req: HttpRequest, body: web::Byte
     let answered = if failing { 500 } else { 204 };
     let headers = req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect();
     let _ = st.tx.send(Got { headers, body: body.to_vec(), answered });
+    if let Some(hold) = &st.hold {
+        hold.acquire().await.expect("semaphore open").forget();
+    }
     if failing { HttpResponse::InternalServerError().body("try again") } else { HttpResponse::NoContent().finish() }
 }
 
 impl Receiver {
     async fn start(fail_first: usize) -> Receiver {
+        Self::start_with(fail_first, None).await
+    }
+
+    async fn start_with(fail_first: usize, hold: Option<std::sync::Arc<tokio::sync::Semaphore>>) -> Receiver {
         let (tx, rx) = mpsc::unbounded_channel();
-        let state = web::Data::new(ReceiverState { fail: AtomicUsize::new(fail_first), tx });
+        let state = web::Data::new(ReceiverState { fail: AtomicUsize::new(fail_first), hold, tx });
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/hooks", listener.local_addr().unwrap());
         let st = state.clone();
@@ -314,6 +323,56 @@ async fn a_failing_endpoint_is_paused_and_does_not_hold_up_the_others() {
     }
     srv.stop().await;
     broken.handle.stop(true).await;
+    healthy.handle.stop(true).await;
+}
+
+/// An endpoint that answers slowly holds at most `per_webhook` of the worker's slots: the other
+/// webhook's deliveries go on while its requests hang, and its own arrive once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_does_not_hold_up_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
+    cfg.webhooks.poll = Duration::from_millis(20);
+    // Far longer than the test waits for the healthy deliveries.
+    cfg.webhooks.timeout = Duration::from_secs(30);
+    cfg.webhooks.concurrency = 6;
+    cfg.webhooks.per_webhook = 2;
+    cfg.webhooks.allow_private = true;
+    let mut srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("acme");
+    let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let mut slow = Receiver::start_with(0, Some(hold.clone())).await;
+    let mut healthy = Receiver::start(0).await;
+    for (id, url) in [("slow", &slow.url), ("healthy", &healthy.url)] {
+        let (s, b) = srv.put(&format!("/v1/webhooks/{id}"), &disp, json!({"url": url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    assert_eq!(srv.post("/v1/orders", &disp, order_body("o-slow-0")).await.0, 201);
+    slow.next("the slow endpoint's first request, left hanging", |v| v["entity_id"] == "o-slow-0").await;
+    healthy.next("the first delivery", |v| v["entity_id"] == "o-slow-0").await;
+    // While it hangs, every later order reaches the healthy endpoint at once.
+    let started = std::time::Instant::now();
+    for i in 1..=8 {
+        assert_eq!(srv.post("/v1/orders", &disp, order_body(&format!("o-slow-{i}"))).await.0, 201);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 8 {
+        let g = healthy.next("the healthy deliveries", |v| v["entity_id"].as_str().is_some_and(|id| id != "o-slow-0")).await;
+        seen.insert(g.json()["entity_id"].as_str().unwrap().to_owned());
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "held up behind the slow endpoint: {:?}", started.elapsed());
+    // The slow endpoint never had more than two requests at once.
+    slow.next("its second request", |_| true).await;
+    assert!(slow.rx.try_recv().is_err(), "a third request while two hang");
+    // Once it answers, all nine of its deliveries arrive.
+    hold.add_permits(1000);
+    let mut got = 2;
+    while got < 9 {
+        slow.next("the rest of the slow deliveries", |_| true).await;
+        got += 1;
+    }
+    srv.stop().await;
+    slow.handle.stop(true).await;
     healthy.handle.stop(true).await;
 }
 

@@ -439,6 +439,7 @@ macro_rules! webhook_ops {
                 lease_until: i64,
                 lease: &str,
                 limit: i64,
+                per_webhook: Option<i64>,
                 skip: &[(&str, &str, &str)],
             ) -> Result<Vec<Delivery>, PersistenceError> {
                 // Webhooks whose rows are left alone (open circuits) while they still point at
@@ -471,17 +472,25 @@ macro_rules! webhook_ops {
                 // The outer condition is re-checked on rows another node claimed meanwhile
                 // (PostgreSQL re-evaluates it after waiting for the row lock), so no row is
                 // claimed twice within one lease.
+                // Each webhook's oldest due rows, `per_webhook` of them at most (numbered per
+                // webhook over the due rows), oldest first overall.
+                let due = format!(
+                    "SELECT tenant, webhook_id, event_seq FROM \
+                     (SELECT tenant, webhook_id, event_seq, next_attempt_at, \
+                      ROW_NUMBER() OVER (PARTITION BY tenant, webhook_id ORDER BY next_attempt_at, event_seq) AS nth \
+                      FROM webhook_outbox WHERE state = 'pending' AND next_attempt_at <= $3{}) d \
+                     WHERE d.nth <= $5 ORDER BY next_attempt_at, event_seq LIMIT $4",
+                    not_skipped(6)
+                );
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "UPDATE webhook_outbox SET lease = $1, next_attempt_at = $2, attempts = attempts + 1 \
-                     WHERE state = 'pending' AND next_attempt_at <= $3 AND (tenant, webhook_id, event_seq) IN \
-                     (SELECT tenant, webhook_id, event_seq FROM webhook_outbox \
-                      WHERE state = 'pending' AND next_attempt_at <= $3{} ORDER BY next_attempt_at, event_seq LIMIT $4)",
-                    not_skipped(5)
+                     WHERE state = 'pending' AND next_attempt_at <= $3 AND (tenant, webhook_id, event_seq) IN ({due})"
                 )))
                 .bind(lease)
                 .bind(lease_until)
                 .bind(now)
-                .bind(limit);
+                .bind(limit)
+                .bind(per_webhook.unwrap_or(i64::MAX));
                 for (t, w, u) in skip {
                     q = q.bind(*t).bind(*w).bind(*u);
                 }
@@ -644,9 +653,10 @@ impl SqlStore {
         self.bounded(async { on_backend!(self.db(), webhooks::pause(tenant, id, until)) }).await
     }
 
-    /// Claims up to `limit` deliveries due at `now` (every tenant), except those of the
-    /// webhooks in `skip` (`(tenant, webhook id, url)`: endpoints whose circuit is open, while
-    /// the webhook still points at that URL): they are
+    /// Claims up to `limit` deliveries due at `now` (every tenant), at most `per_webhook` of
+    /// any one webhook (its oldest; `None`: no such limit), except those of the webhooks in
+    /// `skip` (`(tenant, webhook id, url)`: endpoints whose circuit is open or that have as
+    /// many sends in flight as they may, while the webhook still points at that URL): they are
     /// leased to `lease` until `lease_until`, their attempt counted, and returned oldest event
     /// first.
     pub async fn claim_webhook_deliveries(
@@ -655,9 +665,11 @@ impl SqlStore {
         lease_until: i64,
         lease: &str,
         limit: u32,
+        per_webhook: Option<u32>,
         skip: &[(&str, &str, &str)],
     ) -> Result<Vec<Delivery>, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), webhooks::claim(now, lease_until, lease, i64::from(limit), skip)) }).await
+        let per_webhook = per_webhook.map(i64::from);
+        self.bounded(async { on_backend!(self.db(), webhooks::claim(now, lease_until, lease, i64::from(limit), per_webhook, skip)) }).await
     }
 
     /// Records how a claimed delivery ended. Returns false when the lease was lost meanwhile
