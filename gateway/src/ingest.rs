@@ -242,7 +242,14 @@ impl CourierSocket for TungsteniteSocket {
 
     async fn close(mut self, close: Option<Close>) {
         let frame = close.map(|c| tg::protocol::CloseFrame { code: c.code.into(), reason: c.why.into() });
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.ws.close(frame)).await;
+        let handshake = async {
+            let _ = self.ws.close(frame).await;
+            // Then read until the client's close reply (or the end): a socket closed with
+            // unread data (a client still flooding, a frame too large) is reset, and the client
+            // would lose what it had not read yet, the close frame and error frames included.
+            while let Some(Ok(_)) = self.ws.next().await {}
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), handshake).await;
     }
 }
 
