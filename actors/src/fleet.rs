@@ -1116,3 +1116,40 @@ where
         _ => Err(FleetError::ActorGone(what)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::TokioClock;
+    use crate::domain::{Fix, LatLng};
+    use crate::publish::{RecordingPublisher, Update};
+    use crate::store::MemoryStore;
+
+    /// The race `FixInbox::unschedule` closes: a tap's actor has stopped, and its successor has
+    /// started (resetting the inbox's schedule) but is not in the fleet's map yet. The push that
+    /// finds no live actor must leave the inbox unscheduled; otherwise every later push would
+    /// take a wake-up to be on its way, and the successor would never drain the inbox.
+    #[tokio::test]
+    async fn a_push_that_finds_no_live_actor_leaves_the_wake_up_to_the_next_push() {
+        let publisher = Arc::new(RecordingPublisher::default());
+        let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), ..Default::default() };
+        let deps = FleetDeps { store: Arc::new(MemoryStore::new()), publisher: publisher.clone(), clock: Arc::new(TokioClock::new()), config };
+        let f = Fleet::start(deps).await.unwrap();
+        let (t, c) = (TenantId::new("t"), CourierId::new("c1"));
+        f.ensure_courier(&t, &c).await.unwrap();
+        let mut tap = f.courier_tap(&t, &c).unwrap();
+        let key = (t.clone(), c.clone());
+        let old = f.ctx.couriers.get(&key).unwrap().clone();
+        // The successor starts while the map still names the old actor, which then stops.
+        let successor = f.ctx.spawn_courier(old.shared.clone()).await.unwrap();
+        f.ctx.couriers.insert(key.clone(), old.clone());
+        old.actor.stop_and_wait(None, Some(Duration::from_secs(5))).await.unwrap();
+        let fix = |ts| Fix { pos: LatLng::new(52.5, 13.4).unwrap(), ts, speed: None, heading: None, acc: None };
+        assert!(matches!(tap.ingest([fix(1_000)]), Err(FleetError::ActorGone(_))), "no live actor to wake");
+        // The successor is in the map now: the next push wakes it, and it drains both fixes.
+        f.ctx.couriers.insert(key, successor);
+        tap.ingest([fix(2_000)]).expect("the successor is woken");
+        let moved = |ts: i64| move |u: &Update| matches!(u, Update::CourierMoved { fix, .. } if fix.ts == ts);
+        assert!(publisher.wait_for(Duration::from_secs(5), moved(2_000)).await, "the fixes waited in the inbox with no one to drain them");
+    }
+}
