@@ -84,9 +84,13 @@ async fn connection(mut tcp: TcpStream, st: web::Data<AppState>) {
         Err(e) => return refuse(&mut tcp, &e).await,
     };
     if let Some(markets) = st.markets.clone() {
-        match markets.route(&auth.tenant).await {
+        // Nodes forward to each other's HTTP port, never here: nothing arrives forwarded.
+        match markets.route_request(&auth.tenant, false).await {
             Ok(crate::markets::Route::Local) => {}
-            Ok(crate::markets::Route::Remote(owner)) => return relay(tcp, head, &owner, &markets).await,
+            Ok(crate::markets::Route::Remote(owner)) => {
+                metrics::counter!("hexfleet_market_forwarded_total").increment(1);
+                return relay(tcp, head, &owner, &markets).await;
+            }
             Err(e) => return refuse(&mut tcp, &e).await,
         }
     }

@@ -199,6 +199,17 @@ impl Markets {
         self.take_or_find(tenant).await
     }
 
+    /// [`Markets::route`] for a request about to be forwarded: 503 `market_moving` instead of
+    /// a remote route when the request was `forwarded` once already, or when the lease still
+    /// names this node's address (a previous process of this node, restarted before its lease
+    /// lapsed), until the lease changes hands.
+    pub async fn route_request(&self, tenant: &TenantId, forwarded: bool) -> Result<Route, ApiError> {
+        match self.route(tenant).await? {
+            Route::Remote(owner) if forwarded || self.is_self(&owner) => Err(changing_owner(tenant)),
+            r => Ok(r),
+        }
+    }
+
     /// Takes `tenant` if no one holds it (and loads it), else finds its owner.
     async fn take_or_find(&self, tenant: &TenantId) -> Result<Route, ApiError> {
         let lock = self.taking.entry(tenant.clone()).or_default().clone();
@@ -558,16 +569,11 @@ pub async fn route_market(req: ServiceRequest, next: Next<impl MessageBody + 'st
     let Ok(auth) = crate::auth::authenticate(req.request()) else {
         return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
     };
-    let owner = match markets.route(&auth.tenant).await {
+    let owner = match markets.route_request(&auth.tenant, req.headers().contains_key(FORWARDED)).await {
         Ok(Route::Local) => return next.call(req).await.map(ServiceResponse::map_into_boxed_body),
         Ok(Route::Remote(addr)) => addr,
         Err(e) => return Ok(req.error_response(e)),
     };
-    // Forwarded once already, or the lease still names this node's address (a previous process
-    // of this node, restarted before its lease lapsed): wait for the lease to change hands.
-    if req.headers().contains_key(FORWARDED) || markets.is_self(&owner) {
-        return Ok(req.error_response(changing_owner(&auth.tenant)));
-    }
     metrics::counter!("hexfleet_market_forwarded_total").increment(1);
     let websocket = req.headers().get("upgrade").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if websocket { forward_ws(req, &owner, &markets).await } else { forward_http(req, &owner, &markets).await }
