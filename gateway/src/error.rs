@@ -36,6 +36,13 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The body clients get: `{"error":{"code":"…","message":"…"}}`.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&Body { error: Inner { code: self.code, message: &self.message } }).unwrap_or_default()
+    }
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.code, self.message)
@@ -58,7 +65,7 @@ impl ResponseError for ApiError {
         self.status
     }
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(Body { error: Inner { code: self.code, message: &self.message } })
+        HttpResponse::build(self.status).content_type("application/json").body(self.to_json())
     }
 }
 

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::web;
+use actix_ws::{CloseCode, CloseReason};
 use futures_util::{SinkExt as _, StreamExt as _};
 use hexfleet_actors::domain::CourierId;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -30,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Role as TokenRole;
 use crate::error::ApiError;
 use crate::server::AppState;
-use crate::ws::{Close, CourierSocket, IDLE_TIMEOUT, MAX_FRAME, Read};
+use crate::ws::{CourierSocket, IDLE_TIMEOUT, MAX_FRAME, Read};
 
 /// The only path served here.
 pub const PATH: &str = "/v1/ws/courier";
@@ -63,7 +64,6 @@ pub async fn serve(listener: TcpListener, st: web::Data<AppState>, stop: Cancell
 
 /// The parts of a request head the handshake needs.
 struct Head {
-    path: String,
     query: String,
     authorization: Option<String>,
     key: Vec<u8>,
@@ -145,7 +145,6 @@ fn parse_head(req: &httparse::Request<'_, '_>, rest: Vec<u8>) -> Result<Head, Ap
     }
     let key = header("sec-websocket-key").filter(|k| !k.is_empty()).ok_or_else(|| ApiError::bad_request("not_websocket", "Sec-WebSocket-Key is missing"))?;
     Ok(Head {
-        path: path.to_owned(),
         query: query.to_owned(),
         authorization: header("authorization").map(str::to_owned),
         key: key.as_bytes().to_vec(),
@@ -155,8 +154,7 @@ fn parse_head(req: &httparse::Request<'_, '_>, rest: Vec<u8>) -> Result<Head, Ap
 
 /// Answers a refused handshake with the API's JSON error, then closes.
 async fn refuse(tcp: &mut TcpStream, e: &ApiError) {
-    let body = serde_json::json!({ "error": { "code": e.code, "message": e.message } }).to_string();
-    answer(tcp, e.status, body.as_bytes()).await;
+    answer(tcp, e.status, e.to_json().as_bytes()).await;
 }
 
 /// Writes a plain HTTP answer (JSON `body`) and closes.
@@ -223,7 +221,7 @@ impl CourierSocket for TungsteniteSocket {
 
     async fn recv(&mut self) -> Read<Self::Text> {
         let m = match tokio::time::timeout(IDLE_TIMEOUT, self.ws.next()).await {
-            Err(_) => return Read::Fatal(Close { code: 1000, why: "idle timeout".into() }),
+            Err(_) => return Read::Fatal(reason(CloseCode::Normal, "idle timeout")),
             Ok(m) => m,
         };
         match m {
@@ -236,16 +234,16 @@ impl CourierSocket for TungsteniteSocket {
             Some(Err(e)) => {
                 metrics::counter!("hexfleet_ws_protocol_errors_total").increment(1);
                 match e {
-                    tg::Error::Capacity(_) => Read::Fatal(Close { code: 1009, why: format!("frame larger than {MAX_FRAME} bytes") }),
-                    tg::Error::Utf8(_) => Read::Fatal(Close { code: 1007, why: "text frame is not UTF-8".into() }),
-                    other => Read::Fatal(Close { code: 1002, why: other.to_string() }),
+                    tg::Error::Capacity(_) => Read::Fatal(reason(CloseCode::Size, format!("frame larger than {MAX_FRAME} bytes"))),
+                    tg::Error::Utf8(_) => Read::Fatal(reason(CloseCode::Invalid, "text frame is not UTF-8")),
+                    other => Read::Fatal(reason(CloseCode::Protocol, other.to_string())),
                 }
             }
         }
     }
 
-    async fn close(mut self, close: Option<Close>) {
-        let frame = close.map(|c| tg::protocol::CloseFrame { code: c.code.into(), reason: c.why.into() });
+    async fn close(mut self, reason: Option<CloseReason>) {
+        let frame = reason.map(|r| tg::protocol::CloseFrame { code: u16::from(r.code).into(), reason: r.description.unwrap_or_default().into() });
         let handshake = async {
             let _ = self.ws.close(frame).await;
             // Then read until the client's close reply (or the end): a socket closed with
@@ -257,10 +255,14 @@ impl CourierSocket for TungsteniteSocket {
     }
 }
 
+fn reason(code: CloseCode, why: impl Into<String>) -> CloseReason {
+    CloseReason { code, description: Some(why.into()) }
+}
+
 /// Relays a courier whose market another node owns to that node's HTTP port: the owner answers
 /// the handshake (its refusal reaches the client as is), then frames are copied both ways.
 async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::markets::Markets) {
-    let path_and_query = if head.query.is_empty() { head.path.clone() } else { format!("{}?{}", head.path, head.query) };
+    let path_and_query = if head.query.is_empty() { PATH.to_owned() } else { format!("{PATH}?{}", head.query) };
     let upstream = match crate::markets::connect_owner_ws(owner, &path_and_query, head.authorization.as_deref(), markets).await {
         Ok(u) => u,
         Err(crate::markets::OwnerRefused::Http(status, body)) => return answer(&mut tcp, status, &body).await,

@@ -296,10 +296,11 @@ impl Markets {
                     still.get(t) != Some(epoch) && self.epochs.get(t).is_some_and(|e| *e == *epoch)
                 });
                 if self.stepped_down.swap(false, Ordering::AcqRel) {
-                    // Serve again what is still ours at the same epoch; a lost market goes on below.
+                    // Serve again what is still ours at the same epoch (a lost market is not:
+                    // its renewed epoch, if any, is not the one held); it goes on below.
                     let mut n = 0;
                     for (t, epoch) in &still {
-                        if self.epochs.get(t).is_some_and(|e| *e == *epoch) && lost.as_ref().is_none_or(|(l, _)| l != t) {
+                        if self.epochs.get(t).is_some_and(|e| *e == *epoch) {
                             self.ready.insert(t.clone(), ());
                             n += 1;
                         }

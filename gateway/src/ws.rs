@@ -148,19 +148,12 @@ async fn read(stream: &mut actix_ws::AggregatedMessageStream, session: &mut Sess
 
 // ---- courier ----
 
-/// How a session ends: a close code and its reason (`None` in [`CourierSocket::close`]: a plain
-/// close, the peer went away).
-pub(crate) struct Close {
-    pub code: u16,
-    pub why: String,
-}
-
 /// What one read of a courier socket gave.
 pub(crate) enum Read<T> {
     Text(T),
     Closed,
     Other,
-    Fatal(Close),
+    Fatal(CloseReason),
 }
 
 /// One courier app's socket, whichever server reads it: actix-ws on the HTTP port
@@ -172,7 +165,8 @@ pub(crate) trait CourierSocket {
     async fn send(&mut self, text: String) -> bool;
     /// The next message (answering pings on the way); [`IDLE_TIMEOUT`] without one is fatal.
     async fn recv(&mut self) -> Read<Self::Text>;
-    async fn close(self, close: Option<Close>);
+    /// Closes with `reason` (`None`: a plain close, the peer went away).
+    async fn close(self, reason: Option<CloseReason>);
 }
 
 /// The actix-ws side of a courier socket.
@@ -193,18 +187,13 @@ impl CourierSocket for ActixSocket {
             Input::Text(t) => Read::Text(t),
             Input::Closed => Read::Closed,
             Input::Other => Read::Other,
-            Input::Fatal(r) => Read::Fatal(Close { code: r.code.into(), why: r.description.unwrap_or_default() }),
+            Input::Fatal(r) => Read::Fatal(r),
         }
     }
 
-    async fn close(self, close: Option<Close>) {
-        let reason = close.map(|c| CloseReason { code: CloseCode::from(c.code), description: Some(c.why) });
+    async fn close(self, reason: Option<CloseReason>) {
         let _ = self.session.close(reason).await;
     }
-}
-
-fn policy_close(why: &str) -> Option<Close> {
-    Some(Close { code: 1008, why: why.to_owned() })
 }
 
 async fn courier_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<HttpResponse, ApiError> {
@@ -239,11 +228,11 @@ pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantI
     let close = loop {
         if outbox.overflowed() {
             let _ = socket.send(error_json("too_slow", "the client did not read its messages in time")).await;
-            break policy_close("too slow");
+            break policy("too slow");
         }
         if outbox.closed() {
-            // 1013, try again later: the market is moving to another node.
-            break Some(Close { code: 1013, why: "this node no longer serves the market; reconnect".into() });
+            // Try again later: the market is moving to another node.
+            break Some(CloseReason { code: CloseCode::Again, description: Some("this node no longer serves the market; reconnect".into()) });
         }
         tokio::select! {
             biased;
@@ -254,13 +243,13 @@ pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantI
                 }
                 if gone { break None; }
             }
-            () = st.shutdown.cancelled() => break Some(Close { code: 1001, why: "server shutting down".into() }),
+            () = st.shutdown.cancelled() => break Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }),
             input = socket.recv() => match input {
                 Read::Closed => break None,
                 Read::Fatal(c) => break Some(c),
                 Read::Other => {}
                 Read::Text(text) => match guard.admit() {
-                    Verdict::Close(why) => break policy_close(why),
+                    Verdict::Close(why) => break policy(why),
                     Verdict::Limited => {
                         if guard.limited == 1 {
                             let _ = socket.send(error_json("rate_limited", "too many messages; slow down")).await;
@@ -270,7 +259,7 @@ pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantI
                         Ok(()) => guard.good(),
                         Err(e) => {
                             if !socket.send(error_json(e.code, &e.message)).await { break None; }
-                            if guard.bad() { break policy_close("too many invalid messages"); }
+                            if guard.bad() { break policy("too many invalid messages"); }
                         }
                     },
                 },

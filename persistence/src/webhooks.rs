@@ -469,9 +469,6 @@ macro_rules! webhook_ops {
                 if any.is_none() {
                     return Ok(Vec::new());
                 }
-                // The outer condition is re-checked on rows another node claimed meanwhile
-                // (PostgreSQL re-evaluates it after waiting for the row lock), so no row is
-                // claimed twice within one lease.
                 // Each webhook's oldest due rows, `per_webhook` of them at most (numbered per
                 // webhook over the due rows), oldest first overall.
                 let due = format!(
@@ -482,6 +479,9 @@ macro_rules! webhook_ops {
                      WHERE d.nth <= $5 ORDER BY next_attempt_at, event_seq LIMIT $4",
                     not_skipped(6)
                 );
+                // The outer condition is re-checked on rows another node claimed meanwhile
+                // (PostgreSQL re-evaluates it after waiting for the row lock), so no row is
+                // claimed twice within one lease.
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "UPDATE webhook_outbox SET lease = $1, next_attempt_at = $2, attempts = attempts + 1 \
                      WHERE state = 'pending' AND next_attempt_at <= $3 AND (tenant, webhook_id, event_seq) IN ({due})"
