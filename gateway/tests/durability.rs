@@ -445,10 +445,7 @@ async fn outage_while_serving(serve_url: String, direct_url: String, mut outage:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_postgres() {
     on_postgres(|url| async move {
-        let hp = pg_host_port(&url);
-        let proxy = Proxy::start(hp.clone()).await;
-        let via = url.replacen(&hp, &proxy.addr.to_string(), 1);
-        assert_ne!(via, url, "the server must go through the proxy");
+        let (proxy, via) = Proxy::in_front_of(&url).await;
         outage_while_serving(via, url, Outage::Proxy(proxy)).await;
     })
     .await;

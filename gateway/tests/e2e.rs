@@ -144,11 +144,7 @@ async fn ingest_sessions_close_on_shutdown_and_their_fixes_survive_it() {
     let disp = srv.dispatcher("t1");
     let mut courier = srv.courier(Port::Ingest, &srv.token(Role::Courier, "c1", "t1", None)).await;
     courier.send(json!({"t":"loc","lat":52.5123,"lng":13.3877,"ts":now_ms()})).await;
-    eventually("the fix is accepted", || async {
-        let (_, c) = srv.get("/v1/couriers/c1", Some(&disp)).await;
-        (c["position"]["lat"].as_f64() == Some(52.5123)).then_some(())
-    })
-    .await;
+    srv.courier_at(&disp, "c1", 52.5123).await;
     let stopping = tokio::spawn(srv.running.take().unwrap().stop());
     let close = courier.expect_close().await.expect("a close frame");
     assert_eq!(close.code, tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away, "{close:?}");

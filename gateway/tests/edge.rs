@@ -241,11 +241,7 @@ async fn osmand_accepts_what_traccar_client_sends() {
     };
     let r = srv.http.post(format!("{}/osmand", srv.base)).json(&body(&now_iso, 52.5170)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    eventually("the json fix reaches the courier", || async {
-        let (_, c) = srv.get("/v1/couriers/c9", Some(&disp)).await;
-        (c["position"]["lat"].as_f64() == Some(52.517)).then_some(())
-    })
-    .await;
+    srv.courier_at(&disp, "c9", 52.517).await;
     // A form body (POST with an empty query).
     let form = format!("deviceid=864895030279986&timestamp={}&lat=52.5175&lon=13.38", now_ms() / 1000 - 5);
     let r = srv.http.post(format!("{}/osmand", srv.base)).header("content-type", "application/x-www-form-urlencoded").body(form).send().await.unwrap();

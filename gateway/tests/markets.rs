@@ -107,11 +107,7 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     // A courier app on B's ingest port is relayed to A the same way; A's answers come back.
     let mut c2 = b.courier(Port::Ingest, &b.token(Role::Courier, "c2", tenant, None)).await;
     c2.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
-    eventually("c2's fix reaches A", || async {
-        let (_, c) = a.get("/v1/couriers/c2", Some(&disp_a)).await;
-        (c["position"]["lat"].as_f64() == Some(NEAR.0)).then_some(())
-    })
-    .await;
+    a.courier_at(&disp_a, "c2", NEAR.0).await;
     assert!(b.running.as_ref().unwrap().state.fleet.courier(&tenant.into(), &"c2".into()).is_err(), "c2 has no actor on B");
     c2.send_raw("{not json").await;
     c2.expect("A's error frame, relayed", |v| t(v) == "error" && v["code"] == "malformed_json").await;
@@ -124,11 +120,7 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     let url = format!("{}/osmand?id=864895030279986&timestamp={}&lat=52.5163&lon=13.3777", b.base, now_ms() / 1000 - 5);
     let r = b.http.get(url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
-    eventually("the device's fix reaches A", || async {
-        let (_, c) = a.get("/v1/couriers/c9", Some(&disp_a)).await;
-        (c["position"]["lat"].as_f64() == Some(52.5163)).then_some(())
-    })
-    .await;
+    a.courier_at(&disp_a, "c9", 52.5163).await;
     let r = b.http.get(format!("{}/osmand?id=nobody&lat=52.5&lon=13.4", b.base)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400, "an unknown device is refused by B itself");
 
@@ -334,24 +326,6 @@ fn a_bad_advertise_url_is_refused_at_start() {
     }
 }
 
-/// A TCP proxy in front of `db`'s server, and `db`'s URL through it.
-async fn through_proxy(db: &PgDb) -> (Proxy, String) {
-    let hp = pg_host_port(&db.url);
-    let proxy = Proxy::start(hp.clone()).await;
-    let via = db.url.replacen(&hp, &proxy.addr.to_string(), 1);
-    assert_ne!(via, db.url, "the node must go through the proxy");
-    (proxy, via)
-}
-
-/// Waits until `srv` has courier `id` at latitude `lat`.
-async fn courier_at(srv: &TestServer, disp: &str, id: &str, lat: f64) {
-    eventually(&format!("{id} at {lat} on {}", srv.base), || async {
-        let (_, c) = srv.get(&format!("/v1/couriers/{id}"), Some(disp)).await;
-        (c["position"]["lat"].as_f64() == Some(lat)).then_some(())
-    })
-    .await;
-}
-
 /// Waits for `srv` to step down: `courier`, connected to it, is closed with 1013.
 async fn expect_step_down(srv: &TestServer, courier: &mut Ws) -> std::sync::Arc<hexfleet_gateway::markets::Markets> {
     let close = courier.expect_close().await.expect("a close frame once the node steps down");
@@ -370,7 +344,7 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
     let Some(redis) = redis_or_skip().await else { return };
     let Some(db) = PgDb::create().await else { return };
     let prefix = format!("hexfleet:test:{}:", uuid_like());
-    let (proxy, via) = through_proxy(&db).await;
+    let (proxy, via) = Proxy::in_front_of(&db.url).await;
     let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
     let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
     let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
@@ -381,7 +355,7 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
     let token = a.token(Role::Courier, "c1", tenant, None);
     let mut courier = a.courier(Port::Ingest, &token).await;
     courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
-    courier_at(&a, &disp_a, "c1", NEAR.0).await;
+    a.courier_at(&disp_a, "c1", NEAR.0).await;
 
     proxy.cut();
     let markets_a = expect_step_down(&a, &mut courier).await;
@@ -398,7 +372,7 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
     assert!(lease_row(&db.url, tenant).await.0.starts_with("node-b#"));
     let mut courier = b.courier(Port::Http, &token).await;
     courier.send(json!({"t":"loc","lat":PICKUP.0,"lng":PICKUP.1,"ts":now_ms()})).await;
-    courier_at(&b, &disp_b, "c1", PICKUP.0).await;
+    b.courier_at(&disp_b, "c1", PICKUP.0).await;
 
     // Back in reach, A's next renewal finds the lease taken: A stops and says why.
     proxy.restore();
@@ -417,7 +391,7 @@ async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
     let Some(redis) = redis_or_skip().await else { return };
     let Some(db) = PgDb::create().await else { return };
     let prefix = format!("hexfleet:test:{}:", uuid_like());
-    let (proxy, via) = through_proxy(&db).await;
+    let (proxy, via) = Proxy::in_front_of(&db.url).await;
     let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", Duration::from_secs(2), Duration::from_millis(300))).await;
     let tenant = "braga";
     let disp = a.dispatcher(tenant);
@@ -443,7 +417,7 @@ async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
     // About 20 m on from its last fix: a plausible move, accepted at once.
     let lat = NEAR.0 + 0.0002;
     courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
-    courier_at(&a, &disp, "c1", lat).await;
+    a.courier_at(&disp, "c1", lat).await;
     drop(markets);
     a.stop().await;
     db.drop_db().await;

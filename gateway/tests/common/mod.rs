@@ -121,6 +121,15 @@ impl TestServer {
         Ws { s }
     }
 
+    /// Waits until this server shows courier `id` at latitude `lat`.
+    pub async fn courier_at(&self, token: &str, id: &str, lat: f64) {
+        eventually(&format!("{id} at {lat} on {}", self.base), || async {
+            let (_, c) = self.get(&format!("/v1/couriers/{id}"), Some(token)).await;
+            (c["position"]["lat"].as_f64() == Some(lat)).then_some(())
+        })
+        .await;
+    }
+
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await.expect("clean shutdown");
@@ -356,6 +365,15 @@ impl Proxy {
             }
         });
         Proxy { addr, up, conns, accept }
+    }
+
+    /// A proxy in front of the server of the PostgreSQL `url`, and `url` through it.
+    pub async fn in_front_of(url: &str) -> (Proxy, String) {
+        let hp = pg_host_port(url);
+        let proxy = Proxy::start(hp.clone()).await;
+        let via = url.replacen(&hp, &proxy.addr.to_string(), 1);
+        assert_ne!(via, url, "the server must go through the proxy");
+        (proxy, via)
     }
 
     pub fn cut(&self) {
