@@ -288,9 +288,9 @@ async fn osmand_forward(st: &AppState, req: &HttpRequest, body: web::Bytes, fixe
     }
 }
 
-fn osmand_err(status: StatusCode, code: &str, msg: &str) -> HttpResponse {
+fn osmand_err(status: StatusCode, code: &'static str, msg: &str) -> HttpResponse {
     metrics::counter!("hexfleet_osmand_rejected_total").increment(1);
-    HttpResponse::build(status).json(json!({ "error": { "code": code, "message": msg } }))
+    actix_web::ResponseError::error_response(&ApiError::new(status, code, msg))
 }
 
 /// Maps device ids to couriers and ingests with the same checks as the courier socket.
