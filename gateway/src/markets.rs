@@ -187,7 +187,7 @@ impl Markets {
     }
 
     /// Where `tenant`'s requests are served, taking the market if no one holds it.
-    pub async fn route(&self, tenant: &TenantId) -> Result<Route, ApiError> {
+    pub async fn route(self: &Arc<Self>, tenant: &TenantId) -> Result<Route, ApiError> {
         if self.ready.contains_key(tenant) {
             return Ok(Route::Local);
         }
@@ -196,14 +196,17 @@ impl Markets {
         {
             return Ok(Route::Remote(o.0.clone()));
         }
-        self.take_or_find(tenant).await
+        // On the main runtime: a database connection the pool opens here would otherwise belong
+        // to the HTTP worker's runtime, and die with it at shutdown, before the final flush.
+        let (me, t) = (self.clone(), tenant.clone());
+        self.main.spawn(async move { me.take_or_find(&t).await }).await.map_err(|e| ApiError::internal(format!("market routing failed: {e}")))?
     }
 
     /// [`Markets::route`] for a request about to be forwarded: 503 `market_moving` instead of
     /// a remote route when the request was `forwarded` once already, or when the lease still
     /// names this node's address (a previous process of this node, restarted before its lease
     /// lapsed), until the lease changes hands.
-    pub async fn route_request(&self, tenant: &TenantId, forwarded: bool) -> Result<Route, ApiError> {
+    pub async fn route_request(self: &Arc<Self>, tenant: &TenantId, forwarded: bool) -> Result<Route, ApiError> {
         match self.route(tenant).await? {
             Route::Remote(owner) if forwarded || self.is_self(&owner) => Err(changing_owner(tenant)),
             r => Ok(r),
@@ -655,7 +658,7 @@ impl Markets {
     /// must go: `None` to answer here (this node owns the device's market now, or no courier
     /// has the device), else the owner's address. Device → market lookups are cached for a
     /// minute.
-    pub async fn route_device(&self, device_id: &str) -> Result<Option<String>, ApiError> {
+    pub async fn route_device(self: &Arc<Self>, device_id: &str) -> Result<Option<String>, ApiError> {
         let cached = self.devices.get(device_id).filter(|d| d.1 > Instant::now()).map(|d| d.0.clone());
         let tenant = match cached {
             Some(t) => t,
