@@ -39,6 +39,9 @@ pub enum PersistenceError {
     /// The writer task is gone (the store was shut down).
     #[error("store writer stopped")]
     WriterStopped,
+    /// The runtime the store was opened on (where its statements run) is shutting down.
+    #[error("the store's runtime has stopped")]
+    HomeStopped,
     /// A database call took longer than the configured timeout.
     #[error("database call timed out after {0:?}")]
     Timeout(std::time::Duration),
@@ -62,7 +65,7 @@ impl PersistenceError {
     pub(crate) fn is_connectivity(&self) -> bool {
         match self {
             PersistenceError::Database(e) => is_connectivity(e),
-            PersistenceError::Timeout(_) | PersistenceError::WriterStopped => true,
+            PersistenceError::Timeout(_) | PersistenceError::WriterStopped | PersistenceError::HomeStopped => true,
             _ => false,
         }
     }

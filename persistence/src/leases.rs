@@ -227,7 +227,8 @@ impl SqlStore {
         ttl: Duration,
     ) -> Result<Option<Lease>, PersistenceError> {
         let ttl = ttl_ms(ttl);
-        self.bounded(async { on_backend!(self.db(), leases::acquire(tenant, holder, addr, ttl)) }).await
+        let (db, tenant, holder, addr) = (self.db().clone(), tenant.clone(), holder.to_owned(), addr.to_owned());
+        self.bounded(async move { on_backend!(&db, leases::acquire(&tenant, &holder, &addr, ttl)) }).await
     }
 
     /// Extends every lease of `holder` to now + `ttl`, also one that lapsed while no one took
@@ -237,29 +238,34 @@ impl SqlStore {
     /// returned: a market the caller believes it holds and that is missing here was lost.
     pub async fn renew_leases(&self, holder: &str, ttl: Duration) -> Result<Vec<(TenantId, i64)>, PersistenceError> {
         let ttl = ttl_ms(ttl);
-        self.bounded(async { on_backend!(self.db(), leases::renew(holder, ttl)) }).await
+        let (db, holder) = (self.db().clone(), holder.to_owned());
+        self.bounded(async move { on_backend!(&db, leases::renew(&holder, ttl)) }).await
     }
 
     /// Gives up every live lease of `holder` at once (`expires_at` = 0, epoch kept, so the next
     /// holder gets epoch + 1); returns how many.
     pub async fn release_leases(&self, holder: &str) -> Result<u64, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), leases::release(holder)) }).await
+        let (db, holder) = (self.db().clone(), holder.to_owned());
+        self.bounded(async move { on_backend!(&db, leases::release(&holder)) }).await
     }
 
     /// One market's lease, if it ever had one.
     pub async fn lease(&self, tenant: &TenantId) -> Result<Option<Lease>, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), leases::get(tenant)) }).await
+        let (db, tenant) = (self.db().clone(), tenant.clone());
+        self.bounded(async move { on_backend!(&db, leases::get(&tenant)) }).await
     }
 
     /// Every lease (admin listing), by tenant.
     pub async fn leases(&self) -> Result<Vec<Lease>, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), leases::list()) }).await
+        let db = self.db().clone();
+        self.bounded(async move { on_backend!(&db, leases::list()) }).await
     }
 
     /// Markets no one holds live: tenants that have couriers, open orders or a lease row, and
     /// whose lease is missing, lapsed or released. Sorted.
     pub async fn unowned_markets(&self) -> Result<Vec<TenantId>, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), leases::unowned()) }).await
+        let db = self.db().clone();
+        self.bounded(async move { on_backend!(&db, leases::unowned()) }).await
     }
 }
 

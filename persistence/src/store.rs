@@ -4,6 +4,12 @@
 //! Reads go straight to the pool. Durable writes go through the group-commit writer task;
 //! courier snapshots and location samples go into the bounded [`SnapshotBuffer`] that the
 //! flusher task writes out every `snapshot_flush`.
+//!
+//! Every statement runs on the runtime that opened the store (its *home*), whichever runtime
+//! the caller is on. A pool connection is a socket registered with the reactor of the runtime
+//! that opened it: one opened from an HTTP worker's runtime would only make progress while that
+//! worker's thread polls it (a worker busy with a long request stalls every statement that gets
+//! the connection), and would die with the worker at shutdown, under the final flush.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +40,8 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     /// With market leases: whose rows a flush may write ([`SqlStore::fence_snapshots`]).
     pub(crate) snapshot_fences: std::sync::OnceLock<LeaseOf>,
+    /// The runtime that opened the store, where every statement runs ([`SqlStore::at_home`]).
+    home: tokio::runtime::Handle,
 }
 
 /// `(holder, epoch)` of the lease this node holds on a market, `None` when it holds none.
@@ -109,6 +117,7 @@ impl SqlStore {
             commits: tx,
             closed: AtomicBool::new(false),
             snapshot_fences: std::sync::OnceLock::new(),
+            home: tokio::runtime::Handle::current(),
         });
         tokio::spawn(writer::run_flusher(Arc::downgrade(&inner), opts.snapshot_flush));
         tracing::info!(backend = inner.db.backend(), "store opened");
@@ -150,7 +159,7 @@ impl SqlStore {
     pub async fn close(&self) -> Result<(), PersistenceError> {
         let drained = self.drain_commits().await;
         self.inner.closed.store(true, Ordering::Release);
-        let flushed = writer::flush_snapshots(&self.inner).await;
+        let flushed = self.flush_snapshots().await;
         self.inner.db.close().await;
         tracing::info!(backend = self.backend(), "store closed");
         drained.and(flushed)
@@ -160,10 +169,8 @@ impl SqlStore {
     /// one-by-one benchmark only.
     #[doc(hidden)]
     pub async fn upsert_couriers_one_by_one(&self, couriers: &[CourierRecord]) -> Result<(), PersistenceError> {
-        match &self.inner.db {
-            Db::Pg(p) => crate::ops::pg::upsert_couriers_one_by_one(p, couriers).await,
-            Db::Sqlite(p) => crate::ops::sqlite::upsert_couriers_one_by_one(p, couriers).await,
-        }
+        let (db, couriers) = (self.db().clone(), couriers.to_vec());
+        self.at_home(async move { on_backend!(&db, ops::upsert_couriers_one_by_one(&couriers)) }).await
     }
 
     /// Waits until every commit queued before this call has been answered (an empty request
@@ -185,13 +192,34 @@ impl SqlStore {
         &self.inner.db
     }
 
-    /// Bounds a call by the statement timeout, so a half-open connection cannot hang a caller.
-    pub(crate) async fn bounded<T>(
+    /// Runs `fut` on the store's home runtime and waits for it (see the module doc). It runs to
+    /// its end even if the caller stops waiting; callers bound it ([`SqlStore::bounded`]).
+    pub(crate) async fn at_home<T: Send + 'static>(
         &self,
-        fut: impl Future<Output = Result<T, PersistenceError>>,
+        fut: impl Future<Output = Result<T, PersistenceError>> + Send + 'static,
+    ) -> Result<T, PersistenceError> {
+        match self.inner.home.spawn(fut).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(PersistenceError::HomeStopped),
+        }
+    }
+
+    /// Runs a statement on the home runtime, bounded by the statement timeout so a half-open
+    /// connection cannot hang a caller.
+    pub(crate) async fn bounded<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, PersistenceError>> + Send + 'static,
     ) -> Result<T, PersistenceError> {
         let limit: Duration = self.inner.opts.statement_timeout;
-        tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))?
+        self.at_home(async move { tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))? })
+            .await
+    }
+
+    /// Writes out the buffered snapshots now, on the home runtime.
+    async fn flush_snapshots(&self) -> Result<(), PersistenceError> {
+        let inner = self.inner.clone();
+        self.at_home(async move { writer::flush_snapshots(&inner).await }).await
     }
 
     /// Bounds a recovery load. Loading 100k couriers and 50k orders takes longer than one
@@ -199,20 +227,20 @@ impl SqlStore {
     /// it is bounded by a generous multiple.
     async fn load_bounded(
         &self,
-        fut: impl Future<Output = Result<Recovered, PersistenceError>>,
+        fut: impl Future<Output = Result<Recovered, PersistenceError>> + Send + 'static,
     ) -> Result<Recovered, StoreError> {
         let limit = self.inner.opts.statement_timeout * 12;
-        match tokio::time::timeout(limit, fut).await {
-            Ok(r) => r.map_err(StoreError::from),
-            Err(_) => Err(PersistenceError::Timeout(limit).into()),
-        }
+        self.at_home(async move { tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))? })
+            .await
+            .map_err(StoreError::from)
     }
 
     /// The courier a device (OsmAnd / Traccar Client) is registered to, in any tenant: how a
     /// node routes a device's report to the node owning the courier's market. With a device
     /// id registered twice (not prevented across tenants), the most recently updated courier.
     pub async fn device_courier(&self, device_id: &str) -> Result<Option<(TenantId, CourierId)>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ops::device_courier(device_id)) }).await
+        let (db, device_id) = (self.db().clone(), device_id.to_owned());
+        self.read(async move { on_backend!(&db, ops::device_courier(&device_id)) }).await
     }
 
     /// Drops the courier snapshots and location samples of `tenant` still waiting for a flush
@@ -232,9 +260,9 @@ impl SqlStore {
     }
 
     /// Bounds a read by the statement timeout, so a half-open connection cannot hang a caller.
-    async fn read<T>(
+    async fn read<T: Send + 'static>(
         &self,
-        fut: impl Future<Output = Result<T, PersistenceError>>,
+        fut: impl Future<Output = Result<T, PersistenceError>> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.bounded(fut).await.map_err(StoreError::from)
     }
@@ -275,36 +303,45 @@ impl Store for SqlStore {
     }
 
     async fn load(&self) -> Result<Recovered, StoreError> {
-        self.load_bounded(async { on_backend!(&self.inner.db, ops::load()) }).await
+        let db = self.db().clone();
+        self.load_bounded(async move { on_backend!(&db, ops::load()) }).await
     }
 
     async fn load_tenant(&self, tenant: &TenantId) -> Result<Recovered, StoreError> {
-        self.load_bounded(async { on_backend!(&self.inner.db, ops::load_tenant(tenant)) }).await
+        let (db, tenant) = (self.db().clone(), tenant.clone());
+        self.load_bounded(async move { on_backend!(&db, ops::load_tenant(&tenant)) }).await
     }
 
     async fn order(&self, tenant: &TenantId, id: &OrderId) -> Result<Option<Order>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ops::order(tenant, id)) }).await
+        let (db, tenant, id) = (self.db().clone(), tenant.clone(), id.clone());
+        self.read(async move { on_backend!(&db, ops::order(&tenant, &id)) }).await
     }
     async fn save_speeds(&self, tables: Vec<SpeedTable>) -> Result<(), StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ops::save_speeds(&tables)) }).await
+        let db = self.db().clone();
+        self.read(async move { on_backend!(&db, ops::save_speeds(&tables)) }).await
     }
     async fn load_speeds(&self) -> Result<Vec<SpeedTable>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ops::load_speeds()) }).await
+        let db = self.db().clone();
+        self.read(async move { on_backend!(&db, ops::load_speeds()) }).await
     }
     async fn zone_versions(&self) -> Result<Vec<(TenantId, ZoneId, Ms)>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ops::zone_versions()) }).await
+        let db = self.db().clone();
+        self.read(async move { on_backend!(&db, ops::zone_versions()) }).await
     }
     async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ops::zone(tenant, id)) }).await
+        let (db, tenant, id) = (self.db().clone(), tenant.clone(), id.clone());
+        self.read(async move { on_backend!(&db, ops::zone(&tenant, &id)) }).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ops::events(&query)) }).await
+        let db = self.db().clone();
+        self.read(async move { on_backend!(&db, ops::events(&query)) }).await
     }
 
     async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms)
         -> Result<Vec<LocationSample>, StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ops::export_locations(tenant, courier, from, to)) }).await
+        let (db, tenant, courier) = (self.db().clone(), tenant.clone(), courier.clone());
+        self.read(async move { on_backend!(&db, ops::export_locations(&tenant, &courier, from, to)) }).await
     }
 
     async fn erase_locations(&self, tenant: &TenantId, courier: &CourierId) -> Result<u64, StoreError> {
@@ -313,7 +350,8 @@ impl Store for SqlStore {
         // the delete.
         let _no_flush = self.inner.flush_lock.lock().await;
         self.inner.snapshots.lock().erase_locations(tenant, courier);
-        self.read(async { on_backend!(&self.inner.db, ops::erase_locations(tenant, courier)) }).await
+        let (db, tenant, courier) = (self.db().clone(), tenant.clone(), courier.clone());
+        self.read(async move { on_backend!(&db, ops::erase_locations(&tenant, &courier)) }).await
     }
 
     /// In batches of about [`StoreOptions::purge_batch`] rows, each its own statement under the
@@ -324,7 +362,8 @@ impl Store for SqlStore {
         let batch = i64::try_from(self.inner.opts.purge_batch).unwrap_or(i64::MAX);
         let mut total = 0;
         loop {
-            let n = self.read(async { on_backend!(&self.inner.db, ops::purge_locations(before, batch)) }).await?;
+            let db = self.db().clone();
+            let n = self.read(async move { on_backend!(&db, ops::purge_locations(before, batch)) }).await?;
             total += n;
             if n <= batch as u64 {
                 return Ok(total);
@@ -333,11 +372,12 @@ impl Store for SqlStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.read(async { on_backend!(&self.inner.db, ops::ping()) }).await
+        let db = self.db().clone();
+        self.read(async move { on_backend!(&db, ops::ping()) }).await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
         self.drain_commits().await?;
-        writer::flush_snapshots(&self.inner).await.map_err(StoreError::from)
+        self.flush_snapshots().await.map_err(StoreError::from)
     }
 }

@@ -589,18 +589,20 @@ impl SqlStore {
     /// Appends `webhook.created` or `webhook.updated` (by `actor`, with the URL and patterns,
     /// never the secret) to the event log in the same transaction.
     pub async fn put_webhook(&self, w: &Webhook, actor: &str) -> Result<bool, PersistenceError> {
-        let audit = audit_event(w, actor, "webhook.updated");
-        self.bounded(async { on_backend!(self.db(), webhooks::put(w, &audit)) }).await
+        let (db, audit, w) = (self.db().clone(), audit_event(w, actor, "webhook.updated"), w.clone());
+        self.bounded(async move { on_backend!(&db, webhooks::put(&w, &audit)) }).await
     }
 
     /// One webhook.
     pub async fn webhook(&self, tenant: &TenantId, id: &str) -> Result<Option<Webhook>, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), webhooks::get(tenant, id)) }).await
+        let (db, tenant, id) = (self.db().clone(), tenant.clone(), id.to_owned());
+        self.bounded(async move { on_backend!(&db, webhooks::get(&tenant, &id)) }).await
     }
 
     /// The tenant's webhooks, by id.
     pub async fn webhooks(&self, tenant: &TenantId) -> Result<Vec<Webhook>, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), webhooks::list(tenant)) }).await
+        let (db, tenant) = (self.db().clone(), tenant.clone());
+        self.bounded(async move { on_backend!(&db, webhooks::list(&tenant)) }).await
     }
 
     /// Deletes a webhook with its pending and past deliveries, appending `webhook.deleted` (by
@@ -616,7 +618,8 @@ impl SqlStore {
             ts: at,
             attrs: Vec::new(),
         };
-        self.bounded(async { on_backend!(self.db(), webhooks::delete(tenant, id, &audit)) }).await
+        let (db, tenant, id) = (self.db().clone(), tenant.clone(), id.to_owned());
+        self.bounded(async move { on_backend!(&db, webhooks::delete(&tenant, &id, &audit)) }).await
     }
 
     /// Queues deliveries of a webhook again, as new (attempt count reset, due at `at`): the
@@ -634,23 +637,27 @@ impl SqlStore {
             ts: at,
             attrs: seq.map(|s| ("seq".to_owned(), s.to_string())).into_iter().collect(),
         };
-        self.bounded(async { on_backend!(self.db(), webhooks::redeliver(tenant, id, seq, at, &audit)) }).await
+        let (db, tenant, id) = (self.db().clone(), tenant.clone(), id.to_owned());
+        self.bounded(async move { on_backend!(&db, webhooks::redeliver(&tenant, &id, seq, at, &audit)) }).await
     }
 
     /// Delivery counts of one webhook.
     pub async fn webhook_stats(&self, tenant: &TenantId, id: &str) -> Result<WebhookStats, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), webhooks::stats(tenant, id)) }).await
+        let (db, tenant, id) = (self.db().clone(), tenant.clone(), id.to_owned());
+        self.bounded(async move { on_backend!(&db, webhooks::stats(&tenant, &id)) }).await
     }
 
     /// The newest `limit` deliveries of one webhook, newest first.
     pub async fn webhook_deliveries(&self, tenant: &TenantId, id: &str, limit: u32) -> Result<Vec<DeliveryRecord>, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), webhooks::deliveries(tenant, id, i64::from(limit))) }).await
+        let (db, tenant, id) = (self.db().clone(), tenant.clone(), id.to_owned());
+        self.bounded(async move { on_backend!(&db, webhooks::deliveries(&tenant, &id, i64::from(limit))) }).await
     }
 
     /// Moves the waiting deliveries of a webhook whose circuit opened to `until` (attempts
     /// unchanged), so that a paused backlog does not stay at the front of every claim's scan.
     pub async fn pause_webhook_deliveries(&self, tenant: &str, id: &str, until: i64) -> Result<u64, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), webhooks::pause(tenant, id, until)) }).await
+        let (db, tenant, id) = (self.db().clone(), tenant.to_owned(), id.to_owned());
+        self.bounded(async move { on_backend!(&db, webhooks::pause(&tenant, &id, until)) }).await
     }
 
     /// Claims up to `limit` deliveries due at `now` (every tenant), at most `per_webhook` of
@@ -669,7 +676,13 @@ impl SqlStore {
         skip: &[(&str, &str, &str)],
     ) -> Result<Vec<Delivery>, PersistenceError> {
         let per_webhook = per_webhook.map(i64::from);
-        self.bounded(async { on_backend!(self.db(), webhooks::claim(now, lease_until, lease, i64::from(limit), per_webhook, skip)) }).await
+        let (db, lease) = (self.db().clone(), lease.to_owned());
+        let skip: Vec<[String; 3]> = skip.iter().map(|&(t, w, u)| [t.to_owned(), w.to_owned(), u.to_owned()]).collect();
+        self.bounded(async move {
+            let skip: Vec<(&str, &str, &str)> = skip.iter().map(|[t, w, u]| (t.as_str(), w.as_str(), u.as_str())).collect();
+            on_backend!(&db, webhooks::claim(now, lease_until, &lease, i64::from(limit), per_webhook, &skip))
+        })
+        .await
     }
 
     /// Records how a claimed delivery ended. Returns false when the lease was lost meanwhile
@@ -683,12 +696,15 @@ impl SqlStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<bool, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), webhooks::finish(tenant, webhook_id, seq, lease, outcome, now)) }).await
+        let (db, tenant, webhook_id) = (self.db().clone(), tenant.clone(), webhook_id.to_owned());
+        let (lease, outcome) = (lease.to_owned(), outcome.clone());
+        self.bounded(async move { on_backend!(&db, webhooks::finish(&tenant, &webhook_id, seq, &lease, &outcome, now)) }).await
     }
 
     /// Deletes delivered and dead deliveries last changed before `before` (every tenant).
     pub async fn purge_webhook_deliveries(&self, before: i64) -> Result<u64, PersistenceError> {
-        self.bounded(async { on_backend!(self.db(), webhooks::purge(before)) }).await
+        let db = self.db().clone();
+        self.bounded(async move { on_backend!(&db, webhooks::purge(before)) }).await
     }
 }
 

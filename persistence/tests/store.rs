@@ -26,6 +26,7 @@ both_backends!(
     zone_geometry_round_trip,
     snapshot_backpressure,
     migrate_is_idempotent,
+    reads_from_a_runtime_that_stops_leave_the_store_working,
 );
 
 fn t(s: &str) -> TenantId {
@@ -336,6 +337,46 @@ async fn courier_snapshots_latest_wins(ctx: Ctx) {
     store.commit(vec![Write::Courier(bare.clone())]).await.unwrap();
     let rec = store.load().await.unwrap();
     assert_eq!(rec.couriers.iter().find(|c| c.id.as_str() == "c1"), Some(&bare));
+    store.close().await.unwrap();
+}
+
+/// A store is shared by runtimes: HTTP handlers read it from their workers' runtimes, which can
+/// be busy (a worker thread running a long request polls no I/O meanwhile) and stop before the
+/// final flush at shutdown. A connection the pool opened during such a read must not belong to
+/// that runtime, or statements on the main runtime that get it hang or fail.
+async fn reads_from_a_runtime_that_stops_leave_the_store_working(ctx: Ctx) {
+    let store = SqlStore::open(&ctx.url, StoreOptions { max_connections: 4, ..ctx.options() }).await.unwrap();
+    let q = || EventQuery { tenant: t("t1"), entity: None, since_seq: None, limit: 10 };
+    let s = store.clone();
+    let (read, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let (read_tx, read_rx) = read;
+    let (release_tx, release_rx) = release;
+    let other = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            // More reads at once than the pool has connections: it opens every one it may.
+            let reads = futures_util::future::join_all((0..8).map(|_| s.events(q()))).await;
+            read_tx.send(reads.iter().all(Result::is_ok)).unwrap();
+            // Busy: this runtime's thread polls nothing until the test is done with the store.
+            let _ = release_rx.recv();
+        });
+    });
+    assert!(read_rx.recv().unwrap(), "reads on the other runtime failed");
+    for round in 0..3 {
+        let reads = futures_util::future::join_all((0..8).map(|_| store.events(q()))).await;
+        assert!(reads.iter().all(Result::is_ok), "round {round} while the other runtime is busy: {reads:?}");
+    }
+    release_tx.send(()).unwrap();
+    other.join().unwrap();
+    // That runtime is gone now. Writes, reads and the final flush must still work.
+    let reads = futures_util::future::join_all((0..8).map(|_| store.events(q()))).await;
+    assert!(reads.iter().all(Result::is_ok), "after the other runtime stopped: {reads:?}");
+    store.commit(vec![Write::Event(event("t1", EntityKind::Courier, "c1", "courier.created", 100))]).await.unwrap();
+    store.snapshot_couriers(vec![courier("t1", "c1", 100, 52.5)]).unwrap();
+    store.close().await.unwrap();
+    let store = ctx.open().await;
+    assert_eq!(store.load().await.unwrap().couriers.len(), 1);
+    assert_eq!(store.events(q()).await.unwrap().len(), 1);
     store.close().await.unwrap();
 }
 
