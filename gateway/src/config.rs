@@ -98,6 +98,16 @@ pub struct ServeArgs {
     /// CPU per GPS fix (BENCHMARKS.md). Off by default; the main port serves couriers either way.
     #[arg(long, env = "HEXFLEET_INGEST_LISTEN")]
     pub ingest_listen: Option<String>,
+    /// Connections the ingest port holds at most; more are answered 503 `over_capacity` with
+    /// `Retry-After`. Default: the process's open-file limit less 256, kept for the database,
+    /// Redis and the HTTP port.
+    #[arg(long, env = "HEXFLEET_INGEST_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub ingest_max_connections: Option<u64>,
+    /// Connections the ingest port holds at most per client IP address; more are answered 429
+    /// `too_many_connections`. Default: no such cap (couriers behind a carrier's NAT share
+    /// addresses).
+    #[arg(long, env = "HEXFLEET_INGEST_MAX_PER_IP", value_parser = clap::value_parser!(u64).range(1..))]
+    pub ingest_max_per_ip: Option<u64>,
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "HEXFLEET_WORKERS")]
     pub workers: Option<usize>,

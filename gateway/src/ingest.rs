@@ -13,7 +13,18 @@
 //! courier's registration and, with several nodes, the market's owner are settled before the
 //! upgrade: a refused socket gets a plain HTTP error with the API's JSON body. A courier whose
 //! market another node owns is relayed to that node's HTTP port, as the HTTP port does.
+//!
+//! Connections are capped ([`Limits`]): in all, so courier sockets never take the file
+//! descriptors the database, Redis and the HTTP port need (the default cap leaves
+//! [`FD_RESERVE`] of the process's limit free), and optionally per client address. A connection
+//! over a cap is answered at once, before its head is read: 503 `over_capacity` or 429
+//! `too_many_connections`, both with `Retry-After`. Apps reconnect with backoff, which spreads a
+//! reconnect storm out instead of letting it exhaust the process.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
@@ -39,19 +50,117 @@ pub const PATH: &str = "/v1/ws/courier";
 const MAX_HEAD: usize = 8 * 1024;
 /// A client must finish its handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// File descriptors the default connection cap leaves to the rest of the process.
+pub const FD_RESERVE: usize = 256;
+/// Refusals answered at the same time at most: each holds its socket for up to a second (see
+/// [`linger`]); past this, connections over a cap are closed without an answer.
+const MAX_REFUSING: usize = 128;
+/// What a refused client is told to wait before reconnecting.
+const RETRY_AFTER_S: u32 = 5;
+
+/// Connection caps of the ingest port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at most, handshakes included. `None`: the process's file descriptor
+    /// limit less [`FD_RESERVE`].
+    pub max_connections: Option<usize>,
+    /// Open connections per client IP address at most; `None`: no such cap (couriers behind a
+    /// carrier's NAT share addresses).
+    pub max_per_ip: Option<usize>,
+}
+
+impl Limits {
+    /// The cap on all connections in effect.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or_else(|| {
+            let fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+            usize::try_from(fds).unwrap_or(usize::MAX).saturating_sub(FD_RESERVE).max(1)
+        })
+    }
+}
+
+/// Open connections, in all and per address.
+struct Gate {
+    max: usize,
+    max_per_ip: Option<usize>,
+    open: AtomicUsize,
+    per_ip: parking_lot::Mutex<HashMap<IpAddr, usize>>,
+    refusing: AtomicUsize,
+}
+
+/// Why a connection was not let in.
+#[derive(Clone, Copy, Debug)]
+enum Over {
+    All,
+    Address,
+}
+
+impl Gate {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Over> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(Over::All);
+        }
+        if let Some(cap) = self.max_per_ip {
+            let mut per_ip = self.per_ip.lock();
+            let n = per_ip.entry(ip).or_insert(0);
+            if *n >= cap {
+                drop(per_ip);
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                return Err(Over::Address);
+            }
+            *n += 1;
+        }
+        metrics::gauge!("hexfleet_ingest_connections").increment(1.0);
+        Ok(Admitted { gate: self.clone(), ip })
+    }
+}
+
+/// One admitted connection; frees its place when dropped.
+struct Admitted {
+    gate: Arc<Gate>,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if self.gate.max_per_ip.is_some() {
+            let mut per_ip = self.gate.per_ip.lock();
+            if let Some(n) = per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+        self.gate.open.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("hexfleet_ingest_connections").decrement(1.0);
+    }
+}
 
 /// Accepts courier sockets on `listener` until `stop` is cancelled; each connection is one task
 /// on `tracker` (the caller waits on it at shutdown).
-pub async fn serve(listener: TcpListener, st: web::Data<AppState>, stop: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(listener: TcpListener, st: web::Data<AppState>, limits: Limits, stop: CancellationToken, tracker: TaskTracker) {
+    let gate = Arc::new(Gate {
+        max: limits.max_connections(),
+        max_per_ip: limits.max_per_ip,
+        open: AtomicUsize::new(0),
+        per_ip: parking_lot::Mutex::default(),
+        refusing: AtomicUsize::new(0),
+    });
+    tracing::info!(max_connections = gate.max, max_per_ip = ?gate.max_per_ip, "ingest: connection caps");
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((tcp, _)) => {
-                tracker.spawn(connection(tcp, st.clone()));
-            }
+            Ok((tcp, peer)) => match gate.admit(peer.ip()) {
+                Ok(slot) => {
+                    tracker.spawn(connection(tcp, st.clone(), slot));
+                }
+                Err(over) => over_cap(tcp, over, &gate, &tracker),
+            },
             Err(e) => {
                 // Out of file descriptors, mostly: back off instead of spinning.
                 tracing::warn!(error = %e, "ingest: accept failed");
@@ -71,7 +180,28 @@ struct Head {
     rest: Vec<u8>,
 }
 
-async fn connection(mut tcp: TcpStream, st: web::Data<AppState>) {
+/// Answers a connection over a cap (503 or 429 with `Retry-After`), unless too many refusals are
+/// under way already: then it is closed at once.
+fn over_cap(mut tcp: TcpStream, over: Over, gate: &Arc<Gate>, tracker: &TaskTracker) {
+    let (e, reason) = match over {
+        Over::All => (ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "over_capacity", format!("this node serves {} courier connections at most; retry later", gate.max)), "capacity"),
+        Over::Address => (ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", "too many connections from this address; retry later"), "per_ip"),
+    };
+    if gate.refusing.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSING {
+        gate.refusing.fetch_sub(1, Ordering::AcqRel);
+        metrics::counter!("hexfleet_ingest_refused_total", "reason" => "shed").increment(1);
+        return;
+    }
+    metrics::counter!("hexfleet_ingest_refused_total", "reason" => reason).increment(1);
+    let gate = gate.clone();
+    tracker.spawn(async move {
+        let retry = format!("retry-after: {RETRY_AFTER_S}\r\n");
+        answer_with(&mut tcp, e.status, &retry, e.to_json().as_bytes()).await;
+        gate.refusing.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+async fn connection(mut tcp: TcpStream, st: web::Data<AppState>, _slot: Admitted) {
     let _ = tcp.set_nodelay(true);
     let head = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut tcp)).await {
         Ok(Ok(h)) => h,
@@ -159,8 +289,13 @@ async fn refuse(tcp: &mut TcpStream, e: &ApiError) {
 
 /// Writes a plain HTTP answer (JSON `body`) and closes.
 async fn answer(tcp: &mut TcpStream, status: StatusCode, body: &[u8]) {
+    answer_with(tcp, status, "", body).await;
+}
+
+/// [`answer`] with extra header lines (each ending in CRLF).
+async fn answer_with(tcp: &mut TcpStream, status: StatusCode, extra: &str, body: &[u8]) {
     let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         body.len()

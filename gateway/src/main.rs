@@ -14,6 +14,11 @@ use tokio_util::sync::CancellationToken;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(argv_with_config(std::env::args_os().collect())?);
     init_tracing(&cli.log_format);
+    // Every socket is a file descriptor: take the hard limit, not the (often 1024) soft one.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("hexfleet").build()?;
     rt.block_on(async move {
         match cli.cmd {
@@ -50,6 +55,10 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.fleet = a.fleet_config();
     cfg.workers = a.workers;
     cfg.ingest_listen = a.ingest_listen.clone();
+    cfg.ingest_limits = hexfleet_gateway::ingest::Limits {
+        max_connections: a.ingest_max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        max_per_ip: a.ingest_max_per_ip.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+    };
     cfg.history_retention = a.history_retention();
     cfg.history_purge_every = a.history_purge_interval;
     cfg.console_batch = Duration::from_millis(a.console_batch_ms);

@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub markets: Option<crate::markets::MarketConfig>,
     /// The courier ingest port (`ingest.rs`), if any.
     pub ingest_listen: Option<String>,
+    /// Its connection caps.
+    pub ingest_limits: crate::ingest::Limits,
 }
 
 impl ServeConfig {
@@ -63,6 +65,7 @@ impl ServeConfig {
             webhooks: crate::webhooks::WebhookConfig::default(),
             markets: None,
             ingest_listen: None,
+            ingest_limits: crate::ingest::Limits::default(),
         }
     }
 }
@@ -261,7 +264,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         Some(a) => {
             let l = tokio::net::TcpListener::bind(a).await.map_err(|e| anyhow::anyhow!("cannot listen on {a} (ingest): {e}"))?;
             let at = l.local_addr()?;
-            tokio::spawn(crate::ingest::serve(l, state.clone(), shutdown.clone(), ingest_tasks.clone()));
+            tokio::spawn(crate::ingest::serve(l, state.clone(), cfg.ingest_limits, shutdown.clone(), ingest_tasks.clone()));
             tracing::info!(addr = %at, "courier ingest port");
             Some(at)
         }

@@ -373,3 +373,79 @@ async fn the_ingest_port_keeps_a_frame_sent_with_the_handshake() {
     let v: serde_json::Value = serde_json::from_str(answer.to_text().unwrap()).unwrap();
     assert_eq!((v["t"].as_str(), v["code"].as_str()), (Some("error"), Some("malformed_json")), "{v}");
 }
+
+/// A TCP connection to `to` from the local address `ip` (any of 127.0.0.0/8 on Linux).
+async fn tcp_from(ip: &str, to: &str) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    s.connect(to.parse().unwrap()).await.unwrap()
+}
+
+/// Reads a refusal to its end: (status, the error code of its JSON body, its Retry-After).
+async fn refusal(mut tcp: tokio::net::TcpStream) -> (u16, String, Option<String>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut answer = String::new();
+    tokio::time::timeout(DEADLINE, tcp.read_to_string(&mut answer)).await.expect("answered and closed").unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no blank line in {answer:?}"));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let retry = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after: ").map(str::to_owned));
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    (status, v["error"]["code"].as_str().unwrap_or_default().to_owned(), retry)
+}
+
+/// Sends a courier's WebSocket handshake on `tcp` and returns the answer's status.
+async fn handshake(mut tcp: tokio::net::TcpStream, token: &str) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let head = format!(
+        "GET /v1/ws/courier?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(DEADLINE, tcp.read_u8()).await.expect("handshake answered") {
+            Ok(b) => answer.push(b),
+            Err(_) => break,
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {answer:?}"))
+}
+
+/// The ingest port's connection caps: over the per-address cap a client gets 429, over the
+/// total cap 503, both with the API's JSON error and Retry-After, before anything is read; the
+/// couriers already connected keep streaming, and a closed connection frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingest_port_caps_connections_in_all_and_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
+    cfg.ingest_limits = hexfleet_gateway::ingest::Limits { max_connections: Some(3), max_per_ip: Some(2) };
+    let srv = TestServer::start(cfg).await;
+    let at = srv.ingest.clone().unwrap().trim_start_matches("ws://").to_owned();
+    let tok = |c: &str| srv.token(Role::Courier, c, "t1", None);
+    let now = now_ms();
+
+    // 127.0.0.1: a streaming courier and an idle connection fill its two places.
+    let mut a = srv.courier(Port::Ingest, &tok("a")).await;
+    a.send(json!({"t":"loc","lat":52.5,"lng":13.4,"ts":now})).await;
+    srv.courier_at(&srv.dispatcher("t1"), "a", 52.5).await;
+    let _idle_1 = tcp_from("127.0.0.1", &at).await;
+    let (status, code, retry) = refusal(tcp_from("127.0.0.1", &at).await).await;
+    assert_eq!((status, code.as_str(), retry.as_deref()), (429, "too_many_connections", Some("5")));
+
+    // Another address takes the third place; a fourth connection is over the total cap.
+    let idle_2 = tcp_from("127.0.0.2", &at).await;
+    let (status, code, retry) = refusal(tcp_from("127.0.0.3", &at).await).await;
+    assert_eq!((status, code.as_str(), retry.as_deref()), (503, "over_capacity", Some("5")));
+
+    // The courier already in is untouched.
+    a.send(json!({"t":"loc","lat":52.5001,"lng":13.4,"ts":now + 1_000})).await;
+    srv.courier_at(&srv.dispatcher("t1"), "a", 52.5001).await;
+
+    // Closing the idle connection frees its place (once the server sees it end).
+    drop(idle_2);
+    eventually("a place is free again", || async {
+        (handshake(tcp_from("127.0.0.3", &at).await, &tok("b")).await == 101).then_some(())
+    })
+    .await;
+}
