@@ -300,8 +300,11 @@ async fn answer_with(tcp: &mut TcpStream, status: StatusCode, extra: &str, body:
         status.canonical_reason().unwrap_or(""),
         body.len()
     );
-    let _ = tcp.write_all(head.as_bytes()).await;
-    let _ = tcp.write_all(body).await;
+    // One write: a client that reads only what has arrived with the head (tungstenite does,
+    // for a refused upgrade) must get the body in the same segment.
+    let mut answer = head.into_bytes();
+    answer.extend_from_slice(body);
+    let _ = tcp.write_all(&answer).await;
     linger(tcp).await;
 }
 
