@@ -471,13 +471,25 @@ impl Broker {
         });
     }
 
-    /// Ends every courier session of `tenant` on this node (they close with 1013, and the apps
-    /// reconnect); returns how many.
-    pub fn close_couriers(&self, tenant: &str) -> usize {
+    /// Ends every session of `tenant` on this node, couriers', customers' and consoles' (they
+    /// close with 1013, and the apps reconnect, possibly to another node); returns how many.
+    pub fn close_sessions(&self, tenant: &str) -> usize {
         let mut n = 0;
         for e in self.local.couriers.iter().filter(|e| e.key().0 == tenant) {
             for (_, o) in e.value() {
                 o.close();
+                n += 1;
+            }
+        }
+        for e in self.local.tracks.iter().filter(|e| e.key().0 == tenant) {
+            for (_, o) in &e.value().sessions {
+                o.close();
+                n += 1;
+            }
+        }
+        if let Some(views) = self.local.consoles.get(tenant) {
+            for (_, v) in views.value() {
+                v.outbox.close();
                 n += 1;
             }
         }

@@ -332,8 +332,8 @@ impl Markets {
         }
     }
 
-    /// Stops serving every market this node holds, keeping the leases' epochs: its courier
-    /// sessions close (1013) so their apps reconnect, possibly to another node, and requests
+    /// Stops serving every market this node holds, keeping the leases' epochs: its courier,
+    /// tracking and console sessions close (1013) so their apps reconnect, possibly to another node, and requests
     /// for these markets no longer count as local (they answer 503 while the store is out of
     /// reach). The next successful renewal serves again what is still this node's; a market
     /// taken meanwhile is lost, and the node stops.
@@ -343,7 +343,7 @@ impl Markets {
         }
         let held: Vec<TenantId> = self.ready.iter().map(|e| e.key().clone()).collect();
         self.ready.clear();
-        let sessions: usize = held.iter().map(|t| self.broker.close_couriers(t.as_str())).sum();
+        let sessions: usize = held.iter().map(|t| self.broker.close_sessions(t.as_str())).sum();
         metrics::counter!("hexfleet_market_step_downs_total").increment(1);
         tracing::error!(error = %why, markets = held.len(), sessions, node = %self.node_id, ttl = ?self.config.ttl,
             "no lease renewal for a whole lease: another node may own these markets now; not serving them until a renewal succeeds");

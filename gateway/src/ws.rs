@@ -98,6 +98,12 @@ fn policy(reason: &str) -> Option<CloseReason> {
     Some(CloseReason { code: CloseCode::Policy, description: Some(reason.to_owned()) })
 }
 
+/// Try again later (1013): the session's market is moving to another node
+/// ([`crate::broker::Broker::close_sessions`]).
+fn moved_away() -> Option<CloseReason> {
+    Some(CloseReason { code: CloseCode::Again, description: Some("this node no longer serves the market; reconnect".into()) })
+}
+
 /// Authenticates before the upgrade, so a bad token gets a plain HTTP 401/403.
 fn auth_ws(req: &HttpRequest, roles: &[Role]) -> Result<Auth, ApiError> {
     let auth = crate::auth::authenticate(req)?;
@@ -231,8 +237,7 @@ pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantI
             break policy("too slow");
         }
         if outbox.closed() {
-            // Try again later: the market is moving to another node.
-            break Some(CloseReason { code: CloseCode::Again, description: Some("this node no longer serves the market; reconnect".into()) });
+            break moved_away();
         }
         tokio::select! {
             biased;
@@ -399,6 +404,9 @@ async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<
                 let _ = session.text(error_json("too_slow", "the client did not read its messages in time")).await;
                 break policy("too slow");
             }
+            if outbox.closed() {
+                break moved_away();
+            }
             tokio::select! {
                 biased;
                 () = outbox.notified() => {
@@ -476,6 +484,9 @@ async fn console_session(st: State, tenant: TenantId, mut session: Session, mut 
         if view.outbox.overflowed() {
             let _ = session.text(error_json("too_slow", "the client did not read its messages in time")).await;
             break policy("too slow");
+        }
+        if view.outbox.closed() {
+            break moved_away();
         }
         tokio::select! {
             biased;

@@ -356,9 +356,20 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
     let mut courier = a.courier(Port::Ingest, &token).await;
     courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
     a.courier_at(&disp_a, "c1", NEAR.0).await;
+    // A dispatcher's console and a customer's tracking page on A.
+    let mut console = a.ws("/v1/ws/console", &disp_a).await;
+    console.send(json!({"t":"subscribe","bbox":[-180.0,-90.0,180.0,90.0]})).await;
+    console.expect("the console's snapshot", |v| t(v) == "couriers").await;
+    let mut track = a.ws("/v1/ws/track/o1", &a.token(Role::Customer, "u1", tenant, Some("o1"))).await;
+    track.expect("the order's state", |v| t(v) == "order_update").await;
 
     proxy.cut();
     let markets_a = expect_step_down(&a, &mut courier).await;
+    // They are closed too, so they reconnect to whichever node takes the market.
+    for (what, ws) in [("console", &mut console), ("tracking", &mut track)] {
+        let close = ws.expect_close().await.unwrap_or_else(|| panic!("a close frame for the {what}"));
+        assert_eq!(close.code, tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Again, "{what}: {close:?}");
+    }
     let (s, v) = a.get("/v1/orders/o1", Some(&disp_a)).await;
     assert_eq!(s, 503, "A no longer serves the market: {v}");
 
