@@ -154,6 +154,13 @@ pub struct ServeArgs {
     /// a pause fails, up to 10 minutes.
     #[arg(long, env = "HEXFLEET_WEBHOOK_BREAKER_COOLDOWN_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub webhook_breaker_cooldown_ms: u64,
+    /// Webhook deliveries in flight at once, over all webhooks.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_024))]
+    pub webhook_concurrency: u32,
+    /// Webhook deliveries in flight at once to one webhook: a slow endpoint holds no more of
+    /// the concurrency than this, and the other webhooks' deliveries go on around it.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_PER_ENDPOINT", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1_024))]
+    pub webhook_per_endpoint: u32,
     /// Let webhooks reach loopback, private and link-local addresses (on-premises receivers).
     /// Off by default: a tenant's dispatcher must not be able to probe the internal network.
     #[arg(long, env = "HEXFLEET_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
@@ -340,6 +347,8 @@ mod tests {
         assert_eq!((s.webhook_breaker_after, s.webhook_breaker_cooldown_ms), (5, 30_000));
         assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-breaker-after", "0"]).is_err());
         assert!(!s.webhook_allow_private, "private destinations are refused unless asked for");
+        let d = crate::webhooks::WebhookConfig::default();
+        assert_eq!((s.webhook_concurrency as usize, s.webhook_per_endpoint as usize), (d.concurrency, d.per_webhook));
         let cli = Cli::try_parse_from(["hexfleet", "serve", "--learn-speeds", "false", "--webhook-max-attempts", "3"]).unwrap();
         let Cmd::Serve(s) = cli.cmd else { panic!() };
         assert!(!s.fleet_config().learn_speeds);

@@ -68,6 +68,8 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.webhooks.breaker_after = a.webhook_breaker_after;
     cfg.webhooks.breaker_cooldown = Duration::from_millis(a.webhook_breaker_cooldown_ms);
     cfg.webhooks.allow_private = a.webhook_allow_private;
+    cfg.webhooks.concurrency = a.webhook_concurrency as usize;
+    cfg.webhooks.per_webhook = a.webhook_per_endpoint as usize;
     if a.market_leases.unwrap_or(a.redis_url.is_some()) {
         let advertise_url = match &a.advertise_url {
             Some(u) => {
