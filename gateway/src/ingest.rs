@@ -411,8 +411,14 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
     let (mut tx, mut rx) = client.split();
     loop {
         let more = tokio::select! {
+            // Pings travel to the owner too (they keep the session alive there).
             m = rx.next() => pass(m, &mut up_tx).await,
-            m = up_rx.next() => pass(m, &mut tx).await,
+            // tungstenite has already answered the client's ping here: the owner's pong is dropped
+            // so the client gets one, as from any server.
+            m = up_rx.next() => match m {
+                Some(Ok(Message::Pong(_))) => true,
+                m => pass(m, &mut tx).await,
+            },
         };
         if !more {
             break;

@@ -111,6 +111,28 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     assert!(b.running.as_ref().unwrap().state.fleet.courier(&tenant.into(), &"c2".into()).is_err(), "c2 has no actor on B");
     c2.send_raw("{not json").await;
     c2.expect("A's error frame, relayed", |v| t(v) == "error" && v["code"] == "malformed_json").await;
+    // A ping is answered once, not by B and again by A: count the pongs that come before the
+    // answer to a message sent after it.
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    c2.s.send(Message::Ping(b"p1".to_vec().into())).await.unwrap();
+    c2.send_raw("{not json either").await;
+    let pongs = tokio::time::timeout(DEADLINE, async {
+        let mut pongs = 0;
+        loop {
+            match c2.s.next().await {
+                Some(Ok(Message::Pong(p))) => {
+                    assert_eq!(&p[..], b"p1");
+                    pongs += 1;
+                }
+                Some(Ok(Message::Text(_))) => return pongs,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the error frame");
+    assert_eq!(pongs, 1, "one pong per ping");
     drop(c2);
 
     // A Traccar/OsmAnd device (no token) registered to a courier of A's market reports to B:
