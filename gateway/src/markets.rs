@@ -643,9 +643,17 @@ impl Markets {
                 b.insert_header((k.as_str(), v.as_bytes()));
             }
         }
-        match resp.bytes().await {
-            Ok(body) => b.body(body),
-            Err(e) => unreachable(&e),
+        // Streamed through, not buffered: a long history export would otherwise be held whole
+        // in this node's memory. A failure mid-body cuts the response short (the client sees a
+        // truncated body against the Content-Length, or an unfinished chunked one).
+        let len = resp.content_length();
+        let body = futures_util::TryStreamExt::map_err(resp.bytes_stream(), |e| {
+            tracing::warn!(error = %e, "forwarded response broke off");
+            actix_web::error::ErrorBadGateway(e)
+        });
+        match len {
+            Some(n) => b.body(actix_web::body::SizedStream::new(n, body)),
+            None => b.streaming(body),
         }
     }
 

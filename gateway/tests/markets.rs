@@ -94,6 +94,17 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     assert_eq!((s, v["state"].as_str(), v["courier_id"].as_str()), (200, Some("assigned"), Some("c1")), "{v}");
     assert!(a.running.as_ref().unwrap().state.fleet.courier(&tenant.into(), &"c1".into()).is_ok(), "the courier's actor runs on A");
     assert!(b.running.as_ref().unwrap().state.fleet.courier(&tenant.into(), &"c1".into()).is_err(), "and not on B");
+    // Its history exported through B is A's answer, streamed through.
+    let history = "/v1/couriers/c1/history";
+    let direct = eventually("c1's fix in A's history", || async {
+        let (s, v) = a.get(history, Some(&disp_a)).await;
+        (s == 200 && v["features"].as_array().is_some_and(|f| !f.is_empty())).then_some(v)
+    })
+    .await;
+    let r = b.http.get(format!("{}{history}", b.base)).bearer_auth(&disp_b).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-type"], "application/geo+json");
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap(), direct);
     if first == "o1" {
         customer.expect("assigned, through Redis", |v| t(v) == "order_update" && v["state"] == "assigned").await;
     }
