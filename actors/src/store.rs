@@ -104,8 +104,10 @@ pub trait Store: Send + Sync + 'static {
     async fn zone(&self, tenant: &TenantId, id: &ZoneId) -> Result<Option<ZoneRecord>, StoreError>;
     /// Reads the event log, oldest first.
     async fn events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, StoreError>;
-    /// A courier's location history between `from` and `to` (inclusive), oldest first.
-    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms)
+    /// A courier's location history between `from` and `to` (inclusive), oldest first, at most
+    /// `limit` samples (a long history is read page by page: the next page starts after the
+    /// last sample's `ts`, which is unique per courier).
+    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms, limit: usize)
         -> Result<Vec<LocationSample>, StoreError>;
     /// Erases a courier's location history; returns how many samples were erased.
     async fn erase_locations(&self, tenant: &TenantId, courier: &CourierId) -> Result<u64, StoreError>;
@@ -253,14 +255,18 @@ impl Store for MemoryStore {
             .take(q.limit as usize)
             .collect())
     }
-    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms)
+    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms, limit: usize)
         -> Result<Vec<LocationSample>, StoreError> {
         let g = self.inner.lock();
         Self::check(&g)?;
-        Ok(g.locations
+        let mut v: Vec<LocationSample> = g.locations
             .get(&(tenant.clone(), courier.clone()))
             .map(|v| v.iter().filter(|s| s.ts >= from && s.ts <= to).copied().collect())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        v.sort_by_key(|s| s.ts);
+        v.dedup_by_key(|s| s.ts);
+        v.truncate(limit);
+        Ok(v)
     }
     async fn erase_locations(&self, tenant: &TenantId, courier: &CourierId) -> Result<u64, StoreError> {
         let mut g = self.inner.lock();

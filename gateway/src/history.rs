@@ -7,6 +7,7 @@
 //!   Points rather than one `LineString` because every sample keeps its own time and speed, and
 //!   one geometry type per collection imports as one layer; a track line is one QGIS
 //!   "Points to path" away.
+//!   The answer is streamed, read from the store [`EXPORT_PAGE`] samples at a time.
 //! - `DELETE /v1/couriers/{id}/history` erases every stored sample of the courier (also those
 //!   still buffered for the next flush), answers `{"erased": n}` and appends a
 //!   `courier.history_erased` event to the audit log.
@@ -91,21 +92,81 @@ fn rfc3339(ts: Ms) -> String {
 
 impl HistoryCollection {
     pub fn new(courier: &CourierId, samples: &[LocationSample]) -> Self {
-        let features = samples
-            .iter()
-            .map(|s| HistoryFeature {
-                kind: "Feature".into(),
-                geometry: PointGeometry { kind: "Point".into(), coordinates: [s.pos.lng, s.pos.lat] },
-                properties: HistoryProperties {
-                    courier_id: courier.to_string(),
-                    ts: s.ts,
-                    time: rfc3339(s.ts),
-                    speed: s.speed,
-                },
-            })
-            .collect();
-        HistoryCollection { kind: "FeatureCollection".into(), features }
+        HistoryCollection { kind: "FeatureCollection".into(), features: samples.iter().map(|s| HistoryFeature::new(courier, s)).collect() }
     }
+}
+
+impl HistoryFeature {
+    pub fn new(courier: &CourierId, s: &LocationSample) -> Self {
+        HistoryFeature {
+            kind: "Feature".into(),
+            geometry: PointGeometry { kind: "Point".into(), coordinates: [s.pos.lng, s.pos.lat] },
+            properties: HistoryProperties { courier_id: courier.to_string(), ts: s.ts, time: rfc3339(s.ts), speed: s.speed },
+        }
+    }
+}
+
+/// Samples read per page of an export. The answer is streamed page by page (keyset on `ts`,
+/// unique per courier), so a month of 1 Hz history is never held whole in memory.
+pub const EXPORT_PAGE: usize = 5_000;
+
+/// Where an export stream is.
+enum Export {
+    /// A page read and not yet sent (`first`: the collection's opening goes before it).
+    Page { samples: Vec<LocationSample>, first: bool },
+    /// Reading the next page failed: the answer breaks off.
+    Failed(StoreError),
+    Done,
+}
+
+/// The body of an export whose first page is `first`: a `HistoryCollection`, rendered page by
+/// page; each full page is followed by a read of the next, from the store's home runtime.
+fn export_stream(
+    store: Arc<hexfleet_persistence::SqlStore>,
+    tenant: hexfleet_actors::domain::TenantId,
+    courier: CourierId,
+    to: Ms,
+    first: Vec<LocationSample>,
+) -> impl futures_util::Stream<Item = Result<web::Bytes, actix_web::Error>> {
+    futures_util::stream::unfold(Export::Page { samples: first, first: true }, move |state| {
+        let (store, tenant, courier) = (store.clone(), tenant.clone(), courier.clone());
+        async move {
+            match state {
+                Export::Done => None,
+                Export::Failed(e) => {
+                    tracing::warn!(courier = %courier, error = %e, "history export broke off");
+                    Some((Err(actix_web::error::ErrorServiceUnavailable(e.to_string())), Export::Done))
+                }
+                Export::Page { samples, first } => {
+                    metrics::counter!("hexfleet_history_exported_total").increment(samples.len() as u64);
+                    let mut out = Vec::with_capacity(samples.len() * 200 + 64);
+                    if first {
+                        out.extend_from_slice(br#"{"type":"FeatureCollection","features":["#);
+                    }
+                    for (i, s) in samples.iter().enumerate() {
+                        if !first || i > 0 {
+                            out.push(b',');
+                        }
+                        // Plain data: serialising it to memory cannot fail.
+                        serde_json::to_writer(&mut out, &HistoryFeature::new(&courier, s)).unwrap_or_default();
+                    }
+                    let next = match samples.last() {
+                        Some(last) if samples.len() == EXPORT_PAGE && last.ts < to => {
+                            match store.export_locations(&tenant, &courier, last.ts + 1, to, EXPORT_PAGE).await {
+                                Ok(samples) => Export::Page { samples, first: false },
+                                Err(e) => Export::Failed(e),
+                            }
+                        }
+                        _ => {
+                            out.extend_from_slice(b"]}");
+                            Export::Done
+                        }
+                    };
+                    Some((Ok(web::Bytes::from(out)), next))
+                }
+            }
+        }
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,9 +209,11 @@ pub(crate) async fn export(st: State, auth: Auth, path: web::Path<String>, q: we
     if from > to {
         return Err(ApiError::bad_request("bad_range", "from is after to"));
     }
-    let samples = st.store.export_locations(&auth.tenant, &id, from, to).await?;
-    metrics::counter!("hexfleet_history_exported_total").increment(samples.len() as u64);
-    Ok(HttpResponse::Ok().content_type("application/geo+json").json(HistoryCollection::new(&id, &samples)))
+    // The first page is read before answering, so a store that is down still gets a 503 with
+    // the error shape; a failure on a later page breaks the answer off (its JSON unfinished).
+    let first = st.store.export_locations(&auth.tenant, &id, from, to, EXPORT_PAGE).await?;
+    let body = export_stream(st.store.clone(), auth.tenant.clone(), id, to, first);
+    Ok(HttpResponse::Ok().content_type("application/geo+json").streaming(body))
 }
 
 /// Erase a courier's location history (privacy); recorded in the event log.
@@ -252,7 +315,7 @@ mod tests {
         store.record_locations(&t, &c, vec![sample(now - 31 * day), sample(now - 30 * day - 1), sample(now - 30 * day), sample(now - 1)]).unwrap();
         let n = purge_once(&store, now, Duration::from_secs(30 * 86_400)).await.unwrap();
         assert_eq!(n, 2);
-        let left: Vec<Ms> = store.export_locations(&t, &c, 0, now).await.unwrap().iter().map(|s| s.ts).collect();
+        let left: Vec<Ms> = store.export_locations(&t, &c, 0, now, usize::MAX).await.unwrap().iter().map(|s| s.ts).collect();
         assert_eq!(left, vec![now - 30 * day, now - 1]);
     }
 
@@ -267,7 +330,7 @@ mod tests {
         store.set_down(false);
         store.record_locations(&t, &c, vec![sample(1), sample(9_500)]).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while store.export_locations(&t, &c, 0, 10_000).await.unwrap().len() != 1 {
+        while store.export_locations(&t, &c, 0, 10_000, usize::MAX).await.unwrap().len() != 1 {
             assert!(std::time::Instant::now() < deadline, "purge did not run after the store came back");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -526,8 +526,8 @@ impl Store for FencedStore {
     async fn events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
         self.inner.events(query).await
     }
-    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms) -> Result<Vec<LocationSample>, StoreError> {
-        self.inner.export_locations(tenant, courier, from, to).await
+    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms, limit: usize) -> Result<Vec<LocationSample>, StoreError> {
+        self.inner.export_locations(tenant, courier, from, to, limit).await
     }
     async fn erase_locations(&self, tenant: &TenantId, courier: &CourierId) -> Result<u64, StoreError> {
         self.inner.erase_locations(tenant, courier).await

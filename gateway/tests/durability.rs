@@ -522,6 +522,24 @@ async fn history_over_http(db: String) {
     assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")), "{v}");
     let (s, v) = srv.get("/v1/couriers/c1/history", None).await;
     assert_eq!(s, 401, "{v}");
+    // A history longer than a page is streamed page by page, whole and in order, also from a
+    // `from` inside it.
+    let store = srv.running.as_ref().unwrap().state.store.clone();
+    let n = 2 * hexfleet_gateway::history::EXPORT_PAGE + 7;
+    let base = now - 40 * hour;
+    let long: Vec<LocationSample> =
+        (0..n as i64).map(|i| LocationSample { pos: LatLng::new(52.4, 13.3).unwrap(), ts: base + i * 1_000, speed: None }).collect();
+    use hexfleet_actors::domain::{CourierId, LatLng, LocationSample, TenantId};
+    use hexfleet_actors::store::Store as _;
+    store.record_locations(&TenantId::new("t1"), &CourierId::new("c1"), long).unwrap();
+    store.flush().await.unwrap();
+    for (from, expect) in [(base, n), (base + 1_000 * 4_999, n - 4_999)] {
+        let (s, v) = srv.get(&format!("/v1/couriers/c1/history?from={from}&to={}", base + 10 * hour), Some(&disp)).await;
+        assert_eq!(s, 200);
+        let ts: Vec<i64> = features(&v).iter().map(|f| f["properties"]["ts"].as_i64().unwrap()).collect();
+        let want: Vec<i64> = (0..expect as i64).map(|i| from + i * 1_000).collect();
+        assert!(ts == want, "from {from}: {} samples, first {:?}, last {:?}", ts.len(), ts.first(), ts.last());
+    }
     // Documented in the OpenAPI document.
     let (_, doc) = srv.get("/openapi.json", None).await;
     assert!(doc["paths"]["/v1/couriers/{id}/history"]["get"].is_object(), "history export not in OpenAPI");

@@ -437,15 +437,17 @@ macro_rules! backend_ops {
                 courier: &CourierId,
                 from: i64,
                 to: i64,
+                limit: usize,
             ) -> Result<Vec<LocationSample>, PersistenceError> {
                 let rows: Vec<rows::LocationRow> = sqlx::query_as(
                     "SELECT ts, lat, lng, speed FROM location_history \
-                     WHERE tenant = $1 AND courier = $2 AND ts >= $3 AND ts <= $4 ORDER BY ts",
+                     WHERE tenant = $1 AND courier = $2 AND ts >= $3 AND ts <= $4 ORDER BY ts LIMIT $5",
                 )
                 .bind(tenant.as_str())
                 .bind(courier.as_str())
                 .bind(from)
                 .bind(to)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch_all(pool)
                 .await?;
                 rows.into_iter().map(rows::LocationRow::into_domain).collect()

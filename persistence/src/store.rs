@@ -338,10 +338,10 @@ impl Store for SqlStore {
         self.read(async move { on_backend!(&db, ops::events(&query)) }).await
     }
 
-    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms)
+    async fn export_locations(&self, tenant: &TenantId, courier: &CourierId, from: Ms, to: Ms, limit: usize)
         -> Result<Vec<LocationSample>, StoreError> {
         let (db, tenant, courier) = (self.db().clone(), tenant.clone(), courier.clone());
-        self.read(async move { on_backend!(&db, ops::export_locations(&tenant, &courier, from, to)) }).await
+        self.read(async move { on_backend!(&db, ops::export_locations(&tenant, &courier, from, to, limit)) }).await
     }
 
     async fn erase_locations(&self, tenant: &TenantId, courier: &CourierId) -> Result<u64, StoreError> {

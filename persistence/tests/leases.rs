@@ -439,8 +439,8 @@ async fn a_lost_markets_buffered_snapshots_are_dropped(ctx: Ctx) {
     store.flush().await.unwrap();
     assert!(store.load_tenant(&t("lost")).await.unwrap().couriers.is_empty(), "the lost market's snapshot was not written");
     assert_eq!(store.load_tenant(&t("kept")).await.unwrap().couriers.len(), 1);
-    assert_eq!(store.export_locations(&t("kept"), &CourierId::new("c2"), 0, i64::MAX).await.unwrap().len(), 1);
-    assert!(store.export_locations(&t("lost"), &CourierId::new("c1"), 0, i64::MAX).await.unwrap().is_empty());
+    assert_eq!(store.export_locations(&t("kept"), &CourierId::new("c2"), 0, i64::MAX, usize::MAX).await.unwrap().len(), 1);
+    assert!(store.export_locations(&t("lost"), &CourierId::new("c1"), 0, i64::MAX, usize::MAX).await.unwrap().is_empty());
     store.close().await.unwrap();
 }
 
@@ -494,9 +494,9 @@ async fn flushes_are_fenced_by_the_lease_held_at_flush_time(ctx: Ctx) {
     assert_eq!((c2[0].updated_at, c2[0].last_fix.unwrap().pos.lat), (500, 52.0), "the new owner's row stands");
     assert!(store.load_tenant(&t("gone")).await.unwrap().couriers.is_empty(), "no lease claimed: not written");
     assert_eq!(store.load_tenant(&t("lapsed")).await.unwrap().couriers.len(), 1, "a lapsed lease no one took still covers the flush");
-    assert_eq!(store.export_locations(&t("kept"), &CourierId::new("c1"), 0, i64::MAX).await.unwrap().len(), 1);
-    assert!(store.export_locations(&t("lost"), &CourierId::new("c2"), 0, i64::MAX).await.unwrap().is_empty());
-    assert!(store.export_locations(&t("gone"), &CourierId::new("c3"), 0, i64::MAX).await.unwrap().is_empty());
+    assert_eq!(store.export_locations(&t("kept"), &CourierId::new("c1"), 0, i64::MAX, usize::MAX).await.unwrap().len(), 1);
+    assert!(store.export_locations(&t("lost"), &CourierId::new("c2"), 0, i64::MAX, usize::MAX).await.unwrap().is_empty());
+    assert!(store.export_locations(&t("gone"), &CourierId::new("c3"), 0, i64::MAX, usize::MAX).await.unwrap().is_empty());
     let stats = store.stats();
     assert_eq!(stats.fenced_rows, 4, "a snapshot and a sample each of `lost` and `gone`");
     assert_eq!((stats.buffered_couriers, stats.buffered_locations), (0, 0), "fenced rows are not put back");

@@ -257,7 +257,7 @@ async fn purge_in_batches(ctx: Ctx) {
     // Samples at 1_000, 2_000, … 20_000: 15 per courier are before 16_000.
     assert_eq!(store.purge_locations(16_000).await.unwrap(), 3 * 15);
     for (tenant, courier) in [("t1", "c1"), ("t1", "c2"), ("t2", "c1")] {
-        let left = store.export_locations(&t(tenant), &CourierId::new(courier), 0, i64::MAX).await.unwrap();
+        let left = store.export_locations(&t(tenant), &CourierId::new(courier), 0, i64::MAX, usize::MAX).await.unwrap();
         assert_eq!(left.iter().map(|s| s.ts).collect::<Vec<_>>(), vec![16_000, 17_000, 18_000, 19_000, 20_000]);
     }
     assert_eq!(store.purge_locations(16_000).await.unwrap(), 0);
@@ -286,23 +286,25 @@ async fn location_history(ctx: Ctx) {
     store.flush().await.unwrap();
     assert_eq!(store.stats().buffered_locations, 0);
 
-    let all = store.export_locations(&t("t1"), &c1, 0, i64::MAX).await.unwrap();
+    let all = store.export_locations(&t("t1"), &c1, 0, i64::MAX, usize::MAX).await.unwrap();
     assert_eq!(all, samples(10_000, 10), "every field round-trips, oldest first");
-    let range = store.export_locations(&t("t1"), &c1, 12_000, 14_000).await.unwrap();
+    let range = store.export_locations(&t("t1"), &c1, 12_000, 14_000, usize::MAX).await.unwrap();
     assert_eq!(range.iter().map(|s| s.ts).collect::<Vec<_>>(), vec![12_000, 13_000, 14_000], "inclusive range");
+    let page = store.export_locations(&t("t1"), &c1, 12_000, i64::MAX, 2).await.unwrap();
+    assert_eq!(page.iter().map(|s| s.ts).collect::<Vec<_>>(), vec![12_000, 13_000], "a page: the oldest `limit`");
 
     // Erase: only that courier of that tenant, including samples still buffered.
     store.record_locations(&t("t1"), &c1, samples(50_000, 2)).unwrap();
     assert_eq!(store.erase_locations(&t("t1"), &c1).await.unwrap(), 10);
     store.flush().await.unwrap();
-    assert!(store.export_locations(&t("t1"), &c1, 0, i64::MAX).await.unwrap().is_empty());
-    assert_eq!(store.export_locations(&t("t2"), &c1, 0, i64::MAX).await.unwrap().len(), 3);
-    assert_eq!(store.export_locations(&t("t1"), &c2, 0, i64::MAX).await.unwrap().len(), 5);
+    assert!(store.export_locations(&t("t1"), &c1, 0, i64::MAX, usize::MAX).await.unwrap().is_empty());
+    assert_eq!(store.export_locations(&t("t2"), &c1, 0, i64::MAX, usize::MAX).await.unwrap().len(), 3);
+    assert_eq!(store.export_locations(&t("t1"), &c2, 0, i64::MAX, usize::MAX).await.unwrap().len(), 5);
 
     // Purge: everything older than the cut-off, every tenant.
     assert_eq!(store.purge_locations(12_000).await.unwrap(), 2 + 2);
-    assert_eq!(store.export_locations(&t("t1"), &c2, 0, i64::MAX).await.unwrap().len(), 3);
-    assert_eq!(store.export_locations(&t("t2"), &c1, 0, i64::MAX).await.unwrap().len(), 1);
+    assert_eq!(store.export_locations(&t("t1"), &c2, 0, i64::MAX, usize::MAX).await.unwrap().len(), 3);
+    assert_eq!(store.export_locations(&t("t2"), &c1, 0, i64::MAX, usize::MAX).await.unwrap().len(), 1);
     store.close().await.unwrap();
 }
 
@@ -557,7 +559,7 @@ async fn outage(ctx: Ctx, how: Outage) {
     let mut ids: Vec<_> = rec.open_orders.iter().map(|o| o.id.as_str().to_owned()).collect();
     ids.sort();
     assert_eq!(ids, vec!["after", "before"], "the commit that failed during the outage is absent");
-    assert_eq!(direct.export_locations(&t("t1"), &CourierId::new("c1"), 0, i64::MAX).await.unwrap().len(), 5);
+    assert_eq!(direct.export_locations(&t("t1"), &CourierId::new("c1"), 0, i64::MAX, usize::MAX).await.unwrap().len(), 5);
     direct.close().await.unwrap();
 }
 
