@@ -292,7 +292,7 @@ macro_rules! webhook_ops {
                     qb.push_values(&patterns, |mut b, p| {
                         b.push_bind(w.tenant.as_str()).push_bind(&w.id).push_bind(*p).push_bind(prefix_of(p));
                     });
-                    qb.build().execute(&mut *tx).await?;
+                    qb.build().persistent(false).execute(&mut *tx).await?;
                 }
                 let mut audit = audit.clone();
                 audit.kind = if existed.is_none() { "webhook.created" } else { "webhook.updated" }.into();
