@@ -36,7 +36,8 @@ pub struct FleetConfig {
     pub max_speed_mps: f64,
     /// Consecutive mutually consistent suspect fixes that re-anchor the position.
     pub reanchor_after: usize,
-    /// Fixes kept in the in-memory trail.
+    /// Fixes kept in the in-memory trail (`Fleet::trail`, `GET /v1/couriers/{id}/trail`): 24
+    /// bytes each, per courier.
     pub trail_len: usize,
     /// Pending fixes per courier before the oldest is conflated away.
     pub inbox_capacity: usize,
@@ -105,7 +106,7 @@ impl Default for FleetConfig {
         FleetConfig {
             max_speed_mps: 70.0,
             reanchor_after: 3,
-            trail_len: 120,
+            trail_len: 32,
             inbox_capacity: 256,
             snapshot_every_ms: 5_000,
             history_every_ms: 10_000,

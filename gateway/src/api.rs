@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{Auth, Role};
-use crate::dto::{AssignReq, CourierDto, CourierPutReq, LatLngDto, LocDto, NearbyDto, NewOrderReq, OrderDto};
+use crate::dto::{AssignReq, CourierDto, CourierPutReq, LatLngDto, LocDto, NearbyDto, NewOrderReq, OrderDto, PositionDto, TrailDto};
 use crate::error::ApiError;
 use crate::osmand;
 use crate::server::AppState;
@@ -48,6 +48,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/couriers/nearby", web::get().to(nearby))
                 .route("/couriers/{id}", web::put().to(put_courier))
                 .route("/couriers/{id}", web::get().to(get_courier))
+                .route("/couriers/{id}/trail", web::get().to(get_trail))
                 .route("/couriers/{id}/history", web::get().to(crate::history::export))
                 .route("/couriers/{id}/history", web::delete().to(crate::history::erase))
                 .route("/events", web::get().to(events))
@@ -156,6 +157,19 @@ pub(crate) async fn get_courier(st: State, auth: Auth, path: web::Path<String>) 
     auth.require_self_or_staff(id.as_str())?;
     let rec = st.fleet.courier(&auth.tenant, &id)?;
     Ok(HttpResponse::Ok().json(CourierDto::from(&rec)))
+}
+
+/// A courier's recent positions, from memory.
+///
+/// The last fixes the courier's actor kept (`--trail-len`, 32 by default), oldest first, late
+/// fixes in their time order; for breadcrumbs on a map. Older positions are in the location
+/// history (`/history`). Dispatchers and admins of the tenant, or the courier itself.
+#[utoipa::path(get, path = "/v1/couriers/{id}/trail", params(("id" = String, Path)), responses((status = 200, body = TrailDto), (status = 403), (status = 404)), security(("bearer" = [])))]
+pub(crate) async fn get_trail(st: State, auth: Auth, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = courier_id(&path)?;
+    auth.require_self_or_staff(id.as_str())?;
+    let trail = st.fleet.trail(&auth.tenant, &id).await?;
+    Ok(HttpResponse::Ok().json(TrailDto { courier_id: id.to_string(), items: trail.iter().map(PositionDto::from).collect() }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -131,6 +131,10 @@ pub struct ServeArgs {
     /// nobody reads is not rebuilt.
     #[arg(long, env = "HEXFLEET_INDEX_REBUILD_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
     pub index_rebuild_ms: u64,
+    /// Recent fixes each courier keeps in memory (`GET /v1/couriers/{id}/trail`, the console's
+    /// breadcrumbs): 24 bytes each per courier. Older positions are in the location history.
+    #[arg(long, env = "HEXFLEET_TRAIL_LEN", default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    pub trail_len: u64,
     /// Learn travel speeds per H3 cell and hour of week from the fleet's movement and use them
     /// for ETAs and dispatch (`--learn-speeds false`: every vehicle at its prior speed).
     #[arg(long, env = "HEXFLEET_LEARN_SPEEDS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -205,6 +209,7 @@ impl ServeArgs {
             batch_max_delay_s: self.batch_max_delay_s.max(0.0),
             index_rebuild: Duration::from_millis(self.index_rebuild_ms),
             learn_speeds: self.learn_speeds,
+            trail_len: usize::try_from(self.trail_len).unwrap_or(1_000),
             ..Default::default()
         }
     }
@@ -343,6 +348,7 @@ mod tests {
         let cli = Cli::try_parse_from(["hexfleet", "serve"]).unwrap();
         let Cmd::Serve(s) = cli.cmd else { panic!() };
         assert!(s.learn_speeds && s.fleet_config().learn_speeds);
+        assert_eq!(s.fleet_config().trail_len, hexfleet_actors::FleetConfig::default().trail_len);
         assert_eq!((s.webhook_timeout_ms, s.webhook_max_attempts, s.webhook_backoff_ms), (10_000, 15, 1_000));
         assert_eq!((s.webhook_breaker_after, s.webhook_breaker_cooldown_ms), (5, 30_000));
         assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-breaker-after", "0"]).is_err());

@@ -252,6 +252,13 @@ pub struct PositionDto {
     pub heading: Option<f32>,
 }
 
+/// A courier's recent positions, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TrailDto {
+    pub courier_id: String,
+    pub items: Vec<PositionDto>,
+}
+
 impl From<&Fix> for PositionDto {
     fn from(f: &Fix) -> Self {
         PositionDto { lat: f.pos.lat, lng: f.pos.lng, ts: f.ts, speed: f.speed, heading: f.heading }

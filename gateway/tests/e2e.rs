@@ -153,3 +153,44 @@ async fn ingest_sessions_close_on_shutdown_and_their_fixes_survive_it() {
     let (s, c) = srv.get("/v1/couriers/c1", Some(&disp)).await;
     assert_eq!((s, c["position"]["lat"].as_f64()), (200, Some(52.5123)), "{c}");
 }
+
+/// `GET /v1/couriers/{id}/trail`: the courier's last `trail_len` fixes from memory, oldest
+/// first, a late fix in its time order; for staff of the tenant and the courier itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_couriers_trail_is_its_recent_fixes_in_time_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
+    cfg.fleet.trail_len = 3;
+    let srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("t1");
+    let own = srv.token(Role::Courier, "c1", "t1", None);
+    let mut courier = srv.courier(Port::Ingest, &own).await;
+    let t0 = now_ms() - 60_000;
+    // One step of about 11 m a second, then a fix that arrives late.
+    for (i, ts) in [t0, t0 + 1_000, t0 + 2_000, t0 + 3_000, t0 + 1_500].into_iter().enumerate() {
+        courier.send(json!({"t":"loc","lat":52.5 + 0.0001 * i as f64,"lng":13.4,"ts":ts,"speed":3.0})).await;
+    }
+    let want = vec![t0 + 1_500, t0 + 2_000, t0 + 3_000];
+    let v = eventually("the trail holds the last three fixes by time", || async {
+        let (s, v) = srv.get("/v1/couriers/c1/trail", Some(&disp)).await;
+        assert_eq!(s, 200, "{v}");
+        let ts: Vec<i64> = v["items"].as_array().unwrap().iter().map(|p| p["ts"].as_i64().unwrap()).collect();
+        (ts == want).then_some(v)
+    })
+    .await;
+    assert_eq!(v["courier_id"], "c1");
+    assert_eq!((v["items"][2]["lat"].as_f64(), v["items"][2]["speed"].as_f64()), (Some(52.5003), Some(3.0)), "{v}");
+    // The live position is the newest fix, not the late one.
+    let (_, c) = srv.get("/v1/couriers/c1", Some(&disp)).await;
+    assert_eq!(c["position"]["ts"], t0 + 3_000);
+
+    assert_eq!(srv.get("/v1/couriers/c1/trail", Some(&own)).await.0, 200, "the courier itself");
+    let (s, v) = srv.get("/v1/couriers/c1/trail", Some(&srv.token(Role::Courier, "c2", "t1", None))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (403, Some("forbidden")), "{v}");
+    let (s, v) = srv.get("/v1/couriers/c1/trail", Some(&srv.dispatcher("t2"))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")), "another tenant: {v}");
+    assert_eq!(srv.get("/v1/couriers/nobody/trail", Some(&disp)).await.0, 404);
+    assert_eq!(srv.get("/v1/couriers/c1/trail", None).await.0, 401);
+    let (_, doc) = srv.get("/openapi.json", None).await;
+    assert!(doc["paths"]["/v1/couriers/{id}/trail"]["get"].is_object(), "trail not in OpenAPI");
+}
