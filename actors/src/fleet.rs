@@ -1077,7 +1077,13 @@ impl Fleet {
         // Write every courier's latest state before stopping.
         let all: Vec<CourierRecord> = self.ctx.couriers.iter().map(|h| h.shared.record.lock().clone()).collect();
         for chunk in all.chunks(1000) {
-            let _ = self.ctx.store.snapshot_couriers(chunk.to_vec());
+            if self.ctx.store.snapshot_couriers(chunk.to_vec()).is_err() {
+                // The buffer is full (a backlog from an outage): write it out, then queue again.
+                let _ = self.ctx.store.flush().await;
+                if let Err(e) = self.ctx.store.snapshot_couriers(chunk.to_vec()) {
+                    tracing::warn!(couriers = chunk.len(), error = %e, "couriers' last state not queued at shutdown");
+                }
+            }
         }
         let res = self.ctx.store.flush().await;
         if let Some(sup) = self.ctx.supervisor.write().take() {

@@ -28,6 +28,10 @@ pub struct StoreOptions {
     pub statement_timeout: Duration,
     /// Rows of location history one statement of the retention purge deletes (about).
     pub purge_batch: usize,
+    /// Most courier snapshots, and separately location samples, one flush transaction writes;
+    /// a larger backlog (after a database outage: up to `snapshot_capacity` of each) is written
+    /// in several, each within `statement_timeout`. Default 20,000.
+    pub flush_batch: usize,
 }
 
 impl Default for StoreOptions {
@@ -41,6 +45,7 @@ impl Default for StoreOptions {
             acquire_timeout: Duration::from_millis(1500),
             statement_timeout: Duration::from_secs(5),
             purge_batch: 20_000,
+            flush_batch: 20_000,
         }
     }
 }
@@ -53,6 +58,7 @@ impl StoreOptions {
         self.max_group = self.max_group.max(1);
         self.max_connections = self.max_connections.max(2);
         self.purge_batch = self.purge_batch.max(1);
+        self.flush_batch = self.flush_batch.max(1);
         self
     }
 }

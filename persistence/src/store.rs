@@ -79,7 +79,7 @@ pub struct StoreStats {
     pub commit_transactions: u64,
     /// `commit` calls answered with an error by the writer.
     pub commit_failures: u64,
-    /// Snapshot flushes that wrote something.
+    /// Snapshot flush transactions that wrote something (a backlog over `flush_batch` takes several).
     pub snapshot_flushes: u64,
     /// Courier snapshot rows written.
     pub courier_rows: u64,

@@ -286,8 +286,20 @@ impl SnapshotBuffer {
         (self.couriers.len(), self.locations.len())
     }
 
-    fn take(&mut self) -> (Vec<CourierRecord>, Vec<(TenantId, CourierId, LocationSample)>) {
-        (std::mem::take(&mut self.couriers).into_values().collect(), std::mem::take(&mut self.locations))
+    /// Takes up to `couriers` snapshots and the oldest `locations` samples.
+    fn take_up_to(&mut self, couriers: usize, locations: usize) -> (Vec<CourierRecord>, Vec<(TenantId, CourierId, LocationSample)>) {
+        let c = if couriers >= self.couriers.len() {
+            std::mem::take(&mut self.couriers).into_values().collect()
+        } else {
+            let keys: Vec<(TenantId, CourierId)> = self.couriers.keys().take(couriers).cloned().collect();
+            keys.iter().filter_map(|k| self.couriers.remove(k)).collect()
+        };
+        let l = if locations >= self.locations.len() {
+            std::mem::take(&mut self.locations)
+        } else {
+            self.locations.drain(..locations).collect()
+        };
+        (c, l)
     }
 
     /// Puts rows of a failed flush back in front of what arrived meanwhile. May exceed the
@@ -366,10 +378,32 @@ fn flush_fences(
     fences
 }
 
-/// Writes out everything buffered. Serialized by the caller (`Inner::flush_lock`).
+/// Writes out everything buffered when it starts, in transactions of at most `flush_batch`
+/// snapshots and `flush_batch` samples: one transaction for a large backlog could outlast the
+/// statement timeout on every attempt and never be written. Stops at the first batch that
+/// fails (it and the rest stay buffered). Serialized (`Inner::flush_lock`).
 pub(crate) async fn flush_snapshots(inner: &Inner) -> Result<(), PersistenceError> {
     let _serial = inner.flush_lock.lock().await;
-    let (mut couriers, mut locations) = inner.snapshots.lock().take();
+    let batch = inner.opts.flush_batch;
+    let (mut couriers_left, mut locations_left) = inner.snapshots.lock().len();
+    while couriers_left + locations_left > 0 {
+        let (couriers, locations) = inner.snapshots.lock().take_up_to(couriers_left.min(batch), locations_left.min(batch));
+        if couriers.is_empty() && locations.is_empty() {
+            break; // taken meanwhile (a market dropped, an erase)
+        }
+        couriers_left = couriers_left.saturating_sub(couriers.len());
+        locations_left = locations_left.saturating_sub(locations.len());
+        flush_batch(inner, couriers, locations).await?;
+    }
+    Ok(())
+}
+
+/// Writes one batch taken from the buffer; puts it back if the database is out of reach.
+async fn flush_batch(
+    inner: &Inner,
+    mut couriers: Vec<CourierRecord>,
+    mut locations: Vec<(TenantId, CourierId, LocationSample)>,
+) -> Result<(), PersistenceError> {
     let mut fences = flush_fences(inner, &mut couriers, &mut locations);
     let limit = inner.opts.statement_timeout;
     let c = &inner.counters;

@@ -27,6 +27,7 @@ both_backends!(
     snapshot_backpressure,
     migrate_is_idempotent,
     reads_from_a_runtime_that_stops_leave_the_store_working,
+    a_large_backlog_is_flushed_in_batches,
 );
 
 fn t(s: &str) -> TenantId {
@@ -379,6 +380,23 @@ async fn reads_from_a_runtime_that_stops_leave_the_store_working(ctx: Ctx) {
     let store = ctx.open().await;
     assert_eq!(store.load().await.unwrap().couriers.len(), 1);
     assert_eq!(store.events(q()).await.unwrap().len(), 1);
+    store.close().await.unwrap();
+}
+
+/// A backlog larger than `flush_batch` (after an outage, say) goes out in several transactions,
+/// each small enough for the statement timeout, not in one that could outlast it every time.
+async fn a_large_backlog_is_flushed_in_batches(ctx: Ctx) {
+    let store = SqlStore::open(&ctx.url, StoreOptions { flush_batch: 100, snapshot_flush: Duration::from_secs(1), ..ctx.options() }).await.unwrap();
+    let c1 = CourierId::new("c1");
+    store.record_locations(&t("t1"), &c1, samples(0, 1_050)).unwrap();
+    let couriers: Vec<_> = (0..250).map(|i| courier("t1", &format!("c{i}"), 100, 52.5)).collect();
+    store.snapshot_couriers(couriers).unwrap();
+    store.flush().await.unwrap();
+    let stats = store.stats();
+    assert_eq!((stats.location_rows, stats.courier_rows, stats.buffered_locations, stats.buffered_couriers), (1_050, 250, 0, 0));
+    assert!(stats.snapshot_flushes >= 11, "1,050 samples in batches of 100: {stats:?}");
+    assert_eq!(store.export_locations(&t("t1"), &c1, 0, i64::MAX, usize::MAX).await.unwrap(), samples(0, 1_050));
+    assert_eq!(store.load().await.unwrap().couriers.len(), 250);
     store.close().await.unwrap();
 }
 
