@@ -321,8 +321,7 @@ impl Markets {
             }
             Err(e) => {
                 metrics::counter!("hexfleet_market_renewal_failures_total").increment(1);
-                let deadline = *self.renewed_at.lock() + self.config.ttl;
-                if tokio::time::Instant::now() >= deadline {
+                if tokio::time::Instant::now() >= self.deadline() {
                     self.step_down(&e);
                 } else {
                     tracing::warn!(error = %e, "market leases not renewed (database unreachable?); serving on until the local deadline");
@@ -382,26 +381,62 @@ impl Markets {
     /// records why) when this node lost a market. Started before the fleet loads the markets
     /// taken at start, and stopped only after they are released, so no lease lapses while the
     /// node loads or drains. Take-overs run in another task ([`Markets::spawn_taker`]), so a
-    /// slow load never delays a renewal.
+    /// slow load never delays a renewal. Beside it a watchdog steps the node down at the local
+    /// deadline ([`Markets::step_down`]).
     pub fn spawn_renewer(self: &Arc<Self>, stop: CancellationToken, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
-            let mut tick = me.ticker();
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                if let Some(t) = me.renew().await {
-                    let why = format!("lost the lease of market {t} to another node");
-                    tracing::error!(tenant = %t, node = %me.node_id, "{why}; stopping so that only its new owner acts on it");
-                    metrics::counter!("hexfleet_market_leases_lost_total").increment(1);
-                    *me.lost.lock() = Some(why);
-                    shutdown.cancel();
-                    // Keep renewing the other markets while the node drains.
-                }
-            }
+            let watchdog = me.watch_deadline(stop.clone());
+            let renewer = me.renew_until(stop, shutdown);
+            tokio::join!(watchdog, renewer);
         })
+    }
+
+    /// The local deadline: the start of the last successful renewal plus the lease, less a
+    /// tenth of it for the drift between this node's clock and the database's (by which the
+    /// leases expire) and for the moment it takes to step down.
+    fn deadline(&self) -> tokio::time::Instant {
+        *self.renewed_at.lock() + self.config.ttl - self.config.ttl / 10
+    }
+
+    /// Steps down at the local deadline when no renewal has succeeded by then, without waiting
+    /// for a renewal to fail: one that hangs (a half-open connection) takes up to half a lease,
+    /// which would put the step-down after the lease could be taken by another node.
+    async fn watch_deadline(&self, stop: CancellationToken) {
+        loop {
+            let wake = if self.stepped_down() {
+                // Until a renewal succeeds again (it resets the deadline).
+                tokio::time::Instant::now() + self.config.renew_every.max(Duration::from_millis(50))
+            } else {
+                self.deadline()
+            };
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            if !self.stepped_down() && tokio::time::Instant::now() >= self.deadline() {
+                self.step_down(&format!("no successful lease renewal since {:?} ago", self.renewed_at.lock().elapsed()));
+            }
+        }
+    }
+
+    /// Renews every `renew_every` until `stop`; a lost market cancels `shutdown`.
+    async fn renew_until(&self, stop: CancellationToken, shutdown: CancellationToken) {
+        let mut tick = self.ticker();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Some(t) = self.renew().await {
+                let why = format!("lost the lease of market {t} to another node");
+                tracing::error!(tenant = %t, node = %self.node_id, "{why}; stopping so that only its new owner acts on it");
+                metrics::counter!("hexfleet_market_leases_lost_total").increment(1);
+                *self.lost.lock() = Some(why);
+                shutdown.cancel();
+                // Keep renewing the other markets while the node drains.
+            }
+        }
     }
 
     /// Ticks every `renew_every`, the first one period from now.

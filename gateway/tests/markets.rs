@@ -428,6 +428,33 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
     db.drop_db().await;
 }
 
+/// A node whose database connections hang (no reset, no answer) steps down by its local
+/// deadline, before the lease can lapse, although each of its renewals takes half a lease to
+/// give up: when node B takes the market over, A no longer serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_database_hangs_steps_down_before_its_lease_can_be_taken() {
+    let Some(redis) = redis_or_skip().await else { return };
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let (proxy, via) = Proxy::in_front_of(&db.url).await;
+    let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
+    let a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let tenant = "faro";
+    assert_eq!(a.post("/v1/orders", &a.dispatcher(tenant), order("o1")).await.0, 201);
+    let markets_a = a.running.as_ref().unwrap().state.markets.clone().unwrap();
+
+    proxy.stall();
+    eventually("B takes the market over", || async { lease_row(&db.url, tenant).await.0.starts_with("node-b#").then_some(()) }).await;
+    assert!(markets_a.stepped_down(), "A still serves a market whose lease another node holds");
+
+    proxy.restore();
+    let err = tokio::time::timeout(DEADLINE, a.running.unwrap().wait()).await.expect("A stops in time").expect_err("with an error");
+    assert!(err.to_string().contains("lost the lease of market faro"), "{err}");
+    b.stop().await;
+    db.drop_db().await;
+}
+
 /// A lone node cut off from the database steps down after a lease without renewals and, when
 /// the database is back and no one took its market, serves it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -332,10 +332,12 @@ impl Drop for Proc {
 }
 
 /// A TCP proxy in front of PostgreSQL that the test cuts (drops every connection and refuses
-/// new ones) and restores; the shared server is never touched.
+/// new ones) or stalls (holds every connection open and moves no byte: a network that drops
+/// packets), and restores; the shared server is never touched.
 pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
+    stalled: tokio::sync::watch::Sender<bool>,
     conns: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -347,6 +349,7 @@ impl Proxy {
         let up = Arc::new(AtomicBool::new(true));
         let conns: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let (up2, conns2) = (up.clone(), conns.clone());
+        let (stalled, stall_rx) = tokio::sync::watch::channel(false);
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else { continue };
@@ -355,16 +358,23 @@ impl Proxy {
                     continue;
                 }
                 let upstream = upstream.clone();
+                let mut stall = stall_rx.clone();
                 let task = tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(&upstream).await else { return };
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        // Both sockets stay open, silent, until the stall ends; then they close.
+                        _ = async { stall.wait_for(|s| *s).await.map(|_| ()) } => {
+                            let _ = stall.wait_for(|s| !*s).await.map(|_| ());
+                        }
+                    }
                 });
                 let mut g = conns2.lock();
                 g.retain(|h| !h.is_finished());
                 g.push(task.abort_handle());
             }
         });
-        Proxy { addr, up, conns, accept }
+        Proxy { addr, up, stalled, conns, accept }
     }
 
     /// A proxy in front of the server of the PostgreSQL `url`, and `url` through it.
@@ -383,7 +393,14 @@ impl Proxy {
         }
     }
 
+    /// Holds every connection, new ones too, open without passing a byte.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Ends a cut or a stall (stalled connections close).
     pub fn restore(&self) {
+        self.stalled.send_replace(false);
         self.up.store(true, Ordering::SeqCst);
     }
 }
