@@ -103,7 +103,8 @@ pub struct ServeArgs {
     /// Redis and the HTTP port.
     #[arg(long, env = "HEXFLEET_INGEST_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
     pub ingest_max_connections: Option<u64>,
-    /// Connections the ingest port holds at most per client IP address; more are answered 429
+    /// Connections the ingest port holds at most per client IP address (an IPv6 client counts
+    /// by its /64); more are answered 429
     /// `too_many_connections`. Default: no such cap (couriers behind a carrier's NAT share
     /// addresses).
     #[arg(long, env = "HEXFLEET_INGEST_MAX_PER_IP", value_parser = clap::value_parser!(u64).range(1..))]

@@ -64,9 +64,22 @@ pub struct Limits {
     /// Open connections at most, handshakes included. `None`: the process's file descriptor
     /// limit less [`FD_RESERVE`].
     pub max_connections: Option<usize>,
-    /// Open connections per client IP address at most; `None`: no such cap (couriers behind a
-    /// carrier's NAT share addresses).
+    /// Open connections per client address at most (an IPv6 client counts by its /64, the
+    /// block one host is usually given); `None`: no such cap (couriers behind a carrier's NAT
+    /// share addresses).
     pub max_per_ip: Option<usize>,
+}
+
+/// What the per-address cap counts by: an IPv4 address (also when mapped into IPv6), or the
+/// /64 of an IPv6 address.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
 }
 
 impl Limits {
@@ -155,7 +168,7 @@ pub async fn serve(listener: TcpListener, st: web::Data<AppState>, limits: Limit
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((tcp, peer)) => match gate.admit(peer.ip()) {
+            Ok((tcp, peer)) => match gate.admit(client_key(peer.ip())) {
                 Ok(slot) => {
                     tracker.spawn(connection(tcp, st.clone(), slot));
                 }
@@ -441,5 +454,20 @@ where
             let _ = to.send(Message::Close(None)).await;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_address_cap_counts_ipv6_clients_by_their_64() {
+        let key = |s: &str| client_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("::ffff:203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
     }
 }
