@@ -278,9 +278,9 @@ impl Markets {
     /// One renewal: extends this node's leases and returns a market it lost, if any (another
     /// node took it). A market taken while the renewal ran is judged at the next one.
     ///
-    /// When renewals have failed for a whole TTL since the last one that succeeded, the leases
-    /// may have lapsed and been taken: the node steps down ([`Markets::step_down`]) until a
-    /// renewal succeeds again.
+    /// When renewals have failed up to the local deadline, the leases may lapse and be taken:
+    /// the watchdog ([`Markets::watch_deadline`]) steps the node down ([`Markets::step_down`]),
+    /// and the next renewal that succeeds serves again what is still this node's.
     pub async fn renew(&self) -> Option<TenantId> {
         let before: Vec<(TenantId, i64)> = self.epochs.iter().map(|e| (e.key().clone(), *e.value())).collect();
         let started = tokio::time::Instant::now();
@@ -321,20 +321,18 @@ impl Markets {
             }
             Err(e) => {
                 metrics::counter!("hexfleet_market_renewal_failures_total").increment(1);
-                if tokio::time::Instant::now() >= self.deadline() {
-                    self.step_down(&e);
-                } else {
-                    tracing::warn!(error = %e, "market leases not renewed (database unreachable?); serving on until the local deadline");
-                }
+                // The step-down at the local deadline is the watchdog's ([`Markets::watch_deadline`]).
+                tracing::warn!(error = %e, stepped_down = self.stepped_down(),
+                    "market leases not renewed (database unreachable?); serving on until the local deadline");
                 None
             }
         }
     }
 
     /// Stops serving every market this node holds, keeping the leases' epochs: its courier,
-    /// tracking and console sessions close (1013) so their apps reconnect, possibly to another node, and requests
-    /// for these markets no longer count as local (they answer 503 while the store is out of
-    /// reach). The next successful renewal serves again what is still this node's; a market
+    /// tracking and console sessions close (1013) so their apps reconnect, possibly to another
+    /// node, and requests for these markets no longer count as local (they answer 503 while the
+    /// store is out of reach). The next successful renewal serves again what is still this node's; a market
     /// taken meanwhile is lost, and the node stops.
     fn step_down(&self, why: &str) {
         if self.stepped_down.swap(true, Ordering::AcqRel) {

@@ -211,7 +211,15 @@ impl SqlStore {
         &self,
         fut: impl Future<Output = Result<T, PersistenceError>> + Send + 'static,
     ) -> Result<T, PersistenceError> {
-        let limit: Duration = self.inner.opts.statement_timeout;
+        self.within(self.inner.opts.statement_timeout, fut).await
+    }
+
+    /// Runs `fut` on the home runtime, bounded by `limit`.
+    async fn within<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        fut: impl Future<Output = Result<T, PersistenceError>> + Send + 'static,
+    ) -> Result<T, PersistenceError> {
         self.at_home(async move { tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))? })
             .await
     }
@@ -229,10 +237,7 @@ impl SqlStore {
         &self,
         fut: impl Future<Output = Result<Recovered, PersistenceError>> + Send + 'static,
     ) -> Result<Recovered, StoreError> {
-        let limit = self.inner.opts.statement_timeout * 12;
-        self.at_home(async move { tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))? })
-            .await
-            .map_err(StoreError::from)
+        self.within(self.inner.opts.statement_timeout * 12, fut).await.map_err(StoreError::from)
     }
 
     /// The courier a device (OsmAnd / Traccar Client) is registered to, in any tenant: how a
