@@ -8,6 +8,8 @@
 #   SERVER_ARGS=...  extra `hexfleet serve` flags (e.g. "--workers 1")
 #   EXTRA=...        extra generator flags (e.g. "--redis-url redis://127.0.0.1:6379")
 #   INGEST=1         courier sockets on the server's ingest port (--ingest-listen 127.0.0.1:8091)
+#   PG=1             store on the PostgreSQL at 127.0.0.1:5432 (a fresh database per run, dropped
+#                    after) instead of a fresh SQLite file: what a production node runs on
 #   METRICS=1        also read the server's own count of accepted fixes (hexfleet_fixes_total)
 #                    12 s and 32 s into the run and print the rate between (needs DUR of 40s):
 #                    what the server took, not only what the generator wrote
@@ -22,7 +24,13 @@ mkdir -p "$DIR"; ulimit -n 20000
 if [ -n "${INGEST:-}" ]; then
   SERVER_ARGS="${SERVER_ARGS:-} --ingest-listen 127.0.0.1:8091"; EXTRA="${EXTRA:-} --courier-url ws://127.0.0.1:8091"
 fi
-RUST_LOG=warn ${BIN:-./target/release/hexfleet} serve --listen 127.0.0.1:8090 --database-url "sqlite:$DIR/h.db" ${SERVER_ARGS:-} 2>"$DIR/server.log" &
+STORE="sqlite:$DIR/h.db"
+if [ -n "${PG:-}" ]; then
+  PGDB=hexfleet_load_$$
+  psql -h 127.0.0.1 -U postgres -d test -qc "CREATE DATABASE $PGDB" >/dev/null || exit 1
+  STORE=postgres://postgres@127.0.0.1:5432/$PGDB
+fi
+RUST_LOG=warn ${BIN:-./target/release/hexfleet} serve --listen 127.0.0.1:8090 --database-url "$STORE" ${SERVER_ARGS:-} 2>"$DIR/server.log" &
 S=$!
 for _ in $(seq 100); do curl -sf http://127.0.0.1:8090/healthz >/dev/null && break; sleep 0.1; done
 if [ -n "${PSTAT:-}" ]; then
@@ -38,4 +46,5 @@ fi
   --ramp 5s --watchers 4 --track 50 --server-pid $S ${EXTRA:-} --quiet
 kill $S; wait $S 2>/dev/null
 wait
+[ -n "${PG:-}" ] && psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE $PGDB WITH (FORCE)" >/dev/null
 rm -rf "$DIR"

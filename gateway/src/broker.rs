@@ -14,30 +14,30 @@
 //! gets what it missed, or a `resync` and a fresh snapshot. Courier and console sockets number
 //! their messages per connection.
 //!
-//! Between nodes, each update is published once as JSON on the Redis channel
-//! `{prefix}fanout`; every node (the publisher included, which skips its own by node id)
-//! delivers it to its local sessions. Publishing goes through a bounded queue to one task that
-//! pipelines; if Redis is down, positions are dropped (counted) and discrete messages are
+//! Between nodes, each update is published once as JSON through Redis ([`crate::relay`]): on
+//! its tenant's channel, heard by the nodes with a session of that tenant that do not run it,
+//! or, for zone changes, on the global channel every node hears. Each delivers it to its local
+//! sessions. Publishing goes through a bounded queue to one task that pipelines; if Redis is
+//! down, positions are dropped (counted) and discrete messages are
 //! dropped with an error log and a counter: cross-node fan-out is best effort by design, while
 //! local delivery and durability are not affected.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use dashmap::DashMap;
-use futures_util::StreamExt as _;
 use hexfleet_actors::domain::Order;
 use hexfleet_actors::publish::{Publisher, Update};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::dto::{LatLngDto, OrderDto, courier_notice_json};
+use crate::relay::Relay;
 
 /// Discrete messages a session may have queued before it counts as too slow.
 pub const OUTBOX_CAPACITY: usize = 1024;
@@ -396,14 +396,15 @@ pub type ZoneHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 pub struct Broker {
     node: Arc<str>,
     local: Arc<Local>,
-    redis_tx: Option<mpsc::Sender<Vec<u8>>>,
+    /// Redis between nodes (`None`: this node alone).
+    relay: Option<Arc<Relay>>,
     /// Set once the fleet runs (`server::start`): zone changes of other nodes are applied here.
     zone_hook: Arc<std::sync::OnceLock<ZoneHook>>,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("node", &self.node).field("redis", &self.redis_tx.is_some()).finish_non_exhaustive()
+        f.debug_struct("Broker").field("node", &self.node).field("redis", &self.relay.is_some()).finish_non_exhaustive()
     }
 }
 
@@ -416,7 +417,7 @@ struct Envelope {
 impl Broker {
     /// A broker for this node only.
     pub fn local(node: &str) -> Broker {
-        Broker { node: node.into(), local: Arc::default(), redis_tx: None, zone_hook: Arc::default() }
+        Broker { node: node.into(), local: Arc::default(), relay: None, zone_hook: Arc::default() }
     }
 
     /// Registers what to do when another node changes a zone (at most once; later calls are
@@ -435,21 +436,46 @@ impl Broker {
         self.deliver_local(f);
     }
 
-    /// A broker that also fans out through Redis (`prefix` separates deployments and tests).
-    /// Fails if Redis cannot be reached at start; later outages are survived (reconnect).
+    /// A broker that also fans out through Redis (`prefix` separates deployments and tests;
+    /// see [`crate::relay`]). Fails if Redis cannot be reached at start; later outages are
+    /// survived (reconnect).
     pub async fn with_redis(node: &str, url: &str, prefix: &str, shutdown: CancellationToken) -> anyhow::Result<Broker> {
-        let client = redis::Client::open(url)?;
-        let channel = format!("{prefix}fanout");
-        let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(65_536);
+        let (relay, pending) = Relay::connect(node, url, prefix, &shutdown).await?;
         let mut b = Broker::local(node);
-        b.redis_tx = Some(tx);
-        tokio::spawn(redis_publisher(conn, channel.clone(), rx, shutdown.clone()));
-        // Subscribe before returning so nothing published after start is missed.
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(&channel).await?;
-        tokio::spawn(redis_subscriber(client, channel, pubsub, b.clone(), shutdown));
+        b.relay = Some(relay.clone());
+        let (deliver, wanted) = (b.clone(), b.clone());
+        relay.run(
+            pending,
+            move |payload| match serde_json::from_slice::<Envelope>(payload) {
+                Ok(env) => deliver.deliver_remote(&env.f),
+                Err(e) => tracing::warn!(error = %e, "undecodable fan-out message from redis"),
+            },
+            move || wanted.session_tenants(),
+            shutdown,
+        );
         Ok(b)
+    }
+
+    /// The Redis link, if this node has one (to tell it which markets it runs).
+    pub fn relay(&self) -> Option<&Arc<Relay>> {
+        self.relay.as_ref()
+    }
+
+    /// Makes sure updates of `tenant` made on other nodes reach this node's sessions: call it
+    /// after registering a session, before sending its snapshot (a no-op without Redis or
+    /// when this node runs the tenant).
+    pub async fn listen_remote(&self, tenant: &str) {
+        if let Some(r) = &self.relay {
+            r.listen(tenant).await;
+        }
+    }
+
+    /// Tenants with at least one session on this node.
+    fn session_tenants(&self) -> HashSet<String> {
+        let mut t: HashSet<String> = self.local.couriers.iter().map(|e| e.key().0.clone()).collect();
+        t.extend(self.local.tracks.iter().filter(|e| !e.value().sessions.is_empty()).map(|e| e.key().0.clone()));
+        t.extend(self.local.consoles.iter().map(|e| e.key().clone()));
+        t
     }
 
     fn new_id(&self) -> u64 {
@@ -656,10 +682,16 @@ impl Broker {
     }
 
     fn send_remote(&self, f: &Fanout) {
-        let Some(tx) = &self.redis_tx else { return };
+        let Some(relay) = &self.relay else { return };
         let env = Envelope { node: self.node.to_string(), f: f.clone() };
         let Ok(bytes) = serde_json::to_vec(&env) else { return };
-        if tx.try_send(bytes).is_err() {
+        // Zones are every node's state; the rest only matters where the tenant has sessions.
+        let channel = match f {
+            Fanout::Zone { .. } => None,
+            Fanout::Position { tenant, .. } => Some(tenant.clone()),
+            other => Some(Arc::from(other.tenant())),
+        };
+        if !relay.publish(channel, bytes) {
             metrics::counter!("hexfleet_redis_dropped_total").increment(1);
             if !matches!(f, Fanout::Position { .. } | Fanout::Status { .. }) {
                 tracing::error!(tenant = f.tenant(), "redis fan-out queue full: a discrete update did not reach other nodes");
@@ -673,69 +705,6 @@ impl Publisher for Broker {
         let Some(f) = Fanout::from_update(&update) else { return };
         self.deliver_local(&f);
         self.send_remote(&f);
-    }
-}
-
-async fn redis_publisher(mut conn: redis::aio::ConnectionManager, channel: String, mut rx: mpsc::Receiver<Vec<u8>>, shutdown: CancellationToken) {
-    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(256);
-    loop {
-        let n = tokio::select! {
-            n = rx.recv_many(&mut batch, 256) => n,
-            () = shutdown.cancelled() => 0,
-        };
-        if n == 0 {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        for m in batch.drain(..) {
-            pipe.cmd("PUBLISH").arg(&channel).arg(m).ignore();
-        }
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            metrics::counter!("hexfleet_redis_errors_total").increment(1);
-            tracing::warn!(error = %e, messages = n, "redis publish failed; messages lost for other nodes");
-        }
-    }
-}
-
-async fn redis_subscriber(client: redis::Client, channel: String, first: redis::aio::PubSub, broker: Broker, shutdown: CancellationToken) {
-    let mut pubsub = Some(first);
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let mut ps = match pubsub.take() {
-            Some(p) => p,
-            None => {
-                let conn = async {
-                    let mut p = client.get_async_pubsub().await?;
-                    p.subscribe(&channel).await?;
-                    Ok::<_, redis::RedisError>(p)
-                };
-                match tokio::select! { r = conn => r, () = shutdown.cancelled() => return } {
-                    Ok(p) => {
-                        tracing::info!("redis subscription restored");
-                        backoff = Duration::from_millis(100);
-                        p
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?backoff, "redis subscribe failed; retrying");
-                        tokio::select! { () = tokio::time::sleep(backoff) => {}, () = shutdown.cancelled() => return }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                }
-            }
-        };
-        let mut stream = ps.on_message();
-        loop {
-            let msg = tokio::select! { m = stream.next() => m, () = shutdown.cancelled() => return };
-            let Some(msg) = msg else { break };
-            let payload: &[u8] = msg.get_payload_bytes();
-            match serde_json::from_slice::<Envelope>(payload) {
-                Ok(env) if *env.node != *broker.node => broker.deliver_remote(&env.f),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "undecodable fan-out message from redis"),
-            }
-        }
-        tracing::warn!("redis subscription lost; reconnecting");
     }
 }
 

@@ -10,7 +10,7 @@
 //!
 //! Components: [`config`] (CLI), [`server`] (assembly, shutdown), [`api`] (REST),
 //! [`ws`] (WebSocket sessions), [`ingest`] (the courier ingest port: courier sockets read by
-//! tokio-tungstenite on the raw stream), [`broker`] (fan-out), [`auth`], [`dto`] (wire types),
+//! tokio-tungstenite on the raw stream), [`broker`] (fan-out), [`relay`] (the broker's Redis pub/sub between nodes), [`auth`], [`dto`] (wire types),
 //! [`osmand`] (Traccar/OsmAnd protocol), [`history`] (location history export/erase and the
 //! retention purge), [`zones`] (zone CRUD as GeoJSON), [`webhooks`] (subscriptions and the
 //! delivery worker: signed POSTs with retries), [`markets`] (market leases between nodes and
@@ -27,6 +27,7 @@ pub mod ingest;
 pub mod markets;
 pub mod openapi;
 pub mod osmand;
+pub mod relay;
 pub mod server;
 pub mod webhooks;
 pub mod ws;

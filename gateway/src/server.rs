@@ -199,6 +199,11 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
             return Err(e.into());
         }
     };
+    if let (Some(m), Some(relay)) = (&markets, broker.relay()) {
+        // The markets this node runs are delivered here directly, not heard back from Redis.
+        let m = m.clone();
+        relay.set_serves(Arc::new(move |t: &str| m.holds(&hexfleet_actors::domain::TenantId::new(t))));
+    }
     let taker_stop = shutdown.child_token();
     let taker = markets.as_ref().map(|m| {
         m.bind(fleet.clone());

@@ -308,6 +308,54 @@ async fn console_on_node_b_sees_a_courier_on_node_a_through_redis() {
     assert!(tokio::time::timeout(std::time::Duration::from_millis(1500), leaked).await.is_err(), "tenant isolation across nodes");
 }
 
+/// A node hears a tenant's updates through Redis only while it has a session of that tenant:
+/// its channel is subscribed before the session's snapshot, and dropped once the last session
+/// of the tenant closes. (Before, every node heard every update of every tenant and fell
+/// behind; BENCHMARKS.md, "Two nodes, 20k courier sockets".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_listens_to_a_tenants_channel_only_while_it_has_its_sessions() {
+    let Some(url) = redis_or_skip().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let dir = tempfile::tempdir().unwrap();
+    let node = |name: &str| {
+        let mut cfg = fast_config(dir.path().join(format!("{name}.db")).to_str().unwrap());
+        cfg.redis_url = Some(url.clone());
+        cfg.redis_prefix = prefix.clone();
+        cfg.node_id = name.into();
+        cfg
+    };
+    let a = TestServer::start(node("node-a")).await;
+    let b = TestServer::start(node("node-b")).await;
+    let (east, west) = (format!("{prefix}fanout:t:east"), format!("{prefix}fanout:t:west"));
+    assert_eq!(subscribers(&url, &east).await, 0);
+    assert_eq!(subscribers(&url, &format!("{prefix}fanout")).await, 2, "zone changes reach every node");
+
+    // A courier of `east` on node A: A listens to `east` (without market leases, several
+    // nodes may run one tenant), nobody listens to `west`.
+    let mut courier = a.ws("/v1/ws/courier", &a.token(Role::Courier, "ce", "east", None)).await;
+    let t0 = now_ms() - 10_000;
+    courier.send(json!({"t":"loc","lat":52.52,"lng":13.40,"ts":t0})).await;
+    a.courier_at(&a.dispatcher("east"), "ce", 52.52).await;
+    assert_eq!(subscribers(&url, &east).await, 1);
+
+    // A console of `east` on node B: B listens before the console gets its snapshot, and
+    // hears A's courier.
+    let mut console = b.ws("/v1/ws/console", &b.dispatcher("east")).await;
+    console.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 14.0, 53.0]})).await;
+    console.expect("snapshot", |v| t(v) == "couriers" && v["snapshot"] == true).await;
+    assert_eq!(subscribers(&url, &east).await, 2);
+    assert_eq!(subscribers(&url, &west).await, 0, "no session of west anywhere");
+    courier.send(json!({"t":"loc","lat":52.5201,"lng":13.4001,"ts":t0 + 2_000})).await;
+    console.expect("A's courier through redis", |v| t(v) == "couriers" && v["items"].as_array().is_some_and(|i| i.iter().any(|c| c["lat"] == 52.5201))).await;
+
+    // The console closes: B stops listening to `east`; A still does.
+    console.s.close(None).await.unwrap();
+    eventually("node b left the east channel", || async { (subscribers(&url, &east).await == 1).then_some(()) }).await;
+    // The courier leaves: nobody listens any more.
+    courier.s.close(None).await.unwrap();
+    eventually("node a left the east channel", || async { (subscribers(&url, &east).await == 0).then_some(()) }).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_gets_stats_and_courier_batches_while_couriers_stream() {
     let dir = tempfile::tempdir().unwrap();

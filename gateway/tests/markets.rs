@@ -81,6 +81,9 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     // A customer tracks o1 on node B.
     let mut customer = b.ws("/v1/ws/track/o1", &b.token(Role::Customer, "cust", tenant, Some("o1"))).await;
     customer.expect("snapshot", |v| t(v) == "order_update" && v["order_id"] == "o1").await;
+    // B listens to the market's fan-out channel for it; A, which runs the market, does not.
+    let channel = format!("{prefix}fanout:t:{tenant}");
+    assert_eq!(subscribers(&redis, &channel).await, 1);
 
     // A courier app connected to B: forwarded to A, it gets A's offers and answers them.
     let mut courier = b.ws("/v1/ws/courier", &b.token(Role::Courier, "c1", tenant, None)).await;
@@ -114,6 +117,7 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     console.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 14.0, 53.0]})).await;
     let snap = console.expect("couriers snapshot", |v| t(v) == "couriers" && v["snapshot"] == true).await;
     assert!(snap["items"].as_array().unwrap().iter().any(|c| c.to_string().contains("\"c1\"")), "{snap}");
+    assert_eq!(subscribers(&redis, &channel).await, 1, "the console is served by A, which needs no channel");
 
     // A courier app on B's ingest port is relayed to A the same way; A's answers come back.
     let mut c2 = b.courier(Port::Ingest, &b.token(Role::Courier, "c2", tenant, None)).await;

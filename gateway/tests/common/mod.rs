@@ -217,6 +217,13 @@ where
     }
 }
 
+/// Subscribers of a channel in the test Redis (`PUBSUB NUMSUB`).
+pub async fn subscribers(url: &str, channel: &str) -> i64 {
+    let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let (_, n): (String, i64) = redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(&mut c).await.unwrap();
+    n
+}
+
 /// The test Redis (`HEXFLEET_TEST_REDIS_URL`, default 127.0.0.1:6379). `None` (with a note) when
 /// it is unreachable and CI is not set; a panic when `CI=true`.
 pub async fn redis_or_skip() -> Option<String> {
