@@ -437,10 +437,10 @@ impl Broker {
     }
 
     /// A broker that also fans out through Redis (`prefix` separates deployments and tests;
-    /// see [`crate::relay`]). Fails if Redis cannot be reached at start; later outages are
+    /// `probe`: see [`crate::relay::PROBE_EVERY`]; see [`crate::relay`]). Fails if Redis cannot be reached at start; later outages are
     /// survived (reconnect).
-    pub async fn with_redis(node: &str, url: &str, prefix: &str, shutdown: CancellationToken) -> anyhow::Result<Broker> {
-        let (relay, pending) = Relay::connect(node, url, prefix, &shutdown).await?;
+    pub async fn with_redis(node: &str, url: &str, prefix: &str, probe: std::time::Duration, shutdown: CancellationToken) -> anyhow::Result<Broker> {
+        let (relay, pending) = Relay::connect(node, url, prefix, probe, &shutdown).await?;
         let mut b = Broker::local(node);
         b.relay = Some(relay.clone());
         let (deliver, wanted) = (b.clone(), b.clone());
@@ -683,6 +683,9 @@ impl Broker {
 
     fn send_remote(&self, f: &Fanout) {
         let Some(relay) = &self.relay else { return };
+        if matches!(f, Fanout::Position { .. } | Fanout::Status { .. }) && relay.is_quiet(f.tenant()) {
+            return; // no other node listens to this tenant (conflatable: nothing is owed)
+        }
         let env = Envelope { node: self.node.to_string(), f: f.clone() };
         let Ok(bytes) = serde_json::to_vec(&env) else { return };
         // Zones are every node's state; the rest only matters where the tenant has sessions.

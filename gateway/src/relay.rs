@@ -13,6 +13,13 @@
 //! subscriber has not read yet without bound, so that backlog grew by 16 MB/s until the process
 //! ran out of memory (BENCHMARKS.md, "Two nodes, 20k courier sockets").
 //!
+//! A tenant nobody listens to is not published to at all, for positions and statuses (the
+//! bulk): `PUBLISH` answers how many nodes heard it, and after an answer of 0 the tenant's
+//! conflatable updates are skipped ([`Relay::is_quiet`]) for a probe interval ([`PROBE_EVERY`]), after which one
+//! goes out again to ask. A node that starts listening says so on `{prefix}fanout:listen`, which
+//! every node hears, so the tenant's owner resumes at once instead of at the next probe.
+//! Discrete updates (orders, offers, events) are always published.
+//!
 //! A session registers with the broker first and then waits for [`Relay::listen`] (bounded), so
 //! nothing published after its snapshot is missed. A reconciler drops channels of tenants with
 //! no session left (or that this node now serves) and retries the ones that failed, every
@@ -22,8 +29,9 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use futures_util::StreamExt as _;
 use parking_lot::Mutex;
 use redis::aio::{PubSubSink, PubSubStream};
@@ -37,6 +45,9 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages waiting to be published; beyond it they are dropped (counted).
 const PUBLISH_QUEUE: usize = 65_536;
+/// How long a tenant's positions are not published after a `PUBLISH` no node heard (the
+/// default of `ServeConfig::fanout_probe`).
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Whether this node runs a tenant's actors (then it needs no copy of its updates).
 pub type Serves = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -56,6 +67,9 @@ pub struct Relay {
     serves: OnceLock<Serves>,
     /// How this node's own envelopes begin (`{"node":"<id>",`).
     own: Vec<u8>,
+    /// Tenants whose last `PUBLISH` no node heard, until when their positions are skipped.
+    quiet: DashMap<Arc<str>, Instant>,
+    probe: Duration,
 }
 
 impl std::fmt::Debug for Relay {
@@ -67,13 +81,13 @@ impl std::fmt::Debug for Relay {
 impl Relay {
     /// Connects (fails if Redis cannot be reached now; later outages are survived) and starts
     /// the publisher. [`Relay::run`] starts the subscriber and the reconciler.
-    pub(crate) async fn connect(node: &str, url: &str, prefix: &str, shutdown: &CancellationToken) -> anyhow::Result<(Arc<Relay>, Pending)> {
+    pub(crate) async fn connect(node: &str, url: &str, prefix: &str, probe: Duration, shutdown: &CancellationToken) -> anyhow::Result<(Arc<Relay>, Pending)> {
         let client = redis::Client::open(url)?;
         let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
         let (mut sink, stream) = client.get_async_pubsub().await?.split();
         // Subscribed before returning, so no zone change published after start is missed.
-        sink.subscribe(global(prefix)).await?;
+        sink.subscribe(&[global(prefix), listen_notices(prefix)]).await?;
         let relay = Arc::new(Relay {
             prefix: prefix.to_owned(),
             tx,
@@ -81,6 +95,8 @@ impl Relay {
             listening: tokio::sync::Mutex::default(),
             serves: OnceLock::new(),
             own: format!(r#"{{"node":{},"#, serde_json::to_string(node)?).into_bytes(),
+            quiet: DashMap::new(),
+            probe,
         });
         tokio::spawn(publisher(conn, relay.clone(), rx, shutdown.clone()));
         Ok((relay.clone(), Pending { client, stream }))
@@ -103,6 +119,12 @@ impl Relay {
     /// is full and it was dropped.
     pub(crate) fn publish(&self, tenant: Option<Arc<str>>, bytes: Vec<u8>) -> bool {
         self.tx.try_send((tenant, bytes)).is_ok()
+    }
+
+    /// Whether no other node listened to `tenant` a moment ago: its conflatable updates need
+    /// not be rendered or published until the next probe.
+    pub fn is_quiet(&self, tenant: &str) -> bool {
+        self.quiet.get(tenant).is_some_and(|until| Instant::now() < *until)
     }
 
     /// Whether a message is one this node sent.
@@ -131,6 +153,8 @@ impl Relay {
         match tokio::time::timeout(LISTEN_TIMEOUT, sink.subscribe(self.channel(tenant))).await {
             Ok(Ok(())) => {
                 metrics::counter!("hexfleet_redis_subscriptions_total").increment(1);
+                // The tenant's owner may have gone quiet on it: tell it to publish again.
+                let _ = self.tx.try_send((Some(LISTEN.into()), tenant.as_bytes().to_vec()));
                 true
             }
             Ok(Err(e)) => {
@@ -200,9 +224,17 @@ fn global(prefix: &str) -> String {
     format!("{prefix}fanout")
 }
 
+/// Where a node says it started listening to a tenant (payload: the tenant id).
+fn listen_notices(prefix: &str) -> String {
+    format!("{prefix}fanout:listen")
+}
+
+/// The pseudo-tenant under which the publisher sends a listen notice.
+const LISTEN: &str = "\u{0}listen";
+
 async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(256);
-    let global = global(&relay.prefix);
+    let (global, notices) = (global(&relay.prefix), listen_notices(&relay.prefix));
     let mut channels: std::collections::HashMap<Arc<str>, String> = std::collections::HashMap::new();
     loop {
         let n = tokio::select! {
@@ -213,9 +245,11 @@ async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, m
             return;
         }
         let mut pipe = redis::pipe();
+        let mut tenants = Vec::with_capacity(batch.len());
         for (tenant, m) in batch.drain(..) {
             let channel = match &tenant {
                 None => &global,
+                Some(t) if &**t == LISTEN => &notices,
                 Some(t) => {
                     if !channels.contains_key(t) {
                         if channels.len() >= 100_000 {
@@ -226,17 +260,36 @@ async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, m
                     &channels[t]
                 }
             };
-            pipe.cmd("PUBLISH").arg(channel).arg(m).ignore();
+            pipe.cmd("PUBLISH").arg(channel).arg(m);
+            tenants.push(tenant);
         }
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            metrics::counter!("hexfleet_redis_errors_total").increment(1);
-            tracing::warn!(error = %e, messages = n, "redis publish failed; messages lost for other nodes");
+        match pipe.query_async::<Vec<i64>>(&mut conn).await {
+            Ok(heard) => {
+                let now = Instant::now();
+                for (tenant, heard) in tenants.into_iter().zip(heard) {
+                    match tenant {
+                        Some(t) if &*t == LISTEN => {}
+                        Some(t) if heard == 0 => {
+                            relay.quiet.insert(t, now + relay.probe);
+                        }
+                        Some(t) => {
+                            relay.quiet.remove(&t);
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Err(e) => {
+                metrics::counter!("hexfleet_redis_errors_total").increment(1);
+                tracing::warn!(error = %e, messages = n, "redis publish failed; messages lost for other nodes");
+            }
         }
     }
 }
 
 async fn subscriber(relay: Arc<Relay>, pending: Pending, deliver: impl Fn(&[u8]), shutdown: CancellationToken) {
     let Pending { client, stream } = pending;
+    let notices = listen_notices(&relay.prefix);
     let mut stream = Some(stream);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -245,7 +298,7 @@ async fn subscriber(relay: Arc<Relay>, pending: Pending, deliver: impl Fn(&[u8])
             None => {
                 let reconnect = async {
                     let (mut sink, s) = client.get_async_pubsub().await?.split();
-                    sink.subscribe(global(&relay.prefix)).await?;
+                    sink.subscribe(&[global(&relay.prefix), listen_notices(&relay.prefix)]).await?;
                     // Under the lock: a session's `listen` waits for this, then finds its
                     // tenant subscribed again (or subscribes it).
                     let listening = relay.listening.lock().await;
@@ -274,6 +327,13 @@ async fn subscriber(relay: Arc<Relay>, pending: Pending, deliver: impl Fn(&[u8])
             let msg = tokio::select! { m = s.next() => m, () = shutdown.cancelled() => return };
             let Some(msg) = msg else { break };
             let payload: &[u8] = msg.get_payload_bytes();
+            if msg.get_channel_name() == notices {
+                // Another node listens to this tenant now: publish its positions again.
+                if let Ok(t) = std::str::from_utf8(payload) {
+                    relay.quiet.remove(t);
+                }
+                continue;
+            }
             if relay.is_own(payload) {
                 continue;
             }

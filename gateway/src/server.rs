@@ -26,6 +26,9 @@ pub struct ServeConfig {
     pub database_url: String,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
+    /// With Redis: how long a market's positions are not published after no other node heard
+    /// one ([`crate::relay::PROBE_EVERY`]).
+    pub fanout_probe: Duration,
     pub jwt_secret: String,
     pub node_id: String,
     pub fleet: FleetConfig,
@@ -54,6 +57,7 @@ impl ServeConfig {
             database_url: database_url.into(),
             redis_url: None,
             redis_prefix: "hexfleet:".into(),
+            fanout_probe: crate::relay::PROBE_EVERY,
             jwt_secret: jwt_secret.into(),
             node_id: format!("node-{}", uuid::Uuid::new_v4().simple()),
             fleet: FleetConfig::default(),
@@ -153,7 +157,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
     let store = Arc::new(SqlStore::open(&cfg.database_url, cfg.store.clone()).await?);
     tracing::info!(backend = store.backend(), "store open");
     let broker = match &cfg.redis_url {
-        Some(url) => Broker::with_redis(&cfg.node_id, url, &cfg.redis_prefix, shutdown.clone()).await?,
+        Some(url) => Broker::with_redis(&cfg.node_id, url, &cfg.redis_prefix, cfg.fanout_probe, shutdown.clone()).await?,
         None => Broker::local(&cfg.node_id),
     };
     let mut fleet_config = cfg.fleet.clone();

@@ -497,3 +497,60 @@ async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
     a.stop().await;
     db.drop_db().await;
 }
+
+/// The owner of a market publishes its couriers' positions only while another node listens:
+/// with no listener it goes quiet on the market, and a node that starts listening (a customer
+/// tracking on node B) makes it publish again at once, through its listen notice, not at the
+/// next probe (set to two minutes here, so only the notice can do it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_publishes_positions_only_while_another_node_listens() {
+    let Some(redis) = redis_or_skip().await else { return };
+    let Some(db) = PgDb::create().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    let mut cfg_a = leased(&db.url, &redis, &prefix, "node-a", ttl, renew);
+    cfg_a.fanout_probe = Duration::from_secs(120);
+    let mut a = TestServer::start(cfg_a).await;
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let tenant = "quiet";
+    let disp_a = a.dispatcher(tenant);
+    let quiet = |srv: &TestServer| srv.running.as_ref().unwrap().state.broker.relay().unwrap().is_quiet(tenant);
+
+    // A runs the market; its courier takes o1 and moves, and no other node listens.
+    let (s, v) = a.post("/v1/orders", &disp_a, order("o1")).await;
+    assert_eq!(s, 201, "{v}");
+    let mut courier = a.ws("/v1/ws/courier", &a.token(Role::Courier, "c1", tenant, None)).await;
+    courier.send(json!({"t":"status","status":"available"})).await;
+    courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
+    courier.expect("offer of o1", |v| t(v) == "offer" && v["order_id"] == "o1").await;
+    courier.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
+    courier.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
+    let mut lat = NEAR.0;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !quiet(&a) {
+        assert!(std::time::Instant::now() < deadline, "A did not go quiet on the market within {DEADLINE:?}");
+        lat += 0.0001;
+        courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A customer tracks o1 on B: B listens, A publishes again, and the next moves reach B.
+    let mut customer = b.ws("/v1/ws/track/o1", &b.token(Role::Customer, "cust", tenant, Some("o1"))).await;
+    customer.expect("snapshot", |v| t(v) == "order_update" && v["order_id"] == "o1").await;
+    eventually("A publishes again", || async { (!quiet(&a)).then_some(()) }).await;
+    let mut moved = false;
+    for _ in 0..50 {
+        lat += 0.0001;
+        courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
+        let got = customer.try_expect(|v| t(v) == "courier" && v["courier_id"] == "c1");
+        if tokio::time::timeout(Duration::from_millis(200), got).await.is_ok_and(|r| r.is_ok()) {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "the courier's moves reach the customer on node b");
+    drop((courier, customer));
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
