@@ -3,8 +3,8 @@
 # courier sockets"): two `hexfleet serve` nodes on this machine share one fresh PostgreSQL
 # database and the Redis at 127.0.0.1:6379 (market leases on), each running one market
 # (tenant `east` on node A, `west` on node B). Two load generators, one per market, each open
-# COURIERS/2 courier sockets straight to the ingest port of their market's owner, with 2
-# consoles and 25 tracked orders each, at RATE/2 updates/s each.
+# COURIERS/2 courier sockets straight to the ingest port of their market's owner, with
+# WATCHERS consoles and TRACK tracked orders each, at RATE/2 updates/s each.
 #
 # The hard limit here is 20,000 open files per process, so one process cannot hold 20,000
 # courier sockets plus its other descriptors; two nodes of 10,000 can. Each generator prints
@@ -13,6 +13,8 @@
 #
 # Build first: cargo build --release --bin hexfleet --bin hexfleet-sim
 # usage: benches/two-nodes.sh RATE [COURIERS]     (DUR=30s by default)
+#   WATCHERS=2      consoles per market (each sees its whole market)
+#   TRACK=25        tracked orders per market
 #   NODE_ARGS=...   extra `hexfleet serve` flags for both nodes
 #   FANOUT=...      replaces the Redis flags (FANOUT="--market-leases true": leases without
 #                   cross-node fan-out, to see what the fan-out costs)
@@ -48,7 +50,7 @@ a0=$(cpu $A); b0=$(cpu $B); p0=$(pgcpu); t0=$(date +%s.%N)
 gen() { # tenant http-port ingest-port server-pid seed
   ./target/release/hexfleet-sim load --url http://127.0.0.1:$2 --courier-url ws://127.0.0.1:$3 \
     --jwt-secret $HEXFLEET_JWT_SECRET --tenant $1 --couriers $((N / 2)) --rate $((R / 2)) --duration "${DUR:-30s}" \
-    --ramp 5s --watchers 2 --track 25 --server-pid $4 --seed $5 ${EXTRA:-} --quiet >"$LOGS/gen-$1.txt" 2>&1
+    --ramp 5s --watchers ${WATCHERS:-2} --track ${TRACK:-25} --server-pid $4 --seed $5 ${EXTRA:-} --quiet >"$LOGS/gen-$1.txt" 2>&1
 }
 gen east 8090 8091 $A 1 & GA=$!
 gen west 8092 8093 $B 2 & GB=$!

@@ -440,19 +440,22 @@ impl Broker {
     /// `probe`: see [`crate::relay::PROBE_EVERY`]; see [`crate::relay`]). Fails if Redis cannot be reached at start; later outages are
     /// survived (reconnect).
     pub async fn with_redis(node: &str, url: &str, prefix: &str, probe: std::time::Duration, shutdown: CancellationToken) -> anyhow::Result<Broker> {
-        let (relay, pending) = Relay::connect(node, url, prefix, probe, &shutdown).await?;
         let mut b = Broker::local(node);
-        b.relay = Some(relay.clone());
         let (deliver, wanted) = (b.clone(), b.clone());
-        relay.run(
-            pending,
+        let relay = Relay::start(
+            node,
+            url,
+            prefix,
+            (probe, crate::relay::MAX_BACKLOG),
             move |payload| match serde_json::from_slice::<Envelope>(payload) {
                 Ok(env) => deliver.deliver_remote(&env.f),
                 Err(e) => tracing::warn!(error = %e, "undecodable fan-out message from redis"),
             },
             move || wanted.session_tenants(),
             shutdown,
-        );
+        )
+        .await?;
+        b.relay = Some(relay);
         Ok(b)
     }
 

@@ -20,6 +20,12 @@
 //! every node hears, so the tenant's owner resumes at once instead of at the next probe.
 //! Discrete updates (orders, offers, events) are always published.
 //!
+//! A node that falls behind what it hears (a busy market with a session here) would queue it
+//! without bound inside redis-rs. When the subscription's queue has not been empty for
+//! [`MAX_BACKLOG`], the relay drops the connection, and with it the backlog, and subscribes
+//! again: those messages are lost for this node's sessions (counted in
+//! `hexfleet_redis_lag_resets_total`, logged), as they are while Redis is down.
+//!
 //! A session registers with the broker first and then waits for [`Relay::listen`] (bounded), so
 //! nothing published after its snapshot is missed. A reconciler drops channels of tenants with
 //! no session left (or that this node now serves) and retries the ones that failed, every
@@ -32,7 +38,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use parking_lot::Mutex;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc;
@@ -45,6 +51,8 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages waiting to be published; beyond it they are dropped (counted).
 const PUBLISH_QUEUE: usize = 65_536;
+/// How long the subscription's queue may stay non-empty before its backlog is dropped.
+pub const MAX_BACKLOG: Duration = Duration::from_secs(5);
 /// How long a tenant's positions are not published after a `PUBLISH` no node heard (the
 /// default of `ServeConfig::fanout_probe`).
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -70,6 +78,8 @@ pub struct Relay {
     /// Tenants whose last `PUBLISH` no node heard, until when their positions are skipped.
     quiet: DashMap<Arc<str>, Instant>,
     probe: Duration,
+    max_backlog: Duration,
+    lag_resets: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Relay {
@@ -80,8 +90,24 @@ impl std::fmt::Debug for Relay {
 
 impl Relay {
     /// Connects (fails if Redis cannot be reached now; later outages are survived) and starts
-    /// the publisher. [`Relay::run`] starts the subscriber and the reconciler.
-    pub(crate) async fn connect(node: &str, url: &str, prefix: &str, probe: Duration, shutdown: &CancellationToken) -> anyhow::Result<(Arc<Relay>, Pending)> {
+    /// the publisher, the subscriber (delivering what other nodes publish through `deliver`)
+    /// and the reconciler (`wanted`: the tenants with a session on this node). `probe`: see
+    /// [`PROBE_EVERY`]; `max_backlog`: see [`MAX_BACKLOG`].
+    pub async fn start(
+        node: &str,
+        url: &str,
+        prefix: &str,
+        (probe, max_backlog): (Duration, Duration),
+        deliver: impl Fn(&[u8]) + Send + Sync + 'static,
+        wanted: impl Fn() -> HashSet<String> + Send + Sync + 'static,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Relay>> {
+        let (relay, pending) = Self::connect(node, url, prefix, (probe, max_backlog), &shutdown).await?;
+        relay.run(pending, deliver, wanted, shutdown);
+        Ok(relay)
+    }
+
+    async fn connect(node: &str, url: &str, prefix: &str, (probe, max_backlog): (Duration, Duration), shutdown: &CancellationToken) -> anyhow::Result<(Arc<Relay>, Pending)> {
         let client = redis::Client::open(url)?;
         let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
@@ -97,9 +123,16 @@ impl Relay {
             own: format!(r#"{{"node":{},"#, serde_json::to_string(node)?).into_bytes(),
             quiet: DashMap::new(),
             probe,
+            max_backlog,
+            lag_resets: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(publisher(conn, relay.clone(), rx, shutdown.clone()));
         Ok((relay.clone(), Pending { client, stream }))
+    }
+
+    /// Backlogs dropped because this node fell behind what it hears ([`MAX_BACKLOG`]).
+    pub fn lag_resets(&self) -> u64 {
+        self.lag_resets.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Tells the relay which tenants this node runs (at most once; later calls are ignored).
@@ -192,7 +225,7 @@ impl Relay {
 
     /// Starts the subscriber (delivering through `deliver`) and the reconciler (`wanted`: the
     /// tenants with a session here).
-    pub(crate) fn run(
+    fn run(
         self: &Arc<Self>,
         pending: Pending,
         deliver: impl Fn(&[u8]) + Send + Sync + 'static,
@@ -215,7 +248,7 @@ impl Relay {
 }
 
 /// The pub/sub connection made at start, until [`Relay::run`] reads it.
-pub(crate) struct Pending {
+struct Pending {
     client: redis::Client,
     stream: PubSubStream,
 }
@@ -323,8 +356,25 @@ async fn subscriber(relay: Arc<Relay>, pending: Pending, deliver: impl Fn(&[u8])
                 }
             }
         };
+        // Since when the queue has not been found empty (`None`: it was, at the last read).
+        let mut behind_since: Option<Instant> = None;
         loop {
-            let msg = tokio::select! { m = s.next() => m, () = shutdown.cancelled() => return };
+            let msg = match s.next().now_or_never() {
+                Some(m) => {
+                    let since = *behind_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= relay.max_backlog {
+                        relay.lag_resets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        metrics::counter!("hexfleet_redis_lag_resets_total").increment(1);
+                        tracing::error!(behind_for = ?since.elapsed(), "fan-out from other nodes arrives faster than this node delivers it: backlog dropped, subscribing again");
+                        break;
+                    }
+                    m
+                }
+                None => {
+                    behind_since = None;
+                    tokio::select! { m = s.next() => m, () = shutdown.cancelled() => return }
+                }
+            };
             let Some(msg) = msg else { break };
             let payload: &[u8] = msg.get_payload_bytes();
             if msg.get_channel_name() == notices {

@@ -497,3 +497,55 @@ async fn the_ingest_port_caps_connections_in_all_and_per_address() {
     })
     .await;
 }
+
+/// A node that cannot keep up with what it hears from other nodes drops the backlog instead of
+/// queueing it without bound (redis-rs queues unread messages in memory), and goes on hearing
+/// new messages after subscribing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
+    use hexfleet_gateway::relay::Relay;
+    use std::time::Duration;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let Some(url) = redis_or_skip().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let delivered = std::sync::Arc::new(AtomicUsize::new(0));
+    let last = std::sync::Arc::new(parking_lot::Mutex::new(String::new()));
+    let (d, l) = (delivered.clone(), last.clone());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // Delivering takes 5 ms a message; the backlog may last 300 ms.
+    let relay = Relay::start(
+        "slow",
+        &url,
+        &prefix,
+        (Duration::from_secs(1), Duration::from_millis(300)),
+        move |payload| {
+            std::thread::sleep(Duration::from_millis(5));
+            d.fetch_add(1, Ordering::Relaxed);
+            *l.lock() = String::from_utf8_lossy(payload).into_owned();
+        },
+        std::collections::HashSet::new,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let mut c = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..2_000 {
+        pipe.cmd("PUBLISH").arg(format!("{prefix}fanout")).arg(format!("m{i}")).ignore();
+    }
+    pipe.query_async::<()>(&mut c).await.unwrap();
+    eventually("the backlog is dropped", || async { (relay.lag_resets() >= 1).then_some(()) }).await;
+    // Subscribed again: a new message arrives; most of the 2,000 (10 s of work) never did.
+    eventually("a message after the reset", || {
+        let mut c = c.clone();
+        let (prefix, last) = (prefix.clone(), last.clone());
+        async move {
+            let _: i64 = redis::cmd("PUBLISH").arg(format!("{prefix}fanout")).arg("after").query_async(&mut c).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            (*last.lock() == "after").then_some(())
+        }
+    })
+    .await;
+    assert!(delivered.load(Ordering::Relaxed) < 1_500, "the backlog was dropped, not delivered: {}", delivered.load(Ordering::Relaxed));
+    shutdown.cancel();
+}
