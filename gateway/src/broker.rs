@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::dto::{LatLngDto, OrderDto, courier_notice_json};
-use crate::relay::Relay;
+use crate::relay::{Heard, Relay, Topic};
 
 /// Discrete messages a session may have queued before it counts as too slow.
 pub const OUTBOX_CAPACITY: usize = 1024;
@@ -408,10 +408,18 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+/// A message between nodes, as it is read: the update (the sender's `node` goes first, so a
+/// node skips its own by the first bytes without reading further).
+#[derive(Deserialize)]
 struct Envelope {
-    node: String,
     f: Fanout,
+}
+
+/// [`Envelope`] as it is written.
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    node: &'a str,
+    f: &'a Fanout,
 }
 
 impl Broker {
@@ -426,14 +434,14 @@ impl Broker {
         let _ = self.zone_hook.set(hook);
     }
 
-    /// A fan-out message from another node.
-    fn deliver_remote(&self, f: &Fanout) {
+    /// A fan-out message from another node, heard on `heard`'s kind of channel.
+    fn deliver_remote(&self, heard: Heard, f: &Fanout) {
         if let Fanout::Zone { tenant, id, .. } = f
             && let Some(hook) = self.zone_hook.get()
         {
             hook(tenant, id);
         }
-        self.deliver_local(f);
+        self.deliver(f, Some(heard));
     }
 
     /// A broker that also fans out through Redis (`prefix` separates deployments and tests;
@@ -447,11 +455,11 @@ impl Broker {
             url,
             prefix,
             (probe, crate::relay::MAX_BACKLOG),
-            move |payload| match serde_json::from_slice::<Envelope>(payload) {
-                Ok(env) => deliver.deliver_remote(&env.f),
+            move |heard, payload| match serde_json::from_slice::<Envelope>(payload) {
+                Ok(env) => deliver.deliver_remote(heard, &env.f),
                 Err(e) => tracing::warn!(error = %e, "undecodable fan-out message from redis"),
             },
-            move || wanted.session_tenants(),
+            move |relay| wanted.session_channels(relay),
             shutdown,
         )
         .await?;
@@ -464,21 +472,29 @@ impl Broker {
         self.relay.as_ref()
     }
 
-    /// Makes sure updates of `tenant` made on other nodes reach this node's sessions: call it
+    /// Makes sure updates of `topic` made on other nodes reach this node's sessions: call it
     /// after registering a session, before sending its snapshot (a no-op without Redis or
-    /// when this node runs the tenant).
-    pub async fn listen_remote(&self, tenant: &str) {
+    /// when this node runs the market). Consoles and courier sessions need their market's
+    /// topic, a tracking session its order's.
+    pub async fn listen_remote(&self, topic: Topic<'_>) {
         if let Some(r) = &self.relay {
-            r.listen(tenant).await;
+            r.listen(topic).await;
         }
     }
 
-    /// Tenants with at least one session on this node.
-    fn session_tenants(&self) -> HashSet<String> {
-        let mut t: HashSet<String> = self.local.couriers.iter().map(|e| e.key().0.clone()).collect();
-        t.extend(self.local.tracks.iter().filter(|e| !e.value().sessions.is_empty()).map(|e| e.key().0.clone()));
-        t.extend(self.local.consoles.iter().map(|e| e.key().clone()));
-        t
+    /// (tenant, channel) of every topic a session on this node needs.
+    fn session_channels(&self, relay: &Relay) -> HashSet<(String, String)> {
+        let market = |t: &str| (t.to_owned(), relay.channel(Topic::Market(t)));
+        let mut c: HashSet<(String, String)> = self.local.couriers.iter().map(|e| market(&e.key().0)).collect();
+        c.extend(self.local.consoles.iter().map(|e| market(e.key())));
+        c.extend(
+            self.local
+                .tracks
+                .iter()
+                .filter(|e| !e.value().sessions.is_empty())
+                .map(|e| (e.key().0.clone(), relay.channel(Topic::Order(&e.key().0, &e.key().1)))),
+        );
+        c
     }
 
     fn new_id(&self) -> u64 {
@@ -582,9 +598,18 @@ impl Broker {
 
     /// Delivers to the sessions on this node.
     pub fn deliver_local(&self, f: &Fanout) {
+        self.deliver(f, None);
+    }
+
+    /// Delivers to the sessions on this node: all of them for an update made here (`heard`
+    /// `None`); for one heard from another node, tracking sessions only if it came on an
+    /// order's channel and the others only if it did not (an update may come on both).
+    fn deliver(&self, f: &Fanout, heard: Option<Heard>) {
+        let tracks = heard != Some(Heard::Market);
+        let others = heard != Some(Heard::Order);
         match f {
             Fanout::Position { tenant, courier, lat, lng, ts, speed, heading, status, tracking } => {
-                for (order, eta) in tracking {
+                for (order, eta) in tracking.iter().filter(|_| tracks) {
                     let key = (tenant.to_string(), order.to_string());
                     let Some(mut s) = self.local.tracks.get_mut(&key) else { continue };
                     if s.sessions.is_empty() {
@@ -599,7 +624,7 @@ impl Broker {
                         metrics::counter!("hexfleet_ws_deliveries_total").increment(1);
                     }
                 }
-                if let Some(cs) = self.local.consoles.get(&**tenant) {
+                if let Some(cs) = self.local.consoles.get(&**tenant).filter(|_| others) {
                     let mut item = None;
                     for (_, v) in cs.iter().filter(|(_, v)| v.sees(*lat, *lng)) {
                         let item = item.get_or_insert_with(|| {
@@ -618,7 +643,7 @@ impl Broker {
                 }
             }
             Fanout::Status { tenant, courier, status } => {
-                if let Some(cs) = self.local.consoles.get(tenant) {
+                if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
                     for (_, v) in cs.iter() {
                         v.outbox.batch_status(courier, status_name(status));
                     }
@@ -626,7 +651,7 @@ impl Broker {
             }
             Fanout::Order { tenant, order_id, order, pickup } => {
                 let key = (tenant.clone(), order_id.clone());
-                if let Some(mut s) = self.local.tracks.get_mut(&key) {
+                if let Some(mut s) = self.local.tracks.get_mut(&key).filter(|_| tracks) {
                     s.seq += 1;
                     let seq = s.seq;
                     let mut m = order.clone();
@@ -646,7 +671,7 @@ impl Broker {
                         self.local.tracks.remove(&key);
                     }
                 }
-                if let Some(cs) = self.local.consoles.get(tenant) {
+                if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
                     let item = &order["order"];
                     for (_, v) in cs.iter().filter(|(_, v)| v.sees(pickup.lat, pickup.lng)) {
                         v.outbox.batch_order(order_id, item.clone());
@@ -654,7 +679,7 @@ impl Broker {
                 }
             }
             Fanout::ToCourier { tenant, courier, msg } => {
-                if let Some(ss) = self.local.couriers.get(&(tenant.clone(), courier.clone())) {
+                if let Some(ss) = self.local.couriers.get(&(tenant.clone(), courier.clone())).filter(|_| others) {
                     for (_, o) in ss.iter() {
                         let mut m = msg.clone();
                         m["seq"] = json!(o.next_seq());
@@ -663,7 +688,7 @@ impl Broker {
                 }
             }
             Fanout::Zone { tenant, id, feature } => {
-                if let Some(cs) = self.local.consoles.get(tenant) {
+                if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
                     for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
                         let m = match feature {
                             Some(f) => json!({ "t": "zones", "seq": v.outbox.next_seq(), "items": [f] }),
@@ -674,7 +699,7 @@ impl Broker {
                 }
             }
             Fanout::Event { tenant, event } => {
-                if let Some(cs) = self.local.consoles.get(tenant) {
+                if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
                     for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
                         let m = json!({ "t": "event", "seq": v.outbox.next_seq(), "event": event });
                         v.outbox.push(m.to_string());
@@ -684,23 +709,56 @@ impl Broker {
         }
     }
 
+    /// Publishes an update for the other nodes that listen to its topics ([`crate::relay`]).
     fn send_remote(&self, f: &Fanout) {
         let Some(relay) = &self.relay else { return };
-        if matches!(f, Fanout::Position { .. } | Fanout::Status { .. }) && relay.is_quiet(f.tenant()) {
-            return; // no other node listens to this tenant (conflatable: nothing is owed)
+        match f {
+            // Every node's state.
+            Fanout::Zone { .. } => self.publish_remote(relay, f, &[None]),
+            Fanout::Position { tenant, tracking, .. } => {
+                let market = Topic::Market(tenant);
+                if !relay.is_quiet(market) {
+                    self.publish_remote(relay, f, &[Some(relay.channel(market))]);
+                }
+                // Each tracked order's channel gets the position with that order alone, so a
+                // node tracking two of the courier's orders delivers it once to each.
+                for (order, eta) in tracking {
+                    let topic = Topic::Order(tenant, order);
+                    if relay.is_quiet(topic) {
+                        continue;
+                    }
+                    let mut one = f.clone();
+                    if let Fanout::Position { tracking, .. } = &mut one {
+                        *tracking = vec![(order.clone(), *eta)];
+                    }
+                    self.publish_remote(relay, &one, &[Some(relay.channel(topic))]);
+                }
+            }
+            Fanout::Status { tenant, .. } => {
+                if !relay.is_quiet(Topic::Market(tenant)) {
+                    self.publish_remote(relay, f, &[Some(relay.channel(Topic::Market(tenant)))]);
+                }
+            }
+            Fanout::Order { tenant, order_id, .. } => {
+                let channels = [Some(relay.channel(Topic::Market(tenant))), Some(relay.channel(Topic::Order(tenant, order_id)))];
+                self.publish_remote(relay, f, &channels);
+            }
+            Fanout::ToCourier { tenant, .. } | Fanout::Event { tenant, .. } => {
+                self.publish_remote(relay, f, &[Some(relay.channel(Topic::Market(tenant)))]);
+            }
         }
-        let env = Envelope { node: self.node.to_string(), f: f.clone() };
-        let Ok(bytes) = serde_json::to_vec(&env) else { return };
-        // Zones are every node's state; the rest only matters where the tenant has sessions.
-        let channel = match f {
-            Fanout::Zone { .. } => None,
-            Fanout::Position { tenant, .. } => Some(tenant.clone()),
-            other => Some(Arc::from(other.tenant())),
-        };
-        if !relay.publish(channel, bytes) {
-            metrics::counter!("hexfleet_redis_dropped_total").increment(1);
-            if !matches!(f, Fanout::Position { .. } | Fanout::Status { .. }) {
-                tracing::error!(tenant = f.tenant(), "redis fan-out queue full: a discrete update did not reach other nodes");
+    }
+
+    /// Renders `f` once and queues it on `channels` (`None`: the global channel).
+    fn publish_remote(&self, relay: &Relay, f: &Fanout, channels: &[Option<String>]) {
+        let Ok(bytes) = serde_json::to_vec(&EnvelopeRef { node: &self.node, f }) else { return };
+        let bytes = Arc::new(bytes);
+        for c in channels {
+            if !relay.publish(c.clone(), bytes.clone()) {
+                metrics::counter!("hexfleet_redis_dropped_total").increment(1);
+                if !matches!(f, Fanout::Position { .. } | Fanout::Status { .. }) {
+                    tracing::error!(tenant = f.tenant(), "redis fan-out queue full: a discrete update did not reach other nodes");
+                }
             }
         }
     }
@@ -793,6 +851,31 @@ mod tests {
         }
         let (_, replay) = b.add_track("t", "o1", Outbox::new(8), Some(1));
         assert!(matches!(replay, Some(Replay::Gone)));
+    }
+
+    /// An update heard from another node may come on its market's channel and on an order's
+    /// channel: each is delivered to its own sessions only, so nobody gets it twice.
+    #[test]
+    fn what_is_heard_on_a_channel_goes_to_that_channels_sessions_only() {
+        let b = Broker::local("n");
+        let track = Outbox::new(8);
+        b.add_track("t", "o1", track.clone(), None);
+        let console = Arc::new(ConsoleView::new(Outbox::new(8), Some([13.0, 52.0, 14.0, 53.0])));
+        b.add_console("t", console.clone());
+        let seen = |track: &Outbox, console: &ConsoleView| (track.drain().len(), console.outbox.take_batches().0.len());
+
+        b.deliver(&position("c1", "o1", 52.5), Some(Heard::Market));
+        assert_eq!(seen(&track, &console), (0, 1), "a market's channel feeds its consoles");
+        b.deliver(&position("c1", "o1", 52.6), Some(Heard::Order));
+        assert_eq!(seen(&track, &console), (1, 0), "an order's channel feeds its trackers");
+        b.deliver(&order("o1", "assigned"), Some(Heard::Order));
+        assert_eq!(track.drain().len(), 1);
+        assert!(console.outbox.take_batches().1.is_empty());
+        b.deliver(&order("o1", "picked_up"), Some(Heard::Market));
+        assert!(track.drain().is_empty());
+        assert_eq!(console.outbox.take_batches().1.len(), 1);
+        b.deliver_local(&position("c1", "o1", 52.7));
+        assert_eq!(seen(&track, &console), (1, 1), "an update made here reaches both");
     }
 
     #[test]

@@ -1,39 +1,47 @@
-//! The broker's link between nodes: Redis pub/sub, one channel per market (tenant), listened to
-//! only by nodes that need it.
+//! The broker's link between nodes: Redis pub/sub, with channels per market (tenant) and per
+//! tracked order, listened to only by the nodes that need them.
 //!
-//! - Zone changes are state every node must follow (its geofences), so they go on the global
-//!   channel `{prefix}fanout`, which every node listens to.
-//! - Everything else of tenant `T` goes on `{prefix}fanout:t:{T}`. A node listens to it while
-//!   it has a session of `T` (a courier, a customer or a console) and does not run `T`'s actors
-//!   itself ([`Relay::set_serves`]: with market leases, the owner delivers its own updates
-//!   locally and never hears them back).
+//! Channels (all under the deployment's `{prefix}`):
+//! - `fanout`: zone changes, state every node must follow (its geofences); every node listens.
+//! - `fanout:t:{T}`: everything of market `T` (positions, statuses, orders, offers, events),
+//!   for consoles and courier sessions of `T` ([`Topic::Market`]).
+//! - `fanout:o:{T}:{O}`: order `O`'s updates and the positions of the courier carrying it, for
+//!   customers tracking `O` ([`Topic::Order`]). A node with one tracking page open hears one
+//!   courier, not the whole market.
+//! - `fanout:listen`: notices that a node started listening to a channel (below).
 //!
-//! Before, every node listened to one channel with every update of every market, decoded each
-//! (its own too) and fell behind at about 50k updates/s per node. redis-rs queues what a
-//! subscriber has not read yet without bound, so that backlog grew by 16 MB/s until the process
-//! ran out of memory (BENCHMARKS.md, "Two nodes, 20k courier sockets").
+//! A node listens to a channel while it has a session that needs it and does not run the
+//! market's actors itself ([`Relay::set_serves`]: with market leases, the owner delivers its own
+//! updates locally and never hears them back). A session registers with the broker first and
+//! then waits for [`Relay::listen`] (bounded), so nothing published after its snapshot is
+//! missed. A reconciler drops channels no session needs any more (or of markets this node now
+//! runs) and retries the ones that failed, every [`RECONCILE_EVERY`]; after a reconnect every
+//! channel listened to is subscribed again. This node's own messages (a market's sessions on
+//! several nodes without market leases) are recognised by their first bytes and skipped
+//! without being decoded.
 //!
-//! A tenant nobody listens to is not published to at all, for positions and statuses (the
-//! bulk): `PUBLISH` answers how many nodes heard it, and after an answer of 0 the tenant's
-//! conflatable updates are skipped ([`Relay::is_quiet`]) for a probe interval ([`PROBE_EVERY`]), after which one
-//! goes out again to ask. A node that starts listening says so on `{prefix}fanout:listen`, which
-//! every node hears, so the tenant's owner resumes at once instead of at the next probe.
+//! A channel nobody listens to is not published to, for positions and statuses (the bulk):
+//! `PUBLISH` answers how many nodes heard it, and after an answer of 0 the channel's conflatable
+//! updates are skipped ([`Relay::is_quiet`]) for a probe interval ([`PROBE_EVERY`]), after
+//! which one goes out again to ask. A node that starts listening says so on `fanout:listen`,
+//! which every node hears, so the owner resumes at once instead of at the next probe.
 //! Discrete updates (orders, offers, events) are always published.
 //!
-//! A node that falls behind what it hears (a busy market with a session here) would queue it
-//! without bound inside redis-rs. When the subscription's queue has not been empty for
-//! [`MAX_BACKLOG`], the relay drops the connection, and with it the backlog, and subscribes
-//! again: those messages are lost for this node's sessions (counted in
-//! `hexfleet_redis_lag_resets_total`, logged), as they are while Redis is down.
+//! A node that falls behind what it hears would queue it without bound inside redis-rs. When
+//! the subscription's queue has not been empty for [`MAX_BACKLOG`], the relay drops the
+//! connection, and with it the backlog, and subscribes again: those messages are lost for this
+//! node's sessions (counted in `hexfleet_redis_lag_resets_total`, logged), as they are while
+//! Redis is down.
 //!
-//! A session registers with the broker first and then waits for [`Relay::listen`] (bounded), so
-//! nothing published after its snapshot is missed. A reconciler drops channels of tenants with
-//! no session left (or that this node now serves) and retries the ones that failed, every
-//! [`RECONCILE_EVERY`]; after a reconnect every channel listened to is subscribed again. This
-//! node's own messages (one tenant's sessions on several nodes without market leases) are
-//! recognised by their first bytes and skipped without being decoded.
+//! Before, every node listened to one channel with every update of every market and decoded
+//! each (its own too). At 50k updates/s per node it fell behind, and the backlog grew by
+//! 16 MB/s until the process ran out of memory (BENCHMARKS.md, "Two nodes, 20k courier
+//! sockets").
 
+use std::cell::RefCell;
 use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,22 +54,53 @@ use tokio_util::sync::CancellationToken;
 
 /// How often channels nobody here needs any more are dropped and failed ones retried.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
-/// The longest a session waits for its tenant's channel before it goes on without it (the
-/// reconciler keeps trying).
+/// The longest a session waits for its channel before it goes on without it (the reconciler
+/// keeps trying).
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages waiting to be published; beyond it they are dropped (counted).
 const PUBLISH_QUEUE: usize = 65_536;
 /// How long the subscription's queue may stay non-empty before its backlog is dropped.
 pub const MAX_BACKLOG: Duration = Duration::from_secs(5);
-/// How long a tenant's positions are not published after a `PUBLISH` no node heard (the
+/// How long a channel's positions are not published after a `PUBLISH` no node heard (the
 /// default of `ServeConfig::fanout_probe`).
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Whether this node runs a tenant's actors (then it needs no copy of its updates).
 pub type Serves = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// One message to publish: `None` is the global channel.
-type Outgoing = (Option<Arc<str>>, Vec<u8>);
+/// What a channel carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Topic<'a> {
+    /// Every update of a market.
+    Market(&'a str),
+    /// One order of a market: its updates and its courier's positions.
+    Order(&'a str, &'a str),
+}
+
+impl Topic<'_> {
+    fn tenant(&self) -> &str {
+        match self {
+            Topic::Market(t) | Topic::Order(t, _) => t,
+        }
+    }
+}
+
+/// Where a message was heard, which decides who it is delivered to on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// The global channel (zone changes).
+    Global,
+    /// A market's channel: for its consoles and courier sessions.
+    Market,
+    /// An order's channel: for its tracking sessions.
+    Order,
+}
+
+/// A channel this node listens to: (tenant, channel name).
+type Channel = (String, String);
+
+/// One message to publish: channel and payload (shared by the channels of one update).
+type Outgoing = (String, Arc<Vec<u8>>);
 
 /// See the module documentation.
 pub struct Relay {
@@ -69,17 +108,17 @@ pub struct Relay {
     tx: mpsc::Sender<Outgoing>,
     /// The command half of the pub/sub connection; `None` while it reconnects.
     sink: Mutex<Option<PubSubSink>>,
-    /// Tenants whose channel is subscribed; changed only under this lock, so a reconcile and a
-    /// session's [`Relay::listen`] never undo each other.
-    listening: tokio::sync::Mutex<HashSet<String>>,
+    /// Channels subscribed, with their tenants; changed only under this lock, so a reconcile and
+    /// a session's [`Relay::listen`] never undo each other.
+    listening: tokio::sync::Mutex<HashSet<Channel>>,
     serves: OnceLock<Serves>,
     /// How this node's own envelopes begin (`{"node":"<id>",`).
     own: Vec<u8>,
-    /// Tenants whose last `PUBLISH` no node heard, until when their positions are skipped.
-    quiet: DashMap<Arc<str>, Instant>,
+    /// Channels whose last `PUBLISH` no node heard, until when their positions are skipped.
+    quiet: DashMap<String, Instant>,
     probe: Duration,
     max_backlog: Duration,
-    lag_resets: std::sync::atomic::AtomicU64,
+    lag_resets: AtomicU64,
 }
 
 impl std::fmt::Debug for Relay {
@@ -88,32 +127,31 @@ impl std::fmt::Debug for Relay {
     }
 }
 
+thread_local! {
+    /// Channel names are built here to look them up without allocating (hot path).
+    static NAME: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
 impl Relay {
     /// Connects (fails if Redis cannot be reached now; later outages are survived) and starts
     /// the publisher, the subscriber (delivering what other nodes publish through `deliver`)
-    /// and the reconciler (`wanted`: the tenants with a session on this node). `probe`: see
-    /// [`PROBE_EVERY`]; `max_backlog`: see [`MAX_BACKLOG`].
+    /// and the reconciler (`wanted`: the channels the sessions on this node need). `probe`:
+    /// see [`PROBE_EVERY`]; `max_backlog`: see [`MAX_BACKLOG`].
     pub async fn start(
         node: &str,
         url: &str,
         prefix: &str,
         (probe, max_backlog): (Duration, Duration),
-        deliver: impl Fn(&[u8]) + Send + Sync + 'static,
-        wanted: impl Fn() -> HashSet<String> + Send + Sync + 'static,
+        deliver: impl Fn(Heard, &[u8]) + Send + Sync + 'static,
+        wanted: impl Fn(&Relay) -> HashSet<Channel> + Send + Sync + 'static,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Relay>> {
-        let (relay, pending) = Self::connect(node, url, prefix, (probe, max_backlog), &shutdown).await?;
-        relay.run(pending, deliver, wanted, shutdown);
-        Ok(relay)
-    }
-
-    async fn connect(node: &str, url: &str, prefix: &str, (probe, max_backlog): (Duration, Duration), shutdown: &CancellationToken) -> anyhow::Result<(Arc<Relay>, Pending)> {
         let client = redis::Client::open(url)?;
         let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
         let (mut sink, stream) = client.get_async_pubsub().await?.split();
         // Subscribed before returning, so no zone change published after start is missed.
-        sink.subscribe(&[global(prefix), listen_notices(prefix)]).await?;
+        sink.subscribe(&[global(prefix), notices(prefix)]).await?;
         let relay = Arc::new(Relay {
             prefix: prefix.to_owned(),
             tx,
@@ -124,15 +162,32 @@ impl Relay {
             quiet: DashMap::new(),
             probe,
             max_backlog,
-            lag_resets: std::sync::atomic::AtomicU64::new(0),
+            lag_resets: AtomicU64::new(0),
         });
         tokio::spawn(publisher(conn, relay.clone(), rx, shutdown.clone()));
-        Ok((relay.clone(), Pending { client, stream }))
+        tokio::spawn(subscriber(relay.clone(), client, stream, deliver, shutdown.clone()));
+        let me = relay.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RECONCILE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        // Quiet marks of channels no longer published to (finished orders).
+                        let now = Instant::now();
+                        me.quiet.retain(|_, until| *until > now);
+                        me.reconcile(wanted(&me)).await;
+                    }
+                }
+            }
+        });
+        Ok(relay)
     }
 
     /// Backlogs dropped because this node fell behind what it hears ([`MAX_BACKLOG`]).
     pub fn lag_resets(&self) -> u64 {
-        self.lag_resets.load(std::sync::atomic::Ordering::Relaxed)
+        self.lag_resets.load(Ordering::Relaxed)
     }
 
     /// Tells the relay which tenants this node runs (at most once; later calls are ignored).
@@ -144,131 +199,121 @@ impl Relay {
         self.serves.get().is_some_and(|s| s(tenant))
     }
 
-    fn channel(&self, tenant: &str) -> String {
-        format!("{}fanout:t:{tenant}", self.prefix)
+    fn write_name(&self, out: &mut String, topic: Topic<'_>) {
+        out.clear();
+        let _ = match topic {
+            Topic::Market(t) => write!(out, "{}fanout:t:{t}", self.prefix),
+            Topic::Order(t, o) => write!(out, "{}fanout:o:{t}:{o}", self.prefix),
+        };
     }
 
-    /// Queues a message for other nodes (`tenant` `None`: every node). `false` when the queue
-    /// is full and it was dropped.
-    pub(crate) fn publish(&self, tenant: Option<Arc<str>>, bytes: Vec<u8>) -> bool {
-        self.tx.try_send((tenant, bytes)).is_ok()
+    /// The channel of a topic.
+    pub fn channel(&self, topic: Topic<'_>) -> String {
+        let mut s = String::new();
+        self.write_name(&mut s, topic);
+        s
     }
 
-    /// Whether no other node listened to `tenant` a moment ago: its conflatable updates need
-    /// not be rendered or published until the next probe.
-    pub fn is_quiet(&self, tenant: &str) -> bool {
-        self.quiet.get(tenant).is_some_and(|until| Instant::now() < *until)
+    /// Whether a `PUBLISH` on this topic's channel was heard by no node a moment ago: its
+    /// conflatable updates need not be rendered or published until the next probe.
+    pub fn is_quiet(&self, topic: Topic<'_>) -> bool {
+        if self.quiet.is_empty() {
+            return false;
+        }
+        NAME.with_borrow_mut(|name| {
+            self.write_name(name, topic);
+            self.quiet.get(name.as_str()).is_some_and(|until| Instant::now() < *until)
+        })
     }
 
-    /// Whether a message is one this node sent.
-    pub(crate) fn is_own(&self, payload: &[u8]) -> bool {
-        payload.starts_with(&self.own)
+    /// Queues a message for other nodes on `channel` (see [`Relay::channel`]; `None`: the
+    /// global channel). `false` when the queue is full and it was dropped.
+    pub(crate) fn publish(&self, channel: Option<String>, bytes: Arc<Vec<u8>>) -> bool {
+        self.tx.try_send((channel.unwrap_or_else(|| global(&self.prefix)), bytes)).is_ok()
     }
 
-    /// Makes sure this node hears `tenant`'s updates from the others, unless it runs the
-    /// tenant itself. Call it after registering the session that needs them: waits for the
-    /// subscription (up to [`LISTEN_TIMEOUT`]; on failure the reconciler retries).
-    pub async fn listen(&self, tenant: &str) {
-        if self.serves(tenant) {
+    /// Makes sure this node hears `topic` from the others, unless it runs the topic's market
+    /// itself. Call it after registering the session that needs it: waits for the subscription
+    /// (up to [`LISTEN_TIMEOUT`]; on failure the reconciler retries).
+    pub async fn listen(&self, topic: Topic<'_>) {
+        if self.serves(topic.tenant()) {
             return;
         }
+        let channel = (topic.tenant().to_owned(), self.channel(topic));
         let mut listening = self.listening.lock().await;
-        if listening.contains(tenant) {
+        if listening.contains(&channel) {
             return;
         }
-        if self.subscribe(tenant).await {
-            listening.insert(tenant.to_owned());
+        if self.subscribe(&channel.1).await {
+            listening.insert(channel);
         }
     }
 
-    async fn subscribe(&self, tenant: &str) -> bool {
+    async fn subscribe(&self, channel: &str) -> bool {
         let Some(mut sink) = self.sink.lock().clone() else { return false };
-        match tokio::time::timeout(LISTEN_TIMEOUT, sink.subscribe(self.channel(tenant))).await {
+        match tokio::time::timeout(LISTEN_TIMEOUT, sink.subscribe(channel)).await {
             Ok(Ok(())) => {
                 metrics::counter!("hexfleet_redis_subscriptions_total").increment(1);
-                // The tenant's owner may have gone quiet on it: tell it to publish again.
-                let _ = self.tx.try_send((Some(LISTEN.into()), tenant.as_bytes().to_vec()));
+                // Its publisher may have gone quiet on it: tell it to publish again.
+                let _ = self.tx.try_send((notices(&self.prefix), Arc::new(channel.as_bytes().to_vec())));
                 true
             }
             Ok(Err(e)) => {
-                tracing::warn!(%tenant, error = %e, "cannot listen to a market's fan-out channel; retrying");
+                tracing::warn!(%channel, error = %e, "cannot listen to a fan-out channel; retrying");
                 false
             }
             Err(_) => {
-                tracing::warn!(%tenant, "no answer to a fan-out subscription; retrying");
+                tracing::warn!(%channel, "no answer to a fan-out subscription; retrying");
                 false
             }
         }
     }
 
-    /// One reconcile pass: `wanted` are the tenants with a session on this node.
-    async fn reconcile(&self, wanted: HashSet<String>) {
-        let wanted: HashSet<String> = wanted.into_iter().filter(|t| !self.serves(t)).collect();
+    /// One reconcile pass: `wanted` are the channels the sessions on this node need.
+    async fn reconcile(&self, wanted: HashSet<Channel>) {
+        let wanted: HashSet<Channel> = wanted.into_iter().filter(|(t, _)| !self.serves(t)).collect();
         let mut listening = self.listening.lock().await;
         let Some(mut sink) = self.sink.lock().clone() else { return };
-        let unneeded: Vec<String> = listening.difference(&wanted).cloned().collect();
-        for t in unneeded {
-            match tokio::time::timeout(LISTEN_TIMEOUT, sink.unsubscribe(self.channel(&t))).await {
+        let unneeded: Vec<Channel> = listening.difference(&wanted).cloned().collect();
+        for c in unneeded {
+            match tokio::time::timeout(LISTEN_TIMEOUT, sink.unsubscribe(&c.1)).await {
                 Ok(Ok(())) => {
-                    listening.remove(&t);
+                    listening.remove(&c);
                 }
-                _ => tracing::debug!(tenant = %t, "fan-out unsubscribe failed; retrying"),
+                _ => tracing::debug!(channel = %c.1, "fan-out unsubscribe failed; retrying"),
             }
         }
-        for t in wanted.difference(&listening.clone()) {
-            if self.subscribe(t).await {
-                listening.insert(t.clone());
+        let missing: Vec<Channel> = wanted.difference(&listening).cloned().collect();
+        for c in missing {
+            if self.subscribe(&c.1).await {
+                listening.insert(c);
             }
         }
         metrics::gauge!("hexfleet_redis_channels").set(listening.len() as f64);
     }
 
-    /// Starts the subscriber (delivering through `deliver`) and the reconciler (`wanted`: the
-    /// tenants with a session here).
-    fn run(
-        self: &Arc<Self>,
-        pending: Pending,
-        deliver: impl Fn(&[u8]) + Send + Sync + 'static,
-        wanted: impl Fn() -> HashSet<String> + Send + Sync + 'static,
-        shutdown: CancellationToken,
-    ) {
-        tokio::spawn(subscriber(self.clone(), pending, deliver, shutdown.clone()));
-        let me = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RECONCILE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    _ = tick.tick() => me.reconcile(wanted()).await,
-                }
-            }
-        });
+    fn heard(&self, channel: &str) -> Option<Heard> {
+        let rest = channel.strip_prefix(self.prefix.as_str())?.strip_prefix("fanout")?;
+        match rest {
+            "" => Some(Heard::Global),
+            _ if rest.starts_with(":t:") => Some(Heard::Market),
+            _ if rest.starts_with(":o:") => Some(Heard::Order),
+            _ => None,
+        }
     }
-}
-
-/// The pub/sub connection made at start, until [`Relay::run`] reads it.
-struct Pending {
-    client: redis::Client,
-    stream: PubSubStream,
 }
 
 fn global(prefix: &str) -> String {
     format!("{prefix}fanout")
 }
 
-/// Where a node says it started listening to a tenant (payload: the tenant id).
-fn listen_notices(prefix: &str) -> String {
+/// Where a node says it started listening to a channel (payload: the channel).
+fn notices(prefix: &str) -> String {
     format!("{prefix}fanout:listen")
 }
 
-/// The pseudo-tenant under which the publisher sends a listen notice.
-const LISTEN: &str = "\u{0}listen";
-
 async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(256);
-    let (global, notices) = (global(&relay.prefix), listen_notices(&relay.prefix));
-    let mut channels: std::collections::HashMap<Arc<str>, String> = std::collections::HashMap::new();
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, 256) => n,
@@ -278,41 +323,22 @@ async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, m
             return;
         }
         let mut pipe = redis::pipe();
-        let mut tenants = Vec::with_capacity(batch.len());
-        for (tenant, m) in batch.drain(..) {
-            let channel = match &tenant {
-                None => &global,
-                Some(t) if &**t == LISTEN => &notices,
-                Some(t) => {
-                    if !channels.contains_key(t) {
-                        if channels.len() >= 100_000 {
-                            channels.clear();
-                        }
-                        channels.insert(t.clone(), relay.channel(t));
-                    }
-                    &channels[t]
-                }
-            };
-            pipe.cmd("PUBLISH").arg(channel).arg(m);
-            tenants.push(tenant);
+        for (channel, m) in &batch {
+            pipe.cmd("PUBLISH").arg(channel).arg(m.as_slice());
         }
         match pipe.query_async::<Vec<i64>>(&mut conn).await {
             Ok(heard) => {
                 let now = Instant::now();
-                for (tenant, heard) in tenants.into_iter().zip(heard) {
-                    match tenant {
-                        Some(t) if &*t == LISTEN => {}
-                        Some(t) if heard == 0 => {
-                            relay.quiet.insert(t, now + relay.probe);
-                        }
-                        Some(t) => {
-                            relay.quiet.remove(&t);
-                        }
-                        None => {}
+                for ((channel, _), heard) in batch.drain(..).zip(heard) {
+                    if heard == 0 {
+                        relay.quiet.insert(channel, now + relay.probe);
+                    } else if relay.quiet.contains_key(&channel) {
+                        relay.quiet.remove(&channel);
                     }
                 }
             }
             Err(e) => {
+                batch.clear();
                 metrics::counter!("hexfleet_redis_errors_total").increment(1);
                 tracing::warn!(error = %e, messages = n, "redis publish failed; messages lost for other nodes");
             }
@@ -320,10 +346,9 @@ async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, m
     }
 }
 
-async fn subscriber(relay: Arc<Relay>, pending: Pending, deliver: impl Fn(&[u8]), shutdown: CancellationToken) {
-    let Pending { client, stream } = pending;
-    let notices = listen_notices(&relay.prefix);
-    let mut stream = Some(stream);
+async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStream, deliver: impl Fn(Heard, &[u8]), shutdown: CancellationToken) {
+    let notices = notices(&relay.prefix);
+    let mut stream = Some(first);
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut s = match stream.take() {
@@ -331,12 +356,12 @@ async fn subscriber(relay: Arc<Relay>, pending: Pending, deliver: impl Fn(&[u8])
             None => {
                 let reconnect = async {
                     let (mut sink, s) = client.get_async_pubsub().await?.split();
-                    sink.subscribe(&[global(&relay.prefix), listen_notices(&relay.prefix)]).await?;
+                    sink.subscribe(&[global(&relay.prefix), notices.clone()]).await?;
                     // Under the lock: a session's `listen` waits for this, then finds its
-                    // tenant subscribed again (or subscribes it).
+                    // channel subscribed again (or subscribes it).
                     let listening = relay.listening.lock().await;
-                    for t in listening.iter() {
-                        sink.subscribe(relay.channel(t)).await?;
+                    for (_, c) in listening.iter() {
+                        sink.subscribe(c).await?;
                     }
                     *relay.sink.lock() = Some(sink);
                     Ok::<_, redis::RedisError>(s)
@@ -363,7 +388,7 @@ async fn subscriber(relay: Arc<Relay>, pending: Pending, deliver: impl Fn(&[u8])
                 Some(m) => {
                     let since = *behind_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= relay.max_backlog {
-                        relay.lag_resets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        relay.lag_resets.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("hexfleet_redis_lag_resets_total").increment(1);
                         tracing::error!(behind_for = ?since.elapsed(), "fan-out from other nodes arrives faster than this node delivers it: backlog dropped, subscribing again");
                         break;
@@ -377,20 +402,29 @@ async fn subscriber(relay: Arc<Relay>, pending: Pending, deliver: impl Fn(&[u8])
             };
             let Some(msg) = msg else { break };
             let payload: &[u8] = msg.get_payload_bytes();
-            if msg.get_channel_name() == notices {
-                // Another node listens to this tenant now: publish its positions again.
-                if let Ok(t) = std::str::from_utf8(payload) {
-                    relay.quiet.remove(t);
+            let channel = msg.get_channel_name();
+            if channel == notices {
+                // Another node listens to this channel now: publish its positions again.
+                if let Ok(c) = std::str::from_utf8(payload) {
+                    relay.quiet.remove(c);
                 }
                 continue;
             }
             if relay.is_own(payload) {
                 continue;
             }
+            let Some(heard) = relay.heard(channel) else { continue };
             metrics::counter!("hexfleet_redis_received_total").increment(1);
-            deliver(payload);
+            deliver(heard, payload);
         }
         *relay.sink.lock() = None;
         tracing::warn!("redis subscription lost; reconnecting");
+    }
+}
+
+impl Relay {
+    /// Whether a message is one this node sent.
+    fn is_own(&self, payload: &[u8]) -> bool {
+        payload.starts_with(&self.own)
     }
 }

@@ -23,6 +23,7 @@ use crate::auth::{Auth, Role};
 use crate::broker::{ConsoleView, OUTBOX_CAPACITY, Outbox, Replay};
 use crate::dto::{CourierIn, LocDto, MAX_BATCH, OrderDto, error_json};
 use crate::error::ApiError;
+use crate::relay::Topic;
 use crate::server::AppState;
 
 /// Largest frame (and aggregated message) a client may send.
@@ -224,7 +225,7 @@ pub(crate) async fn courier_tap(st: &AppState, auth: &Auth) -> Result<CourierTap
 pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantId, id: CourierId, mut tap: CourierTap, mut socket: S) {
     let outbox = Outbox::new(OUTBOX_CAPACITY);
     let sid = st.broker.add_courier(tenant.as_str(), id.as_str(), outbox.clone());
-    st.broker.listen_remote(tenant.as_str()).await;
+    st.broker.listen_remote(Topic::Market(tenant.as_str())).await;
     metrics::gauge!("hexfleet_ws_connections", "kind" => "courier").increment(1.0);
     let mut guard = Guard::new();
     // Orders it already holds (reconnect): tell the app again.
@@ -378,7 +379,7 @@ async fn track_ws(req: HttpRequest, body: web::Payload, st: State, path: web::Pa
 async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<u64>, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
     let outbox = Outbox::new(OUTBOX_CAPACITY);
     let (sid, replay) = st.broker.add_track(tenant.as_str(), oid.as_str(), outbox.clone(), since);
-    st.broker.listen_remote(tenant.as_str()).await;
+    st.broker.listen_remote(Topic::Order(tenant.as_str(), oid.as_str())).await;
     metrics::gauge!("hexfleet_ws_connections", "kind" => "track").increment(1.0);
     let first: Vec<String> = match replay {
         Some(Replay::Missed(m)) => m,
@@ -476,7 +477,7 @@ fn valid_bbox(b: &[f64; 4]) -> bool {
 async fn console_session(st: State, tenant: TenantId, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
     let view = Arc::new(ConsoleView::new(Outbox::new(OUTBOX_CAPACITY), None));
     let sid = st.broker.add_console(tenant.as_str(), view.clone());
-    st.broker.listen_remote(tenant.as_str()).await;
+    st.broker.listen_remote(Topic::Market(tenant.as_str())).await;
     metrics::gauge!("hexfleet_ws_connections", "kind" => "console").increment(1.0);
     let mut guard = Guard::new();
     let mut tick = tokio::time::interval(st.console_batch);

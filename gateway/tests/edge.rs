@@ -518,12 +518,12 @@ async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
         &url,
         &prefix,
         (Duration::from_secs(1), Duration::from_millis(300)),
-        move |payload| {
+        move |_, payload| {
             std::thread::sleep(Duration::from_millis(5));
             d.fetch_add(1, Ordering::Relaxed);
             *l.lock() = String::from_utf8_lossy(payload).into_owned();
         },
-        std::collections::HashSet::new,
+        |_| std::collections::HashSet::new(),
         shutdown.clone(),
     )
     .await

@@ -11,6 +11,7 @@ use common::*;
 use hexfleet_gateway::ServeConfig;
 use hexfleet_gateway::auth::Role;
 use hexfleet_gateway::markets::MarketConfig;
+use hexfleet_gateway::relay::Topic;
 use serde_json::{Value, json};
 
 const PICKUP: (f64, f64) = (52.5215, 13.4075);
@@ -81,9 +82,10 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     // A customer tracks o1 on node B.
     let mut customer = b.ws("/v1/ws/track/o1", &b.token(Role::Customer, "cust", tenant, Some("o1"))).await;
     customer.expect("snapshot", |v| t(v) == "order_update" && v["order_id"] == "o1").await;
-    // B listens to the market's fan-out channel for it; A, which runs the market, does not.
-    let channel = format!("{prefix}fanout:t:{tenant}");
+    // B listens to the order's fan-out channel for it; A, which runs the market, does not.
+    let channel = format!("{prefix}fanout:o:{tenant}:o1");
     assert_eq!(subscribers(&redis, &channel).await, 1);
+    assert_eq!(subscribers(&redis, &format!("{prefix}fanout:t:{tenant}")).await, 0, "a tracking page needs its order, not the market");
 
     // A courier app connected to B: forwarded to A, it gets A's offers and answers them.
     let mut courier = b.ws("/v1/ws/courier", &b.token(Role::Courier, "c1", tenant, None)).await;
@@ -514,7 +516,7 @@ async fn the_owner_publishes_positions_only_while_another_node_listens() {
     let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
     let tenant = "quiet";
     let disp_a = a.dispatcher(tenant);
-    let quiet = |srv: &TestServer| srv.running.as_ref().unwrap().state.broker.relay().unwrap().is_quiet(tenant);
+    let quiet = |srv: &TestServer| srv.running.as_ref().unwrap().state.broker.relay().unwrap().is_quiet(Topic::Order(tenant, "o1"));
 
     // A runs the market; its courier takes o1 and moves, and no other node listens.
     let (s, v) = a.post("/v1/orders", &disp_a, order("o1")).await;
