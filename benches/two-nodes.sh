@@ -15,6 +15,7 @@
 # usage: benches/two-nodes.sh RATE [COURIERS]     (DUR=30s by default)
 #   WATCHERS=2      consoles per market (each sees its whole market)
 #   TRACK=25        tracked orders per market
+#   CROSS=1         consoles and customers connect to the other node (forwarded / via Redis)
 #   NODE_ARGS=...   extra `hexfleet serve` flags for both nodes
 #   FANOUT=...      replaces the Redis flags (FANOUT="--market-leases true": leases without
 #                   cross-node fan-out, to see what the fan-out costs)
@@ -52,8 +53,15 @@ gen() { # tenant http-port ingest-port server-pid seed
     --jwt-secret $HEXFLEET_JWT_SECRET --tenant $1 --couriers $((N / 2)) --rate $((R / 2)) --duration "${DUR:-30s}" \
     --ramp 5s --watchers ${WATCHERS:-2} --track ${TRACK:-25} --server-pid $4 --seed $5 ${EXTRA:-} --quiet >"$LOGS/gen-$1.txt" 2>&1
 }
-gen east 8090 8091 $A 1 & GA=$!
-gen west 8092 8093 $B 2 & GB=$!
+if [ -n "${CROSS:-}" ]; then
+  # Consoles and customers on the other node: consoles are forwarded to the owner, tracking
+  # pages are fed through Redis (the order's channel).
+  gen east 8092 8091 $A 1 & GA=$!
+  gen west 8090 8093 $B 2 & GB=$!
+else
+  gen east 8090 8091 $A 1 & GA=$!
+  gen west 8092 8093 $B 2 & GB=$!
+fi
 wait $GA $GB
 a1=$(cpu $A); b1=$(cpu $B); p1=$(pgcpu); t1=$(date +%s.%N)
 for t in east west; do echo "== market $t"; cat "$LOGS/gen-$t.txt"; done
