@@ -119,6 +119,10 @@ pub struct Relay {
     probe: Duration,
     max_backlog: Duration,
     lag_resets: AtomicU64,
+    /// When a subscription last failed: for a moment after, sessions do not wait for theirs
+    /// (one at a time, each up to [`LISTEN_TIMEOUT`], would queue every new session behind a
+    /// hanging Redis); the reconciler subscribes them.
+    failed_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -163,6 +167,7 @@ impl Relay {
             probe,
             max_backlog,
             lag_resets: AtomicU64::new(0),
+            failed_at: Mutex::new(None),
         });
         tokio::spawn(publisher(conn, relay.clone(), rx, shutdown.clone()));
         tokio::spawn(subscriber(relay.clone(), client, stream, deliver, shutdown.clone()));
@@ -217,9 +222,6 @@ impl Relay {
     /// Whether a `PUBLISH` on this topic's channel was heard by no node a moment ago: its
     /// conflatable updates need not be rendered or published until the next probe.
     pub fn is_quiet(&self, topic: Topic<'_>) -> bool {
-        if self.quiet.is_empty() {
-            return false;
-        }
         NAME.with_borrow_mut(|name| {
             self.write_name(name, topic);
             self.quiet.get(name.as_str()).is_some_and(|until| Instant::now() < *until)
@@ -241,7 +243,7 @@ impl Relay {
         }
         let channel = (topic.tenant().to_owned(), self.channel(topic));
         let mut listening = self.listening.lock().await;
-        if listening.contains(&channel) {
+        if listening.contains(&channel) || self.failed_at.lock().is_some_and(|at| at.elapsed() < RECONCILE_EVERY) {
             return;
         }
         if self.subscribe(&channel.1).await {
@@ -253,16 +255,19 @@ impl Relay {
         let Some(mut sink) = self.sink.lock().clone() else { return false };
         match tokio::time::timeout(LISTEN_TIMEOUT, sink.subscribe(channel)).await {
             Ok(Ok(())) => {
+                *self.failed_at.lock() = None;
                 metrics::counter!("hexfleet_redis_subscriptions_total").increment(1);
                 // Its publisher may have gone quiet on it: tell it to publish again.
                 let _ = self.tx.try_send((notices(&self.prefix), Arc::new(channel.as_bytes().to_vec())));
                 true
             }
             Ok(Err(e)) => {
+                *self.failed_at.lock() = Some(Instant::now());
                 tracing::warn!(%channel, error = %e, "cannot listen to a fan-out channel; retrying");
                 false
             }
             Err(_) => {
+                *self.failed_at.lock() = Some(Instant::now());
                 tracing::warn!(%channel, "no answer to a fan-out subscription; retrying");
                 false
             }
@@ -280,14 +285,19 @@ impl Relay {
                 Ok(Ok(())) => {
                     listening.remove(&c);
                 }
-                _ => tracing::debug!(channel = %c.1, "fan-out unsubscribe failed; retrying"),
+                _ => {
+                    // Redis is slow or gone: next time (sessions wait for this lock).
+                    tracing::debug!(channel = %c.1, "fan-out unsubscribe failed; retrying");
+                    return;
+                }
             }
         }
         let missing: Vec<Channel> = wanted.difference(&listening).cloned().collect();
         for c in missing {
-            if self.subscribe(&c.1).await {
-                listening.insert(c);
+            if !self.subscribe(&c.1).await {
+                return; // next time, as above
             }
+            listening.insert(c);
         }
         metrics::gauge!("hexfleet_redis_channels").set(listening.len() as f64);
     }
@@ -360,8 +370,8 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
                     // Under the lock: a session's `listen` waits for this, then finds its
                     // channel subscribed again (or subscribes it).
                     let listening = relay.listening.lock().await;
-                    for (_, c) in listening.iter() {
-                        sink.subscribe(c).await?;
+                    if !listening.is_empty() {
+                        sink.subscribe(listening.iter().map(|(_, c)| c.as_str()).collect::<Vec<_>>()).await?;
                     }
                     *relay.sink.lock() = Some(sink);
                     Ok::<_, redis::RedisError>(s)

@@ -549,3 +549,32 @@ async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
     assert!(delivered.load(Ordering::Relaxed) < 1_500, "the backlog was dropped, not delivered: {}", delivered.load(Ordering::Relaxed));
     shutdown.cancel();
 }
+
+/// With Redis hanging, new sessions do not queue behind each other's subscriptions: ten
+/// consoles opened at once all get their snapshot (one after another, each waiting up to 2 s
+/// for an answer that never comes, the last would wait 20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_do_not_queue_behind_a_hanging_redis() {
+    let Some(url) = redis_or_skip().await else { return };
+    let upstream = url.trim_start_matches("redis://").trim_end_matches('/').to_owned();
+    let proxy = Proxy::start(upstream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("b.db").to_str().unwrap());
+    cfg.redis_url = Some(format!("redis://{}", proxy.addr));
+    cfg.redis_prefix = format!("hexfleet:test:{}:", uuid_like());
+    let b = TestServer::start(cfg).await;
+    proxy.stall();
+    let started = std::time::Instant::now();
+    let consoles = (0..10).map(|i| {
+        let (b, token) = (&b, b.dispatcher(&format!("hang{i}")));
+        async move {
+            let mut console = b.ws("/v1/ws/console", &token).await;
+            console.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 14.0, 53.0]})).await;
+            console.expect("snapshot", |v| t(v) == "couriers" && v["snapshot"] == true).await;
+        }
+    });
+    futures_util::future::join_all(consoles).await;
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(10), "ten consoles took {took:?} with Redis hanging");
+    proxy.restore();
+}
