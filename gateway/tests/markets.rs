@@ -501,9 +501,9 @@ async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
 }
 
 /// The owner of a market publishes its couriers' positions only while another node listens:
-/// with no listener it goes quiet on the market, and a node that starts listening (a customer
-/// tracking on node B) makes it publish again at once, through its listen notice, not at the
-/// next probe (set to two minutes here, so only the notice can do it).
+/// with no listener it goes quiet on the order's channel, and a node that starts listening (a
+/// customer tracking the order on node B) makes it publish again at once, through its listen
+/// notice, not at the next probe (set to two minutes here, so only the notice can do it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_publishes_positions_only_while_another_node_listens() {
     let Some(redis) = redis_or_skip().await else { return };
@@ -530,7 +530,7 @@ async fn the_owner_publishes_positions_only_while_another_node_listens() {
     let mut lat = NEAR.0;
     let deadline = std::time::Instant::now() + DEADLINE;
     while !quiet(&a) {
-        assert!(std::time::Instant::now() < deadline, "A did not go quiet on the market within {DEADLINE:?}");
+        assert!(std::time::Instant::now() < deadline, "A did not go quiet on o1's channel within {DEADLINE:?}");
         lat += 0.0001;
         courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
