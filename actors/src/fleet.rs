@@ -688,7 +688,9 @@ impl Fleet {
             return Ok(r);
         }
         let rec = CourierRecord::new(tenant.clone(), id.clone(), self.now_ms());
-        self.ctx.store.commit(vec![Write::Courier(rec.clone()), Write::Event(courier_event(&rec, "courier.registered", &Who::System))]).await?;
+        // Insert-if-absent: a profile PUT racing this first contact (even in the same
+        // millisecond, which `updated_at` cannot order) is never replaced by the default one.
+        self.ctx.store.commit(vec![Write::RegisterCourier(rec.clone()), Write::Event(courier_event(&rec, "courier.registered", &Who::System))]).await?;
         if let Some(r) = self.ctx.courier_record(tenant, id) {
             return Ok(r); // raced with another registration
         }

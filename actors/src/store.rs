@@ -44,6 +44,9 @@ pub enum Write {
     Order(Order),
     /// Insert or replace the courier's profile and last state.
     Courier(CourierRecord),
+    /// Insert the courier unless it exists (its app's first contact): never replaces a profile
+    /// written meanwhile, even one with the same `updated_at`.
+    RegisterCourier(CourierRecord),
     /// Insert or replace a zone.
     Zone(ZoneRecord),
     /// Delete a zone.
@@ -180,6 +183,9 @@ impl Store for MemoryStore {
                 }
                 Write::Courier(c) => {
                     g.couriers.insert((c.tenant.clone(), c.id.clone()), c);
+                }
+                Write::RegisterCourier(c) => {
+                    g.couriers.entry((c.tenant.clone(), c.id.clone())).or_insert(c);
                 }
                 Write::Zone(z) => {
                     g.zones.insert((z.tenant.clone(), z.id.clone()), z);

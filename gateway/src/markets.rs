@@ -511,7 +511,7 @@ impl Store for FencedStore {
         for w in &batch {
             let t = match w {
                 Write::Order(o) => &o.tenant,
-                Write::Courier(c) => &c.tenant,
+                Write::Courier(c) | Write::RegisterCourier(c) => &c.tenant,
                 // Events fill the webhook outbox: a node that lost the market must not add any.
                 Write::Event(e) => &e.tenant,
                 _ => continue,

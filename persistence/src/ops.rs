@@ -39,6 +39,9 @@ pub(crate) type LocationRow<'a> = (&'a str, &'a str, &'a LocationSample);
 pub(crate) struct Reduced<'a> {
     pub orders: Vec<&'a Order>,
     pub couriers: Vec<&'a CourierRecord>,
+    /// Couriers to insert unless they exist (applied before `couriers`, so a snapshot in the
+    /// same group still wins).
+    pub registrations: Vec<&'a CourierRecord>,
     pub zone_upserts: Vec<&'a ZoneRecord>,
     pub zone_deletes: Vec<(&'a str, &'a str)>,
     pub events: Vec<&'a DomainEvent>,
@@ -70,6 +73,7 @@ impl<'a> Reduced<'a> {
                         r.couriers.push(c);
                     }
                 },
+                Write::RegisterCourier(c) => r.registrations.push(c),
                 Write::Zone(z) => {
                     zones.insert((z.tenant.as_str(), z.id.as_str()), Some(z));
                 }
@@ -159,6 +163,7 @@ macro_rules! backend_ops {
             pub(crate) async fn apply(conn: &mut Conn, r: &Reduced<'_>) -> Result<(), PersistenceError> {
                 check_fences(conn, &r.fences, true).await?;
                 upsert_orders(conn, &r.orders).await?;
+                register_couriers(conn, &r.registrations).await?;
                 upsert_couriers(conn, &r.couriers).await?;
                 upsert_zones(conn, &r.zone_upserts).await?;
                 for (tenant, id) in &r.zone_deletes {
@@ -220,6 +225,35 @@ macro_rules! backend_ops {
                          version = excluded.version WHERE orders.version <= excluded.version",
                     );
                     qb.build().persistent(false).execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            /// Inserts couriers that do not exist yet; an existing row is left as it is.
+            async fn register_couriers(conn: &mut Conn, couriers: &[&CourierRecord]) -> Result<(), PersistenceError> {
+                for c in couriers {
+                    let f = c.last_fix.as_ref();
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "INSERT INTO couriers ({COURIER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                         ON CONFLICT (tenant, id) DO NOTHING"
+                    )))
+                    .bind(c.tenant.as_str())
+                    .bind(c.id.as_str())
+                    .bind(c.name.as_deref())
+                    .bind(c.vehicle.as_str())
+                    .bind(i64::from(c.capacity))
+                    .bind(c.device_id.as_deref())
+                    .bind(c.status.as_str())
+                    .bind(c.on_shift)
+                    .bind(f.map(|f| f.pos.lat))
+                    .bind(f.map(|f| f.pos.lng))
+                    .bind(f.map(|f| f.ts))
+                    .bind(f.and_then(|f| f.speed).map(f64::from))
+                    .bind(f.and_then(|f| f.heading).map(f64::from))
+                    .bind(f.and_then(|f| f.acc).map(f64::from))
+                    .bind(c.updated_at)
+                    .execute(&mut *conn)
+                    .await?;
                 }
                 Ok(())
             }

@@ -28,6 +28,7 @@ both_backends!(
     migrate_is_idempotent,
     reads_from_a_runtime_that_stops_leave_the_store_working,
     a_large_backlog_is_flushed_in_batches,
+    a_registration_never_replaces_a_profile,
 );
 
 fn t(s: &str) -> TenantId {
@@ -422,6 +423,34 @@ async fn zone_geometry_round_trip(ctx: Ctx) {
     assert_eq!(store.load().await.unwrap().zones, vec![z2]);
     store.commit(vec![Write::DeleteZone { tenant: t("t1"), id: ZoneId::new("z1") }]).await.unwrap();
     assert!(store.load().await.unwrap().zones.is_empty());
+    store.close().await.unwrap();
+}
+
+/// A courier app's first contact registers the courier with a default profile; a profile PUT
+/// racing it in the same millisecond (same `updated_at`, which an upsert cannot order) must
+/// win, in either order and within one group too.
+async fn a_registration_never_replaces_a_profile(ctx: Ctx) {
+    let store = ctx.open().await;
+    let profile = courier("t1", "c1", 1_000, 50.0);
+    let mut default = courier("t1", "c1", 1_000, 0.0);
+    (default.name, default.device_id, default.last_fix) = (None, None, None);
+    store.commit(vec![Write::Courier(profile.clone())]).await.unwrap();
+    store.commit(vec![Write::RegisterCourier(default.clone())]).await.unwrap();
+    // The same two in one group, the registration last.
+    let mut other = profile.clone();
+    other.id = CourierId::new("c2");
+    let mut other_default = default.clone();
+    other_default.id = CourierId::new("c2");
+    store.commit(vec![Write::Courier(other.clone()), Write::RegisterCourier(other_default)]).await.unwrap();
+    // A registration alone inserts.
+    let mut fresh = default.clone();
+    fresh.id = CourierId::new("c3");
+    store.commit(vec![Write::RegisterCourier(fresh.clone())]).await.unwrap();
+    store.close().await.unwrap();
+    let store = ctx.open().await;
+    let mut got = store.load().await.unwrap().couriers;
+    got.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    assert_eq!(got, vec![profile, other, fresh]);
     store.close().await.unwrap();
 }
 
