@@ -29,6 +29,7 @@ both_backends!(
     reads_from_a_runtime_that_stops_leave_the_store_working,
     a_large_backlog_is_flushed_in_batches,
     a_registration_never_replaces_a_profile,
+    shutdown_writes_every_couriers_last_state_past_a_full_buffer,
 );
 
 fn t(s: &str) -> TenantId {
@@ -452,6 +453,62 @@ async fn a_registration_never_replaces_a_profile(ctx: Ctx) {
     got.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
     assert_eq!(got, vec![profile, other, fresh]);
     store.close().await.unwrap();
+}
+
+/// `Fleet::shutdown` writes every courier's latest state, also when the snapshot buffer cannot
+/// take them all at once: it flushes and queues the rest again instead of dropping them.
+async fn shutdown_writes_every_couriers_last_state_past_a_full_buffer(ctx: Ctx) {
+    use hexfleet_actors::clock::ManualClock;
+    use hexfleet_actors::domain::{Fix, LatLng};
+    use hexfleet_actors::publish::NullPublisher;
+    use hexfleet_actors::{Fleet, FleetConfig, FleetDeps};
+    use std::sync::Arc;
+    let opts = StoreOptions { snapshot_capacity: 1_500, snapshot_flush: Duration::from_secs(1), ..ctx.options() };
+    let store = Arc::new(SqlStore::open(&ctx.url, opts).await.unwrap());
+    let clock = Arc::new(ManualClock::new(1_764_000_000_000));
+    // A courier snapshots itself once an hour here, so its last move is written by the
+    // shutdown alone.
+    let config = FleetConfig { snapshot_every_ms: 3_600_000, ..FleetConfig::default() };
+    let fleet = Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(NullPublisher), clock: clock.clone(), config }).await.unwrap();
+    let tenant = t("t1");
+    let ids: Vec<CourierId> = (0..2_000).map(|i| CourierId::new(format!("c{i}"))).collect();
+    for r in futures_util::future::join_all(ids.iter().map(|id| fleet.ensure_courier(&tenant, id))).await {
+        r.unwrap();
+    }
+    let move_all = |lat: f64| {
+        let ts = clock_now(&clock);
+        for id in &ids {
+            let fix = Fix { pos: LatLng::new(lat, 13.4).unwrap(), ts, speed: None, heading: None, acc: None };
+            fleet.ingest(&tenant, id, [fix]).unwrap();
+        }
+    };
+    let all_at = |lat: f64| ids.iter().all(|id| fleet.courier(&tenant, id).unwrap().last_fix.is_some_and(|f| f.pos.lat == lat));
+    move_all(50.0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !all_at(50.0) {
+        assert!(Instant::now() < deadline, "couriers did not take the first fix");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.flush().await.unwrap();
+    clock.advance(10_000);
+    move_all(50.0005); // 55 m in 10 s: a plausible move
+    while !all_at(50.0005) {
+        assert!(Instant::now() < deadline, "couriers did not take the second fix");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 2,000 couriers' last state in chunks of 1,000 into a buffer of 1,500.
+    fleet.shutdown().await.unwrap();
+    store.close().await.unwrap();
+    let store = ctx.open().await;
+    let couriers = store.load().await.unwrap().couriers;
+    let stale: Vec<&str> = couriers.iter().filter(|c| c.last_fix.is_none_or(|f| f.pos.lat != 50.0005)).map(|c| c.id.as_str()).collect();
+    assert_eq!((couriers.len(), stale.len()), (2_000, 0), "stale after shutdown: {:?}", &stale[..stale.len().min(5)]);
+    store.close().await.unwrap();
+}
+
+fn clock_now(c: &hexfleet_actors::clock::ManualClock) -> i64 {
+    use hexfleet_actors::clock::Clock as _;
+    c.now_ms()
 }
 
 async fn snapshot_backpressure(ctx: Ctx) {
