@@ -549,7 +549,10 @@ impl Broker {
             let oldest = s.replay.front().map(|(q, _)| *q);
             match oldest {
                 // Nothing happened since: nothing missed.
-                _ if since >= s.seq => Replay::Missed(Vec::new()),
+                _ if since == s.seq => Replay::Missed(Vec::new()),
+                // Numbered past this stream: another node's numbering, or this node's before
+                // it stopped hearing the order (below).
+                _ if since > s.seq => Replay::Gone,
                 Some(first) if first <= since + 1 => {
                     Replay::Missed(s.replay.iter().filter(|(q, _)| *q > since).map(|(_, m)| m.clone()).collect())
                 }
@@ -562,9 +565,15 @@ impl Broker {
 
     pub fn drop_track(&self, tenant: &str, order: &str, id: u64) {
         let key = (tenant.to_owned(), order.to_owned());
-        if let Some(mut s) = self.local.tracks.get_mut(&key) {
+        // On a node that does not run the market, the stream ends with its last watcher: the
+        // order's channel is dropped, so the stream would stop counting (a watcher coming back
+        // with `since` must get a resync, not "nothing missed") and its final update, which
+        // removes it on the owner, would never come.
+        let keep = self.relay.as_ref().is_none_or(|r| r.serves(tenant));
+        self.local.tracks.remove_if_mut(&key, |_, s| {
             s.sessions.retain(|(i, _)| *i != id);
-        }
+            s.sessions.is_empty() && !keep
+        });
     }
 
     /// Numbers a message on a track stream (snapshots sent at connect use this too).
@@ -734,11 +743,9 @@ impl Broker {
                     self.publish_remote(relay, &one, &[Some(relay.channel(topic))]);
                 }
             }
-            Fanout::Status { tenant, .. } => {
-                if !relay.is_quiet(Topic::Market(tenant)) {
-                    self.publish_remote(relay, f, &[Some(relay.channel(Topic::Market(tenant)))]);
-                }
-            }
+            // Not skipped when quiet: rare, and a console that starts listening later must not
+            // keep a stale status.
+            Fanout::Status { tenant, .. } => self.publish_remote(relay, f, &[Some(relay.channel(Topic::Market(tenant)))]),
             Fanout::Order { tenant, order_id, .. } => {
                 let channels = [Some(relay.channel(Topic::Market(tenant))), Some(relay.channel(Topic::Order(tenant, order_id)))];
                 self.publish_remote(relay, f, &channels);
@@ -850,6 +857,9 @@ mod tests {
             b.deliver_local(&order("o1", "picked_up"));
         }
         let (_, replay) = b.add_track("t", "o1", Outbox::new(8), Some(1));
+        assert!(matches!(replay, Some(Replay::Gone)));
+        // Numbered past this node's stream (another node's, or one that restarted): resync.
+        let (_, replay) = b.add_track("t", "o2", Outbox::new(8), Some(5));
         assert!(matches!(replay, Some(Replay::Gone)));
     }
 

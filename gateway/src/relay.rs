@@ -106,22 +106,31 @@ type Outgoing = (String, Arc<Vec<u8>>);
 pub struct Relay {
     prefix: String,
     tx: mpsc::Sender<Outgoing>,
+    /// For listen notices, which must not wait behind the publish queue.
+    notice_conn: redis::aio::ConnectionManager,
     /// The command half of the pub/sub connection; `None` while it reconnects.
     sink: Mutex<Option<PubSubSink>>,
-    /// Channels subscribed, with their tenants; changed only under this lock, so a reconcile and
-    /// a session's [`Relay::listen`] never undo each other.
+    /// The channels this node means to hear, with their tenants. A reconnect subscribes
+    /// exactly these, so when a (un)subscribe gets no answer the relay records its intent here
+    /// and reconnects ([`Relay::reset`]) rather than guess what Redis applied. Changed only
+    /// under this lock, so a reconcile and a session's [`Relay::listen`] never undo each other.
     listening: tokio::sync::Mutex<HashSet<Channel>>,
+    /// Asks the subscriber to drop the connection and make it again.
+    reset: tokio::sync::Notify,
     serves: OnceLock<Serves>,
     /// How this node's own envelopes begin (`{"node":"<id>",`).
     own: Vec<u8>,
     /// Channels whose last `PUBLISH` no node heard, until when their positions are skipped.
     quiet: DashMap<String, Instant>,
+    /// When a listen notice last arrived per channel: a `PUBLISH` sent before it that no node
+    /// heard must not mark the channel quiet again.
+    resumed: DashMap<String, Instant>,
     probe: Duration,
     max_backlog: Duration,
     lag_resets: AtomicU64,
     /// When a subscription last failed: for a moment after, sessions do not wait for theirs
     /// (one at a time, each up to [`LISTEN_TIMEOUT`], would queue every new session behind a
-    /// hanging Redis); the reconciler subscribes them.
+    /// hanging Redis); the reconnect subscribes them.
     failed_at: Mutex<Option<Instant>>,
 }
 
@@ -159,11 +168,14 @@ impl Relay {
         let relay = Arc::new(Relay {
             prefix: prefix.to_owned(),
             tx,
+            notice_conn: conn.clone(),
             sink: Mutex::new(Some(sink)),
             listening: tokio::sync::Mutex::default(),
+            reset: tokio::sync::Notify::new(),
             serves: OnceLock::new(),
             own: format!(r#"{{"node":{},"#, serde_json::to_string(node)?).into_bytes(),
             quiet: DashMap::new(),
+            resumed: DashMap::new(),
             probe,
             max_backlog,
             lag_resets: AtomicU64::new(0),
@@ -179,10 +191,11 @@ impl Relay {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     _ = tick.tick() => {
-                        // Quiet marks of channels no longer published to (finished orders).
+                        // Marks of channels no longer published to (finished orders).
                         let now = Instant::now();
                         me.quiet.retain(|_, until| *until > now);
-                        me.reconcile(wanted(&me)).await;
+                        me.resumed.retain(|_, at| now.duration_since(*at) < 4 * me.probe.max(RECONCILE_EVERY));
+                        me.reconcile(&wanted).await;
                     }
                 }
             }
@@ -200,15 +213,18 @@ impl Relay {
         let _ = self.serves.set(serves);
     }
 
-    fn serves(&self, tenant: &str) -> bool {
+    /// Whether this node runs `tenant`'s actors (then it needs none of its channels).
+    pub fn serves(&self, tenant: &str) -> bool {
         self.serves.get().is_some_and(|s| s(tenant))
     }
 
     fn write_name(&self, out: &mut String, topic: Topic<'_>) {
         out.clear();
+        // Ids may hold ':', so the order channel carries the tenant's length: `a` + `b:c` and
+        // `a:b` + `c` must not share a channel.
         let _ = match topic {
             Topic::Market(t) => write!(out, "{}fanout:t:{t}", self.prefix),
-            Topic::Order(t, o) => write!(out, "{}fanout:o:{t}:{o}", self.prefix),
+            Topic::Order(t, o) => write!(out, "{}fanout:o:{}:{t}:{o}", self.prefix, t.len()),
         };
     }
 
@@ -220,7 +236,7 @@ impl Relay {
     }
 
     /// Whether a `PUBLISH` on this topic's channel was heard by no node a moment ago: its
-    /// conflatable updates need not be rendered or published until the next probe.
+    /// positions need not be rendered or published until the next probe.
     pub fn is_quiet(&self, topic: Topic<'_>) -> bool {
         NAME.with_borrow_mut(|name| {
             self.write_name(name, topic);
@@ -234,70 +250,92 @@ impl Relay {
         self.tx.try_send((channel.unwrap_or_else(|| global(&self.prefix)), bytes)).is_ok()
     }
 
+    fn recently_failed(&self) -> bool {
+        self.failed_at.lock().is_some_and(|at| at.elapsed() < RECONCILE_EVERY)
+    }
+
     /// Makes sure this node hears `topic` from the others, unless it runs the topic's market
     /// itself. Call it after registering the session that needs it: waits for the subscription
-    /// (up to [`LISTEN_TIMEOUT`]; on failure the reconciler retries).
+    /// (up to [`LISTEN_TIMEOUT`]; if Redis does not answer, the reconnect subscribes it).
     pub async fn listen(&self, topic: Topic<'_>) {
         if self.serves(topic.tenant()) {
             return;
         }
         let channel = (topic.tenant().to_owned(), self.channel(topic));
-        let mut listening = self.listening.lock().await;
-        if listening.contains(&channel) || self.failed_at.lock().is_some_and(|at| at.elapsed() < RECONCILE_EVERY) {
+        let Ok(mut listening) = tokio::time::timeout(LISTEN_TIMEOUT, self.listening.lock()).await else {
+            return; // a reconnect holds it; the reconciler adds this channel after
+        };
+        if listening.contains(&channel) {
             return;
         }
-        if self.subscribe(&channel.1).await {
-            listening.insert(channel);
+        let name = channel.1.clone();
+        listening.insert(channel);
+        if !self.recently_failed() {
+            self.subscribe(&name).await;
         }
     }
 
-    async fn subscribe(&self, channel: &str) -> bool {
-        let Some(mut sink) = self.sink.lock().clone() else { return false };
+    /// Sends a SUBSCRIBE for a channel already recorded in `listening`; without an answer, the
+    /// connection is made again (which subscribes everything recorded).
+    async fn subscribe(&self, channel: &str) {
+        let Some(mut sink) = self.sink.lock().clone() else { return }; // reconnecting: it will
         match tokio::time::timeout(LISTEN_TIMEOUT, sink.subscribe(channel)).await {
             Ok(Ok(())) => {
                 *self.failed_at.lock() = None;
                 metrics::counter!("hexfleet_redis_subscriptions_total").increment(1);
-                // Its publisher may have gone quiet on it: tell it to publish again.
-                let _ = self.tx.try_send((notices(&self.prefix), Arc::new(channel.as_bytes().to_vec())));
-                true
+                self.notify_listening(vec![channel.to_owned()]);
             }
-            Ok(Err(e)) => {
-                *self.failed_at.lock() = Some(Instant::now());
-                tracing::warn!(%channel, error = %e, "cannot listen to a fan-out channel; retrying");
-                false
-            }
-            Err(_) => {
-                *self.failed_at.lock() = Some(Instant::now());
-                tracing::warn!(%channel, "no answer to a fan-out subscription; retrying");
-                false
-            }
+            Ok(Err(e)) => self.failed(&format!("cannot listen to {channel}: {e}")),
+            Err(_) => self.failed(&format!("no answer to a subscription to {channel}")),
         }
     }
 
-    /// One reconcile pass: `wanted` are the channels the sessions on this node need.
-    async fn reconcile(&self, wanted: HashSet<Channel>) {
-        let wanted: HashSet<Channel> = wanted.into_iter().filter(|(t, _)| !self.serves(t)).collect();
-        let mut listening = self.listening.lock().await;
+    fn failed(&self, why: &str) {
+        *self.failed_at.lock() = Some(Instant::now());
+        tracing::warn!(error = %why, "fan-out subscription failed; reconnecting");
+        self.reset.notify_one();
+    }
+
+    /// Tells the other nodes this node now listens to `channels` (a publisher that went quiet
+    /// on one resumes at once). Off the publish queue, so it never waits behind it.
+    fn notify_listening(&self, channels: Vec<String>) {
+        let (mut conn, to) = (self.notice_conn.clone(), notices(&self.prefix));
+        tokio::spawn(async move {
+            let mut pipe = redis::pipe();
+            for c in channels {
+                pipe.cmd("PUBLISH").arg(&to).arg(c).ignore();
+            }
+            let _ = tokio::time::timeout(LISTEN_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
+        });
+    }
+
+    /// One reconcile pass: drops channels no session needs any more (or of markets this node
+    /// now runs) and subscribes the missing ones. `wanted` (the channels the sessions on this
+    /// node need) is read under the lock, so a session registered meanwhile is counted.
+    async fn reconcile(&self, wanted: &(impl Fn(&Relay) -> HashSet<Channel> + ?Sized)) {
+        let Ok(mut listening) = tokio::time::timeout(LISTEN_TIMEOUT, self.listening.lock()).await else { return };
         let Some(mut sink) = self.sink.lock().clone() else { return };
+        let wanted: HashSet<Channel> = wanted(self).into_iter().filter(|(t, _)| !self.serves(t)).collect();
         let unneeded: Vec<Channel> = listening.difference(&wanted).cloned().collect();
         for c in unneeded {
-            match tokio::time::timeout(LISTEN_TIMEOUT, sink.unsubscribe(&c.1)).await {
-                Ok(Ok(())) => {
-                    listening.remove(&c);
-                }
-                _ => {
-                    // Redis is slow or gone: next time (sessions wait for this lock).
-                    tracing::debug!(channel = %c.1, "fan-out unsubscribe failed; retrying");
-                    return;
-                }
+            listening.remove(&c);
+            if !matches!(tokio::time::timeout(LISTEN_TIMEOUT, sink.unsubscribe(&c.1)).await, Ok(Ok(()))) {
+                // Redis may still apply it, or not: make the connection again from `listening`.
+                self.failed(&format!("no answer to an unsubscribe from {}", c.1));
+                return;
             }
+        }
+        if self.recently_failed() {
+            return;
         }
         let missing: Vec<Channel> = wanted.difference(&listening).cloned().collect();
         for c in missing {
-            if !self.subscribe(&c.1).await {
-                return; // next time, as above
-            }
+            let name = c.1.clone();
             listening.insert(c);
+            self.subscribe(&name).await;
+            if self.recently_failed() {
+                break;
+            }
         }
         metrics::gauge!("hexfleet_redis_channels").set(listening.len() as f64);
     }
@@ -336,12 +374,16 @@ async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, m
         for (channel, m) in &batch {
             pipe.cmd("PUBLISH").arg(channel).arg(m.as_slice());
         }
+        let sent = Instant::now();
         match pipe.query_async::<Vec<i64>>(&mut conn).await {
             Ok(heard) => {
                 let now = Instant::now();
                 for ((channel, _), heard) in batch.drain(..).zip(heard) {
                     if heard == 0 {
-                        relay.quiet.insert(channel, now + relay.probe);
+                        // Not if a node said it listens after this was sent (it missed it).
+                        if !relay.resumed.get(&channel).is_some_and(|at| *at >= sent) {
+                            relay.quiet.insert(channel, now + relay.probe);
+                        }
                     } else if relay.quiet.contains_key(&channel) {
                         relay.quiet.remove(&channel);
                     }
@@ -367,22 +409,34 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
                 let reconnect = async {
                     let (mut sink, s) = client.get_async_pubsub().await?.split();
                     sink.subscribe(&[global(&relay.prefix), notices.clone()]).await?;
-                    // Under the lock: a session's `listen` waits for this, then finds its
-                    // channel subscribed again (or subscribes it).
+                    // Exactly what `listening` records, under its lock: sessions registered
+                    // meanwhile wait (bounded) or are added by the reconciler after.
                     let listening = relay.listening.lock().await;
-                    if !listening.is_empty() {
-                        sink.subscribe(listening.iter().map(|(_, c)| c.as_str()).collect::<Vec<_>>()).await?;
+                    let all: Vec<String> = listening.iter().map(|(_, c)| c.clone()).collect();
+                    if !all.is_empty() {
+                        sink.subscribe(&all).await?;
                     }
                     *relay.sink.lock() = Some(sink);
-                    Ok::<_, redis::RedisError>(s)
+                    *relay.failed_at.lock() = None;
+                    Ok::<_, redis::RedisError>((s, all))
+                };
+                // Bounded: Redis may accept the connection and then say nothing.
+                let reconnect = async {
+                    match tokio::time::timeout(2 * LISTEN_TIMEOUT, reconnect).await {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("no answer within {:?}", 2 * LISTEN_TIMEOUT)),
+                    }
                 };
                 match tokio::select! { r = reconnect => r, () = shutdown.cancelled() => return } {
-                    Ok(s) => {
-                        tracing::info!("redis subscription restored");
+                    Ok((s, all)) => {
+                        tracing::info!(channels = all.len(), "redis subscription restored");
+                        // Publishers that went quiet on these meanwhile resume at once.
+                        relay.notify_listening(all);
                         backoff = Duration::from_millis(100);
                         s
                     }
                     Err(e) => {
+                        *relay.failed_at.lock() = Some(Instant::now());
                         tracing::warn!(error = %e, ?backoff, "redis subscribe failed; retrying");
                         tokio::select! { () = tokio::time::sleep(backoff) => {}, () = shutdown.cancelled() => return }
                         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -393,8 +447,15 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
         };
         // Since when the queue has not been found empty (`None`: it was, at the last read).
         let mut behind_since: Option<Instant> = None;
+        let mut in_a_row = 0u32;
         loop {
-            let msg = match s.next().now_or_never() {
+            // Outside tokio's cooperative budget: within it, a full queue reads as empty after
+            // 128 messages and the backlog would never be seen. So this task yields by itself.
+            in_a_row += 1;
+            if in_a_row % 256 == 0 {
+                tokio::task::yield_now().await;
+            }
+            let msg = match tokio::task::unconstrained(s.next()).now_or_never() {
                 Some(m) => {
                     let since = *behind_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= relay.max_backlog {
@@ -407,7 +468,12 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
                 }
                 None => {
                     behind_since = None;
-                    tokio::select! { m = s.next() => m, () = shutdown.cancelled() => return }
+                    in_a_row = 0;
+                    tokio::select! {
+                        m = s.next() => m,
+                        () = relay.reset.notified() => break,
+                        () = shutdown.cancelled() => return,
+                    }
                 }
             };
             let Some(msg) = msg else { break };
@@ -417,6 +483,7 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
                 // Another node listens to this channel now: publish its positions again.
                 if let Ok(c) = std::str::from_utf8(payload) {
                     relay.quiet.remove(c);
+                    relay.resumed.insert(c.to_owned(), Instant::now());
                 }
                 continue;
             }

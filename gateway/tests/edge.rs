@@ -500,26 +500,30 @@ async fn the_ingest_port_caps_connections_in_all_and_per_address() {
 
 /// A node that cannot keep up with what it hears from other nodes drops the backlog instead of
 /// queueing it without bound (redis-rs queues unread messages in memory), and goes on hearing
-/// new messages after subscribing again.
+/// new messages after subscribing again. Each delivery is quick (0.1 ms), as in real overload:
+/// the valve must see a queue that stays full, not slow messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
     use hexfleet_gateway::relay::Relay;
-    use std::time::Duration;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
     let Some(url) = redis_or_skip().await else { return };
     let prefix = format!("hexfleet:test:{}:", uuid_like());
     let delivered = std::sync::Arc::new(AtomicUsize::new(0));
     let last = std::sync::Arc::new(parking_lot::Mutex::new(String::new()));
     let (d, l) = (delivered.clone(), last.clone());
     let shutdown = tokio_util::sync::CancellationToken::new();
-    // Delivering takes 5 ms a message; the backlog may last 300 ms.
+    // The backlog may last 300 ms.
     let relay = Relay::start(
         "slow",
         &url,
         &prefix,
         (Duration::from_secs(1), Duration::from_millis(300)),
         move |_, payload| {
-            std::thread::sleep(Duration::from_millis(5));
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(100) {
+                std::hint::spin_loop();
+            }
             d.fetch_add(1, Ordering::Relaxed);
             *l.lock() = String::from_utf8_lossy(payload).into_owned();
         },
@@ -529,13 +533,16 @@ async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
     .await
     .unwrap();
     let mut c = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let mut pipe = redis::pipe();
-    for i in 0..2_000 {
-        pipe.cmd("PUBLISH").arg(format!("{prefix}fanout")).arg(format!("m{i}")).ignore();
+    // 30,000 messages: 3 s of delivering.
+    for _ in 0..3 {
+        let mut pipe = redis::pipe();
+        for i in 0..10_000 {
+            pipe.cmd("PUBLISH").arg(format!("{prefix}fanout")).arg(format!("m{i}")).ignore();
+        }
+        pipe.query_async::<()>(&mut c).await.unwrap();
     }
-    pipe.query_async::<()>(&mut c).await.unwrap();
     eventually("the backlog is dropped", || async { (relay.lag_resets() >= 1).then_some(()) }).await;
-    // Subscribed again: a new message arrives; most of the 2,000 (10 s of work) never did.
+    // Subscribed again: a new message arrives; much of the backlog never did.
     eventually("a message after the reset", || {
         let mut c = c.clone();
         let (prefix, last) = (prefix.clone(), last.clone());
@@ -546,7 +553,8 @@ async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
         }
     })
     .await;
-    assert!(delivered.load(Ordering::Relaxed) < 1_500, "the backlog was dropped, not delivered: {}", delivered.load(Ordering::Relaxed));
+    let n = delivered.load(Ordering::Relaxed);
+    assert!(n < 25_000, "the backlog was dropped, not delivered: {n}");
     shutdown.cancel();
 }
 

@@ -83,7 +83,7 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     let mut customer = b.ws("/v1/ws/track/o1", &b.token(Role::Customer, "cust", tenant, Some("o1"))).await;
     customer.expect("snapshot", |v| t(v) == "order_update" && v["order_id"] == "o1").await;
     // B listens to the order's fan-out channel for it; A, which runs the market, does not.
-    let channel = format!("{prefix}fanout:o:{tenant}:o1");
+    let channel = format!("{prefix}fanout:o:{}:{tenant}:o1", tenant.len());
     assert_eq!(subscribers(&redis, &channel).await, 1);
     assert_eq!(subscribers(&redis, &format!("{prefix}fanout:t:{tenant}")).await, 0, "a tracking page needs its order, not the market");
 
