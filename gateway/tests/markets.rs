@@ -540,18 +540,30 @@ async fn the_owner_publishes_positions_only_while_another_node_listens() {
     let mut customer = b.ws("/v1/ws/track/o1", &b.token(Role::Customer, "cust", tenant, Some("o1"))).await;
     customer.expect("snapshot", |v| t(v) == "order_update" && v["order_id"] == "o1").await;
     eventually("A publishes again", || async { (!quiet(&a)).then_some(()) }).await;
-    let mut moved = false;
+    let mut seen = None;
     for _ in 0..50 {
         lat += 0.0001;
         courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
         let got = customer.try_expect(|v| t(v) == "courier" && v["courier_id"] == "c1");
-        if tokio::time::timeout(Duration::from_millis(200), got).await.is_ok_and(|r| r.is_ok()) {
-            moved = true;
+        if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_millis(200), got).await {
+            seen = v["seq"].as_u64();
             break;
         }
     }
-    assert!(moved, "the courier's moves reach the customer on node b");
-    drop((courier, customer));
+    let seen = seen.expect("the courier's moves reach the customer on node b");
+
+    // The customer leaves: B stops hearing the order, so its stream stops counting. The order
+    // moves on meanwhile; a customer coming back to B with `since` gets a resync and a fresh
+    // snapshot, not "nothing missed".
+    drop(customer);
+    let channel = format!("{prefix}fanout:o:{}:{tenant}:o1", tenant.len());
+    eventually("node b left the order's channel", || async { (subscribers(&redis, &channel).await == 0).then_some(()) }).await;
+    let (s, v) = a.post("/v1/orders/o1/cancel", &disp_a, json!({})).await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("cancelled")), "{v}");
+    let mut back = b.ws(&format!("/v1/ws/track/o1?since={seen}"), &b.token(Role::Customer, "cust", tenant, Some("o1"))).await;
+    back.expect("a resync", |v| t(v) == "resync").await;
+    back.expect("a fresh snapshot", |v| t(v) == "order_update" && v["state"] == "cancelled").await;
+    drop((courier, back));
     a.stop().await;
     b.stop().await;
     db.drop_db().await;
