@@ -381,7 +381,7 @@ async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, m
                 for ((channel, _), heard) in batch.drain(..).zip(heard) {
                     if heard == 0 {
                         // Not if a node said it listens after this was sent (it missed it).
-                        if !relay.resumed.get(&channel).is_some_and(|at| *at >= sent) {
+                        if relay.resumed.get(&channel).is_none_or(|at| *at < sent) {
                             relay.quiet.insert(channel, now + relay.probe);
                         }
                     } else if relay.quiet.contains_key(&channel) {
@@ -452,7 +452,7 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
             // Outside tokio's cooperative budget: within it, a full queue reads as empty after
             // 128 messages and the backlog would never be seen. So this task yields by itself.
             in_a_row += 1;
-            if in_a_row % 256 == 0 {
+            if in_a_row.is_multiple_of(256) {
                 tokio::task::yield_now().await;
             }
             let msg = match tokio::task::unconstrained(s.next()).now_or_never() {
