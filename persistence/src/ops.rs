@@ -231,55 +231,43 @@ macro_rules! backend_ops {
 
             /// Inserts couriers that do not exist yet; an existing row is left as it is.
             async fn register_couriers(conn: &mut Conn, couriers: &[&CourierRecord]) -> Result<(), PersistenceError> {
-                for c in couriers {
-                    let f = c.last_fix.as_ref();
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO couriers ({COURIER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-                         ON CONFLICT (tenant, id) DO NOTHING"
-                    )))
-                    .bind(c.tenant.as_str())
-                    .bind(c.id.as_str())
-                    .bind(c.name.as_deref())
-                    .bind(c.vehicle.as_str())
-                    .bind(i64::from(c.capacity))
-                    .bind(c.device_id.as_deref())
-                    .bind(c.status.as_str())
-                    .bind(c.on_shift)
-                    .bind(f.map(|f| f.pos.lat))
-                    .bind(f.map(|f| f.pos.lng))
-                    .bind(f.map(|f| f.ts))
-                    .bind(f.and_then(|f| f.speed).map(f64::from))
-                    .bind(f.and_then(|f| f.heading).map(f64::from))
-                    .bind(f.and_then(|f| f.acc).map(f64::from))
-                    .bind(c.updated_at)
-                    .execute(&mut *conn)
-                    .await?;
+                for chunk in couriers.chunks(MAX_PARAMS / 15) {
+                    let mut qb = courier_values(chunk);
+                    qb.push(" ON CONFLICT (tenant, id) DO NOTHING");
+                    qb.build().persistent(false).execute(&mut *conn).await?;
                 }
                 Ok(())
+            }
+
+            /// `INSERT INTO couriers (…) VALUES (…), …` for `chunk`, to be finished by an
+            /// `ON CONFLICT` clause.
+            fn courier_values(chunk: &[&CourierRecord]) -> QueryBuilder<Db> {
+                let mut qb = QueryBuilder::<Db>::new(format!("INSERT INTO couriers ({COURIER_COLUMNS}) "));
+                qb.push_values(chunk, |mut b, c| {
+                    let f = c.last_fix.as_ref();
+                    b.push_bind(c.tenant.as_str())
+                        .push_bind(c.id.as_str())
+                        .push_bind(c.name.as_deref())
+                        .push_bind(c.vehicle.as_str())
+                        .push_bind(i64::from(c.capacity))
+                        .push_bind(c.device_id.as_deref())
+                        .push_bind(c.status.as_str())
+                        .push_bind(c.on_shift)
+                        .push_bind(f.map(|f| f.pos.lat))
+                        .push_bind(f.map(|f| f.pos.lng))
+                        .push_bind(f.map(|f| f.ts))
+                        .push_bind(f.and_then(|f| f.speed).map(f64::from))
+                        .push_bind(f.and_then(|f| f.heading).map(f64::from))
+                        .push_bind(f.and_then(|f| f.acc).map(f64::from))
+                        .push_bind(c.updated_at);
+                });
+                qb
             }
 
             /// Upserts couriers; an older snapshot (by `updated_at`) never overwrites a newer one.
             pub(crate) async fn upsert_couriers(conn: &mut Conn, couriers: &[&CourierRecord]) -> Result<(), PersistenceError> {
                 for chunk in couriers.chunks(MAX_PARAMS / 15) {
-                    let mut qb = QueryBuilder::<Db>::new(format!("INSERT INTO couriers ({COURIER_COLUMNS}) "));
-                    qb.push_values(chunk, |mut b, c| {
-                        let f = c.last_fix.as_ref();
-                        b.push_bind(c.tenant.as_str())
-                            .push_bind(c.id.as_str())
-                            .push_bind(c.name.as_deref())
-                            .push_bind(c.vehicle.as_str())
-                            .push_bind(i64::from(c.capacity))
-                            .push_bind(c.device_id.as_deref())
-                            .push_bind(c.status.as_str())
-                            .push_bind(c.on_shift)
-                            .push_bind(f.map(|f| f.pos.lat))
-                            .push_bind(f.map(|f| f.pos.lng))
-                            .push_bind(f.map(|f| f.ts))
-                            .push_bind(f.and_then(|f| f.speed).map(f64::from))
-                            .push_bind(f.and_then(|f| f.heading).map(f64::from))
-                            .push_bind(f.and_then(|f| f.acc).map(f64::from))
-                            .push_bind(c.updated_at);
-                    });
+                    let mut qb = courier_values(chunk);
                     qb.push(
                         " ON CONFLICT (tenant, id) DO UPDATE SET name = excluded.name, vehicle = excluded.vehicle, \
                          capacity = excluded.capacity, device_id = excluded.device_id, status = excluded.status, \
