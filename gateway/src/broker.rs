@@ -14,13 +14,14 @@
 //! gets what it missed, or a `resync` and a fresh snapshot. Courier and console sockets number
 //! their messages per connection.
 //!
-//! Between nodes, each update is published once as JSON through Redis ([`crate::relay`]): on
-//! its tenant's channel, heard by the nodes with a session of that tenant that do not run it,
-//! or, for zone changes, on the global channel every node hears. Each delivers it to its local
-//! sessions. Publishing goes through a bounded queue to one task that pipelines; if Redis is
-//! down, positions are dropped (counted) and discrete messages are
-//! dropped with an error log and a counter: cross-node fan-out is best effort by design, while
-//! local delivery and durability are not affected.
+//! Between nodes, each update is rendered as JSON and published through Redis
+//! ([`crate::relay`]): on its market's channel and, for an order's updates and its courier's
+//! positions, on the order's channel, each heard by the nodes with a session that needs it and
+//! that do not run the market; zone changes go on the global channel every node hears. Each
+//! node delivers what it hears to its local sessions. Publishing goes through a bounded queue
+//! to one task that pipelines; if Redis is down, positions are dropped (counted) and discrete
+//! messages are dropped with an error log and a counter: cross-node fan-out is best effort by
+//! design, while local delivery and durability are not affected.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -725,32 +726,27 @@ impl Broker {
             // Every node's state.
             Fanout::Zone { .. } => self.publish_remote(relay, f, &[None]),
             Fanout::Position { tenant, tracking, .. } => {
-                let market = Topic::Market(tenant);
-                if !relay.is_quiet(market) {
-                    self.publish_remote(relay, f, &[Some(relay.channel(market))]);
+                if let Some(channel) = relay.channel_unless_quiet(Topic::Market(tenant)) {
+                    self.publish_remote(relay, f, &[Some(channel)]);
                 }
                 // Each tracked order's channel gets the position with that order alone, so a
                 // node tracking two of the courier's orders delivers it once to each.
                 for (order, eta) in tracking {
-                    let topic = Topic::Order(tenant, order);
-                    if relay.is_quiet(topic) {
-                        continue;
-                    }
+                    let Some(channel) = relay.channel_unless_quiet(Topic::Order(tenant, order)) else { continue };
                     let mut one = f.clone();
                     if let Fanout::Position { tracking, .. } = &mut one {
                         *tracking = vec![(order.clone(), *eta)];
                     }
-                    self.publish_remote(relay, &one, &[Some(relay.channel(topic))]);
+                    self.publish_remote(relay, &one, &[Some(channel)]);
                 }
             }
-            // Not skipped when quiet: rare, and a console that starts listening later must not
-            // keep a stale status.
-            Fanout::Status { tenant, .. } => self.publish_remote(relay, f, &[Some(relay.channel(Topic::Market(tenant)))]),
             Fanout::Order { tenant, order_id, .. } => {
                 let channels = [Some(relay.channel(Topic::Market(tenant))), Some(relay.channel(Topic::Order(tenant, order_id)))];
                 self.publish_remote(relay, f, &channels);
             }
-            Fanout::ToCourier { tenant, .. } | Fanout::Event { tenant, .. } => {
+            // Statuses are not skipped when quiet: rare, and a console that starts listening
+            // later must not keep a stale status.
+            Fanout::Status { tenant, .. } | Fanout::ToCourier { tenant, .. } | Fanout::Event { tenant, .. } => {
                 self.publish_remote(relay, f, &[Some(relay.channel(Topic::Market(tenant)))]);
             }
         }

@@ -162,9 +162,8 @@ impl Relay {
         let client = redis::Client::open(url)?;
         let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
-        let (mut sink, stream) = client.get_async_pubsub().await?.split();
         // Subscribed before returning, so no zone change published after start is missed.
-        sink.subscribe(&[global(prefix), notices(prefix)]).await?;
+        let (sink, stream) = pubsub(&client, prefix).await?;
         let relay = Arc::new(Relay {
             prefix: prefix.to_owned(),
             tx,
@@ -238,9 +237,20 @@ impl Relay {
     /// Whether a `PUBLISH` on this topic's channel was heard by no node a moment ago: its
     /// positions need not be rendered or published until the next probe.
     pub fn is_quiet(&self, topic: Topic<'_>) -> bool {
+        self.unless_quiet(topic, |_| ()).is_none()
+    }
+
+    /// The topic's channel, unless it is quiet ([`Relay::is_quiet`]): the name is built once,
+    /// and allocated only when it is to be published to.
+    pub(crate) fn channel_unless_quiet(&self, topic: Topic<'_>) -> Option<String> {
+        self.unless_quiet(topic, |name| name.to_owned())
+    }
+
+    fn unless_quiet<T>(&self, topic: Topic<'_>, then: impl FnOnce(&str) -> T) -> Option<T> {
         NAME.with_borrow_mut(|name| {
             self.write_name(name, topic);
-            self.quiet.get(name.as_str()).is_some_and(|until| Instant::now() < *until)
+            let quiet = self.quiet.get(name.as_str()).is_some_and(|until| Instant::now() < *until);
+            (!quiet).then(|| then(name))
         })
     }
 
@@ -340,6 +350,11 @@ impl Relay {
         metrics::gauge!("hexfleet_redis_channels").set(listening.len() as f64);
     }
 
+    /// Whether a message is one this node sent.
+    fn is_own(&self, payload: &[u8]) -> bool {
+        payload.starts_with(&self.own)
+    }
+
     fn heard(&self, channel: &str) -> Option<Heard> {
         let rest = channel.strip_prefix(self.prefix.as_str())?.strip_prefix("fanout")?;
         match rest {
@@ -358,6 +373,13 @@ fn global(prefix: &str) -> String {
 /// Where a node says it started listening to a channel (payload: the channel).
 fn notices(prefix: &str) -> String {
     format!("{prefix}fanout:listen")
+}
+
+/// A pub/sub connection that hears the channels every node hears.
+async fn pubsub(client: &redis::Client, prefix: &str) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
+    let (mut sink, stream) = client.get_async_pubsub().await?.split();
+    sink.subscribe(&[global(prefix), notices(prefix)]).await?;
+    Ok((sink, stream))
 }
 
 async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
@@ -407,8 +429,7 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
             Some(s) => s,
             None => {
                 let reconnect = async {
-                    let (mut sink, s) = client.get_async_pubsub().await?.split();
-                    sink.subscribe(&[global(&relay.prefix), notices.clone()]).await?;
+                    let (mut sink, s) = pubsub(&client, &relay.prefix).await?;
                     // Exactly what `listening` records, under its lock: sessions registered
                     // meanwhile wait (bounded) or are added by the reconciler after.
                     let listening = relay.listening.lock().await;
@@ -496,12 +517,5 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
         }
         *relay.sink.lock() = None;
         tracing::warn!("redis subscription lost; reconnecting");
-    }
-}
-
-impl Relay {
-    /// Whether a message is one this node sent.
-    fn is_own(&self, payload: &[u8]) -> bool {
-        payload.starts_with(&self.own)
     }
 }
