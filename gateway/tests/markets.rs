@@ -32,6 +32,14 @@ fn leased(db: &str, redis: &str, prefix: &str, name: &str, ttl: Duration, renew:
     cfg
 }
 
+/// The Redis and a fresh PostgreSQL database for one test, and a Redis key prefix of its own;
+/// `None` (the test skips) only when a service is missing outside CI.
+async fn services() -> Option<(String, PgDb, String)> {
+    let redis = redis_or_skip().await?;
+    let db = PgDb::create().await?;
+    Some((redis, db, format!("hexfleet:test:{}:", uuid_like())))
+}
+
 async fn lease_row(db: &str, tenant: &str) -> (String, i64) {
     use sqlx::Connection as _;
     let mut c = sqlx::PgConnection::connect(db).await.unwrap();
@@ -44,9 +52,7 @@ async fn lease_row(db: &str, tenant: &str) -> (String, i64) {
 /// sees A's live state. A customer tracking socket stays on B and is fed through Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_reach_the_markets_owner_from_any_node() {
-    let Some(redis) = redis_or_skip().await else { return };
-    let Some(db) = PgDb::create().await else { return };
-    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let Some((redis, db, prefix)) = services().await else { return };
     let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
     let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
     let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
@@ -190,9 +196,7 @@ async fn requests_reach_the_markets_owner_from_any_node() {
 /// from the store, its dispatcher offers it, and the lease's epoch moves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_market_whose_owner_dies_is_taken_over_when_its_lease_lapses() {
-    let Some(redis) = redis_or_skip().await else { return };
-    let Some(db) = PgDb::create().await else { return };
-    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let Some((redis, db, prefix)) = services().await else { return };
     let tenant = "paris";
     let mut a = Proc::spawn_with(
         &db.url,
@@ -252,9 +256,7 @@ async fn a_market_whose_owner_dies_is_taken_over_when_its_lease_lapses() {
 /// renewal A stops with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_market_cannot_write_it_and_stops() {
-    let Some(redis) = redis_or_skip().await else { return };
-    let Some(db) = PgDb::create().await else { return };
-    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let Some((redis, db, prefix)) = services().await else { return };
     let tenant = "lyon";
     // Renewals far apart: the write below happens before A looks at its lease again.
     let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", Duration::from_secs(60), Duration::from_secs(3600))).await;
@@ -292,9 +294,7 @@ async fn a_node_that_lost_its_market_cannot_write_it_and_stops() {
 /// The keeper stops the node when a renewal shows the lease was taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_keeper_stops_a_node_whose_lease_was_taken() {
-    let Some(redis) = redis_or_skip().await else { return };
-    let Some(db) = PgDb::create().await else { return };
-    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let Some((redis, db, prefix)) = services().await else { return };
     let tenant = "nantes";
     let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", Duration::from_secs(5), Duration::from_millis(200))).await;
     let disp = a.dispatcher(tenant);
@@ -316,9 +316,7 @@ async fn the_keeper_stops_a_node_whose_lease_was_taken() {
 /// during it for one it lost (which would stop the node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn markets_taken_during_a_renewal_are_not_reported_lost() {
-    let Some(redis) = redis_or_skip().await else { return };
-    let Some(db) = PgDb::create().await else { return };
-    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let Some((redis, db, prefix)) = services().await else { return };
     let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", Duration::from_secs(60), Duration::from_secs(3600))).await;
     let markets = a.running.as_ref().unwrap().state.markets.clone().unwrap();
     let taking = {
@@ -380,9 +378,7 @@ async fn expect_step_down(srv: &TestServer, courier: &mut Ws) -> std::sync::Arc<
 /// courier reconnects there. When the proxy is restored, A finds its lease taken and stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
-    let Some(redis) = redis_or_skip().await else { return };
-    let Some(db) = PgDb::create().await else { return };
-    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let Some((redis, db, prefix)) = services().await else { return };
     let (proxy, via) = Proxy::in_front_of(&db.url).await;
     let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
     let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
@@ -439,9 +435,7 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
 /// give up: when node B takes the market over, A no longer serves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_database_hangs_steps_down_before_its_lease_can_be_taken() {
-    let Some(redis) = redis_or_skip().await else { return };
-    let Some(db) = PgDb::create().await else { return };
-    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let Some((redis, db, prefix)) = services().await else { return };
     let (proxy, via) = Proxy::in_front_of(&db.url).await;
     let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
     let a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
@@ -465,9 +459,7 @@ async fn a_node_whose_database_hangs_steps_down_before_its_lease_can_be_taken() 
 /// the database is back and no one took its market, serves it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
-    let Some(redis) = redis_or_skip().await else { return };
-    let Some(db) = PgDb::create().await else { return };
-    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let Some((redis, db, prefix)) = services().await else { return };
     let (proxy, via) = Proxy::in_front_of(&db.url).await;
     let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", Duration::from_secs(2), Duration::from_millis(300))).await;
     let tenant = "braga";
@@ -506,9 +498,7 @@ async fn a_node_that_stepped_down_serves_again_when_no_one_took_its_market() {
 /// notice, not at the next probe (set to two minutes here, so only the notice can do it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_publishes_positions_only_while_another_node_listens() {
-    let Some(redis) = redis_or_skip().await else { return };
-    let Some(db) = PgDb::create().await else { return };
-    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    let Some((redis, db, prefix)) = services().await else { return };
     let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
     let mut cfg_a = leased(&db.url, &redis, &prefix, "node-a", ttl, renew);
     cfg_a.fanout_probe = Duration::from_secs(120);
