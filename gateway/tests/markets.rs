@@ -40,6 +40,18 @@ async fn services() -> Option<(String, PgDb, String)> {
     Some((redis, db, format!("hexfleet:test:{}:", uuid_like())))
 }
 
+/// Courier `c1`'s app on `srv` goes available near the pickup, is offered `o1` by the
+/// dispatcher of the node that runs the market and accepts it.
+async fn takes_o1(srv: &TestServer, tenant: &str) -> Ws {
+    let mut courier = srv.ws("/v1/ws/courier", &srv.token(Role::Courier, "c1", tenant, None)).await;
+    courier.send(json!({"t":"status","status":"available"})).await;
+    courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
+    courier.expect("offer of o1", |v| t(v) == "offer" && v["order_id"] == "o1").await;
+    courier.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
+    courier.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
+    courier
+}
+
 async fn lease_row(db: &str, tenant: &str) -> (String, i64) {
     use sqlx::Connection as _;
     let mut c = sqlx::PgConnection::connect(db).await.unwrap();
@@ -236,12 +248,7 @@ async fn a_market_whose_owner_dies_is_taken_over_when_its_lease_lapses() {
     assert_eq!((s, v["state"].as_str()), (200, Some("created")), "{v}");
 
     // B's dispatcher now offers the order to a courier connected to B.
-    let mut courier = b.ws("/v1/ws/courier", &b.token(Role::Courier, "c1", tenant, None)).await;
-    courier.send(json!({"t":"status","status":"available"})).await;
-    courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
-    courier.expect("offer of o1 from B", |v| t(v) == "offer" && v["order_id"] == "o1").await;
-    courier.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
-    courier.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
+    let courier = takes_o1(&b, tenant).await;
     let (_, ev) = b.get("/v1/events?entity=order&id=o1", Some(&disp)).await;
     let kinds: Vec<&str> = ev["items"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
     assert_eq!(kinds, ["order.created", "order.offered", "order.assigned"], "{ev}");
@@ -511,12 +518,7 @@ async fn the_owner_publishes_positions_only_while_another_node_listens() {
     // A runs the market; its courier takes o1 and moves, and no other node listens.
     let (s, v) = a.post("/v1/orders", &disp_a, order("o1")).await;
     assert_eq!(s, 201, "{v}");
-    let mut courier = a.ws("/v1/ws/courier", &a.token(Role::Courier, "c1", tenant, None)).await;
-    courier.send(json!({"t":"status","status":"available"})).await;
-    courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
-    courier.expect("offer of o1", |v| t(v) == "offer" && v["order_id"] == "o1").await;
-    courier.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
-    courier.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
+    let mut courier = takes_o1(&a, tenant).await;
     let mut lat = NEAR.0;
     let deadline = std::time::Instant::now() + DEADLINE;
     while !quiet(&a) {
