@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::domain::{Actor as Who, AssignmentRecord, Order, OrderId, OrderState, TenantId};
+use crate::domain::{Actor as Who, AssignmentRecord, Ms, Order, OrderId, OrderState, TenantId};
 use crate::fleet::FleetCtx;
 use crate::order::Command;
 
@@ -79,6 +79,13 @@ impl Actor for Dispatcher {
     }
 }
 
+/// Since when an unassigned order has been waiting for a courier: its creation, or its
+/// `ready_at` when that is later (an order scheduled for later does not expire before it is
+/// due).
+fn waiting_since(o: &Order) -> Ms {
+    o.ready_at.map_or(o.created_at, |r| r.max(o.created_at))
+}
+
 impl DispatcherState {
     async fn tick(&mut self) {
         let started = std::time::Instant::now();
@@ -90,7 +97,7 @@ impl DispatcherState {
                 (OrderState::Offered, Some(offer)) if offer.expires_at <= now => {
                     self.ctx.order_command(&self.tenant, &o.id, Command::OfferLapsed { courier: offer.courier.clone() }, Who::System);
                 }
-                (OrderState::Created, _) if now - o.created_at >= cfg.order_expiry_ms => {
+                (OrderState::Created, _) if now - waiting_since(o) >= cfg.order_expiry_ms => {
                     self.ctx.order_command(&self.tenant, &o.id, Command::Expire, Who::System);
                 }
                 _ => {}
@@ -101,7 +108,7 @@ impl DispatcherState {
             .orders
             .values()
             .filter(|o| o.state == OrderState::Created && o.ready_at.is_none_or(|r| r - now <= 10 * 60_000))
-            .filter(|o| now - o.created_at < cfg.order_expiry_ms)
+            .filter(|o| now - waiting_since(o) < cfg.order_expiry_ms)
             .cloned()
             .collect();
         if open.is_empty() {

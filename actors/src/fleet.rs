@@ -29,6 +29,27 @@ use crate::routing::RoutePlanner;
 use crate::publish::Publisher;
 use crate::store::{Store, Write};
 
+/// An order id reserved in [`FleetCtx::creating`] while its creation runs.
+struct Creating<'a> {
+    set: &'a dashmap::DashSet<(TenantId, OrderId)>,
+    key: (TenantId, OrderId),
+}
+
+impl<'a> Creating<'a> {
+    fn reserve(set: &'a dashmap::DashSet<(TenantId, OrderId)>, key: (TenantId, OrderId)) -> Option<Self> {
+        set.insert(key.clone()).then_some(Creating { set, key })
+    }
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.set.remove(&self.key);
+    }
+}
+
+/// How far from now an order's `ready_at` or `deliver_by` may lie (30 days).
+pub const MAX_ORDER_TIME_SKEW_MS: u64 = 30 * 24 * 3600 * 1000;
+
 /// Tunables of the fleet.
 #[derive(Clone, Debug)]
 pub struct FleetConfig {
@@ -245,6 +266,9 @@ pub struct FleetCtx {
     pub(crate) orders: DashMap<(TenantId, OrderId), ActorRef<OrderMsg>>,
     /// Latest durable snapshot of every open order (reads and supervised restarts).
     pub(crate) last_orders: DashMap<(TenantId, OrderId), Arc<Order>>,
+    /// Order ids being created right now (checked, not yet committed and spawned): a retry
+    /// racing its first attempt gets a conflict instead of a second order.
+    pub(crate) creating: dashmap::DashSet<(TenantId, OrderId)>,
     pub(crate) devices: DashMap<String, (TenantId, CourierId)>,
     /// Capacity units each courier is committed to (orders offered to it or held by it). The
     /// order actors reserve here before an offer or assignment is made durable, so no courier
@@ -538,6 +562,7 @@ impl Fleet {
             couriers: DashMap::new(),
             orders: DashMap::new(),
             last_orders: DashMap::new(),
+            creating: dashmap::DashSet::new(),
             devices: DashMap::new(),
             loads: DashMap::new(),
             dispatchers: DashMap::new(),
@@ -804,12 +829,20 @@ impl Fleet {
         snap.in_bbox(min, max).filter_map(|e| t.id(e.key)).filter_map(|id| self.ctx.courier_record(tenant, &id)).collect()
     }
 
-    /// Creates an order; returns once it is durable.
+    /// Creates an order; returns once it is durable. `ready_at` and `deliver_by` must lie
+    /// within 30 days of now.
     pub async fn create_order(&self, tenant: &TenantId, new: NewOrder, who: &Who) -> Result<Arc<Order>, FleetError> {
         if new.size == 0 {
             return Err(FleetError::Invalid("size must be at least 1".into()));
         }
         let now = self.now_ms();
+        // Times far from now are mistakes (seconds for milliseconds, a year off), and would
+        // overflow the dispatcher's arithmetic.
+        for (name, t) in [("ready_at", new.ready_at), ("deliver_by", new.deliver_by)] {
+            if t.is_some_and(|t| t.abs_diff(now) > MAX_ORDER_TIME_SKEW_MS) {
+                return Err(FleetError::Invalid(format!("{name} must be within 30 days of now (milliseconds since the epoch)")));
+            }
+        }
         if let (Some(r), Some(d)) = (new.ready_at, new.deliver_by)
             && d < r
         {
@@ -824,8 +857,11 @@ impl Fleet {
         let chosen = new.id.is_some();
         let id = new.id.clone().unwrap_or_else(|| OrderId::new(uuid::Uuid::now_v7().to_string()));
         let key = (tenant.clone(), id.clone());
+        let exists = || FleetError::Conflict(format!("order {id} already exists"));
+        // Held until the order's actor is in `orders` (or the creation failed).
+        let Some(_creating) = Creating::reserve(&self.ctx.creating, key.clone()) else { return Err(exists()) };
         if self.ctx.orders.contains_key(&key) || (chosen && self.ctx.store.order(tenant, &id).await?.is_some()) {
-            return Err(FleetError::Conflict(format!("order {id} already exists")));
+            return Err(exists());
         }
         let order = Order {
             tenant: tenant.clone(),

@@ -97,10 +97,20 @@ pub(crate) fn plan_round(
     // One planner per vehicle type for the round: the same learned model (a newer one may be
     // published mid-round) and a memo of the speeds looked up in it.
     let mut planners: HashMap<crate::domain::Vehicle, RoutePlanner> = HashMap::new();
+    // Spare capacity by courier for the round. The nearest search skips couriers without room
+    // for the order, so a hub full of busy couriers does not hide a free one further away.
+    let mut spare: HashMap<CourierKey, u32> = HashMap::new();
+    let mut spare_of = |key: CourierKey| -> u32 {
+        *spare.entry(key).or_insert_with(|| {
+            let Some(id) = index.id(key) else { return 0 };
+            let Some(rec) = ctx.courier_record(tenant, &id) else { return 0 };
+            u32::from(rec.capacity).saturating_sub(u32::from(ctx.load(tenant, &id)))
+        })
+    };
     for (i, o) in open.iter().enumerate() {
         let declined: Vec<CourierKey> = o.declined.iter().map(|c| index.key(c)).collect();
         let near = snap.nearest(o.pickup, cfg.candidates_per_order, Some(cfg.max_pickup_distance_m), |e| {
-            e.available && !declined.contains(&e.key)
+            e.available && !declined.contains(&e.key) && spare_of(e.key) >= u32::from(o.size)
         });
         for (e, _) in near {
             let col = *col_of.entry(e.key).or_insert_with(|| {

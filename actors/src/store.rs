@@ -152,6 +152,8 @@ struct MemoryInner {
     speeds: HashMap<(TenantId, crate::domain::Vehicle), SpeedTable>,
     /// When set, every call fails as if the database were down.
     down: bool,
+    /// How long each commit takes (tests of races around a commit in flight).
+    commit_delay: Option<std::time::Duration>,
 }
 
 impl MemoryStore {
@@ -161,6 +163,10 @@ impl MemoryStore {
     /// Simulates an outage (tests of the 503 path in the actors).
     pub fn set_down(&self, down: bool) {
         self.inner.lock().down = down;
+    }
+    /// Makes every commit take `delay` before it applies (a slow database).
+    pub fn set_commit_delay(&self, delay: Option<std::time::Duration>) {
+        self.inner.lock().commit_delay = delay;
     }
     /// All events appended so far.
     pub fn all_events(&self) -> Vec<DomainEvent> {
@@ -174,6 +180,10 @@ impl MemoryStore {
 #[async_trait]
 impl Store for MemoryStore {
     async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        let delay = self.inner.lock().commit_delay;
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         let mut g = self.inner.lock();
         Self::check(&g)?;
         for w in batch {

@@ -555,3 +555,45 @@ async fn learned_speeds_survive_a_restart() {
     assert!(v < 2.5, "the slow street is still slow after the restart: {v}");
     g.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn couriers_without_room_do_not_hide_a_free_one_further_away() {
+    // As many full couriers at the hub as the round looks at per order (`candidates_per_order`),
+    // and one free courier a kilometre away.
+    let w = world(FleetConfig { candidates_per_order: 3, ..Default::default() }).await;
+    for i in 0..3 {
+        let c = w.courier(&format!("busy{i}"), at(0.0, 0.0), 1).await;
+        let held = w.order(&format!("held{i}"), at(5.0, 0.0), at(900.0, 0.0)).await;
+        w.f.assign(&w.t, &held, &c, Who::Dispatcher("d".into())).await.unwrap();
+        assert!(eventually(|| w.f.ctx().load(&w.t, &c) == 1).await);
+    }
+    let free = w.courier("free", at(1000.0, 0.0), 1).await;
+    let o = w.order("o1", at(0.0, 0.0), at(500.0, 0.0)).await;
+    w.settle().await;
+    w.offered_to(&o, &free).await;
+}
+
+#[tokio::test]
+async fn an_order_scheduled_for_later_waits_for_its_time_instead_of_expiring() {
+    let w = world(FleetConfig { order_expiry_ms: 30 * 60_000, ..Default::default() }).await;
+    let c = w.courier("c", at(100.0, 0.0), 1).await;
+    let ready = T0 + 60 * 60_000;
+    let new = NewOrder { id: Some(OrderId::new("later")), pickup: at(0.0, 0.0), dropoff: at(800.0, 0.0), size: 1, ready_at: Some(ready), deliver_by: None };
+    let o = w.f.create_order(&w.t, new, &Who::Dispatcher("d".into())).await.unwrap().id.clone();
+    // 31 minutes after creation, 29 before it is due: not offered yet, and not expired.
+    w.clock.advance(31 * 60_000);
+    w.settle().await;
+    w.settle().await;
+    assert_eq!(w.get(&o).await.state, OrderState::Created);
+    // Ten minutes before it is due, it goes out.
+    w.clock.advance(20 * 60_000);
+    w.settle().await;
+    w.offered_to(&o, &c).await;
+
+    // Times far from now are refused, not left to overflow the dispatcher.
+    for (ready_at, deliver_by) in [(Some(i64::MAX), None), (None, Some(i64::MIN)), (Some(T0 + 40 * 86_400_000), None)] {
+        let new = NewOrder { id: None, pickup: at(0.0, 0.0), dropoff: at(800.0, 0.0), size: 1, ready_at, deliver_by };
+        let err = w.f.create_order(&w.t, new, &Who::Dispatcher("d".into())).await.unwrap_err();
+        assert!(matches!(err, FleetError::Invalid(_)), "{err:?}");
+    }
+}

@@ -240,3 +240,35 @@ async fn a_market_taken_over_concurrently_is_loaded_once() {
     // A dispatch round runs for the market.
     f.dispatch_now(&t).await.expect("the market's dispatcher runs");
 }
+
+/// A client that retries an order creation while the first attempt is still committing (a
+/// slow database, a timeout on its side) gets a conflict, not a second order with the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_racing_its_first_creation_gets_a_conflict() {
+    let store = Arc::new(MemoryStore::new());
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), ..Default::default() };
+    let f = Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: Arc::new(TokioClock::new()), config })
+        .await
+        .unwrap();
+    store.set_commit_delay(Some(Duration::from_millis(100)));
+    let t = TenantId::new("t");
+    let new = |lat: f64| NewOrder {
+        id: Some(hexfleet_actors::domain::OrderId::new("o1")),
+        pickup: LatLng::new(lat, -73.57).unwrap(),
+        dropoff: LatLng::new(45.51, -73.57).unwrap(),
+        size: 1,
+        ready_at: None,
+        deliver_by: None,
+    };
+    let who = Who::Dispatcher("d".into());
+    let (a, b) = tokio::join!(f.create_order(&t, new(45.50), &who), f.create_order(&t, new(45.49), &who));
+    let oks = [&a, &b].iter().filter(|r| r.is_ok()).count();
+    assert_eq!(oks, 1, "exactly one creation wins: {a:?} / {b:?}");
+    let lost = if a.is_ok() { b } else { a };
+    assert!(matches!(lost, Err(hexfleet_actors::FleetError::Conflict(_))), "{lost:?}");
+    let created = store.all_events().iter().filter(|e| e.kind == "order.created").count();
+    assert_eq!(created, 1, "one order.created in the log");
+    // And once it exists, a later retry is a conflict too.
+    store.set_commit_delay(None);
+    assert!(matches!(f.create_order(&t, new(45.50), &who).await, Err(hexfleet_actors::FleetError::Conflict(_))));
+}

@@ -729,7 +729,14 @@ impl FenceTracker {
             });
             for id in fresh.drain(..) {
                 if !self.states.iter().any(|s| s.fence == id) {
-                    let since = set.slot(id).map_or(ts_ms, |s| s.added_at_ms).max(self.last_ms.unwrap_or(i64::MIN)).min(ts_ms);
+                    // A fence added since the last fix: inside since it was added (or since that
+                    // fix). On a first fix nothing is known before it: the stay starts now, not
+                    // when the fence was last edited (a false `dwell` after every restart).
+                    let since = if first_fix {
+                        ts_ms
+                    } else {
+                        set.slot(id).map_or(ts_ms, |s| s.added_at_ms).max(self.last_ms.unwrap_or(i64::MIN)).min(ts_ms)
+                    };
                     self.states.push(FenceState { fence: id, inside: true, since_ms: since, dwell_sent: false, streak: 0, flip_ms: 0 });
                 }
             }
@@ -1076,6 +1083,13 @@ mod tests {
         t.on_fix(&set, at_border(300.0), 2_000, &mut ev);
         assert!(ev.is_empty());
         assert_eq!(t.inside().count(), 1);
+        // A first fix long after the fence was made (a restart, a shift starting at a hub):
+        // the stay starts at that fix, so no dwell fires on it, and the dwell counts from it.
+        let mut t = FenceTracker::new(TrackerConfig::default());
+        t.on_fix(&set, at_border(300.0), 600_000, &mut ev);
+        assert!(ev.is_empty(), "{ev:?}");
+        t.on_fix(&set, at_border(300.0), 600_000 + 120_000, &mut ev);
+        assert_eq!(ev, vec![FenceEvent { fence: 1, kind: FenceEventKind::Dwell { dwell_ms: 120_000 }, at_ms: 720_000 }]);
     }
 
     #[test]
