@@ -107,6 +107,8 @@ pub struct Markets {
     main: tokio::runtime::Handle,
     /// Why this node stopped, when it lost a market.
     lost: parking_lot::Mutex<Option<String>>,
+    /// The node's shutdown, cancelled when it loses a market ([`Markets::spawn_renewer`]).
+    shutdown: OnceLock<CancellationToken>,
     /// When the last successful renewal started: every lease this node holds runs at least
     /// until this plus the TTL (the local deadline).
     renewed_at: parking_lot::Mutex<tokio::time::Instant>,
@@ -140,6 +142,7 @@ impl Markets {
             fleet: OnceLock::new(),
             main: tokio::runtime::Handle::current(),
             lost: parking_lot::Mutex::new(None),
+            shutdown: OnceLock::new(),
             // Before any lease is taken, so the deadline is never later than a lease's expiry.
             renewed_at: parking_lot::Mutex::new(tokio::time::Instant::now()),
             stepped_down: AtomicBool::new(false),
@@ -220,6 +223,10 @@ impl Markets {
         if self.ready.contains_key(tenant) {
             return Ok(Route::Local);
         }
+        if self.lost.lock().is_some() {
+            // Stopping after a lost market: take nothing more.
+            return Err(changing_owner(tenant));
+        }
         for _ in 0..2 {
             let taken = self
                 .store
@@ -227,6 +234,14 @@ impl Markets {
                 .await
                 .map_err(store_down)?;
             if let Some(l) = taken {
+                if let Some(held) = self.epochs.get(tenant).map(|e| *e)
+                    && l.epoch > held + 1
+                {
+                    // Held here at `held` (kept through a step-down), and by another node
+                    // between that and this epoch: the actors here missed its changes.
+                    self.lose(tenant, &format!("market {tenant} was owned by another node while this one was stepped down (epoch {held} → {})", l.epoch));
+                    return Err(changing_owner(tenant));
+                }
                 self.adopt(tenant, l.epoch).await?;
                 return Ok(Route::Local);
             }
@@ -311,12 +326,6 @@ impl Markets {
                     tracing::warn!(markets = n, node = %self.node_id, "market leases renewed again: serving them again");
                 }
                 let (t, _) = lost?;
-                // Nothing of it is written from here on (fences, snapshots, speeds), and what
-                // waits in the snapshot buffer is dropped.
-                self.epochs.remove(&t);
-                self.ready.remove(&t);
-                let (couriers, samples) = self.store.discard_buffered(&t);
-                tracing::info!(tenant = %t, couriers, samples, "buffered snapshots of a lost market dropped");
                 Some(t)
             }
             Err(e) => {
@@ -344,6 +353,21 @@ impl Markets {
         metrics::counter!("hexfleet_market_step_downs_total").increment(1);
         tracing::error!(error = %why, markets = held.len(), sessions, node = %self.node_id, ttl = ?self.config.ttl,
             "no lease renewal for a whole lease: another node may own these markets now; not serving them until a renewal succeeds");
+    }
+
+    /// Gives up a market another node owned or owns: nothing of it is written from here on
+    /// (fences, snapshots, speeds), what waits in the snapshot buffer is dropped, and the node
+    /// stops, so that only the market's owner acts on it (its actors here may be stale).
+    fn lose(&self, t: &TenantId, why: &str) {
+        self.epochs.remove(t);
+        self.ready.remove(t);
+        let (couriers, samples) = self.store.discard_buffered(t);
+        tracing::error!(tenant = %t, node = %self.node_id, couriers, samples, "{why}; stopping so that only its owner acts on it");
+        metrics::counter!("hexfleet_market_leases_lost_total").increment(1);
+        *self.lost.lock() = Some(why.to_owned());
+        if let Some(s) = self.shutdown.get() {
+            s.cancel();
+        }
     }
 
     /// Whether this node stepped down for want of renewals ([`Markets::renew`]).
@@ -382,10 +406,11 @@ impl Markets {
     /// slow load never delays a renewal. Beside it a watchdog steps the node down at the local
     /// deadline ([`Markets::step_down`]).
     pub fn spawn_renewer(self: &Arc<Self>, stop: CancellationToken, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let _ = self.shutdown.set(shutdown);
         let me = self.clone();
         tokio::spawn(async move {
             let watchdog = me.watch_deadline(stop.clone());
-            let renewer = me.renew_until(stop, shutdown);
+            let renewer = me.renew_until(stop);
             tokio::join!(watchdog, renewer);
         })
     }
@@ -418,8 +443,8 @@ impl Markets {
         }
     }
 
-    /// Renews every `renew_every` until `stop`; a lost market cancels `shutdown`.
-    async fn renew_until(&self, stop: CancellationToken, shutdown: CancellationToken) {
+    /// Renews every `renew_every` until `stop`; a lost market stops the node ([`Markets::lose`]).
+    async fn renew_until(&self, stop: CancellationToken) {
         let mut tick = self.ticker();
         loop {
             tokio::select! {
@@ -427,11 +452,7 @@ impl Markets {
                 _ = tick.tick() => {}
             }
             if let Some(t) = self.renew().await {
-                let why = format!("lost the lease of market {t} to another node");
-                tracing::error!(tenant = %t, node = %self.node_id, "{why}; stopping so that only its new owner acts on it");
-                metrics::counter!("hexfleet_market_leases_lost_total").increment(1);
-                *self.lost.lock() = Some(why);
-                shutdown.cancel();
+                self.lose(&t, &format!("lost the lease of market {t} to another node"));
                 // Keep renewing the other markets while the node drains.
             }
         }

@@ -437,6 +437,43 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
     db.drop_db().await;
 }
 
+/// A node that stepped down while another node ran its market, and finds the market free
+/// again when it is back (that node stopped and released it), does not serve it with the
+/// actors it kept: they missed the other node's changes (here, a cancel). It stops, as a node
+/// that lost its market does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_another_ran_its_market_does_not_serve_its_stale_actors() {
+    let Some((redis, db, prefix)) = services().await else { return };
+    let (proxy, via) = Proxy::in_front_of(&db.url).await;
+    let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
+    let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let tenant = "braga";
+    let (disp_a, disp_b) = (a.dispatcher(tenant), b.dispatcher(tenant));
+    assert_eq!(a.post("/v1/orders", &disp_a, order("o1")).await.0, 201);
+    let markets_a = a.running.as_ref().unwrap().state.markets.clone().unwrap();
+
+    proxy.cut();
+    eventually("A steps down", || async { markets_a.stepped_down().then_some(()) }).await;
+    eventually("B serves the market", || async { (b.get("/v1/orders/o1", Some(&disp_b)).await.0 == 200).then_some(()) }).await;
+    let (s, v) = b.post("/v1/orders/o1/cancel", &disp_b, json!({})).await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("cancelled")), "{v}");
+    b.stop().await;
+
+    // Back in reach, with the market free: A's taker finds it before A's next renewal.
+    proxy.restore();
+    markets_a.take_over().await;
+    // A may have stopped listening already; if it answers, it is not with what it kept.
+    if let Ok(r) = a.http.get(format!("{}/v1/orders/o1", a.base)).bearer_auth(&disp_a).send().await {
+        let s = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(s != 200 || v["state"] == "cancelled", "A serves the order as it knew it before B cancelled it: {s} {v}");
+    }
+    let err = tokio::time::timeout(DEADLINE, a.running.take().unwrap().wait()).await.expect("A stops in time").expect_err("with an error");
+    assert!(err.to_string().contains("market braga was owned by another node"), "{err}");
+    db.drop_db().await;
+}
+
 /// A node whose database connections hang (no reset, no answer) steps down by its local
 /// deadline, before the lease can lapse, although each of its renewals takes half a lease to
 /// give up: when node B takes the market over, A no longer serves it.
