@@ -187,8 +187,11 @@ impl ServeArgs {
             Some(s) if s.len() >= 8 => Ok(s.clone()),
             Some(_) => anyhow::bail!("HEXFLEET_JWT_SECRET must be at least 8 characters"),
             None => {
-                let loopback = self.listen.starts_with("127.") || self.listen.starts_with("localhost") || self.listen.starts_with("[::1]");
-                anyhow::ensure!(loopback, "set HEXFLEET_JWT_SECRET to serve on {} (the development secret is only allowed on loopback)", self.listen);
+                let loopback = |a: &str| a.starts_with("127.") || a.starts_with("localhost") || a.starts_with("[::1]");
+                // Every address tokens are checked on: the HTTP port and the ingest port.
+                for addr in std::iter::once(&self.listen).chain(&self.ingest_listen) {
+                    anyhow::ensure!(loopback(addr), "set HEXFLEET_JWT_SECRET to serve on {addr} (the development secret is only allowed on loopback)");
+                }
                 tracing::warn!("HEXFLEET_JWT_SECRET is not set: using the development secret (loopback only)");
                 Ok(DEV_JWT_SECRET.to_owned())
             }
@@ -289,6 +292,9 @@ pub fn argv_with_config(argv: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
             continue;
         }
         match value {
+            // A flag that takes its value (`--learn-speeds false`) gets it; a switch
+            // (`--auto-accept`) is given for true and left out for false.
+            toml::Value::Boolean(b) if arg.get_action().takes_values() => extra.push(format!("{flag}={b}").into()),
             toml::Value::Boolean(true) => extra.push(flag.into()),
             toml::Value::Boolean(false) => {}
             toml::Value::String(s) => extra.extend([flag.into(), s.into()]),
@@ -387,5 +393,30 @@ mod tests {
         assert!(s.secret().is_err());
         s.listen = "127.0.0.1:1".into();
         assert!(s.secret().is_ok());
+        // The ingest port takes courier tokens too: a public one needs a real secret.
+        s.ingest_listen = Some("0.0.0.0:9".into());
+        assert!(s.secret().is_err());
+        s.ingest_listen = Some("127.0.0.1:9".into());
+        assert!(s.secret().is_ok());
+    }
+
+    #[test]
+    fn config_file_booleans_reach_flags_that_take_a_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("hexfleet.toml");
+        let parse = |text: &str| {
+            std::fs::write(&f, text).unwrap();
+            let argv: Vec<OsString> = ["hexfleet", "--config", f.to_str().unwrap(), "serve"].map(Into::into).into();
+            let Cmd::Serve(s) = Cli::try_parse_from(argv_with_config(argv).unwrap()).unwrap().cmd else { panic!("not serve") };
+            s
+        };
+        let s = parse("learn_speeds = false\nmarket_leases = true\nwebhook_allow_private = true\nauto_accept = false\n");
+        assert!(!s.learn_speeds);
+        assert_eq!(s.market_leases, Some(true));
+        assert!(s.webhook_allow_private);
+        assert!(!s.auto_accept);
+        let s = parse("market_leases = false\nauto_accept = true\n");
+        assert_eq!(s.market_leases, Some(false));
+        assert!(s.auto_accept);
     }
 }

@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Role as TokenRole;
 use crate::error::ApiError;
 use crate::server::AppState;
-use crate::ws::{CourierSocket, IDLE_TIMEOUT, MAX_FRAME, Read};
+use crate::ws::{CourierSocket, MAX_FRAME, Read, SocketTimes};
 
 /// The only path served here.
 pub const PATH: &str = "/v1/ws/courier";
@@ -243,7 +243,8 @@ async fn connection(mut tcp: TcpStream, st: web::Data<AppState>, _slot: Admitted
     };
     let Some(ws) = upgrade(tcp, head).await else { return };
     let id = CourierId::new(&auth.claims.sub);
-    crate::ws::courier_session(st, auth.tenant, id, tap, TungsteniteSocket { ws }).await;
+    let times = st.sockets;
+    crate::ws::courier_session(st, auth.tenant, id, tap, TungsteniteSocket { ws, times }).await;
 }
 
 /// Reads and checks the request head: `GET /v1/ws/courier` asking for a WebSocket.
@@ -361,17 +362,25 @@ async fn upgrade(mut tcp: TcpStream, head: Head) -> Option<WebSocketStream<TcpSt
 /// A courier socket read by tokio-tungstenite.
 struct TungsteniteSocket {
     ws: WebSocketStream<TcpStream>,
+    times: SocketTimes,
 }
 
 impl CourierSocket for TungsteniteSocket {
     type Text = tg::Utf8Bytes;
 
     async fn send(&mut self, text: String) -> bool {
-        self.ws.send(Message::text(text)).await.is_ok()
+        // A client that stopped reading is not waited for (see `ws::Peer`).
+        match tokio::time::timeout(self.times.write, self.ws.send(Message::text(text))).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                metrics::counter!("hexfleet_ws_write_timeouts_total").increment(1);
+                false
+            }
+        }
     }
 
     async fn recv(&mut self) -> Read<Self::Text> {
-        let m = match tokio::time::timeout(IDLE_TIMEOUT, self.ws.next()).await {
+        let m = match tokio::time::timeout(self.times.idle, self.ws.next()).await {
             Err(_) => return Read::Fatal(reason(CloseCode::Normal, "idle timeout")),
             Ok(m) => m,
         };

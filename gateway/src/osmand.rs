@@ -339,6 +339,10 @@ fn parse_datetime(s: &str) -> Option<i64> {
     let offset_min = match rest {
         [] | [b'Z' | b'z'] => 0,
         [sign @ (b'+' | b'-'), tz @ ..] => {
+            // Digits and ':' only, checked before slicing: the split below is by byte.
+            if !tz.iter().all(|c| c.is_ascii_digit() || *c == b':') {
+                return None;
+            }
             let tz = std::str::from_utf8(tz).ok()?;
             let (h, m) = match tz.len() {
                 2 => (tz, "00"),
@@ -347,7 +351,7 @@ fn parse_datetime(s: &str) -> Option<i64> {
                 _ => return None,
             };
             let (h, m) = (h.parse::<i64>().ok()?, m.parse::<i64>().ok()?);
-            if h > 23 || m > 59 || !tz.bytes().all(|c| c.is_ascii_digit() || c == b':') {
+            if h > 23 || m > 59 {
                 return None;
             }
             if *sign == b'+' {
@@ -571,6 +575,9 @@ mod tests {
             "2023-11-14T22:13:20+2",
             "2023-11-14T22:13:20Zjunk",
             "1.5e9",
+            // A multi-byte character in the zone: refused, not a panic on the byte split.
+            "2023-11-14T22:13:20-1%C3%A93",
+            "2023-11-14T22:13:20%2B1%C3%A93",
         ] {
             let err = q_err(&format!("id=a&lat=1&lon=2&timestamp={v}"));
             assert!(matches!(err, OsmandError::BadTimestamp(_)), "{v}: {err}");

@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub history_purge_every: Duration,
     /// Console batch window (see `--console-batch-ms`).
     pub console_batch: Duration,
+    /// WebSocket pings, idle and write timeouts.
+    pub sockets: crate::ws::SocketTimes,
     /// Webhook delivery.
     pub webhooks: crate::webhooks::WebhookConfig,
     /// Market leases between nodes (`markets.rs`); `None`: this node owns every market.
@@ -66,6 +68,7 @@ impl ServeConfig {
             history_retention: Duration::from_secs(30 * 24 * 3600),
             history_purge_every: Duration::from_secs(3600),
             console_batch: crate::ws::CONSOLE_BATCH,
+            sockets: crate::ws::SocketTimes::default(),
             webhooks: crate::webhooks::WebhookConfig::default(),
             markets: None,
             ingest_listen: None,
@@ -86,6 +89,8 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// Console batch window.
     pub console_batch: Duration,
+    /// WebSocket pings, idle and write timeouts.
+    pub sockets: crate::ws::SocketTimes,
     /// Webhooks may target loopback and private addresses (`--webhook-allow-private`).
     pub webhooks_allow_private: bool,
     /// Market leases, when several nodes share the store.
@@ -237,6 +242,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         shutdown: shutdown.clone(),
         started: std::time::Instant::now(),
         console_batch: cfg.console_batch,
+        sockets: cfg.sockets,
         webhooks_allow_private: cfg.webhooks.allow_private,
         markets: markets.clone(),
     });

@@ -37,11 +37,34 @@ pub const MAX_BAD_IN_A_ROW: u32 = 20;
 pub const MAX_LIMITED: u32 = 200;
 /// Default console batch window (`--console-batch-ms`).
 pub const CONSOLE_BATCH: Duration = Duration::from_millis(10);
+/// How often the server pings a tracking page or a console: browsers answer pings but cannot
+/// send them, so without these a page watching a quiet order would be dropped as idle.
+pub const PING_EVERY: Duration = Duration::from_secs(30);
+/// A client that has not taken a frame for this long has stopped reading (an app suspended in
+/// the background, a hostile peer): its session is closed.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often a console gets a `stats` message.
 const CONSOLE_STATS_EVERY: Duration = Duration::from_secs(1);
 /// A client that sends nothing (not even a pong) for this long is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Socket timing ([`crate::server::ServeConfig::sockets`]; tests shorten it).
+#[derive(Clone, Copy, Debug)]
+pub struct SocketTimes {
+    /// Server pings to tracking pages and consoles ([`PING_EVERY`]).
+    pub ping_every: Duration,
+    /// Nothing heard for this long closes a session ([`IDLE_TIMEOUT`]).
+    pub idle: Duration,
+    /// The longest one write may wait for the client ([`WRITE_TIMEOUT`]).
+    pub write: Duration,
+}
+
+impl Default for SocketTimes {
+    fn default() -> Self {
+        SocketTimes { ping_every: PING_EVERY, idle: IDLE_TIMEOUT, write: WRITE_TIMEOUT }
+    }
+}
 
 type State = web::Data<AppState>;
 
@@ -112,10 +135,64 @@ fn auth_ws(req: &HttpRequest, roles: &[Role]) -> Result<Auth, ApiError> {
     Ok(auth)
 }
 
+/// An actix-ws client whose every write waits at most [`SocketTimes::write`]. actix-ws queues
+/// 32 frames per session, so a client that stops reading would otherwise hold its session
+/// (and its place in the broker) in a write for good.
+struct Peer {
+    session: Session,
+    write: Duration,
+    stalled: bool,
+}
+
+impl Peer {
+    fn new(session: Session, times: SocketTimes) -> Self {
+        Peer { session, write: times.write, stalled: false }
+    }
+
+    /// Sends one text frame; `false` when the socket is gone or the client stopped reading.
+    async fn text(&mut self, text: impl Into<bytestring::ByteString>) -> bool {
+        if self.stalled {
+            return false;
+        }
+        match tokio::time::timeout(self.write, self.session.text(text)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => self.stall(),
+        }
+    }
+
+    async fn ping(&mut self) -> bool {
+        match tokio::time::timeout(self.write, self.session.ping(b"")).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => self.stall(),
+        }
+    }
+
+    async fn pong(&mut self, payload: &[u8]) {
+        if tokio::time::timeout(self.write, self.session.pong(payload)).await.is_err() {
+            self.stall();
+        }
+    }
+
+    fn stall(&mut self) -> bool {
+        if !self.stalled {
+            self.stalled = true;
+            metrics::counter!("hexfleet_ws_write_timeouts_total").increment(1);
+        }
+        false
+    }
+
+    /// Closes with `reason`; a client that stopped reading is not waited for.
+    async fn close(self, reason: Option<CloseReason>) {
+        if !self.stalled {
+            let _ = tokio::time::timeout(self.write, self.session.close(reason)).await;
+        }
+    }
+}
+
 /// Writes whatever the outbox holds; `false` when the socket is gone.
-async fn flush(session: &mut Session, outbox: &Outbox) -> bool {
+async fn flush(peer: &mut Peer, outbox: &Outbox) -> bool {
     for m in outbox.drain() {
-        if session.text(m).await.is_err() {
+        if !peer.text(m).await {
             return false;
         }
     }
@@ -131,13 +208,18 @@ enum Input {
     Fatal(CloseReason),
 }
 
-async fn read(stream: &mut actix_ws::AggregatedMessageStream, session: &mut Session) -> Input {
-    match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
-        Err(_) => Input::Fatal(CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) }),
+fn idle_timeout() -> CloseReason {
+    CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) }
+}
+
+/// The next message, answering pings on the way; nothing for `idle` is fatal.
+async fn read(stream: &mut actix_ws::AggregatedMessageStream, peer: &mut Peer, idle: Duration) -> Input {
+    match tokio::time::timeout(idle, stream.next()).await {
+        Err(_) => Input::Fatal(idle_timeout()),
         Ok(None) | Ok(Some(Ok(AggregatedMessage::Close(_)))) => Input::Closed,
         Ok(Some(Ok(AggregatedMessage::Text(t)))) => Input::Text(t),
         Ok(Some(Ok(AggregatedMessage::Ping(p)))) => {
-            let _ = session.pong(&p).await;
+            peer.pong(&p).await;
             Input::Other
         }
         Ok(Some(Ok(AggregatedMessage::Pong(_)))) => Input::Other,
@@ -178,19 +260,20 @@ pub(crate) trait CourierSocket {
 
 /// The actix-ws side of a courier socket.
 struct ActixSocket {
-    session: Session,
+    peer: Peer,
     stream: actix_ws::AggregatedMessageStream,
+    idle: Duration,
 }
 
 impl CourierSocket for ActixSocket {
     type Text = bytestring::ByteString;
 
     async fn send(&mut self, text: String) -> bool {
-        self.session.text(text).await.is_ok()
+        self.peer.text(text).await
     }
 
     async fn recv(&mut self) -> Read<Self::Text> {
-        match read(&mut self.stream, &mut self.session).await {
+        match read(&mut self.stream, &mut self.peer, self.idle).await {
             Input::Text(t) => Read::Text(t),
             Input::Closed => Read::Closed,
             Input::Other => Read::Other,
@@ -199,7 +282,7 @@ impl CourierSocket for ActixSocket {
     }
 
     async fn close(self, reason: Option<CloseReason>) {
-        let _ = self.session.close(reason).await;
+        self.peer.close(reason).await;
     }
 }
 
@@ -209,7 +292,8 @@ async fn courier_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<H
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
     let id = CourierId::new(&auth.claims.sub);
-    actix_web::rt::spawn(courier_session(st, auth.tenant, id, tap, ActixSocket { session, stream }));
+    let socket = ActixSocket { peer: Peer::new(session, st.sockets), stream, idle: st.sockets.idle };
+    actix_web::rt::spawn(courier_session(st, auth.tenant, id, tap, socket));
     Ok(resp)
 }
 
@@ -376,7 +460,8 @@ async fn track_ws(req: HttpRequest, body: web::Payload, st: State, path: web::Pa
     Ok(resp)
 }
 
-async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<u64>, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<u64>, session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+    let mut peer = Peer::new(session, st.sockets);
     let outbox = Outbox::new(OUTBOX_CAPACITY);
     let (sid, replay) = st.broker.add_track(tenant.as_str(), oid.as_str(), outbox.clone(), since);
     st.broker.listen_remote(Topic::Order(tenant.as_str(), oid.as_str())).await;
@@ -393,18 +478,19 @@ async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<
     };
     let mut ok = true;
     for m in first {
-        if session.text(m).await.is_err() {
+        if !peer.text(m).await {
             ok = false;
             break;
         }
     }
     let mut guard = Guard::new();
+    let mut alive = Liveness::new(st.sockets);
     let close = if !ok {
         None
     } else {
         loop {
             if outbox.overflowed() {
-                let _ = session.text(error_json("too_slow", "the client did not read its messages in time")).await;
+                let _ = peer.text(error_json("too_slow", "the client did not read its messages in time")).await;
                 break policy("too slow");
             }
             if outbox.closed() {
@@ -413,24 +499,61 @@ async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<
             tokio::select! {
                 biased;
                 () = outbox.notified() => {
-                    if !flush(&mut session, &outbox).await { break None; }
+                    if !flush(&mut peer, &outbox).await { break None; }
                 }
-                input = read(&mut stream, &mut session) => match input {
+                _ = alive.ping.tick() => {
+                    if alive.idle() { break Some(idle_timeout()); }
+                    if !peer.ping().await { break None; }
+                }
+                input = read(&mut stream, &mut peer, st.sockets.idle) => match alive.heard(input) {
                     Input::Closed => break None,
                     Input::Fatal(r) => break Some(r),
                     Input::Other => {}
-                    Input::Text(_) => {
-                        if let Verdict::Close(why) = guard.admit() { break policy(why); }
-                        let _ = session.text(error_json("read_only", "this stream takes no messages")).await;
-                        if guard.bad() { break policy("too many invalid messages"); }
-                    }
+                    Input::Text(_) => match guard.admit() {
+                        Verdict::Close(why) => break policy(why),
+                        Verdict::Limited => {}
+                        Verdict::Ok => {
+                            let _ = peer.text(error_json("read_only", "this stream takes no messages")).await;
+                            if guard.bad() { break policy("too many invalid messages"); }
+                        }
+                    },
                 },
             }
         }
     };
     st.broker.drop_track(tenant.as_str(), oid.as_str(), sid);
     metrics::gauge!("hexfleet_ws_connections", "kind" => "track").decrement(1.0);
-    let _ = session.close(close).await;
+    peer.close(close).await;
+}
+
+/// When a tracking page or console was last heard from, and the ticker that pings it. A
+/// session's read is re-armed on every wake-up (outbox, batch tick), so its own timeout only
+/// fires on a session with nothing to send; this one also catches a busy session whose client
+/// went silent.
+struct Liveness {
+    ping: tokio::time::Interval,
+    last: Instant,
+    idle: Duration,
+}
+
+impl Liveness {
+    fn new(times: SocketTimes) -> Self {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + times.ping_every, times.ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Liveness { ping, last: Instant::now(), idle: times.idle }
+    }
+
+    /// Notes that the client sent something (a pong included).
+    fn heard(&mut self, input: Input) -> Input {
+        if matches!(input, Input::Text(_) | Input::Other) {
+            self.last = Instant::now();
+        }
+        input
+    }
+
+    fn idle(&self) -> bool {
+        self.last.elapsed() >= self.idle
+    }
 }
 
 /// The current state of a tracked order: its `order_update`, and the courier's position.
@@ -474,7 +597,9 @@ fn valid_bbox(b: &[f64; 4]) -> bool {
         && b[1] <= b[3]
 }
 
-async fn console_session(st: State, tenant: TenantId, mut session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+async fn console_session(st: State, tenant: TenantId, session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+    let mut peer = Peer::new(session, st.sockets);
+    let mut alive = Liveness::new(st.sockets);
     let view = Arc::new(ConsoleView::new(Outbox::new(OUTBOX_CAPACITY), None));
     let sid = st.broker.add_console(tenant.as_str(), view.clone());
     st.broker.listen_remote(Topic::Market(tenant.as_str())).await;
@@ -486,7 +611,7 @@ async fn console_session(st: State, tenant: TenantId, mut session: Session, mut 
     let mut last_fixes = (crate::server::fixes_ingested(), Instant::now());
     let close = loop {
         if view.outbox.overflowed() {
-            let _ = session.text(error_json("too_slow", "the client did not read its messages in time")).await;
+            let _ = peer.text(error_json("too_slow", "the client did not read its messages in time")).await;
             break policy("too slow");
         }
         if view.outbox.closed() {
@@ -495,7 +620,11 @@ async fn console_session(st: State, tenant: TenantId, mut session: Session, mut 
         tokio::select! {
             biased;
             () = view.outbox.notified() => {
-                if !flush(&mut session, &view.outbox).await { break None; }
+                if !flush(&mut peer, &view.outbox).await { break None; }
+            }
+            _ = alive.ping.tick() => {
+                if alive.idle() { break Some(idle_timeout()); }
+                if !peer.ping().await { break None; }
             }
             _ = tick.tick() => {
                 let (couriers, orders) = view.outbox.take_batches();
@@ -516,38 +645,44 @@ async fn console_session(st: State, tenant: TenantId, mut session: Session, mut 
                 }
                 let mut gone = false;
                 for m in out {
-                    if session.text(m).await.is_err() { gone = true; break; }
+                    if !peer.text(m).await { gone = true; break; }
                 }
                 if gone { break None; }
             }
-            input = read(&mut stream, &mut session) => match input {
+            input = read(&mut stream, &mut peer, st.sockets.idle) => match alive.heard(input) {
                 Input::Closed => break None,
                 Input::Fatal(r) => break Some(r),
                 Input::Other => {}
-                Input::Text(text) => {
-                    if let Verdict::Close(why) = guard.admit() { break policy(why); }
-                    match serde_json::from_str::<ConsoleIn>(&text) {
+                Input::Text(text) => match guard.admit() {
+                    Verdict::Close(why) => break policy(why),
+                    // Refused, not served: a subscribe builds a whole snapshot.
+                    Verdict::Limited => {
+                        if guard.limited == 1 {
+                            let _ = peer.text(error_json("rate_limited", "too many messages; slow down")).await;
+                        }
+                    }
+                    Verdict::Ok => match serde_json::from_str::<ConsoleIn>(&text) {
                         Ok(ConsoleIn::Subscribe { bbox }) if valid_bbox(&bbox) => {
                             guard.good();
                             view.set_bbox(bbox);
-                            if !console_snapshot(&st, &tenant, &view, bbox, &mut session).await { break None; }
+                            if !console_snapshot(&st, &tenant, &view, bbox, &mut peer).await { break None; }
                         }
                         Ok(ConsoleIn::Subscribe { .. }) => {
-                            let _ = session.text(error_json("bad_bbox", "bbox is [min_lng, min_lat, max_lng, max_lat] in degrees")).await;
+                            let _ = peer.text(error_json("bad_bbox", "bbox is [min_lng, min_lat, max_lng, max_lat] in degrees")).await;
                             if guard.bad() { break policy("too many invalid messages"); }
                         }
                         Err(e) => {
-                            let _ = session.text(error_json("malformed_json", &e.to_string())).await;
+                            let _ = peer.text(error_json("malformed_json", &e.to_string())).await;
                             if guard.bad() { break policy("too many invalid messages"); }
                         }
-                    }
-                }
+                    },
+                },
             },
         }
     };
     st.broker.drop_console(tenant.as_str(), sid);
     metrics::gauge!("hexfleet_ws_connections", "kind" => "console").decrement(1.0);
-    let _ = session.close(close).await;
+    peer.close(close).await;
 }
 
 /// A console batch message (`orders`) serialised in one pass around its items. Courier
@@ -564,7 +699,7 @@ fn batch_json<T: serde::Serialize>(t: &'static str, seq: u64, items: &[T]) -> St
 }
 
 /// Sends what is in the view now: couriers and open orders inside the box.
-async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, b: [f64; 4], session: &mut Session) -> bool {
+async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, b: [f64; 4], peer: &mut Peer) -> bool {
     let (Ok(min), Ok(max)) = (hexfleet_actors::domain::LatLng::new(b[1], b[0]), hexfleet_actors::domain::LatLng::new(b[3], b[2])) else {
         return true;
     };
@@ -591,7 +726,7 @@ async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, 
         json!({ "t": "orders", "seq": view.outbox.next_seq(), "items": orders, "snapshot": true }),
         json!({ "t": "zones", "seq": view.outbox.next_seq(), "items": zones, "snapshot": true }),
     ] {
-        if session.text(m.to_string()).await.is_err() {
+        if !peer.text(m.to_string()).await {
             return false;
         }
     }

@@ -586,3 +586,129 @@ async fn sessions_do_not_queue_behind_a_hanging_redis() {
     assert!(took < std::time::Duration::from_secs(10), "ten consoles took {took:?} with Redis hanging");
     proxy.restore();
 }
+
+fn with_sockets(cfg: &mut hexfleet_gateway::ServeConfig, ping_every_ms: u64, idle_ms: u64, write_ms: u64) {
+    use std::time::Duration;
+    cfg.sockets = hexfleet_gateway::ws::SocketTimes {
+        ping_every: Duration::from_millis(ping_every_ms),
+        idle: Duration::from_millis(idle_ms),
+        write: Duration::from_millis(write_ms),
+    };
+}
+
+/// A customer's tracking page cannot send pings (browsers can't), and a quiet order sends
+/// nothing: the server pings it, so a page that answers stays open past the idle timeout,
+/// while one that answers nothing (gone without a close) is dropped at that timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_tracking_page_is_pinged_and_kept_while_a_silent_one_is_dropped() {
+    use futures_util::StreamExt as _;
+    use std::time::Duration;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("p.db").to_str().unwrap());
+    with_sockets(&mut cfg, 200, 1_000, 1_000);
+    let srv = TestServer::start(cfg).await;
+    // Far from any courier: nothing happens to it.
+    let order = json!({"id":"o1","pickup":{"lat":-45.0,"lng":170.0},"dropoff":{"lat":-45.01,"lng":170.01}});
+    assert_eq!(srv.post("/v1/orders", &srv.dispatcher("t1"), order).await.0, 201);
+    let customer = srv.token(Role::Customer, "u1", "t1", Some("o1"));
+    let mut page = srv.ws("/v1/ws/track/o1", &customer).await;
+    let mut silent = srv.ws("/v1/ws/track/o1", &customer).await;
+    page.expect("the order's state", |v| t(v) == "order_update").await;
+
+    // Reading (tungstenite answers each ping with a pong) for three idle timeouts.
+    let (mut pings, until) = (0, tokio::time::Instant::now() + Duration::from_millis(3_000));
+    loop {
+        match tokio::time::timeout_at(until, page.s.next()).await {
+            Err(_) => break,
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(Message::Close(c)))) => panic!("a page answering pings was closed: {c:?}"),
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("the page's socket ended: {other:?}"),
+        }
+    }
+    assert!(pings >= 5, "{pings} pings in 3 s at one per 200 ms");
+    // The other one read nothing, so it answered nothing: its session is gone, and so is its
+    // socket (reading it now, tungstenite's pong to a ping it holds meets the closed socket
+    // before the close frame does).
+    assert_eq!(srv.running.as_ref().unwrap().state.broker.session_counts().1, 1, "one tracking session left");
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match silent.s.next().await {
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    ended.await.expect("the silent page's socket was closed");
+}
+
+/// A console that stops reading (an app suspended in the background, a hostile client) while
+/// the server has a lot to send: its session gives up on the write and is dropped, instead of
+/// waiting in that write for good with its place in the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_that_stops_reading_is_dropped_instead_of_waited_for() {
+    use hexfleet_actors::domain::{CourierId, Fix, LatLng, TenantId};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("w.db").to_str().unwrap());
+    with_sockets(&mut cfg, 60_000, 60_000, 300);
+    let srv = TestServer::start(cfg).await;
+    let state = srv.running.as_ref().unwrap().state.clone();
+    // 1,000 couriers: a snapshot of the world is about 120 KB.
+    let tenant = TenantId::new("t1");
+    for i in 0..1_000 {
+        let id = CourierId::new(format!("c{i}"));
+        state.fleet.ensure_courier(&tenant, &id).await.unwrap();
+        let pos = LatLng::new(52.0 + i as f64 * 1e-4, 13.4).unwrap();
+        state.fleet.ingest(&tenant, &id, [Fix { pos, ts: now_ms(), speed: None, heading: None, acc: None }]).unwrap();
+    }
+    // A client with a small receive buffer that asks for the world 150 times and reads nothing.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(srv.running.as_ref().unwrap().addr).await.unwrap();
+    let url = format!("{}/v1/ws/console?token={}", srv.ws, srv.dispatcher("t1"));
+    let (ws, _) = tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp)).await.unwrap();
+    let mut console = Ws { s: ws };
+    eventually("the console's session", || async { (state.broker.session_counts().2 == 1).then_some(()) }).await;
+    for _ in 0..150 {
+        console.send(json!({"t":"subscribe","bbox":[-180.0,-90.0,180.0,90.0]})).await;
+    }
+    eventually("the stalled console dropped", || async { (state.broker.session_counts().2 == 0).then_some(()) }).await;
+    // The server is fine for everyone else.
+    let mut other = srv.ws("/v1/ws/console", &srv.dispatcher("t1")).await;
+    other.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 14.0, 53.0]})).await;
+    other.expect("a snapshot", |v| t(v) == "couriers" && v["snapshot"] == true).await;
+    drop(console);
+}
+
+/// A console flooding subscribes past its rate limit is refused (one `rate_limited` error),
+/// not served a snapshot per message: each one builds a whole snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_past_its_rate_limit_is_refused_not_served() {
+    let (srv, _d) = server().await;
+    let mut console = srv.ws("/v1/ws/console", &srv.dispatcher("t1")).await;
+    let n = 300;
+    for _ in 0..n {
+        console.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 13.1, 52.1]})).await;
+    }
+    // Counting the snapshots served up to a marker sent once the bucket has refilled (50 a
+    // second: 100 ms gives it five), which is answered after everything before it.
+    let mut snapshots = 0;
+    let mut refused = 0;
+    loop {
+        let v = console.expect("any message", |_| true).await;
+        if t(&v) == "couriers" && v["snapshot"] == true {
+            snapshots += 1;
+        }
+        if t(&v) == "error" && v["code"] == "rate_limited" {
+            refused += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            console.send_raw("not json").await;
+        }
+        if t(&v) == "error" && v["code"] == "malformed_json" {
+            break;
+        }
+    }
+    assert!(refused >= 1);
+    assert!(snapshots < n - 50, "{snapshots} snapshots served for {n} subscribes");
+}
