@@ -143,6 +143,15 @@ pub(crate) async fn put_courier(st: State, auth: Auth, path: web::Path<String>, 
     if b.name.as_ref().is_some_and(|n| n.chars().count() > 200) {
         return Err(ApiError::bad_request("bad_name", "name is longer than 200 characters"));
     }
+    // With several nodes, the couriers of markets run elsewhere are not in this node's device
+    // map (the fleet checks that one): the store knows every market's.
+    if st.markets.is_some()
+        && let Some(d) = b.device_id.as_deref()
+        && let Some((t, c)) = st.store.device_courier(d).await?
+        && (t != auth.tenant || c != id)
+    {
+        return Err(hexfleet_actors::FleetError::Conflict(format!("device {d} belongs to another courier")).into());
+    }
     let patch = CourierPatch { name: b.name, vehicle, capacity: b.capacity, device_id: b.device_id, on_shift: b.on_shift };
     let fleet = st.fleet.clone();
     let tenant = auth.tenant.clone();

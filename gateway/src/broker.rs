@@ -317,6 +317,8 @@ struct TrackStream {
     seq: u64,
     replay: VecDeque<(u64, String)>,
     sessions: Vec<(u64, Arc<Outbox>)>,
+    /// The order is closed: the stream ends with its last watcher.
+    ended: bool,
 }
 
 /// A console session's view.
@@ -573,8 +575,16 @@ impl Broker {
         let keep = self.relay.as_ref().is_none_or(|r| r.serves(tenant));
         self.local.tracks.remove_if_mut(&key, |_, s| {
             s.sessions.retain(|(i, _)| *i != id);
-            s.sessions.is_empty() && !keep
+            s.sessions.is_empty() && (!keep || s.ended)
         });
+    }
+
+    /// Marks a closed order's stream (a watcher connected after it closed): it ends with its
+    /// last watcher instead of staying for good.
+    pub fn end_track(&self, tenant: &str, order: &str) {
+        if let Some(mut s) = self.local.tracks.get_mut(&(tenant.to_owned(), order.to_owned())) {
+            s.ended = true;
+        }
     }
 
     /// Numbers a message on a track stream (snapshots sent at connect use this too).
@@ -675,8 +685,8 @@ impl Broker {
                         o.push(msg.clone());
                     }
                     // A closed order's stream ends with its last watcher; keep the buffer until then.
-                    let terminal = matches!(order["state"].as_str(), Some("delivered" | "cancelled" | "failed" | "expired"));
-                    if terminal && s.sessions.is_empty() {
+                    s.ended |= matches!(order["state"].as_str(), Some("delivered" | "cancelled" | "failed" | "expired"));
+                    if s.ended && s.sessions.is_empty() {
                         drop(s);
                         self.local.tracks.remove(&key);
                     }
@@ -857,6 +867,27 @@ mod tests {
         // Numbered past this node's stream (another node's, or one that restarted): resync.
         let (_, replay) = b.add_track("t", "o2", Outbox::new(8), Some(5));
         assert!(matches!(replay, Some(Replay::Gone)));
+    }
+
+    /// A track stream ends with its last watcher once its order is closed, whether the close
+    /// came while someone watched or before the watcher connected; an open order's stays (a
+    /// watcher coming back with `since` replays from it).
+    #[test]
+    fn a_closed_orders_track_stream_ends_with_its_last_watcher() {
+        let b = Broker::local("n");
+        let (w, _) = b.add_track("t", "o1", Outbox::new(8), None);
+        b.deliver_local(&order("o1", "delivered"));
+        b.drop_track("t", "o1", w);
+        assert_eq!(b.local.tracks.len(), 0, "delivered while watched");
+        // Watched after it closed (the tracking page learns so from its snapshot).
+        let (w, _) = b.add_track("t", "o2", Outbox::new(8), None);
+        b.end_track("t", "o2");
+        b.drop_track("t", "o2", w);
+        assert_eq!(b.local.tracks.len(), 0, "watched after it closed");
+        let (w, _) = b.add_track("t", "o3", Outbox::new(8), None);
+        b.deliver_local(&order("o3", "picked_up"));
+        b.drop_track("t", "o3", w);
+        assert_eq!(b.local.tracks.len(), 1, "an open order's stream stays for a watcher coming back");
     }
 
     /// An update heard from another node may come on its market's channel and on an order's

@@ -559,6 +559,9 @@ impl Liveness {
 /// The current state of a tracked order: its `order_update`, and the courier's position.
 async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId) -> Vec<String> {
     let Ok(o) = st.fleet.order(tenant, oid).await else { return Vec::new() };
+    if o.state.is_terminal() {
+        st.broker.end_track(tenant.as_str(), oid.as_str());
+    }
     let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
     let mut msgs = vec![json!({ "t": "order_update", "seq": seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
         "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::from(o.as_ref()) }).to_string()];

@@ -474,6 +474,27 @@ async fn a_node_back_after_another_ran_its_market_does_not_serve_its_stale_actor
     db.drop_db().await;
 }
 
+/// A device id (OsmAnd/Traccar) names one courier across all markets: the node running one
+/// market refuses to give a device that a courier of a market run elsewhere already has, which
+/// its own device map cannot know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_of_a_market_run_elsewhere_cannot_be_taken() {
+    let Some((redis, db, prefix)) = services().await else { return };
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let (s, v) = b.put("/v1/couriers/c1", &b.dispatcher("vigo"), json!({"device_id": "imei-77"})).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = a.put("/v1/couriers/c9", &a.dispatcher("leon"), json!({"device_id": "imei-77"})).await;
+    assert!(lease_row(&db.url, "leon").await.0.starts_with("node-a#") && lease_row(&db.url, "vigo").await.0.starts_with("node-b#"));
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
+    // Its own courier may keep (or set again) its device.
+    assert_eq!(b.put("/v1/couriers/c1", &b.dispatcher("vigo"), json!({"device_id": "imei-77", "capacity": 2})).await.0, 200);
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
+
 /// A node whose database connections hang (no reset, no answer) steps down by its local
 /// deadline, before the lease can lapse, although each of its renewals takes half a lease to
 /// give up: when node B takes the market over, A no longer serves it.
