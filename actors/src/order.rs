@@ -111,7 +111,10 @@ pub fn apply(order: &Order, cmd: &Command, who: &Who, now: Ms) -> Result<Order, 
             }
         }
         Command::Assign { courier, record } => {
-            if !matches!(s, Created | Offered | Assigned | AtPickup) {
+            // A dispatcher's override may move a held order; the dispatch round (the system)
+            // assigns only an unassigned one: its view of the order may be a round old.
+            let allowed = if matches!(who, Who::System) { matches!(s, Created) } else { matches!(s, Created | Offered | Assigned | AtPickup) };
+            if !allowed {
                 return Err(err());
             }
             next.state = Assigned;
@@ -314,4 +317,46 @@ async fn transition(st: &mut OrderActorState, cmd: &Command, who: &Who) -> Resul
     st.ctx.publisher.publish(Update::Event(Arc::new(event)));
     st.ctx.dispatch_order_changed(&after);
     Ok(after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{LatLng, OrderId, TenantId};
+
+    fn held_by(c: &str) -> Order {
+        let p = LatLng::new(45.5, -73.57).unwrap();
+        Order {
+            tenant: TenantId::new("t"),
+            id: OrderId::new("o1"),
+            pickup: p,
+            dropoff: p,
+            size: 1,
+            ready_at: None,
+            deliver_by: None,
+            state: OrderState::Assigned,
+            courier: Some(CourierId::new(c)),
+            offer: None,
+            declined: Vec::new(),
+            assignment: None,
+            created_at: 0,
+            updated_at: 0,
+            version: 1,
+        }
+    }
+
+    /// With auto-accept, a dispatch round whose view of an order is a round old (its change
+    /// notice was still queued) must not reassign it; a dispatcher's override may.
+    #[test]
+    fn only_an_override_reassigns_a_held_order() {
+        let o = held_by("x");
+        let record = AssignmentRecord { at: 0, policy: "optimal".into(), courier: CourierId::new("y"), cost_s: 0.0, candidates: Vec::new() };
+        let cmd = Command::Assign { courier: CourierId::new("y"), record };
+        assert!(matches!(apply(&o, &cmd, &Who::System, 1), Err(FleetError::InvalidTransition { .. })));
+        let moved = apply(&o, &cmd, &Who::Dispatcher("d".into()), 1).unwrap();
+        assert_eq!(moved.courier, Some(CourierId::new("y")));
+        let mut created = o.clone();
+        (created.state, created.courier) = (OrderState::Created, None);
+        assert_eq!(apply(&created, &cmd, &Who::System, 1).unwrap().state, OrderState::Assigned);
+    }
 }
