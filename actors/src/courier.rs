@@ -123,6 +123,9 @@ pub struct CourierState {
     suspects: Vec<Fix>,
     last_snapshot: Ms,
     last_history: Option<Fix>,
+    /// The stop order last sent to the app ([`CourierState::send_route`]): tracking ETAs
+    /// follow it.
+    route: Vec<crate::publish::RouteStop>,
 }
 
 impl Actor for CourierActor {
@@ -145,6 +148,7 @@ impl Actor for CourierActor {
             suspects: Vec::new(),
             last_snapshot: 0,
             last_history: None,
+            route: Vec::new(),
             shared: args.shared,
         };
         st.update_index();
@@ -164,7 +168,9 @@ impl Actor for CourierActor {
             }
             CourierMsg::SetStatus(s) => {
                 st.rec.status = s;
-                st.rec.updated_at = st.ctx.clock.now_ms();
+                // Never behind the stored row, whatever this node's clock says (a node whose
+                // clock is behind the previous owner's would have its writes ignored).
+                st.rec.updated_at = st.rec.updated_at.max(st.ctx.clock.now_ms());
                 st.publish_record();
                 st.update_index();
                 st.shared.zones.lock().sync(&st.ctx, &st.rec);
@@ -295,14 +301,7 @@ impl CourierState {
         self.update_index();
         self.shared.zones.lock().sync(&self.ctx, &self.rec);
         self.check_arrivals(fix.pos);
-        let tracking = self
-            .held
-            .values()
-            .map(|o| {
-                let target = if o.state.is_on_board() { o.dropoff } else { o.pickup };
-                (o.id.clone(), Some(self.eta_s(fix.pos, target)))
-            })
-            .collect();
+        let tracking = self.tracking_etas(fix.pos);
         self.ctx.publisher.publish(Update::CourierMoved {
             tenant: self.rec.tenant.clone(),
             courier: self.rec.id.clone(),
@@ -320,9 +319,36 @@ impl CourierState {
         }
     }
 
-    /// Seconds to reach `to` from `from` by this courier's vehicle.
-    fn eta_s(&self, from: LatLng, to: LatLng) -> f64 {
-        self.ctx.planner(&self.rec.tenant, self.rec.vehicle, self.ctx.clock.now_ms()).travel_s(from, to)
+    /// Seconds until each held order's next stop (its pickup, or its drop-off once on board),
+    /// along the stop order last sent to the app: the stops before it, and their service
+    /// times, count. A customer whose drop-off comes after another's sees the wait for both.
+    fn tracking_etas(&self, from: LatLng) -> Vec<(OrderId, Option<f64>)> {
+        if self.held.is_empty() {
+            return Vec::new();
+        }
+        let planner = self.ctx.planner(&self.rec.tenant, self.rec.vehicle, self.ctx.clock.now_ms());
+        let cfg = &self.ctx.config;
+        let mut out: Vec<(OrderId, Option<f64>)> = Vec::with_capacity(self.held.len());
+        let (mut at, mut t) = (from, 0.0);
+        for stop in &self.route {
+            let Some(o) = self.held.get(&stop.order) else { continue };
+            if stop.pickup && o.state.is_on_board() {
+                continue;
+            }
+            t += planner.travel_s(at, stop.pos);
+            if !out.iter().any(|(id, _)| *id == stop.order) {
+                out.push((stop.order.clone(), Some(t)));
+            }
+            t += if stop.pickup { cfg.pickup_service_s } else { cfg.dropoff_service_s };
+            at = stop.pos;
+        }
+        // Not on the route (it is re-planned on every change of what is held): direct.
+        let off_route: Vec<&Arc<Order>> = self.held.values().filter(|o| !out.iter().any(|(id, _)| *id == o.id)).collect();
+        for o in off_route {
+            let target = if o.state.is_on_board() { o.dropoff } else { o.pickup };
+            out.push((o.id.clone(), Some(planner.travel_s(from, target))));
+        }
+        out
     }
 
     fn check_arrivals(&mut self, pos: LatLng) {
@@ -395,7 +421,7 @@ impl CourierState {
     }
 
     /// The stop order for the orders held, sent to the device.
-    fn send_route(&self) {
+    fn send_route(&mut self) {
         let start = self.rec.last_fix.map(|f| f.pos);
         let orders: Vec<&Order> = self.held.values().map(|o| o.as_ref()).collect();
         let planner = self.ctx.planner(&self.rec.tenant, self.rec.vehicle, self.ctx.clock.now_ms());
@@ -405,6 +431,7 @@ impl CourierState {
             // No position yet, or held beyond capacity by an override: nearest feasible next.
             None => crate::routing::nearest_first(start, orders.into_iter()),
         };
+        self.route.clone_from(&stops);
         self.ctx.publisher.publish(Update::ToCourier {
             tenant: self.rec.tenant.clone(),
             courier: self.rec.id.clone(),

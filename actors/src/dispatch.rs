@@ -15,8 +15,8 @@ use crate::order::Command;
 
 /// Messages of the dispatcher.
 pub enum DispatchMsg {
-    /// Periodic tick.
-    Tick,
+    /// Periodic tick, with when it was sent.
+    Tick(std::time::Instant),
     /// Tick now and answer when the round is done (tests, tools).
     TickNow(RpcReplyPort<()>),
     /// An order of this market changed.
@@ -36,6 +36,8 @@ pub struct DispatcherState {
     /// Open orders of the market as last reported by their actors.
     orders: HashMap<OrderId, Arc<Order>>,
     ticker: Option<tokio::task::JoinHandle<()>>,
+    /// When the last round ended: ticks sent before that were queued behind it.
+    round_ended: Option<std::time::Instant>,
 }
 
 impl Actor for Dispatcher {
@@ -45,8 +47,8 @@ impl Actor for Dispatcher {
 
     async fn pre_start(&self, me: ActorRef<DispatchMsg>, args: DispatcherArgs) -> Result<DispatcherState, ActorProcessingErr> {
         let orders = args.ctx.open_orders(&args.tenant).into_iter().map(|o| (o.id.clone(), o)).collect();
-        let ticker = Some(me.send_interval(args.ctx.config.dispatch_tick, || DispatchMsg::Tick));
-        Ok(DispatcherState { ctx: args.ctx, tenant: args.tenant, orders, ticker })
+        let ticker = Some(me.send_interval(args.ctx.config.dispatch_tick, || DispatchMsg::Tick(std::time::Instant::now())));
+        Ok(DispatcherState { ctx: args.ctx, tenant: args.tenant, orders, ticker, round_ended: None })
     }
 
     async fn post_stop(&self, _me: ActorRef<DispatchMsg>, st: &mut DispatcherState) -> Result<(), ActorProcessingErr> {
@@ -58,9 +60,15 @@ impl Actor for Dispatcher {
 
     async fn handle(&self, _me: ActorRef<DispatchMsg>, msg: DispatchMsg, st: &mut DispatcherState) -> Result<(), ActorProcessingErr> {
         match msg {
-            DispatchMsg::Tick => st.tick().await,
+            DispatchMsg::Tick(sent) => {
+                if tick_is_due(sent, st.round_ended) {
+                    st.tick().await;
+                    st.round_ended = Some(std::time::Instant::now());
+                }
+            }
             DispatchMsg::TickNow(reply) => {
                 st.tick().await;
+                st.round_ended = Some(std::time::Instant::now());
                 let _ = reply.send(());
             }
             DispatchMsg::OrderChanged(o) => {
@@ -77,6 +85,14 @@ impl Actor for Dispatcher {
         }
         Ok(())
     }
+}
+
+/// Whether a tick sent at `sent` still calls for a round. Ticks arrive every period whatever
+/// the rounds take; those sent while a round ran (queued behind it) are skipped, so a market
+/// whose rounds outlast the period runs them back to back instead of piling ticks up in the
+/// mailbox, ahead of the order notices and lapses queued behind them.
+fn tick_is_due(sent: std::time::Instant, round_ended: Option<std::time::Instant>) -> bool {
+    round_ended.is_none_or(|ended| sent >= ended)
 }
 
 /// Since when an unassigned order has been waiting for a courier: its creation, or its
@@ -153,5 +169,23 @@ impl DispatcherState {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "dispatch round"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn ticks_queued_behind_a_round_are_skipped() {
+        let t0 = Instant::now();
+        assert!(tick_is_due(t0, None), "the first tick runs");
+        let ended = t0 + Duration::from_secs(5);
+        // Sent at 2 s and 4 s while the round ran from 0 to 5 s: skipped.
+        assert!(!tick_is_due(t0 + Duration::from_secs(2), Some(ended)));
+        assert!(!tick_is_due(t0 + Duration::from_secs(4), Some(ended)));
+        // The next one after it ends runs.
+        assert!(tick_is_due(t0 + Duration::from_secs(6), Some(ended)));
     }
 }

@@ -738,7 +738,10 @@ impl Fleet {
         if let Some(v) = patch.capacity { rec.capacity = v }
         if let Some(v) = patch.device_id { rec.device_id = Some(v) }
         if let Some(v) = patch.on_shift { rec.on_shift = v }
-        rec.updated_at = self.now_ms();
+        // Past the row it replaces, whatever this node's clock says: the store keeps the newer
+        // `updated_at`, and a node whose clock is behind the previous owner's would answer 200
+        // for a profile it did not write.
+        rec.updated_at = self.now_ms().max(rec.updated_at + 1);
         self.ctx.store.commit(vec![Write::Courier(rec.clone()), Write::Event(courier_event(&rec, "courier.updated", who))]).await?;
         if let Some(d) = old_device.filter(|d| Some(d) != rec.device_id.as_ref()) {
             self.ctx.devices.remove(&d);

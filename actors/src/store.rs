@@ -191,9 +191,13 @@ impl Store for MemoryStore {
                 Write::Order(o) => {
                     g.orders.insert((o.tenant.clone(), o.id.clone()), o);
                 }
-                Write::Courier(c) => {
-                    g.couriers.insert((c.tenant.clone(), c.id.clone()), c);
-                }
+                // As the SQL store: a courier row is replaced only by one at least as new.
+                Write::Courier(c) => match g.couriers.get(&(c.tenant.clone(), c.id.clone())) {
+                    Some(old) if old.updated_at > c.updated_at => {}
+                    _ => {
+                        g.couriers.insert((c.tenant.clone(), c.id.clone()), c);
+                    }
+                },
                 Write::RegisterCourier(c) => {
                     g.couriers.entry((c.tenant.clone(), c.id.clone())).or_insert(c);
                 }
@@ -214,7 +218,9 @@ impl Store for MemoryStore {
         let mut g = self.inner.lock();
         Self::check(&g)?;
         for c in couriers {
-            g.couriers.insert((c.tenant.clone(), c.id.clone()), c);
+            if g.couriers.get(&(c.tenant.clone(), c.id.clone())).is_none_or(|old| old.updated_at <= c.updated_at) {
+                g.couriers.insert((c.tenant.clone(), c.id.clone()), c);
+            }
         }
         Ok(())
     }

@@ -597,3 +597,39 @@ async fn an_order_scheduled_for_later_waits_for_its_time_instead_of_expiring() {
         assert!(matches!(err, FleetError::Invalid(_)), "{err:?}");
     }
 }
+
+/// A customer whose drop-off comes second on the courier's route is told the time for both
+/// legs (and the first drop-off's service time), not the straight line to their own door.
+#[tokio::test]
+async fn a_batched_orders_eta_counts_the_stops_before_it() {
+    let w = world(FleetConfig::default()).await;
+    let c = w.courier("c", at(0.0, 0.0), 2).await;
+    let north = w.order("north", at(0.0, 10.0), at(3000.0, 0.0)).await;
+    let south = w.order("south", at(0.0, -10.0), at(-3000.0, 0.0)).await;
+    for o in [&north, &south] {
+        w.f.assign(&w.t, o, &c, Who::Dispatcher("d".into())).await.unwrap();
+        w.f.command(&w.t, o, Command::PickedUp { courier: c.clone() }, Who::Courier(c.clone())).await.unwrap();
+    }
+    // Both on board: the route drops one, then the other.
+    assert!(
+        w.p.wait_for(DEADLINE, |u| matches!(u, Update::ToCourier { courier, notice: CourierNotice::Route { stops }, .. }
+            if *courier == c && stops.len() == 2 && stops.iter().all(|s| !s.pickup)))
+            .await,
+        "a route of the two drop-offs"
+    );
+    let ts = w.clock.now() + 1_000;
+    w.clock.set(ts);
+    w.f.ingest(&w.t, &c, vec![Fix { pos: at(0.0, 0.0), ts, speed: None, heading: None, acc: None }]).unwrap();
+    let etas = |u: &Update| match u {
+        Update::CourierMoved { fix, tracking, .. } if fix.ts == ts && tracking.len() == 2 => Some(tracking.clone()),
+        _ => None,
+    };
+    assert!(w.p.wait_for(DEADLINE, |u| etas(u).is_some()).await, "a move with both orders' ETAs");
+    let tracking = w.p.updates.lock().iter().find_map(etas).unwrap();
+    let mut s: Vec<f64> = tracking.iter().map(|(_, e)| e.unwrap()).collect();
+    s.sort_by(f64::total_cmp);
+    // 3 km at 4.5 m/s with a 1.3 detour factor is about 867 s; the second adds 6 km and the
+    // first drop-off's minute.
+    assert!((s[0] - 3000.0 * 1.3 / 4.5).abs() < 30.0, "{s:?}");
+    assert!(s[1] > s[0] + 60.0 + 6000.0 * 1.3 / 4.5 - 60.0, "the second drop-off's ETA ignores the first: {s:?}");
+}

@@ -272,3 +272,35 @@ async fn a_retry_racing_its_first_creation_gets_a_conflict() {
     store.set_commit_delay(None);
     assert!(matches!(f.create_order(&t, new(45.50), &who).await, Err(hexfleet_actors::FleetError::Conflict(_))));
 }
+
+/// A node whose clock is behind the one that last wrote a courier (a take-over, a restart on
+/// another machine) still writes its profile changes: the store keeps the newer `updated_at`,
+/// so the change is stamped past the stored row, not with the node's own clock.
+#[tokio::test]
+async fn a_node_with_a_clock_behind_still_writes_a_couriers_profile() {
+    use hexfleet_actors::clock::ManualClock;
+    use hexfleet_actors::fleet::CourierPatch;
+    use hexfleet_actors::store::Store as _;
+    let store = Arc::new(MemoryStore::new());
+    let config = || FleetConfig { dispatch_tick: Duration::from_secs(3600), ..Default::default() };
+    let start = |at: i64| {
+        let store = store.clone();
+        async move {
+            let deps = FleetDeps { store, publisher: Arc::new(RecordingPublisher::default()), clock: Arc::new(ManualClock::new(at)), config: config() };
+            Fleet::start(deps).await.unwrap()
+        }
+    };
+    let (t, c) = (TenantId::new("t"), CourierId::new("c1"));
+    let ahead = start(1_800_000_000_000).await;
+    ahead.upsert_courier(&t, &c, CourierPatch { capacity: Some(2), ..Default::default() }, &Who::System).await.unwrap();
+    ahead.shutdown().await.unwrap();
+    // A minute behind.
+    let behind = start(1_800_000_000_000 - 60_000).await;
+    behind.upsert_courier(&t, &c, CourierPatch { capacity: Some(5), ..Default::default() }, &Who::System).await.unwrap();
+    behind.set_status(&t, &c, CourierStatus::Available).unwrap();
+    let stored = || async { store.load().await.unwrap().couriers.into_iter().find(|r| r.id == c).unwrap() };
+    assert_eq!(stored().await.capacity, 5, "the profile change was dropped by the store");
+    // Shutdown writes every courier's last state.
+    behind.shutdown().await.unwrap();
+    assert_eq!(stored().await.status, CourierStatus::Available, "the status change was dropped by the store");
+}

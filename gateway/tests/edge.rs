@@ -587,13 +587,17 @@ async fn sessions_do_not_queue_behind_a_hanging_redis() {
     proxy.restore();
 }
 
-fn with_sockets(cfg: &mut hexfleet_gateway::ServeConfig, ping_every_ms: u64, idle_ms: u64, write_ms: u64) {
+/// A server whose WebSocket pings, idle and write timeouts are these (ms).
+async fn server_with_sockets(ping_every_ms: u64, idle_ms: u64, write_ms: u64) -> (TestServer, tempfile::TempDir) {
     use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("s.db").to_str().unwrap());
     cfg.sockets = hexfleet_gateway::ws::SocketTimes {
         ping_every: Duration::from_millis(ping_every_ms),
         idle: Duration::from_millis(idle_ms),
         write: Duration::from_millis(write_ms),
     };
+    (TestServer::start(cfg).await, dir)
 }
 
 /// A customer's tracking page cannot send pings (browsers can't), and a quiet order sends
@@ -604,10 +608,7 @@ async fn a_quiet_tracking_page_is_pinged_and_kept_while_a_silent_one_is_dropped(
     use futures_util::StreamExt as _;
     use std::time::Duration;
     use tokio_tungstenite::tungstenite::Message;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = fast_config(dir.path().join("p.db").to_str().unwrap());
-    with_sockets(&mut cfg, 200, 1_000, 1_000);
-    let srv = TestServer::start(cfg).await;
+    let (srv, _dir) = server_with_sockets(200, 1_000, 1_000).await;
     // Far from any courier: nothing happens to it.
     let order = json!({"id":"o1","pickup":{"lat":-45.0,"lng":170.0},"dropoff":{"lat":-45.01,"lng":170.01}});
     assert_eq!(srv.post("/v1/orders", &srv.dispatcher("t1"), order).await.0, 201);
@@ -649,10 +650,7 @@ async fn a_quiet_tracking_page_is_pinged_and_kept_while_a_silent_one_is_dropped(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_that_stops_reading_is_dropped_instead_of_waited_for() {
     use hexfleet_actors::domain::{CourierId, Fix, LatLng, TenantId};
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = fast_config(dir.path().join("w.db").to_str().unwrap());
-    with_sockets(&mut cfg, 60_000, 60_000, 300);
-    let srv = TestServer::start(cfg).await;
+    let (srv, _dir) = server_with_sockets(60_000, 60_000, 300).await;
     let state = srv.running.as_ref().unwrap().state.clone();
     // 1,000 couriers: a snapshot of the world is about 120 KB.
     let tenant = TenantId::new("t1");

@@ -40,6 +40,18 @@ async fn services() -> Option<(String, PgDb, String)> {
     Some((redis, db, format!("hexfleet:test:{}:", uuid_like())))
 }
 
+/// Node A, which reaches the database through a proxy the test cuts or stalls, and node B, with
+/// a 2 s lease renewed every 300 ms; A takes `tenant` by creating order `o1` there.
+async fn a_behind_a_proxy(tenant: &str) -> Option<(Proxy, TestServer, TestServer, PgDb)> {
+    let (redis, db, prefix) = services().await?;
+    let (proxy, via) = Proxy::in_front_of(&db.url).await;
+    let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
+    let a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
+    let b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    assert_eq!(a.post("/v1/orders", &a.dispatcher(tenant), order("o1")).await.0, 201);
+    Some((proxy, a, b, db))
+}
+
 /// Courier `c1`'s app on `srv` goes available near the pickup, is offered `o1` by the
 /// dispatcher of the node that runs the market and accepts it.
 async fn takes_o1(srv: &TestServer, tenant: &str) -> Ws {
@@ -385,14 +397,9 @@ async fn expect_step_down(srv: &TestServer, courier: &mut Ws) -> std::sync::Arc<
 /// courier reconnects there. When the proxy is restored, A finds its lease taken and stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
-    let Some((redis, db, prefix)) = services().await else { return };
-    let (proxy, via) = Proxy::in_front_of(&db.url).await;
-    let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
-    let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
-    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
     let tenant = "porto";
+    let Some((proxy, mut a, mut b, db)) = a_behind_a_proxy(tenant).await else { return };
     let (disp_a, disp_b) = (a.dispatcher(tenant), b.dispatcher(tenant));
-    assert_eq!(a.post("/v1/orders", &disp_a, order("o1")).await.0, 201);
     assert!(lease_row(&db.url, tenant).await.0.starts_with("node-a#"));
     let token = a.token(Role::Courier, "c1", tenant, None);
     let mut courier = a.courier(Port::Ingest, &token).await;
@@ -443,14 +450,9 @@ async fn a_node_cut_off_from_the_database_steps_down_and_its_market_moves() {
 /// that lost its market does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_back_after_another_ran_its_market_does_not_serve_its_stale_actors() {
-    let Some((redis, db, prefix)) = services().await else { return };
-    let (proxy, via) = Proxy::in_front_of(&db.url).await;
-    let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
-    let mut a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
-    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
-    let tenant = "braga";
+    let tenant = "coimbra";
+    let Some((proxy, mut a, mut b, db)) = a_behind_a_proxy(tenant).await else { return };
     let (disp_a, disp_b) = (a.dispatcher(tenant), b.dispatcher(tenant));
-    assert_eq!(a.post("/v1/orders", &disp_a, order("o1")).await.0, 201);
     let markets_a = a.running.as_ref().unwrap().state.markets.clone().unwrap();
 
     proxy.cut();
@@ -470,7 +472,7 @@ async fn a_node_back_after_another_ran_its_market_does_not_serve_its_stale_actor
         assert!(s != 200 || v["state"] == "cancelled", "A serves the order as it knew it before B cancelled it: {s} {v}");
     }
     let err = tokio::time::timeout(DEADLINE, a.running.take().unwrap().wait()).await.expect("A stops in time").expect_err("with an error");
-    assert!(err.to_string().contains("market braga was owned by another node"), "{err}");
+    assert!(err.to_string().contains("market coimbra was owned by another node"), "{err}");
     db.drop_db().await;
 }
 
@@ -500,13 +502,8 @@ async fn a_device_of_a_market_run_elsewhere_cannot_be_taken() {
 /// give up: when node B takes the market over, A no longer serves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_database_hangs_steps_down_before_its_lease_can_be_taken() {
-    let Some((redis, db, prefix)) = services().await else { return };
-    let (proxy, via) = Proxy::in_front_of(&db.url).await;
-    let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(300));
-    let a = TestServer::start(leased(&via, &redis, &prefix, "node-a", ttl, renew)).await;
-    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
     let tenant = "faro";
-    assert_eq!(a.post("/v1/orders", &a.dispatcher(tenant), order("o1")).await.0, 201);
+    let Some((proxy, a, mut b, db)) = a_behind_a_proxy(tenant).await else { return };
     let markets_a = a.running.as_ref().unwrap().state.markets.clone().unwrap();
 
     proxy.stall();

@@ -99,7 +99,8 @@ impl<'a> Reduced<'a> {
 macro_rules! backend_ops {
     (
         $name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, now = $now:literal,
-        begin_write = $begin_write:literal, lock_shared = $lock_shared:literal, lock_update = $lock_update:literal
+        begin_write = $begin_write:literal, lock_shared = $lock_shared:literal, lock_update = $lock_update:literal,
+        lock_events = $lock_events:literal
     ) => {
         #[doc = concat!("Statements compiled for `", stringify!($db), "`.")]
         pub(crate) mod $name {
@@ -130,6 +131,8 @@ macro_rules! backend_ops {
             /// Appended to a `SELECT` of lease rows that the statement is about to update (locks
             /// them in the `ORDER BY` order).
             pub(crate) const LOCK_UPDATE: &str = $lock_update;
+            /// Takes a tenant's event lock until the transaction ends (empty: not needed).
+            const LOCK_EVENTS: &str = $lock_events;
 
             /// Checks market-lease fences `(tenant, holder, epoch)`, sorted by tenant, inside the
             /// caller's transaction: each lease row must still name that holder at that epoch
@@ -301,7 +304,22 @@ macro_rules! backend_ops {
                 Ok(())
             }
 
+            /// Appends events. A tenant's events become visible in `seq` order, so a reader
+            /// following `seq > since` never passes one that commits later. PostgreSQL hands out
+            /// `seq` from a sequence outside any lock, so two transactions (the writer, a webhook
+            /// change, another node's writer during a take-over) could commit out of order:
+            /// every appender takes its tenants' event locks first, sorted (no deadlock), and
+            /// holds them until it commits. SQLite runs one write transaction at a time already.
+            /// Called at most once per transaction.
             pub(crate) async fn insert_events(conn: &mut Conn, events: &[&DomainEvent]) -> Result<(), PersistenceError> {
+                if !LOCK_EVENTS.is_empty() {
+                    let mut tenants: Vec<&str> = events.iter().map(|e| e.tenant.as_str()).collect();
+                    tenants.sort_unstable();
+                    tenants.dedup();
+                    for t in tenants {
+                        sqlx::query(LOCK_EVENTS).bind(t).execute(&mut *conn).await?;
+                    }
+                }
                 for chunk in events.chunks(MAX_PARAMS / 8) {
                     let mut qb = QueryBuilder::<Db>::new(
                         "INSERT INTO events (tenant, entity, entity_id, kind, actor, reason, ts, attrs) ",
@@ -553,7 +571,8 @@ backend_ops!(
     now = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
     begin_write = "BEGIN",
     lock_shared = " FOR SHARE",
-    lock_update = " FOR UPDATE"
+    lock_update = " FOR UPDATE",
+    lock_events = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7011))"
 );
 backend_ops!(
     sqlite,
@@ -563,7 +582,8 @@ backend_ops!(
     now = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
     begin_write = "BEGIN IMMEDIATE",
     lock_shared = "",
-    lock_update = ""
+    lock_update = "",
+    lock_events = ""
 );
 
 /// Decodes the rows of a recovery load.

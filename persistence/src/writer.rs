@@ -20,8 +20,11 @@
 //!   a failing attempt waited fail with it, so a caller waits at most about two attempts. The
 //!   pool opens new connections when the database is back; nothing else needs to reconnect.
 //!
-//! Architecture invariant: only the writer task appends to `events`, one transaction at a
-//! time, so event `seq` numbers become visible in increasing order (on one node).
+//! Architecture invariant: a tenant's events become visible in `seq` order. The writer appends
+//! one transaction at a time; webhook changes append their audit events in their own
+//! transactions, and with several nodes each has a writer, so every appender takes the
+//! tenant's event lock until it commits (`ops::insert_events`; PostgreSQL only, SQLite
+//! serialises write transactions itself).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -684,3 +684,49 @@ async fn speed_tables_round_trip(ctx: Ctx) {
     assert_eq!(got, vec![table("t1", Vehicle::Bike, "hexfleet-speeds v1\n", 2), table("t2", Vehicle::Car, "hexfleet-speeds v1\n", 1)]);
     store.close().await.unwrap();
 }
+
+/// On PostgreSQL an event's `seq` comes from a sequence taken outside any lock, so two
+/// transactions appending a tenant's events could commit out of `seq` order, and a reader
+/// following `since` would pass the earlier one for good. Every appender holds the tenant's
+/// event lock until it commits. Here another transaction holds it with seq S1 not yet
+/// committed (as a webhook change or another node's writer would): the store's own append
+/// waits for it, so no reader sees a seq past S1 before S1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_events_become_visible_in_seq_order_on_postgres() {
+    use sqlx::Connection as _;
+    common::run(Kind::Postgres, |ctx| async move {
+        let store = ctx.open().await;
+        let mut other = sqlx::PgConnection::connect(&ctx.url).await.unwrap();
+        sqlx::raw_sql("BEGIN").execute(&mut other).await.unwrap();
+        // What every appender does first (`ops::insert_events`), then its insert.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7011))").bind("t1").execute(&mut other).await.unwrap();
+        let s1: i64 = sqlx::query_scalar(
+            "INSERT INTO events (tenant, entity, entity_id, kind, actor, ts, attrs) \
+             VALUES ('t1', 'order', 'o1', 'order.created', 'x', 1, '{}') RETURNING seq",
+        )
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+        let s = store.clone();
+        let append = tokio::spawn(async move { s.commit(vec![Write::Event(event("t1", EntityKind::Order, "o2", "order.created", 2))]).await });
+        let all = || EventQuery { tenant: TenantId::new("t1"), entity: None, since_seq: Some(0), limit: 100 };
+        // Nothing to wait for when it is right: the append gets half a second to get past the
+        // lock (it commits in milliseconds when it does not take it).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(store.events(all()).await.unwrap(), vec![], "a seq past {s1} is visible while {s1} is not");
+        assert!(!append.is_finished(), "the append did not wait for the tenant's event lock");
+        sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+        append.await.unwrap().unwrap();
+        let seqs: Vec<i64> = store.events(all()).await.unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs.len(), 2);
+        assert!(seqs[0] == s1 && seqs[1] > s1, "{seqs:?}");
+        // Another tenant's appends do not wait for t1's.
+        sqlx::raw_sql("BEGIN").execute(&mut other).await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7011))").bind("t1").execute(&mut other).await.unwrap();
+        let t2 = tokio::time::timeout(Duration::from_secs(5), store.commit(vec![Write::Event(event("t2", EntityKind::Order, "o3", "order.created", 3))]));
+        t2.await.expect("t2's append does not wait for t1's lock").unwrap();
+        sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+        store.close().await.unwrap();
+    })
+    .await;
+}
