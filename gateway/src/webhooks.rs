@@ -306,7 +306,10 @@ impl reqwest::dns::Resolve for PublicOnly {
         Box::pin(async move {
             let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
-                return Err(format!("{host} resolves to {}, which webhooks may not reach", bad.ip()).into());
+                // The address stays in the server's log: the error reaches the tenant (a
+                // delivery's `last_error`), who must not learn the internal network's layout.
+                tracing::warn!(%host, ip = %bad.ip(), "webhook destination resolves to a non-public address; refused");
+                return Err(format!("{host} resolves to an address webhooks may not reach (loopback, private or link-local)").into());
             }
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
@@ -665,7 +668,10 @@ async fn deliver(
             Outcome::Deferred { at: now() + wait }
         }
         Admit::Send => {
-            let result = send(client, &d, now() / 1000, cfg.allow_private).await;
+            // The signature's `t` is the wall clock now (receivers compare it with theirs), not
+            // the fleet clock, which does not follow a wall-clock step after start.
+            let unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            let result = send(client, &d, unix_s, cfg.allow_private).await;
             metrics::histogram!("hexfleet_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
             let ok = matches!(result, Ok(s) if (200..300).contains(&s));
             let opened = breakers.lock().record(key.clone(), ok, Instant::now());
@@ -843,6 +849,7 @@ mod tests {
             Err(e) => e.to_string(),
         };
         assert!(err.contains("may not reach"), "{err}");
+        assert!(!err.contains("127.0.0.1") && !err.contains("::1"), "the address reaches the tenant: {err}");
     }
 
     #[test]

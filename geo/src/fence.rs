@@ -30,7 +30,7 @@ use std::collections::HashSet;
 
 use geo::coordinate_position::{CoordPos, coord_pos_relative_to_ring};
 use geo::kernels::{Kernel, Orientation, RobustKernel};
-use geo::{BoundingRect, Coord, MultiPolygon, Polygon};
+use geo::{Area, BoundingRect, Coord, MultiPolygon, Polygon};
 use smallvec::SmallVec;
 use h3o::geom::{ContainmentMode, TilerBuilder};
 
@@ -71,8 +71,12 @@ impl Fence {
         Fence::multi_polygon(MultiPolygon::new(vec![p]))
     }
 
-    /// A multi-polygon fence. Every coordinate must be a valid lng/lat and every ring must have
-    /// at least three distinct corners.
+    /// A multi-polygon fence. Every coordinate must be a valid lng/lat within
+    /// [`MAX_FENCE_LAT`] of the equator, no edge may cross the antimeridian (cut the fence there
+    /// into a `MultiPolygon`), and every ring must have at least three distinct corners and an
+    /// area. Edges across the antimeridian or near a pole are long in degrees and short on the
+    /// sphere: h3o's tiler would trace them with gaps and its fill would escape through them to
+    /// cover the whole globe.
     pub fn multi_polygon(mp: MultiPolygon<f64>) -> Result<Fence, GeoError> {
         if mp.0.is_empty() {
             return Err(GeoError::EmptyFence);
@@ -81,6 +85,15 @@ impl Fence {
             for ring in std::iter::once(p.exterior()).chain(p.interiors()) {
                 for c in &ring.0 {
                     LatLng::new(c.y, c.x)?;
+                    if c.y.abs() > MAX_FENCE_LAT {
+                        return Err(GeoError::Ring("fences must lie within 85 degrees of the equator"));
+                    }
+                }
+                if ring.0.windows(2).any(|w| (w[1].x - w[0].x).abs() > 180.0) {
+                    return Err(GeoError::Ring("an edge crosses the antimeridian: cut the fence there into a MultiPolygon"));
+                }
+                if Polygon::new(ring.clone(), Vec::new()).unsigned_area() <= MIN_RING_AREA_DEG2 {
+                    return Err(GeoError::Ring("a ring has no area"));
                 }
                 let mut distinct = ring.0.clone();
                 distinct.dedup();
@@ -101,6 +114,23 @@ impl Fence {
             })
             .collect();
         Ok(Fence { shape: Shape::Polygons(mp), boxes })
+    }
+
+    /// Length of the border in metres (planar edges, scaled by the cosine of their latitude).
+    fn perimeter_m(&self) -> f64 {
+        match &self.shape {
+            Shape::Circle { radius_m, .. } => std::f64::consts::TAU * radius_m,
+            Shape::Polygons(mp) => mp
+                .0
+                .iter()
+                .flat_map(|p| std::iter::once(p.exterior()).chain(p.interiors()))
+                .flat_map(|r| r.0.windows(2))
+                .map(|w| {
+                    let cos = ((w[0].y + w[1].y) / 2.0).to_radians().cos();
+                    (((w[1].x - w[0].x) * cos).powi(2) + (w[1].y - w[0].y).powi(2)).sqrt() * M_PER_DEG
+                })
+                .sum(),
+        }
     }
 
     /// A circle fence.
@@ -385,15 +415,17 @@ impl FenceSet {
         Some(slot)
     }
 
-    /// Finest resolution ≤ `max_res` whose estimated cover (bounding-box area over cell area)
-    /// stays within `target_cells`.
+    /// Finest resolution ≤ `max_res` whose estimated cover stays within `target_cells`: the
+    /// bounding box's area over a cell's, plus the boundary band (three cells per cell edge
+    /// along the perimeter; a long thin fence is mostly band).
     fn pick_resolution(&self, fence: &Fence) -> Resolution {
         let (x0, y0, x1, y1) = fence.bbox();
         let lat_mid = ((y0 + y1) / 2.0).to_radians().cos().max(0.01);
         let area = ((y1 - y0) * M_PER_DEG).max(1.0) * ((x1 - x0) * M_PER_DEG * lat_mid).max(1.0);
+        let perimeter = fence.perimeter_m();
         let mut res = self.config.max_res;
         while let Some(coarser) = res.pred() {
-            if area / res.area_m2() <= self.config.target_cells as f64 {
+            if area / res.area_m2() + 3.0 * perimeter / res.edge_length_m() <= self.config.target_cells as f64 {
                 break;
             }
             res = coarser;
@@ -565,8 +597,10 @@ fn cover(fence: &Fence, res: Resolution) -> Vec<(CellIndex, bool)> {
                 tiler.add(p.clone()).expect("validated in Fence::multi_polygon");
             }
             let mut seen = HashSet::new();
+            // Checked by centre as well: a cover must never hold a cell the fence does not
+            // (the tiler's fill trusts its own tracing of the rings).
             for c in tiler.into_coverage() {
-                if !band.contains(&c) && seen.insert(c) {
+                if !band.contains(&c) && fence.contains(cell_center(c)) && seen.insert(c) {
                     out.push((c, true));
                 }
             }
@@ -574,6 +608,14 @@ fn cover(fence: &Fence, res: Resolution) -> Vec<(CellIndex, bool)> {
         }
     }
 }
+
+/// The latitude fences must stay within (degrees): no delivery zone lies beyond it, and near
+/// the poles planar edges and H3 covers stop agreeing.
+pub const MAX_FENCE_LAT: f64 = 85.0;
+
+/// A ring's least area, in square degrees (about 0.01 m² at the equator): below it the ring
+/// is a line or a point.
+const MIN_RING_AREA_DEG2: f64 = 1e-12;
 
 /// Calls `f` on points along the planar lng/lat segment a–b, at most `step` metres apart
 /// (measured with the largest longitude scale on the segment, so never farther).
@@ -966,6 +1008,53 @@ mod tests {
                 prop_assert_eq!(set.containing(p) == vec![1], haversine_m(c, p) <= r);
             }
         }
+    }
+
+    fn ring(corners: &[(f64, f64)]) -> Result<Fence, GeoError> {
+        let ls: Vec<Coord<f64>> = corners.iter().map(|&(x, y)| Coord { x, y }).collect();
+        Fence::polygon(Polygon::new(geo::LineString(ls), Vec::new()))
+    }
+
+    /// Shapes that h3o's tiler would trace with gaps (its fill then covers the globe, or
+    /// billions of cells near a pole), and rings without area, are refused.
+    #[test]
+    fn fences_across_the_antimeridian_near_a_pole_or_without_area_are_refused() {
+        let refused = [
+            // A polar cap written the usual way.
+            vec![(-180.0, -90.0), (180.0, -90.0), (180.0, -60.0), (-180.0, -60.0), (-180.0, -90.0)],
+            // Fiji, not cut at the antimeridian.
+            vec![(179.0, -18.0), (-179.0, -18.0), (-179.0, -16.0), (179.0, -16.0), (179.0, -18.0)],
+            // A small ring near the North Pole.
+            vec![(-170.0, 89.0), (170.0, 89.0), (170.0, 89.05), (-170.0, 89.05), (-170.0, 89.0)],
+            // No area: back and forth, and collinear.
+            vec![(0.0, 0.0), (1.0, 0.0), (0.0, 0.0), (1.0, 0.0), (0.0, 0.0)],
+            vec![(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (0.0, 0.0)],
+        ];
+        for r in refused {
+            assert!(matches!(ring(&r), Err(GeoError::Ring(_))), "{r:?} was accepted");
+        }
+        // Fiji cut in two at the antimeridian is fine, and covers only Fiji.
+        let east = Polygon::new(geo::LineString(vec![(179.0, -18.0), (180.0, -18.0), (180.0, -16.0), (179.0, -16.0)].into_iter().map(Coord::from).collect()), vec![]);
+        let west = Polygon::new(geo::LineString(vec![(-180.0, -18.0), (-179.0, -18.0), (-179.0, -16.0), (-180.0, -16.0)].into_iter().map(Coord::from).collect()), vec![]);
+        let mut set = FenceSet::new();
+        set.insert(1, Fence::multi_polygon(MultiPolygon::new(vec![east, west])).unwrap(), 0);
+        assert_eq!(set.containing(ll(-17.0, 179.5)), vec![1]);
+        assert_eq!(set.containing(ll(-17.0, -179.5)), vec![1]);
+        assert!(set.containing(ll(45.5, -73.6)).is_empty());
+        assert!(set.containing(ll(-17.0, 0.0)).is_empty());
+    }
+
+    /// A long thin fence is mostly boundary band: its resolution is chosen for the band too,
+    /// so its cover stays near the target instead of growing with its length.
+    #[test]
+    fn a_long_thin_fence_keeps_a_bounded_cover() {
+        let mut set = FenceSet::new();
+        let sliver = ring(&[(-89.0, 0.0), (89.0, 0.0), (89.0, 1e-4), (-89.0, 1e-4), (-89.0, 0.0)]).unwrap();
+        set.insert(1, sliver, 0);
+        let target = FenceSetConfig::default().target_cells;
+        assert!(set.cover_cells() <= 8 * target, "{} cells for a target of {target}", set.cover_cells());
+        assert_eq!(set.containing(ll(0.00005, 10.0)), vec![1]);
+        assert!(set.containing(ll(0.001, 10.0)).is_empty());
     }
 
     // ---- tracker scenarios ----
