@@ -12,7 +12,8 @@
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -199,7 +200,17 @@ pub struct LoadReport {
     /// Courier positions delivered to watchers (items in console batches + tracking `courier`).
     pub watcher_deliveries: u64,
     pub watcher_deliveries_per_s: f64,
-    /// Update → console watcher latency (includes the console's batching interval).
+    /// Deliveries of positions sent after the ramp, per second of sending after the ramp.
+    pub watcher_deliveries_per_s_steady: f64,
+    /// Positions a watcher never got because the server conflated them (a newer one of the
+    /// same courier replaced them); each counts in the latency up to the delivery that
+    /// replaced it.
+    pub superseded: u64,
+    /// Updates the senders did not send because they were more than 100 ms behind schedule.
+    pub behind_schedule: u64,
+    /// Update → console watcher latency (includes the console's batching interval), from each
+    /// update's scheduled send time to the delivery that showed it or a newer position of its
+    /// courier, for updates scheduled after the ramp.
     pub console_latency: Latency,
     /// Update → tracking watcher latency (live stream).
     pub track_latency: Latency,
@@ -225,10 +236,64 @@ struct Counters {
     server_errors: AtomicU64,
     watcher_frames: AtomicU64,
     watcher_deliveries: AtomicU64,
-    /// Watchers record latency only while this is set (not while connecting or tearing down).
-    measuring: AtomicBool,
+    /// Watchers record latency only for updates scheduled in `[measure_from_ms,
+    /// measure_to_ms]` (wall ms): after the ramp, before the senders stop.
+    measure_from_ms: AtomicI64,
+    measure_to_ms: AtomicI64,
+    deliveries_steady: AtomicU64,
+    superseded: AtomicU64,
+    behind_schedule: AtomicU64,
+    /// Send times of each courier's last fixes.
+    sends: std::sync::OnceLock<SendLog>,
     /// Sockets closing is expected after this is set.
     closing: AtomicBool,
+}
+
+/// How many of a courier's last send times the [`SendLog`] keeps.
+const SEND_LOG: usize = 16;
+
+/// The send times of each courier's last [`SEND_LOG`] fixes, written by the senders and read
+/// by the watchers. A watcher that gets a courier's position learns which earlier fixes it
+/// never got (the server conflated them: positions are latest-wins) and records their latency
+/// up to this delivery, which is when its view caught up with them. Without this, latency
+/// would be measured on the survivors only, and conflation would hide delays.
+struct SendLog {
+    rings: Vec<([AtomicI64; SEND_LOG], AtomicUsize)>,
+}
+
+impl std::fmt::Debug for SendLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendLog").field("couriers", &self.rings.len()).finish()
+    }
+}
+
+impl SendLog {
+    fn new(couriers: usize) -> Self {
+        SendLog { rings: (0..couriers).map(|_| (std::array::from_fn(|_| AtomicI64::new(i64::MIN)), AtomicUsize::new(0))).collect() }
+    }
+
+    fn push(&self, courier: usize, ts: i64) {
+        if let Some((ring, next)) = self.rings.get(courier) {
+            ring[next.fetch_add(1, Ordering::Relaxed) % SEND_LOG].store(ts, Ordering::Relaxed);
+        }
+    }
+
+    /// Calls `f` on each logged send time of `courier` in `(after, before)`.
+    fn between(&self, courier: usize, after: i64, before: i64, mut f: impl FnMut(i64)) {
+        if let Some((ring, _)) = self.rings.get(courier) {
+            for t in ring.iter().map(|t| t.load(Ordering::Relaxed)).filter(|t| *t > after && *t < before) {
+                f(t);
+            }
+        }
+    }
+}
+
+/// The run index of a load courier from its id ([`load_courier_id`]).
+fn courier_index(id: &str) -> Option<usize> {
+    if let Some(n) = id.strip_prefix("load-c") {
+        return n.parse::<usize>().ok()?.checked_sub(1);
+    }
+    id.strip_prefix("load-t")?.rsplit_once('-')?.1.parse().ok()
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -368,9 +433,14 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
     let watch_bbox = cfg.watch_bbox.unwrap_or(cfg.bbox);
     let mint = TokenMint::new(&cfg.jwt_secret, &cfg.tenant, 24 * 3600);
     let counters = Arc::new(Counters::default());
+    counters.measure_from_ms.store(i64::MAX, Ordering::Relaxed);
+    counters.measure_to_ms.store(i64::MAX, Ordering::Relaxed);
+    let _ = counters.sends.set(SendLog::new(cfg.couriers));
     let console_hist = Arc::new(Mutex::new(new_hist()));
     let track_hist = Arc::new(Mutex::new(new_hist()));
     let stop = shutdown.child_token();
+    // Stops the watchers once the run is measured (before the teardown closes the rest).
+    let watch_stop = stop.child_token();
     let mut report = LoadReport {
         couriers_target: cfg.couriers,
         source_addrs: cfg.source_addrs.max(1),
@@ -402,8 +472,8 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
         let sub = serde_json::to_string(&ConsoleMsg::Subscribe { bbox: watch_bbox })?;
         ws.send(Message::Text(sub.into())).await?;
         add(&counters.watchers, 1);
-        let (c, h, stop) = (counters.clone(), console_hist.clone(), stop.clone());
-        watcher_tasks.spawn(watch(ws, c, h, stop, run_started_ms, WatchKind::Console));
+        let (c, h, stop) = (counters.clone(), console_hist.clone(), watch_stop.clone());
+        watcher_tasks.spawn(watch(ws, c, h, stop, WatchKind::Console));
     }
 
     // Courier sockets, `connect_concurrency` handshakes at a time, round-robin over sources.
@@ -500,17 +570,19 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
             match connect_ws(&server, &path, Some(source_addr(w, report.source_addrs)), None, cfg.connect_timeout).await {
                 Ok(ws) => {
                     add(&counters.trackers, 1);
-                    let (c, h, stop) = (counters.clone(), track_hist.clone(), stop.clone());
-                    watcher_tasks.spawn(watch(ws, c, h, stop, run_started_ms, WatchKind::Track));
+                    let (c, h, stop) = (counters.clone(), track_hist.clone(), watch_stop.clone());
+                    watcher_tasks.spawn(watch(ws, c, h, stop, WatchKind::Track));
                 }
                 Err(e) => tracing::warn!(order = %order_id, error = %format!("{e:#}"), "tracking watcher failed"),
             }
         }
     }
 
-    // The measured run.
-    counters.measuring.store(true, Ordering::Relaxed);
+    // The measured run: latency and steady deliveries count updates scheduled after the ramp.
     let run_started = Instant::now();
+    if cfg.ramp.is_zero() {
+        counters.measure_from_ms.store(crate::unix_ms(), Ordering::Relaxed);
+    }
     let cpu_before = (read_cpu_s(std::process::id()).ok(), cfg.server_pid.and_then(|p| read_cpu_s(p).ok()));
     let sent_before = get(&counters.sent);
     let mut senders = JoinSet::new();
@@ -534,6 +606,7 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
             },
             _ = tokio::time::sleep_until(ramp_end), if sent_at_ramp_end.is_none() => {
                 sent_at_ramp_end = Some((Instant::now(), get(&counters.sent)));
+                counters.measure_from_ms.store(crate::unix_ms(), Ordering::Relaxed);
             }
             _ = tokio::time::sleep_until(hard_deadline) => {
                 tracing::warn!("sender shards overran the run by 10 s; aborting them");
@@ -542,13 +615,16 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
         }
     }
     let run_elapsed = run_started.elapsed().as_secs_f64();
+    counters.measure_to_ms.store(crate::unix_ms(), Ordering::Relaxed);
     let cpu_after = (read_cpu_s(std::process::id()).ok(), cfg.server_pid.and_then(|p| read_cpu_s(p).ok()));
     report.generator_cpu_s = cpu_before.0.zip(cpu_after.0).map(|(a, b)| b - a);
     report.server_cpu_s = cpu_before.1.zip(cpu_after.1).map(|(a, b)| b - a);
-    // Let the last updates reach the watchers (console batches every 250 ms by default).
+    // Let the last updates reach the watchers, then stop them so that every sample they hold
+    // is in the histograms before they are read.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    counters.measuring.store(false, Ordering::Relaxed);
     let run_end = Instant::now();
+    watch_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while watcher_tasks.join_next().await.is_some() {} }).await;
 
     report.duration_s = run_elapsed;
     report.sent = get(&counters.sent) - sent_before;
@@ -566,6 +642,10 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
     report.watcher_deliveries = get(&counters.watcher_deliveries);
     report.watcher_deliveries_per_s =
         report.watcher_deliveries as f64 / run_end.duration_since(run_started).as_secs_f64().max(1e-9);
+    let window_ms = counters.measure_to_ms.load(Ordering::Relaxed) - counters.measure_from_ms.load(Ordering::Relaxed);
+    report.watcher_deliveries_per_s_steady = get(&counters.deliveries_steady) as f64 * 1000.0 / (window_ms.max(1) as f64);
+    report.superseded = get(&counters.superseded);
+    report.behind_schedule = get(&counters.behind_schedule);
     report.watchers_connected = get(&counters.watchers);
     report.trackers_connected = get(&counters.trackers);
     report.console_latency = Latency::from_hist(&*console_hist.lock().await);
@@ -757,25 +837,23 @@ async fn preregister(cfg: &LoadConfig, server: &Server, mint: &TokenMint, run_st
 #[derive(serde::Deserialize)]
 struct BatchTimes<'a> {
     t: &'a str,
-    items: Vec<ItemTime>,
+    #[serde(borrow)]
+    items: Vec<ItemTime<'a>>,
 }
 
 #[derive(serde::Deserialize)]
-struct ItemTime {
+struct ItemTime<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
     ts: i64,
 }
 
 /// Reads a watcher socket and records update → watcher latency from each position's `ts`.
-async fn watch(
-    ws: Ws,
-    c: Arc<Counters>,
-    hist: Arc<Mutex<Histogram<u64>>>,
-    stop: CancellationToken,
-    run_started_ms: i64,
-    kind: WatchKind,
-) {
+async fn watch(ws: Ws, c: Arc<Counters>, hist: Arc<Mutex<Histogram<u64>>>, stop: CancellationToken, kind: WatchKind) {
     let (_sink, mut stream) = ws.split();
     let mut local = new_hist();
+    // The newest position of each courier this watcher has shown.
+    let mut shown: HashMap<usize, i64> = HashMap::new();
     let mut last_flush = Instant::now();
     loop {
         let m = tokio::select! {
@@ -797,21 +875,36 @@ async fn watch(
             tracing::trace!(frame = text.as_str(), "tracking watcher got");
         }
         let now_us = crate::unix_ms() * 1000;
-        let measuring = c.measuring.load(Ordering::Relaxed);
-        let mut record = |ts: i64| {
+        let (from, to) = (c.measure_from_ms.load(Ordering::Relaxed), c.measure_to_ms.load(Ordering::Relaxed));
+        let sends = c.sends.get();
+        let mut record = |id: &str, ts: i64| {
             add(&c.watcher_deliveries, 1);
-            // Only updates sent by this run, while measuring (snapshots of older state skew it).
-            if measuring && ts >= run_started_ms {
+            let in_window = |t: i64| t >= from && t <= to;
+            if in_window(ts) {
+                add(&c.deliveries_steady, 1);
                 local.saturating_record((now_us - ts * 1000).max(1) as u64);
             }
+            // The fixes of this courier sent since the last one shown here, which the server
+            // replaced by this one: their latency runs until now too.
+            if let (Some(i), Some(log)) = (courier_index(id), sends)
+                && let Some(prev) = shown.insert(i, ts)
+            {
+                log.between(i, prev, ts, |t| {
+                    if in_window(t) {
+                        add(&c.superseded, 1);
+                        local.saturating_record((now_us - t * 1000).max(1) as u64);
+                    }
+                });
+            }
         };
-        // Fast path for console batches: only `ts` of each item, no tagged-enum buffering
-        // (which copied every item into a tree first and made the generator the bottleneck).
+        // Fast path for console batches: only `id` and `ts` of each item, no tagged-enum
+        // buffering (which copied every item into a tree first and made the generator the
+        // bottleneck).
         match serde_json::from_str::<BatchTimes<'_>>(text.as_str()) {
-            Ok(b) if b.t == "couriers" => b.items.iter().for_each(|i| record(i.ts)),
+            Ok(b) if b.t == "couriers" => b.items.iter().for_each(|i| record(&i.id, i.ts)),
             _ => match serde_json::from_str::<ServerMsg>(text.as_str()) {
-                Ok(ServerMsg::Couriers { items, .. }) => items.iter().for_each(|i| record(i.ts)),
-                Ok(ServerMsg::Courier { ts, .. }) => record(ts),
+                Ok(ServerMsg::Couriers { items, .. }) => items.iter().for_each(|i| record(&i.id, i.ts)),
+                Ok(ServerMsg::Courier { courier_id, ts, .. }) => record(&courier_id, ts),
                 Ok(ServerMsg::Error { code, message }) => {
                     add(&c.server_errors, 1);
                     tracing::debug!(?kind, %code, %message, "watcher got an error frame");
@@ -843,6 +936,7 @@ async fn send_shard(
 ) -> Vec<Slot> {
     let mut rng = StdRng::seed_from_u64(seed);
     let start = Instant::now();
+    let start_ms = crate::unix_ms();
     let end = start + duration;
     let ramp_s = ramp.as_secs_f64();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -877,13 +971,21 @@ async fn send_shard(
             share * (t - ramp_s / 2.0)
         };
         let mut due = (due_total as u64).saturating_sub(sent);
-        // Never burst more than 100 ms worth when behind: report the shortfall instead.
+        // Never burst more than 100 ms worth when behind: count the shortfall instead.
         let cap = (share * 0.1).ceil().max(1.0) as u64;
         if due > cap {
+            add(&c.behind_schedule, due - cap);
             sent += due - cap;
             due = cap;
         }
-        let ts = crate::unix_ms();
+        // Each update carries the time it was due, not the time it went out: a sender that
+        // falls behind shows as latency instead of hiding it (coordinated omission).
+        let due_at_ms = |k: u64| {
+            let k = k as f64;
+            let t = if ramp_s > 0.0 && k < share * ramp_s / 2.0 { (2.0 * ramp_s * k / share).sqrt() } else { k / share + ramp_s / 2.0 };
+            start_ms + (t * 1000.0) as i64
+        };
+        let sends = c.sends.get();
         let n = slots.len();
         let mut tries = 0;
         while due > 0 && tries < n {
@@ -895,7 +997,11 @@ async fn send_shard(
             }
             tries = 0;
             s.state.advance(now, &bbox, &mut rng);
+            let ts = due_at_ms(sent + 1);
             s.state.write_loc(&mut buf, ts);
+            if let Some(log) = sends {
+                log.push(s.idx, ts);
+            }
             match s.sink.send(Message::Text(buf.as_str().into())).await {
                 Ok(()) => add(&c.sent, 1),
                 Err(_) => {
@@ -1076,7 +1182,9 @@ impl LoadReport {
         row("watchers", format!("{} console, {} tracking", self.watchers_connected, self.trackers_connected));
         row("target rate", format!("{:.0} updates/s for {:.1} s", self.target_rate, self.duration_s));
         row("sent", format!("{} ({:.0}/s overall, {:.0}/s after ramp)", self.sent, self.sent_per_s, self.sent_per_s_steady));
-        row("watcher deliveries", format!("{} ({:.0}/s) in {} frames", self.watcher_deliveries, self.watcher_deliveries_per_s, self.watcher_frames));
+        row("watcher deliveries", format!("{} ({:.0}/s overall, {:.0}/s after ramp) in {} frames", self.watcher_deliveries, self.watcher_deliveries_per_s, self.watcher_deliveries_per_s_steady, self.watcher_frames));
+        row("conflated by the server", format!("{} positions (counted in latency up to the delivery that replaced them)", self.superseded));
+        row("behind schedule (not sent)", self.behind_schedule.to_string());
         let lat = |l: &Latency| {
             if l.samples == 0 {
                 "no samples".to_owned()
@@ -1154,6 +1262,31 @@ mod tests {
         // The same seed gives the same fleet (the Redis comparison relies on it).
         let again = LoadCourier::fleet(50, &bbox, 7, Instant::now());
         assert_eq!(again[3].pos, LoadCourier::fleet(50, &bbox, 7, Instant::now())[3].pos);
+    }
+
+    #[test]
+    fn a_delivery_accounts_for_the_positions_it_replaced() {
+        for i in [0, 7, 12_345] {
+            assert_eq!(courier_index(&load_courier_id(i, 0, 1_700_000_000_000)), Some(i));
+            assert_eq!(courier_index(&load_courier_id(i, i + 1, 1_700_000_000_000)), Some(i));
+        }
+        assert_eq!(courier_index("someone-else"), None);
+        let log = SendLog::new(2);
+        for ts in [100, 200, 300, 400] {
+            log.push(1, ts);
+        }
+        // Shown 100, now 400: 200 and 300 were replaced.
+        let mut replaced = Vec::new();
+        log.between(1, 100, 400, |t| replaced.push(t));
+        replaced.sort_unstable();
+        assert_eq!(replaced, vec![200, 300]);
+        // Only the last SEND_LOG are kept.
+        for ts in 0..SEND_LOG as i64 + 4 {
+            log.push(0, 1_000 + ts);
+        }
+        let mut n = 0;
+        log.between(0, 0, i64::MAX, |_| n += 1);
+        assert_eq!(n, SEND_LOG);
     }
 
     #[test]
