@@ -795,6 +795,7 @@ pub(crate) async fn connect_owner_ws(
 }
 
 async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    use crate::ws::WRITE_TIMEOUT;
     use tokio_tungstenite::tungstenite::{self as tg, Message};
 
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
@@ -850,30 +851,33 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                         return;
                     }
                 },
+                // A client that stopped reading is not waited for (`ws::WRITE_TIMEOUT`, as on the
+                // owner): the owner then stops waiting on this node too.
                 m = up_rx.next() => match m {
                     Some(Ok(Message::Text(t))) => {
-                        if session.text(t.as_str().to_owned()).await.is_err() { break; }
+                        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, session.text(t.as_str().to_owned())).await, Ok(Ok(()))) { break; }
                     }
                     Some(Ok(Message::Binary(b))) => {
-                        if session.binary(b).await.is_err() { break; }
+                        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, session.binary(b)).await, Ok(Ok(()))) { break; }
                     }
                     Some(Ok(Message::Pong(p))) => {
-                        let _ = session.pong(&p).await;
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.pong(&p)).await;
                     }
                     Some(Ok(Message::Close(frame))) => {
                         let reason = frame.map(|f| actix_ws::CloseReason { code: u16::from(f.code).into(), description: Some(f.reason.as_str().to_owned()) });
-                        let _ = session.close(reason).await;
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.close(reason)).await;
                         return;
                     }
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => {
-                        let _ = session.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Again, description: Some("the node owning this market went away; reconnect".into()) })).await;
+                        let gone = actix_ws::CloseReason { code: actix_ws::CloseCode::Again, description: Some("the node owning this market went away; reconnect".into()) };
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.close(Some(gone))).await;
                         return;
                     }
                 },
             }
         }
-        let _ = session.close(None).await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.close(None)).await;
     });
     Ok(ServiceResponse::new(http_req, response).map_into_boxed_body())
 }

@@ -569,11 +569,17 @@ macro_rules! webhook_ops {
                 Ok(r.rows_affected() > 0)
             }
 
-            pub(super) async fn purge(pool: &Pool<Db>, before: i64) -> Result<u64, PersistenceError> {
-                let r = sqlx::query("DELETE FROM webhook_outbox WHERE state <> 'pending' AND updated_at < $1")
-                    .bind(before)
-                    .execute(pool)
-                    .await?;
+            /// Deletes at most `batch` finished deliveries last changed before `before`.
+            pub(super) async fn purge(pool: &Pool<Db>, before: i64, batch: i64) -> Result<u64, PersistenceError> {
+                let r = sqlx::query(
+                    "DELETE FROM webhook_outbox WHERE (tenant, webhook_id, event_seq) IN \
+                     (SELECT tenant, webhook_id, event_seq FROM webhook_outbox \
+                      WHERE state <> 'pending' AND updated_at < $1 LIMIT $2)",
+                )
+                .bind(before)
+                .bind(batch)
+                .execute(pool)
+                .await?;
                 Ok(r.rows_affected())
             }
         }
@@ -701,10 +707,21 @@ impl SqlStore {
         self.bounded(async move { on_backend!(&db, webhooks::finish(&tenant, &webhook_id, seq, &lease, &outcome, now)) }).await
     }
 
-    /// Deletes delivered and dead deliveries last changed before `before` (every tenant).
+    /// Deletes delivered and dead deliveries last changed before `before` (every tenant), in
+    /// batches of `purge_batch` (as the location history): one DELETE of a large backlog would
+    /// outlast the statement timeout on every run, and on SQLite hold the write lock that
+    /// commits wait for. On an error the batches already deleted stay deleted.
     pub async fn purge_webhook_deliveries(&self, before: i64) -> Result<u64, PersistenceError> {
-        let db = self.db().clone();
-        self.bounded(async move { on_backend!(&db, webhooks::purge(before)) }).await
+        let batch = i64::try_from(self.options().purge_batch).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let db = self.db().clone();
+            let n = self.bounded(async move { on_backend!(&db, webhooks::purge(before, batch)) }).await?;
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
     }
 }
 

@@ -106,7 +106,9 @@ async fn outbox_follows_subscriptions(ctx: Ctx) {
 }
 
 async fn claims_leases_and_outcomes(ctx: Ctx) {
-    let store = ctx.open().await;
+    // Purged one row at a time (below): the batches go on until none is left.
+    let opts = hexfleet_persistence::StoreOptions { purge_batch: 1, ..ctx.options() };
+    let store = hexfleet_persistence::SqlStore::open(&ctx.url, opts).await.unwrap();
     let t = TenantId::new("t1");
     store.put_webhook(&hook("t1", "w", &["order.*"], 1_000), "dispatcher:d").await.unwrap();
     let evs: Vec<Write> =
