@@ -230,7 +230,7 @@ fn clip(s: &str) -> &str {
 }
 
 macro_rules! webhook_ops {
-    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal) => {
+    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, due = $due:literal) => {
         #[doc = concat!("Webhook statements compiled for `", stringify!($db), "`.")]
         mod $name {
             use sqlx::{Pool, QueryBuilder};
@@ -442,57 +442,51 @@ macro_rules! webhook_ops {
                 per_webhook: Option<i64>,
                 skip: &[(&str, &str, &str)],
             ) -> Result<Vec<Delivery>, PersistenceError> {
-                // Webhooks whose rows are left alone (open circuits) while they still point at
-                // the URL that failed, as `$first, $first+1, …`.
+                // Webhooks `w` whose rows are left alone (open circuits) while they still point
+                // at the URL that failed, as `$first, $first+1, …`.
                 let not_skipped = |first: usize| {
                     if skip.is_empty() {
                         return String::new();
                     }
                     let rows: Vec<String> =
                         (0..skip.len()).map(|i| format!("(${}, ${}, ${})", first + 3 * i, first + 3 * i + 1, first + 3 * i + 2)).collect();
-                    format!(
-                        " AND (tenant, webhook_id) NOT IN (SELECT w.tenant, w.id FROM webhooks w WHERE (w.tenant, w.id, w.url) IN (VALUES {}))",
-                        rows.join(", ")
-                    )
+                    format!(" AND (w.tenant, w.id, w.url) NOT IN (VALUES {})", rows.join(", "))
                 };
-                // A read first: an idle outbox costs no write transaction (SQLite's write lock
-                // is the group-commit writer's).
-                let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "SELECT event_seq FROM webhook_outbox WHERE state = 'pending' AND next_attempt_at <= $1{} LIMIT 1",
-                    not_skipped(2)
-                )))
-                .bind(now);
+                // Every statement goes webhook by webhook, each a seek in `webhook_outbox_next`
+                // (tenant, webhook_id, state, next_attempt_at, event_seq): a claim costs the
+                // number of webhooks, not the due backlog (a whole-backlog scan took about a
+                // second at 200k due rows, and held SQLite's write lock meanwhile).
+                // First a read of what is due (an idle outbox costs no write transaction:
+                // SQLite's write lock is the group-commit writer's): each webhook's oldest due
+                // rows, `per_webhook` of them at most, oldest first overall (`$due`, per
+                // backend; `{skip}` filters the webhooks).
+                let due = $due.replace("{skip}", &not_skipped(4));
+                let mut q = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(due))
+                    .bind(now)
+                    .bind(limit)
+                    .bind(per_webhook.unwrap_or(i64::MAX));
                 for (t, w, u) in skip {
                     q = q.bind(*t).bind(*w).bind(*u);
                 }
-                let any: Option<i64> = q.fetch_optional(pool).await?;
-                if any.is_none() {
+                let keys = q.fetch_all(pool).await?;
+                if keys.is_empty() {
                     return Ok(Vec::new());
                 }
-                // Each webhook's oldest due rows, `per_webhook` of them at most (numbered per
-                // webhook over the due rows), oldest first overall.
-                let due = format!(
-                    "SELECT tenant, webhook_id, event_seq FROM \
-                     (SELECT tenant, webhook_id, event_seq, next_attempt_at, \
-                      ROW_NUMBER() OVER (PARTITION BY tenant, webhook_id ORDER BY next_attempt_at, event_seq) AS nth \
-                      FROM webhook_outbox WHERE state = 'pending' AND next_attempt_at <= $3{}) d \
-                     WHERE d.nth <= $5 ORDER BY next_attempt_at, event_seq LIMIT $4",
-                    not_skipped(6)
-                );
-                // The outer condition is re-checked on rows another node claimed meanwhile
-                // (PostgreSQL re-evaluates it after waiting for the row lock), so no row is
-                // claimed twice within one lease.
+                // Then the claim, by primary key. The condition is re-checked on rows another
+                // node claimed meanwhile (PostgreSQL re-evaluates it after waiting for the row
+                // lock), so no row is claimed twice within one lease.
+                let values: Vec<String> =
+                    (0..keys.len()).map(|i| format!("(${}, ${}, ${})", 4 + 3 * i, 5 + 3 * i, 6 + 3 * i)).collect();
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "UPDATE webhook_outbox SET lease = $1, next_attempt_at = $2, attempts = attempts + 1 \
-                     WHERE state = 'pending' AND next_attempt_at <= $3 AND (tenant, webhook_id, event_seq) IN ({due})"
+                     WHERE state = 'pending' AND next_attempt_at <= $3 AND (tenant, webhook_id, event_seq) IN (VALUES {})",
+                    values.join(", ")
                 )))
                 .bind(lease)
                 .bind(lease_until)
-                .bind(now)
-                .bind(limit)
-                .bind(per_webhook.unwrap_or(i64::MAX));
-                for (t, w, u) in skip {
-                    q = q.bind(*t).bind(*w).bind(*u);
+                .bind(now);
+                for (t, w, seq) in &keys {
+                    q = q.bind(t.as_str()).bind(w.as_str()).bind(*seq);
                 }
                 q.execute(pool).await?;
                 let rows: Vec<ClaimedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -586,8 +580,29 @@ macro_rules! webhook_ops {
     };
 }
 
-webhook_ops!(pg, sqlx::Postgres, json_in = "::json", json_out = "::text");
-webhook_ops!(sqlite, sqlx::Sqlite, json_in = "", json_out = "");
+webhook_ops!(
+    pg,
+    sqlx::Postgres,
+    json_in = "::json",
+    json_out = "::text",
+    due = "SELECT d.tenant, d.webhook_id, d.event_seq FROM webhooks w CROSS JOIN LATERAL \
+           (SELECT x.tenant, x.webhook_id, x.event_seq, x.next_attempt_at FROM webhook_outbox x \
+            WHERE x.tenant = w.tenant AND x.webhook_id = w.id AND x.state = 'pending' AND x.next_attempt_at <= $1 \
+            ORDER BY x.next_attempt_at, x.event_seq LIMIT $3) d \
+           WHERE TRUE{skip} ORDER BY d.next_attempt_at, d.event_seq LIMIT $2"
+);
+// SQLite has no LATERAL: a correlated `rowid IN (… LIMIT)` per webhook is its seek.
+webhook_ops!(
+    sqlite,
+    sqlx::Sqlite,
+    json_in = "",
+    json_out = "",
+    due = "SELECT o.tenant, o.webhook_id, o.event_seq FROM webhooks w, webhook_outbox o \
+           WHERE o.rowid IN (SELECT x.rowid FROM webhook_outbox x \
+            WHERE x.tenant = w.tenant AND x.webhook_id = w.id AND x.state = 'pending' AND x.next_attempt_at <= $1 \
+            ORDER BY x.next_attempt_at, x.event_seq LIMIT $3){skip} \
+           ORDER BY o.next_attempt_at, o.event_seq LIMIT $2"
+);
 
 impl SqlStore {
     /// Creates or replaces a webhook (its patterns too); returns true when it was created.

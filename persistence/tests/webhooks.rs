@@ -285,3 +285,38 @@ async fn a_claim_takes_at_most_per_webhook_rows_of_each_webhook(ctx: Ctx) {
     assert_eq!((rest.len(), first.len() + second.len() + rest.len()), (6, 12));
     store.close().await.unwrap();
 }
+
+/// Not a test of correctness but a measurement (BENCHMARKS.md, "Webhook claims with a large
+/// backlog"): how long a claim takes when one webhook has a large due backlog and others have
+/// a few rows. Run with `cargo test -p hexfleet-persistence --test webhooks -- --ignored
+/// --nocapture claim_time`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn claim_time_with_a_large_backlog() {
+    for kind in [common::Kind::Sqlite, common::Kind::Postgres] {
+        common::run(kind, move |ctx| async move {
+            let store = ctx.open().await;
+            for (tenant, id) in [("t1", "backlog"), ("t1", "quiet"), ("t2", "quiet")] {
+                store.put_webhook(&hook(tenant, id, &["order.*"], 1_000), "dispatcher:d").await.unwrap();
+            }
+            let n: i64 = std::env::var("BACKLOG").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+            for chunk in (0..n).collect::<Vec<_>>().chunks(5_000) {
+                let evs = chunk.iter().map(|i| Write::Event(event("t1", EntityKind::Order, &format!("o{i}"), "order.created", 2_000 + i))).collect();
+                store.commit(evs).await.unwrap();
+            }
+            store.commit(vec![Write::Event(event("t2", EntityKind::Order, "x", "order.created", 2_000))]).await.unwrap();
+            // As autovacuum (PostgreSQL) or `PRAGMA optimize` would have by then.
+            ctx.exec("ANALYZE").await;
+            let mut times = Vec::new();
+            for round in 0..5 {
+                let started = std::time::Instant::now();
+                let got = store.claim_webhook_deliveries(i64::MAX / 4, i64::MAX / 2, &format!("L{round}"), 16, Some(1), &[]).await.unwrap();
+                times.push(started.elapsed());
+                assert!(!got.is_empty());
+            }
+            println!("{:?}: {n} due rows of one webhook: claim took {:?}", ctx.kind, times);
+            store.close().await.unwrap();
+        })
+        .await;
+    }
+}
