@@ -156,6 +156,16 @@ struct MemoryInner {
     commit_delay: Option<std::time::Duration>,
 }
 
+impl MemoryInner {
+    /// As the SQL store: a courier row is replaced only by one at least as new.
+    fn put_courier(&mut self, c: CourierRecord) {
+        let key = (c.tenant.clone(), c.id.clone());
+        if self.couriers.get(&key).is_none_or(|old| old.updated_at <= c.updated_at) {
+            self.couriers.insert(key, c);
+        }
+    }
+}
+
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
@@ -191,13 +201,7 @@ impl Store for MemoryStore {
                 Write::Order(o) => {
                     g.orders.insert((o.tenant.clone(), o.id.clone()), o);
                 }
-                // As the SQL store: a courier row is replaced only by one at least as new.
-                Write::Courier(c) => match g.couriers.get(&(c.tenant.clone(), c.id.clone())) {
-                    Some(old) if old.updated_at > c.updated_at => {}
-                    _ => {
-                        g.couriers.insert((c.tenant.clone(), c.id.clone()), c);
-                    }
-                },
+                Write::Courier(c) => g.put_courier(c),
                 Write::RegisterCourier(c) => {
                     g.couriers.entry((c.tenant.clone(), c.id.clone())).or_insert(c);
                 }
@@ -218,9 +222,7 @@ impl Store for MemoryStore {
         let mut g = self.inner.lock();
         Self::check(&g)?;
         for c in couriers {
-            if g.couriers.get(&(c.tenant.clone(), c.id.clone())).is_none_or(|old| old.updated_at <= c.updated_at) {
-                g.couriers.insert((c.tenant.clone(), c.id.clone()), c);
-            }
+            g.put_courier(c);
         }
         Ok(())
     }

@@ -795,7 +795,6 @@ pub(crate) async fn connect_owner_ws(
 }
 
 async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    use crate::ws::WRITE_TIMEOUT;
     use tokio_tungstenite::tungstenite::{self as tg, Message};
 
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
@@ -809,7 +808,11 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
     };
     let (http_req, mut payload) = req.into_parts();
     let body = <web::Payload as actix_web::FromRequest>::from_request(&http_req, &mut payload).await?;
-    let (response, mut session, stream) = actix_ws::handle(&http_req, body)?;
+    let (response, session, stream) = actix_ws::handle(&http_req, body)?;
+    // A client that stopped reading is not waited for (as on the owner): the owner then stops
+    // waiting on this node too.
+    let times = http_req.app_data::<web::Data<AppState>>().map_or_else(crate::ws::SocketTimes::default, |s| s.sockets);
+    let mut peer = crate::ws::Peer::new(session, times);
     let mut stream = stream
         .max_frame_size(crate::ws::MAX_FRAME)
         .aggregate_continuations()
@@ -843,7 +846,7 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                     }
                     Some(Err(e)) => {
                         let _ = up_tx.send(Message::Close(None)).await;
-                        let _ = session.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Protocol, description: Some(e.to_string()) })).await;
+                        peer.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Protocol, description: Some(e.to_string()) })).await;
                         return;
                     }
                     None => {
@@ -851,33 +854,29 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                         return;
                     }
                 },
-                // A client that stopped reading is not waited for (`ws::WRITE_TIMEOUT`, as on the
-                // owner): the owner then stops waiting on this node too.
                 m = up_rx.next() => match m {
                     Some(Ok(Message::Text(t))) => {
-                        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, session.text(t.as_str().to_owned())).await, Ok(Ok(()))) { break; }
+                        if !peer.text(t.as_str().to_owned()).await { break; }
                     }
                     Some(Ok(Message::Binary(b))) => {
-                        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, session.binary(b)).await, Ok(Ok(()))) { break; }
+                        if !peer.binary(b).await { break; }
                     }
-                    Some(Ok(Message::Pong(p))) => {
-                        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.pong(&p)).await;
-                    }
+                    Some(Ok(Message::Pong(p))) => peer.pong(&p).await,
                     Some(Ok(Message::Close(frame))) => {
                         let reason = frame.map(|f| actix_ws::CloseReason { code: u16::from(f.code).into(), description: Some(f.reason.as_str().to_owned()) });
-                        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.close(reason)).await;
+                        peer.close(reason).await;
                         return;
                     }
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => {
                         let gone = actix_ws::CloseReason { code: actix_ws::CloseCode::Again, description: Some("the node owning this market went away; reconnect".into()) };
-                        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.close(Some(gone))).await;
+                        peer.close(Some(gone)).await;
                         return;
                     }
                 },
             }
         }
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.close(None)).await;
+        peer.close(None).await;
     });
     Ok(ServiceResponse::new(http_req, response).map_into_boxed_body())
 }

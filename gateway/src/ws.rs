@@ -137,24 +137,36 @@ fn auth_ws(req: &HttpRequest, roles: &[Role]) -> Result<Auth, ApiError> {
 
 /// An actix-ws client whose every write waits at most [`SocketTimes::write`]. actix-ws queues
 /// 32 frames per session, so a client that stops reading would otherwise hold its session
-/// (and its place in the broker) in a write for good.
-struct Peer {
+/// (and its place in the broker) in a write for good. Also the client side of a socket
+/// forwarded to a market's owner (`markets.rs`).
+pub(crate) struct Peer {
     session: Session,
     write: Duration,
     stalled: bool,
 }
 
 impl Peer {
-    fn new(session: Session, times: SocketTimes) -> Self {
+    pub(crate) fn new(session: Session, times: SocketTimes) -> Self {
         Peer { session, write: times.write, stalled: false }
     }
 
     /// Sends one text frame; `false` when the socket is gone or the client stopped reading.
-    async fn text(&mut self, text: impl Into<bytestring::ByteString>) -> bool {
+    pub(crate) async fn text(&mut self, text: impl Into<bytestring::ByteString>) -> bool {
         if self.stalled {
             return false;
         }
         match tokio::time::timeout(self.write, self.session.text(text)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => self.stall(),
+        }
+    }
+
+    /// Sends one binary frame, as [`Peer::text`].
+    pub(crate) async fn binary(&mut self, data: impl Into<web::Bytes>) -> bool {
+        if self.stalled {
+            return false;
+        }
+        match tokio::time::timeout(self.write, self.session.binary(data)).await {
             Ok(sent) => sent.is_ok(),
             Err(_) => self.stall(),
         }
@@ -167,7 +179,7 @@ impl Peer {
         }
     }
 
-    async fn pong(&mut self, payload: &[u8]) {
+    pub(crate) async fn pong(&mut self, payload: &[u8]) {
         if tokio::time::timeout(self.write, self.session.pong(payload)).await.is_err() {
             self.stall();
         }
@@ -182,7 +194,7 @@ impl Peer {
     }
 
     /// Closes with `reason`; a client that stopped reading is not waited for.
-    async fn close(self, reason: Option<CloseReason>) {
+    pub(crate) async fn close(self, reason: Option<CloseReason>) {
         if !self.stalled {
             let _ = tokio::time::timeout(self.write, self.session.close(reason)).await;
         }
