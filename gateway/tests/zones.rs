@@ -150,6 +150,10 @@ async fn malformed_zones_get_400_with_the_error_shape() {
         (poly(json!([[[-73.6, 45.5], [-73.5, 95.0], [-73.5, 45.6], [-73.6, 45.5]]])), "bad_coordinates"),
         (poly(json!([[[-73.6, 45.5], [-73.5, 45.5], [-73.6, 45.5]]])), "invalid_geometry"),
         (poly(json!([[[-73.6, 45.5], [-73.5, 45.5], [-73.5, 45.5], [-73.6, 45.5]]])), "invalid"),
+        // Across the antimeridian without a cut, near a pole, and without area (geo/src/fence.rs).
+        (poly(json!([[[179.0, -18.0], [-179.0, -18.0], [-179.0, -16.0], [179.0, -16.0], [179.0, -18.0]]])), "invalid"),
+        (poly(json!([[[-170.0, 89.0], [170.0, 89.0], [170.0, 89.05], [-170.0, 89.05], [-170.0, 89.0]]])), "invalid"),
+        (poly(json!([[[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 0.0]]])), "invalid"),
         (json!({"type":"Feature","properties":{"kind":"hub"},"geometry":{"type":"Point","coordinates":[-73.6, 45.5]}}), "unsupported_geometry"),
         (json!({"type":"Feature","properties":{"name":"no kind"},"geometry":{"type":"Polygon","coordinates":[[[-73.6, 45.5], [-73.5, 45.5], [-73.5, 45.6], [-73.6, 45.5]]]}}), "missing_kind"),
         (json!({"type":"Feature","geometry":{"type":"Polygon","coordinates":"nope"},"properties":{"kind":"hub"}}), "invalid_geojson"),
