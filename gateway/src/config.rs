@@ -166,6 +166,11 @@ pub struct ServeArgs {
     /// the concurrency than this, and the other webhooks' deliveries go on around it.
     #[arg(long, env = "HEXFLEET_WEBHOOK_PER_ENDPOINT", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1_024))]
     pub webhook_per_endpoint: u32,
+    /// Webhook deliveries in flight at once for one tenant, over its webhooks: a tenant with
+    /// many slow endpoints leaves the rest of the concurrency to the others. Free slots go to
+    /// the tenants with the fewest deliveries in flight.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_PER_TENANT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_024))]
+    pub webhook_per_tenant: u32,
     /// Let webhooks reach loopback, private and link-local addresses (on-premises receivers).
     /// Off by default: a tenant's dispatcher must not be able to probe the internal network.
     #[arg(long, env = "HEXFLEET_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
@@ -361,7 +366,10 @@ mod tests {
         assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-breaker-after", "0"]).is_err());
         assert!(!s.webhook_allow_private, "private destinations are refused unless asked for");
         let d = crate::webhooks::WebhookConfig::default();
-        assert_eq!((s.webhook_concurrency as usize, s.webhook_per_endpoint as usize), (d.concurrency, d.per_webhook));
+        assert_eq!(
+            (s.webhook_concurrency as usize, s.webhook_per_endpoint as usize, s.webhook_per_tenant as usize),
+            (d.concurrency, d.per_webhook, d.per_tenant)
+        );
         let cli = Cli::try_parse_from(["hexfleet", "serve", "--learn-speeds", "false", "--webhook-max-attempts", "3"]).unwrap();
         let Cmd::Serve(s) = cli.cmd else { panic!() };
         assert!(!s.fleet_config().learn_speeds);

@@ -70,6 +70,7 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.webhooks.allow_private = a.webhook_allow_private;
     cfg.webhooks.concurrency = a.webhook_concurrency as usize;
     cfg.webhooks.per_webhook = a.webhook_per_endpoint as usize;
+    cfg.webhooks.per_tenant = a.webhook_per_tenant as usize;
     if a.market_leases.unwrap_or(a.redis_url.is_some()) {
         let advertise_url = match &a.advertise_url {
             Some(u) => {

@@ -44,7 +44,7 @@ use actix_web::{HttpResponse, web};
 use futures_util::StreamExt as _;
 use hexfleet_actors::domain::{Ms, valid_id};
 use hexfleet_persistence::SqlStore;
-use hexfleet_persistence::webhooks::{Delivery, DeliveryRecord, Outcome, Webhook, WebhookStats};
+use hexfleet_persistence::webhooks::{ClaimShares, Delivery, DeliveryRecord, Outcome, Webhook, WebhookStats};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -83,6 +83,10 @@ pub struct WebhookConfig {
     /// Deliveries in flight at once to one webhook (and URL): a slow endpoint holds no more
     /// slots than this, and the other webhooks' deliveries go on around it.
     pub per_webhook: usize,
+    /// Deliveries in flight at once for one tenant, over its webhooks. Free slots go to the
+    /// tenants with the fewest in flight (then the oldest delivery), so a tenant with many
+    /// slow endpoints or a large backlog leaves the rest to the others.
+    pub per_tenant: usize,
     /// Consecutive failures after which an endpoint's circuit opens ([`Breakers`]).
     pub breaker_after: u32,
     /// First pause of an open circuit; doubles after each failed probe, up to
@@ -104,6 +108,7 @@ impl Default for WebhookConfig {
             max_backoff: Duration::from_secs(3600),
             concurrency: 16,
             per_webhook: 4,
+            per_tenant: 8,
             breaker_after: 5,
             breaker_cooldown: Duration::from_secs(30),
             keep_finished: Duration::from_secs(7 * 24 * 3600),
@@ -738,6 +743,7 @@ pub fn spawn_delivery(
         let lease_ms = i64::try_from((cfg.timeout + Duration::from_secs(30)).as_millis()).unwrap_or(i64::MAX / 4);
         let slots = cfg.concurrency.max(1);
         let per_webhook = cfg.per_webhook.clamp(1, slots);
+        let per_tenant = u32::try_from(cfg.per_tenant.clamp(1, slots)).unwrap_or(u32::MAX);
         let mut tick = tokio::time::interval(cfg.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_purge = Instant::now();
@@ -745,7 +751,8 @@ pub fn spawn_delivery(
         // Sends in flight, and how many per (tenant, webhook, URL). A claim takes only what can
         // be sent at once (so its lease, timeout + 30 s, outlasts every send) and skips
         // webhooks at `per_webhook`: a slow endpoint holds at most that many slots, and the
-        // others go on around it.
+        // others go on around it. Tenants take turns for the free slots, none past
+        // `per_tenant` (`ClaimShares`).
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut busy: HashMap<CircuitKey, usize> = HashMap::new();
         loop {
@@ -758,8 +765,14 @@ pub fn spawn_delivery(
                 let mut skip_keys = breakers.lock().open(Instant::now());
                 skip_keys.extend(busy.iter().filter(|(_, n)| **n >= per_webhook).map(|(k, _)| k.clone()));
                 let skip: Vec<(&str, &str, &str)> = skip_keys.iter().map(|(t, w, u)| (t.as_str(), w.as_str(), u.as_str())).collect();
+                let mut tenants: HashMap<&str, u32> = HashMap::new();
+                for ((tenant, _, _), n) in &busy {
+                    *tenants.entry(tenant.as_str()).or_default() += u32::try_from(*n).unwrap_or(u32::MAX);
+                }
+                let tenants: Vec<(&str, u32)> = tenants.into_iter().collect();
+                let shares = ClaimShares { per_webhook: Some(1), per_tenant: Some(per_tenant), in_flight: &tenants };
                 let claim = u32::try_from(free).unwrap_or(u32::MAX);
-                match store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim, Some(1), &skip).await {
+                match store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim, &shares, &skip).await {
                     Ok(batch) => {
                         for d in batch {
                             let key: CircuitKey = (d.event.event.tenant.to_string(), d.webhook_id.clone(), d.url.clone());

@@ -376,6 +376,55 @@ async fn a_slow_endpoint_does_not_hold_up_the_others() {
     healthy.handle.stop(true).await;
 }
 
+/// A tenant whose endpoints all hang holds at most `per_tenant` of the worker's slots: another
+/// tenant's deliveries go on meanwhile, and the first tenant's arrive once its endpoints answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_with_slow_endpoints_leaves_slots_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
+    cfg.webhooks.poll = Duration::from_millis(20);
+    cfg.webhooks.timeout = Duration::from_secs(30);
+    // Three slow webhooks at two sends each could take all six slots; the tenant gets three.
+    cfg.webhooks.concurrency = 6;
+    cfg.webhooks.per_webhook = 2;
+    cfg.webhooks.per_tenant = 3;
+    cfg.webhooks.allow_private = true;
+    let mut srv = TestServer::start(cfg).await;
+    let (acme, globex) = (srv.dispatcher("acme"), srv.dispatcher("globex"));
+    let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let mut slow = Receiver::start_with(0, Some(hold.clone())).await;
+    let mut healthy = Receiver::start(0).await;
+    for id in ["slow-a", "slow-b", "slow-c"] {
+        let (s, b) = srv.put(&format!("/v1/webhooks/{id}"), &acme, json!({"url": slow.url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (s, b) = srv.put("/v1/webhooks/healthy", &globex, json!({"url": healthy.url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+    assert_eq!(s, 201, "{b}");
+    for i in 0..3 {
+        assert_eq!(srv.post("/v1/orders", &acme, order_body(&format!("o-acme-{i}"))).await.0, 201);
+    }
+    for _ in 0..3 {
+        slow.next("acme's requests, left hanging", |_| true).await;
+    }
+    // Acme has nine deliveries due and three hanging; globex's go through around them.
+    let started = std::time::Instant::now();
+    for i in 0..2 {
+        let id = format!("o-globex-{i}");
+        assert_eq!(srv.post("/v1/orders", &globex, order_body(&id)).await.0, 201);
+        healthy.next("globex's delivery", |v| v["entity_id"] == id.as_str()).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "held up behind acme's endpoints: {:?}", started.elapsed());
+    assert!(slow.rx.try_recv().is_err(), "acme got a fourth slot while three of its sends hang");
+    // Once its endpoints answer, all nine of acme's deliveries arrive.
+    hold.add_permits(1000);
+    for _ in 3..9 {
+        slow.next("the rest of acme's deliveries", |_| true).await;
+    }
+    srv.stop().await;
+    slow.handle.stop(true).await;
+    healthy.handle.stop(true).await;
+}
+
 /// Deliveries the receiver refused before a restart are made after it, from the outbox.
 async fn outbox_survives_restart(db: String) {
     let mut cfg = fast_config(&db);

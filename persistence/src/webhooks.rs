@@ -114,6 +114,19 @@ pub struct Delivery {
     pub event: StoredEvent,
 }
 
+/// How one claim shares the due deliveries out ([`SqlStore::claim_webhook_deliveries`]).
+/// The default shares nothing out: every due row, oldest first.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClaimShares<'a> {
+    /// At most this many rows of any one webhook (its oldest).
+    pub per_webhook: Option<u32>,
+    /// No tenant past this many sends, counting what it has in flight.
+    pub per_tenant: Option<u32>,
+    /// Sends each tenant has in flight now (tenants not listed: none). The tenants with the
+    /// fewest go first.
+    pub in_flight: &'a [(&'a str, u32)],
+}
+
 /// How an attempt ended, as the worker decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -230,7 +243,7 @@ fn clip(s: &str) -> &str {
 }
 
 macro_rules! webhook_ops {
-    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, due = $due:literal) => {
+    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, candidates = $candidates:literal) => {
         #[doc = concat!("Webhook statements compiled for `", stringify!($db), "`.")]
         mod $name {
             use sqlx::{Pool, QueryBuilder};
@@ -439,7 +452,7 @@ macro_rules! webhook_ops {
                 lease_until: i64,
                 lease: &str,
                 limit: i64,
-                per_webhook: Option<i64>,
+                shares: &ClaimShares<'_>,
                 skip: &[(&str, &str, &str)],
             ) -> Result<Vec<Delivery>, PersistenceError> {
                 // Webhooks `w` whose rows are left alone (open circuits) while they still point
@@ -458,15 +471,38 @@ macro_rules! webhook_ops {
                 // second at 200k due rows, and held SQLite's write lock meanwhile).
                 // First a read of what is due (an idle outbox costs no write transaction:
                 // SQLite's write lock is the group-commit writer's): each webhook's oldest due
-                // rows, `per_webhook` of them at most, oldest first overall (`$due`, per
-                // backend; `{skip}` filters the webhooks).
-                let due = $due.replace("{skip}", &not_skipped(4));
+                // rows, `per_webhook` of them at most (`$candidates`, per backend; `{skip}`
+                // filters the webhooks). Then tenants take turns: a row's rank is its place
+                // among its tenant's candidates plus the sends that tenant has in flight, rows
+                // ranked past `per_tenant` wait, and the lowest ranks go first (oldest first
+                // among equals). A tenant with a large or slow backlog gets no more than its
+                // share of the slots that free up while another tenant has deliveries due.
+                let candidates = $candidates.replace("{skip}", &not_skipped(5));
+                let first_busy = 5 + 3 * skip.len();
+                let (busy_join, busy) = if shares.in_flight.is_empty() {
+                    (String::new(), "0")
+                } else {
+                    let rows: Vec<String> =
+                        (0..shares.in_flight.len()).map(|i| format!("(${}, ${})", first_busy + 2 * i, first_busy + 2 * i + 1)).collect();
+                    (format!(" LEFT JOIN (VALUES {}) f ON f.column1 = c.tenant", rows.join(", ")), "COALESCE(f.column2, 0)")
+                };
+                let due = format!(
+                    "SELECT c.tenant, c.webhook_id, c.event_seq FROM \
+                     (SELECT c0.tenant, c0.webhook_id, c0.event_seq, c0.next_attempt_at, \
+                      ROW_NUMBER() OVER (PARTITION BY c0.tenant ORDER BY c0.next_attempt_at, c0.event_seq) AS turn \
+                      FROM ({candidates}) c0) c{busy_join} \
+                     WHERE c.turn + {busy} <= $4 ORDER BY c.turn + {busy}, c.next_attempt_at, c.event_seq LIMIT $2"
+                );
                 let mut q = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(due))
                     .bind(now)
                     .bind(limit)
-                    .bind(per_webhook.unwrap_or(i64::MAX));
+                    .bind(shares.per_webhook.map_or(i64::MAX, i64::from))
+                    .bind(shares.per_tenant.map_or(i64::MAX / 2, i64::from));
                 for (t, w, u) in skip {
                     q = q.bind(*t).bind(*w).bind(*u);
+                }
+                for (t, n) in shares.in_flight {
+                    q = q.bind(*t).bind(i64::from(*n));
                 }
                 let keys = q.fetch_all(pool).await?;
                 if keys.is_empty() {
@@ -585,11 +621,11 @@ webhook_ops!(
     sqlx::Postgres,
     json_in = "::json",
     json_out = "::text",
-    due = "SELECT d.tenant, d.webhook_id, d.event_seq FROM webhooks w CROSS JOIN LATERAL \
+    candidates = "SELECT d.tenant, d.webhook_id, d.event_seq, d.next_attempt_at FROM webhooks w CROSS JOIN LATERAL \
            (SELECT x.tenant, x.webhook_id, x.event_seq, x.next_attempt_at FROM webhook_outbox x \
             WHERE x.tenant = w.tenant AND x.webhook_id = w.id AND x.state = 'pending' AND x.next_attempt_at <= $1 \
             ORDER BY x.next_attempt_at, x.event_seq LIMIT $3) d \
-           WHERE TRUE{skip} ORDER BY d.next_attempt_at, d.event_seq LIMIT $2"
+           WHERE TRUE{skip}"
 );
 // SQLite has no LATERAL: a correlated `rowid IN (… LIMIT)` per webhook is its seek.
 webhook_ops!(
@@ -597,11 +633,10 @@ webhook_ops!(
     sqlx::Sqlite,
     json_in = "",
     json_out = "",
-    due = "SELECT o.tenant, o.webhook_id, o.event_seq FROM webhooks w, webhook_outbox o \
+    candidates = "SELECT o.tenant, o.webhook_id, o.event_seq, o.next_attempt_at FROM webhooks w, webhook_outbox o \
            WHERE o.rowid IN (SELECT x.rowid FROM webhook_outbox x \
             WHERE x.tenant = w.tenant AND x.webhook_id = w.id AND x.state = 'pending' AND x.next_attempt_at <= $1 \
-            ORDER BY x.next_attempt_at, x.event_seq LIMIT $3){skip} \
-           ORDER BY o.next_attempt_at, o.event_seq LIMIT $2"
+            ORDER BY x.next_attempt_at, x.event_seq LIMIT $3){skip}"
 );
 
 impl SqlStore {
@@ -681,27 +716,30 @@ impl SqlStore {
         self.bounded(async move { on_backend!(&db, webhooks::pause(&tenant, &id, until)) }).await
     }
 
-    /// Claims up to `limit` deliveries due at `now` (every tenant), at most `per_webhook` of
-    /// any one webhook (its oldest; `None`: no such limit), except those of the webhooks in
-    /// `skip` (`(tenant, webhook id, url)`: endpoints whose circuit is open or that have as
-    /// many sends in flight as they may, while the webhook still points at that URL): they are
-    /// leased to `lease` until `lease_until`, their attempt counted, and returned oldest event
-    /// first.
+    /// Claims up to `limit` deliveries due at `now` (every tenant), shared out as `shares`
+    /// says (at most `per_webhook` of any one webhook, its oldest; tenants in turn, none past
+    /// `per_tenant` with what it has in flight), except those of the webhooks in `skip`
+    /// (`(tenant, webhook id, url)`: endpoints whose circuit is open or that have as many sends
+    /// in flight as they may, while the webhook still points at that URL): they are leased to
+    /// `lease` until `lease_until`, their attempt counted, and returned oldest event first.
     pub async fn claim_webhook_deliveries(
         &self,
         now: i64,
         lease_until: i64,
         lease: &str,
         limit: u32,
-        per_webhook: Option<u32>,
+        shares: &ClaimShares<'_>,
         skip: &[(&str, &str, &str)],
     ) -> Result<Vec<Delivery>, PersistenceError> {
-        let per_webhook = per_webhook.map(i64::from);
         let (db, lease) = (self.db().clone(), lease.to_owned());
         let skip: Vec<[String; 3]> = skip.iter().map(|&(t, w, u)| [t.to_owned(), w.to_owned(), u.to_owned()]).collect();
+        let in_flight: Vec<(String, u32)> = shares.in_flight.iter().map(|&(t, n)| (t.to_owned(), n)).collect();
+        let (per_webhook, per_tenant) = (shares.per_webhook, shares.per_tenant);
         self.bounded(async move {
             let skip: Vec<(&str, &str, &str)> = skip.iter().map(|[t, w, u]| (t.as_str(), w.as_str(), u.as_str())).collect();
-            on_backend!(&db, webhooks::claim(now, lease_until, &lease, i64::from(limit), per_webhook, &skip))
+            let in_flight: Vec<(&str, u32)> = in_flight.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+            let shares = ClaimShares { per_webhook, per_tenant, in_flight: &in_flight };
+            on_backend!(&db, webhooks::claim(now, lease_until, &lease, i64::from(limit), &shares, &skip))
         })
         .await
     }
