@@ -171,6 +171,11 @@ pub struct ServeArgs {
     /// the tenants with the fewest deliveries in flight.
     #[arg(long, env = "HEXFLEET_WEBHOOK_PER_TENANT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_024))]
     pub webhook_per_tenant: u32,
+    /// Hours after which a webhook delivery not attempted since is given up (dead; a
+    /// redelivery sends it again): an endpoint that stays down does not grow the outbox for
+    /// ever.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_GIVE_UP_HOURS", default_value_t = 72, value_parser = clap::value_parser!(u32).range(1..=8_760))]
+    pub webhook_give_up_hours: u32,
     /// Let webhooks reach loopback, private and link-local addresses (on-premises receivers).
     /// Off by default: a tenant's dispatcher must not be able to probe the internal network.
     #[arg(long, env = "HEXFLEET_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
@@ -369,6 +374,10 @@ mod tests {
         assert_eq!(
             (s.webhook_concurrency as usize, s.webhook_per_endpoint as usize, s.webhook_per_tenant as usize),
             (d.concurrency, d.per_webhook, d.per_tenant)
+        );
+        assert_eq!(
+            std::time::Duration::from_secs(u64::from(s.webhook_give_up_hours) * 3600),
+            d.give_up_after
         );
         let cli = Cli::try_parse_from(["hexfleet", "serve", "--learn-speeds", "false", "--webhook-max-attempts", "3"]).unwrap();
         let Cmd::Serve(s) = cli.cmd else { panic!() };

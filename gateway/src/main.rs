@@ -71,6 +71,7 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.webhooks.concurrency = a.webhook_concurrency as usize;
     cfg.webhooks.per_webhook = a.webhook_per_endpoint as usize;
     cfg.webhooks.per_tenant = a.webhook_per_tenant as usize;
+    cfg.webhooks.give_up_after = Duration::from_secs(u64::from(a.webhook_give_up_hours) * 3600);
     if a.market_leases.unwrap_or(a.redis_url.is_some()) {
         let advertise_url = match &a.advertise_url {
             Some(u) => {

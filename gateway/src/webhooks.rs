@@ -92,8 +92,14 @@ pub struct WebhookConfig {
     /// First pause of an open circuit; doubles after each failed probe, up to
     /// [`MAX_BREAKER_COOLDOWN`].
     pub breaker_cooldown: Duration,
+    /// A pending delivery not attempted for this long is given up (`dead`, and sent again only
+    /// by a redelivery). An endpoint whose circuit stays open is probed one delivery per pause,
+    /// so without this its backlog would grow for as long as it is down.
+    pub give_up_after: Duration,
     /// Delivered and dead rows are purged after this long.
     pub keep_finished: Duration,
+    /// How often deliveries are given up and purged.
+    pub housekeeping: Duration,
     /// Let webhooks reach loopback and private networks (on-premises receivers, tests).
     pub allow_private: bool,
 }
@@ -111,7 +117,9 @@ impl Default for WebhookConfig {
             per_tenant: 8,
             breaker_after: 5,
             breaker_cooldown: Duration::from_secs(30),
+            give_up_after: Duration::from_secs(72 * 3600),
             keep_finished: Duration::from_secs(7 * 24 * 3600),
+            housekeeping: Duration::from_secs(3600),
             allow_private: false,
         }
     }
@@ -796,8 +804,15 @@ pub fn spawn_delivery(
                 _ = tick.tick() => {
                     breakers.lock().tidy(Instant::now());
                     if Instant::now() >= next_purge {
-                        next_purge = Instant::now() + Duration::from_secs(3600);
-                        let before = now() - i64::try_from(cfg.keep_finished.as_millis()).unwrap_or(i64::MAX / 4);
+                        next_purge = Instant::now() + cfg.housekeeping;
+                        let t = now();
+                        let before = t - i64::try_from(cfg.give_up_after.as_millis()).unwrap_or(i64::MAX / 4);
+                        match store.expire_webhook_deliveries(before, t).await {
+                            Ok(n) if n > 0 => tracing::warn!(given_up = n, "webhook deliveries not attempted for {:?} given up", cfg.give_up_after),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "cannot give up old webhook deliveries"),
+                        }
+                        let before = t - i64::try_from(cfg.keep_finished.as_millis()).unwrap_or(i64::MAX / 4);
                         match store.purge_webhook_deliveries(before).await {
                             Ok(n) if n > 0 => tracing::info!(purged = n, "old webhook deliveries purged"),
                             Ok(_) => {}

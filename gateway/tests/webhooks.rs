@@ -285,21 +285,22 @@ async fn a_failing_endpoint_is_paused_and_does_not_hold_up_the_others() {
     }
     // The circuit opened: the broken webhook's waiting deliveries were moved to the end of its
     // pause (600 s), without spending attempts; with it closed they would be retried every
-    // 20–40 ms.
-    let items = eventually("the broken webhook paused", || async {
+    // 20–40 ms. Every attempt counted is a request the endpoint got (once the sends under way
+    // when it opened have arrived).
+    let attempts = |items: &[Value]| items.iter().map(|i| i["attempts"].as_i64().unwrap_or(0)).sum::<i64>();
+    let (_, sent) = eventually("the broken webhook paused, each attempt a request", || async {
         let (_, d) = srv.get("/v1/webhooks/broken/deliveries", Some(&disp)).await;
         let items = d["items"].as_array()?.clone();
         let now = common::now_ms();
+        let sent = usize::MAX - broken.state.fail.load(Ordering::SeqCst);
         (items.len() == 6
             && items.iter().all(|i| i["state"] == "pending")
-            && items.iter().map(|i| i["attempts"].as_i64().unwrap_or(0)).sum::<i64>() >= 3
+            && attempts(&items) >= 3
+            && attempts(&items) == sent as i64
             && items.iter().any(|i| i["next_attempt_at"].as_i64().is_some_and(|t| t > now + 500_000)))
-        .then_some(items)
+        .then_some((items, sent))
     })
     .await;
-    let sent = usize::MAX - broken.state.fail.load(Ordering::SeqCst);
-    let attempts = |items: &[Value]| items.iter().map(|i| i["attempts"].as_i64().unwrap()).sum::<i64>();
-    assert_eq!(attempts(&items), sent as i64, "every attempt counted is a request the endpoint got");
     assert!((3..=12).contains(&sent), "at least breaker_after, at most one batch beyond: {sent}");
     // The worker polls on: a later order reaches the healthy endpoint, after the broken
     // deliveries were due...
@@ -321,6 +322,52 @@ async fn a_failing_endpoint_is_paused_and_does_not_hold_up_the_others() {
         let g = healthy.next("the paused deliveries, at the new URL", |v| v["webhook_id"] == "broken").await;
         moved.insert(g.json()["seq"].as_i64().unwrap());
     }
+    srv.stop().await;
+    broken.handle.stop(true).await;
+    healthy.handle.stop(true).await;
+}
+
+/// An endpoint that stays down does not grow the outbox for ever: once its circuit is open its
+/// deliveries wait unattempted, and after `give_up_after` they are given up (dead, with the
+/// reason), while the other webhook's are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_to_an_endpoint_down_for_long_are_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
+    cfg.webhooks.poll = Duration::from_millis(20);
+    cfg.webhooks.backoff = Duration::from_millis(20);
+    cfg.webhooks.max_attempts = 50;
+    cfg.webhooks.timeout = Duration::from_secs(2);
+    cfg.webhooks.breaker_after = 2;
+    cfg.webhooks.breaker_cooldown = Duration::from_secs(600);
+    cfg.webhooks.give_up_after = Duration::from_secs(1);
+    cfg.webhooks.housekeeping = Duration::from_millis(100);
+    cfg.webhooks.allow_private = true;
+    let mut srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("acme");
+    let broken = Receiver::start(usize::MAX).await;
+    let mut healthy = Receiver::start(0).await;
+    for (id, url) in [("broken", &broken.url), ("healthy", &healthy.url)] {
+        let (s, b) = srv.put(&format!("/v1/webhooks/{id}"), &disp, json!({"url": url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    for i in 0..4 {
+        assert_eq!(srv.post("/v1/orders", &disp, order_body(&format!("o-gu-{i}"))).await.0, 201);
+        healthy.next("healthy deliveries", |v| v["entity_id"] == format!("o-gu-{i}").as_str()).await;
+    }
+    let items = eventually("the broken webhook's deliveries given up", || async {
+        let (_, d) = srv.get("/v1/webhooks/broken/deliveries", Some(&disp)).await;
+        let items = d["items"].as_array()?.clone();
+        (items.len() == 4 && items.iter().all(|i| i["state"] == "dead")).then_some(items)
+    })
+    .await;
+    for i in &items {
+        assert_eq!(i["last_error"], "gave up: not attempted for 1 s", "{i}");
+    }
+    let sent = usize::MAX - broken.state.fail.load(Ordering::SeqCst);
+    assert!(sent < 4, "the open circuit held back some of them: {sent} sent");
+    let (_, d) = srv.get("/v1/webhooks/healthy/deliveries", Some(&disp)).await;
+    assert!(d["items"].as_array().unwrap().iter().all(|i| i["state"] == "delivered"), "{d}");
     srv.stop().await;
     broken.handle.stop(true).await;
     healthy.handle.stop(true).await;

@@ -145,8 +145,9 @@ pub enum Outcome {
         error: String,
     },
     /// Not attempted: the endpoint's circuit is open (the worker pauses a failing endpoint).
-    /// Pending again at `at`; the claim's attempt is given back, and the last status and error
-    /// are kept.
+    /// Pending again at `at`; the claim's attempt is given back, and the last status, error and
+    /// change time are kept (a deferral is not an attempt, so it does not postpone giving up,
+    /// [`SqlStore::expire_webhook_deliveries`]).
     Deferred {
         /// Unix ms from which it may be claimed again.
         at: i64,
@@ -240,6 +241,15 @@ fn clip(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// A span of milliseconds in the largest whole unit, for people: "72 h", "5 min", "3 s".
+fn span(ms: i64) -> String {
+    match ms {
+        3_600_000.. => format!("{} h", ms / 3_600_000),
+        60_000.. => format!("{} min", ms / 60_000),
+        _ => format!("{} s", ms / 1000),
+    }
 }
 
 macro_rules! webhook_ops {
@@ -561,11 +571,10 @@ macro_rules! webhook_ops {
             ) -> Result<bool, PersistenceError> {
                 if let Outcome::Deferred { at } = outcome {
                     let r = sqlx::query(
-                        "UPDATE webhook_outbox SET next_attempt_at = $1, attempts = attempts - 1, updated_at = $2, lease = NULL \
-                         WHERE tenant = $3 AND webhook_id = $4 AND event_seq = $5 AND lease = $6",
+                        "UPDATE webhook_outbox SET next_attempt_at = $1, attempts = attempts - 1, lease = NULL \
+                         WHERE tenant = $2 AND webhook_id = $3 AND event_seq = $4 AND lease = $5",
                     )
                     .bind(*at)
-                    .bind(now)
                     .bind(tenant.as_str())
                     .bind(webhook_id)
                     .bind(seq)
@@ -597,6 +606,26 @@ macro_rules! webhook_ops {
                 .execute(pool)
                 .await?;
                 Ok(r.rows_affected() > 0)
+            }
+
+            /// Gives up at most `batch` pending deliveries not attempted since `before` and not
+            /// leased now (a lapsed lease counts as none; a paused row is not leased): `dead`
+            /// with `error`.
+            pub(super) async fn expire(pool: &Pool<Db>, before: i64, now: i64, batch: i64, error: &str) -> Result<u64, PersistenceError> {
+                let r = sqlx::query(
+                    "UPDATE webhook_outbox SET state = 'dead', last_error = $1, updated_at = $2, lease = NULL \
+                     WHERE (tenant, webhook_id, event_seq) IN \
+                     (SELECT tenant, webhook_id, event_seq FROM webhook_outbox \
+                      WHERE state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $2) LIMIT $4) \
+                     AND state = 'pending' AND (lease IS NULL OR next_attempt_at <= $2)",
+                )
+                .bind(error)
+                .bind(now)
+                .bind(before)
+                .bind(batch)
+                .execute(pool)
+                .await?;
+                Ok(r.rows_affected())
             }
 
             /// Deletes at most `batch` finished deliveries last changed before `before`.
@@ -760,6 +789,25 @@ impl SqlStore {
         self.bounded(async move { on_backend!(&db, webhooks::finish(&tenant, &webhook_id, seq, &lease, &outcome, now)) }).await
     }
 
+    /// Gives up pending deliveries (every tenant) not attempted since `before` (an endpoint
+    /// whose circuit stays open gets one probe per pause, so the rest of its backlog would wait
+    /// for ever) and not leased now (paused ones are given up too). They become `dead` with
+    /// `last_error` saying so, and can be sent again with a redelivery. In batches of
+    /// `purge_batch`, as the purge. Returns how many.
+    pub async fn expire_webhook_deliveries(&self, before: i64, now: i64) -> Result<u64, PersistenceError> {
+        let batch = i64::try_from(self.options().purge_batch).unwrap_or(i64::MAX);
+        let error = format!("gave up: not attempted for {}", span((now - before).max(0)));
+        let mut total = 0;
+        loop {
+            let (db, error) = (self.db().clone(), error.clone());
+            let n = self.bounded(async move { on_backend!(&db, webhooks::expire(before, now, batch, &error)) }).await?;
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Deletes delivered and dead deliveries last changed before `before` (every tenant), in
     /// batches of `purge_batch` (as the location history): one DELETE of a large backlog would
     /// outlast the statement timeout on every run, and on SQLite hold the write lock that
@@ -796,5 +844,12 @@ mod tests {
         assert!(c.len() <= MAX_ERROR_LEN && c.len() >= MAX_ERROR_LEN - 1);
         assert!(long.starts_with(c));
         assert_eq!(clip("short"), "short");
+    }
+
+    #[test]
+    fn spans_read_in_whole_units() {
+        assert_eq!(span(72 * 3_600_000 + 5), "72 h");
+        assert_eq!(span(5 * 60_000), "5 min");
+        assert_eq!(span(2_500), "2 s");
     }
 }

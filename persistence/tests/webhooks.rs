@@ -17,7 +17,8 @@ both_backends!(
     open_circuits_are_skipped_and_deferrals_give_the_attempt_back,
     redelivery_requeues_finished_deliveries,
     a_claim_takes_at_most_per_webhook_rows_of_each_webhook,
-    tenants_take_turns_and_none_passes_its_share
+    tenants_take_turns_and_none_passes_its_share,
+    deliveries_not_attempted_for_long_are_given_up
 );
 
 fn one_per_webhook() -> ClaimShares<'static> {
@@ -326,6 +327,57 @@ async fn tenants_take_turns_and_none_passes_its_share(ctx: Ctx) {
     assert!(store.claim_webhook_deliveries(10_000, 50_000, "D", 10, &shares, &[]).await.unwrap().is_empty());
     // Without shares the seven rows of t1 left are all due.
     assert_eq!(store.claim_webhook_deliveries(10_000, 50_000, "E", 10, &ClaimShares::default(), &[]).await.unwrap().len(), 7);
+    store.close().await.unwrap();
+}
+
+/// A pending delivery not attempted since the cut-off (never, or last before it; a deferral
+/// is no attempt) is given up, in batches; one leased now, one attempted since and finished
+/// ones are left alone. A redelivery sends a given-up one again.
+async fn deliveries_not_attempted_for_long_are_given_up(ctx: Ctx) {
+    let opts = hexfleet_persistence::StoreOptions { purge_batch: 1, ..ctx.options() };
+    let store = hexfleet_persistence::SqlStore::open(&ctx.url, opts).await.unwrap();
+    let t = TenantId::new("t1");
+    store.put_webhook(&hook("t1", "w", &["order.*"], 500), "dispatcher:d").await.unwrap();
+    let at = |id: &str, ts: i64| Write::Event(event("t1", EntityKind::Order, id, "order.created", ts));
+    store.commit(vec![at("leased", 1_000), at("done", 1_100), at("retried", 1_200), at("deferred", 1_300)]).await.unwrap();
+    // Claimed; "leased" stays in flight until 100_000.
+    let claimed = store.claim_webhook_deliveries(1_500, 100_000, "L", 10, &ClaimShares::default(), &[]).await.unwrap();
+    assert_eq!(claimed.len(), 4);
+    let seq_of = |id: &str| claimed.iter().find(|d| d.event.event.entity_id == id).unwrap().event.seq;
+    for (id, outcome) in [
+        ("done", Outcome::Delivered { status: 204 }),
+        ("retried", Outcome::Retry { at: 7_000, status: Some(503), error: "HTTP 503".into() }),
+        ("deferred", Outcome::Deferred { at: 0 }),
+    ] {
+        assert!(store.finish_webhook_delivery(&t, "w", seq_of(id), "L", &outcome, 6_000).await.unwrap());
+    }
+    store.commit(vec![at("old-1", 2_000), at("old-2", 2_100), at("recent", 9_000)]).await.unwrap();
+    // An open circuit's pause moves the waiting rows' next attempt on; paused is not leased.
+    assert_eq!(store.pause_webhook_deliveries("t1", "w", 50_000).await.unwrap(), 5);
+    let state = async |entity: &str| {
+        let recs = store.webhook_deliveries(&t, "w", 10).await.unwrap();
+        let evs = store.events(EventQuery { tenant: t.clone(), entity: None, since_seq: None, limit: 100 }).await.unwrap();
+        let seq = evs.iter().find(|e| e.event.entity_id == entity && e.event.kind == "order.created").unwrap().seq;
+        recs.into_iter().find(|r| r.event_seq == seq).map(|r| (r.state, r.last_error)).unwrap()
+    };
+    assert_eq!(store.expire_webhook_deliveries(5_000, 10_000).await.unwrap(), 3, "old-1, old-2, deferred (all paused)");
+    let gave_up = (DeliveryState::Dead, Some("gave up: not attempted for 5 s".to_owned()));
+    for id in ["old-1", "old-2", "deferred"] {
+        assert_eq!(state(id).await, gave_up, "{id}");
+    }
+    assert_eq!(state("leased").await.0, DeliveryState::Pending, "in flight: left alone");
+    assert_eq!(state("retried").await.0, DeliveryState::Pending, "attempted at 6_000");
+    assert_eq!(state("recent").await.0, DeliveryState::Pending);
+    assert_eq!(state("done").await.0, DeliveryState::Delivered);
+    assert_eq!(store.expire_webhook_deliveries(9_500, 10_000).await.unwrap(), 2, "retried, recent");
+    // The send in flight still records its outcome (its lease is intact).
+    assert!(store.finish_webhook_delivery(&t, "w", seq_of("leased"), "L", &Outcome::Delivered { status: 200 }, 11_000).await.unwrap());
+    // Given up is not lost: a redelivery sends it again.
+    let evs = store.events(EventQuery { tenant: t.clone(), entity: None, since_seq: None, limit: 100 }).await.unwrap();
+    let old_1 = evs.iter().find(|e| e.event.entity_id == "old-1").unwrap().seq;
+    assert_eq!(store.redeliver_webhook(&t, "w", Some(old_1), "dispatcher:d", 12_000).await.unwrap(), 1);
+    let again = store.claim_webhook_deliveries(12_000, 100_000, "M", 10, &ClaimShares::default(), &[]).await.unwrap();
+    assert_eq!(again.iter().map(|d| d.event.event.entity_id.as_str()).collect::<Vec<_>>(), ["old-1"]);
     store.close().await.unwrap();
 }
 
