@@ -466,17 +466,21 @@ pub(crate) async fn put_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, mut rec: Zo
 async fn install_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, rec: Arc<ZoneRecord>, fence: Fence) -> Result<(), FleetError> {
     let reg = &ctx.zones;
     let cell = reg.tenant(tenant);
-    let mut snap = (**cell.load()).clone();
-    let fid = reg.install(&mut snap, rec.clone(), fence);
-    let snap = Arc::new(snap);
-    cell.store(snap.clone());
-    // The zone's actor, with the demand already inside.
+    // The zone's actor first, then the fence: a courier that finds itself inside the new
+    // fence at once (on another thread) counts itself in an area that already takes messages
+    // (a message to an area not yet registered would be dropped, and the courier, which
+    // believes it counted, would never send it again).
     let key = AreaKey::Zone(tenant.clone(), rec.id.clone());
     if !reg.areas.contains_key(&key) {
         let shared = Arc::new(AreaShared::default());
         reg.areas.insert(key.clone(), shared.clone());
         spawn_area(ctx, key.clone(), shared).await?;
     }
+    let mut snap = (**cell.load()).clone();
+    let fid = reg.install(&mut snap, rec.clone(), fence);
+    let snap = Arc::new(snap);
+    cell.store(snap.clone());
+    // The demand already inside.
     let demand: HashSet<OrderId> = ctx
         .open_orders(tenant)
         .iter()
@@ -646,6 +650,7 @@ impl CourierZones {
         }
         let mut events = std::mem::take(&mut self.scratch);
         for e in events.drain(..) {
+            self.forget_if_removed(&snap, rec, &e);
             self.queue_event(&snap, rec, e);
         }
         self.scratch = events;
@@ -655,10 +660,25 @@ impl CourierZones {
     pub(crate) fn on_fence_removed(&mut self, ctx: &FleetCtx, rec: &CourierRecord, fence: FenceId, at: Ms) {
         if let Some(e) = self.tracker.on_fence_removed(fence, at) {
             let snap = self.snap.load();
+            self.forget_if_removed(&snap, rec, &e);
             self.queue_event(&snap, rec, e);
             self.dirty = true;
         }
         self.sync(ctx, rec);
+    }
+
+    /// A stay closed because its zone was deleted: the zone's area actor went with it, so this
+    /// courier no longer counts there. Forgetting it matters when the zone id was created
+    /// again before this courier heard of the deletion (a backlog): the new zone is a new area
+    /// (and a new fence) under the same key, and `sync` must count the courier there afresh
+    /// rather than see the key already counted.
+    fn forget_if_removed(&mut self, snap: &ZoneSnapshot, rec: &CourierRecord, e: &FenceEvent) {
+        if let FenceEventKind::Exit { removed: true, .. } = e.kind
+            && let Some((zone, _)) = snap.name_of(e.fence)
+        {
+            let key = AreaKey::Zone(rec.tenant.clone(), zone);
+            self.counted.retain(|k| *k != key);
+        }
     }
 
     fn queue_event(&mut self, snap: &ZoneSnapshot, rec: &CourierRecord, e: FenceEvent) {

@@ -16,7 +16,7 @@ use hexfleet_actors::domain::{
 };
 use hexfleet_actors::fleet::NewOrder;
 use hexfleet_actors::order::Command;
-use hexfleet_actors::publish::{RecordingPublisher, Update};
+use hexfleet_actors::publish::{Publisher, RecordingPublisher, Update};
 use hexfleet_actors::store::MemoryStore;
 use hexfleet_actors::zone::AreaStats;
 use hexfleet_actors::{Fleet, FleetConfig, FleetDeps, FleetError};
@@ -50,6 +50,43 @@ async fn env_configured(store: Arc<MemoryStore>, config: FleetConfig) -> Env {
 
 async fn env() -> Env {
     env_with(Arc::new(MemoryStore::new())).await
+}
+
+type Gate = (CourierId, tokio::sync::oneshot::Sender<()>, std::sync::mpsc::Receiver<()>);
+
+/// Records like [`RecordingPublisher`]; once armed, the next status update of one courier parks
+/// the actor that publishes it (that courier's) until released: a courier with a backlog, held
+/// at a known point while the test changes the world around it.
+struct GatedPublisher {
+    inner: Arc<RecordingPublisher>,
+    gate: parking_lot::Mutex<Option<Gate>>,
+}
+
+impl Publisher for GatedPublisher {
+    fn publish(&self, u: Update) {
+        let park = match &u {
+            Update::CourierStatus { courier, .. } => {
+                let mut g = self.gate.lock();
+                if g.as_ref().is_some_and(|(c, _, _)| c == courier) { g.take() } else { None }
+            }
+            _ => None,
+        };
+        self.inner.publish(u);
+        if let Some((_, arrived, release)) = park {
+            let _ = arrived.send(());
+            release.recv_timeout(DEADLINE).expect("the test releases the parked actor");
+        }
+    }
+}
+
+impl GatedPublisher {
+    /// Arms the gate for `c`; returns (parked, release).
+    fn arm(&self, c: &CourierId) -> (tokio::sync::oneshot::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        *self.gate.lock() = Some((c.clone(), arrived_tx, release_rx));
+        (arrived, release)
+    }
 }
 
 /// A ~1.5 km × 2.2 km square around (45.50, -73.60): lng -73.61..-73.59, lat 45.49..45.51.
@@ -263,6 +300,46 @@ async fn deleting_a_zone_closes_the_stay_of_couriers_inside() {
     assert!(events(&e.p, "zone.exit", "c2").is_empty());
     assert_eq!(events(&e.p, "zone.exit", "c1").len(), 1);
     assert!(e.store.all_events().iter().any(|x| x.kind == "zone.deleted" && x.entity_id == "z1"));
+}
+
+/// A zone deleted and created again under the same id while a courier inside has a backlog:
+/// the courier hears of the new zone (at its next fix) before the deletion, and still counts
+/// as the new zone's supply. It used to see the zone's key already counted and never tell the
+/// new zone's actor, so the zone showed no supply while the courier stood in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_recreated_while_a_courier_inside_is_busy_counts_it() {
+    let inner = Arc::new(RecordingPublisher::default());
+    let gated = Arc::new(GatedPublisher { inner: inner.clone(), gate: parking_lot::Mutex::new(None) });
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = Arc::new(MemoryStore::new());
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), index_rebuild: Duration::from_millis(10), ..FleetConfig::default() };
+    let f = Fleet::start(FleetDeps { store: store.clone(), publisher: gated.clone(), clock: clock.clone(), config }).await.unwrap();
+    let e = Env { f, p: inner, store, clock, t: TenantId::new("t") };
+    let c = e.courier("c1", true).await;
+    e.put(zone(&e.t, "z1", "hub", square())).await;
+    e.drive(&c, OUT, T0).await;
+    e.drive(&c, IN, T0 + 60_000).await;
+    e.wait_event("zone.enter", "c1").await;
+    e.zone_stats_become("z1", (1, 0)).await;
+    // Park the courier's actor, then queue a fix, delete the zone and create it again.
+    let (parked, release) = gated.arm(&c);
+    e.f.set_status(&e.t, &c, CourierStatus::Available).unwrap();
+    tokio::time::timeout(DEADLINE, parked).await.expect("the courier's actor parked").unwrap();
+    e.f.ingest(&e.t, &c, vec![fix(IN, T0 + 120_000)]).unwrap();
+    e.f.delete_zone(&e.t, &ZoneId::new("z1"), &Who::Dispatcher("d".into())).await.unwrap();
+    e.put(zone(&e.t, "z1", "hub", square())).await;
+    release.send(()).unwrap();
+    // The fix (which sees the new zone), then the deletion's closing exit.
+    assert!(e.p.wait_for(DEADLINE, |u| matches!(u, Update::CourierMoved { fix, .. } if fix.ts == T0 + 120_000)).await);
+    let exit = e.wait_event("zone.exit", "c1").await;
+    assert_eq!(exit.reason.as_deref(), Some("zone deleted"));
+    e.f.trail(&e.t, &c).await.unwrap(); // queued behind the deletion notice: it was handled
+    e.zone_stats_become("z1", (1, 0)).await;
+    e.drive(&c, IN, T0 + 125_000).await;
+    e.zone_stats_become("z1", (1, 0)).await;
+    // And leaving the new zone leaves its supply.
+    e.drive(&c, OUT, T0 + 180_000).await;
+    e.zone_stats_become("z1", (0, 0)).await;
 }
 
 #[tokio::test]

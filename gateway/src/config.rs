@@ -173,8 +173,8 @@ pub struct ServeArgs {
     pub webhook_per_tenant: u32,
     /// Hours after which a webhook delivery not attempted since is given up (dead; a
     /// redelivery sends it again): an endpoint that stays down does not grow the outbox for
-    /// ever.
-    #[arg(long, env = "HEXFLEET_WEBHOOK_GIVE_UP_HOURS", default_value_t = 72, value_parser = clap::value_parser!(u32).range(1..=8_760))]
+    /// ever. At least 2 (the longest wait between attempts is 1 h, plus jitter).
+    #[arg(long, env = "HEXFLEET_WEBHOOK_GIVE_UP_HOURS", default_value_t = 72, value_parser = clap::value_parser!(u32).range(2..=8_760))]
     pub webhook_give_up_hours: u32,
     /// Let webhooks reach loopback, private and link-local addresses (on-premises receivers).
     /// Off by default: a tenant's dispatcher must not be able to probe the internal network.

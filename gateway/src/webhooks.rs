@@ -92,9 +92,12 @@ pub struct WebhookConfig {
     /// First pause of an open circuit; doubles after each failed probe, up to
     /// [`MAX_BREAKER_COOLDOWN`].
     pub breaker_cooldown: Duration,
-    /// A pending delivery not attempted for this long is given up (`dead`, and sent again only
-    /// by a redelivery). An endpoint whose circuit stays open is probed one delivery per pause,
-    /// so without this its backlog would grow for as long as it is down.
+    /// A pending delivery not attempted (nor queued) for this long is given up (`dead`, and
+    /// sent again only by a redelivery). An endpoint whose circuit stays open is probed one
+    /// delivery per pause, so without this its backlog would grow for as long as it is down.
+    /// Nothing is given up in the worker's first `give_up_after` or hour, whichever is
+    /// shorter: after an outage of the service itself, what waited is attempted first. Keep it
+    /// above `max_backoff` × 1.2, or a retry may be given up before its time.
     pub give_up_after: Duration,
     /// Delivered and dead rows are purged after this long.
     pub keep_finished: Duration,
@@ -754,7 +757,8 @@ pub fn spawn_delivery(
         let per_tenant = u32::try_from(cfg.per_tenant.clamp(1, slots)).unwrap_or(u32::MAX);
         let mut tick = tokio::time::interval(cfg.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_purge = Instant::now();
+        let started = Instant::now();
+        let mut next_purge = started;
         let breakers = parking_lot::Mutex::new(Breakers::new(&cfg));
         // Sends in flight, and how many per (tenant, webhook, URL). A claim takes only what can
         // be sent at once (so its lease, timeout + 30 s, outlasts every send) and skips
@@ -806,11 +810,15 @@ pub fn spawn_delivery(
                     if Instant::now() >= next_purge {
                         next_purge = Instant::now() + cfg.housekeeping;
                         let t = now();
-                        let before = t - i64::try_from(cfg.give_up_after.as_millis()).unwrap_or(i64::MAX / 4);
-                        match store.expire_webhook_deliveries(before, t).await {
-                            Ok(n) if n > 0 => tracing::warn!(given_up = n, "webhook deliveries not attempted for {:?} given up", cfg.give_up_after),
-                            Ok(_) => {}
-                            Err(e) => tracing::warn!(error = %e, "cannot give up old webhook deliveries"),
+                        // Not in the first hour after start: after an outage of the service
+                        // itself, what waited is attempted before anything is given up.
+                        if started.elapsed() >= cfg.give_up_after.min(Duration::from_secs(3600)) {
+                            let before = t - i64::try_from(cfg.give_up_after.as_millis()).unwrap_or(i64::MAX / 4);
+                            match store.expire_webhook_deliveries(before, t).await {
+                                Ok(n) if n > 0 => tracing::warn!(given_up = n, "webhook deliveries not attempted for {:?} given up", cfg.give_up_after),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "cannot give up old webhook deliveries"),
+                            }
                         }
                         let before = t - i64::try_from(cfg.keep_finished.as_millis()).unwrap_or(i64::MAX / 4);
                         match store.purge_webhook_deliveries(before).await {

@@ -647,11 +647,16 @@ pub struct TrackerConfig {
     pub margin_m: f64,
     /// Emit one `Dwell` event after this long inside (per stay); `None` disables.
     pub dwell_ms: Option<i64>,
+    /// Longest silence between two fixes that still counts as time inside. What happened in
+    /// a longer gap (the app closed for the night, a phone without signal) is not known: a
+    /// stay's dwell counts the time observed inside, without the gap, and a flip half
+    /// confirmed before it starts over. `None`: every gap counts.
+    pub max_gap_ms: Option<i64>,
 }
 
 impl Default for TrackerConfig {
     fn default() -> Self {
-        TrackerConfig { confirm_fixes: 3, margin_m: 25.0, dwell_ms: Some(120_000) }
+        TrackerConfig { confirm_fixes: 3, margin_m: 25.0, dwell_ms: Some(120_000), max_gap_ms: Some(600_000) }
     }
 }
 
@@ -711,6 +716,9 @@ struct FenceState {
 ///   when it entered).
 /// * **Closing exit.** Removing a fence ends an open stay with `Exit { removed: true }`, either
 ///   through [`FenceTracker::on_fence_removed`] or at the next fix.
+/// * **Gaps.** A silence longer than [`TrackerConfig::max_gap_ms`] is not counted as time
+///   inside: dwell is the time observed inside. An exit after such a gap is still timed at the
+///   first fix outside (when the courier left within the gap is not known).
 ///
 /// States are kept only for fences the courier is inside or about to flip, so memory is a few
 /// dozen bytes per courier.
@@ -746,6 +754,17 @@ impl FenceTracker {
         if self.last_ms.is_some_and(|t| ts_ms <= t) {
             return FixOutcome::Late;
         }
+        // A long silence: the time in it is not counted as inside (each stay's start moves on
+        // by the gap), and half-confirmed flips start over (their first fixes are stale).
+        let long_gap = self.long_gap(ts_ms);
+        if long_gap && let Some(last) = self.last_ms {
+            let gap = ts_ms - last;
+            self.states.retain_mut(|s| {
+                s.streak = 0;
+                s.since_ms = s.since_ms.saturating_add(gap);
+                s.inside
+            });
+        }
         // Fences deleted without telling us: close their stays.
         self.states.retain(|s| {
             if set.slot(s.fence).is_some() {
@@ -774,7 +793,8 @@ impl FenceTracker {
                     // A fence added since the last fix: inside since it was added (or since that
                     // fix). On a first fix nothing is known before it: the stay starts now, not
                     // when the fence was last edited (a false `dwell` after every restart).
-                    let since = if first_fix {
+                    let since = if first_fix || long_gap {
+                        // (After a long silence the time before this fix is not counted.)
                         ts_ms
                     } else {
                         set.slot(id).map_or(ts_ms, |s| s.added_at_ms).max(self.last_ms.unwrap_or(i64::MIN)).min(ts_ms)
@@ -856,11 +876,21 @@ impl FenceTracker {
         FixOutcome::Applied
     }
 
-    /// The fence was deleted at `at_ms`: closes an open stay with `Exit { removed: true }`.
+    /// The fence was deleted at `at_ms`: closes an open stay with `Exit { removed: true }`. Its
+    /// dwell runs to the deletion, or to the last fix when that is a long silence ago.
     pub fn on_fence_removed(&mut self, id: FenceId, at_ms: i64) -> Option<FenceEvent> {
         let i = self.states.iter().position(|s| s.fence == id)?;
         let s = self.states.swap_remove(i);
-        s.inside.then(|| FenceEvent { fence: id, kind: FenceEventKind::Exit { dwell_ms: at_ms - s.since_ms, removed: true }, at_ms })
+        let end = match self.last_ms {
+            Some(last) if self.long_gap(at_ms) => last,
+            _ => at_ms,
+        };
+        s.inside.then(|| FenceEvent { fence: id, kind: FenceEventKind::Exit { dwell_ms: (end - s.since_ms).max(0), removed: true }, at_ms })
+    }
+
+    /// Whether `ts_ms` comes a longer silence than `max_gap_ms` after the last fix.
+    fn long_gap(&self, ts_ms: i64) -> bool {
+        matches!((self.last_ms, self.config.max_gap_ms), (Some(last), Some(max)) if ts_ms.saturating_sub(last) > max)
     }
 }
 
@@ -1119,6 +1149,56 @@ mod tests {
         t.on_fix(&set, at_border(320.0), 200_000, &mut ev);
         assert!(ev.is_empty(), "dwell once per stay");
         assert_eq!(t.inside().collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn a_long_silence_is_not_counted_as_time_inside() {
+        let set = one_square();
+        let mut t = FenceTracker::new(TrackerConfig { dwell_ms: Some(120_000), max_gap_ms: Some(600_000), ..TrackerConfig::default() });
+        let mut ev = Vec::new();
+        t.on_fix(&set, at_border(-500.0), 0, &mut ev);
+        t.on_fix(&set, at_border(300.0), 10_000, &mut ev);
+        assert_eq!(kinds(&ev), vec![FenceEventKind::Enter]);
+        ev.clear();
+        // 60 s observed inside, then the app is closed for eight hours, still inside.
+        t.on_fix(&set, at_border(300.0), 70_000, &mut ev);
+        let back = 70_000 + 8 * 3_600_000;
+        t.on_fix(&set, at_border(300.0), back, &mut ev);
+        assert!(ev.is_empty(), "no dwell of eight hours: {ev:?}");
+        // Observed time goes on counting after the gap: 60 s before it, 60 s after.
+        t.on_fix(&set, at_border(300.0), back + 60_000, &mut ev);
+        assert_eq!(kinds(&ev), vec![FenceEventKind::Dwell { dwell_ms: 120_000 }]);
+        ev.clear();
+        // Another long gap, and the courier turns up far outside: the exit is at that fix, and
+        // its dwell is what was observed (60 + 60 s, plus the 30 s to the last fix inside).
+        t.on_fix(&set, at_border(300.0), back + 90_000, &mut ev);
+        let later = back + 90_000 + 3_600_000;
+        t.on_fix(&set, at_border(-500.0), later, &mut ev);
+        assert_eq!(ev, vec![FenceEvent { fence: 1, kind: FenceEventKind::Exit { dwell_ms: 150_000, removed: false }, at_ms: later }]);
+        // A fence drawn during a long silence around where the courier then turns up: its
+        // stay starts at that fix, not when the fence was drawn.
+        let mut fresh = FenceSet::new();
+        let mut t = FenceTracker::new(TrackerConfig { dwell_ms: Some(120_000), max_gap_ms: Some(600_000), ..TrackerConfig::default() });
+        ev.clear();
+        t.on_fix(&fresh, at_border(300.0), 0, &mut ev);
+        fresh.insert(1, Fence::polygon(polygon![(x: -73.61, y: 45.49), (x: -73.59, y: 45.49), (x: -73.59, y: 45.51), (x: -73.61, y: 45.51)]).unwrap(), 60_000);
+        t.on_fix(&fresh, at_border(300.0), 8 * 3_600_000, &mut ev);
+        t.on_fix(&fresh, at_border(300.0), 8 * 3_600_000 + 60_000, &mut ev);
+        assert!(ev.is_empty(), "no dwell counted from the fence's creation across the gap: {ev:?}");
+        t.on_fix(&fresh, at_border(300.0), 8 * 3_600_000 + 120_000, &mut ev);
+        assert_eq!(kinds(&ev), vec![FenceEventKind::Dwell { dwell_ms: 120_000 }]);
+        // A fence deleted a long silence after the last fix: the stay ran to that fix.
+        ev.clear();
+        let e = t.on_fence_removed(1, 8 * 3_600_000 + 120_000 + 5 * 3_600_000).unwrap();
+        assert_eq!(e.kind, FenceEventKind::Exit { dwell_ms: 120_000, removed: true });
+        // Gaps under the limit count: an hour's stay with a fix every five minutes.
+        let mut t = FenceTracker::new(TrackerConfig { dwell_ms: Some(3_000_000), max_gap_ms: Some(600_000), ..TrackerConfig::default() });
+        ev.clear();
+        t.on_fix(&set, at_border(-500.0), 0, &mut ev);
+        for i in 1..=13 {
+            t.on_fix(&set, at_border(300.0), i * 300_000, &mut ev);
+        }
+        assert_eq!(kinds(&ev), vec![FenceEventKind::Enter, FenceEventKind::Dwell { dwell_ms: 3_000_000 }]);
     }
 
     #[test]

@@ -608,16 +608,17 @@ macro_rules! webhook_ops {
                 Ok(r.rows_affected() > 0)
             }
 
-            /// Gives up at most `batch` pending deliveries not attempted since `before` and not
-            /// leased now (a lapsed lease counts as none; a paused row is not leased): `dead`
-            /// with `error`.
+            /// Gives up at most `batch` pending deliveries not attempted (nor queued) since
+            /// `before` and not leased (a paused row is not; a lease that lapsed before `before`
+            /// counts as none): `dead` with `error`. The outer condition repeats the inner one:
+            /// PostgreSQL re-checks it on a row that changed meanwhile (an attempt just made).
             pub(super) async fn expire(pool: &Pool<Db>, before: i64, now: i64, batch: i64, error: &str) -> Result<u64, PersistenceError> {
                 let r = sqlx::query(
                     "UPDATE webhook_outbox SET state = 'dead', last_error = $1, updated_at = $2, lease = NULL \
                      WHERE (tenant, webhook_id, event_seq) IN \
                      (SELECT tenant, webhook_id, event_seq FROM webhook_outbox \
-                      WHERE state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $2) LIMIT $4) \
-                     AND state = 'pending' AND (lease IS NULL OR next_attempt_at <= $2)",
+                      WHERE state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3) LIMIT $4) \
+                     AND state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3)",
                 )
                 .bind(error)
                 .bind(now)
@@ -789,9 +790,10 @@ impl SqlStore {
         self.bounded(async move { on_backend!(&db, webhooks::finish(&tenant, &webhook_id, seq, &lease, &outcome, now)) }).await
     }
 
-    /// Gives up pending deliveries (every tenant) not attempted since `before` (an endpoint
-    /// whose circuit stays open gets one probe per pause, so the rest of its backlog would wait
-    /// for ever) and not leased now (paused ones are given up too). They become `dead` with
+    /// Gives up pending deliveries (every tenant) not attempted since `before`, nor queued
+    /// since (an endpoint whose circuit stays open gets one probe per pause, so the rest of its
+    /// backlog would wait for ever), and not leased (paused ones are given up too; a lease
+    /// that lapsed before `before` counts as none). They become `dead` with
     /// `last_error` saying so, and can be sent again with a redelivery. In batches of
     /// `purge_batch`, as the purge. Returns how many.
     pub async fn expire_webhook_deliveries(&self, before: i64, now: i64) -> Result<u64, PersistenceError> {

@@ -323,16 +323,22 @@ async fn tenants_take_turns_and_none_passes_its_share(ctx: Ctx) {
     let shares = ClaimShares { per_tenant: Some(2), in_flight: &[("t1", 1)], ..ClaimShares::default() };
     let third = store.claim_webhook_deliveries(10_000, 50_000, "C", 10, &shares, &[]).await.unwrap();
     assert_eq!(who(&third), [("t1".to_string(), 2_000), ("t2".to_string(), 3_002)]);
+    // Skipped webhooks and sends in flight together (their parameters follow each other).
+    let skip = [("t1", "a", "http://127.0.0.1:9/a"), ("t2", "x", "http://127.0.0.1:9/x")];
+    let shares = ClaimShares { per_tenant: Some(2), in_flight: &[("t1", 1)], ..ClaimShares::default() };
+    let fourth = store.claim_webhook_deliveries(10_000, 50_000, "C2", 10, &shares, &skip).await.unwrap();
+    assert_eq!(fourth.len(), 1);
+    assert_ne!(fourth[0].webhook_id, "a", "a skipped webhook's row");
     let shares = ClaimShares { per_tenant: Some(2), in_flight: &[("t1", 2), ("t2", 0)], ..ClaimShares::default() };
     assert!(store.claim_webhook_deliveries(10_000, 50_000, "D", 10, &shares, &[]).await.unwrap().is_empty());
-    // Without shares the seven rows of t1 left are all due.
-    assert_eq!(store.claim_webhook_deliveries(10_000, 50_000, "E", 10, &ClaimShares::default(), &[]).await.unwrap().len(), 7);
+    // Without shares the six rows of t1 left are all due.
+    assert_eq!(store.claim_webhook_deliveries(10_000, 50_000, "E", 10, &ClaimShares::default(), &[]).await.unwrap().len(), 6);
     store.close().await.unwrap();
 }
 
 /// A pending delivery not attempted since the cut-off (never, or last before it; a deferral
-/// is no attempt) is given up, in batches; one leased now, one attempted since and finished
-/// ones are left alone. A redelivery sends a given-up one again.
+/// is no attempt), nor queued since, is given up, in batches; one leased now, one attempted
+/// since and finished ones are left alone. A redelivery sends a given-up one again.
 async fn deliveries_not_attempted_for_long_are_given_up(ctx: Ctx) {
     let opts = hexfleet_persistence::StoreOptions { purge_batch: 1, ..ctx.options() };
     let store = hexfleet_persistence::SqlStore::open(&ctx.url, opts).await.unwrap();
@@ -340,6 +346,18 @@ async fn deliveries_not_attempted_for_long_are_given_up(ctx: Ctx) {
     store.put_webhook(&hook("t1", "w", &["order.*"], 500), "dispatcher:d").await.unwrap();
     let at = |id: &str, ts: i64| Write::Event(event("t1", EntityKind::Order, id, "order.created", ts));
     store.commit(vec![at("leased", 1_000), at("done", 1_100), at("retried", 1_200), at("deferred", 1_300)]).await.unwrap();
+    // Rows count from when they were queued (the database's clock), not from their event's
+    // time: these events are ancient, but were queued just now.
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert_eq!(store.expire_webhook_deliveries(wall - 600_000, wall).await.unwrap(), 0, "queued just now");
+    // From here on the test's own clock: as if each row had been queued at its event's time.
+    let queued_at_event_time = || {
+        ctx.exec(
+            "UPDATE webhook_outbox SET updated_at = (SELECT e.ts FROM events e WHERE e.tenant = webhook_outbox.tenant \
+             AND e.seq = webhook_outbox.event_seq) WHERE updated_at > 1000000000",
+        )
+    };
+    queued_at_event_time().await;
     // Claimed; "leased" stays in flight until 100_000.
     let claimed = store.claim_webhook_deliveries(1_500, 100_000, "L", 10, &ClaimShares::default(), &[]).await.unwrap();
     assert_eq!(claimed.len(), 4);
@@ -352,6 +370,7 @@ async fn deliveries_not_attempted_for_long_are_given_up(ctx: Ctx) {
         assert!(store.finish_webhook_delivery(&t, "w", seq_of(id), "L", &outcome, 6_000).await.unwrap());
     }
     store.commit(vec![at("old-1", 2_000), at("old-2", 2_100), at("recent", 9_000)]).await.unwrap();
+    queued_at_event_time().await;
     // An open circuit's pause moves the waiting rows' next attempt on; paused is not leased.
     assert_eq!(store.pause_webhook_deliveries("t1", "w", 50_000).await.unwrap(), 5);
     let state = async |entity: &str| {
