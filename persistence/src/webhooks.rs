@@ -253,7 +253,7 @@ fn span(ms: i64) -> String {
 }
 
 macro_rules! webhook_ops {
-    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, candidates = $candidates:literal) => {
+    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, candidates = $candidates:literal, expire = $expire:literal) => {
         #[doc = concat!("Webhook statements compiled for `", stringify!($db), "`.")]
         mod $name {
             use sqlx::{Pool, QueryBuilder};
@@ -613,13 +613,7 @@ macro_rules! webhook_ops {
             /// counts as none): `dead` with `error`. The outer condition repeats the inner one:
             /// PostgreSQL re-checks it on a row that changed meanwhile (an attempt just made).
             pub(super) async fn expire(pool: &Pool<Db>, before: i64, now: i64, batch: i64, error: &str) -> Result<u64, PersistenceError> {
-                let r = sqlx::query(
-                    "UPDATE webhook_outbox SET state = 'dead', last_error = $1, updated_at = $2, lease = NULL \
-                     WHERE (tenant, webhook_id, event_seq) IN \
-                     (SELECT tenant, webhook_id, event_seq FROM webhook_outbox \
-                      WHERE state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3) LIMIT $4) \
-                     AND state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3)",
-                )
+                let r = sqlx::query($expire)
                 .bind(error)
                 .bind(now)
                 .bind(before)
@@ -655,7 +649,12 @@ webhook_ops!(
            (SELECT x.tenant, x.webhook_id, x.event_seq, x.next_attempt_at FROM webhook_outbox x \
             WHERE x.tenant = w.tenant AND x.webhook_id = w.id AND x.state = 'pending' AND x.next_attempt_at <= $1 \
             ORDER BY x.next_attempt_at, x.event_seq LIMIT $3) d \
-           WHERE TRUE{skip}"
+           WHERE TRUE{skip}",
+    expire = "UPDATE webhook_outbox SET state = 'dead', last_error = $1, updated_at = $2, lease = NULL \
+              WHERE (tenant, webhook_id, event_seq) IN \
+              (SELECT tenant, webhook_id, event_seq FROM webhook_outbox \
+               WHERE state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3) LIMIT $4) \
+              AND state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3)"
 );
 // SQLite has no LATERAL: a correlated `rowid IN (… LIMIT)` per webhook is its seek.
 webhook_ops!(
@@ -666,7 +665,15 @@ webhook_ops!(
     candidates = "SELECT o.tenant, o.webhook_id, o.event_seq, o.next_attempt_at FROM webhooks w, webhook_outbox o \
            WHERE o.rowid IN (SELECT x.rowid FROM webhook_outbox x \
             WHERE x.tenant = w.tenant AND x.webhook_id = w.id AND x.state = 'pending' AND x.next_attempt_at <= $1 \
-            ORDER BY x.next_attempt_at, x.event_seq LIMIT $3){skip}"
+            ORDER BY x.next_attempt_at, x.event_seq LIMIT $3){skip}",
+    // Without statistics SQLite prefers `webhook_outbox_due (state, …)`, which reads every
+    // pending row: the inner search is pinned to the partial index, and the outer re-check's
+    // columns are kept from driving an index (`+`), so the outer is a primary-key lookup.
+    expire = "UPDATE webhook_outbox SET state = 'dead', last_error = $1, updated_at = $2, lease = NULL \
+              WHERE (tenant, webhook_id, event_seq) IN \
+              (SELECT tenant, webhook_id, event_seq FROM webhook_outbox INDEXED BY webhook_outbox_untouched \
+               WHERE state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3) LIMIT $4) \
+              AND +state = 'pending' AND +updated_at < $3 AND (lease IS NULL OR +next_attempt_at <= $3)"
 );
 
 impl SqlStore {
