@@ -100,7 +100,7 @@ macro_rules! backend_ops {
     (
         $name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, now = $now:literal,
         begin_write = $begin_write:literal, lock_shared = $lock_shared:literal, lock_update = $lock_update:literal,
-        lock_events = $lock_events:literal
+        lock_events = $lock_events:literal, xid = $xid:literal
     ) => {
         #[doc = concat!("Statements compiled for `", stringify!($db), "`.")]
         pub(crate) mod $name {
@@ -186,9 +186,17 @@ macro_rules! backend_ops {
             /// one waits for this commit); on SQLite the transaction is `BEGIN IMMEDIATE`, holding
             /// the database's write lock from the start (a deferred one that reads first could
             /// not take the lock later once another writer committed: `SQLITE_BUSY_SNAPSHOT`).
-            pub(crate) async fn commit(pool: &Pool<Db>, r: &Reduced<'_>) -> Result<(), PersistenceError> {
+            ///
+            /// Just before COMMIT the transaction's id goes to `xid` (`$xid`; empty: the backend
+            /// has none to give, and `xid` stays 0). A COMMIT whose answer never comes (timed
+            /// out, connection lost) may still have committed; the id lets the caller ask.
+            pub(crate) async fn commit(pool: &Pool<Db>, r: &Reduced<'_>, xid: &std::sync::atomic::AtomicI64) -> Result<(), PersistenceError> {
                 let mut tx = if r.fences.is_empty() { pool.begin().await? } else { pool.begin_with(BEGIN_WRITE).await? };
                 apply(&mut tx, r).await?;
+                if !$xid.is_empty() {
+                    let id: i64 = sqlx::query_scalar($xid).fetch_one(&mut *tx).await?;
+                    xid.store(id, std::sync::atomic::Ordering::Release);
+                }
                 tx.commit().await?;
                 Ok(())
             }
@@ -572,7 +580,8 @@ backend_ops!(
     begin_write = "BEGIN",
     lock_shared = " FOR SHARE",
     lock_update = " FOR UPDATE",
-    lock_events = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7011))"
+    lock_events = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7011))",
+    xid = "SELECT txid_current()"
 );
 backend_ops!(
     sqlite,
@@ -583,7 +592,8 @@ backend_ops!(
     begin_write = "BEGIN IMMEDIATE",
     lock_shared = "",
     lock_update = "",
-    lock_events = ""
+    lock_events = "",
+    xid = ""
 );
 
 /// Decodes the rows of a recovery load.

@@ -27,7 +27,7 @@
 //! serialises write transactions itself).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -211,13 +211,52 @@ async fn commit_group<'a>(
     limit: Duration,
 ) -> Result<(), PersistenceError> {
     let reduced = Reduced::new(writes);
+    let xid = AtomicI64::new(0);
     let fut = async {
         match db {
-            Db::Pg(p) => crate::ops::pg::commit(p, &reduced).await,
-            Db::Sqlite(p) => crate::ops::sqlite::commit(p, &reduced).await,
+            Db::Pg(p) => crate::ops::pg::commit(p, &reduced, &xid).await,
+            Db::Sqlite(p) => crate::ops::sqlite::commit(p, &reduced, &xid).await,
         }
     };
-    tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit))?
+    let res = tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit)).and_then(|r| r);
+    match (res, db) {
+        // PostgreSQL: the COMMIT was sent (the id was noted just before) and its answer never
+        // came. It may still have committed.
+        (Err(e), Db::Pg(p)) if e.is_connectivity() && xid.load(Ordering::Acquire) > 0 => {
+            resolve_commit(p, xid.load(Ordering::Acquire), e, limit).await
+        }
+        (res, _) => res,
+    }
+}
+
+/// Asks PostgreSQL how transaction `xid` ended, after its COMMIT went unanswered (`e`): its
+/// callers are told the truth rather than a failure that may have been durable (they would
+/// retry, or give up on, writes that did happen: an order reported failed that comes back
+/// after a restart). Polls `txid_status` for up to `limit` while it is in progress; if that
+/// does not settle it (the database is unreachable, or the COMMIT still waits), `e` stands
+/// and the outcome stays unknown (logged).
+async fn resolve_commit(pool: &sqlx::PgPool, xid: i64, e: PersistenceError, limit: Duration) -> Result<(), PersistenceError> {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let status = tokio::time::timeout_at(until, sqlx::query_scalar::<_, Option<String>>("SELECT txid_status($1)").bind(xid).fetch_one(pool)).await;
+        match status {
+            Ok(Ok(Some(s))) if s == "committed" => {
+                tracing::warn!(xid, error = %e, "a commit went unanswered but did commit: reported as done");
+                return Ok(());
+            }
+            Ok(Ok(Some(s))) if s == "aborted" => return Err(e),
+            Ok(Ok(_)) => {} // in progress (or unknown yet): ask again
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(xid, error = %e, "a commit went unanswered and its outcome is unknown");
+                return Err(e);
+            }
+        }
+        if tokio::time::Instant::now() + Duration::from_millis(50) >= until {
+            tracing::warn!(xid, error = %e, "a commit went unanswered and is still in progress");
+            return Err(e);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Courier snapshots and location samples waiting for the next flush.

@@ -69,6 +69,45 @@ async fn order_round_trip(ctx: Ctx) {
     store.close().await.unwrap();
 }
 
+/// PostgreSQL: a COMMIT that outlasts the statement timeout (a slow fsync, a synchronous
+/// standby that went away) may still commit. The writer asks how the transaction ended
+/// (`txid_status`): one that committed is reported done, not failed (its caller would
+/// otherwise retry or give up a write that happened, such as an accepted order that comes back
+/// after a restart), and one that failed at its commit is reported failed. A deferred trigger
+/// stands in for the slow COMMIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_commit_that_outlasts_the_timeout_is_resolved() {
+    common::run(Kind::Postgres, |ctx| async move {
+        let opts = hexfleet_persistence::StoreOptions { statement_timeout: Duration::from_secs(1), ..ctx.options() };
+        let store = hexfleet_persistence::SqlStore::open(&ctx.url, opts).await.unwrap();
+        ctx.exec(
+            "CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN \
+               IF NEW.kind LIKE 'test.slow%' THEN PERFORM pg_sleep(1.3); END IF; \
+               IF NEW.kind = 'test.slow_fail' THEN RAISE EXCEPTION 'refused at commit'; END IF; \
+               RETURN NULL; END $$ LANGUAGE plpgsql; \
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED \
+               FOR EACH ROW EXECUTE FUNCTION slow_commit();",
+        )
+        .await;
+        let kinds = async || -> Vec<String> {
+            let q = EventQuery { tenant: t("t1"), entity: None, since_seq: None, limit: 100 };
+            store.events(q).await.unwrap().into_iter().map(|e| e.event.kind).collect()
+        };
+        let started = std::time::Instant::now();
+        store.commit(vec![Write::Event(event("t1", EntityKind::Order, "o1", "test.slow", 1))]).await.expect("it committed");
+        assert!(started.elapsed() >= Duration::from_millis(1_300), "the COMMIT outlasted the timeout: {:?}", started.elapsed());
+        assert_eq!(kinds().await, ["test.slow"]);
+        let err = store.commit(vec![Write::Event(event("t1", EntityKind::Order, "o2", "test.slow_fail", 2))]).await;
+        assert!(matches!(err, Err(StoreError::Unavailable(_))), "{err:?}");
+        assert_eq!(kinds().await, ["test.slow"]);
+        // And the writer goes on.
+        store.commit(vec![Write::Event(event("t1", EntityKind::Order, "o3", "order.created", 3))]).await.unwrap();
+        assert_eq!(kinds().await, ["test.slow", "order.created"]);
+        store.close().await.unwrap();
+    })
+    .await;
+}
+
 /// Installs a trigger that makes the database refuse any event of kind `test.fail`.
 async fn install_failing_trigger(ctx: &Ctx) {
     match ctx.kind {
