@@ -114,6 +114,39 @@ fn verify_signature(got: &Got, secret: &str) {
     assert_eq!(v1, want, "signature verifies over the raw body");
 }
 
+/// Creates webhook `id` of the token's tenant on `order.created` to `url`; asserts 201.
+async fn put_hook(srv: &TestServer, token: &str, id: &str, url: &str) {
+    let (s, b) = srv.put(&format!("/v1/webhooks/{id}"), token, json!({"url": url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
+    assert_eq!(s, 201, "{b}");
+}
+
+/// A server whose webhook worker polls and retries every 20 ms and opens a circuit after
+/// `breaker_after` failures, for longer than any test (600 s); tenant acme has a webhook
+/// "broken" (its endpoint always answers 500) and one "healthy". `tune` adjusts the
+/// configuration first. Returns the server, acme's dispatcher token and the two endpoints.
+async fn broken_and_healthy(
+    dir: &tempfile::TempDir,
+    breaker_after: u32,
+    tune: impl FnOnce(&mut hexfleet_gateway::ServeConfig),
+) -> (TestServer, String, Receiver, Receiver) {
+    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
+    cfg.webhooks.poll = Duration::from_millis(20);
+    cfg.webhooks.backoff = Duration::from_millis(20);
+    cfg.webhooks.max_attempts = 50;
+    cfg.webhooks.timeout = Duration::from_secs(2);
+    cfg.webhooks.breaker_after = breaker_after;
+    cfg.webhooks.breaker_cooldown = Duration::from_secs(600);
+    cfg.webhooks.allow_private = true;
+    tune(&mut cfg);
+    let srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("acme");
+    let broken = Receiver::start(usize::MAX).await;
+    let healthy = Receiver::start(0).await;
+    put_hook(&srv, &disp, "broken", &broken.url).await;
+    put_hook(&srv, &disp, "healthy", &healthy.url).await;
+    (srv, disp, broken, healthy)
+}
+
 fn order_body(id: &str) -> Value {
     json!({"id": id, "pickup": {"lat": 52.52, "lng": 13.405}, "dropoff": {"lat": 52.5163, "lng": 13.3777}})
 }
@@ -257,23 +290,8 @@ async fn api_signed_delivery_retries_and_giving_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_endpoint_is_paused_and_does_not_hold_up_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
-    cfg.webhooks.poll = Duration::from_millis(20);
-    cfg.webhooks.backoff = Duration::from_millis(20);
-    cfg.webhooks.max_attempts = 50;
-    cfg.webhooks.timeout = Duration::from_secs(2);
-    cfg.webhooks.breaker_after = 3;
-    // Longer than the test: the circuit stays open once it opens.
-    cfg.webhooks.breaker_cooldown = Duration::from_secs(600);
-    cfg.webhooks.allow_private = true;
-    let mut srv = TestServer::start(cfg).await;
-    let disp = srv.dispatcher("acme");
-    let broken = Receiver::start(usize::MAX).await;
-    let mut healthy = Receiver::start(0).await;
-    for (id, url) in [("broken", &broken.url), ("healthy", &healthy.url)] {
-        let (s, b) = srv.put(&format!("/v1/webhooks/{id}"), &disp, json!({"url": url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
-        assert_eq!(s, 201, "{b}");
-    }
+    // The circuit stays open once it opens (600 s).
+    let (mut srv, disp, broken, mut healthy) = broken_and_healthy(&dir, 3, |_| {}).await;
     for i in 0..6 {
         assert_eq!(srv.post("/v1/orders", &disp, order_body(&format!("o-cb-{i}"))).await.0, 201);
     }
@@ -333,24 +351,11 @@ async fn a_failing_endpoint_is_paused_and_does_not_hold_up_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_to_an_endpoint_down_for_long_are_given_up() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
-    cfg.webhooks.poll = Duration::from_millis(20);
-    cfg.webhooks.backoff = Duration::from_millis(20);
-    cfg.webhooks.max_attempts = 50;
-    cfg.webhooks.timeout = Duration::from_secs(2);
-    cfg.webhooks.breaker_after = 2;
-    cfg.webhooks.breaker_cooldown = Duration::from_secs(600);
-    cfg.webhooks.give_up_after = Duration::from_secs(1);
-    cfg.webhooks.housekeeping = Duration::from_millis(100);
-    cfg.webhooks.allow_private = true;
-    let mut srv = TestServer::start(cfg).await;
-    let disp = srv.dispatcher("acme");
-    let broken = Receiver::start(usize::MAX).await;
-    let mut healthy = Receiver::start(0).await;
-    for (id, url) in [("broken", &broken.url), ("healthy", &healthy.url)] {
-        let (s, b) = srv.put(&format!("/v1/webhooks/{id}"), &disp, json!({"url": url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
-        assert_eq!(s, 201, "{b}");
-    }
+    let (mut srv, disp, broken, mut healthy) = broken_and_healthy(&dir, 2, |cfg| {
+        cfg.webhooks.give_up_after = Duration::from_secs(1);
+        cfg.webhooks.housekeeping = Duration::from_millis(100);
+    })
+    .await;
     for i in 0..4 {
         assert_eq!(srv.post("/v1/orders", &disp, order_body(&format!("o-gu-{i}"))).await.0, 201);
         healthy.next("healthy deliveries", |v| v["entity_id"] == format!("o-gu-{i}").as_str()).await;
@@ -390,10 +395,8 @@ async fn a_slow_endpoint_does_not_hold_up_the_others() {
     let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let mut slow = Receiver::start_with(0, Some(hold.clone())).await;
     let mut healthy = Receiver::start(0).await;
-    for (id, url) in [("slow", &slow.url), ("healthy", &healthy.url)] {
-        let (s, b) = srv.put(&format!("/v1/webhooks/{id}"), &disp, json!({"url": url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
-        assert_eq!(s, 201, "{b}");
-    }
+    put_hook(&srv, &disp, "slow", &slow.url).await;
+    put_hook(&srv, &disp, "healthy", &healthy.url).await;
     assert_eq!(srv.post("/v1/orders", &disp, order_body("o-slow-0")).await.0, 201);
     slow.next("the slow endpoint's first request, left hanging", |v| v["entity_id"] == "o-slow-0").await;
     healthy.next("the first delivery", |v| v["entity_id"] == "o-slow-0").await;
@@ -442,11 +445,9 @@ async fn a_tenant_with_slow_endpoints_leaves_slots_to_the_others() {
     let mut slow = Receiver::start_with(0, Some(hold.clone())).await;
     let mut healthy = Receiver::start(0).await;
     for id in ["slow-a", "slow-b", "slow-c"] {
-        let (s, b) = srv.put(&format!("/v1/webhooks/{id}"), &acme, json!({"url": slow.url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
-        assert_eq!(s, 201, "{b}");
+        put_hook(&srv, &acme, id, &slow.url).await;
     }
-    let (s, b) = srv.put("/v1/webhooks/healthy", &globex, json!({"url": healthy.url, "events": ["order.created"], "secret": HOOK_SECRET})).await;
-    assert_eq!(s, 201, "{b}");
+    put_hook(&srv, &globex, "healthy", &healthy.url).await;
     for i in 0..3 {
         assert_eq!(srv.post("/v1/orders", &acme, order_body(&format!("o-acme-{i}"))).await.0, 201);
     }
