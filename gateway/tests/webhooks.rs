@@ -378,19 +378,24 @@ async fn deliveries_to_an_endpoint_down_for_long_are_given_up() {
     healthy.handle.stop(true).await;
 }
 
+/// Six delivery slots, two per webhook, and a send timeout far longer than the tests wait for
+/// the deliveries that must go on around a hanging endpoint.
+fn slow_endpoints_config(dir: &tempfile::TempDir) -> hexfleet_gateway::ServeConfig {
+    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
+    cfg.webhooks.poll = Duration::from_millis(20);
+    cfg.webhooks.timeout = Duration::from_secs(30);
+    cfg.webhooks.concurrency = 6;
+    cfg.webhooks.per_webhook = 2;
+    cfg.webhooks.allow_private = true;
+    cfg
+}
+
 /// An endpoint that answers slowly holds at most `per_webhook` of the worker's slots: the other
 /// webhook's deliveries go on while its requests hang, and its own arrive once it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_endpoint_does_not_hold_up_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
-    cfg.webhooks.poll = Duration::from_millis(20);
-    // Far longer than the test waits for the healthy deliveries.
-    cfg.webhooks.timeout = Duration::from_secs(30);
-    cfg.webhooks.concurrency = 6;
-    cfg.webhooks.per_webhook = 2;
-    cfg.webhooks.allow_private = true;
-    let mut srv = TestServer::start(cfg).await;
+    let mut srv = TestServer::start(slow_endpoints_config(&dir)).await;
     let disp = srv.dispatcher("acme");
     let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let mut slow = Receiver::start_with(0, Some(hold.clone())).await;
@@ -431,14 +436,9 @@ async fn a_slow_endpoint_does_not_hold_up_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_with_slow_endpoints_leaves_slots_to_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = fast_config(dir.path().join("h.db").to_str().unwrap());
-    cfg.webhooks.poll = Duration::from_millis(20);
-    cfg.webhooks.timeout = Duration::from_secs(30);
+    let mut cfg = slow_endpoints_config(&dir);
     // Three slow webhooks at two sends each could take all six slots; the tenant gets three.
-    cfg.webhooks.concurrency = 6;
-    cfg.webhooks.per_webhook = 2;
     cfg.webhooks.per_tenant = 3;
-    cfg.webhooks.allow_private = true;
     let mut srv = TestServer::start(cfg).await;
     let (acme, globex) = (srv.dispatcher("acme"), srv.dispatcher("globex"));
     let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
