@@ -474,7 +474,11 @@ async fn install_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, rec: Arc<ZoneRecor
     if !reg.areas.contains_key(&key) {
         let shared = Arc::new(AreaShared::default());
         reg.areas.insert(key.clone(), shared.clone());
-        spawn_area(ctx, key.clone(), shared).await?;
+        if let Err(e) = spawn_area(ctx, key.clone(), shared).await {
+            // Not left registered without an actor: the next try spawns one.
+            reg.areas.remove(&key);
+            return Err(e);
+        }
     }
     let mut snap = (**cell.load()).clone();
     let fid = reg.install(&mut snap, rec.clone(), fence);

@@ -779,7 +779,8 @@ impl FenceTracker {
         // from this one on a first fix, silently.
         let first_fix = self.last_pos.is_none();
         if set.seq() > self.seen_seq || first_fix {
-            let from = self.last_pos.unwrap_or(p);
+            // After a long silence the previous position says nothing about now: from this fix.
+            let from = if long_gap { p } else { self.last_pos.unwrap_or(p) };
             let mut fresh = std::mem::take(&mut self.scratch);
             fresh.clear();
             set.for_each_containing(from, |id| {
@@ -1187,6 +1188,15 @@ mod tests {
         assert!(ev.is_empty(), "no dwell counted from the fence's creation across the gap: {ev:?}");
         t.on_fix(&fresh, at_border(300.0), 8 * 3_600_000 + 120_000, &mut ev);
         assert_eq!(kinds(&ev), vec![FenceEventKind::Dwell { dwell_ms: 120_000 }]);
+        // A fence drawn during a long silence around where the courier was, who turns up
+        // outside it: no stay at all (none from the old position, so no exit either).
+        let mut old_spot = FenceSet::new();
+        let mut u = FenceTracker::new(TrackerConfig { max_gap_ms: Some(600_000), ..TrackerConfig::default() });
+        let mut ev2 = Vec::new();
+        u.on_fix(&old_spot, at_border(300.0), 0, &mut ev2);
+        old_spot.insert(1, Fence::polygon(polygon![(x: -73.61, y: 45.49), (x: -73.59, y: 45.49), (x: -73.59, y: 45.51), (x: -73.61, y: 45.51)]).unwrap(), 60_000);
+        u.on_fix(&old_spot, at_border(-500.0), 3_600_000, &mut ev2);
+        assert!(ev2.is_empty() && u.inside().next().is_none(), "{ev2:?}");
         // A fence deleted a long silence after the last fix: the stay ran to that fix.
         ev.clear();
         let e = t.on_fence_removed(1, 8 * 3_600_000 + 120_000 + 5 * 3_600_000).unwrap();

@@ -187,15 +187,16 @@ macro_rules! backend_ops {
             /// the database's write lock from the start (a deferred one that reads first could
             /// not take the lock later once another writer committed: `SQLITE_BUSY_SNAPSHOT`).
             ///
-            /// Just before COMMIT the transaction's id goes to `xid` (`$xid`; empty: the backend
-            /// has none to give, and `xid` stays 0). A COMMIT whose answer never comes (timed
-            /// out, connection lost) may still have committed; the id lets the caller ask.
-            pub(crate) async fn commit(pool: &Pool<Db>, r: &Reduced<'_>, xid: &std::sync::atomic::AtomicI64) -> Result<(), PersistenceError> {
+            /// Just before COMMIT the transaction's id and its server's identity go to `noted`
+            /// (`$xid`; empty: the backend has none to give, and `noted` stays unset). A COMMIT
+            /// whose answer never comes (timed out, connection lost) may still have committed;
+            /// they let the caller ask.
+            pub(crate) async fn commit(pool: &Pool<Db>, r: &Reduced<'_>, noted: &super::NotedXid) -> Result<(), PersistenceError> {
                 let mut tx = if r.fences.is_empty() { pool.begin().await? } else { pool.begin_with(BEGIN_WRITE).await? };
                 apply(&mut tx, r).await?;
                 if !$xid.is_empty() {
-                    let id: i64 = sqlx::query_scalar($xid).fetch_one(&mut *tx).await?;
-                    xid.store(id, std::sync::atomic::Ordering::Release);
+                    let (id, server): (i64, i64) = sqlx::query_as($xid).fetch_one(&mut *tx).await?;
+                    noted.set(id, server);
                 }
                 tx.commit().await?;
                 Ok(())
@@ -581,7 +582,7 @@ backend_ops!(
     lock_shared = " FOR SHARE",
     lock_update = " FOR UPDATE",
     lock_events = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7011))",
-    xid = "SELECT txid_current()"
+    xid = "SELECT txid_current(), (EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000000)::BIGINT"
 );
 backend_ops!(
     sqlite,
@@ -595,6 +596,31 @@ backend_ops!(
     lock_events = "",
     xid = ""
 );
+
+/// A transaction's id and its server's identity (the server's start time, µs), noted just
+/// before COMMIT: an id is only meaningful on the server that gave it. After a crash restart
+/// or a failover to a standby, the same id can name another transaction, so an answer from a
+/// server that started at another time settles nothing.
+#[derive(Debug, Default)]
+pub(crate) struct NotedXid {
+    xid: std::sync::atomic::AtomicI64,
+    server: std::sync::atomic::AtomicI64,
+}
+
+impl NotedXid {
+    fn set(&self, xid: i64, server: i64) {
+        use std::sync::atomic::Ordering::Release;
+        self.server.store(server, Release);
+        self.xid.store(xid, Release);
+    }
+
+    /// `(xid, server)` once noted.
+    pub(crate) fn get(&self) -> Option<(i64, i64)> {
+        use std::sync::atomic::Ordering::Acquire;
+        let xid = self.xid.load(Acquire);
+        (xid > 0).then(|| (xid, self.server.load(Acquire)))
+    }
+}
 
 /// Decodes the rows of a recovery load.
 fn recovered(couriers: Vec<CourierRow>, orders: Vec<OrderRow>, zones: Vec<ZoneRow>) -> Result<Recovered, PersistenceError> {

@@ -17,8 +17,10 @@
 //! - **Outages.** Every database call of the writer and the flusher is bounded by
 //!   `statement_timeout`, and acquiring a connection by `acquire_timeout`: a dead database
 //!   makes `commit` fail with `Unavailable` instead of hanging. Requests that queued up while
-//!   a failing attempt waited fail with it, so a caller waits at most about two attempts. The
-//!   pool opens new connections when the database is back; nothing else needs to reconnect.
+//!   a failing attempt waited fail with it, so a caller waits at most about two attempts. On
+//!   PostgreSQL a COMMIT that went unanswered is resolved with `txid_status` (up to one more
+//!   timeout, `resolve_commit`): one that did commit is reported done. The pool opens new
+//!   connections when the database is back; nothing else needs to reconnect.
 //!
 //! Architecture invariant: a tenant's events become visible in `seq` order. The writer appends
 //! one transaction at a time; webhook changes append their audit events in their own
@@ -27,7 +29,7 @@
 //! serialises write transactions itself).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -37,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::db::Db;
 use crate::error::PersistenceError;
-use crate::ops::{LocationRow, Reduced};
+use crate::ops::{LocationRow, NotedXid, Reduced};
 use crate::options::StoreOptions;
 use crate::store::Inner;
 
@@ -192,16 +194,33 @@ async fn retry_refused(db: &Db, mut group: Vec<CommitReq>, mut e: PersistenceErr
     }
 }
 
-/// Commits each request in its own transaction and answers it.
+/// Commits each request in its own transaction and answers it. Once one fails because the
+/// database is unreachable, the rest fail with it untried (each would wait out its own
+/// timeout).
 async fn commit_each(db: &Db, group: Vec<CommitReq>, counters: &Counters, limit: Duration) {
+    let mut outage: Option<Arc<PersistenceError>> = None;
     for r in group {
+        if let Some(e) = &outage {
+            answer_failed(r, e, counters);
+            continue;
+        }
         let res = commit_group(db, r.writes.iter(), limit).await;
         counters.commit_transactions.fetch_add(1, Ordering::Relaxed);
         match res {
-            Ok(()) => counters.commits.fetch_add(1, Ordering::Relaxed),
-            Err(_) => counters.commit_failures.fetch_add(1, Ordering::Relaxed),
-        };
-        let _ = r.reply.send(res.map_err(StoreError::from));
+            Ok(()) => {
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                let _ = r.reply.send(Ok(()));
+            }
+            Err(e) if e.is_connectivity() => {
+                let e = Arc::new(e);
+                answer_failed(r, &e, counters);
+                outage = Some(e);
+            }
+            Err(e) => {
+                counters.commit_failures.fetch_add(1, Ordering::Relaxed);
+                let _ = r.reply.send(Err(e.into()));
+            }
+        }
     }
 }
 
@@ -211,41 +230,50 @@ async fn commit_group<'a>(
     limit: Duration,
 ) -> Result<(), PersistenceError> {
     let reduced = Reduced::new(writes);
-    let xid = AtomicI64::new(0);
+    let noted = NotedXid::default();
     let fut = async {
         match db {
-            Db::Pg(p) => crate::ops::pg::commit(p, &reduced, &xid).await,
-            Db::Sqlite(p) => crate::ops::sqlite::commit(p, &reduced, &xid).await,
+            Db::Pg(p) => crate::ops::pg::commit(p, &reduced, &noted).await,
+            Db::Sqlite(p) => crate::ops::sqlite::commit(p, &reduced, &noted).await,
         }
     };
     let res = tokio::time::timeout(limit, fut).await.map_err(|_| PersistenceError::Timeout(limit)).and_then(|r| r);
-    match (res, db) {
+    match (res, db, noted.get()) {
         // PostgreSQL: the COMMIT was sent (the id was noted just before) and its answer never
         // came. It may still have committed.
-        (Err(e), Db::Pg(p)) if e.is_connectivity() && xid.load(Ordering::Acquire) > 0 => {
-            resolve_commit(p, xid.load(Ordering::Acquire), e, limit).await
-        }
-        (res, _) => res,
+        (Err(e), Db::Pg(p), Some((xid, server))) if e.is_connectivity() => resolve_commit(p, xid, server, e, limit).await,
+        (res, _, _) => res,
     }
 }
 
-/// Asks PostgreSQL how transaction `xid` ended, after its COMMIT went unanswered (`e`): its
-/// callers are told the truth rather than a failure that may have been durable (they would
-/// retry, or give up on, writes that did happen: an order reported failed that comes back
-/// after a restart). Polls `txid_status` for up to `limit` while it is in progress; if that
-/// does not settle it (the database is unreachable, or the COMMIT still waits), `e` stands
-/// and the outcome stays unknown (logged).
-async fn resolve_commit(pool: &sqlx::PgPool, xid: i64, e: PersistenceError, limit: Duration) -> Result<(), PersistenceError> {
+/// Asks PostgreSQL how transaction `xid` of the server that started at `server` ended, after
+/// its COMMIT went unanswered (`e`): its callers are told the truth rather than a failure that
+/// may have been durable (they would retry, or give up on, writes that did happen: an order
+/// reported failed that comes back after a restart). Polls `txid_status` for up to `limit`
+/// while it is in progress. If that does not settle it (the database unreachable, the COMMIT
+/// still waiting, or a server that restarted or failed over meanwhile, whose ids may name
+/// other transactions), `e` stands and the outcome stays unknown (logged). An abort also
+/// leaves `e`: without deferred constraints, a COMMIT aborts when its connection or server
+/// went away, and the writer then fails fast as for any outage.
+async fn resolve_commit(pool: &sqlx::PgPool, xid: i64, server: i64, e: PersistenceError, limit: Duration) -> Result<(), PersistenceError> {
     let until = tokio::time::Instant::now() + limit;
     loop {
-        let status = tokio::time::timeout_at(until, sqlx::query_scalar::<_, Option<String>>("SELECT txid_status($1)").bind(xid).fetch_one(pool)).await;
-        match status {
-            Ok(Ok(Some(s))) if s == "committed" => {
+        let ask = sqlx::query_as::<_, (Option<String>, i64)>(
+            "SELECT txid_status($1), (EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000000)::BIGINT",
+        )
+        .bind(xid)
+        .fetch_one(pool);
+        match tokio::time::timeout_at(until, ask).await {
+            Ok(Ok((_, now_server))) if now_server != server => {
+                tracing::warn!(xid, error = %e, "a commit went unanswered and the database restarted since: outcome unknown");
+                return Err(e);
+            }
+            Ok(Ok((Some(s), _))) if s == "committed" => {
                 tracing::warn!(xid, error = %e, "a commit went unanswered but did commit: reported as done");
                 return Ok(());
             }
-            Ok(Ok(Some(s))) if s == "aborted" => return Err(e),
-            Ok(Ok(_)) => {} // in progress (or unknown yet): ask again
+            Ok(Ok((Some(s), _))) if s == "aborted" => return Err(e),
+            Ok(Ok(_)) => {} // in progress (or not known yet): ask again
             Ok(Err(_)) | Err(_) => {
                 tracing::warn!(xid, error = %e, "a commit went unanswered and its outcome is unknown");
                 return Err(e);
