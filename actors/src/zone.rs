@@ -38,7 +38,7 @@
 //! the open orders), so messages that died in its mailbox are recovered; messages sent while it
 //! restarts are queued and delivered to the new actor in order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -58,6 +58,10 @@ use crate::fleet::{Child, FleetCtx};
 use crate::publish::Update;
 use crate::store::Write;
 
+/// Deleted fences a tenant's snapshot remembers (the latest; fence ids only grow). A courier
+/// that learns of a deletion after this many more gets no closing exit for it.
+pub const MAX_RETIRED: usize = 4096;
+
 /// Geofence event appends that may be pending at once before events go unlogged.
 pub const MAX_EVENT_WRITES_IN_FLIGHT: usize = 1024;
 
@@ -68,12 +72,21 @@ pub struct ZoneSnapshot {
     pub fences: FenceSet,
     zones: HashMap<ZoneId, (FenceId, Arc<ZoneRecord>)>,
     by_fence: KeyMap<FenceId, Arc<ZoneRecord>>,
-    /// Ids of deleted fences (for the closing exit of a courier that learns it late).
-    retired: KeyMap<FenceId, (ZoneId, String)>,
+    /// Ids of deleted fences (for the closing exit of a courier that learns it late), the
+    /// latest [`MAX_RETIRED`] of them: the snapshot is copied on every zone change.
+    retired: BTreeMap<FenceId, (ZoneId, String)>,
     service_areas: Vec<FenceId>,
 }
 
 impl ZoneSnapshot {
+    /// Remembers a deleted fence's zone, forgetting the oldest past [`MAX_RETIRED`].
+    fn retire(&mut self, fence: FenceId, zone: ZoneId, kind: String) {
+        self.retired.insert(fence, (zone, kind));
+        while self.retired.len() > MAX_RETIRED {
+            self.retired.pop_first();
+        }
+    }
+
     /// The zone behind a live fence id.
     pub fn zone_of(&self, fence: FenceId) -> Option<&Arc<ZoneRecord>> {
         self.by_fence.get(&fence)
@@ -484,14 +497,27 @@ async fn install_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, rec: Arc<ZoneRecor
     let fid = reg.install(&mut snap, rec.clone(), fence);
     let snap = Arc::new(snap);
     cell.store(snap.clone());
-    // The demand already inside.
-    let demand: HashSet<OrderId> = ctx
-        .open_orders(tenant)
-        .iter()
-        .filter(|o| matches!(o.state, OrderState::Created | OrderState::Offered) && snap.fences.contains(fid, o.pickup))
-        .map(|o| o.id.clone())
-        .collect();
-    reg.send(key, AreaMsg::ResetDemand(demand));
+    // The demand already inside. Orders that change meanwhile send their own notices to the
+    // zone (its fence is published), but one sent between this read and the reset would be
+    // overwritten by it: so the demand is read again after the reset is sent, and what changed
+    // in between goes after it as notices. A change after the second read sends its notice
+    // after the reset too.
+    let waiting_inside = || -> HashSet<OrderId> {
+        ctx.open_orders(tenant)
+            .iter()
+            .filter(|o| matches!(o.state, OrderState::Created | OrderState::Offered) && snap.fences.contains(fid, o.pickup))
+            .map(|o| o.id.clone())
+            .collect()
+    };
+    let demand = waiting_inside();
+    reg.send(key.clone(), AreaMsg::ResetDemand(demand.clone()));
+    let now = waiting_inside();
+    for id in demand.difference(&now) {
+        reg.send(key.clone(), AreaMsg::Order { id: id.clone(), open: false });
+    }
+    for id in now.difference(&demand) {
+        reg.send(key.clone(), AreaMsg::Order { id: id.clone(), open: true });
+    }
     Ok(())
 }
 
@@ -520,7 +546,7 @@ fn remove_zone(ctx: &Arc<FleetCtx>, tenant: &TenantId, id: &ZoneId, fid: FenceId
     snap.zones.remove(id);
     snap.by_fence.remove(&fid);
     snap.service_areas.retain(|f| *f != fid);
-    snap.retired.insert(fid, (id.clone(), rec.kind.clone()));
+    snap.retire(fid, id.clone(), rec.kind.clone());
     cell.store(Arc::new(snap));
     if let Some((_, shared)) = reg.areas.remove(&AreaKey::Zone(tenant.clone(), id.clone())) {
         let mut r = shared.routing.lock();
@@ -742,5 +768,23 @@ impl CourierZones {
             ctx.zones.send(k.clone(), AreaMsg::Courier { id: rec.id.clone(), inside: true });
         }
         self.counted = want;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_remembers_the_latest_deleted_fences_only() {
+        let mut snap = ZoneSnapshot::default();
+        for f in 0..(MAX_RETIRED as FenceId + 10) {
+            snap.retire(f, ZoneId::new(&format!("z{f}")), "hub".into());
+        }
+        assert_eq!(snap.retired.len(), MAX_RETIRED);
+        assert_eq!(snap.name_of(9), None, "the oldest are forgotten");
+        assert_eq!(snap.name_of(10), Some((ZoneId::new("z10"), "hub".to_owned())));
+        let last = MAX_RETIRED as FenceId + 9;
+        assert_eq!(snap.name_of(last).map(|(z, _)| z), Some(ZoneId::new(&format!("z{last}"))));
     }
 }
