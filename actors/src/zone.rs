@@ -779,12 +779,12 @@ mod tests {
     fn a_snapshot_remembers_the_latest_deleted_fences_only() {
         let mut snap = ZoneSnapshot::default();
         for f in 0..(MAX_RETIRED as FenceId + 10) {
-            snap.retire(f, ZoneId::new(&format!("z{f}")), "hub".into());
+            snap.retire(f, ZoneId::new(format!("z{f}")), "hub".into());
         }
         assert_eq!(snap.retired.len(), MAX_RETIRED);
         assert_eq!(snap.name_of(9), None, "the oldest are forgotten");
         assert_eq!(snap.name_of(10), Some((ZoneId::new("z10"), "hub".to_owned())));
         let last = MAX_RETIRED as FenceId + 9;
-        assert_eq!(snap.name_of(last).map(|(z, _)| z), Some(ZoneId::new(&format!("z{last}"))));
+        assert_eq!(snap.name_of(last).map(|(z, _)| z), Some(ZoneId::new(format!("z{last}"))));
     }
 }
