@@ -62,13 +62,11 @@ impl Actor for Dispatcher {
         match msg {
             DispatchMsg::Tick(sent) => {
                 if tick_is_due(sent, st.round_ended) {
-                    st.tick().await;
-                    st.round_ended = Some(std::time::Instant::now());
+                    st.round().await;
                 }
             }
             DispatchMsg::TickNow(reply) => {
-                st.tick().await;
-                st.round_ended = Some(std::time::Instant::now());
+                st.round().await;
                 let _ = reply.send(());
             }
             DispatchMsg::OrderChanged(o) => {
@@ -103,6 +101,12 @@ fn waiting_since(o: &Order) -> Ms {
 }
 
 impl DispatcherState {
+    /// One dispatch round, and when it ended ([`tick_is_due`]).
+    async fn round(&mut self) {
+        self.tick().await;
+        self.round_ended = Some(std::time::Instant::now());
+    }
+
     async fn tick(&mut self) {
         let started = std::time::Instant::now();
         let now = self.ctx.clock.now_ms();

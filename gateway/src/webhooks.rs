@@ -500,6 +500,12 @@ pub fn backoff_after(cfg: &WebhookConfig, attempt: u32, jitter: f64) -> Duration
     base.mul_f64(jitter.clamp(0.8, 1.2))
 }
 
+/// A span in ms, to add to or subtract from a Unix-ms time (one too long for an `i64` is
+/// taken as `i64::MAX / 4`, which cannot overflow either).
+fn ms(d: Duration) -> Ms {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
 /// What one attempt decided, before it is written back.
 fn judge(cfg: &WebhookConfig, attempt: i32, now: Ms, result: Result<u16, String>) -> Outcome {
     let (status, error) = match result {
@@ -512,7 +518,7 @@ fn judge(cfg: &WebhookConfig, attempt: i32, now: Ms, result: Result<u16, String>
         return Outcome::Dead { status, error };
     }
     let wait = backoff_after(cfg, attempt, 0.8 + 0.4 * rand::random::<f64>());
-    Outcome::Retry { at: now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4), status, error }
+    Outcome::Retry { at: now + ms(wait), status, error }
 }
 
 /// The error chain of a failed request, on one line (reqwest's top level says little).
@@ -680,8 +686,7 @@ async fn deliver(
     let admitted = breakers.lock().admit(&key, started, cfg.timeout);
     let outcome = match admitted {
         Admit::Defer(until) => {
-            let wait = i64::try_from(until.saturating_duration_since(started).as_millis()).unwrap_or(i64::MAX / 4);
-            Outcome::Deferred { at: now() + wait }
+            Outcome::Deferred { at: now() + ms(until.saturating_duration_since(started)) }
         }
         Admit::Send => {
             // The signature's `t` is the wall clock now (receivers compare it with theirs), not
@@ -696,7 +701,7 @@ async fn deliver(
                 tracing::warn!(tenant = %d.event.event.tenant, webhook = %d.webhook_id, ?pause,
                     "webhook endpoint keeps failing; its deliveries are paused");
                 // Its backlog waits out the pause off the claim's path.
-                let until = now() + i64::try_from(pause.as_millis()).unwrap_or(i64::MAX / 4);
+                let until = now() + ms(pause);
                 let e = &d.event.event;
                 if let Err(err) = store.pause_webhook_deliveries(e.tenant.as_str(), &d.webhook_id, until).await {
                     tracing::warn!(error = %err, webhook = %d.webhook_id, "cannot move a paused webhook's deliveries");
@@ -751,7 +756,7 @@ pub fn spawn_delivery(
                 return;
             }
         };
-        let lease_ms = i64::try_from((cfg.timeout + Duration::from_secs(30)).as_millis()).unwrap_or(i64::MAX / 4);
+        let lease_ms = ms(cfg.timeout + Duration::from_secs(30));
         let slots = cfg.concurrency.max(1);
         let per_webhook = cfg.per_webhook.clamp(1, slots);
         let per_tenant = u32::try_from(cfg.per_tenant.clamp(1, slots)).unwrap_or(u32::MAX);
@@ -813,14 +818,14 @@ pub fn spawn_delivery(
                         // Not in the first hour after start: after an outage of the service
                         // itself, what waited is attempted before anything is given up.
                         if started.elapsed() >= cfg.give_up_after.min(Duration::from_secs(3600)) {
-                            let before = t - i64::try_from(cfg.give_up_after.as_millis()).unwrap_or(i64::MAX / 4);
+                            let before = t - ms(cfg.give_up_after);
                             match store.expire_webhook_deliveries(before, t).await {
                                 Ok(n) if n > 0 => tracing::warn!(given_up = n, "webhook deliveries not attempted for {:?} given up", cfg.give_up_after),
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!(error = %e, "cannot give up old webhook deliveries"),
                             }
                         }
-                        let before = t - i64::try_from(cfg.keep_finished.as_millis()).unwrap_or(i64::MAX / 4);
+                        let before = t - ms(cfg.keep_finished);
                         match store.purge_webhook_deliveries(before).await {
                             Ok(n) if n > 0 => tracing::info!(purged = n, "old webhook deliveries purged"),
                             Ok(_) => {}

@@ -155,10 +155,8 @@ impl Peer {
         if self.stalled {
             return false;
         }
-        match tokio::time::timeout(self.write, self.session.text(text)).await {
-            Ok(sent) => sent.is_ok(),
-            Err(_) => self.stall(),
-        }
+        let sent = tokio::time::timeout(self.write, self.session.text(text)).await;
+        self.settle(sent)
     }
 
     /// Sends one binary frame, as [`Peer::text`].
@@ -166,31 +164,33 @@ impl Peer {
         if self.stalled {
             return false;
         }
-        match tokio::time::timeout(self.write, self.session.binary(data)).await {
-            Ok(sent) => sent.is_ok(),
-            Err(_) => self.stall(),
-        }
+        let sent = tokio::time::timeout(self.write, self.session.binary(data)).await;
+        self.settle(sent)
     }
 
     async fn ping(&mut self) -> bool {
-        match tokio::time::timeout(self.write, self.session.ping(b"")).await {
-            Ok(sent) => sent.is_ok(),
-            Err(_) => self.stall(),
-        }
+        let sent = tokio::time::timeout(self.write, self.session.ping(b"")).await;
+        self.settle(sent)
     }
 
     pub(crate) async fn pong(&mut self, payload: &[u8]) {
-        if tokio::time::timeout(self.write, self.session.pong(payload)).await.is_err() {
-            self.stall();
-        }
+        let sent = tokio::time::timeout(self.write, self.session.pong(payload)).await;
+        self.settle(sent);
     }
 
-    fn stall(&mut self) -> bool {
-        if !self.stalled {
-            self.stalled = true;
-            metrics::counter!("hexfleet_ws_write_timeouts_total").increment(1);
+    /// What a write within the write timeout came to: `true` when it went out; a write that
+    /// timed out marks the client as stalled (it stopped reading).
+    fn settle(&mut self, sent: Result<Result<(), actix_ws::Closed>, tokio::time::error::Elapsed>) -> bool {
+        match sent {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                if !self.stalled {
+                    self.stalled = true;
+                    metrics::counter!("hexfleet_ws_write_timeouts_total").increment(1);
+                }
+                false
+            }
         }
-        false
     }
 
     /// Closes with `reason`; a client that stopped reading is not waited for.

@@ -1090,9 +1090,14 @@ mod tests {
 
     // ---- tracker scenarios ----
 
+    /// The square of the tracker scenarios: lng -73.61..-73.59, lat 45.49..45.51.
+    fn square() -> Fence {
+        Fence::polygon(polygon![(x: -73.61, y: 45.49), (x: -73.59, y: 45.49), (x: -73.59, y: 45.51), (x: -73.61, y: 45.51)]).unwrap()
+    }
+
     fn one_square() -> FenceSet {
         let mut set = FenceSet::new();
-        set.insert(1, Fence::polygon(polygon![(x: -73.61, y: 45.49), (x: -73.59, y: 45.49), (x: -73.59, y: 45.51), (x: -73.61, y: 45.51)]).unwrap(), 0);
+        set.insert(1, square(), 0);
         set
     }
 
@@ -1182,7 +1187,7 @@ mod tests {
         let mut t = FenceTracker::new(TrackerConfig { dwell_ms: Some(120_000), max_gap_ms: Some(600_000), ..TrackerConfig::default() });
         ev.clear();
         t.on_fix(&fresh, at_border(300.0), 0, &mut ev);
-        fresh.insert(1, Fence::polygon(polygon![(x: -73.61, y: 45.49), (x: -73.59, y: 45.49), (x: -73.59, y: 45.51), (x: -73.61, y: 45.51)]).unwrap(), 60_000);
+        fresh.insert(1, square(), 60_000);
         t.on_fix(&fresh, at_border(300.0), 8 * 3_600_000, &mut ev);
         t.on_fix(&fresh, at_border(300.0), 8 * 3_600_000 + 60_000, &mut ev);
         assert!(ev.is_empty(), "no dwell counted from the fence's creation across the gap: {ev:?}");
@@ -1194,7 +1199,7 @@ mod tests {
         let mut u = FenceTracker::new(TrackerConfig { max_gap_ms: Some(600_000), ..TrackerConfig::default() });
         let mut ev2 = Vec::new();
         u.on_fix(&old_spot, at_border(300.0), 0, &mut ev2);
-        old_spot.insert(1, Fence::polygon(polygon![(x: -73.61, y: 45.49), (x: -73.59, y: 45.49), (x: -73.59, y: 45.51), (x: -73.61, y: 45.51)]).unwrap(), 60_000);
+        old_spot.insert(1, square(), 60_000);
         u.on_fix(&old_spot, at_border(-500.0), 3_600_000, &mut ev2);
         assert!(ev2.is_empty() && u.inside().next().is_none(), "{ev2:?}");
         // A fence deleted a long silence after the last fix: the stay ran to that fix.

@@ -96,11 +96,23 @@ impl<'a> Reduced<'a> {
     }
 }
 
+/// PostgreSQL: when the server answering started (Unix µs), an SQL expression. A transaction
+/// id names one transaction only on the server that handed it out ([`NotedXid`]).
+macro_rules! pg_server_started {
+    () => {
+        "(EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000000)::BIGINT"
+    };
+}
+
+/// PostgreSQL: how transaction `$1` ended (`committed`, `aborted`, `in progress`), and the
+/// answering server's start time, to compare with the one noted with the id.
+pub(crate) const PG_XID_STATUS: &str = concat!("SELECT txid_status($1), ", pg_server_started!());
+
 macro_rules! backend_ops {
     (
         $name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, now = $now:literal,
         begin_write = $begin_write:literal, lock_shared = $lock_shared:literal, lock_update = $lock_update:literal,
-        lock_events = $lock_events:literal, xid = $xid:literal
+        lock_events = $lock_events:literal, xid = $xid:expr
     ) => {
         #[doc = concat!("Statements compiled for `", stringify!($db), "`.")]
         pub(crate) mod $name {
@@ -582,7 +594,7 @@ backend_ops!(
     lock_shared = " FOR SHARE",
     lock_update = " FOR UPDATE",
     lock_events = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7011))",
-    xid = "SELECT txid_current(), (EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000000)::BIGINT"
+    xid = concat!("SELECT txid_current(), ", pg_server_started!())
 );
 backend_ops!(
     sqlite,

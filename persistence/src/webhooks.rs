@@ -804,17 +804,12 @@ impl SqlStore {
     /// `last_error` saying so, and can be sent again with a redelivery. In batches of
     /// `purge_batch`, as the purge. Returns how many.
     pub async fn expire_webhook_deliveries(&self, before: i64, now: i64) -> Result<u64, PersistenceError> {
-        let batch = i64::try_from(self.options().purge_batch).unwrap_or(i64::MAX);
         let error = format!("gave up: not attempted for {}", span((now - before).max(0)));
-        let mut total = 0;
-        loop {
-            let (db, error) = (self.db().clone(), error.clone());
-            let n = self.bounded(async move { on_backend!(&db, webhooks::expire(before, now, batch, &error)) }).await?;
-            total += n;
-            if n < batch as u64 {
-                return Ok(total);
-            }
-        }
+        self.in_batches(|db, batch| {
+            let error = error.clone();
+            async move { on_backend!(&db, webhooks::expire(before, now, batch, &error)) }
+        })
+        .await
     }
 
     /// Deletes delivered and dead deliveries last changed before `before` (every tenant), in
@@ -822,11 +817,19 @@ impl SqlStore {
     /// outlast the statement timeout on every run, and on SQLite hold the write lock that
     /// commits wait for. On an error the batches already deleted stay deleted.
     pub async fn purge_webhook_deliveries(&self, before: i64) -> Result<u64, PersistenceError> {
+        self.in_batches(|db, batch| async move { on_backend!(&db, webhooks::purge(before, batch)) }).await
+    }
+
+    /// Runs `step` (a statement touching at most `purge_batch` rows, each bounded by the
+    /// statement timeout) until it touches fewer; returns how many rows it touched in all.
+    async fn in_batches<Fut>(&self, step: impl Fn(crate::db::Db, i64) -> Fut) -> Result<u64, PersistenceError>
+    where
+        Fut: std::future::Future<Output = Result<u64, PersistenceError>> + Send + 'static,
+    {
         let batch = i64::try_from(self.options().purge_batch).unwrap_or(i64::MAX);
         let mut total = 0;
         loop {
-            let db = self.db().clone();
-            let n = self.bounded(async move { on_backend!(&db, webhooks::purge(before, batch)) }).await?;
+            let n = self.bounded(step(self.db().clone(), batch)).await?;
             total += n;
             if n < batch as u64 {
                 return Ok(total);

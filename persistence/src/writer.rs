@@ -258,11 +258,7 @@ async fn commit_group<'a>(
 async fn resolve_commit(pool: &sqlx::PgPool, xid: i64, server: i64, e: PersistenceError, limit: Duration) -> Result<(), PersistenceError> {
     let until = tokio::time::Instant::now() + limit;
     loop {
-        let ask = sqlx::query_as::<_, (Option<String>, i64)>(
-            "SELECT txid_status($1), (EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000000)::BIGINT",
-        )
-        .bind(xid)
-        .fetch_one(pool);
+        let ask = sqlx::query_as::<_, (Option<String>, i64)>(crate::ops::PG_XID_STATUS).bind(xid).fetch_one(pool);
         match tokio::time::timeout_at(until, ask).await {
             Ok(Ok((_, now_server))) if now_server != server => {
                 tracing::warn!(xid, error = %e, "a commit went unanswered and the database restarted since: outcome unknown");

@@ -111,12 +111,17 @@ async fn outbox_follows_subscriptions(ctx: Ctx) {
     store.close().await.unwrap();
 }
 
-async fn claims_leases_and_outcomes(ctx: Ctx) {
-    // Purged one row at a time (below): the batches go on until none is left.
+/// A store that purges and gives up one row at a time (the batches go on until none is left),
+/// with webhook `w` of tenant t1 on `order.*`, created at `at`.
+async fn one_row_batches_and_a_webhook(ctx: &Ctx, at: i64) -> (hexfleet_persistence::SqlStore, TenantId) {
     let opts = hexfleet_persistence::StoreOptions { purge_batch: 1, ..ctx.options() };
     let store = hexfleet_persistence::SqlStore::open(&ctx.url, opts).await.unwrap();
-    let t = TenantId::new("t1");
-    store.put_webhook(&hook("t1", "w", &["order.*"], 1_000), "dispatcher:d").await.unwrap();
+    store.put_webhook(&hook("t1", "w", &["order.*"], at), "dispatcher:d").await.unwrap();
+    (store, TenantId::new("t1"))
+}
+
+async fn claims_leases_and_outcomes(ctx: Ctx) {
+    let (store, t) = one_row_batches_and_a_webhook(&ctx, 1_000).await;
     let evs: Vec<Write> =
         (0..5).map(|i| Write::Event(event("t1", EntityKind::Order, &format!("o{i}"), "order.created", 2_000 + i))).collect();
     store.commit(evs).await.unwrap();
@@ -340,10 +345,7 @@ async fn tenants_take_turns_and_none_passes_its_share(ctx: Ctx) {
 /// is no attempt), nor queued since, is given up, in batches; one leased now, one attempted
 /// since and finished ones are left alone. A redelivery sends a given-up one again.
 async fn deliveries_not_attempted_for_long_are_given_up(ctx: Ctx) {
-    let opts = hexfleet_persistence::StoreOptions { purge_batch: 1, ..ctx.options() };
-    let store = hexfleet_persistence::SqlStore::open(&ctx.url, opts).await.unwrap();
-    let t = TenantId::new("t1");
-    store.put_webhook(&hook("t1", "w", &["order.*"], 500), "dispatcher:d").await.unwrap();
+    let (store, t) = one_row_batches_and_a_webhook(&ctx, 500).await;
     let at = |id: &str, ts: i64| Write::Event(event("t1", EntityKind::Order, id, "order.created", ts));
     store.commit(vec![at("leased", 1_000), at("done", 1_100), at("retried", 1_200), at("deferred", 1_300)]).await.unwrap();
     // Rows count from when they were queued (the database's clock), not from their event's
@@ -361,23 +363,24 @@ async fn deliveries_not_attempted_for_long_are_given_up(ctx: Ctx) {
     // Claimed; "leased" stays in flight until 100_000.
     let claimed = store.claim_webhook_deliveries(1_500, 100_000, "L", 10, &ClaimShares::default(), &[]).await.unwrap();
     assert_eq!(claimed.len(), 4);
-    let seq_of = |id: &str| claimed.iter().find(|d| d.event.event.entity_id == id).unwrap().event.seq;
+    let claimed_seq = |id: &str| claimed.iter().find(|d| d.event.event.entity_id == id).unwrap().event.seq;
     for (id, outcome) in [
         ("done", Outcome::Delivered { status: 204 }),
         ("retried", Outcome::Retry { at: 7_000, status: Some(503), error: "HTTP 503".into() }),
         ("deferred", Outcome::Deferred { at: 0 }),
     ] {
-        assert!(store.finish_webhook_delivery(&t, "w", seq_of(id), "L", &outcome, 6_000).await.unwrap());
+        assert!(store.finish_webhook_delivery(&t, "w", claimed_seq(id), "L", &outcome, 6_000).await.unwrap());
     }
     store.commit(vec![at("old-1", 2_000), at("old-2", 2_100), at("recent", 9_000)]).await.unwrap();
     queued_at_event_time().await;
     // An open circuit's pause moves the waiting rows' next attempt on; paused is not leased.
     assert_eq!(store.pause_webhook_deliveries("t1", "w", 50_000).await.unwrap(), 5);
+    // Each order's event, by order id (the log also holds `webhook.created`).
+    let evs = store.events(EventQuery { tenant: t.clone(), entity: None, since_seq: None, limit: 100 }).await.unwrap();
+    let seq_of = |entity: &str| evs.iter().find(|e| e.event.entity_id == entity && e.event.kind == "order.created").unwrap().seq;
     let state = async |entity: &str| {
         let recs = store.webhook_deliveries(&t, "w", 10).await.unwrap();
-        let evs = store.events(EventQuery { tenant: t.clone(), entity: None, since_seq: None, limit: 100 }).await.unwrap();
-        let seq = evs.iter().find(|e| e.event.entity_id == entity && e.event.kind == "order.created").unwrap().seq;
-        recs.into_iter().find(|r| r.event_seq == seq).map(|r| (r.state, r.last_error)).unwrap()
+        recs.into_iter().find(|r| r.event_seq == seq_of(entity)).map(|r| (r.state, r.last_error)).unwrap()
     };
     assert_eq!(store.expire_webhook_deliveries(5_000, 10_000).await.unwrap(), 3, "old-1, old-2, deferred (all paused)");
     let gave_up = (DeliveryState::Dead, Some("gave up: not attempted for 5 s".to_owned()));
@@ -392,9 +395,7 @@ async fn deliveries_not_attempted_for_long_are_given_up(ctx: Ctx) {
     // The send in flight still records its outcome (its lease is intact).
     assert!(store.finish_webhook_delivery(&t, "w", seq_of("leased"), "L", &Outcome::Delivered { status: 200 }, 11_000).await.unwrap());
     // Given up is not lost: a redelivery sends it again.
-    let evs = store.events(EventQuery { tenant: t.clone(), entity: None, since_seq: None, limit: 100 }).await.unwrap();
-    let old_1 = evs.iter().find(|e| e.event.entity_id == "old-1").unwrap().seq;
-    assert_eq!(store.redeliver_webhook(&t, "w", Some(old_1), "dispatcher:d", 12_000).await.unwrap(), 1);
+    assert_eq!(store.redeliver_webhook(&t, "w", Some(seq_of("old-1")), "dispatcher:d", 12_000).await.unwrap(), 1);
     let again = store.claim_webhook_deliveries(12_000, 100_000, "M", 10, &ClaimShares::default(), &[]).await.unwrap();
     assert_eq!(again.iter().map(|d| d.event.event.entity_id.as_str()).collect::<Vec<_>>(), ["old-1"]);
     store.close().await.unwrap();
