@@ -384,6 +384,11 @@ mod tests {
         assert!(!s.fleet_config().learn_speeds);
         assert_eq!(s.webhook_max_attempts, 3);
         assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-max-attempts", "0"]).is_err());
+        // A tenant needs a slot; giving up within the longest retry wait (1 h) would give up
+        // retries before their time.
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-per-tenant", "0"]).is_err());
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-give-up-hours", "1"]).is_err());
+        assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-give-up-hours", "2"]).is_ok());
         assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-timeout-ms", "5"]).is_err());
     }
 

@@ -613,13 +613,7 @@ macro_rules! webhook_ops {
             /// counts as none): `dead` with `error`. The outer condition repeats the inner one:
             /// PostgreSQL re-checks it on a row that changed meanwhile (an attempt just made).
             pub(super) async fn expire(pool: &Pool<Db>, before: i64, now: i64, batch: i64, error: &str) -> Result<u64, PersistenceError> {
-                let r = sqlx::query($expire)
-                .bind(error)
-                .bind(now)
-                .bind(before)
-                .bind(batch)
-                .execute(pool)
-                .await?;
+                let r = sqlx::query($expire).bind(error).bind(now).bind(before).bind(batch).execute(pool).await?;
                 Ok(r.rows_affected())
             }
 
