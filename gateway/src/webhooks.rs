@@ -686,7 +686,7 @@ async fn deliver(
     let admitted = breakers.lock().admit(&key, started, cfg.timeout);
     let outcome = match admitted {
         Admit::Defer(until) => {
-            Outcome::Deferred { at: now() + ms(until.saturating_duration_since(started)) }
+            Outcome::Deferred { at: now() + ms(until.saturating_duration_since(started)), url: d.url.clone() }
         }
         Admit::Send => {
             // The signature's `t` is the wall clock now (receivers compare it with theirs), not
@@ -703,7 +703,7 @@ async fn deliver(
                 // Its backlog waits out the pause off the claim's path.
                 let until = now() + ms(pause);
                 let e = &d.event.event;
-                if let Err(err) = store.pause_webhook_deliveries(e.tenant.as_str(), &d.webhook_id, until).await {
+                if let Err(err) = store.pause_webhook_deliveries(e.tenant.as_str(), &d.webhook_id, &d.url, until).await {
                     tracing::warn!(error = %err, webhook = %d.webhook_id, "cannot move a paused webhook's deliveries");
                 }
             }

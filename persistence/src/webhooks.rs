@@ -151,6 +151,9 @@ pub enum Outcome {
     Deferred {
         /// Unix ms from which it may be claimed again.
         at: i64,
+        /// The endpoint whose circuit is open. If the webhook points elsewhere by the time this
+        /// is recorded (a fixed URL), the delivery is due at once instead.
+        url: String,
     },
     /// Failed for the last time.
     Dead {
@@ -253,7 +256,7 @@ fn span(ms: i64) -> String {
 }
 
 macro_rules! webhook_ops {
-    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, candidates = $candidates:literal, expire = $expire:literal) => {
+    ($name:ident, $db:ty, json_in = $json_in:literal, json_out = $json_out:literal, candidates = $candidates:literal, expire = $expire:literal, share_lock = $share_lock:literal) => {
         #[doc = concat!("Webhook statements compiled for `", stringify!($db), "`.")]
         mod $name {
             use sqlx::{Pool, QueryBuilder};
@@ -392,14 +395,20 @@ macro_rules! webhook_ops {
                 Ok(n)
             }
 
-            pub(super) async fn pause(pool: &Pool<Db>, tenant: &str, id: &str, until: i64) -> Result<u64, PersistenceError> {
-                let r = sqlx::query(
+            pub(super) async fn pause(pool: &Pool<Db>, tenant: &str, id: &str, url: &str, until: i64) -> Result<u64, PersistenceError> {
+                // Only while the webhook still points at `url`, read under a share lock
+                // (PostgreSQL): a replacement that commits first is waited for and wins.
+                let r = sqlx::query(concat!(
                     "UPDATE webhook_outbox SET next_attempt_at = $1 \
-                     WHERE tenant = $2 AND webhook_id = $3 AND state = 'pending' AND lease IS NULL AND next_attempt_at < $1",
-                )
+                     WHERE tenant = $2 AND webhook_id = $3 AND state = 'pending' AND lease IS NULL AND next_attempt_at < $1 \
+                     AND EXISTS (SELECT 1 FROM webhooks w WHERE w.tenant = $2 AND w.id = $3 AND w.url = $4",
+                    $share_lock,
+                    ")"
+                ))
                 .bind(until)
                 .bind(tenant)
                 .bind(id)
+                .bind(url)
                 .execute(pool)
                 .await?;
                 Ok(r.rows_affected())
@@ -569,16 +578,23 @@ macro_rules! webhook_ops {
                 outcome: &Outcome,
                 now: i64,
             ) -> Result<bool, PersistenceError> {
-                if let Outcome::Deferred { at } = outcome {
-                    let r = sqlx::query(
-                        "UPDATE webhook_outbox SET next_attempt_at = $1, attempts = attempts - 1, lease = NULL \
-                         WHERE tenant = $2 AND webhook_id = $3 AND event_seq = $4 AND lease = $5",
-                    )
+                if let Outcome::Deferred { at, url } = outcome {
+                    // The URL is read under a share lock (PostgreSQL): a replacement committing
+                    // meanwhile is waited for, so the pause cannot land after it.
+                    let r = sqlx::query(concat!(
+                        "UPDATE webhook_outbox SET attempts = attempts - 1, lease = NULL, next_attempt_at = \
+                         CASE WHEN EXISTS (SELECT 1 FROM webhooks w WHERE w.tenant = $2 AND w.id = $3 AND w.url = $6",
+                        $share_lock,
+                        ") THEN $1 ELSE $7 END \
+                         WHERE tenant = $2 AND webhook_id = $3 AND event_seq = $4 AND lease = $5"
+                    ))
                     .bind(*at)
                     .bind(tenant.as_str())
                     .bind(webhook_id)
                     .bind(seq)
                     .bind(lease)
+                    .bind(url)
+                    .bind(now)
                     .execute(pool)
                     .await?;
                     return Ok(r.rows_affected() > 0);
@@ -648,7 +664,8 @@ webhook_ops!(
               WHERE (tenant, webhook_id, event_seq) IN \
               (SELECT tenant, webhook_id, event_seq FROM webhook_outbox \
                WHERE state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3) LIMIT $4) \
-              AND state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3)"
+              AND state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3)",
+    share_lock = " FOR SHARE"
 );
 // SQLite has no LATERAL: a correlated `rowid IN (… LIMIT)` per webhook is its seek.
 webhook_ops!(
@@ -667,7 +684,9 @@ webhook_ops!(
               WHERE (tenant, webhook_id, event_seq) IN \
               (SELECT tenant, webhook_id, event_seq FROM webhook_outbox INDEXED BY webhook_outbox_untouched \
                WHERE state = 'pending' AND updated_at < $3 AND (lease IS NULL OR next_attempt_at <= $3) LIMIT $4) \
-              AND +state = 'pending' AND +updated_at < $3 AND (lease IS NULL OR +next_attempt_at <= $3)"
+              AND +state = 'pending' AND +updated_at < $3 AND (lease IS NULL OR +next_attempt_at <= $3)",
+    // Writes are serial in SQLite: a statement reads the URL as the last commit left it.
+    share_lock = ""
 );
 
 impl SqlStore {
@@ -741,10 +760,12 @@ impl SqlStore {
     }
 
     /// Moves the waiting deliveries of a webhook whose circuit opened to `until` (attempts
-    /// unchanged), so that a paused backlog does not stay at the front of every claim's scan.
-    pub async fn pause_webhook_deliveries(&self, tenant: &str, id: &str, until: i64) -> Result<u64, PersistenceError> {
-        let (db, tenant, id) = (self.db().clone(), tenant.to_owned(), id.to_owned());
-        self.bounded(async move { on_backend!(&db, webhooks::pause(&tenant, &id, until)) }).await
+    /// unchanged), so that a paused backlog does not stay at the front of every claim's scan;
+    /// only while the webhook still points at `url`, the endpoint that failed (a replacement
+    /// made first, typically a fixed URL, wins: its deliveries stay due).
+    pub async fn pause_webhook_deliveries(&self, tenant: &str, id: &str, url: &str, until: i64) -> Result<u64, PersistenceError> {
+        let (db, tenant, id, url) = (self.db().clone(), tenant.to_owned(), id.to_owned(), url.to_owned());
+        self.bounded(async move { on_backend!(&db, webhooks::pause(&tenant, &id, &url, until)) }).await
     }
 
     /// Claims up to `limit` deliveries due at `now` (every tenant), shared out as `shares`

@@ -205,8 +205,9 @@ async fn open_circuits_are_skipped_and_deferrals_give_the_attempt_back(ctx: Ctx)
     assert!(store.finish_webhook_delivery(&t, "bad", seq, "C", &retry, 10_000).await.unwrap());
     let again = store.claim_webhook_deliveries(10_000, 50_000, "D", 100, &ClaimShares::default(), &[]).await.unwrap();
     assert_eq!(again.iter().find(|d| d.event.seq == seq).map(|d| d.attempt), Some(2));
-    assert!(store.finish_webhook_delivery(&t, "bad", seq, "D", &Outcome::Deferred { at: 30_000 }, 10_001).await.unwrap());
-    assert!(!store.finish_webhook_delivery(&t, "bad", seq, "D", &Outcome::Deferred { at: 30_000 }, 10_002).await.unwrap(), "the lease is gone");
+    let deferred = Outcome::Deferred { at: 30_000, url: "http://127.0.0.1:9/bad".into() };
+    assert!(store.finish_webhook_delivery(&t, "bad", seq, "D", &deferred, 10_001).await.unwrap());
+    assert!(!store.finish_webhook_delivery(&t, "bad", seq, "D", &deferred, 10_002).await.unwrap(), "the lease is gone");
     let r = store.webhook_deliveries(&t, "bad", 10).await.unwrap().into_iter().find(|r| r.event_seq == seq).unwrap();
     assert_eq!((r.state, r.attempts, r.next_attempt_at, r.last_status), (DeliveryState::Pending, 1, 30_000, Some(503)));
     assert!(store.claim_webhook_deliveries(29_999, 50_000, "E", 100, &ClaimShares::default(), &[("t1", "good", "http://127.0.0.1:9/good"), ("t2", "bad", "http://127.0.0.1:9/bad")]).await.unwrap().iter().all(|d| d.event.seq != seq));
@@ -224,8 +225,10 @@ async fn open_circuits_are_skipped_and_deferrals_give_the_attempt_back(ctx: Ctx)
         let retry = Outcome::Retry { at: 150_000, status: Some(500), error: "HTTP 500".into() };
         assert!(store.finish_webhook_delivery(&t, "bad", d.event.seq, "G", &retry, 100_001).await.unwrap());
     }
-    // A circuit opens: its waiting rows move to the end of the pause, attempts unchanged.
-    assert_eq!(store.pause_webhook_deliveries("t1", "bad", 400_000).await.unwrap(), 3);
+    // A circuit opens: its waiting rows move to the end of the pause, attempts unchanged; a
+    // pause of a URL the webhook no longer points at (recorded late) moves nothing.
+    assert_eq!(store.pause_webhook_deliveries("t1", "bad", "http://old.example/", 400_000).await.unwrap(), 0);
+    assert_eq!(store.pause_webhook_deliveries("t1", "bad", bad_url, 400_000).await.unwrap(), 3);
     assert!(store.claim_webhook_deliveries(300_000, 500_000, "H", 100, &ClaimShares::default(), &[]).await.unwrap().iter().all(|d| d.webhook_id != "bad" || d.event.event.tenant.as_str() != "t1"));
     // Replacing the webhook (a fixed URL) makes them due at once.
     let mut fixed = hook("t1", "bad", &["order.*"], 1_000);
@@ -234,6 +237,15 @@ async fn open_circuits_are_skipped_and_deferrals_give_the_attempt_back(ctx: Ctx)
     assert!(!store.put_webhook(&fixed, "dispatcher:d").await.unwrap());
     let now_due = store.claim_webhook_deliveries(310_000, 500_000, "I", 100, &ClaimShares::default(), &[]).await.unwrap();
     assert_eq!(now_due.iter().filter(|d| d.webhook_id == "bad" && d.url.ends_with("/fixed")).count(), 3);
+    // The old circuit's pause and deferrals, recorded after the replacement, do not hold the
+    // webhook back: nothing is paused, and a deferred row is due at once (`now`), not at the
+    // end of the old circuit's pause.
+    assert_eq!(store.pause_webhook_deliveries("t1", "bad", bad_url, 900_000).await.unwrap(), 0);
+    let stale = Outcome::Deferred { at: 900_000, url: bad_url.into() };
+    let d0 = now_due.iter().find(|d| d.webhook_id == "bad").unwrap();
+    assert!(store.finish_webhook_delivery(&t, "bad", d0.event.seq, "I", &stale, 320_000).await.unwrap());
+    let r = store.webhook_deliveries(&t, "bad", 10).await.unwrap().into_iter().find(|r| r.event_seq == d0.event.seq).unwrap();
+    assert_eq!((r.state, r.next_attempt_at), (DeliveryState::Pending, 320_000));
     store.close().await.unwrap();
 }
 
@@ -367,14 +379,14 @@ async fn deliveries_not_attempted_for_long_are_given_up(ctx: Ctx) {
     for (id, outcome) in [
         ("done", Outcome::Delivered { status: 204 }),
         ("retried", Outcome::Retry { at: 7_000, status: Some(503), error: "HTTP 503".into() }),
-        ("deferred", Outcome::Deferred { at: 0 }),
+        ("deferred", Outcome::Deferred { at: 0, url: "http://127.0.0.1:9/w".into() }),
     ] {
         assert!(store.finish_webhook_delivery(&t, "w", claimed_seq(id), "L", &outcome, 6_000).await.unwrap());
     }
     store.commit(vec![at("old-1", 2_000), at("old-2", 2_100), at("recent", 9_000)]).await.unwrap();
     queued_at_event_time().await;
     // An open circuit's pause moves the waiting rows' next attempt on; paused is not leased.
-    assert_eq!(store.pause_webhook_deliveries("t1", "w", 50_000).await.unwrap(), 5);
+    assert_eq!(store.pause_webhook_deliveries("t1", "w", "http://127.0.0.1:9/w", 50_000).await.unwrap(), 5);
     // Each order's event, by order id (the log also holds `webhook.created`).
     let evs = store.events(EventQuery { tenant: t.clone(), entity: None, since_seq: None, limit: 100 }).await.unwrap();
     let seq_of = |entity: &str| evs.iter().find(|e| e.event.entity_id == entity && e.event.kind == "order.created").unwrap().seq;
