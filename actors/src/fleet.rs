@@ -288,6 +288,12 @@ pub struct FleetCtx {
     adopting: tokio::sync::Mutex<()>,
     /// Courier actors are spawned one at a time ([`Fleet::install_courier`]).
     installing: tokio::sync::Mutex<()>,
+    /// Dispatchers are started one at a time: two first orders of a market at once would
+    /// otherwise start two (the orphan ticking on with a frozen view of the orders) as soon as
+    /// the dispatcher's `pre_start` awaits anything. Today it does not, so ractor's spawn runs
+    /// it without yielding and the race cannot happen yet (a test of it passed without the
+    /// lock); the lock keeps it that way.
+    starting_dispatchers: tokio::sync::Mutex<()>,
 }
 
 impl FleetCtx {
@@ -392,6 +398,10 @@ impl FleetCtx {
         if let Some(d) = self.dispatchers.get(tenant) {
             return Ok(d.clone());
         }
+        let _one_at_a_time = self.starting_dispatchers.lock().await;
+        if let Some(d) = self.dispatchers.get(tenant) {
+            return Ok(d.clone());
+        }
         self.spawn_dispatcher(tenant.clone()).await
     }
 
@@ -445,8 +455,9 @@ impl Actor for FleetSupervisor {
                         None => Ok(()),
                     },
                     Child::Dispatcher(t) => {
-                        ctx.dispatchers.remove(t);
-                        ctx.spawn_dispatcher(t.clone()).await.map(|_| ())
+                        let _one_at_a_time = ctx.starting_dispatchers.lock().await;
+                        ctx.dispatchers.remove_if(t, |_, d| d.get_id() == cell.get_id());
+                        if ctx.dispatchers.contains_key(t) { Ok(()) } else { ctx.spawn_dispatcher(t.clone()).await.map(|_| ()) }
                     }
                     Child::Area(k) => crate::zone::restart_area(ctx, k.clone()).await,
                 };
@@ -571,6 +582,7 @@ impl Fleet {
             supervisor: parking_lot::RwLock::new(None),
             adopting: tokio::sync::Mutex::new(()),
             installing: tokio::sync::Mutex::new(()),
+            starting_dispatchers: tokio::sync::Mutex::new(()),
             config: deps.config,
         });
         let (sup, _) = Actor::spawn(None, FleetSupervisor, ctx.clone()).await.map_err(|_| FleetError::ActorGone("supervisor"))?;
@@ -893,15 +905,25 @@ impl Fleet {
             ts: now,
             attrs: vec![("to".into(), "created".into())],
         };
+        // Started before the commit: nothing after it may fail, or a client told "failed"
+        // would retry and create the order twice.
+        let d = self.ctx.dispatcher(tenant).await?;
         self.ctx.store.commit(vec![Write::Order(order.clone()), Write::Event(event.clone())]).await?;
         metrics::counter!("hexfleet_orders_created_total").increment(1);
         let order = Arc::new(order);
-        self.ctx.spawn_order(order.clone()).await?;
+        // The creation's notices go out before the actor can be reached: a command arriving at
+        // once (a cancel) then notifies after them, and the dispatcher, the zones and watchers
+        // do not see the order come back as created after it closed. A round in between
+        // finds no actor for its offer and offers again at the next.
         self.ctx.zones.order_changed(&order);
         self.ctx.publisher.publish(crate::publish::Update::Order(order.clone()));
         self.ctx.publisher.publish(crate::publish::Update::Event(Arc::new(event)));
-        let d = self.ctx.dispatcher(tenant).await?;
         let _ = d.cast(DispatchMsg::OrderChanged(order.clone()));
+        if let Err(e) = self.ctx.spawn_order(order.clone()).await {
+            // Only when the fleet is stopping. The order is durable and is loaded at the next
+            // start; the creation stands.
+            tracing::error!(%tenant, order = %order.id, error = %e, "order created but its actor did not start");
+        }
         Ok(order)
     }
 
@@ -1172,6 +1194,66 @@ mod tests {
     use crate::domain::{Fix, LatLng};
     use crate::publish::{RecordingPublisher, Update};
     use crate::store::MemoryStore;
+
+    /// Holds the publisher of the first `Created` notice of an order until released.
+    struct HoldCreated {
+        inner: Arc<RecordingPublisher>,
+        gate: parking_lot::Mutex<Option<(tokio::sync::oneshot::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+    }
+
+    impl crate::publish::Publisher for HoldCreated {
+        fn publish(&self, u: Update) {
+            let park = matches!(&u, Update::Order(o) if o.state == OrderState::Created).then(|| self.gate.lock().take()).flatten();
+            self.inner.publish(u);
+            if let Some((arrived, release)) = park {
+                let _ = arrived.send(());
+                release.recv_timeout(Duration::from_secs(15)).expect("the test releases the creation");
+            }
+        }
+    }
+
+    fn new_order(id: &str) -> NewOrder {
+        let p = LatLng::new(52.52, 13.40).unwrap();
+        NewOrder { id: Some(OrderId::new(id)), pickup: p, dropoff: p, size: 1, ready_at: None, deliver_by: None }
+    }
+
+    /// A command that reaches an order right after its creation (a client's compensating
+    /// cancel) notifies after the creation's notices: watchers, zones and the dispatcher never
+    /// see the order come back as created after it closed. While the creation's notices are
+    /// going out, the order's actor cannot be reached yet.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_order_is_reachable_only_after_its_creation_is_announced() {
+        let inner = Arc::new(RecordingPublisher::default());
+        let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let publisher = Arc::new(HoldCreated { inner: inner.clone(), gate: parking_lot::Mutex::new(Some((arrived_tx, release_rx))) });
+        let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), ..Default::default() };
+        let deps = FleetDeps { store: Arc::new(MemoryStore::new()), publisher, clock: Arc::new(TokioClock::new()), config };
+        let f = Arc::new(Fleet::start(deps).await.unwrap());
+        let t = TenantId::new("t");
+        let creating = tokio::spawn({
+            let (f, t) = (f.clone(), t.clone());
+            async move { f.create_order(&t, new_order("o1"), &Who::System).await }
+        });
+        tokio::time::timeout(Duration::from_secs(15), arrived).await.expect("the creation is announced").unwrap();
+        let o1 = OrderId::new("o1");
+        let early = f.command(&t, &o1, Command::Cancel, Who::System).await;
+        assert!(early.is_err(), "the order was reachable before its creation was announced: {early:?}");
+        release.send(()).unwrap();
+        creating.await.unwrap().expect("created");
+        let cancelled = f.command(&t, &o1, Command::Cancel, Who::System).await.expect("cancelled");
+        assert_eq!(cancelled.state, OrderState::Cancelled);
+        let states: Vec<OrderState> = inner
+            .updates
+            .lock()
+            .iter()
+            .filter_map(|u| match u {
+                Update::Order(o) if o.id == o1 => Some(o.state.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(states, [OrderState::Created, OrderState::Cancelled]);
+    }
 
     /// The race `FixInbox::unschedule` closes: a tap's actor has stopped, and its successor has
     /// started (resetting the inbox's schedule) but is not in the fleet's map yet. The push that
