@@ -617,6 +617,14 @@ impl Breakers {
         self.circuits.iter().filter(|(_, c)| matches!(c, Circuit::Open { .. })).map(|(k, _)| k.clone()).collect()
     }
 
+    /// When the circuit of `key` closes again, if it is open.
+    pub fn open_until(&self, key: &CircuitKey) -> Option<Instant> {
+        match self.circuits.get(key) {
+            Some(Circuit::Open { until, .. }) => Some(*until),
+            _ => None,
+        }
+    }
+
     /// Whether to send a claimed delivery of `key` now. A probing circuit lets one delivery
     /// out; the others wait `probe_wait` (a request timeout) for its outcome.
     pub fn admit(&mut self, key: &CircuitKey, now: Instant, probe_wait: Duration) -> Admit {
@@ -707,7 +715,15 @@ async fn deliver(
                     tracing::warn!(error = %err, webhook = %d.webhook_id, "cannot move a paused webhook's deliveries");
                 }
             }
-            judge(cfg, d.attempt, now(), result)
+            let mut outcome = judge(cfg, d.attempt, now(), result);
+            // A failed send whose circuit is open (it opened it, or failed late) is retried
+            // after the pause, with the rest of the backlog, not at the front of every claim.
+            if let Outcome::Retry { at, .. } = &mut outcome
+                && let Some(until) = breakers.lock().open_until(&key)
+            {
+                *at = (*at).max(now() + ms(until.saturating_duration_since(Instant::now())));
+            }
+            outcome
         }
     };
     let label = match &outcome {
@@ -911,6 +927,8 @@ mod tests {
         // not stretch the pause.
         assert_eq!(b.record(k.clone(), false, t0), Some(Duration::from_secs(30)));
         assert_eq!(b.record(k.clone(), false, t0), None);
+        // Failed sends are retried after the pause (the worker reads it).
+        assert_eq!((b.open_until(&k), b.open_until(&other)), (Some(t0 + Duration::from_secs(30)), None));
         assert_eq!(b.open(t0 + Duration::from_secs(29)), vec![k.clone()]);
         assert_eq!(b.admit(&k, t0, wait), Admit::Defer(t0 + Duration::from_secs(30)));
         assert_eq!(b.admit(&other, t0, wait), Admit::Send, "other webhooks are not affected");
