@@ -292,23 +292,42 @@ async fn osmand_report(
     osmand_ingest(st, fixes, unknown)
 }
 
-/// With market leases: a report whose first device this node does not know goes to the node
-/// owning that device's market (devices carry no token, so the middleware cannot route them).
-/// A batch is forwarded whole, to the owner of its first unknown device.
+/// With market leases: a report goes to the node owning its devices' market (devices carry no
+/// token, so the middleware cannot route them). A device known here must have its market
+/// served here now: a node that stepped down, or whose market moved, keeps its device map, and
+/// a report it took would answer 200 and then be lost (OsmAnd and Traccar clients drop what
+/// was answered 200). A device unknown here is looked up in the store. A batch is forwarded
+/// whole, to the first owner found elsewhere.
 async fn osmand_forward(st: &AppState, req: &HttpRequest, body: web::Bytes, fixes: &[osmand::OsmandFix]) -> Option<HttpResponse> {
     let markets = st.markets.as_ref()?;
+    let mut checked: Vec<TenantId> = Vec::new();
+    for f in fixes {
+        let Some((tenant, _)) = st.fleet.device(&f.device_id) else { continue };
+        if checked.contains(&tenant) {
+            continue;
+        }
+        match markets.route(&tenant).await {
+            Ok(crate::markets::Route::Local) => checked.push(tenant),
+            Ok(crate::markets::Route::Remote(owner)) => return Some(osmand_forward_to(markets, &owner, req, body).await),
+            Err(e) => return Some(osmand_err(e.status, e.code, &e.message)),
+        }
+    }
     let unknown = fixes.iter().find(|f| st.fleet.device(&f.device_id).is_none())?;
     match markets.route_device(&unknown.device_id).await {
         Ok(None) => None,
-        Ok(Some(owner)) if req.headers().contains_key(crate::markets::FORWARDED) || markets.is_self(&owner) => {
-            Some(osmand_err(StatusCode::SERVICE_UNAVAILABLE, "market_moving", "the device's market is changing owner; retry"))
-        }
-        Ok(Some(owner)) => {
-            metrics::counter!("hexfleet_market_forwarded_total").increment(1);
-            Some(markets.forward(&owner, req, body).await)
-        }
+        Ok(Some(owner)) => Some(osmand_forward_to(markets, &owner, req, body).await),
         Err(e) => Some(osmand_err(e.status, e.code, &e.message)),
     }
+}
+
+/// Forwards a report to `owner`, unless it was forwarded once already or `owner` is this node
+/// (a lease not yet changed hands): 503 then.
+async fn osmand_forward_to(markets: &crate::markets::Markets, owner: &str, req: &HttpRequest, body: web::Bytes) -> HttpResponse {
+    if req.headers().contains_key(crate::markets::FORWARDED) || markets.is_self(owner) {
+        return osmand_err(StatusCode::SERVICE_UNAVAILABLE, "market_moving", "the device's market is changing owner; retry");
+    }
+    metrics::counter!("hexfleet_market_forwarded_total").increment(1);
+    markets.forward(owner, req, body).await
 }
 
 fn osmand_err(status: StatusCode, code: &'static str, msg: &str) -> HttpResponse {

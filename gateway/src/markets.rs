@@ -227,6 +227,13 @@ impl Markets {
             // Stopping after a lost market: take nothing more.
             return Err(changing_owner(tenant));
         }
+        if self.stepped_down() {
+            // Only a renewal brings a stepped-down node back (it revives the leases still its
+            // own, at their epochs). A take here would serve a market again while the watchdog,
+            // which steps down only a serving node, stays off: if the link dropped again, this
+            // node would serve on beside the next owner.
+            return Err(changing_owner(tenant));
+        }
         for _ in 0..2 {
             let taken = self
                 .store
@@ -378,6 +385,9 @@ impl Markets {
     /// One take-over pass: loads markets this node holds but has not loaded (a take-over
     /// whose load failed), then takes over every market whose lease lapsed.
     pub async fn take_over(&self) {
+        if self.stepped_down() {
+            return;
+        }
         let pending: Vec<TenantId> =
             self.epochs.iter().filter(|e| !self.ready.contains_key(e.key())).map(|e| e.key().clone()).collect();
         for t in pending {

@@ -692,9 +692,9 @@ async fn deliver(
 ) -> CircuitKey {
     let started = Instant::now();
     let admitted = breakers.lock().admit(&key, started, cfg.timeout);
-    let outcome = match admitted {
+    let (outcome, opened) = match admitted {
         Admit::Defer(until) => {
-            Outcome::Deferred { at: now() + ms(until.saturating_duration_since(started)), url: d.url.clone() }
+            (Outcome::Deferred { at: now() + ms(until.saturating_duration_since(started)), url: d.url.clone() }, None)
         }
         Admit::Send => {
             // The signature's `t` is the wall clock now (receivers compare it with theirs), not
@@ -708,22 +708,8 @@ async fn deliver(
                 metrics::counter!("hexfleet_webhook_circuit_opened_total").increment(1);
                 tracing::warn!(tenant = %d.event.event.tenant, webhook = %d.webhook_id, ?pause,
                     "webhook endpoint keeps failing; its deliveries are paused");
-                // Its backlog waits out the pause off the claim's path.
-                let until = now() + ms(pause);
-                let e = &d.event.event;
-                if let Err(err) = store.pause_webhook_deliveries(e.tenant.as_str(), &d.webhook_id, &d.url, until).await {
-                    tracing::warn!(error = %err, webhook = %d.webhook_id, "cannot move a paused webhook's deliveries");
-                }
             }
-            let mut outcome = judge(cfg, d.attempt, now(), result);
-            // A failed send whose circuit is open (it opened it, or failed late) is retried
-            // after the pause, with the rest of the backlog, not at the front of every claim.
-            if let Outcome::Retry { at, .. } = &mut outcome
-                && let Some(until) = breakers.lock().open_until(&key)
-            {
-                *at = (*at).max(now() + ms(until.saturating_duration_since(Instant::now())));
-            }
-            outcome
+            (judge(cfg, d.attempt, now(), result), opened)
         }
     };
     let label = match &outcome {
@@ -740,6 +726,17 @@ async fn deliver(
     if let Err(err) = store.finish_webhook_delivery(&e.tenant, &d.webhook_id, d.event.seq, &lease, &outcome, now()).await {
         // The lease lapses and the delivery is made again: at least once.
         tracing::warn!(error = %err, webhook = %d.webhook_id, seq = d.event.seq, "cannot record a webhook delivery");
+    }
+    // The circuit is open, and this send opened it or failed after it opened: the backlog,
+    // this delivery included (recorded just above), waits out the pause off the claim's path;
+    // only while the webhook points at this URL (`pause_webhook_deliveries`).
+    let pause = opened.is_some() || matches!(outcome, Outcome::Retry { .. });
+    let open_until = breakers.lock().open_until(&key);
+    if let Some(until) = open_until.filter(|_| pause) {
+        let until = now() + ms(until.saturating_duration_since(Instant::now()));
+        if let Err(err) = store.pause_webhook_deliveries(e.tenant.as_str(), &d.webhook_id, &d.url, until).await {
+            tracing::warn!(error = %err, webhook = %d.webhook_id, "cannot move a paused webhook's deliveries");
+        }
     }
     key
 }

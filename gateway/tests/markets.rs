@@ -462,7 +462,8 @@ async fn a_node_back_after_another_ran_its_market_does_not_serve_its_stale_actor
     assert_eq!((s, v["state"].as_str()), (200, Some("cancelled")), "{v}");
     b.stop().await;
 
-    // Back in reach, with the market free: A's taker finds it before A's next renewal.
+    // Back in reach, with the market free. A stepped-down node takes nothing (its taker may
+    // run before its next renewal); the renewal finds the lease gone.
     proxy.restore();
     markets_a.take_over().await;
     // A may have stopped listening already; if it answers, it is not with what it kept.
@@ -472,7 +473,51 @@ async fn a_node_back_after_another_ran_its_market_does_not_serve_its_stale_actor
         assert!(s != 200 || v["state"] == "cancelled", "A serves the order as it knew it before B cancelled it: {s} {v}");
     }
     let err = tokio::time::timeout(DEADLINE, a.running.take().unwrap().wait()).await.expect("A stops in time").expect_err("with an error");
-    assert!(err.to_string().contains("market coimbra was owned by another node"), "{err}");
+    let err = err.to_string();
+    assert!(err.contains("lost the lease of market coimbra") || err.contains("market coimbra was owned by another node"), "{err}");
+    db.drop_db().await;
+}
+
+/// A stepped-down node comes back only through a renewal, never by taking a market again: a
+/// take would serve the market with the watchdog off (it steps down only a serving node), so
+/// that if the link dropped again the node would serve on beside the market's next owner.
+/// Here renewals are an hour apart, so the watchdog steps the node down with the database in
+/// reach, and the lease then lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stepped_down_node_does_not_take_its_market_back() {
+    let Some((redis, db, prefix)) = services().await else { return };
+    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", Duration::from_secs(2), Duration::from_secs(3600))).await;
+    let tenant = "lagos";
+    let disp = a.dispatcher(tenant);
+    assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
+    let (s, v) = a.put("/v1/couriers/c1", &disp, json!({"device_id": "imei-31"})).await;
+    assert_eq!(s, 200, "{v}");
+    let report = |lat: f64| a.http.get(format!("{}/osmand?id=imei-31&lat={lat}&lon={}", a.base, NEAR.1)).send();
+    assert_eq!(report(NEAR.0).await.unwrap().status().as_u16(), 200, "served: a device report is taken");
+    let epoch = lease_row(&db.url, tenant).await.1;
+    let markets = a.running.as_ref().unwrap().state.markets.clone().unwrap();
+    eventually("A steps down without renewals", || async { markets.stepped_down().then_some(()) }).await;
+    // A device it knows is not taken while the market is not served here: a 200 would make
+    // the app drop a report this node cannot keep.
+    assert_eq!(report(NEAR.0 + 0.0001).await.unwrap().status().as_u16(), 503, "stepped down: the report is refused");
+    eventually("A's lease lapses", || async {
+        use sqlx::Connection as _;
+        let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let live: bool = sqlx::query_scalar("SELECT expires_at > (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint FROM market_leases WHERE tenant = $1")
+            .bind(tenant)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        (!live).then_some(())
+    })
+    .await;
+    markets.take_over().await;
+    let (s, v) = a.get("/v1/orders/o1", Some(&disp)).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (503, Some("market_moving")), "{v}");
+    assert!(markets.stepped_down());
+    assert_eq!(lease_row(&db.url, tenant).await.1, epoch, "not taken again");
+    drop(markets);
+    a.stop().await;
     db.drop_db().await;
 }
 
