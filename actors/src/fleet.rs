@@ -102,8 +102,14 @@ pub struct FleetConfig {
     /// Fleet index rebuild period: the most a read of the index may lag the live positions
     /// (plus one rebuild). Rebuilds follow reads; see `positions.rs`.
     pub index_rebuild: Duration,
-    /// How long callers wait for an actor's answer.
+    /// How long callers wait for an actor's answer; for an order command, how long it may
+    /// wait to start (it is not applied after that).
     pub call_timeout: Duration,
+    /// How long a caller waits, beyond `call_timeout`, for an order command the actor has
+    /// started: at least the store's bound on a commit. The SQL store's is two attempts plus
+    /// the resolution of an unanswered COMMIT, about three statement timeouts (15 s by
+    /// default).
+    pub commit_wait: Duration,
     /// H3 resolution of the dispatch cells that count supply and demand (7: ~5 km²).
     pub dispatch_res: u8,
     /// Geofence hysteresis and dwell.
@@ -148,6 +154,7 @@ impl Default for FleetConfig {
             batch_max_delay_s: 600.0,
             index_rebuild: Duration::from_millis(100),
             call_timeout: Duration::from_secs(5),
+            commit_wait: Duration::from_secs(20),
             dispatch_res: 7,
             fence_tracker: hexfleet_geo::fence::TrackerConfig::default(),
             learn_speeds: true,
@@ -315,7 +322,7 @@ impl FleetCtx {
     /// Casts a command to an order actor without waiting (actors never wait on each other).
     pub(crate) fn order_command(&self, tenant: &TenantId, id: &OrderId, cmd: Command, who: Who) {
         if let Some(a) = self.orders.get(&(tenant.clone(), id.clone())) {
-            let _ = a.cast(OrderMsg::Apply { cmd, who, reply: None });
+            let _ = a.cast(OrderMsg::Apply { cmd, who, reply: None, start_by: None });
         }
     }
 
@@ -945,7 +952,13 @@ impl Fleet {
                 return Err(FleetError::transition(cmd.name(), o.state));
             }
         };
-        call(&actor, |reply| OrderMsg::Apply { cmd, who, reply: Some(reply) }, self.ctx.config.call_timeout, "order").await?
+        // A command not started within `call_timeout` is not applied; one started is waited
+        // for until the store has settled its commit, so that a command reported failed did
+        // not happen (and one that happened is not reported failed).
+        let cfg = &self.ctx.config;
+        let start_by = std::time::Instant::now() + cfg.call_timeout;
+        let msg = |reply| OrderMsg::Apply { cmd, who, reply: Some(reply), start_by: Some(start_by) };
+        call(&actor, msg, cfg.call_timeout + cfg.commit_wait, "order").await?
     }
 
     /// Dispatcher override: assign to a courier now.

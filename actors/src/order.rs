@@ -206,8 +206,10 @@ pub fn transition_event(before: &Order, after: &Order, cmd: &Command, who: &Who,
 
 /// Messages of the order actor.
 pub enum OrderMsg {
-    /// Apply a command; answers with the new order once it is durable.
-    Apply { cmd: Command, who: Who, reply: Option<RpcReplyPort<Result<Arc<Order>, FleetError>>> },
+    /// Apply a command; answers with the new order once it is durable. A command still
+    /// waiting in the mailbox at `start_by` is not applied (answered with a timeout): its
+    /// caller has been told it failed, or is about to be.
+    Apply { cmd: Command, who: Who, reply: Option<RpcReplyPort<Result<Arc<Order>, FleetError>>>, start_by: Option<std::time::Instant> },
     /// Read the current order.
     Get(RpcReplyPort<Arc<Order>>),
     /// Test hook: make the actor panic (supervision tests).
@@ -243,7 +245,14 @@ impl Actor for OrderActor {
                 let _ = reply.send(st.order.clone());
             }
             OrderMsg::Crash => panic!("injected crash in order actor {}", st.order.id),
-            OrderMsg::Apply { cmd, who, reply } => {
+            OrderMsg::Apply { cmd, who, reply, start_by } => {
+                if start_by.is_some_and(|t| std::time::Instant::now() >= t) {
+                    tracing::debug!(order = %st.order.id, cmd = cmd.name(), "command waited too long to start; not applied");
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(FleetError::Timeout("order")));
+                    }
+                    return Ok(());
+                }
                 let res = transition(st, &cmd, &who).await;
                 let done = res.as_ref().map(|o| o.state.is_terminal()).unwrap_or(false);
                 if let Some(reply) = reply {

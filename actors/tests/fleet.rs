@@ -304,3 +304,32 @@ async fn a_node_with_a_clock_behind_still_writes_a_couriers_profile() {
     behind.shutdown().await.unwrap();
     assert_eq!(stored().await.status, CourierStatus::Available, "the status change was dropped by the store");
 }
+
+/// An order command reported failed did not happen, and one that happened is not reported
+/// failed: a command the actor has started is waited for until its commit settles (here a
+/// commit slower than `call_timeout`), and one still waiting in the mailbox past
+/// `call_timeout` is not applied (a timeout, not a refusal by the state machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_commit_is_waited_for_and_a_command_that_waited_too_long_is_not_applied() {
+    let store = Arc::new(MemoryStore::new());
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), call_timeout: Duration::from_millis(300), commit_wait: Duration::from_secs(10), ..Default::default() };
+    let f = Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: Arc::new(TokioClock::new()), config })
+        .await
+        .unwrap();
+    let t = TenantId::new("t");
+    let new = NewOrder { id: None, pickup: LatLng::new(45.50, -73.57).unwrap(), dropoff: LatLng::new(45.51, -73.57).unwrap(), size: 1, ready_at: None, deliver_by: None };
+    let o = f.create_order(&t, new, &Who::System).await.unwrap().id.clone();
+    let c = CourierId::new("c1");
+    f.ensure_courier(&t, &c).await.unwrap();
+    let record = hexfleet_actors::domain::AssignmentRecord { at: 0, policy: "override".into(), courier: c.clone(), cost_s: 60.0, candidates: vec![] };
+    let offer = Command::Offer { courier: c.clone(), expires_at: i64::MAX / 2, record };
+    // Each commit takes a second, more than the 300 ms a command may wait to start. The offer
+    // is sent first (`join!` polls in order, and a call sends on its first poll).
+    store.set_commit_delay(Some(Duration::from_secs(1)));
+    let (a, b) = tokio::join!(f.command(&t, &o, offer, Who::System), f.command(&t, &o, Command::Cancel, Who::System));
+    store.set_commit_delay(None);
+    assert_eq!(a.expect("the offer that ran is reported done").state, OrderState::Offered);
+    assert!(matches!(b, Err(hexfleet_actors::FleetError::Timeout(_))), "the cancel was not started: {b:?}");
+    assert_eq!(store.all_events().iter().filter(|e| e.kind == "order.cancelled").count(), 0, "nor applied later");
+    assert_eq!(f.order(&t, &o).await.unwrap().state, OrderState::Offered);
+}
