@@ -178,6 +178,7 @@ impl Actor for CourierActor {
                     tenant: st.rec.tenant.clone(),
                     courier: st.rec.id.clone(),
                     status: s,
+                    last_fix: st.rec.last_fix,
                 });
             }
             CourierMsg::SetProfile(p) => {

@@ -37,8 +37,9 @@ pub enum Update {
         status: CourierStatus,
         tracking: Vec<(OrderId, Option<f64>)>,
     },
-    /// A courier's status changed (conflatable with positions, latest wins).
-    CourierStatus { tenant: TenantId, courier: CourierId, status: CourierStatus },
+    /// A courier's status changed (conflatable with positions, latest wins), with its last
+    /// fix, if any (a console shows the courier there with the new status).
+    CourierStatus { tenant: TenantId, courier: CourierId, status: CourierStatus, last_fix: Option<Fix> },
     /// An order changed state (discrete: never dropped silently).
     Order(Arc<Order>),
     /// Addressed to one courier's device (discrete).

@@ -65,8 +65,15 @@ pub enum Fanout {
         /// Orders the courier holds, with the ETA in seconds to that order's next stop.
         tracking: Vec<(Arc<str>, Option<f64>)>,
     },
-    /// A courier's status changed (conflatable, merged into the console's courier item).
-    Status { tenant: String, courier: String, status: String },
+    /// A courier's status changed (conflatable, merged into the console's courier item), with
+    /// its last position, if any. `at` is absent in messages of nodes before it was added.
+    Status {
+        tenant: String,
+        courier: String,
+        status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<StatusAt>,
+    },
     /// An order changed state (discrete).
     Order { tenant: String, order_id: String, order: Value, pickup: LatLngDto },
     /// A message for one courier's device (discrete); `msg` lacks its `seq`.
@@ -75,6 +82,16 @@ pub enum Fanout {
     Event { tenant: String, event: Value },
     /// A zone was created or changed (`feature` set) or deleted (discrete).
     Zone { tenant: String, id: String, feature: Option<Value> },
+}
+
+/// Where a courier whose status changed was last seen.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusAt {
+    pub lat: f64,
+    pub lng: f64,
+    pub ts: i64,
+    pub speed: Option<f32>,
+    pub heading: Option<f32>,
 }
 
 impl Fanout {
@@ -103,9 +120,12 @@ impl Fanout {
                 status: Cow::Borrowed(status.as_str()),
                 tracking: tracking.iter().map(|(o, eta)| (o.as_arc().clone(), eta.map(|e| e.round()))).collect(),
             },
-            Update::CourierStatus { tenant, courier, status } => {
-                Fanout::Status { tenant: tenant.to_string(), courier: courier.to_string(), status: status.as_str().to_owned() }
-            }
+            Update::CourierStatus { tenant, courier, status, last_fix } => Fanout::Status {
+                tenant: tenant.to_string(),
+                courier: courier.to_string(),
+                status: status.as_str().to_owned(),
+                at: last_fix.map(|f| StatusAt { lat: f.pos.lat, lng: f.pos.lng, ts: f.ts, speed: f.speed, heading: f.heading }),
+            },
             Update::Order(o) => Fanout::Order {
                 tenant: o.tenant.to_string(),
                 order_id: o.id.to_string(),
@@ -217,12 +237,21 @@ impl Outbox {
         self.inner.lock().batch_couriers.insert(item.courier.id.clone(), item.clone());
     }
 
-    /// A status change without a position merges into the pending item, if any.
-    fn batch_status(&self, id: &str, status: &'static str) {
-        if let Some(prev) = self.inner.lock().batch_couriers.get_mut(id)
-            && prev.courier.status != status
-        {
-            *prev = ConsoleItem::new(ConsoleCourier { status, ..prev.courier.clone() });
+    /// A status change merges into the pending item, if any; otherwise `item` (the courier at
+    /// its last position, with the new status) is queued, when there is one.
+    fn batch_status(&self, id: &str, status: &'static str, item: Option<&Arc<ConsoleItem>>) {
+        let mut g = self.inner.lock();
+        match g.batch_couriers.get_mut(id) {
+            Some(prev) => {
+                if prev.courier.status != status {
+                    *prev = ConsoleItem::new(ConsoleCourier { status, ..prev.courier.clone() });
+                }
+            }
+            None => {
+                if let Some(item) = item {
+                    g.batch_couriers.insert(item.courier.id.clone(), item.clone());
+                }
+            }
         }
     }
 
@@ -662,10 +691,25 @@ impl Broker {
                     }
                 }
             }
-            Fanout::Status { tenant, courier, status } => {
+            Fanout::Status { tenant, courier, status, at } => {
                 if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
+                    let status = status_name(status);
+                    // A status change with no fix after it (an app that goes offline and
+                    // stops sending) must still reach the consoles that show the courier.
+                    let item = at.map(|a: StatusAt| {
+                        ConsoleItem::new(ConsoleCourier {
+                            id: Arc::from(courier.as_str()),
+                            lat: a.lat,
+                            lng: a.lng,
+                            ts: a.ts,
+                            status,
+                            speed: a.speed,
+                            heading: a.heading,
+                        })
+                    });
                     for (_, v) in cs.iter() {
-                        v.outbox.batch_status(courier, status_name(status));
+                        let seen = item.as_ref().filter(|i| v.sees(i.courier.lat, i.courier.lng));
+                        v.outbox.batch_status(courier, status, seen);
                     }
                 }
             }
@@ -939,10 +983,28 @@ mod tests {
         assert_eq!(serde_json::from_str::<Value>(&couriers_batch_json(8, &[])).unwrap()["items"], json!([]));
         // A status change merges into the pending item and its rendering.
         b.deliver_local(&position("in", "o", 52.6));
-        b.deliver_local(&Fanout::Status { tenant: "t".into(), courier: "in".into(), status: "offline".into() });
+        let status = |courier: &str, status: &str, lat: f64| Fanout::Status {
+            tenant: "t".into(),
+            courier: courier.into(),
+            status: status.into(),
+            at: Some(StatusAt { lat, lng: 13.4, ts: 1_000, speed: None, heading: None }),
+        };
+        b.deliver_local(&status("in", "offline", 52.0));
         let (couriers, _) = v.outbox.take_batches();
         let msg: Value = serde_json::from_str(&couriers_batch_json(9, &couriers)).unwrap();
         assert_eq!(msg["items"][0]["status"], "offline");
-        assert_eq!(msg["items"][0]["lat"], 52.6);
+        assert_eq!(msg["items"][0]["lat"], 52.6, "the pending position is kept");
+        // With nothing pending (the app stopped sending fixes), the status still reaches the
+        // console, at the courier's last position; not a console that does not see it there.
+        b.deliver_local(&status("in", "offline", 52.7));
+        b.deliver_local(&status("out", "offline", 54.5));
+        let (couriers, _) = v.outbox.take_batches();
+        let msg: Value = serde_json::from_str(&couriers_batch_json(10, &couriers)).unwrap();
+        assert_eq!(msg["items"].as_array().map(Vec::len), Some(1), "{msg}");
+        assert_eq!((msg["items"][0]["id"].as_str(), msg["items"][0]["status"].as_str(), msg["items"][0]["lat"].as_f64()), (Some("in"), Some("offline"), Some(52.7)));
+        // A node before `at` existed sends none: still parsed; merged if pending, else dropped.
+        let old: Fanout = serde_json::from_str(r#"{"k":"status","tenant":"t","courier":"in","status":"busy"}"#).unwrap();
+        b.deliver_local(&old);
+        assert!(v.outbox.take_batches().0.is_empty());
     }
 }
