@@ -32,6 +32,19 @@ pub struct Claims {
     pub order_id: Option<String>,
 }
 
+/// Seconds of clock skew a token's `exp` is given (as `jsonwebtoken`'s leeway).
+const LEEWAY_S: u64 = 5;
+
+impl Claims {
+    /// When a session opened with this token must end (its `exp` plus the leeway): sockets
+    /// outlive their handshake, and a token that is not renewed must stop working.
+    pub fn session_deadline(&self) -> tokio::time::Instant {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let left = (self.exp + LEEWAY_S).saturating_sub(now).min(365 * 24 * 3600);
+        tokio::time::Instant::now() + Duration::from_secs(left)
+    }
+}
+
 /// Signs and verifies tokens.
 #[derive(Clone)]
 pub struct Keys {
@@ -43,7 +56,7 @@ pub struct Keys {
 impl Keys {
     pub fn new(secret: &str) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_S;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Keys { enc: EncodingKey::from_secret(secret.as_bytes()), dec: DecodingKey::from_secret(secret.as_bytes()), validation }
     }

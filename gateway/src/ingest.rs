@@ -244,7 +244,8 @@ async fn connection(mut tcp: TcpStream, st: web::Data<AppState>, _slot: Admitted
     let Some(ws) = upgrade(tcp, head).await else { return };
     let id = CourierId::new(&auth.claims.sub);
     let times = st.sockets;
-    crate::ws::courier_session(st, auth.tenant, id, tap, TungsteniteSocket { ws, times }).await;
+    let expires = auth.claims.session_deadline();
+    crate::ws::courier_session(st, auth.tenant, id, tap, TungsteniteSocket { ws, times }, expires).await;
 }
 
 /// Reads and checks the request head: `GET /v1/ws/courier` asking for a WebSocket.

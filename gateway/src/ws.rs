@@ -128,6 +128,11 @@ fn moved_away() -> Option<CloseReason> {
     Some(CloseReason { code: CloseCode::Again, description: Some("this node no longer serves the market; reconnect".into()) })
 }
 
+/// Policy violation (1008): the session's token expired. The app reconnects with a new one.
+fn token_expired() -> Option<CloseReason> {
+    Some(CloseReason { code: CloseCode::Policy, description: Some("token expired".into()) })
+}
+
 /// Authenticates before the upgrade, so a bad token gets a plain HTTP 401/403.
 fn auth_ws(req: &HttpRequest, roles: &[Role]) -> Result<Auth, ApiError> {
     let auth = crate::auth::authenticate(req)?;
@@ -305,7 +310,8 @@ async fn courier_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<H
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
     let id = CourierId::new(&auth.claims.sub);
     let socket = ActixSocket { peer: Peer::new(session, st.sockets), stream, idle: st.sockets.idle };
-    actix_web::rt::spawn(courier_session(st, auth.tenant, id, tap, socket));
+    let expires = auth.claims.session_deadline();
+    actix_web::rt::spawn(courier_session(st, auth.tenant, id, tap, socket, expires));
     Ok(resp)
 }
 
@@ -318,7 +324,14 @@ pub(crate) async fn courier_tap(st: &AppState, auth: &Auth) -> Result<CourierTap
     Ok(st.fleet.courier_tap(&auth.tenant, &id)?)
 }
 
-pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantId, id: CourierId, mut tap: CourierTap, mut socket: S) {
+pub(crate) async fn courier_session<S: CourierSocket>(
+    st: State,
+    tenant: TenantId,
+    id: CourierId,
+    mut tap: CourierTap,
+    mut socket: S,
+    expires: tokio::time::Instant,
+) {
     let outbox = Outbox::new(OUTBOX_CAPACITY);
     let sid = st.broker.add_courier(tenant.as_str(), id.as_str(), outbox.clone());
     st.broker.listen_remote(Topic::Market(tenant.as_str())).await;
@@ -329,6 +342,8 @@ pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantI
         let m = crate::dto::order_update_json(&o, outbox.next_seq());
         outbox.push(m.to_string());
     }
+    let expiry = tokio::time::sleep_until(expires);
+    tokio::pin!(expiry);
     let close = loop {
         if outbox.overflowed() {
             let _ = socket.send(error_json("too_slow", "the client did not read its messages in time")).await;
@@ -346,6 +361,7 @@ pub(crate) async fn courier_session<S: CourierSocket>(st: State, tenant: TenantI
                 }
                 if gone { break None; }
             }
+            () = &mut expiry => break token_expired(),
             () = st.shutdown.cancelled() => break Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }),
             input = socket.recv() => match input {
                 Read::Closed => break None,
@@ -468,11 +484,20 @@ async fn track_ws(req: HttpRequest, body: web::Payload, st: State, path: web::Pa
     st.fleet.order(&auth.tenant, &oid).await?;
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
-    actix_web::rt::spawn(track_session(st, auth.tenant, oid, since, session, stream));
+    let expires = auth.claims.session_deadline();
+    actix_web::rt::spawn(track_session(st, auth.tenant, oid, since, session, stream, expires));
     Ok(resp)
 }
 
-async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<u64>, session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+async fn track_session(
+    st: State,
+    tenant: TenantId,
+    oid: OrderId,
+    since: Option<u64>,
+    session: Session,
+    mut stream: actix_ws::AggregatedMessageStream,
+    expires: tokio::time::Instant,
+) {
     let mut peer = Peer::new(session, st.sockets);
     let outbox = Outbox::new(OUTBOX_CAPACITY);
     let (sid, replay) = st.broker.add_track(tenant.as_str(), oid.as_str(), outbox.clone(), since);
@@ -497,6 +522,8 @@ async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<
     }
     let mut guard = Guard::new();
     let mut alive = Liveness::new(st.sockets);
+    let expiry = tokio::time::sleep_until(expires);
+    tokio::pin!(expiry);
     let close = if !ok {
         None
     } else {
@@ -513,6 +540,7 @@ async fn track_session(st: State, tenant: TenantId, oid: OrderId, since: Option<
                 () = outbox.notified() => {
                     if !flush(&mut peer, &outbox).await { break None; }
                 }
+                () = &mut expiry => break token_expired(),
                 _ = alive.ping.tick() => {
                     if alive.idle() { break Some(idle_timeout()); }
                     if !peer.ping().await { break None; }
@@ -599,7 +627,8 @@ async fn console_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<H
     let auth = auth_ws(&req, &[Role::Dispatcher, Role::Admin])?;
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
-    actix_web::rt::spawn(console_session(st, auth.tenant, session, stream));
+    let expires = auth.claims.session_deadline();
+    actix_web::rt::spawn(console_session(st, auth.tenant, session, stream, expires));
     Ok(resp)
 }
 
@@ -612,7 +641,7 @@ fn valid_bbox(b: &[f64; 4]) -> bool {
         && b[1] <= b[3]
 }
 
-async fn console_session(st: State, tenant: TenantId, session: Session, mut stream: actix_ws::AggregatedMessageStream) {
+async fn console_session(st: State, tenant: TenantId, session: Session, mut stream: actix_ws::AggregatedMessageStream, expires: tokio::time::Instant) {
     let mut peer = Peer::new(session, st.sockets);
     let mut alive = Liveness::new(st.sockets);
     let view = Arc::new(ConsoleView::new(Outbox::new(OUTBOX_CAPACITY), None));
@@ -624,6 +653,8 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_stats = Instant::now();
     let mut last_fixes = (crate::server::fixes_ingested(), Instant::now());
+    let expiry = tokio::time::sleep_until(expires);
+    tokio::pin!(expiry);
     let close = loop {
         if view.outbox.overflowed() {
             let _ = peer.text(error_json("too_slow", "the client did not read its messages in time")).await;
@@ -637,6 +668,7 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
             () = view.outbox.notified() => {
                 if !flush(&mut peer, &view.outbox).await { break None; }
             }
+            () = &mut expiry => break token_expired(),
             _ = alive.ping.tick() => {
                 if alive.idle() { break Some(idle_timeout()); }
                 if !peer.ping().await { break None; }

@@ -710,3 +710,29 @@ async fn a_console_past_its_rate_limit_is_refused_not_served() {
     assert!(refused >= 1);
     assert!(snapshots < n - 50, "{snapshots} snapshots served for {n} subscribes");
 }
+
+/// A socket does not outlive its token: courier (both ports), console and tracking sessions
+/// close with 1008 "token expired" once `exp` (plus the 5 s leeway) passes, while a session
+/// whose token is still valid goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_close_when_their_token_expires() {
+    let (srv, _d) = server().await;
+    let disp = srv.dispatcher("t1");
+    let order = json!({"id":"o1","pickup":{"lat":52.5,"lng":13.4},"dropoff":{"lat":52.51,"lng":13.41}});
+    assert_eq!(srv.post("/v1/orders", &disp, order).await.0, 201);
+    let short = |role: Role, sub: &str, order: Option<&str>| srv.keys.mint(role, sub, "t1", order, std::time::Duration::from_secs(1));
+    let mut sockets = vec![
+        ("courier, HTTP port", srv.courier(Port::Http, &short(Role::Courier, "c1", None)).await),
+        ("courier, ingest port", srv.courier(Port::Ingest, &short(Role::Courier, "c2", None)).await),
+        ("console", srv.ws("/v1/ws/console", &short(Role::Dispatcher, "d", None)).await),
+        ("tracking", srv.ws("/v1/ws/track/o1", &short(Role::Customer, "u", Some("o1"))).await),
+    ];
+    let lasting = srv.token(Role::Courier, "c3", "t1", None);
+    let mut stays = srv.courier(Port::Ingest, &lasting).await;
+    for (what, ws) in &mut sockets {
+        let close = ws.expect_close().await.unwrap_or_else(|| panic!("{what}: a close frame"));
+        assert_eq!((close.code, close.reason.as_str()), (CloseCode::Policy, "token expired"), "{what}");
+    }
+    stays.send(json!({"t":"loc","lat":52.52,"lng":13.4,"ts":now_ms()})).await;
+    srv.courier_at(&disp, "c3", 52.52).await;
+}
