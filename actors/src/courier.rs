@@ -79,6 +79,9 @@ pub struct CourierShared {
     pub inbox: FixInbox,
     pub record: Mutex<CourierRecord>,
     pub held: Mutex<Vec<Arc<Order>>>,
+    /// Orders offered to it and not answered yet (kept by the order actors), sent again to an
+    /// app that reconnects ([`crate::Fleet::courier_offers`]).
+    pub offers: Mutex<Vec<Arc<Order>>>,
     pub key: CourierKey,
     /// Geofence tracker and supply bookkeeping (`zone.rs`); only the actor locks it.
     pub zones: Mutex<crate::zone::CourierZones>,

@@ -326,6 +326,23 @@ impl FleetCtx {
         }
     }
 
+    /// Keeps each courier's open offers ([`CourierShared::offers`]) as an order goes from
+    /// `before` (if it changed) to `after`.
+    pub(crate) fn note_offer(&self, before: Option<&Order>, after: &Arc<Order>) {
+        let offered = |o: &Order| o.offer.as_ref().filter(|_| o.state == OrderState::Offered).map(|x| x.courier.clone());
+        let (was, now) = (before.and_then(offered), offered(after));
+        for (c, open) in [(was, false), (now, true)] {
+            let Some(c) = c else { continue };
+            if let Some(h) = self.couriers.get(&(after.tenant.clone(), c)) {
+                let mut offers = h.shared.offers.lock();
+                offers.retain(|o| o.id != after.id);
+                if open {
+                    offers.push(after.clone());
+                }
+            }
+        }
+    }
+
     pub(crate) fn courier_order_changed(&self, courier: &CourierId, order: &Arc<Order>) {
         if let Some(h) = self.couriers.get(&(order.tenant.clone(), courier.clone())) {
             let _ = h.actor.cast(CourierMsg::OrderChanged(order.clone()));
@@ -653,6 +670,7 @@ impl Fleet {
                 h.shared.held.lock().push(o.clone());
                 let _ = h.actor.cast(CourierMsg::OrderChanged(o.clone()));
             }
+            ctx.note_offer(None, &o);
         }
         for t in tenants {
             ctx.dispatcher(&t).await?;
@@ -712,6 +730,7 @@ impl Fleet {
             inbox: FixInbox::new(ctx.config.inbox_capacity),
             record: parking_lot::Mutex::new(rec),
             held: parking_lot::Mutex::new(Vec::new()),
+            offers: parking_lot::Mutex::new(Vec::new()),
             key,
         });
         Ok((ctx.spawn_courier(shared).await?, true))
@@ -796,6 +815,16 @@ impl Fleet {
     /// Orders a courier holds.
     pub fn courier_orders(&self, tenant: &TenantId, id: &CourierId) -> Vec<Arc<Order>> {
         self.ctx.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.shared.held.lock().clone()).unwrap_or_default()
+    }
+
+    /// Orders offered to a courier whose offer has not expired: an app that reconnects gets
+    /// them again (an offer sent while it was away would otherwise lapse unseen, and the
+    /// courier count as having declined).
+    pub fn courier_offers(&self, tenant: &TenantId, id: &CourierId) -> Vec<Arc<Order>> {
+        let now = self.now_ms();
+        let Some(h) = self.ctx.couriers.get(&(tenant.clone(), id.clone())) else { return Vec::new() };
+        let offers = h.shared.offers.lock();
+        offers.iter().filter(|o| o.offer.as_ref().is_some_and(|x| x.courier == *id && x.expires_at > now)).cloned().collect()
     }
 
     /// The courier a tracker device id belongs to.

@@ -295,6 +295,7 @@ async fn transition(st: &mut OrderActorState, cmd: &Command, who: &Who) -> Resul
     st.order = after.clone();
     st.ctx.last_orders.insert((after.tenant.clone(), after.id.clone()), after.clone());
     metrics::counter!("hexfleet_order_transitions_total", "to" => after.state.as_str()).increment(1);
+    st.ctx.note_offer(Some(&before), &after);
     // Tell the couriers involved. A courier that lost the order (reassignment, cancel) is told too.
     let prev_holder = before.courier.clone().or(before.offer.as_ref().map(|o| o.courier.clone()));
     let new_holder = after.courier.clone().filter(|_| after.state.is_held());

@@ -342,6 +342,17 @@ pub(crate) async fn courier_session<S: CourierSocket>(
         let m = crate::dto::order_update_json(&o, outbox.next_seq());
         outbox.push(m.to_string());
     }
+    // And offers still open (sent while it was away, they would lapse unseen).
+    for o in st.fleet.courier_offers(&tenant, &id) {
+        let Some(offer) = &o.offer else { continue };
+        let notice = hexfleet_actors::publish::CourierNotice::Offer {
+            order: o.id.clone(),
+            pickup: o.pickup,
+            dropoff: o.dropoff,
+            expires_at: offer.expires_at,
+        };
+        outbox.push(crate::dto::courier_notice_json(&notice, outbox.next_seq()));
+    }
     let expiry = tokio::time::sleep_until(expires);
     tokio::pin!(expiry);
     let close = loop {

@@ -194,3 +194,33 @@ async fn a_couriers_trail_is_its_recent_fixes_in_time_order() {
     let (_, doc) = srv.get("/openapi.json", None).await;
     assert!(doc["paths"]["/v1/couriers/{id}/trail"]["get"].is_object(), "trail not in OpenAPI");
 }
+
+/// An offer made while the courier's app was away (a network switch) is sent again when it
+/// reconnects, and can be accepted: otherwise it would lapse unseen and the courier count as
+/// having declined the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_made_while_the_app_was_away_is_sent_on_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = TestServer::start(fast_config(dir.path().join("h.db").to_str().unwrap())).await;
+    let (tenant, disp) = ("acme", srv.dispatcher("acme"));
+    let token = srv.token(Role::Courier, "c1", tenant, None);
+    let mut courier = srv.courier(Port::Ingest, &token).await;
+    courier.send(json!({"t":"status","status":"available"})).await;
+    courier.send(json!({"t":"loc","lat":C_LAT,"lng":C_LNG,"ts":now_ms()})).await;
+    srv.courier_at(&disp, "c1", C_LAT).await;
+    drop(courier);
+    let (s, o) = srv.post("/v1/orders", &disp, json!({"id":"o1","pickup":{"lat":PICKUP.0,"lng":PICKUP.1},"dropoff":{"lat":DROPOFF.0,"lng":DROPOFF.1}})).await;
+    assert_eq!(s, 201, "{o}");
+    eventually("o1 offered to c1 while it is away", || async {
+        let (_, o) = srv.get("/v1/orders/o1", Some(&disp)).await;
+        (o["state"] == "offered").then_some(())
+    })
+    .await;
+    let mut courier = srv.courier(Port::Ingest, &token).await;
+    let offer = courier.expect("the offer, again", |v| t(v) == "offer" && v["order_id"] == "o1").await;
+    assert!(offer["expires_at"].as_i64().unwrap() > now_ms(), "{offer}");
+    courier.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
+    courier.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
+    drop(courier);
+    srv.stop().await;
+}
