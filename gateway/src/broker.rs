@@ -341,13 +341,25 @@ fn status_name(s: &str) -> &'static str {
 }
 
 /// A track stream: one order's watchers on this node, its sequence and replay buffer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TrackStream {
+    /// The last `seq` given. A stream's numbers start at a random multiple of 2^32 (below
+    /// 2^53, so JavaScript reads them exactly): a `since` from another stream of the same
+    /// order (another node's, or this node's before it restarted or dropped the stream) falls
+    /// outside this one's numbers and gets a resync, instead of passing for a point in it
+    /// and skipping what the client missed.
     seq: u64,
     replay: VecDeque<(u64, String)>,
     sessions: Vec<(u64, Arc<Outbox>)>,
     /// The order is closed: the stream ends with its last watcher.
     ended: bool,
+}
+
+impl Default for TrackStream {
+    fn default() -> Self {
+        let epoch = u64::from(rand::random::<u32>() % ((1 << 21) - 1)) + 1;
+        TrackStream { seq: epoch << 32, replay: VecDeque::new(), sessions: Vec::new(), ended: false }
+    }
 }
 
 /// A console session's view.
@@ -894,11 +906,12 @@ mod tests {
             b.deliver_local(&order("o1", s));
         }
         let seqs: Vec<u64> = first.drain().iter().map(|m| serde_json::from_str::<Value>(m).unwrap()["seq"].as_u64().unwrap()).collect();
-        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(seqs, vec![seqs[0], seqs[0] + 1, seqs[0] + 2]);
+        assert!(seqs[0] > 1 << 32 && seqs[2] < 1 << 53, "a stream's numbers start at a random base: {seqs:?}");
         b.drop_track("t", "o1", id);
         b.deliver_local(&order("o1", "picked_up"));
         let again = Outbox::new(1024);
-        let (_, replay) = b.add_track("t", "o1", again, Some(2));
+        let (_, replay) = b.add_track("t", "o1", again, Some(seqs[1]));
         let Some(Replay::Missed(m)) = replay else { panic!("expected a replay") };
         let states: Vec<String> = m.iter().map(|m| serde_json::from_str::<Value>(m).unwrap()["state"].as_str().unwrap().to_owned()).collect();
         assert_eq!(states, vec!["at_pickup", "picked_up"]);
@@ -906,11 +919,21 @@ mod tests {
         for _ in 0..REPLAY_CAPACITY + 5 {
             b.deliver_local(&order("o1", "picked_up"));
         }
-        let (_, replay) = b.add_track("t", "o1", Outbox::new(8), Some(1));
+        let (_, replay) = b.add_track("t", "o1", Outbox::new(8), Some(seqs[0]));
         assert!(matches!(replay, Some(Replay::Gone)));
-        // Numbered past this node's stream (another node's, or one that restarted): resync.
-        let (_, replay) = b.add_track("t", "o2", Outbox::new(8), Some(5));
-        assert!(matches!(replay, Some(Replay::Gone)));
+        // Numbered by another stream of the order (another node's, or one that restarted),
+        // below this one's or above it, or `since=0`: resync, never "nothing missed".
+        let other = Broker::local("m");
+        let (w, _) = other.add_track("t", "o1", Outbox::new(8), None);
+        other.deliver_local(&order("o1", "offered"));
+        let elsewhere = other.track_seq("t", "o1");
+        other.drop_track("t", "o1", w);
+        for since in [elsewhere, 0, 5, u64::MAX] {
+            let (_, replay) = b.add_track("t", "o1", Outbox::new(8), Some(since));
+            assert!(matches!(replay, Some(Replay::Gone)), "since={since}");
+            let (_, replay) = b.add_track("t", "o2", Outbox::new(8), Some(since));
+            assert!(matches!(replay, Some(Replay::Gone)), "a new stream, since={since}");
+        }
     }
 
     /// A track stream ends with its last watcher once its order is closed, whether the close
