@@ -232,7 +232,7 @@ async fn connection(mut tcp: TcpStream, st: web::Data<AppState>, _slot: Admitted
             Ok(crate::markets::Route::Local) => {}
             Ok(crate::markets::Route::Remote(owner)) => {
                 metrics::counter!("hexfleet_market_forwarded_total").increment(1);
-                return relay(tcp, head, &owner, &markets).await;
+                return relay(tcp, head, &owner, &markets, st.sockets, &st.shutdown).await;
             }
             Err(e) => return refuse(&mut tcp, &e).await,
         }
@@ -422,7 +422,8 @@ fn reason(code: CloseCode, why: impl Into<String>) -> CloseReason {
 
 /// Relays a courier whose market another node owns to that node's HTTP port: the owner answers
 /// the handshake (its refusal reaches the client as is), then frames are copied both ways.
-async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::markets::Markets) {
+async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::markets::Markets, times: SocketTimes, shutdown: &CancellationToken) {
+    use crate::markets::{Beat, OWNER_GONE, OwnerLiveness, RELAY_PING};
     let path_and_query = if head.query.is_empty() { PATH.to_owned() } else { format!("{PATH}?{}", head.query) };
     let upstream = match crate::markets::connect_owner_ws(owner, &path_and_query, head.authorization.as_deref(), markets).await {
         Ok(u) => u,
@@ -432,36 +433,63 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
     let Some(client) = upgrade(tcp, head).await else { return };
     let (mut up_tx, mut up_rx) = upstream.split();
     let (mut tx, mut rx) = client.split();
-    loop {
+    let mut alive = OwnerLiveness::new(times);
+    // Every write waits at most the write timeout, as on the owner's own sockets.
+    let close = |code: tg::protocol::frame::coding::CloseCode, why: &str| {
+        Message::Close(Some(tg::protocol::CloseFrame { code, reason: why.to_owned().into() }))
+    };
+    let again = tg::protocol::frame::coding::CloseCode::Again;
+    let to_client = loop {
         let more = tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(times.write, up_tx.send(Message::Close(None))).await;
+                break Some(close(tg::protocol::frame::coding::CloseCode::Away, "server shutting down"));
+            }
+            beat = alive.beat() => match beat {
+                Beat::Dead => {
+                    tracing::warn!(?times.idle, "no answer from the market's owner; closing the relayed courier socket");
+                    break Some(close(again, OWNER_GONE));
+                }
+                Beat::Ping => matches!(tokio::time::timeout(times.write, up_tx.send(Message::Ping(RELAY_PING.to_vec().into()))).await, Ok(Ok(()))),
+            },
             // Pings travel to the owner too (they keep the session alive there).
-            m = rx.next() => pass(m, &mut up_tx).await,
-            // tungstenite has already answered the client's ping here: the owner's pong is dropped
-            // so the client gets one, as from any server.
-            m = up_rx.next() => match m {
-                Some(Ok(Message::Pong(_))) => true,
-                m => pass(m, &mut tx).await,
+            m = rx.next() => pass(m, &mut up_tx, times.write).await,
+            m = up_rx.next() => {
+                if matches!(m, Some(Ok(_))) {
+                    alive.heard();
+                }
+                match m {
+                    // tungstenite has already answered the client's ping here: the owner's
+                    // pongs (and those to the relay's own pings) are dropped.
+                    Some(Ok(Message::Pong(_))) => true,
+                    Some(Ok(m)) => pass(Some(Ok(m)), &mut tx, times.write).await,
+                    // The owner went away: the app reconnects (1013), possibly to its successor.
+                    _ => break Some(close(again, OWNER_GONE)),
+                }
             },
         };
         if !more {
-            break;
+            break None;
         }
+    };
+    if let Some(m) = to_client {
+        let _ = tokio::time::timeout(times.write, tx.send(m)).await;
     }
 }
 
-/// Passes one relayed message on; `false` once either side closed or failed (the other is then
-/// sent a close).
-async fn pass<S>(m: Option<Result<Message, tg::Error>>, to: &mut S) -> bool
+/// Passes one relayed message on within `write`; `false` once either side closed or failed
+/// (the other is then sent a close).
+async fn pass<S>(m: Option<Result<Message, tg::Error>>, to: &mut S, write: Duration) -> bool
 where
     S: futures_util::Sink<Message> + Unpin,
 {
     match m {
         Some(Ok(m)) => {
             let close = m.is_close();
-            to.send(m).await.is_ok() && !close
+            matches!(tokio::time::timeout(write, to.send(m)).await, Ok(Ok(()))) && !close
         }
         _ => {
-            let _ = to.send(Message::Close(None)).await;
+            let _ = tokio::time::timeout(write, to.send(Message::Close(None))).await;
             false
         }
     }

@@ -804,6 +804,50 @@ pub(crate) async fn connect_owner_ws(
     }
 }
 
+/// The payload of the pings a relay sends the owner; their pongs are not passed to the client.
+pub(crate) const RELAY_PING: &[u8] = b"hexfleet-relay";
+
+/// What a relay's liveness timer calls for.
+pub(crate) enum Beat {
+    /// Ping the owner.
+    Ping,
+    /// Nothing heard from the owner for the idle timeout: it is gone.
+    Dead,
+}
+
+/// Keeps a relayed socket's owner connection honest. An owner whose host or network died
+/// without closing its connections (no FIN, no reset) would otherwise hold the relay until TCP
+/// gave up retransmitting, about 15 minutes, with the courier's GPS going nowhere: the relay
+/// pings the owner every `ping_every` and gives up (1013, reconnect) when nothing came back
+/// for `idle`.
+pub(crate) struct OwnerLiveness {
+    tick: tokio::time::Interval,
+    heard: tokio::time::Instant,
+    idle: Duration,
+}
+
+impl OwnerLiveness {
+    pub(crate) fn new(times: crate::ws::SocketTimes) -> Self {
+        let every = times.ping_every.max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        OwnerLiveness { tick, heard: tokio::time::Instant::now(), idle: times.idle }
+    }
+
+    /// Anything from the owner counts.
+    pub(crate) fn heard(&mut self) {
+        self.heard = tokio::time::Instant::now();
+    }
+
+    pub(crate) async fn beat(&mut self) -> Beat {
+        self.tick.tick().await;
+        if self.heard.elapsed() >= self.idle { Beat::Dead } else { Beat::Ping }
+    }
+}
+
+/// The close a relayed client gets when the owner went away: try again (1013).
+pub(crate) const OWNER_GONE: &str = "the node owning this market went away; reconnect";
+
 async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     use tokio_tungstenite::tungstenite::{self as tg, Message};
 
@@ -821,7 +865,9 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
     let (response, session, stream) = actix_ws::handle(&http_req, body)?;
     // A client that stopped reading is not waited for (as on the owner): the owner then stops
     // waiting on this node too.
-    let times = http_req.app_data::<web::Data<AppState>>().map_or_else(crate::ws::SocketTimes::default, |s| s.sockets);
+    let state = http_req.app_data::<web::Data<AppState>>();
+    let times = state.map_or_else(crate::ws::SocketTimes::default, |s| s.sockets);
+    let shutdown = state.map_or_else(CancellationToken::new, |s| s.shutdown.clone());
     let mut peer = crate::ws::Peer::new(session, times);
     let mut stream = stream
         .max_frame_size(crate::ws::MAX_FRAME)
@@ -829,8 +875,28 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
         .max_continuation_size(crate::ws::MAX_FRAME);
     actix_web::rt::spawn(async move {
         let (mut up_tx, mut up_rx) = upstream.split();
+        let mut alive = OwnerLiveness::new(times);
+        let gone = || actix_ws::CloseReason { code: actix_ws::CloseCode::Again, description: Some(OWNER_GONE.into()) };
         loop {
             tokio::select! {
+                () = shutdown.cancelled() => {
+                    let _ = tokio::time::timeout(times.write, up_tx.send(Message::Close(None))).await;
+                    peer.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Away, description: Some("server shutting down".into()) })).await;
+                    return;
+                }
+                beat = alive.beat() => match beat {
+                    Beat::Dead => {
+                        tracing::warn!(?times.idle, "no answer from the market's owner; closing the relayed socket");
+                        peer.close(Some(gone())).await;
+                        return;
+                    }
+                    Beat::Ping => {
+                        if !matches!(tokio::time::timeout(times.write, up_tx.send(Message::Ping(RELAY_PING.to_vec().into()))).await, Ok(Ok(()))) {
+                            peer.close(Some(gone())).await;
+                            return;
+                        }
+                    }
+                },
                 m = stream.next() => match m {
                     Some(Ok(actix_ws::AggregatedMessage::Text(t))) => {
                         if up_tx.send(Message::text(t.to_string())).await.is_err() { break; }
@@ -866,21 +932,27 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                 },
                 m = up_rx.next() => match m {
                     Some(Ok(Message::Text(t))) => {
+                        alive.heard();
                         if !peer.text(t.as_str().to_owned()).await { break; }
                     }
                     Some(Ok(Message::Binary(b))) => {
+                        alive.heard();
                         if !peer.binary(b).await { break; }
                     }
-                    Some(Ok(Message::Pong(p))) => peer.pong(&p).await,
+                    Some(Ok(Message::Pong(p))) => {
+                        alive.heard();
+                        if *p != *RELAY_PING {
+                            peer.pong(&p).await;
+                        }
+                    }
                     Some(Ok(Message::Close(frame))) => {
                         let reason = frame.map(|f| actix_ws::CloseReason { code: u16::from(f.code).into(), description: Some(f.reason.as_str().to_owned()) });
                         peer.close(reason).await;
                         return;
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(_)) => alive.heard(),
                     Some(Err(_)) | None => {
-                        let gone = actix_ws::CloseReason { code: actix_ws::CloseCode::Again, description: Some("the node owning this market went away; reconnect".into()) };
-                        peer.close(Some(gone)).await;
+                        peer.close(Some(gone())).await;
                         return;
                     }
                 },

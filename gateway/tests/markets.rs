@@ -660,3 +660,44 @@ async fn the_owner_publishes_positions_only_while_another_node_listens() {
     b.stop().await;
     db.drop_db().await;
 }
+
+/// A socket relayed to the market's owner notices an owner that stops answering without
+/// closing its connections (its host or network died; here a proxy in front of it stalls):
+/// the relay pings the owner and, hearing nothing for the idle timeout, closes the app's socket
+/// with 1013 so that it reconnects, instead of holding it until TCP gives up (about 15 min).
+/// Both relays: the ingest port's and the HTTP port's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_socket_notices_an_owner_that_stopped_answering() {
+    let Some((redis, db, prefix)) = services().await else { return };
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    // Other nodes reach A through the proxy: its advertised address.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = Proxy::start(listener.local_addr().unwrap().to_string()).await;
+    let mut cfg_a = leased(&db.url, &redis, &prefix, "node-a", ttl, renew);
+    cfg_a.markets.as_mut().unwrap().advertise_url = format!("http://{}", proxy.addr);
+    let mut a = TestServer::start_on(cfg_a, listener).await;
+    let mut cfg_b = leased(&db.url, &redis, &prefix, "node-b", ttl, renew);
+    cfg_b.sockets.ping_every = Duration::from_millis(200);
+    cfg_b.sockets.idle = Duration::from_secs(1);
+    let mut b = TestServer::start(cfg_b).await;
+    let tenant = "oslo";
+    let disp = a.dispatcher(tenant);
+    assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
+    let mut relayed = Vec::new();
+    for (port, id, lat) in [(Port::Ingest, "c1", NEAR.0), (Port::Http, "c2", NEAR.0 + 0.001)] {
+        let mut courier = b.courier(port, &b.token(Role::Courier, id, tenant, None)).await;
+        courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
+        a.courier_at(&disp, id, lat).await;
+        relayed.push((port, courier));
+    }
+    proxy.stall();
+    for (port, courier) in &mut relayed {
+        let close = courier.expect_close().await.unwrap_or_else(|| panic!("{port:?}: a close frame"));
+        assert_eq!(close.code, tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Again, "{port:?}: {close:?}");
+    }
+    proxy.restore();
+    drop(relayed);
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}

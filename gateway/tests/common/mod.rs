@@ -55,7 +55,12 @@ pub enum Port {
 
 impl TestServer {
     pub async fn start(cfg: ServeConfig) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(cfg, TcpListener::bind("127.0.0.1:0").unwrap()).await
+    }
+
+    /// As [`TestServer::start`], on a listener bound beforehand (its address given to a proxy
+    /// that other nodes reach it through).
+    pub async fn start_on(cfg: ServeConfig, listener: TcpListener) -> TestServer {
         let running = hexfleet_gateway::start(cfg, listener, CancellationToken::new()).await.expect("server starts");
         let addr = running.addr;
         TestServer {
