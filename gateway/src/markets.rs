@@ -173,8 +173,17 @@ impl Markets {
 
     /// Takes every market no one holds, before the fleet starts (it then loads only those).
     pub async fn claim_unowned(&self) -> anyhow::Result<usize> {
+        // Renewals start after this: the leases taken first must not lapse before the first
+        // one. So the deadline counts from the first claim, and claiming stops after a third
+        // of a lease; what is left is taken by the take-over pass, renewals running by then.
+        let started = tokio::time::Instant::now();
+        *self.renewed_at.lock() = started;
         let mut n = 0;
         for t in self.store.unowned_markets().await? {
+            if started.elapsed() >= self.config.ttl / 3 {
+                tracing::info!(taken = n, "claiming at start stopped after a third of a lease; the take-over pass takes the rest");
+                break;
+            }
             if let Some(l) = self.store.acquire_lease(&t, &self.holder, &self.config.advertise_url, self.config.ttl).await? {
                 self.epochs.insert(t.clone(), l.epoch);
                 self.ready.insert(t, ());
@@ -508,6 +517,22 @@ fn changing_owner(tenant: &TenantId) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("market {tenant} is changing owner; retry"))
 }
 
+/// What a client is told when a request forwarded to the owner got no answer. Not sent at
+/// all (no connection), or a read: 503 `market_moving`, retry. A write that went out may have
+/// been applied by the owner: 504 `outcome_unknown`, so that the client reads before it
+/// retries (a retried creation would get 409, a retried override could move an order twice).
+fn forward_failed(method: &actix_web::http::Method, e: &reqwest::Error) -> ApiError {
+    let safe = matches!(*method, actix_web::http::Method::GET | actix_web::http::Method::HEAD | actix_web::http::Method::OPTIONS);
+    if e.is_connect() || safe {
+        return owner_unreachable(e);
+    }
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "outcome_unknown",
+        format!("the node owning this market did not answer ({e}); the change may have been applied: read it before retrying"),
+    )
+}
+
 /// 503 `market_moving`: the market's owner cannot be reached (`why`).
 fn owner_unreachable(why: &dyn std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "market_moving", format!("the node owning this market cannot be reached ({why}); retry"))
@@ -689,13 +714,12 @@ impl Markets {
         if let Some(peer) = req.peer_addr() {
             out = out.header("x-forwarded-for", peer.ip().to_string());
         }
-        let unreachable = |e: &dyn std::fmt::Display| {
-            self.forget_owner(owner);
-            actix_web::ResponseError::error_response(&owner_unreachable(e))
-        };
         let resp = match out.send().await {
             Ok(r) => r,
-            Err(e) => return unreachable(&e),
+            Err(e) => {
+                self.forget_owner(owner);
+                return actix_web::ResponseError::error_response(&forward_failed(req.method(), &e));
+            }
         };
         if resp.status().as_u16() == 503 {
             // Perhaps the owner is no longer the owner: look it up again next time.
@@ -966,6 +990,35 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A forwarded write that went out and got no answer is "outcome unknown" (504), not
+    /// "retry" (503): the owner may have applied it. One that never went out (no connection),
+    /// or a read, is 503.
+    #[tokio::test]
+    async fn a_forwarded_write_without_an_answer_is_an_unknown_outcome() {
+        use actix_web::http::Method;
+        let client = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+        // Accepts and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let _held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = silent.accept().await {
+                conns.push(c);
+            }
+        });
+        let timed_out = client.post(format!("http://{silent_addr}/v1/orders")).body("{}").send().await.unwrap_err();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let refused = client.post(format!("http://{closed}/v1/orders")).body("{}").send().await.unwrap_err();
+        let code = |m: Method, e: &reqwest::Error| {
+            let e = forward_failed(&m, e);
+            (e.status.as_u16(), e.code)
+        };
+        assert_eq!(code(Method::POST, &timed_out), (504, "outcome_unknown"));
+        assert_eq!(code(Method::PUT, &timed_out), (504, "outcome_unknown"));
+        assert_eq!(code(Method::GET, &timed_out), (503, "market_moving"));
+        assert_eq!(code(Method::POST, &refused), (503, "market_moving"), "never sent: {refused}");
+    }
 
     #[test]
     fn owner_serves_live_state_and_not_tracking_or_webhooks() {

@@ -301,14 +301,11 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         if tokio::time::timeout(Duration::from_secs(10), ingest_tasks.wait()).await.is_err() {
             tracing::warn!("courier ingest sessions did not close in time");
         }
+        // The purge and the webhook sends wind down meanwhile; the markets are flushed and
+        // released first, so that other nodes take them over as soon as possible (their
+        // requests answer 503 until then).
         purge_stop.cancel();
-        if tokio::time::timeout(Duration::from_secs(10), purge).await.is_err() {
-            tracing::warn!("retention purge did not stop in time");
-        }
         hooks_stop.cancel();
-        if tokio::time::timeout(Duration::from_secs(15), hooks).await.is_err() {
-            tracing::warn!("webhook delivery did not stop in time (its leases lapse and another node retries)");
-        }
         taker_stop.cancel();
         if let Some(t) = taker {
             let _ = t.await;
@@ -322,6 +319,12 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         let lost = markets.as_ref().and_then(|m| m.lost());
         if let Some(m) = &markets {
             m.release().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(10), purge).await.is_err() {
+            tracing::warn!("retention purge did not stop in time");
+        }
+        if tokio::time::timeout(Duration::from_secs(15), hooks).await.is_err() {
+            tracing::warn!("webhook delivery did not stop in time (its leases lapse and another node retries)");
         }
         if let Err(e) = store.close().await {
             tracing::error!(error = %e, "store did not close cleanly");
