@@ -1290,7 +1290,7 @@ mod tests {
             .lock()
             .iter()
             .filter_map(|u| match u {
-                Update::Order(o) if o.id == o1 => Some(o.state.clone()),
+                Update::Order(o) if o.id == o1 => Some(o.state),
                 _ => None,
             })
             .collect();
