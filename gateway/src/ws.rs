@@ -372,7 +372,6 @@ pub(crate) async fn courier_session<S: CourierSocket>(
                 }
                 if gone { break None; }
             }
-            () = &mut expiry => break token_expired(),
             () = st.shutdown.cancelled() => break Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }),
             input = socket.recv() => match input {
                 Read::Closed => break None,
@@ -394,6 +393,8 @@ pub(crate) async fn courier_session<S: CourierSocket>(
                     },
                 },
             },
+            // Last: polled only when nothing else is ready (off the GPS hot path).
+            () = &mut expiry => break token_expired(),
         }
     };
     st.broker.drop_courier(tenant.as_str(), id.as_str(), sid);
