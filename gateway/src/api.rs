@@ -301,8 +301,12 @@ async fn osmand_report(
 async fn osmand_forward(st: &AppState, req: &HttpRequest, body: web::Bytes, fixes: &[osmand::OsmandFix]) -> Option<HttpResponse> {
     let markets = st.markets.as_ref()?;
     let mut checked: Vec<TenantId> = Vec::new();
+    let mut unknown = None;
     for f in fixes {
-        let Some((tenant, _)) = st.fleet.device(&f.device_id) else { continue };
+        let Some((tenant, _)) = st.fleet.device(&f.device_id) else {
+            unknown = unknown.or(Some(&f.device_id));
+            continue;
+        };
         if checked.contains(&tenant) {
             continue;
         }
@@ -312,8 +316,7 @@ async fn osmand_forward(st: &AppState, req: &HttpRequest, body: web::Bytes, fixe
             Err(e) => return Some(osmand_err(e.status, e.code, &e.message)),
         }
     }
-    let unknown = fixes.iter().find(|f| st.fleet.device(&f.device_id).is_none())?;
-    match markets.route_device(&unknown.device_id).await {
+    match markets.route_device(unknown?).await {
         Ok(None) => None,
         Ok(Some(owner)) => Some(osmand_forward_to(markets, &owner, req, body).await),
         Err(e) => Some(osmand_err(e.status, e.code, &e.message)),

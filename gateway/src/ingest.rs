@@ -423,7 +423,7 @@ fn reason(code: CloseCode, why: impl Into<String>) -> CloseReason {
 /// Relays a courier whose market another node owns to that node's HTTP port: the owner answers
 /// the handshake (its refusal reaches the client as is), then frames are copied both ways.
 async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::markets::Markets, times: SocketTimes, shutdown: &CancellationToken) {
-    use crate::markets::{Beat, OWNER_GONE, OwnerLiveness, RELAY_PING};
+    use crate::markets::{Beat, OWNER_GONE, OwnerLiveness, ping_owner, send_within};
     let path_and_query = if head.query.is_empty() { PATH.to_owned() } else { format!("{PATH}?{}", head.query) };
     let upstream = match crate::markets::connect_owner_ws(owner, &path_and_query, head.authorization.as_deref(), markets).await {
         Ok(u) => u,
@@ -442,7 +442,7 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
     let to_client = loop {
         let more = tokio::select! {
             () = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(times.write, up_tx.send(Message::Close(None))).await;
+                send_within(&mut up_tx, Message::Close(None), times.write).await;
                 break Some(close(tg::protocol::frame::coding::CloseCode::Away, "server shutting down"));
             }
             beat = alive.beat() => match beat {
@@ -450,7 +450,7 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
                     tracing::warn!(?times.idle, "no answer from the market's owner; closing the relayed courier socket");
                     break Some(close(again, OWNER_GONE));
                 }
-                Beat::Ping => matches!(tokio::time::timeout(times.write, up_tx.send(Message::Ping(RELAY_PING.to_vec().into()))).await, Ok(Ok(()))),
+                Beat::Ping => ping_owner(&mut up_tx, times.write).await,
             },
             // Pings travel to the owner too (they keep the session alive there).
             m = rx.next() => pass(m, &mut up_tx, times.write).await,
@@ -473,7 +473,7 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
         }
     };
     if let Some(m) = to_client {
-        let _ = tokio::time::timeout(times.write, tx.send(m)).await;
+        send_within(&mut tx, m, times.write).await;
     }
 }
 
@@ -486,10 +486,10 @@ where
     match m {
         Some(Ok(m)) => {
             let close = m.is_close();
-            matches!(tokio::time::timeout(write, to.send(m)).await, Ok(Ok(()))) && !close
+            crate::markets::send_within(to, m, write).await && !close
         }
         _ => {
-            let _ = tokio::time::timeout(write, to.send(Message::Close(None))).await;
+            crate::markets::send_within(to, Message::Close(None), write).await;
             false
         }
     }

@@ -869,6 +869,22 @@ impl OwnerLiveness {
     }
 }
 
+/// Sends one message on a relay's socket, waiting at most `write`; `false` if it did not go out.
+pub(crate) async fn send_within<S>(to: &mut S, m: tokio_tungstenite::tungstenite::Message, write: Duration) -> bool
+where
+    S: futures_util::Sink<tokio_tungstenite::tungstenite::Message> + Unpin,
+{
+    matches!(tokio::time::timeout(write, futures_util::SinkExt::send(to, m)).await, Ok(Ok(())))
+}
+
+/// Pings the owner from a relay ([`RELAY_PING`]); `false` if the ping did not go out.
+pub(crate) async fn ping_owner<S>(up: &mut S, write: Duration) -> bool
+where
+    S: futures_util::Sink<tokio_tungstenite::tungstenite::Message> + Unpin,
+{
+    send_within(up, tokio_tungstenite::tungstenite::Message::Ping(RELAY_PING.to_vec().into()), write).await
+}
+
 /// The close a relayed client gets when the owner went away: try again (1013).
 pub(crate) const OWNER_GONE: &str = "the node owning this market went away; reconnect";
 
@@ -904,7 +920,7 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
-                    let _ = tokio::time::timeout(times.write, up_tx.send(Message::Close(None))).await;
+                    send_within(&mut up_tx, Message::Close(None), times.write).await;
                     peer.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Away, description: Some("server shutting down".into()) })).await;
                     return;
                 }
@@ -915,7 +931,7 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                         return;
                     }
                     Beat::Ping => {
-                        if !matches!(tokio::time::timeout(times.write, up_tx.send(Message::Ping(RELAY_PING.to_vec().into()))).await, Ok(Ok(()))) {
+                        if !ping_owner(&mut up_tx, times.write).await {
                             peer.close(Some(gone())).await;
                             return;
                         }
