@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Role as TokenRole;
 use crate::error::ApiError;
 use crate::server::AppState;
-use crate::ws::{CourierSocket, MAX_FRAME, Read, SocketTimes};
+use crate::ws::{CourierSocket, IdleDeadline, MAX_FRAME, Read, SocketTimes};
 
 /// The only path served here.
 pub const PATH: &str = "/v1/ws/courier";
@@ -245,7 +245,7 @@ async fn connection(mut tcp: TcpStream, st: web::Data<AppState>, _slot: Admitted
     let id = CourierId::new(&auth.claims.sub);
     let times = st.sockets;
     let expires = auth.claims.session_deadline();
-    crate::ws::courier_session(st, auth.tenant, id, tap, TungsteniteSocket { ws, times }, expires).await;
+    crate::ws::courier_session(st, auth.tenant, id, tap, TungsteniteSocket { ws, times, idle: IdleDeadline::new(times.idle) }, expires).await;
 }
 
 /// Reads and checks the request head: `GET /v1/ws/courier` asking for a WebSocket.
@@ -364,6 +364,7 @@ async fn upgrade(mut tcp: TcpStream, head: Head) -> Option<WebSocketStream<TcpSt
 struct TungsteniteSocket {
     ws: WebSocketStream<TcpStream>,
     times: SocketTimes,
+    idle: IdleDeadline,
 }
 
 impl CourierSocket for TungsteniteSocket {
@@ -381,9 +382,8 @@ impl CourierSocket for TungsteniteSocket {
     }
 
     async fn recv(&mut self) -> Read<Self::Text> {
-        let m = match tokio::time::timeout(self.times.idle, self.ws.next()).await {
-            Err(_) => return Read::Fatal(reason(CloseCode::Normal, "idle timeout")),
-            Ok(m) => m,
+        let Some(m) = self.idle.next(&mut self.ws).await else {
+            return Read::Fatal(reason(CloseCode::Normal, "idle timeout"));
         };
         match m {
             None | Some(Ok(Message::Close(_))) => Read::Closed,

@@ -229,10 +229,56 @@ fn idle_timeout() -> CloseReason {
     CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) }
 }
 
-/// The next message, answering pings on the way; nothing for `idle` is fatal.
-async fn read(stream: &mut actix_ws::AggregatedMessageStream, peer: &mut Peer, idle: Duration) -> Input {
-    match tokio::time::timeout(idle, stream.next()).await {
-        Err(_) => Input::Fatal(idle_timeout()),
+/// A socket's idle timeout without a timer per read. A `timeout` around each read put a timer
+/// into tokio's wheel and took it out again on every frame (and on every other wake-up of the
+/// session, which drops the pending read). Here one `Sleep` stays armed: a frame only notes the
+/// time, and the sleep is moved on when it fires before the socket has been idle long enough.
+pub(crate) struct IdleDeadline {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    last: tokio::time::Instant,
+    idle: Duration,
+}
+
+impl IdleDeadline {
+    pub(crate) fn new(idle: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        IdleDeadline { sleep: Box::pin(tokio::time::sleep_until(now + idle)), last: now, idle }
+    }
+
+    /// Notes that the client sent something.
+    pub(crate) fn heard(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+
+    /// Completes once nothing has been heard for the idle time. Cancel-safe.
+    pub(crate) async fn lapsed(&mut self) {
+        loop {
+            self.sleep.as_mut().await;
+            let due = self.last + self.idle;
+            if due <= tokio::time::Instant::now() {
+                return;
+            }
+            self.sleep.as_mut().reset(due);
+        }
+    }
+
+    /// The next item of `stream`, or `None` once the socket has been idle too long.
+    pub(crate) async fn next<S: futures_util::Stream + Unpin>(&mut self, stream: &mut S) -> Option<Option<S::Item>> {
+        tokio::select! {
+            biased;
+            m = stream.next() => {
+                self.heard();
+                Some(m)
+            }
+            () = self.lapsed() => None,
+        }
+    }
+}
+
+/// The next message, answering pings on the way; nothing for the idle time is fatal.
+async fn read(stream: &mut actix_ws::AggregatedMessageStream, peer: &mut Peer, idle: &mut IdleDeadline) -> Input {
+    match idle.next(stream).await.ok_or(()) {
+        Err(()) => Input::Fatal(idle_timeout()),
         Ok(None) | Ok(Some(Ok(AggregatedMessage::Close(_)))) => Input::Closed,
         Ok(Some(Ok(AggregatedMessage::Text(t)))) => Input::Text(t),
         Ok(Some(Ok(AggregatedMessage::Ping(p)))) => {
@@ -279,7 +325,7 @@ pub(crate) trait CourierSocket {
 struct ActixSocket {
     peer: Peer,
     stream: actix_ws::AggregatedMessageStream,
-    idle: Duration,
+    idle: IdleDeadline,
 }
 
 impl CourierSocket for ActixSocket {
@@ -290,7 +336,7 @@ impl CourierSocket for ActixSocket {
     }
 
     async fn recv(&mut self) -> Read<Self::Text> {
-        match read(&mut self.stream, &mut self.peer, self.idle).await {
+        match read(&mut self.stream, &mut self.peer, &mut self.idle).await {
             Input::Text(t) => Read::Text(t),
             Input::Closed => Read::Closed,
             Input::Other => Read::Other,
@@ -309,7 +355,7 @@ async fn courier_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<H
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
     let id = CourierId::new(&auth.claims.sub);
-    let socket = ActixSocket { peer: Peer::new(session, st.sockets), stream, idle: st.sockets.idle };
+    let socket = ActixSocket { peer: Peer::new(session, st.sockets), stream, idle: IdleDeadline::new(st.sockets.idle) };
     let expires = auth.claims.session_deadline();
     actix_web::rt::spawn(courier_session(st, auth.tenant, id, tap, socket, expires));
     Ok(resp)
@@ -354,7 +400,13 @@ pub(crate) async fn courier_session<S: CourierSocket>(
         outbox.push(crate::dto::courier_notice_json(&notice, outbox.next_seq()));
     }
     let expiry = tokio::time::sleep_until(expires);
-    tokio::pin!(expiry);
+    // The waits live across turns of the loop: made afresh on each turn, the outbox's and the
+    // shutdown's would register with (and leave) their waiter lists, under a lock, on every GPS
+    // frame. A `Notify` permit given while no one waits is kept, so nothing is missed.
+    let shutdown = st.shutdown.clone();
+    let cancelled = shutdown.cancelled();
+    let notified = outbox.notified();
+    tokio::pin!(expiry, cancelled, notified);
     let close = loop {
         if outbox.overflowed() {
             let _ = socket.send(error_json("too_slow", "the client did not read its messages in time")).await;
@@ -365,14 +417,15 @@ pub(crate) async fn courier_session<S: CourierSocket>(
         }
         tokio::select! {
             biased;
-            () = outbox.notified() => {
+            () = &mut notified => {
+                notified.set(outbox.notified());
                 let mut gone = false;
                 for m in outbox.drain() {
                     if !socket.send(m).await { gone = true; break; }
                 }
                 if gone { break None; }
             }
-            () = st.shutdown.cancelled() => break Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }),
+            () = &mut cancelled => break Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }),
             input = socket.recv() => match input {
                 Read::Closed => break None,
                 Read::Fatal(c) => break Some(c),
@@ -554,10 +607,9 @@ async fn track_session(
                 }
                 () = &mut expiry => break token_expired(),
                 _ = alive.ping.tick() => {
-                    if alive.idle() { break Some(idle_timeout()); }
                     if !peer.ping().await { break None; }
                 }
-                input = read(&mut stream, &mut peer, st.sockets.idle) => match alive.heard(input) {
+                input = read(&mut stream, &mut peer, &mut alive.idle) => match input {
                     Input::Closed => break None,
                     Input::Fatal(r) => break Some(r),
                     Input::Other => {}
@@ -578,33 +630,18 @@ async fn track_session(
     peer.close(close).await;
 }
 
-/// When a tracking page or console was last heard from, and the ticker that pings it. A
-/// session's read is re-armed on every wake-up (outbox, batch tick), so its own timeout only
-/// fires on a session with nothing to send; this one also catches a busy session whose client
-/// went silent.
+/// A tracking page's or console's liveness: the ticker that pings it, and its idle deadline
+/// (which its reads move on; it also catches a busy session whose client went silent).
 struct Liveness {
     ping: tokio::time::Interval,
-    last: Instant,
-    idle: Duration,
+    idle: IdleDeadline,
 }
 
 impl Liveness {
     fn new(times: SocketTimes) -> Self {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + times.ping_every, times.ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Liveness { ping, last: Instant::now(), idle: times.idle }
-    }
-
-    /// Notes that the client sent something (a pong included).
-    fn heard(&mut self, input: Input) -> Input {
-        if matches!(input, Input::Text(_) | Input::Other) {
-            self.last = Instant::now();
-        }
-        input
-    }
-
-    fn idle(&self) -> bool {
-        self.last.elapsed() >= self.idle
+        Liveness { ping, idle: IdleDeadline::new(times.idle) }
     }
 }
 
@@ -682,7 +719,6 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
             }
             () = &mut expiry => break token_expired(),
             _ = alive.ping.tick() => {
-                if alive.idle() { break Some(idle_timeout()); }
                 if !peer.ping().await { break None; }
             }
             _ = tick.tick() => {
@@ -708,7 +744,7 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
                 }
                 if gone { break None; }
             }
-            input = read(&mut stream, &mut peer, st.sockets.idle) => match alive.heard(input) {
+            input = read(&mut stream, &mut peer, &mut alive.idle) => match input {
                 Input::Closed => break None,
                 Input::Fatal(r) => break Some(r),
                 Input::Other => {}

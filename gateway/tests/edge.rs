@@ -736,3 +736,36 @@ async fn sockets_close_when_their_token_expires() {
     stays.send(json!({"t":"loc","lat":52.52,"lng":13.4,"ts":now_ms()})).await;
     srv.courier_at(&disp, "c3", 52.52).await;
 }
+
+/// A courier socket's idle timeout, on both ports: a courier that keeps sending stays open for
+/// several idle periods (the one deadline the session keeps is moved on, not fired), and one
+/// that goes silent is closed with "idle timeout" once the idle time has passed since its
+/// last frame, not earlier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_courier_socket_is_kept_while_it_sends_and_closed_once_idle() {
+    use futures_util::StreamExt as _;
+    use std::time::Duration;
+    use tokio_tungstenite::tungstenite::Message;
+    let idle = Duration::from_millis(500);
+    let (srv, _dir) = server_with_sockets(60_000, idle.as_millis() as u64, 1_000).await;
+    let one = async |port: Port, sub: &str| {
+        let mut ws = srv.courier(port, &srv.token(Role::Courier, sub, "t1", None)).await;
+        // A fix every 100 ms for three idle periods; nothing may close the socket meanwhile.
+        let until = tokio::time::Instant::now() + idle * 3;
+        let mut last_sent = tokio::time::Instant::now();
+        while tokio::time::Instant::now() < until {
+            ws.send(json!({"t":"loc","lat":52.52,"lng":13.4,"ts":now_ms()})).await;
+            last_sent = tokio::time::Instant::now();
+            match tokio::time::timeout(Duration::from_millis(100), ws.s.next()).await {
+                Err(_) | Ok(Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_)))) => {}
+                Ok(other) => panic!("{port:?}: a courier that sends was closed: {other:?}"),
+            }
+        }
+        let close = ws.expect_close().await.unwrap_or_else(|| panic!("{port:?}: a close frame"));
+        let after = last_sent.elapsed();
+        assert_eq!((close.code, close.reason.as_str()), (CloseCode::Normal, "idle timeout"), "{port:?}");
+        // The server heard the last frame after it was sent, and waits the idle time from then.
+        assert!(after >= idle - Duration::from_millis(5), "{port:?}: closed {after:?} after the last frame (idle {idle:?})");
+    };
+    tokio::join!(one(Port::Http, "c1"), one(Port::Ingest, "c2"));
+}

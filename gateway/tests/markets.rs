@@ -701,3 +701,45 @@ async fn a_relayed_socket_notices_an_owner_that_stopped_answering() {
     b.stop().await;
     db.drop_db().await;
 }
+
+/// A node shutting down closes the sockets it relays to another node's market with 1001
+/// ("going away", so the apps reconnect at once, to a node that stays), on both ports, and
+/// does not hold its own shutdown on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shutting_down_closes_its_relayed_sockets_with_going_away() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let Some((redis, db, prefix)) = services().await else { return };
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let tenant = "oslo";
+    let disp = a.dispatcher(tenant);
+    assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
+    let mut relayed = Vec::new();
+    for (port, id, lat) in [(Port::Ingest, "c1", NEAR.0), (Port::Http, "c2", NEAR.0 + 0.001)] {
+        let mut courier = b.courier(port, &b.token(Role::Courier, id, tenant, None)).await;
+        courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
+        a.courier_at(&disp, id, lat).await;
+        relayed.push((port, courier));
+    }
+    let started = std::time::Instant::now();
+    let closes = async {
+        let mut codes = Vec::new();
+        for (port, courier) in &mut relayed {
+            let close = courier.expect_close().await.unwrap_or_else(|| panic!("{port:?}: a close frame"));
+            codes.push((*port, close.code, close.reason.to_string()));
+        }
+        codes
+    };
+    let ((), codes) = tokio::join!(b.stop(), closes);
+    let took = started.elapsed();
+    for (port, code, reason) in codes {
+        assert_eq!((code, reason.as_str()), (CloseCode::Away, "server shutting down"), "{port:?}");
+    }
+    assert!(took < Duration::from_secs(8), "node B took {took:?} to shut down");
+    // The owner goes on: the couriers are still known there.
+    a.courier_at(&disp, "c1", NEAR.0).await;
+    drop(relayed);
+    a.stop().await;
+    db.drop_db().await;
+}

@@ -21,6 +21,7 @@ use crate::geomath::{distance_m, BBox, LatLng};
 use crate::movement::{random_point_near, Mover, Vehicle};
 use crate::net::{connect_ws, Server, Ws};
 use crate::protocol::{is_terminal_state, CourierMsg, CourierStatus, OrderEventKind, ServerMsg, StopKind};
+use crate::token::TokenMint;
 
 /// Counters shared by all simulated clients of a demo run.
 #[derive(Debug, Default)]
@@ -86,11 +87,30 @@ impl Default for CourierOptions {
     }
 }
 
+/// Where a courier's token comes from.
+#[derive(Debug, Clone)]
+pub enum CourierToken {
+    /// The same token on every connect (it stops working when it expires).
+    Fixed(String),
+    /// A fresh token on every connect, as an app does that refreshes its credentials: a
+    /// courier the server disconnects at its token's expiry (1008) comes back with a new one.
+    Minted(TokenMint),
+}
+
+impl CourierToken {
+    fn for_connect(&self, courier_id: &str) -> anyhow::Result<String> {
+        match self {
+            CourierToken::Fixed(t) => Ok(t.clone()),
+            CourierToken::Minted(mint) => mint.courier(courier_id),
+        }
+    }
+}
+
 /// Identity and start of one courier.
 #[derive(Debug, Clone)]
 pub struct CourierSpec {
     pub id: String,
-    pub token: String,
+    pub token: CourierToken,
     pub vehicle: Vehicle,
     pub start: LatLng,
     pub seed: u64,
@@ -161,9 +181,9 @@ pub async fn run_courier(
         last_step: now,
         next_loc: now,
     };
-    let path = format!("/v1/ws/courier?token={}", spec.token);
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
+        let path = format!("/v1/ws/courier?token={}", spec.token.for_connect(&spec.id)?);
         let ws = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = connect_ws(&server, &path, None, None, opts.connect_timeout) => r,

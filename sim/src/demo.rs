@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::courier::{run_courier, CourierOptions, CourierSpec, SimStats};
+use crate::courier::{run_courier, CourierOptions, CourierSpec, CourierToken, SimStats};
 use crate::demand::{Demand, Poisson};
 use crate::geomath::BBox;
 use crate::movement::{random_point, Vehicle};
@@ -81,7 +81,7 @@ pub async fn run_demo_with(
     for i in 1..=cfg.couriers {
         let id = courier_id(i);
         let spec = CourierSpec {
-            token: mint.courier(&id)?,
+            token: CourierToken::Minted(mint.clone()),
             id,
             vehicle: if rng.random_bool(0.7) { Vehicle::Bike } else { Vehicle::Car },
             start: random_point(&mut rng, &bbox),
@@ -171,7 +171,6 @@ async fn order_loop(
 ) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let poisson = Poisson::per_minute(cfg.orders_per_min);
-    let dispatcher = mint.dispatcher()?;
     let mut watchers = JoinSet::new();
     loop {
         let gap = poisson.next_gap_s(&mut rng).min(3600.0);
@@ -185,6 +184,8 @@ async fn order_loop(
             "pickup": {"lat": o.pickup.lat, "lng": o.pickup.lng},
             "dropoff": {"lat": o.dropoff.lat, "lng": o.dropoff.lng},
         });
+        // A token per request: a demo that runs for longer than a token lives goes on.
+        let dispatcher = mint.dispatcher()?;
         let resp = post_json(&server, "/v1/orders", &dispatcher, &body, Duration::from_secs(10)).await;
         let id = match resp {
             Ok(r) if r.status == 201 || r.status == 200 => {

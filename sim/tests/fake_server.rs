@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use hexfleet_sim::CancellationToken;
-use hexfleet_sim::courier::{CourierOptions, CourierSpec, SimStats, run_courier};
+use hexfleet_sim::courier::{CourierOptions, CourierSpec, CourierToken, SimStats, run_courier};
 use hexfleet_sim::geomath::{BBox, offset};
 use hexfleet_sim::load::{LoadConfig, run_load};
 use hexfleet_sim::movement::Vehicle;
@@ -86,7 +86,7 @@ async fn courier_answers_offers_delivers_and_reconnects() {
     let bbox = BBox::from_array(hexfleet_sim::DEFAULT_BBOX);
     let start = bbox.center();
     let mint = TokenMint::new(SECRET, "t1", 3600);
-    let spec = CourierSpec { id: "c1".into(), token: mint.courier("c1").unwrap(), vehicle: Vehicle::Bike, start, seed: 5 };
+    let spec = CourierSpec { id: "c1".into(), token: CourierToken::Fixed(mint.courier("c1").unwrap()), vehicle: Vehicle::Bike, start, seed: 5 };
     let opts = CourierOptions {
         loc_every: (Duration::from_millis(50), Duration::from_millis(50)),
         tick: Duration::from_millis(20),
@@ -143,6 +143,45 @@ async fn courier_answers_offers_delivers_and_reconnects() {
     assert_eq!(stats.disconnects.load(Relaxed), 1);
 }
 
+/// A courier disconnected because its token expired (the server's 1008) comes back with a
+/// fresh token, as an app refreshing its credentials does: a demo outlives its tokens.
+#[tokio::test]
+async fn a_courier_disconnected_at_token_expiry_reconnects_with_a_fresh_token() {
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+    let bbox = BBox::from_array(hexfleet_sim::DEFAULT_BBOX);
+    // Tokens that live one second.
+    let mint = TokenMint::new(SECRET, "t1", 1);
+    let spec = CourierSpec { id: "c1".into(), token: CourierToken::Minted(mint), vehicle: Vehicle::Bike, start: bbox.center(), seed: 5 };
+    let opts = CourierOptions { max_reconnects: 3, ..CourierOptions::default() };
+    let stats = Arc::new(SimStats::default());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_courier(server, spec, bbox, opts, stats.clone(), shutdown.clone()));
+
+    let (mut ws, uri, _) = accept(&listener).await;
+    let first = token_claims(&uri);
+    assert_eq!(next_json(&mut ws).await["t"], "loc");
+    // The server's side of an expiry: once the token's `exp` has passed, close with 1008.
+    let expired_at = std::time::UNIX_EPOCH + Duration::from_secs(first.exp);
+    if let Ok(left) = expired_at.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left + Duration::from_millis(10)).await;
+    }
+    let frame = CloseFrame { code: CloseCode::Policy, reason: "token expired".into() };
+    ws.send(Message::Close(Some(frame))).await.unwrap();
+    drop(ws);
+
+    let (mut ws, uri, _) = accept(&listener).await;
+    let second = token_claims(&uri);
+    let now_s = hexfleet_sim::unix_ms() as u64 / 1000;
+    assert!(second.exp > first.exp && second.exp >= now_s, "the reconnect carries a fresh token: {first:?} then {second:?} at {now_s}");
+    assert_eq!((second.sub.as_str(), second.role), ("c1", Role::Courier));
+    assert_eq!(next_json(&mut ws).await["t"], "loc");
+
+    shutdown.cancel();
+    timeout(DEADLINE, task).await.expect("courier did not stop").unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn courier_gives_up_after_bounded_failed_connects() {
     // A port nobody listens on: bind, learn the port, close.
@@ -152,7 +191,7 @@ async fn courier_gives_up_after_bounded_failed_connects() {
     };
     let server = Server::parse(&format!("http://127.0.0.1:{port}")).unwrap();
     let bbox = BBox::from_array(hexfleet_sim::DEFAULT_BBOX);
-    let spec = CourierSpec { id: "c".into(), token: "x".into(), vehicle: Vehicle::Car, start: bbox.center(), seed: 1 };
+    let spec = CourierSpec { id: "c".into(), token: CourierToken::Fixed("x".into()), vehicle: Vehicle::Car, start: bbox.center(), seed: 1 };
     let opts = CourierOptions { max_reconnects: 1, ..CourierOptions::default() };
     let r = timeout(DEADLINE, run_courier(server, spec, bbox, opts, Arc::default(), CancellationToken::new())).await.unwrap();
     assert!(r.unwrap_err().to_string().contains("gave up"));
