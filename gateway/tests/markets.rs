@@ -743,3 +743,50 @@ async fn a_node_shutting_down_closes_its_relayed_sockets_with_going_away() {
     a.stop().await;
     db.drop_db().await;
 }
+
+/// A node shutting down gives its markets up before it waits for what may take long (webhook
+/// sends in flight, here to an endpoint that never answers, and the retention purge): another
+/// node takes the market over while the first one is still winding down, instead of after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shutting_down_releases_its_markets_before_waiting_for_webhook_sends() {
+    use sqlx::Connection as _;
+    let Some((redis, db, prefix)) = services().await else { return };
+    let (ttl, renew) = (Duration::from_secs(30), Duration::from_millis(300));
+    // An endpoint that accepts connections and never answers.
+    let endpoint = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", endpoint.local_addr().unwrap());
+    let mut cfg_a = leased(&db.url, &redis, &prefix, "node-a", ttl, renew);
+    cfg_a.webhooks.allow_private = true;
+    cfg_a.webhooks.poll = Duration::from_millis(50);
+    cfg_a.webhooks.timeout = Duration::from_secs(6);
+    let mut a = TestServer::start(cfg_a).await;
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let tenant = "oslo";
+    let disp = a.dispatcher(tenant);
+    let hook = json!({"url": url, "events": ["*"], "secret": "whsec-0123456789abcdef"});
+    assert_eq!(a.put("/v1/webhooks/w1", &disp, hook).await.0, 201);
+    assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
+    let holder = async || -> Option<String> {
+        let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query_scalar("SELECT holder FROM market_leases WHERE tenant = $1 AND expires_at > 0")
+            .bind(tenant)
+            .fetch_optional(&mut c)
+            .await
+            .unwrap()
+    };
+    assert!(holder().await.is_some_and(|h| h.starts_with("node-a#")));
+    // A delivery is in flight, waiting for an answer that does not come.
+    let (_held, _) = tokio::time::timeout(Duration::from_secs(10), endpoint.accept()).await.expect("a webhook delivery").unwrap();
+
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(a.running.take().unwrap().stop());
+    eventually("node b holds the market", || async { holder().await.filter(|h| h.starts_with("node-b#")) }).await;
+    let took_over = started.elapsed();
+    assert!(!stopping.is_finished(), "B took the market over only after A had stopped ({took_over:?})");
+    tokio::time::timeout(Duration::from_secs(20), stopping).await.expect("A stops").unwrap().unwrap();
+    eprintln!("take-over {took_over:?} into A's shutdown, which took {:?}", started.elapsed());
+    let (s, v) = b.get("/v1/orders/o1", Some(&disp)).await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("created")), "{v}");
+    b.stop().await;
+    db.drop_db().await;
+}
