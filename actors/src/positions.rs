@@ -38,7 +38,9 @@ fn now_us() -> u64 {
 
 /// One tenant's positions: the live map and the current index snapshot.
 pub struct TenantIndex {
-    live: DashMap<CourierKey, CourierEntry>,
+    /// Keyed with foldhash: one insert per GPS fix, and the keys are this node's own
+    /// sequential numbers, so SipHash's flood resistance buys nothing here.
+    live: DashMap<CourierKey, CourierEntry, foldhash::fast::RandomState>,
     dirty: AtomicBool,
     snapshot: ArcSwap<FleetIndex>,
     /// When the current snapshot started reading the live map ([`now_us`]).
@@ -55,7 +57,7 @@ pub struct TenantIndex {
 impl TenantIndex {
     fn new() -> Self {
         TenantIndex {
-            live: DashMap::new(),
+            live: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             dirty: AtomicBool::new(false),
             snapshot: ArcSwap::from_pointee(FleetIndex::new()),
             built_at: AtomicU64::new(now_us()),
