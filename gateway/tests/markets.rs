@@ -64,6 +64,20 @@ async fn takes_o1(srv: &TestServer, tenant: &str) -> Ws {
     courier
 }
 
+/// A courier app on each of B's ports (ingest, then HTTP), relayed to A, the market's owner:
+/// `c1` and `c2`, each seen on A at its first position.
+async fn relayed_couriers(a: &TestServer, b: &TestServer, tenant: &str) -> Vec<(Port, Ws)> {
+    let disp = a.dispatcher(tenant);
+    let mut relayed = Vec::new();
+    for (port, id, lat) in [(Port::Ingest, "c1", NEAR.0), (Port::Http, "c2", NEAR.0 + 0.001)] {
+        let mut courier = b.courier(port, &b.token(Role::Courier, id, tenant, None)).await;
+        courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
+        a.courier_at(&disp, id, lat).await;
+        relayed.push((port, courier));
+    }
+    relayed
+}
+
 async fn lease_row(db: &str, tenant: &str) -> (String, i64) {
     use sqlx::Connection as _;
     let mut c = sqlx::PgConnection::connect(db).await.unwrap();
@@ -683,13 +697,7 @@ async fn a_relayed_socket_notices_an_owner_that_stopped_answering() {
     let tenant = "oslo";
     let disp = a.dispatcher(tenant);
     assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
-    let mut relayed = Vec::new();
-    for (port, id, lat) in [(Port::Ingest, "c1", NEAR.0), (Port::Http, "c2", NEAR.0 + 0.001)] {
-        let mut courier = b.courier(port, &b.token(Role::Courier, id, tenant, None)).await;
-        courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
-        a.courier_at(&disp, id, lat).await;
-        relayed.push((port, courier));
-    }
+    let mut relayed = relayed_couriers(&a, &b, tenant).await;
     proxy.stall();
     for (port, courier) in &mut relayed {
         let close = courier.expect_close().await.unwrap_or_else(|| panic!("{port:?}: a close frame"));
@@ -715,13 +723,7 @@ async fn a_node_shutting_down_closes_its_relayed_sockets_with_going_away() {
     let tenant = "oslo";
     let disp = a.dispatcher(tenant);
     assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
-    let mut relayed = Vec::new();
-    for (port, id, lat) in [(Port::Ingest, "c1", NEAR.0), (Port::Http, "c2", NEAR.0 + 0.001)] {
-        let mut courier = b.courier(port, &b.token(Role::Courier, id, tenant, None)).await;
-        courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
-        a.courier_at(&disp, id, lat).await;
-        relayed.push((port, courier));
-    }
+    let mut relayed = relayed_couriers(&a, &b, tenant).await;
     let started = std::time::Instant::now();
     let closes = async {
         let mut codes = Vec::new();
