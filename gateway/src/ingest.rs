@@ -423,7 +423,8 @@ fn reason(code: CloseCode, why: impl Into<String>) -> CloseReason {
 /// Relays a courier whose market another node owns to that node's HTTP port: the owner answers
 /// the handshake (its refusal reaches the client as is), then frames are copied both ways.
 async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::markets::Markets, times: SocketTimes, shutdown: &CancellationToken) {
-    use crate::markets::{Beat, OWNER_GONE, OwnerLiveness, ping_owner, send_within};
+    use crate::markets::{OWNER_GONE, ping_owner, send_within};
+    use crate::ws::{Beat, Liveness};
     let path_and_query = if head.query.is_empty() { PATH.to_owned() } else { format!("{PATH}?{}", head.query) };
     let upstream = match crate::markets::connect_owner_ws(owner, &path_and_query, head.authorization.as_deref(), markets).await {
         Ok(u) => u,
@@ -433,7 +434,7 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
     let Some(client) = upgrade(tcp, head).await else { return };
     let (mut up_tx, mut up_rx) = upstream.split();
     let (mut tx, mut rx) = client.split();
-    let mut alive = OwnerLiveness::new(times);
+    let mut alive = Liveness::new(times);
     // Every write waits at most the write timeout, as on the owner's own sockets.
     let close = |code: tg::protocol::frame::coding::CloseCode, why: &str| {
         Message::Close(Some(tg::protocol::CloseFrame { code, reason: why.to_owned().into() }))

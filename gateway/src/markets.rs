@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::server::AppState;
+use crate::ws::{Beat, Liveness};
 
 /// Header set on a request one node forwards to another.
 pub const FORWARDED: &str = "x-hexfleet-forwarded";
@@ -831,43 +832,11 @@ pub(crate) async fn connect_owner_ws(
 /// The payload of the pings a relay sends the owner; their pongs are not passed to the client.
 pub(crate) const RELAY_PING: &[u8] = b"hexfleet-relay";
 
-/// What a relay's liveness timer calls for.
-pub(crate) enum Beat {
-    /// Ping the owner.
-    Ping,
-    /// Nothing heard from the owner for the idle timeout: it is gone.
-    Dead,
-}
-
-/// Keeps a relayed socket's owner connection honest. An owner whose host or network died
-/// without closing its connections (no FIN, no reset) would otherwise hold the relay until TCP
-/// gave up retransmitting, about 15 minutes, with the courier's GPS going nowhere: the relay
-/// pings the owner every `ping_every` and gives up (1013, reconnect) when nothing came back
-/// for `idle`.
-pub(crate) struct OwnerLiveness {
-    tick: tokio::time::Interval,
-    heard: tokio::time::Instant,
-    idle: Duration,
-}
-
-impl OwnerLiveness {
-    pub(crate) fn new(times: crate::ws::SocketTimes) -> Self {
-        let every = times.ping_every.max(Duration::from_millis(10));
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        OwnerLiveness { tick, heard: tokio::time::Instant::now(), idle: times.idle }
-    }
-
-    /// Anything from the owner counts.
-    pub(crate) fn heard(&mut self) {
-        self.heard = tokio::time::Instant::now();
-    }
-
-    pub(crate) async fn beat(&mut self) -> Beat {
-        self.tick.tick().await;
-        if self.heard.elapsed() >= self.idle { Beat::Dead } else { Beat::Ping }
-    }
-}
+// A relay keeps its owner connection honest with a [`crate::ws::Liveness`]: an owner whose host
+// or network died without closing its connections (no FIN, no reset) would otherwise hold the
+// relay until TCP gave up retransmitting, about 15 minutes, with the courier's GPS going
+// nowhere. The relay pings the owner every `ping_every`, notes what it hears from it, and
+// gives up (1013, reconnect) when nothing came back for `idle`.
 
 /// Sends one message on a relay's socket, waiting at most `write`; `false` if it did not go out.
 pub(crate) async fn send_within<S>(to: &mut S, m: tokio_tungstenite::tungstenite::Message, write: Duration) -> bool
@@ -915,7 +884,7 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
         .max_continuation_size(crate::ws::MAX_FRAME);
     actix_web::rt::spawn(async move {
         let (mut up_tx, mut up_rx) = upstream.split();
-        let mut alive = OwnerLiveness::new(times);
+        let mut alive = Liveness::new(times);
         let gone = || actix_ws::CloseReason { code: actix_ws::CloseCode::Again, description: Some(OWNER_GONE.into()) };
         loop {
             tokio::select! {

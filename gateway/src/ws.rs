@@ -277,17 +277,17 @@ impl IdleDeadline {
 
 /// The next message, answering pings on the way; nothing for the idle time is fatal.
 async fn read(stream: &mut actix_ws::AggregatedMessageStream, peer: &mut Peer, idle: &mut IdleDeadline) -> Input {
-    match idle.next(stream).await.ok_or(()) {
-        Err(()) => Input::Fatal(idle_timeout()),
-        Ok(None) | Ok(Some(Ok(AggregatedMessage::Close(_)))) => Input::Closed,
-        Ok(Some(Ok(AggregatedMessage::Text(t)))) => Input::Text(t),
-        Ok(Some(Ok(AggregatedMessage::Ping(p)))) => {
+    match idle.next(stream).await {
+        None => Input::Fatal(idle_timeout()),
+        Some(None | Some(Ok(AggregatedMessage::Close(_)))) => Input::Closed,
+        Some(Some(Ok(AggregatedMessage::Text(t)))) => Input::Text(t),
+        Some(Some(Ok(AggregatedMessage::Ping(p)))) => {
             peer.pong(&p).await;
             Input::Other
         }
-        Ok(Some(Ok(AggregatedMessage::Pong(_)))) => Input::Other,
-        Ok(Some(Ok(AggregatedMessage::Binary(_)))) => Input::Text(bytestring::ByteString::new()),
-        Ok(Some(Err(e))) => {
+        Some(Some(Ok(AggregatedMessage::Pong(_)))) => Input::Other,
+        Some(Some(Ok(AggregatedMessage::Binary(_)))) => Input::Text(bytestring::ByteString::new()),
+        Some(Some(Err(e))) => {
             metrics::counter!("hexfleet_ws_protocol_errors_total").increment(1);
             let (code, why) = match e {
                 actix_ws::ProtocolError::Overflow => (CloseCode::Size, format!("frame larger than {MAX_FRAME} bytes")),
@@ -403,8 +403,7 @@ pub(crate) async fn courier_session<S: CourierSocket>(
     // The waits live across turns of the loop: made afresh on each turn, the outbox's and the
     // shutdown's would register with (and leave) their waiter lists, under a lock, on every GPS
     // frame. A `Notify` permit given while no one waits is kept, so nothing is missed.
-    let shutdown = st.shutdown.clone();
-    let cancelled = shutdown.cancelled();
+    let cancelled = st.shutdown.cancelled();
     let notified = outbox.notified();
     tokio::pin!(expiry, cancelled, notified);
     let close = loop {
@@ -630,18 +629,43 @@ async fn track_session(
     peer.close(close).await;
 }
 
-/// A tracking page's or console's liveness: the ticker that pings it, and its idle deadline
-/// (which its reads move on; it also catches a busy session whose client went silent).
-struct Liveness {
+/// A connection's liveness: the ticker that pings the other end, and an idle deadline that
+/// what is heard from it moves on. Tracking pages and consoles use it (their reads move the
+/// deadline, which also catches a busy session whose client went silent), and so do the
+/// relays to a market's owner (`markets`, `ingest`), which call [`Liveness::heard`].
+pub(crate) struct Liveness {
     ping: tokio::time::Interval,
     idle: IdleDeadline,
 }
 
+/// What a [`Liveness`] calls for next.
+pub(crate) enum Beat {
+    /// Ping the other end.
+    Ping,
+    /// Nothing heard from it for the idle time: it is gone.
+    Dead,
+}
+
 impl Liveness {
-    fn new(times: SocketTimes) -> Self {
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + times.ping_every, times.ping_every);
+    pub(crate) fn new(times: SocketTimes) -> Self {
+        let every = times.ping_every.max(Duration::from_millis(10));
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Liveness { ping, idle: IdleDeadline::new(times.idle) }
+    }
+
+    /// Notes that the other end sent something (anything counts).
+    pub(crate) fn heard(&mut self) {
+        self.idle.heard();
+    }
+
+    /// Waits for the next ping, or for the idle time to pass with nothing heard. Cancel-safe.
+    pub(crate) async fn beat(&mut self) -> Beat {
+        tokio::select! {
+            biased;
+            () = self.idle.lapsed() => Beat::Dead,
+            _ = self.ping.tick() => Beat::Ping,
+        }
     }
 }
 
