@@ -83,6 +83,9 @@ pub struct CourierShared {
     /// app that reconnects ([`crate::Fleet::courier_offers`]).
     pub offers: Mutex<Vec<Arc<Order>>>,
     pub key: CourierKey,
+    /// When its last fix reached the server (server clock, ms): dispatch passes over a courier
+    /// not heard from for `FleetConfig::courier_stale_ms`.
+    pub heard_at: std::sync::atomic::AtomicI64,
     /// Geofence tracker and supply bookkeeping (`zone.rs`); only the actor locks it.
     pub zones: Mutex<crate::zone::CourierZones>,
 }
@@ -166,6 +169,11 @@ impl Actor for CourierActor {
         match msg {
             CourierMsg::Drain => {
                 let mut fixes = st.shared.inbox.take();
+                if !fixes.is_empty() {
+                    // Heard, even if every fix is late or suspect: the app is alive.
+                    st.shared.heard_at.store(st.ctx.clock.now_ms(), std::sync::atomic::Ordering::Relaxed);
+                    st.index.count_fixes(fixes.len() as u64);
+                }
                 fixes.sort_by_key(|f| f.ts);
                 st.on_fixes(&fixes);
             }
@@ -185,12 +193,12 @@ impl Actor for CourierActor {
                 });
             }
             CourierMsg::SetProfile(p) => {
-                st.rec.name = p.name;
-                st.rec.vehicle = p.vehicle;
-                st.rec.capacity = p.capacity;
-                st.rec.device_id = p.device_id;
-                st.rec.on_shift = p.on_shift;
-                st.rec.updated_at = p.updated_at;
+                st.rec.set_profile(&p);
+                // Newer than both its own last snapshot and the profile's row: the store keeps
+                // the newest. A snapshot stamped after the profile (a fix during its commit)
+                // may have replaced that row; going back to the profile's time would have this
+                // one refused too, and the profile would not be stored until the next fix.
+                st.rec.updated_at = st.ctx.clock.now_ms().max(st.rec.updated_at.max(p.updated_at) + 1);
                 st.publish_record();
                 st.update_index();
                 st.shared.zones.lock().sync(&st.ctx, &st.rec);

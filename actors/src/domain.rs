@@ -159,6 +159,17 @@ pub struct CourierRecord {
 }
 
 impl CourierRecord {
+    /// Takes the profile (name, vehicle, capacity, device, shift) of `p`; the live state
+    /// (status, position) and the version time stay.
+    pub fn set_profile(&mut self, p: &CourierRecord) {
+        self.name.clone_from(&p.name);
+        self.vehicle = p.vehicle;
+        self.capacity = p.capacity;
+        self.device_id.clone_from(&p.device_id);
+        self.on_shift = p.on_shift;
+    }
+
+
     /// A courier registered with defaults (first connection of an unknown courier).
     pub fn new(tenant: TenantId, id: CourierId, now: Ms) -> Self {
         CourierRecord {

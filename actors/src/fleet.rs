@@ -76,6 +76,11 @@ pub struct FleetConfig {
     pub dispatch_tick: Duration,
     /// How long a courier has to answer an offer.
     pub offer_timeout_ms: Ms,
+    /// A courier whose last fix reached the server longer ago than this is not offered or
+    /// assigned orders, whatever its status says. An app that died, or lost signal, without
+    /// going offline would otherwise keep taking orders at its last position (and, with
+    /// auto-accept, hold them with no one driving).
+    pub courier_stale_ms: Ms,
     /// Orders nobody took within this time expire.
     pub order_expiry_ms: Ms,
     /// Assign without asking the courier, for every fleet (tenant) on this node.
@@ -141,6 +146,7 @@ impl Default for FleetConfig {
             arrival_radius_m: 50.0,
             dispatch_tick: Duration::from_millis(2_000),
             offer_timeout_ms: 20_000,
+            courier_stale_ms: 120_000,
             order_expiry_ms: 30 * 60_000,
             auto_accept: false,
             auto_accept_tenants: Vec::new(),
@@ -390,6 +396,14 @@ impl FleetCtx {
         self.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.shared.record.lock().clone())
     }
 
+    /// A courier's record if dispatch may give it work at `now`: its last fix reached this
+    /// server within `courier_stale_ms` (status and shift are the caller's to check).
+    pub(crate) fn heard_courier(&self, tenant: &TenantId, id: &CourierId, now: Ms) -> Option<CourierRecord> {
+        let h = self.couriers.get(&(tenant.clone(), id.clone()))?;
+        let heard = h.shared.heard_at.load(std::sync::atomic::Ordering::Relaxed);
+        (now.saturating_sub(heard) <= self.config.courier_stale_ms).then(|| h.shared.record.lock().clone())
+    }
+
     async fn spawn_courier(self: &Arc<Self>, shared: Arc<CourierShared>) -> Result<CourierHandle, FleetError> {
         let (tenant, id) = {
             let r = shared.record.lock();
@@ -444,6 +458,18 @@ impl FleetCtx {
     pub(crate) fn open_orders(&self, tenant: &TenantId) -> Vec<Arc<Order>> {
         self.last_orders.iter().filter(|e| e.key().0 == *tenant).map(|e| e.value().clone()).collect()
     }
+}
+
+/// A tenant's figures on one node ([`Fleet::tenant_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantStats {
+    /// Couriers heard from (a GPS fix received) within `courier_stale_ms`: the ones dispatch
+    /// may give work to, if available and on shift.
+    pub couriers_online: usize,
+    /// Orders not yet closed.
+    pub orders_open: usize,
+    /// GPS fixes received from the tenant's couriers since the node started.
+    pub fixes_received: u64,
 }
 
 /// The root of the supervision tree: restarts failed actors from their last state.
@@ -727,6 +753,8 @@ impl Fleet {
         }
         let shared = Arc::new(CourierShared {
             zones: parking_lot::Mutex::new(crate::zone::CourierZones::new(ctx, &rec)),
+            // Recovered: its last fix reached a server no later than its record's last change.
+            heard_at: std::sync::atomic::AtomicI64::new(if rec.last_fix.is_some() { rec.updated_at } else { Ms::MIN }),
             inbox: FixInbox::new(ctx.config.inbox_capacity),
             record: parking_lot::Mutex::new(rec),
             held: parking_lot::Mutex::new(Vec::new()),
@@ -796,7 +824,9 @@ impl Fleet {
             },
         };
         if let Some(h) = h {
-            *h.shared.record.lock() = rec.clone();
+            // The profile at once (its readers see it now); the live part (status, position)
+            // stays the actor's, which may have moved on since `rec` was read.
+            h.shared.record.lock().set_profile(&rec);
             let _ = h.actor.cast(CourierMsg::SetProfile(rec.clone()));
         }
         Ok(rec)
@@ -1045,6 +1075,22 @@ impl Fleet {
     /// Number of couriers and open orders known (all tenants).
     pub fn counts(&self) -> (usize, usize) {
         (self.ctx.couriers.len(), self.ctx.orders.len())
+    }
+
+    /// One tenant's figures on this node, for its dispatchers' console. Walks the node's
+    /// couriers and open orders: for a console's once-a-second stats, not for hot paths.
+    pub fn tenant_stats(&self, tenant: &TenantId) -> TenantStats {
+        let now = self.now_ms();
+        let stale = self.ctx.config.courier_stale_ms;
+        let couriers_online = self
+            .ctx
+            .couriers
+            .iter()
+            .filter(|e| e.key().0 == *tenant && now.saturating_sub(e.value().shared.heard_at.load(std::sync::atomic::Ordering::Relaxed)) <= stale)
+            .count();
+        let orders_open = self.ctx.last_orders.iter().filter(|e| e.key().0 == *tenant).count();
+        let fixes_received = self.ctx.positions.get(tenant).map_or(0, |t| t.fixes());
+        TenantStats { couriers_online, orders_open, fixes_received }
     }
 
     /// Lets every order actor, then every courier actor, work through what is already in its

@@ -98,12 +98,13 @@ pub(crate) fn plan_round(
     // published mid-round) and a memo of the speeds looked up in it.
     let mut planners: HashMap<crate::domain::Vehicle, RoutePlanner> = HashMap::new();
     // Spare capacity by courier for the round. The nearest search skips couriers without room
-    // for the order, so a hub full of busy couriers does not hide a free one further away.
+    // for the order, so a hub full of busy couriers does not hide a free one further away. A
+    // courier not heard from lately has none: its app may be dead.
     let mut spare: HashMap<CourierKey, u32> = HashMap::new();
     let mut spare_of = |key: CourierKey| -> u32 {
         *spare.entry(key).or_insert_with(|| {
             let Some(id) = index.id(key) else { return 0 };
-            let Some(rec) = ctx.courier_record(tenant, &id) else { return 0 };
+            let Some(rec) = ctx.heard_courier(tenant, &id, now) else { return 0 };
             u32::from(rec.capacity).saturating_sub(u32::from(ctx.load(tenant, &id)))
         })
     };
@@ -115,7 +116,7 @@ pub(crate) fn plan_round(
         for (e, _) in near {
             let col = *col_of.entry(e.key).or_insert_with(|| {
                 let id = index.id(e.key)?;
-                let rec = ctx.courier_record(tenant, &id)?;
+                let rec = ctx.heard_courier(tenant, &id, now)?;
                 // The snapshot may be a little old: check the live record too.
                 if !rec.on_shift || rec.status != CourierStatus::Available {
                     return None;

@@ -52,6 +52,8 @@ pub struct TenantIndex {
     ids: DashMap<CourierId, CourierKey>,
     names: RwLock<Vec<CourierId>>,
     next_key: AtomicU64,
+    /// GPS fixes the tenant's couriers have sent to this node (the console's ingest rate).
+    fixes: AtomicU64,
 }
 
 impl TenantIndex {
@@ -66,7 +68,18 @@ impl TenantIndex {
             ids: DashMap::new(),
             names: RwLock::new(Vec::new()),
             next_key: AtomicU64::new(0),
+            fixes: AtomicU64::new(0),
         }
+    }
+
+    /// Counts `n` fixes received from the tenant's couriers.
+    pub fn count_fixes(&self, n: u64) {
+        self.fixes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Fixes received from the tenant's couriers since this node started.
+    pub fn fixes(&self) -> u64 {
+        self.fixes.load(Ordering::Relaxed)
     }
 
     /// The stable index key of a courier id (interned on first use).
@@ -164,6 +177,11 @@ pub struct Positions {
 }
 
 impl Positions {
+    /// A tenant's index, if it has one on this node.
+    pub fn get(&self, tenant: &TenantId) -> Option<Arc<TenantIndex>> {
+        self.tenants.get(tenant).map(|t| t.clone())
+    }
+
     /// The tenant's index, created on first use.
     pub fn tenant(&self, tenant: &TenantId) -> Arc<TenantIndex> {
         if let Some(t) = self.tenants.get(tenant) {

@@ -55,6 +55,13 @@ impl World {
         c
     }
 
+    /// `c` reports a fix at `pos` now; waits until its actor has taken it.
+    async fn fix_now(&self, c: &CourierId, pos: LatLng) {
+        let ts = self.clock.now();
+        self.f.ingest(&self.t, c, vec![Fix { pos, ts, speed: None, heading: None, acc: None }]).unwrap();
+        assert!(eventually(|| self.f.courier(&self.t, c).is_ok_and(|r| r.last_fix.is_some_and(|f| f.ts == ts))).await, "{c}'s fix never taken");
+    }
+
     /// Waits until the index snapshot shows `c` at `pos` with the given availability.
     async fn wait_indexed(&self, c: &CourierId, pos: LatLng, available: bool) {
         let ok = tokio::time::timeout(DEADLINE, async {
@@ -573,6 +580,42 @@ async fn couriers_without_room_do_not_hide_a_free_one_further_away() {
     w.offered_to(&o, &free).await;
 }
 
+/// A courier whose app went silent without going offline (a dead phone) is still "available"
+/// and still the nearest, but gets nothing once no fix has reached the server for
+/// `courier_stale_ms`; it is back in the running as soon as it sends one.
+#[tokio::test]
+async fn a_courier_not_heard_from_lately_gets_no_orders_until_it_sends_again() {
+    let w = world(FleetConfig { courier_stale_ms: 120_000, auto_accept: true, ..Default::default() }).await;
+    let silent = w.courier("silent", at(10.0, 0.0), 1).await;
+    let live = w.courier("live", at(-900.0, 0.0), 1).await;
+
+    // At exactly the limit it is still a candidate (and the nearest).
+    w.clock.advance(120_000);
+    w.fix_now(&live, at(-900.0, 0.0)).await;
+    let o1 = w.order("o1", at(0.0, 0.0), at(800.0, 0.0)).await;
+    w.settle().await;
+    w.wait_order(&o1, "assigned to silent", |o| o.courier.as_ref() == Some(&silent)).await;
+
+    // One millisecond past it, it is passed over for the farther courier it would have beaten.
+    let silent2 = w.courier("silent2", at(10.0, 5.0), 1).await;
+    w.clock.advance(120_001);
+    w.fix_now(&live, at(-900.0, 0.0)).await;
+    let o2 = w.order("o2", at(0.0, 0.0), at(800.0, 0.0)).await;
+    w.settle().await;
+    let got = w.wait_order(&o2, "assigned", |o| o.courier.is_some()).await;
+    assert_eq!(got.courier.as_ref(), Some(&live), "the silent courier was given the order");
+    let ids: Vec<&CourierId> = got.assignment.as_ref().unwrap().candidates.iter().map(|c| &c.0).collect();
+    assert_eq!(ids, vec![&live], "a silent courier is not even a candidate");
+    // Dispatchers still see it where it was last heard from.
+    assert!(w.f.nearby(&w.t, at(0.0, 0.0), 5, Some(50.0)).await.iter().any(|n| n.courier.id == silent2));
+
+    // Heard again: it takes the next order.
+    w.fix_now(&silent2, at(10.0, 5.0)).await;
+    let o3 = w.order("o3", at(0.0, 0.0), at(800.0, 0.0)).await;
+    w.settle().await;
+    w.wait_order(&o3, "assigned to silent2", |o| o.courier.as_ref() == Some(&silent2)).await;
+}
+
 #[tokio::test]
 async fn an_order_scheduled_for_later_waits_for_its_time_instead_of_expiring() {
     let w = world(FleetConfig { order_expiry_ms: 30 * 60_000, ..Default::default() }).await;
@@ -585,8 +628,9 @@ async fn an_order_scheduled_for_later_waits_for_its_time_instead_of_expiring() {
     w.settle().await;
     w.settle().await;
     assert_eq!(w.get(&o).await.state, OrderState::Created);
-    // Ten minutes before it is due, it goes out.
+    // Ten minutes before it is due, it goes out (to a courier still sending its position).
     w.clock.advance(20 * 60_000);
+    w.fix_now(&c, at(100.0, 0.0)).await;
     w.settle().await;
     w.offered_to(&o, &c).await;
 

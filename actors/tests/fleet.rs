@@ -305,6 +305,54 @@ async fn a_node_with_a_clock_behind_still_writes_a_couriers_profile() {
     assert_eq!(stored().await.status, CourierStatus::Available, "the status change was dropped by the store");
 }
 
+/// A profile change whose commit is overtaken by a position snapshot stamped later (a fix that
+/// arrives while the commit is under way) is still stored. The store keeps the newer row, so it
+/// refuses the profile's; the actor then stamps the profile past both rows. It went back to the
+/// profile's own time, so its snapshots were refused too, and a parked courier's change was
+/// not stored until its next fix (nor at shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_change_overtaken_by_a_position_snapshot_is_still_stored() {
+    use hexfleet_actors::clock::ManualClock;
+    use hexfleet_actors::fleet::CourierPatch;
+    use hexfleet_actors::store::Store as _;
+    const T0: i64 = 1_800_000_000_000;
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(T0));
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), ..Default::default() };
+    let deps = FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: clock.clone(), config };
+    let f = Fleet::start(deps).await.unwrap();
+    let (t, c) = (TenantId::new("t"), CourierId::new("c1"));
+    let stored = || async { store.load().await.unwrap().couriers.into_iter().find(|r| r.id == c) };
+    let wait_stored = |what: &'static str, pred: fn(&hexfleet_actors::domain::CourierRecord) -> bool| async move {
+        let ok = tokio::time::timeout(DEADLINE, async {
+            while !stored().await.is_some_and(|r| pred(&r)) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        assert!(ok.is_ok(), "never stored: {what}; the row is {:?}", stored().await);
+    };
+    f.upsert_courier(&t, &c, CourierPatch { capacity: Some(2), ..Default::default() }, &Who::System).await.unwrap();
+    f.ingest(&t, &c, vec![fix(52.5, 13.4, T0)]).unwrap();
+    wait_stored("the first position", |r| r.last_fix.is_some()).await;
+
+    store.set_commit_delay(Some(Duration::from_millis(500)));
+    let change = f.upsert_courier(&t, &c, CourierPatch { capacity: Some(5), ..Default::default() }, &Who::System);
+    let overtake = async {
+        // While the profile's commit waits: a fix 6 s later, and its snapshot, stored first.
+        clock.advance(6_000);
+        f.ingest(&t, &c, vec![fix(52.5001, 13.4, T0 + 6_000)]).unwrap();
+        wait_stored("the later snapshot", |r| r.updated_at >= T0 + 6_000).await;
+    };
+    let (changed, ()) = tokio::join!(change, overtake);
+    store.set_commit_delay(None);
+    assert_eq!(changed.unwrap().capacity, 5);
+    wait_stored("the profile change", |r| r.capacity == 5).await;
+    assert_eq!(f.courier(&t, &c).unwrap().capacity, 5);
+    f.shutdown().await.unwrap();
+    assert_eq!(stored().await.unwrap().capacity, 5);
+}
+
 /// An order command reported failed did not happen, and one that happened is not reported
 /// failed: a command the actor has started is waited for until its commit settles (here a
 /// commit slower than `call_timeout`), and one still waiting in the mailbox past

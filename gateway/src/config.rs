@@ -63,6 +63,10 @@ pub struct ServeArgs {
     /// How long a courier has to answer an offer, in milliseconds.
     #[arg(long, env = "HEXFLEET_OFFER_TIMEOUT_MS", default_value_t = 20_000)]
     pub offer_timeout_ms: i64,
+    /// Couriers whose last GPS fix reached the server more than this many seconds ago get no
+    /// offers or assignments (an app that died without going offline), whatever their status.
+    #[arg(long, env = "HEXFLEET_COURIER_STALE_S", default_value_t = 120)]
+    pub courier_stale_s: u32,
     /// Assign orders without asking couriers.
     #[arg(long, env = "HEXFLEET_AUTO_ACCEPT", default_value_t = false)]
     pub auto_accept: bool,
@@ -217,6 +221,7 @@ impl ServeArgs {
         hexfleet_actors::FleetConfig {
             dispatch_tick: Duration::from_millis(self.dispatch_tick_ms.max(10)),
             offer_timeout_ms: self.offer_timeout_ms.max(100),
+            courier_stale_ms: i64::from(self.courier_stale_s.max(1)) * 1_000,
             auto_accept: self.auto_accept,
             auto_accept_tenants: self.auto_accept_tenants.clone(),
             dispatch_policy: hexfleet_actors::fleet::DispatchPolicy::parse(&self.dispatch_policy).unwrap_or_default(),
