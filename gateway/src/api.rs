@@ -143,6 +143,9 @@ pub(crate) async fn put_courier(st: State, auth: Auth, path: web::Path<String>, 
     if b.name.as_ref().is_some_and(|n| n.chars().count() > 200) {
         return Err(ApiError::bad_request("bad_name", "name is longer than 200 characters"));
     }
+    if b.name.as_deref().is_some_and(crate::dto::has_control_chars) {
+        return Err(ApiError::bad_request("bad_name", "name contains control characters"));
+    }
     // With several nodes, the couriers of markets run elsewhere are not in this node's device
     // map (the fleet checks that one): the store knows every market's.
     if st.markets.is_some()

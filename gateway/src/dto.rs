@@ -311,6 +311,13 @@ pub fn order_update_json(o: &Arc<Order>, seq: u64) -> serde_json::Value {
 }
 
 /// An error frame.
+/// Whether free text (a name, a secret, a URL) holds a control character. They are refused at
+/// the edge: PostgreSQL refuses NUL in `text`, which would fail the whole commit group the
+/// write was batched with (and answer 503 to a request that is simply wrong).
+pub fn has_control_chars(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 pub fn error_json(code: &str, message: &str) -> String {
     serde_json::json!({ "t": "error", "code": code, "message": message }).to_string()
 }

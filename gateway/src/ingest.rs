@@ -435,6 +435,11 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
     let (mut up_tx, mut up_rx) = upstream.split();
     let (mut tx, mut rx) = client.split();
     let mut alive = Liveness::new(times);
+    // The app's own idle time, as the owner's session would keep it: the owner cannot see it,
+    // since this relay's pings reach it whether the app is there or not. Without it, an app
+    // gone without closing (a phone off the network) was held on both nodes until its token
+    // expired.
+    let mut client = crate::ws::IdleDeadline::new(times.idle);
     // Every write waits at most the write timeout, as on the owner's own sockets.
     let close = |code: tg::protocol::frame::coding::CloseCode, why: &str| {
         Message::Close(Some(tg::protocol::CloseFrame { code, reason: why.to_owned().into() }))
@@ -453,8 +458,17 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
                 }
                 Beat::Ping => ping_owner(&mut up_tx, times.write).await,
             },
+            () = client.lapsed() => {
+                send_within(&mut up_tx, Message::Close(None), times.write).await;
+                break Some(close(tg::protocol::frame::coding::CloseCode::Normal, "idle timeout"));
+            }
             // Pings travel to the owner too (they keep the session alive there).
-            m = rx.next() => pass(m, &mut up_tx, times.write).await,
+            m = rx.next() => {
+                if matches!(m, Some(Ok(_))) {
+                    client.heard();
+                }
+                pass(m, &mut up_tx, times.write).await
+            }
             m = up_rx.next() => {
                 if matches!(m, Some(Ok(_))) {
                     alive.heard();

@@ -885,6 +885,11 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
     actix_web::rt::spawn(async move {
         let (mut up_tx, mut up_rx) = upstream.split();
         let mut alive = Liveness::new(times);
+        // The client's own idle time. The owner cannot see it: this relay's pings (and the
+        // pongs to the owner's) reach it whether the client is there or not, so a client gone
+        // without closing (a phone off the network) would be held on both nodes until its
+        // token expired.
+        let mut client = crate::ws::IdleDeadline::new(times.idle);
         let gone = || actix_ws::CloseReason { code: actix_ws::CloseCode::Again, description: Some(OWNER_GONE.into()) };
         loop {
             tokio::select! {
@@ -906,39 +911,49 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                         }
                     }
                 },
-                m = stream.next() => match m {
-                    Some(Ok(actix_ws::AggregatedMessage::Text(t))) => {
-                        if up_tx.send(Message::text(t.to_string())).await.is_err() { break; }
+                () = client.lapsed() => {
+                    send_within(&mut up_tx, Message::Close(None), times.write).await;
+                    peer.close(Some(crate::ws::idle_timeout())).await;
+                    return;
+                }
+                m = stream.next() => {
+                    if matches!(m, Some(Ok(_))) {
+                        client.heard();
                     }
-                    Some(Ok(actix_ws::AggregatedMessage::Binary(b))) => {
-                        if up_tx.send(Message::binary(b)).await.is_err() { break; }
+                    match m {
+                        Some(Ok(actix_ws::AggregatedMessage::Text(t))) => {
+                            if up_tx.send(Message::text(t.to_string())).await.is_err() { break; }
+                        }
+                        Some(Ok(actix_ws::AggregatedMessage::Binary(b))) => {
+                            if up_tx.send(Message::binary(b)).await.is_err() { break; }
+                        }
+                        // Pings travel to the owner (they keep the session alive there too),
+                        // and its pongs come back.
+                        Some(Ok(actix_ws::AggregatedMessage::Ping(p))) => {
+                            if up_tx.send(Message::Ping(p)).await.is_err() { break; }
+                        }
+                        Some(Ok(actix_ws::AggregatedMessage::Pong(p))) => {
+                            if up_tx.send(Message::Pong(p)).await.is_err() { break; }
+                        }
+                        Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => {
+                            let frame = reason.map(|r| tg::protocol::CloseFrame {
+                                code: u16::from(r.code).into(),
+                                reason: r.description.unwrap_or_default().into(),
+                            });
+                            let _ = up_tx.send(Message::Close(frame)).await;
+                            break;
+                        }
+                        Some(Err(e)) => {
+                            let _ = up_tx.send(Message::Close(None)).await;
+                            peer.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Protocol, description: Some(e.to_string()) })).await;
+                            return;
+                        }
+                        None => {
+                            let _ = up_tx.send(Message::Close(None)).await;
+                            return;
+                        }
                     }
-                    // Pings travel to the owner (they keep the session alive there too),
-                    // and its pongs come back.
-                    Some(Ok(actix_ws::AggregatedMessage::Ping(p))) => {
-                        if up_tx.send(Message::Ping(p)).await.is_err() { break; }
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Pong(p))) => {
-                        if up_tx.send(Message::Pong(p)).await.is_err() { break; }
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => {
-                        let frame = reason.map(|r| tg::protocol::CloseFrame {
-                            code: u16::from(r.code).into(),
-                            reason: r.description.unwrap_or_default().into(),
-                        });
-                        let _ = up_tx.send(Message::Close(frame)).await;
-                        break;
-                    }
-                    Some(Err(e)) => {
-                        let _ = up_tx.send(Message::Close(None)).await;
-                        peer.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Protocol, description: Some(e.to_string()) })).await;
-                        return;
-                    }
-                    None => {
-                        let _ = up_tx.send(Message::Close(None)).await;
-                        return;
-                    }
-                },
+                }
                 m = up_rx.next() => match m {
                     Some(Ok(Message::Text(t))) => {
                         alive.heard();
@@ -958,6 +973,12 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                         let reason = frame.map(|f| actix_ws::CloseReason { code: u16::from(f.code).into(), description: Some(f.reason.as_str().to_owned()) });
                         peer.close(reason).await;
                         return;
+                    }
+                    // The owner's pings go on to the client (tungstenite has answered them
+                    // already), so that a page that only answers pings is heard here.
+                    Some(Ok(Message::Ping(p))) => {
+                        alive.heard();
+                        if !peer.ping_with(&p).await { break; }
                     }
                     Some(Ok(_)) => alive.heard(),
                     Some(Err(_)) | None => {

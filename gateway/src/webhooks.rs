@@ -337,6 +337,9 @@ fn validate(req: &WebhookPutReq, allow_private: bool) -> Result<(), ApiError> {
     if req.url.len() > MAX_URL_LEN {
         return bad(format!("url is longer than {MAX_URL_LEN} bytes"));
     }
+    if crate::dto::has_control_chars(&req.url) || crate::dto::has_control_chars(&req.secret) {
+        return bad("url and secret may not contain control characters".into());
+    }
     match reqwest::Url::parse(&req.url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
             let literal = literal_ip(&u);
@@ -750,6 +753,11 @@ pub fn spawn_delivery(
     node: String,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    let now = Arc::new(now);
+    // Its own task: purging an hour of finished rows can take minutes of batches, and while
+    // the worker's loop waited for it, no delivery was claimed, and the sends under way were
+    // not polled (a 200 read late counted as a timeout, was retried, and fed the breaker).
+    let housekeeping = tokio::spawn(housekeep(store.clone(), now.clone(), cfg.clone(), stop.clone()));
     tokio::spawn(async move {
         let mut builder = reqwest::Client::builder();
         if !cfg.allow_private {
@@ -775,8 +783,6 @@ pub fn spawn_delivery(
         let per_tenant = u32::try_from(cfg.per_tenant.clamp(1, slots)).unwrap_or(u32::MAX);
         let mut tick = tokio::time::interval(cfg.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let started = Instant::now();
-        let mut next_purge = started;
         let breakers = parking_lot::Mutex::new(Breakers::new(&cfg));
         // Sends in flight, and how many per (tenant, webhook, URL). A claim takes only what can
         // be sent at once (so its lease, timeout + 30 s, outlasts every send) and skips
@@ -807,7 +813,7 @@ pub fn spawn_delivery(
                         for d in batch {
                             let key: CircuitKey = (d.event.event.tenant.to_string(), d.webhook_id.clone(), d.url.clone());
                             *busy.entry(key.clone()).or_default() += 1;
-                            in_flight.push(deliver(d, key, lease.clone(), &client, &cfg, &store, &now, &breakers));
+                            in_flight.push(deliver(d, key, lease.clone(), &client, &cfg, &store, &*now, &breakers));
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot claim webhook deliveries; retrying next poll"),
@@ -823,35 +829,52 @@ pub fn spawn_delivery(
                         }
                     }
                 }
-                _ = tick.tick() => {
-                    breakers.lock().tidy(Instant::now());
-                    if Instant::now() >= next_purge {
-                        next_purge = Instant::now() + cfg.housekeeping;
-                        let t = now();
-                        // Not in the first hour after start: after an outage of the service
-                        // itself, what waited is attempted before anything is given up.
-                        if started.elapsed() >= cfg.give_up_after.min(Duration::from_secs(3600)) {
-                            let before = t - ms(cfg.give_up_after);
-                            match store.expire_webhook_deliveries(before, t).await {
-                                Ok(n) if n > 0 => tracing::warn!(given_up = n, "webhook deliveries not attempted for {:?} given up", cfg.give_up_after),
-                                Ok(_) => {}
-                                Err(e) => tracing::warn!(error = %e, "cannot give up old webhook deliveries"),
-                            }
-                        }
-                        let before = t - ms(cfg.keep_finished);
-                        match store.purge_webhook_deliveries(before).await {
-                            Ok(n) if n > 0 => tracing::info!(purged = n, "old webhook deliveries purged"),
-                            Ok(_) => {}
-                            Err(e) => tracing::warn!(error = %e, "webhook delivery purge failed"),
-                        }
-                    }
-                }
+                _ = tick.tick() => breakers.lock().tidy(Instant::now()),
             }
         }
         // Stopping: the sends under way finish and are recorded.
         while in_flight.next().await.is_some() {}
+        let _ = housekeeping.await;
         tracing::debug!("webhook delivery stopped");
     })
+}
+
+/// Every `housekeeping` period: gives up deliveries not attempted for `give_up_after`, then
+/// purges finished ones older than `keep_finished`. Stops when `stop` is cancelled (a batch
+/// under way is dropped; its statement is rolled back).
+async fn housekeep(store: Arc<SqlStore>, now: Arc<impl Fn() -> Ms + Send + Sync + 'static>, cfg: WebhookConfig, stop: CancellationToken) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(cfg.housekeeping);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let round = async || {
+        let t = now();
+        // Not in the first hour after start: after an outage of the service itself, what
+        // waited is attempted before anything is given up.
+        if started.elapsed() >= cfg.give_up_after.min(Duration::from_secs(3600)) {
+            let before = t - ms(cfg.give_up_after);
+            match store.expire_webhook_deliveries(before, t).await {
+                Ok(n) if n > 0 => tracing::warn!(given_up = n, "webhook deliveries not attempted for {:?} given up", cfg.give_up_after),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot give up old webhook deliveries"),
+            }
+        }
+        let before = t - ms(cfg.keep_finished);
+        match store.purge_webhook_deliveries(before).await {
+            Ok(n) if n > 0 => tracing::info!(purged = n, "old webhook deliveries purged"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "webhook delivery purge failed"),
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = round() => {}
+        }
+    }
 }
 
 #[cfg(test)]

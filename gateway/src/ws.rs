@@ -128,6 +128,12 @@ fn moved_away() -> Option<CloseReason> {
     Some(CloseReason { code: CloseCode::Again, description: Some("this node no longer serves the market; reconnect".into()) })
 }
 
+/// Going away (1001): the server is shutting down. Apps and pages reconnect at once, to a node
+/// that stays.
+fn going_away() -> Option<CloseReason> {
+    Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) })
+}
+
 /// Policy violation (1008): the session's token expired. The app reconnects with a new one.
 fn token_expired() -> Option<CloseReason> {
     Some(CloseReason { code: CloseCode::Policy, description: Some("token expired".into()) })
@@ -174,7 +180,11 @@ impl Peer {
     }
 
     async fn ping(&mut self) -> bool {
-        let sent = tokio::time::timeout(self.write, self.session.ping(b"")).await;
+        self.ping_with(b"").await
+    }
+
+    pub(crate) async fn ping_with(&mut self, payload: &[u8]) -> bool {
+        let sent = tokio::time::timeout(self.write, self.session.ping(payload)).await;
         self.settle(sent)
     }
 
@@ -225,7 +235,7 @@ enum Input {
     Fatal(CloseReason),
 }
 
-fn idle_timeout() -> CloseReason {
+pub(crate) fn idle_timeout() -> CloseReason {
     CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) }
 }
 
@@ -424,7 +434,7 @@ pub(crate) async fn courier_session<S: CourierSocket>(
                 }
                 if gone { break None; }
             }
-            () = &mut cancelled => break Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }),
+            () = &mut cancelled => break going_away(),
             input = socket.recv() => match input {
                 Read::Closed => break None,
                 Read::Fatal(c) => break Some(c),
@@ -587,7 +597,10 @@ async fn track_session(
     let mut guard = Guard::new();
     let mut alive = Liveness::new(st.sockets);
     let expiry = tokio::time::sleep_until(expires);
-    tokio::pin!(expiry);
+    // Without it, a page open at shutdown held the server's graceful stop for its whole
+    // timeout, and then lost its connection without a close frame.
+    let cancelled = st.shutdown.cancelled();
+    tokio::pin!(expiry, cancelled);
     let close = if !ok {
         None
     } else {
@@ -604,6 +617,7 @@ async fn track_session(
                 () = outbox.notified() => {
                     if !flush(&mut peer, &outbox).await { break None; }
                 }
+                () = &mut cancelled => break going_away(),
                 () = &mut expiry => break token_expired(),
                 _ = alive.ping.tick() => {
                     if !peer.ping().await { break None; }
@@ -725,9 +739,10 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
     let mut tick = tokio::time::interval(st.console_batch);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_stats = Instant::now();
-    let mut last_fixes = (crate::server::fixes_ingested(), Instant::now());
+    let mut last_fixes = (st.fleet.tenant_stats(&tenant).fixes_received, Instant::now());
     let expiry = tokio::time::sleep_until(expires);
-    tokio::pin!(expiry);
+    let cancelled = st.shutdown.cancelled();
+    tokio::pin!(expiry, cancelled);
     let close = loop {
         if view.outbox.overflowed() {
             let _ = peer.text(error_json("too_slow", "the client did not read its messages in time")).await;
@@ -741,6 +756,7 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
             () = view.outbox.notified() => {
                 if !flush(&mut peer, &view.outbox).await { break None; }
             }
+            () = &mut cancelled => break going_away(),
             () = &mut expiry => break token_expired(),
             _ = alive.ping.tick() => {
                 if !peer.ping().await { break None; }
@@ -756,11 +772,12 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
                 }
                 if Instant::now() >= next_stats {
                     next_stats = Instant::now() + CONSOLE_STATS_EVERY;
-                    let (online, open) = st.fleet.counts();
-                    let now = (crate::server::fixes_ingested(), Instant::now());
+                    // The tenant's own figures: a console never sees another fleet's.
+                    let stats = st.fleet.tenant_stats(&tenant);
+                    let now = (stats.fixes_received, Instant::now());
                     let rate = (now.0.saturating_sub(last_fixes.0)) as f64 / now.1.duration_since(last_fixes.1).as_secs_f64().max(0.001);
                     last_fixes = now;
-                    out.push(json!({ "t": "stats", "seq": view.outbox.next_seq(), "couriers_online": online, "orders_open": open, "ingest_per_s": rate.round() }).to_string());
+                    out.push(json!({ "t": "stats", "seq": view.outbox.next_seq(), "couriers_online": stats.couriers_online, "orders_open": stats.orders_open, "ingest_per_s": rate.round() }).to_string());
                 }
                 let mut gone = false;
                 for m in out {

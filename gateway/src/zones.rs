@@ -130,8 +130,8 @@ pub fn parse_feature(body: Value) -> Result<(MultiPolygon<f64>, String, Option<S
     };
     let name = match props.and_then(|p| p.get("name")) {
         None | Some(Value::Null) => None,
-        Some(Value::String(n)) if n.chars().count() <= MAX_NAME => Some(n.clone()),
-        Some(_) => return Err(bad("bad_name", format!("properties.name must be a string of at most {MAX_NAME} characters"))),
+        Some(Value::String(n)) if n.chars().count() <= MAX_NAME && !crate::dto::has_control_chars(n) => Some(n.clone()),
+        Some(_) => return Err(bad("bad_name", format!("properties.name must be a string of at most {MAX_NAME} characters, none of them control characters"))),
     };
     let geometry = feature.geometry.ok_or_else(|| bad("invalid_geojson", "the Feature has no geometry"))?;
     let polys = match geometry.value {

@@ -128,6 +128,17 @@ async fn bad_http_input_gets_clear_errors() {
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(400 * 1024));
     let r = srv.http.post(format!("{}/v1/orders", srv.base)).bearer_auth(&disp).header("content-type", "application/json").body(big).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 413);
+    // Control characters in free text are refused (PostgreSQL refuses NUL in text, and would
+    // fail the whole commit group the write went in with).
+    let (s, v) = srv.put("/v1/couriers/c1", &disp, json!({"name":"a\u{0}b"})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_name")), "{v}");
+    let zone = json!({"type":"Feature","properties":{"kind":"service_area","name":"x\u{0}"},
+        "geometry":{"type":"Polygon","coordinates":[[[13.0,52.0],[13.1,52.0],[13.1,52.1],[13.0,52.0]]]}});
+    let (s, v) = srv.put("/v1/zones/z1", &disp, zone).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_name")), "{v}");
+    let hook = json!({"url":"https://example.com/h","events":["*"],"secret":"0123456789abcdef\u{0}"});
+    let (s, v) = srv.put("/v1/webhooks/w1", &disp, hook).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_webhook")), "{v}");
     // A duplicate id is a conflict, not a second order.
     let o = json!({"id":"dup","pickup":{"lat":52.5,"lng":13.4},"dropoff":{"lat":52.51,"lng":13.41}});
     assert_eq!(srv.post("/v1/orders", &disp, o.clone()).await.0, 201);
@@ -370,6 +381,20 @@ async fn a_console_gets_stats_and_courier_batches_while_couriers_stream() {
     let stats = console.expect("stats", |v| t(v) == "stats").await;
     assert!(stats["couriers_online"].as_u64().is_some_and(|n| n >= 1), "{stats}");
     assert!(stats["orders_open"].is_u64() && stats["ingest_per_s"].is_number(), "{stats}");
+
+    // The figures are the tenant's own: another fleet's console on the same node sees none of
+    // t1's couriers, orders or fixes, and t1's sees its own.
+    let order = json!({"id":"o1","pickup":{"lat":52.5,"lng":13.4},"dropoff":{"lat":52.51,"lng":13.41}});
+    assert_eq!(srv.post("/v1/orders", &srv.dispatcher("t1"), order).await.0, 201);
+    let mut other = srv.ws("/v1/ws/console", &srv.dispatcher("t2")).await;
+    other.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 14.0, 53.0]})).await;
+    for i in 1..=30 {
+        courier.send(json!({"t":"loc","lat":52.52,"lng":13.40 + f64::from(i) * 1e-5,"ts":t0 + i64::from(i) * 100})).await;
+    }
+    let mine = console.expect("t1's stats with its order and fixes", |v| t(v) == "stats" && v["orders_open"] == 1 && v["ingest_per_s"].as_f64().is_some_and(|r| r > 0.0)).await;
+    assert_eq!(mine["couriers_online"], 1, "{mine}");
+    let theirs = other.expect("t2's stats", |v| t(v) == "stats").await;
+    assert_eq!((theirs["couriers_online"].as_u64(), theirs["orders_open"].as_u64(), theirs["ingest_per_s"].as_f64()), (Some(0), Some(0), Some(0.0)), "{theirs}");
 }
 
 /// The console page and its icon are served without a token (the page asks for one).
@@ -735,6 +760,46 @@ async fn sockets_close_when_their_token_expires() {
     }
     stays.send(json!({"t":"loc","lat":52.52,"lng":13.4,"ts":now_ms()})).await;
     srv.courier_at(&disp, "c3", 52.52).await;
+}
+
+/// Shutdown closes every kind of socket with 1001 "server shutting down" (the apps and pages
+/// reconnect at once, to a node that stays), and none of them holds the server's graceful stop
+/// (which gives open connections 5 s before dropping them without a close frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_every_socket_with_going_away_without_waiting_for_them() {
+    let (mut srv, _d) = server().await;
+    let disp = srv.dispatcher("t1");
+    let order = json!({"id":"o1","pickup":{"lat":52.5,"lng":13.4},"dropoff":{"lat":52.51,"lng":13.41}});
+    assert_eq!(srv.post("/v1/orders", &disp, order).await.0, 201);
+    let mut console = srv.ws("/v1/ws/console", &disp).await;
+    console.send(json!({"t":"subscribe","bbox":[13.0,52.0,14.0,53.0]})).await;
+    let mut sockets = vec![
+        ("courier, HTTP port", srv.courier(Port::Http, &srv.token(Role::Courier, "c1", "t1", None)).await),
+        ("courier, ingest port", srv.courier(Port::Ingest, &srv.token(Role::Courier, "c2", "t1", None)).await),
+        ("console", console),
+        ("tracking", srv.ws("/v1/ws/track/o1", &srv.token(Role::Customer, "u", "t1", Some("o1"))).await),
+    ];
+    // Each session is running: it has answered or sent something.
+    for (what, ws) in &mut sockets[2..] {
+        ws.expect(what, |_| true).await;
+    }
+    let started = std::time::Instant::now();
+    let closes = async {
+        let mut got = Vec::new();
+        for (what, ws) in &mut sockets {
+            let close = ws.expect_close().await.unwrap_or_else(|| panic!("{what}: a close frame"));
+            got.push((*what, close.code, close.reason.to_string()));
+            // Reading on sends the reply to the close, as a browser or an app does at once.
+            while let Some(Ok(_)) = futures_util::StreamExt::next(&mut ws.s).await {}
+        }
+        got
+    };
+    let ((), got) = tokio::join!(srv.stop(), closes);
+    let took = started.elapsed();
+    for (what, code, reason) in got {
+        assert_eq!((code, reason.as_str()), (CloseCode::Away, "server shutting down"), "{what}");
+    }
+    assert!(took < std::time::Duration::from_secs(4), "the server took {took:?} to stop");
 }
 
 /// A courier socket's idle timeout, on both ports: a courier that keeps sending stays open for

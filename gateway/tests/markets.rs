@@ -710,6 +710,42 @@ async fn a_relayed_socket_notices_an_owner_that_stopped_answering() {
     db.drop_db().await;
 }
 
+/// A courier app that goes silent without closing (a phone off the network) behind a relay is
+/// closed with "idle timeout" after the idle time, on both of the relaying node's ports, and
+/// its session on the owner ends with it. The owner alone never notices: the relay's pings keep
+/// its side of the connection busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_app_that_goes_silent_is_closed_on_both_nodes() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let Some((redis, db, prefix)) = services().await else { return };
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    // The owner would keep a silent session a minute; the relaying node's idle time is 1 s,
+    // and it pings the owner every 200 ms (more often than the owner's idle time).
+    let mut cfg_a = leased(&db.url, &redis, &prefix, "node-a", ttl, renew);
+    cfg_a.sockets.idle = Duration::from_secs(60);
+    let mut a = TestServer::start(cfg_a).await;
+    let mut cfg_b = leased(&db.url, &redis, &prefix, "node-b", ttl, renew);
+    cfg_b.sockets.ping_every = Duration::from_millis(200);
+    cfg_b.sockets.idle = Duration::from_secs(1);
+    let mut b = TestServer::start(cfg_b).await;
+    let tenant = "oslo";
+    assert_eq!(a.post("/v1/orders", &a.dispatcher(tenant), order("o1")).await.0, 201);
+    let mut relayed = relayed_couriers(&a, &b, tenant).await;
+    let owner = a.running.as_ref().unwrap().state.clone();
+    assert_eq!(owner.broker.session_counts().0, 2, "both couriers' sessions run on the owner");
+    let silent_since = std::time::Instant::now();
+    for (port, courier) in &mut relayed {
+        let close = courier.expect_close().await.unwrap_or_else(|| panic!("{port:?}: a close frame"));
+        assert_eq!((close.code, close.reason.as_str()), (CloseCode::Normal, "idle timeout"), "{port:?}");
+    }
+    assert!(silent_since.elapsed() < Duration::from_secs(8), "closed only after {:?}", silent_since.elapsed());
+    eventually("the owner's sessions closed", || async { (owner.broker.session_counts().0 == 0).then_some(()) }).await;
+    drop(relayed);
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
+
 /// A node shutting down closes the sockets it relays to another node's market with 1001
 /// ("going away", so the apps reconnect at once, to a node that stays), on both ports, and
 /// does not hold its own shutdown on them.

@@ -525,6 +525,62 @@ async fn outbox_survives_restart_postgres() {
     db.drop_db().await;
 }
 
+/// Housekeeping that takes long (here a purge waiting on a row another transaction holds, as a
+/// purge of many rows would take minutes of batches) does not hold up deliveries: they are
+/// claimed and sent meanwhile. The worker ran the purge in its own loop, so while it waited
+/// nothing was claimed and the sends under way were not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_purge_does_not_hold_up_deliveries() {
+    use sqlx::Connection as _;
+    let Some(db) = PgDb::create().await else { return };
+    let mut cfg = fast_config(&db.url);
+    cfg.webhooks.poll = Duration::from_millis(20);
+    cfg.webhooks.allow_private = true;
+    cfg.webhooks.housekeeping = Duration::from_millis(50);
+    let mut rx = Receiver::start(0).await;
+    let mut srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("acme");
+    put_hook(&srv, &disp, "w", &rx.url).await;
+    assert_eq!(srv.post("/v1/orders", &disp, order_body("o-old")).await.0, 201);
+    rx.next("the first delivery", |v| v["entity_id"] == "o-old").await;
+    eventually("the first delivery recorded", || async {
+        let (_, w) = srv.get("/v1/webhooks/w", Some(&disp)).await;
+        (w["deliveries"]["delivered"] == 1).then_some(())
+    })
+    .await;
+    // Make it old enough to purge, and hold its row: the purge waits on it.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE webhook_outbox SET updated_at = 0").execute(&mut holder).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM webhook_outbox FOR UPDATE").fetch_all(&mut *tx).await.unwrap();
+    let mut watch = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let purge_waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                         AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM webhook_outbox%'";
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while sqlx::query_scalar::<_, i64>(purge_waiting).fetch_one(&mut watch).await.unwrap() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the purge never reached the held row");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // While it waits (up to the statement timeout, 5 s, and again after), a new event is
+    // delivered.
+    assert_eq!(srv.post("/v1/orders", &disp, order_body("o-new")).await.0, 201);
+    let got = tokio::time::timeout(Duration::from_millis(2_500), rx.next("the delivery during the purge", |v| v["entity_id"] == "o-new")).await;
+    assert!(got.is_ok(), "no delivery while the purge waited");
+    // Released, the old row is purged.
+    tx.rollback().await.unwrap();
+    let url = db.url.clone();
+    eventually("the old delivery purged", || async {
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        let old: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_outbox WHERE updated_at = 0").fetch_one(&mut c).await.unwrap();
+        (old == 0).then_some(())
+    })
+    .await;
+    drop(watch);
+    srv.stop().await;
+    rx.handle.stop(true).await;
+    db.drop_db().await;
+}
+
 /// By default a webhook cannot target the operator's own network (SSRF).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_destinations_are_refused_by_default() {
