@@ -332,6 +332,17 @@ macro_rules! backend_ops {
             /// every appender takes its tenants' event locks first, sorted (no deadlock), and
             /// holds them until it commits. SQLite runs one write transaction at a time already.
             /// Called at most once per transaction.
+            /// Takes `tenant`'s event lock until the transaction ends (re-entrant: a later
+            /// [`insert_events`] in the same transaction takes it again at no cost). A
+            /// transaction that locks a row a commit's trigger reads (a webhook it deletes)
+            /// takes it first, in the commits' order, or the two can deadlock.
+            pub(crate) async fn lock_events(conn: &mut Conn, tenant: &str) -> Result<(), PersistenceError> {
+                if !LOCK_EVENTS.is_empty() {
+                    sqlx::query(LOCK_EVENTS).bind(tenant).execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
             pub(crate) async fn insert_events(conn: &mut Conn, events: &[&DomainEvent]) -> Result<(), PersistenceError> {
                 if !LOCK_EVENTS.is_empty() {
                     let mut tenants: Vec<&str> = events.iter().map(|e| e.tenant.as_str()).collect();

@@ -350,6 +350,11 @@ macro_rules! webhook_ops {
 
             pub(super) async fn delete(pool: &Pool<Db>, tenant: &TenantId, id: &str, audit: &DomainEvent) -> Result<bool, PersistenceError> {
                 let mut tx = pool.begin().await?;
+                // The tenant's event lock before the webhook's row, as a commit takes them (its
+                // trigger queues deliveries, whose foreign key locks the webhook's row). The
+                // other way round, a commit of an event this webhook subscribes to deadlocked
+                // with the delete on PostgreSQL (one of them failed after `deadlock_timeout`).
+                crate::ops::$name::lock_events(&mut tx, tenant.as_str()).await?;
                 let gone = sqlx::query("DELETE FROM webhooks WHERE tenant = $1 AND id = $2")
                     .bind(tenant.as_str())
                     .bind(id)

@@ -21,6 +21,50 @@ both_backends!(
     deliveries_not_attempted_for_long_are_given_up
 );
 
+/// Deleting a webhook while a commit appends an event it subscribes to does not deadlock
+/// (PostgreSQL). The commit holds the tenant's event lock, then its trigger queues a delivery,
+/// whose foreign key locks the webhook's row. The delete locked that row first and then waited
+/// for the event lock: one of the two failed after `deadlock_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_webhook_beside_a_commit_does_not_deadlock() {
+    use sqlx::Connection as _;
+    common::run(common::Kind::Postgres, |ctx| async move {
+        let store = ctx.open().await;
+        store.put_webhook(&hook("t1", "w", &["order.*"], 1_000), "dispatcher:d").await.unwrap();
+        // A commit under way: it holds t1's event lock, as the writer does from its first
+        // event until it commits.
+        let mut writer = sqlx::PgConnection::connect(&ctx.url).await.unwrap();
+        let mut tx = writer.begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7011))").bind("t1").execute(&mut *tx).await.unwrap();
+        let delete = tokio::spawn({
+            let store = store.clone();
+            async move { store.delete_webhook(&TenantId::new("t1"), "w", "admin:a", 2_000).await }
+        });
+        // The delete waits for the event lock (before the fix, having locked the webhook's row).
+        let mut watch = sqlx::PgConnection::connect(&ctx.url).await.unwrap();
+        let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'advisory'";
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&mut watch).await.unwrap() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the delete never waited for the event lock");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // The commit's event, which the webhook subscribes to.
+        sqlx::query(
+            "INSERT INTO events (tenant, entity, entity_id, kind, actor, reason, ts, attrs) \
+             VALUES ('t1', 'order', 'o1', 'order.created', 'system', NULL, 3000, '{}'::json)",
+        )
+        .execute(&mut *tx)
+        .await
+        .expect("the commit's event is appended");
+        tx.commit().await.expect("the commit goes through");
+        let deleted = delete.await.unwrap();
+        assert!(deleted.expect("the delete goes through"), "the webhook was deleted");
+        assert!(store.webhook(&TenantId::new("t1"), "w").await.unwrap().is_none());
+        store.close().await.unwrap();
+    })
+    .await;
+}
+
 fn one_per_webhook() -> ClaimShares<'static> {
     ClaimShares { per_webhook: Some(1), ..ClaimShares::default() }
 }
