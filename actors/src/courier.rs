@@ -8,7 +8,7 @@
 //! counted: positions may be conflated) and the actor is woken by at most one `Drain` message
 //! at a time. Control messages (status, orders) use the mailbox and are never dropped.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -90,6 +90,10 @@ pub struct CourierShared {
     pub zones: Mutex<crate::zone::CourierZones>,
 }
 
+/// How long an arrival reported to an order that has not moved on since is left before it is
+/// reported again (on the next fix inside the radius).
+pub const ARRIVAL_RESEND_MS: Ms = 10_000;
+
 /// Messages of the courier actor.
 pub enum CourierMsg {
     /// Process the fixes waiting in the inbox.
@@ -123,8 +127,11 @@ pub struct CourierState {
     rec: CourierRecord,
     trail: VecDeque<TrailFix>,
     held: HashMap<OrderId, Arc<Order>>,
-    /// Arrival commands already sent, so one arrival is reported once.
-    arrivals_sent: HashSet<(OrderId, OrderState)>,
+    /// Arrival commands sent, by order and the state it was in, with when (server clock): one
+    /// arrival is reported once, and again after [`ARRIVAL_RESEND_MS`] while the order has not
+    /// moved on and the courier is still there (the command failed: a store outage, the order's
+    /// actor restarting). Forgotten when the order changes state.
+    arrivals_sent: HashMap<(OrderId, OrderState), Ms>,
     /// Consecutive fixes rejected as impossible jumps; re-anchors after a consistent run.
     suspects: Vec<Fix>,
     last_snapshot: Ms,
@@ -150,7 +157,7 @@ impl Actor for CourierActor {
             trail: rec.last_fix.map(TrailFix::from).into_iter().collect(),
             rec,
             held,
-            arrivals_sent: HashSet::new(),
+            arrivals_sent: HashMap::new(),
             suspects: Vec::new(),
             last_snapshot: 0,
             last_history: None,
@@ -365,6 +372,7 @@ impl CourierState {
 
     fn check_arrivals(&mut self, pos: LatLng) {
         let radius = self.ctx.config.arrival_radius_m;
+        let now = self.ctx.clock.now_ms();
         for o in self.held.values() {
             let cmd = match o.state {
                 OrderState::Assigned if haversine_m(pos, o.pickup) <= radius => {
@@ -375,7 +383,9 @@ impl CourierState {
                 }
                 _ => continue,
             };
-            if self.arrivals_sent.insert((o.id.clone(), o.state)) {
+            let key = (o.id.clone(), o.state);
+            if self.arrivals_sent.get(&key).is_none_or(|&at| now - at >= ARRIVAL_RESEND_MS) {
+                self.arrivals_sent.insert(key, now);
                 self.ctx.order_command(&o.tenant, &o.id, cmd, Who::System);
             }
         }
@@ -384,9 +394,12 @@ impl CourierState {
     fn on_order(&mut self, o: Arc<Order>) {
         let mine = o.courier.as_ref() == Some(&self.rec.id) && o.state.is_held();
         let changed = if mine {
+            // An arrival reported in a state the order has left is reported again if it comes
+            // back to it (an override back to `assigned` while the courier waits at the pickup).
+            self.arrivals_sent.retain(|(id, state), _| *id != o.id || *state == o.state);
             self.held.insert(o.id.clone(), o.clone()).is_none_or(|prev| prev.state != o.state)
         } else {
-            self.arrivals_sent.retain(|(id, _)| *id != o.id);
+            self.arrivals_sent.retain(|(id, _), _| *id != o.id);
             self.held.remove(&o.id).is_some()
         };
         *self.shared.held.lock() = self.held.values().cloned().collect();

@@ -26,15 +26,17 @@ struct World {
     f: Fleet,
     p: Arc<RecordingPublisher>,
     clock: Arc<ManualClock>,
+    store: Arc<MemoryStore>,
     t: TenantId,
 }
 
 async fn world(config: FleetConfig) -> World {
     let p = Arc::new(RecordingPublisher::default());
     let clock = Arc::new(ManualClock::new(T0));
+    let store = Arc::new(MemoryStore::new());
     let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), index_rebuild: Duration::from_millis(5), ..config };
-    let f = Fleet::start(FleetDeps { store: Arc::new(MemoryStore::new()), publisher: p.clone(), clock: clock.clone(), config }).await.unwrap();
-    World { f, p, clock, t: TenantId::new("t") }
+    let f = Fleet::start(FleetDeps { store: store.clone(), publisher: p.clone(), clock: clock.clone(), config }).await.unwrap();
+    World { f, p, clock, store, t: TenantId::new("t") }
 }
 
 /// A point `north_m` metres north and `east_m` metres east of [`BASE`].
@@ -486,8 +488,8 @@ async fn offers_that_expired_while_the_server_was_down_are_redispatched_at_start
     let p = Arc::new(RecordingPublisher::default());
     let clock = Arc::new(ManualClock::new(T0));
     let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), index_rebuild: Duration::from_millis(5), ..Default::default() };
-    let f = Fleet::start(FleetDeps { store, publisher: p.clone(), clock: clock.clone(), config }).await.unwrap();
-    let w = World { f, p, clock, t };
+    let f = Fleet::start(FleetDeps { store: store.clone(), publisher: p.clone(), clock: clock.clone(), config }).await.unwrap();
+    let w = World { f, p, clock, store, t };
     assert_eq!(w.f.ctx().load(&w.t, &CourierId::new("a")), 1, "the recovered offer holds a's capacity");
     w.tick().await;
     let back = w.wait_order(&OrderId::new("o1"), "created again", |o| o.state == OrderState::Created).await;
@@ -614,6 +616,35 @@ async fn a_courier_not_heard_from_lately_gets_no_orders_until_it_sends_again() {
     let o3 = w.order("o3", at(0.0, 0.0), at(800.0, 0.0)).await;
     w.settle().await;
     w.wait_order(&o3, "assigned to silent2", |o| o.courier.as_ref() == Some(&silent2)).await;
+}
+
+/// An arrival at the pickup whose report failed (the store was down) is reported again while
+/// the courier stays there and the order has not moved on; before, it was reported once, and
+/// the customer never saw `at_pickup`.
+#[tokio::test]
+async fn an_arrival_whose_report_failed_is_reported_again() {
+    use hexfleet_actors::courier::ARRIVAL_RESEND_MS;
+    let w = world(FleetConfig { auto_accept: true, ..Default::default() }).await;
+    let c = w.courier("c", at(1000.0, 0.0), 1).await;
+    let o = w.order("o1", at(0.0, 0.0), at(900.0, 0.0)).await;
+    w.settle().await;
+    w.wait_order(&o, "assigned to c", |o| o.state == OrderState::Assigned && o.courier.as_ref() == Some(&c)).await;
+
+    // It reaches the pickup while the store is down: the arrival is not recorded.
+    w.store.set_down(true);
+    w.clock.advance(60_000);
+    w.fix_now(&c, at(5.0, 0.0)).await;
+    w.f.check_invariants().await; // the order actor has handled the command
+    w.store.set_down(false);
+    assert_eq!(w.get(&o).await.state, OrderState::Assigned);
+    // Waiting there: reported again once the resend time has passed, not before.
+    w.clock.advance(1_000);
+    w.fix_now(&c, at(6.0, 0.0)).await;
+    w.f.check_invariants().await;
+    assert_eq!(w.get(&o).await.state, OrderState::Assigned, "reported again too soon");
+    w.clock.advance(ARRIVAL_RESEND_MS);
+    w.fix_now(&c, at(5.0, 1.0)).await;
+    w.wait_order(&o, "at_pickup", |o| o.state == OrderState::AtPickup).await;
 }
 
 #[tokio::test]
