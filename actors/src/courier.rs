@@ -450,7 +450,14 @@ impl CourierState {
         let start = self.rec.last_fix.map(|f| f.pos);
         let orders: Vec<&Order> = self.held.values().map(|o| o.as_ref()).collect();
         let planner = self.ctx.planner(&self.rec.tenant, self.rec.vehicle, self.ctx.clock.now_ms());
-        let planned = start.and_then(|s| planner.plan(s, self.ctx.clock.now_ms(), self.rec.capacity, &orders));
+        let now = self.ctx.clock.now_ms();
+        let plan = || start.and_then(|s| planner.plan(s, now, self.rec.capacity, &orders));
+        // Beyond a few orders the heuristic takes milliseconds (up to its budget, about 75 ms
+        // at 50 orders on the reference host): off the async worker, whose other tasks (GPS
+        // sessions) move to another thread meanwhile.
+        let large = orders.len() * 2 > hexfleet_geo::stops::EXACT_MAX_STOPS;
+        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let planned = if large && multi_thread { tokio::task::block_in_place(plan) } else { plan() };
         let stops = match planned {
             Some(p) => p.stops,
             // No position yet, or held beyond capacity by an override: nearest feasible next.
