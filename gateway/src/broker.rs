@@ -744,7 +744,10 @@ impl Broker {
                     s.ended |= matches!(order["state"].as_str(), Some("delivered" | "cancelled" | "failed" | "expired"));
                     if s.ended && s.sessions.is_empty() {
                         drop(s);
-                        self.local.tracks.remove(&key);
+                        // Checked again under the removal's lock: a watcher that came in between
+                        // keeps the stream (it would be orphaned, its `track_seq` on a stream
+                        // no longer kept).
+                        self.local.tracks.remove_if(&key, |_, s| s.ended && s.sessions.is_empty());
                     }
                 }
                 if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {

@@ -456,7 +456,12 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
                     tracing::warn!(?times.idle, "no answer from the market's owner; closing the relayed courier socket");
                     break Some(close(again, OWNER_GONE));
                 }
-                Beat::Ping => ping_owner(&mut up_tx, times.write).await,
+                Beat::Ping => {
+                    if !ping_owner(&mut up_tx, times.write).await {
+                        break Some(close(again, OWNER_GONE));
+                    }
+                    true
+                }
             },
             () = client.lapsed() => {
                 send_within(&mut up_tx, Message::Close(None), times.write).await;
@@ -487,8 +492,15 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
             break None;
         }
     };
-    if let Some(m) = to_client {
-        send_within(&mut tx, m, times.write).await;
+    match to_client {
+        Some(m) => {
+            send_within(&mut tx, m, times.write).await;
+        }
+        // A close passed on, or a side gone. A client that closed first gets tungstenite's
+        // reply to its close, which only goes out with a flush.
+        None => {
+            let _ = tokio::time::timeout(times.write, futures_util::SinkExt::close(&mut tx)).await;
+        }
     }
 }
 

@@ -746,6 +746,42 @@ async fn a_relayed_app_that_goes_silent_is_closed_on_both_nodes() {
     db.drop_db().await;
 }
 
+/// An app behind a relay that closes its socket gets its close answered (a clean close, not a
+/// dropped connection), on both of the relaying node's ports, and its session on the owner ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_app_that_closes_gets_its_close_answered() {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let Some((redis, db, prefix)) = services().await else { return };
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
+    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let tenant = "oslo";
+    assert_eq!(a.post("/v1/orders", &a.dispatcher(tenant), order("o1")).await.0, 201);
+    let mut relayed = relayed_couriers(&a, &b, tenant).await;
+    let owner = a.running.as_ref().unwrap().state.clone();
+    for (port, courier) in &mut relayed {
+        courier.s.close(None).await.unwrap();
+        let answer = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match courier.s.next().await {
+                    Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Ok(_)) => {}
+                    other => return Err(format!("{other:?}")),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{port:?}: no answer to the close"));
+        assert_eq!(answer, Ok(()), "{port:?}: the connection ended without a close frame");
+    }
+    eventually("the owner's sessions closed", || async { (owner.broker.session_counts().0 == 0).then_some(()) }).await;
+    drop(relayed);
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
+
 /// A node shutting down closes the sockets it relays to another node's market with 1001
 /// ("going away", so the apps reconnect at once, to a node that stays), on both ports, and
 /// does not hold its own shutdown on them.
