@@ -400,8 +400,16 @@ impl FleetCtx {
     /// server within `courier_stale_ms` (status and shift are the caller's to check).
     pub(crate) fn heard_courier(&self, tenant: &TenantId, id: &CourierId, now: Ms) -> Option<CourierRecord> {
         let h = self.couriers.get(&(tenant.clone(), id.clone()))?;
-        let heard = h.shared.heard_at.load(std::sync::atomic::Ordering::Relaxed);
-        (now.saturating_sub(heard) <= self.config.courier_stale_ms).then(|| h.shared.record.lock().clone())
+        self.heard_lately(&h.shared, now).then(|| h.shared.record.lock().clone())
+    }
+
+    /// Whether a courier's last fix reached this server within `courier_stale_ms` of `now`.
+    pub(crate) fn heard(&self, tenant: &TenantId, id: &CourierId, now: Ms) -> bool {
+        self.couriers.get(&(tenant.clone(), id.clone())).is_some_and(|h| self.heard_lately(&h.shared, now))
+    }
+
+    fn heard_lately(&self, shared: &CourierShared, now: Ms) -> bool {
+        now.saturating_sub(shared.heard_at.load(std::sync::atomic::Ordering::Relaxed)) <= self.config.courier_stale_ms
     }
 
     async fn spawn_courier(self: &Arc<Self>, shared: Arc<CourierShared>) -> Result<CourierHandle, FleetError> {
@@ -1081,12 +1089,11 @@ impl Fleet {
     /// couriers and open orders: for a console's once-a-second stats, not for hot paths.
     pub fn tenant_stats(&self, tenant: &TenantId) -> TenantStats {
         let now = self.now_ms();
-        let stale = self.ctx.config.courier_stale_ms;
         let couriers_online = self
             .ctx
             .couriers
             .iter()
-            .filter(|e| e.key().0 == *tenant && now.saturating_sub(e.value().shared.heard_at.load(std::sync::atomic::Ordering::Relaxed)) <= stale)
+            .filter(|e| e.key().0 == *tenant && self.ctx.heard_lately(&e.value().shared, now))
             .count();
         let orders_open = self.ctx.last_orders.iter().filter(|e| e.key().0 == *tenant).count();
         let fixes_received = self.ctx.positions.get(tenant).map_or(0, |t| t.fixes());
@@ -1181,16 +1188,19 @@ impl Fleet {
         self.ctx.zones.snapshot(tenant).zones().find(|z| z.id == *id).cloned().ok_or(FleetError::NotFound { what: "zone" })
     }
 
-    /// Supply, demand and surge of a zone.
+    /// Supply, demand and surge of a zone. Supply counts only couriers heard from within
+    /// `courier_stale_ms`, as dispatch does.
     pub fn zone_stats(&self, tenant: &TenantId, id: &ZoneId) -> Option<crate::zone::AreaStats> {
-        self.ctx.zones.stats(&crate::zone::AreaKey::Zone(tenant.clone(), id.clone()))
+        let now = self.now_ms();
+        self.ctx.zones.stats(&crate::zone::AreaKey::Zone(tenant.clone(), id.clone()), |c| self.ctx.heard(tenant, c, now))
     }
 
     /// Supply, demand and surge of the dispatch cell (`FleetConfig::dispatch_res`) around `at`;
-    /// zero when nothing ever happened there.
+    /// zero when nothing ever happened there. Supply as in [`Fleet::zone_stats`].
     pub fn cell_stats(&self, tenant: &TenantId, at: LatLng) -> crate::zone::AreaStats {
         let cell = hexfleet_geo::cells::cell_at(at, self.ctx.zones.resolution());
-        self.ctx.zones.stats(&crate::zone::AreaKey::Cell(tenant.clone(), cell)).unwrap_or_default()
+        let now = self.now_ms();
+        self.ctx.zones.stats(&crate::zone::AreaKey::Cell(tenant.clone(), cell), |c| self.ctx.heard(tenant, c, now)).unwrap_or_default()
     }
 
     /// Test hook: makes a zone's area actor panic.

@@ -158,8 +158,10 @@ struct Counts {
 }
 
 impl Counts {
-    fn stats(&self) -> AreaStats {
-        let (supply, demand) = (self.supply.len(), self.demand.len());
+    /// The area's figures, counting as supply only the couriers `counts` keeps (those heard
+    /// from lately: a courier whose app died stays in the set, since nothing moves it out).
+    fn stats(&self, counts: impl Fn(&CourierId) -> bool) -> AreaStats {
+        let (supply, demand) = (self.supply.iter().filter(|c| counts(c)).count(), self.demand.len());
         AreaStats { supply, demand, surge: demand as f64 / supply.max(1) as f64 }
     }
 }
@@ -203,7 +205,7 @@ impl Actor for AreaActor {
             }
             AreaMsg::ResetDemand(d) => st.counts.lock().demand = d,
             AreaMsg::Stats(reply) => {
-                let _ = reply.send(st.counts.lock().stats());
+                let _ = reply.send(st.counts.lock().stats(|_| true));
             }
             AreaMsg::Crash => panic!("injected crash in area actor"),
         }
@@ -326,9 +328,10 @@ impl ZoneRegistry {
         });
     }
 
-    /// Counts of an area, as last applied by its actor.
-    pub fn stats(&self, key: &AreaKey) -> Option<AreaStats> {
-        self.areas.get(key).map(|s| s.counts.lock().stats())
+    /// Counts of an area, as last applied by its actor, with only the couriers `counts` keeps
+    /// as supply.
+    pub fn stats(&self, key: &AreaKey, counts: impl Fn(&CourierId) -> bool) -> Option<AreaStats> {
+        self.areas.get(key).map(|s| s.counts.lock().stats(counts))
     }
 
     /// The actor of an area (tests, tools).

@@ -391,6 +391,13 @@ async fn supply_demand_and_surge_per_zone_and_cell_and_a_zone_actor_restart() {
     e.drive(&c2, OUT, T0 + 120_000).await;
     e.zone_stats_become("z1", (1, 3)).await;
     e.cell_stats_become(OUT, (1, 1)).await;
+    // A courier not heard from for `courier_stale_ms` (server clock) is no supply, as it gets
+    // no orders (an app that died stays "available"); it is again once it sends a fix.
+    e.clock.set(T0 + FleetConfig::default().courier_stale_ms + 1);
+    e.zone_stats_become("z1", (0, 3)).await;
+    e.cell_stats_become(OUT, (0, 1)).await;
+    e.drive(&c3, IN, T0 + 200_000).await;
+    e.zone_stats_become("z1", (1, 3)).await;
 }
 
 #[tokio::test]
