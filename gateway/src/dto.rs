@@ -310,7 +310,6 @@ pub fn order_update_json(o: &Arc<Order>, seq: u64) -> serde_json::Value {
         "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::from(o.as_ref()) })
 }
 
-/// An error frame.
 /// Whether free text (a name, a secret, a URL) holds a control character. They are refused at
 /// the edge: PostgreSQL refuses NUL in `text`, which would fail the whole commit group the
 /// write was batched with (and answer 503 to a request that is simply wrong).
@@ -318,6 +317,7 @@ pub fn has_control_chars(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
 
+/// An error frame.
 pub fn error_json(code: &str, message: &str) -> String {
     serde_json::json!({ "t": "error", "code": code, "message": message }).to_string()
 }

@@ -111,7 +111,7 @@ async fn demo(a: hexfleet_gateway::config::DemoArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
     let running = hexfleet_gateway::start(cfg, listener, shutdown.clone()).await?;
-    let base = format!("http://{}", running.addr);
+    let base = format!("http://{}", reachable(running.addr));
     let keys = Keys::new(&secret);
     let tenant = "demo";
     let token = keys.mint(Role::Dispatcher, "demo-dispatcher", tenant, None, Duration::from_secs(7 * 24 * 3600));
@@ -133,12 +133,41 @@ async fn demo(a: hexfleet_gateway::config::DemoArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let sim_stop = shutdown.child_token();
-    let sim_task = tokio::spawn(hexfleet_sim::run_demo(sim, sim_stop));
+    let sim_task = tokio::spawn(async move {
+        let res = hexfleet_sim::run_demo(sim, sim_stop).await;
+        // Said at once, not at shutdown: a demo whose fleet did not start shows an empty city.
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "simulated fleet stopped");
+        }
+        res
+    });
     let res = running.wait().await;
-    match tokio::time::timeout(Duration::from_secs(10), sim_task).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "simulated fleet ended with an error"),
-        Err(_) => tracing::warn!("simulated fleet did not stop in time"),
-        _ => {}
+    if tokio::time::timeout(Duration::from_secs(10), sim_task).await.is_err() {
+        tracing::warn!("simulated fleet did not stop in time");
     }
     res
+}
+
+/// The address the in-process fleet connects to: a server listening on every interface
+/// (`0.0.0.0`, as in the container image) is reached on loopback.
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => (std::net::Ipv4Addr::LOCALHOST, addr.port()).into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => (std::net::Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reachable;
+
+    #[test]
+    fn a_server_on_every_interface_is_reached_on_loopback() {
+        let on = |s: &str| reachable(s.parse().unwrap()).to_string();
+        assert_eq!(on("0.0.0.0:8080"), "127.0.0.1:8080");
+        assert_eq!(on("[::]:8080"), "[::1]:8080");
+        assert_eq!(on("127.0.0.1:9"), "127.0.0.1:9");
+        assert_eq!(on("10.1.2.3:80"), "10.1.2.3:80");
+    }
 }

@@ -252,7 +252,7 @@ async fn drive(
             msg = ws.next() => {
                 let Some(msg) = msg else { anyhow::bail!("server closed the socket") };
                 match msg? {
-                    Message::Text(t) => on_server_msg(t.as_str(), st, bbox, opts, stats),
+                    Message::Text(t) => on_server_msg(t.as_str(), &spec.id, st, bbox, opts, stats),
                     Message::Close(f) => anyhow::bail!("server closed: {f:?}"),
                     _ => {}
                 }
@@ -317,12 +317,15 @@ async fn advance(
             return Ok(st.mover.step(&mut st.rng, 0.0));
         }
         st.dwell_until = None;
-        if let Some(stop) = st.plan.pop_front() {
+        if let Some(stop) = st.plan.front().cloned() {
             let event = match stop.kind {
                 StopKind::Pickup => OrderEventKind::PickedUp,
                 StopKind::Dropoff => OrderEventKind::Delivered,
             };
+            // Off the plan only once reported: a send that fails leaves it for after the
+            // reconnect (taken off first, a lost `picked_up` left the order held for good).
             send(ws, &CourierMsg::OrderEvent { order_id: stop.order_id.clone(), event }).await?;
+            st.plan.pop_front();
             SimStats::inc(match stop.kind {
                 StopKind::Pickup => &stats.picked_up,
                 StopKind::Dropoff => &stats.delivered,
@@ -350,7 +353,7 @@ async fn advance(
     Ok(st.mover.step(&mut st.rng, dt))
 }
 
-fn on_server_msg(text: &str, st: &mut State, bbox: &BBox, opts: &CourierOptions, stats: &SimStats) {
+fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &CourierOptions, stats: &SimStats) {
     let Ok(msg) = serde_json::from_str::<ServerMsg>(text) else {
         tracing::debug!(frame = text, "unparsed server frame");
         return;
@@ -396,6 +399,33 @@ fn on_server_msg(text: &str, st: &mut State, bbox: &BBox, opts: &CourierOptions,
             }
             st.plan.retain(|s| s.order_id != order_id);
             st.target_changed(bbox);
+        }
+        // An order this courier holds, as the server tells it again on connect (`assigned` is
+        // not sent again): its stops still to do go into the plan. Without it, a courier that
+        // reconnected (a restarted demo, a network switch while `assigned` went out) never
+        // finished the order, and its capacity stayed taken for good.
+        ServerMsg::OrderUpdate { order_id, state, courier_id, order: Some(o), .. } if courier_id.as_deref() == Some(me) => {
+            let stops: &[StopKind] = match state.as_str() {
+                "assigned" | "at_pickup" => &[StopKind::Pickup, StopKind::Dropoff],
+                "picked_up" | "at_dropoff" => &[StopKind::Dropoff],
+                _ => &[],
+            };
+            if stops == [StopKind::Dropoff] {
+                // Picked up, whatever this app last knew.
+                st.plan.retain(|s| !(s.order_id == order_id && s.kind == StopKind::Pickup));
+            }
+            for &kind in stops {
+                let at = match kind {
+                    StopKind::Pickup => o.pickup,
+                    StopKind::Dropoff => o.dropoff,
+                };
+                if let Some(p) = at {
+                    st.add_stop(PlanStop { order_id: order_id.clone(), kind, at: LatLng::new(p.lat, p.lng) });
+                }
+            }
+            if st.dwell_until.is_none() {
+                st.target_changed(bbox);
+            }
         }
         ServerMsg::Error { code, message } => {
             SimStats::inc(&stats.server_errors);

@@ -420,6 +420,9 @@ type Control = (usize, String);
 
 /// Runs the load test. Stops by itself after connecting + `duration` (+ bounded teardown), or
 /// early on `shutdown`.
+/// Messages per second the server takes from one socket on average (its `ws::RATE_PER_S`).
+pub const SERVER_RATE_PER_SOCKET: f64 = 50.0;
+
 pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::Result<LoadReport> {
     let server = Server::parse(&cfg.base_url)?;
     let courier_server = match &cfg.courier_url {
@@ -430,6 +433,15 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
     anyhow::ensure!(bbox.is_valid(), "invalid bbox {:?}", cfg.bbox);
     anyhow::ensure!(cfg.rate >= 0.0 && cfg.rate.is_finite(), "rate must be a finite number >= 0");
     anyhow::ensure!(cfg.track <= cfg.couriers, "--track cannot exceed --couriers");
+    // One `loc` frame per update: past the server's per-socket limit the excess is dropped
+    // (one `rate_limited` error per burst), and `sent/s` and the Redis ratio would count it.
+    anyhow::ensure!(
+        cfg.couriers == 0 || cfg.rate / cfg.couriers as f64 <= SERVER_RATE_PER_SOCKET,
+        "--rate {} over {} couriers is {:.0} updates/s per socket; the server takes at most {SERVER_RATE_PER_SOCKET} (add couriers)",
+        cfg.rate,
+        cfg.couriers,
+        cfg.rate / cfg.couriers as f64
+    );
     let watch_bbox = cfg.watch_bbox.unwrap_or(cfg.bbox);
     let mint = TokenMint::new(&cfg.jwt_secret, &cfg.tenant, 24 * 3600);
     let counters = Arc::new(Counters::default());

@@ -14,6 +14,15 @@ pub struct Point {
     pub lng: f64,
 }
 
+/// The stops of the order embedded in an `order_update` (its other fields are not used here).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OrderStops {
+    #[serde(default)]
+    pub pickup: Option<Point>,
+    #[serde(default)]
+    pub dropoff: Option<Point>,
+}
+
 /// One fix inside a `locs` batch.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LocItem {
@@ -119,6 +128,10 @@ pub enum ServerMsg {
         courier_id: Option<String>,
         #[serde(default)]
         ts: Option<i64>,
+        /// The order itself (its stops): what a courier reconnecting to orders it holds needs,
+        /// since `assigned` is not sent again.
+        #[serde(default)]
+        order: Option<OrderStops>,
     },
     Error {
         #[serde(default)]
@@ -286,11 +299,11 @@ mod tests {
             ),
             (
                 r#"{"t":"order_update","seq":4,"order_id":"o1","state":"at_pickup","courier_id":"c1","ts":1700000000000}"#,
-                ServerMsg::OrderUpdate { seq: 4, order_id: "o1".into(), state: "at_pickup".into(), courier_id: Some("c1".into()), ts: Some(1_700_000_000_000) },
+                ServerMsg::OrderUpdate { seq: 4, order_id: "o1".into(), state: "at_pickup".into(), courier_id: Some("c1".into()), ts: Some(1_700_000_000_000), order: None },
             ),
             (
                 r#"{"t":"order_update","seq":1,"order_id":"o2","state":"created","courier_id":null,"ts":5,"order":{"id":"o2"}}"#,
-                ServerMsg::OrderUpdate { seq: 1, order_id: "o2".into(), state: "created".into(), courier_id: None, ts: Some(5) },
+                ServerMsg::OrderUpdate { seq: 1, order_id: "o2".into(), state: "created".into(), courier_id: None, ts: Some(5), order: Some(OrderStops { pickup: None, dropoff: None }) },
             ),
             (
                 r#"{"t":"error","code":"bad_coordinates","message":"lat out of range"}"#,

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::geomath::{bearing_deg, distance_m, LatLng};
 use crate::net::{connect_ws, Server};
-use crate::protocol::{CourierMsg, CourierStatus};
+use crate::protocol::CourierMsg;
 use crate::trace::Trace;
 
 /// What a replay did.
@@ -37,8 +37,8 @@ pub async fn replay(
     let path = format!("/v1/ws/courier?token={token}");
     let mut ws = connect_ws(server, &path, None, None, Duration::from_secs(10)).await?;
     let mut report = ReplayReport::default();
-    let status = CourierMsg::Status { status: CourierStatus::Available };
-    ws.send(Message::Text(serde_json::to_string(&status)?.into())).await?;
+    // No `available`: a recorded trace cannot answer offers, and beside a demo each order
+    // offered to it would wait out the offer timeout. It moves on the map as an offline courier.
     let start = tokio::time::Instant::now();
     let t0 = trace.fixes.first().map_or(0, |f| f.ts);
     let mut prev: Option<(LatLng, i64)> = None;

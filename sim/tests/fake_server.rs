@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::{SinkExt as _, StreamExt as _};
 use hexfleet_sim::CancellationToken;
 use hexfleet_sim::courier::{CourierOptions, CourierSpec, CourierToken, SimStats, run_courier};
-use hexfleet_sim::geomath::{BBox, offset};
+use hexfleet_sim::geomath::{BBox, LatLng, offset};
 use hexfleet_sim::load::{LoadConfig, run_load};
 use hexfleet_sim::movement::Vehicle;
 use hexfleet_sim::net::Server;
@@ -133,13 +133,24 @@ async fn courier_answers_offers_delivers_and_reconnects() {
     let (mut ws, _, _) = accept(&listener).await;
     assert_eq!(next_json(&mut ws).await["t"], "loc");
     assert_eq!(next_json(&mut ws).await["t"], "status");
+    // On connect the server tells it again of the orders it holds (`assigned` is not sent
+    // again): it finishes them, from where each one is.
+    let order = |pu: LatLng, d: LatLng| json!({"pickup": {"lat": pu.lat, "lng": pu.lng}, "dropoff": {"lat": d.lat, "lng": d.lng}});
+    let (p2, d2, p3, d3) = (offset(start, 180.0, 5.0), offset(start, 270.0, 5.0), offset(start, 45.0, 5.0), offset(start, 135.0, 5.0));
+    send(&mut ws, json!({"t":"order_update","seq":1,"order_id":"o2","state":"assigned","courier_id":"c1","ts":1,"order":order(p2, d2)})).await;
+    send(&mut ws, json!({"t":"order_update","seq":2,"order_id":"o3","state":"picked_up","courier_id":"c1","ts":1,"order":order(p3, d3)})).await;
+    // Another courier's order (a tracking-style update) is not this app's to do.
+    send(&mut ws, json!({"t":"order_update","seq":3,"order_id":"o4","state":"assigned","courier_id":"c9","ts":1,"order":order(p3, d3)})).await;
+    assert_eq!(next_of(&mut ws, "order_event").await, json!({"t":"order_event","order_id":"o2","event":"picked_up"}));
+    assert_eq!(next_of(&mut ws, "order_event").await, json!({"t":"order_event","order_id":"o2","event":"delivered"}));
+    assert_eq!(next_of(&mut ws, "order_event").await, json!({"t":"order_event","order_id":"o3","event":"delivered"}));
 
     // Shutdown: goes offline and ends.
     shutdown.cancel();
     assert_eq!(next_of(&mut ws, "status").await, json!({"t":"status","status":"offline"}));
     timeout(DEADLINE, task).await.expect("courier did not stop").unwrap().unwrap();
     use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!((stats.offers.load(Relaxed), stats.picked_up.load(Relaxed), stats.delivered.load(Relaxed)), (1, 1, 1));
+    assert_eq!((stats.offers.load(Relaxed), stats.picked_up.load(Relaxed), stats.delivered.load(Relaxed)), (1, 2, 3));
     assert_eq!(stats.disconnects.load(Relaxed), 1);
 }
 
@@ -225,6 +236,7 @@ async fn replay_sends_every_fix_in_order() {
     let mut got = Vec::new();
     while got.len() < fixes.len() {
         let v = next_json(&mut ws).await;
+        assert_ne!(v["t"], "status", "a replay takes no work: {v}");
         if v["t"] == "loc" {
             got.push((v["lat"].as_f64().unwrap(), v["lng"].as_f64().unwrap()));
         }
@@ -284,6 +296,15 @@ async fn fake_load_server(listener: TcpListener, sources: mpsc::UnboundedSender<
             }
         });
     }
+}
+
+/// A rate the server would cut per socket (its 50 messages/s) is refused up front: the frames
+/// it drops would count as sent.
+#[tokio::test]
+async fn a_load_rate_past_the_servers_per_socket_limit_is_refused() {
+    let cfg = LoadConfig { base_url: "http://127.0.0.1:9".into(), jwt_secret: SECRET.into(), couriers: 2, rate: 400.0, progress: false, ..LoadConfig::default() };
+    let err = run_load(cfg, CancellationToken::new()).await.unwrap_err().to_string();
+    assert!(err.contains("200 updates/s per socket"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
