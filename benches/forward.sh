@@ -13,7 +13,7 @@ psql -h 127.0.0.1 -U postgres -d test -qc "CREATE DATABASE $DB" >/dev/null
 URL=postgres://postgres@127.0.0.1:5432/$DB
 PFX="hx:fwd:$$:"
 ulimit -n 20000
-export HEXFLEET_JWT_SECRET=loadtest-secret-0123456789 RUST_LOG=warn
+export HEXFLEET_JWT_SECRET=loadtest-secret-0123456789abcdef RUST_LOG=warn
 ./target/release/hexfleet serve --listen 127.0.0.1:8091 --database-url $URL --redis-url redis://127.0.0.1:6379 --redis-prefix $PFX --node-id a 2>${TMPDIR:-/tmp}/hexfleet-fwd-a.log &
 A=$!
 for i in $(seq 100); do curl -sf http://127.0.0.1:8091/healthz >/dev/null && break; sleep 0.1; done

@@ -30,7 +30,7 @@ if [ -n "${PG:-}" ]; then
   psql -h 127.0.0.1 -U postgres -d test -qc "CREATE DATABASE $PGDB" >/dev/null || exit 1
   STORE=postgres://postgres@127.0.0.1:5432/$PGDB
 fi
-RUST_LOG=warn ${BIN:-./target/release/hexfleet} serve --listen 127.0.0.1:8090 --database-url "$STORE" ${SERVER_ARGS:-} 2>"$DIR/server.log" &
+RUST_LOG=warn ${BIN:-./target/release/hexfleet} serve --dev-secret --listen 127.0.0.1:8090 --database-url "$STORE" ${SERVER_ARGS:-} 2>"$DIR/server.log" &
 S=$!
 for _ in $(seq 100); do curl -sf http://127.0.0.1:8090/healthz >/dev/null && break; sleep 0.1; done
 if [ -n "${PSTAT:-}" ]; then

@@ -28,7 +28,7 @@ LOGS=${TMPDIR:-/tmp}/hexfleet-two-$$
 mkdir -p "$LOGS"; ulimit -n 20000
 psql -h 127.0.0.1 -U postgres -d test -qc "CREATE DATABASE $DB" >/dev/null || exit 1
 URL=postgres://postgres@127.0.0.1:5432/$DB
-export HEXFLEET_JWT_SECRET=loadtest-secret-0123456789 RUST_LOG=warn
+export HEXFLEET_JWT_SECRET=loadtest-secret-0123456789abcdef RUST_LOG=warn
 node() { # name http-port ingest-port
   ${BIN:-./target/release/hexfleet} serve --listen 127.0.0.1:$2 --ingest-listen 127.0.0.1:$3 --database-url $URL \
     ${FANOUT:---redis-url redis://127.0.0.1:6379 --redis-prefix $PFX} --node-id $1 ${NODE_ARGS:-} 2>"$LOGS/$1.log" &

@@ -14,6 +14,8 @@ use crate::auth::Role;
 
 /// The secret used when none is configured: fine on a laptop, refused on a public address.
 pub const DEV_JWT_SECRET: &str = "hexfleet-dev-secret";
+/// The shortest JWT secret accepted: 256 bits, the size of HS256's hash (RFC 7518, 3.2).
+pub const MIN_SECRET_LEN: usize = 32;
 
 #[derive(Debug, Parser)]
 #[command(name = "hexfleet", version, about = "Real-time courier tracking and dispatch")]
@@ -54,9 +56,14 @@ pub struct ServeArgs {
     /// Prefix of every Redis key and channel (separates deployments sharing a Redis).
     #[arg(long, env = "HEXFLEET_REDIS_PREFIX", default_value = "hexfleet:")]
     pub redis_prefix: String,
-    /// HS256 secret for tokens (shared with `hexfleet token`).
+    /// HS256 secret for tokens (shared with `hexfleet token`): at least 32 bytes (e.g.
+    /// `openssl rand -hex 32`).
     #[arg(long, env = "HEXFLEET_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Without a secret, use the built-in development one, which everyone knows: for local
+    /// runs and benchmarks, and only on loopback addresses. `demo` implies it.
+    #[arg(long, env = "HEXFLEET_DEV_SECRET", default_value_t = false)]
+    pub dev_secret: bool,
     /// Dispatch round period in milliseconds.
     #[arg(long, env = "HEXFLEET_DISPATCH_TICK_MS", default_value_t = 2_000)]
     pub dispatch_tick_ms: u64,
@@ -195,12 +202,19 @@ fn parse_purge_interval(s: &str) -> Result<Duration, String> {
 }
 
 impl ServeArgs {
-    /// The secret to use; refuses the development secret on a non-loopback address.
+    /// The secret to use. A configured one must have at least [`MIN_SECRET_LEN`] bytes (an HS256
+    /// key shorter than its 256-bit hash can be guessed offline from any token). The
+    /// development secret needs `--dev-secret` and loopback addresses only: a server on
+    /// loopback may still be public behind a reverse proxy, so loopback alone is not enough.
     pub fn secret(&self) -> anyhow::Result<String> {
         match &self.jwt_secret {
-            Some(s) if s.len() >= 8 => Ok(s.clone()),
-            Some(_) => anyhow::bail!("HEXFLEET_JWT_SECRET must be at least 8 characters"),
+            Some(s) if s.len() >= MIN_SECRET_LEN => Ok(s.clone()),
+            Some(_) => anyhow::bail!("HEXFLEET_JWT_SECRET must be at least {MIN_SECRET_LEN} bytes (e.g. `openssl rand -hex 32`)"),
             None => {
+                anyhow::ensure!(
+                    self.dev_secret,
+                    "set HEXFLEET_JWT_SECRET (at least {MIN_SECRET_LEN} bytes, e.g. `openssl rand -hex 32`), or pass --dev-secret for the public development secret on loopback"
+                );
                 let loopback = |a: &str| a.starts_with("127.") || a.starts_with("localhost") || a.starts_with("[::1]");
                 // Every address tokens are checked on: the HTTP port and the ingest port.
                 for addr in std::iter::once(&self.listen).chain(&self.ingest_listen) {
@@ -414,17 +428,33 @@ mod tests {
 
     #[test]
     fn dev_secret_is_refused_off_loopback() {
-        let cli = Cli::try_parse_from(["hexfleet", "serve", "--listen", "0.0.0.0:8080"]).unwrap();
+        let cli = Cli::try_parse_from(["hexfleet", "serve", "--listen", "0.0.0.0:8080", "--dev-secret"]).unwrap();
         let Cmd::Serve(mut s) = cli.cmd else { panic!() };
         s.jwt_secret = None;
         assert!(s.secret().is_err());
         s.listen = "127.0.0.1:1".into();
         assert!(s.secret().is_ok());
+        // Not without asking for it: a server on loopback may be public behind a proxy.
+        s.dev_secret = false;
+        assert!(s.secret().is_err());
+        s.dev_secret = true;
         // The ingest port takes courier tokens too: a public one needs a real secret.
         s.ingest_listen = Some("0.0.0.0:9".into());
         assert!(s.secret().is_err());
         s.ingest_listen = Some("127.0.0.1:9".into());
         assert!(s.secret().is_ok());
+    }
+
+    #[test]
+    fn a_jwt_secret_shorter_than_256_bits_is_refused() {
+        let cli = Cli::try_parse_from(["hexfleet", "serve"]).unwrap();
+        let Cmd::Serve(mut s) = cli.cmd else { panic!() };
+        s.jwt_secret = Some("abcdefgh".into());
+        assert!(s.secret().is_err());
+        s.jwt_secret = Some("x".repeat(MIN_SECRET_LEN - 1));
+        assert!(s.secret().is_err());
+        s.jwt_secret = Some("x".repeat(MIN_SECRET_LEN));
+        assert_eq!(s.secret().unwrap().len(), MIN_SECRET_LEN);
     }
 
     #[test]

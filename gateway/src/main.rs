@@ -104,7 +104,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     running.wait().await
 }
 
-async fn demo(a: hexfleet_gateway::config::DemoArgs) -> anyhow::Result<()> {
+async fn demo(mut a: hexfleet_gateway::config::DemoArgs) -> anyhow::Result<()> {
+    // A demo may use the development secret (on loopback; elsewhere it needs a real one).
+    a.serve.dev_secret = true;
     let cfg = serve_config(&a.serve)?;
     let secret = cfg.jwt_secret.clone();
     let listener = TcpListener::bind(&a.serve.listen).with_context(|| format!("cannot listen on {}", a.serve.listen))?;

@@ -699,8 +699,24 @@ async fn a_relayed_socket_notices_an_owner_that_stopped_answering() {
     assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
     let mut relayed = relayed_couriers(&a, &b, tenant).await;
     proxy.stall();
-    for (port, courier) in &mut relayed {
-        let close = courier.expect_close().await.unwrap_or_else(|| panic!("{port:?}: a close frame"));
+    // The apps keep sending (a silent one would be closed for its own idleness).
+    let closed = relayed.iter_mut().map(|(port, courier)| async move {
+        use futures_util::{SinkExt as _, StreamExt as _};
+        use tokio_tungstenite::tungstenite::Message;
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            assert!(tokio::time::Instant::now() < until, "{port:?}: no close frame");
+            let fix = json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()}).to_string();
+            let _ = courier.s.send(Message::Text(fix.into())).await;
+            match tokio::time::timeout(Duration::from_millis(200), courier.s.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return (*port, frame),
+                Ok(Some(Ok(_))) | Err(_) => {}
+                Ok(other) => panic!("{port:?}: ended without a close frame: {other:?}"),
+            }
+        }
+    });
+    for (port, frame) in futures_util::future::join_all(closed).await {
+        let close = frame.unwrap_or_else(|| panic!("{port:?}: a close frame"));
         assert_eq!(close.code, tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Again, "{port:?}: {close:?}");
     }
     proxy.restore();

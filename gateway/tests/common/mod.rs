@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-pub const SECRET: &str = "test-secret-0123456789";
+pub const SECRET: &str = "test-secret-0123456789-abcdefghij";
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
 pub struct TestServer {
