@@ -341,7 +341,11 @@ fn osmand_err(status: StatusCode, code: &'static str, msg: &str) -> HttpResponse
     actix_web::ResponseError::error_response(&ApiError::new(status, code, msg))
 }
 
-/// Maps device ids to couriers and ingests with the same checks as the courier socket.
+/// Maps device ids to couriers and ingests with the same checks as the courier socket. A fix
+/// of a known device that fails them (a clock far ahead, a fix a week old, a negative speed) is
+/// dropped and counted (`hexfleet_osmand_dropped_total{reason}`), and the report still answers
+/// 200: Traccar Client and OsmAnd keep a position until it is answered 200 and send the oldest
+/// first, so a 400 for one bad fix stopped the device's reports for good.
 fn osmand_ingest(st: &AppState, fixes: Vec<osmand::OsmandFix>, unknown: StatusCode) -> HttpResponse {
     let now = st.fleet.now_ms();
     let mut by_courier: Vec<((TenantId, CourierId), Vec<hexfleet_actors::domain::Fix>)> = Vec::new();
@@ -352,7 +356,11 @@ fn osmand_ingest(st: &AppState, fixes: Vec<osmand::OsmandFix>, unknown: StatusCo
         let loc = LocDto { lat: f.lat, lng: f.lng, ts: f.ts_ms, speed: f.speed_mps, heading: f.heading, acc: f.accuracy };
         let fix = match loc.to_fix(now) {
             Ok(fix) => fix,
-            Err(e) => return osmand_err(StatusCode::BAD_REQUEST, e.code, &e.message),
+            Err(e) => {
+                metrics::counter!("hexfleet_osmand_dropped_total", "reason" => e.code).increment(1);
+                tracing::debug!(device = %f.device_id, code = e.code, message = %e.message, "OsmAnd fix dropped");
+                continue;
+            }
         };
         match by_courier.iter_mut().find(|(k, _)| *k == owner) {
             Some((_, v)) => v.push(fix),
