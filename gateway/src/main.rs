@@ -86,6 +86,7 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
             ttl: Duration::from_millis(a.market_lease_ms),
             renew_every: Duration::from_millis(a.market_lease_ms / 3),
             advertise_url,
+            forward_timeout: hexfleet_gateway::markets::FORWARD_TIMEOUT,
         });
     }
     Ok(cfg)

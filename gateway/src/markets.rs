@@ -58,8 +58,9 @@ pub const FORWARDED: &str = "x-hexfleet-forwarded";
 /// Device → market entries cached at most.
 const MAX_DEVICES_CACHED: usize = 100_000;
 
-/// The longest a forwarded HTTP request may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a forwarded HTTP request may wait for its answer to start, and then for each
+/// read of its body ([`MarketConfig::forward_timeout`]'s default).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Largest request body forwarded to a market's owner.
 const MAX_FORWARD_BODY: usize = 1024 * 1024;
@@ -73,6 +74,10 @@ pub struct MarketConfig {
     pub renew_every: Duration,
     /// Base URL other nodes reach this one at (`http://host:port`).
     pub advertise_url: String,
+    /// How long a request forwarded to a market's owner waits for the answer to start, and
+    /// then for each read of its body (a paused owner still accepts connections). Not the
+    /// whole body: a long history export to a slow client takes as long as it takes.
+    pub forward_timeout: Duration,
 }
 
 /// Where a request for a market is served.
@@ -127,8 +132,10 @@ impl Markets {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .connect_timeout(Duration::from_secs(2))
-            // A paused owner still accepts connections: do not wait on it for ever.
-            .timeout(FORWARD_TIMEOUT)
+            // A paused owner still accepts connections: do not wait on it for ever, but bound
+            // each read of an answer, not the whole of it (reqwest's `timeout` covers the body:
+            // a forwarded history export to a slow client was cut off after 30 s).
+            .read_timeout(config.forward_timeout)
             .build()?;
         Ok(Markets {
             store,
@@ -522,9 +529,9 @@ fn changing_owner(tenant: &TenantId) -> ApiError {
 /// all (no connection), or a read: 503 `market_moving`, retry. A write that went out may have
 /// been applied by the owner: 504 `outcome_unknown`, so that the client reads before it
 /// retries (a retried creation would get 409, a retried override could move an order twice).
-fn forward_failed(method: &actix_web::http::Method, e: &reqwest::Error) -> ApiError {
+fn forward_failed(method: &actix_web::http::Method, connect: bool, e: &dyn std::fmt::Display) -> ApiError {
     let safe = matches!(*method, actix_web::http::Method::GET | actix_web::http::Method::HEAD | actix_web::http::Method::OPTIONS);
-    if e.is_connect() || safe {
+    if connect || safe {
         return owner_unreachable(e);
     }
     ApiError::new(
@@ -715,11 +722,16 @@ impl Markets {
         if let Some(peer) = req.peer_addr() {
             out = out.header("x-forwarded-for", peer.ip().to_string());
         }
-        let resp = match out.send().await {
-            Ok(r) => r,
-            Err(e) => {
+        let resp = match tokio::time::timeout(self.config.forward_timeout, out.send()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 self.forget_owner(owner);
-                return actix_web::ResponseError::error_response(&forward_failed(req.method(), &e));
+                return actix_web::ResponseError::error_response(&forward_failed(req.method(), e.is_connect(), &e));
+            }
+            Err(_) => {
+                self.forget_owner(owner);
+                let why = format!("no answer within {:?}", self.config.forward_timeout);
+                return actix_web::ResponseError::error_response(&forward_failed(req.method(), false, &why));
             }
         };
         if resp.status().as_u16() == 503 {
@@ -1017,7 +1029,7 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let refused = client.post(format!("http://{closed}/v1/orders")).body("{}").send().await.unwrap_err();
         let code = |m: Method, e: &reqwest::Error| {
-            let e = forward_failed(&m, e);
+            let e = forward_failed(&m, e.is_connect(), e);
             (e.status.as_u16(), e.code)
         };
         assert_eq!(code(Method::POST, &timed_out), (504, "outcome_unknown"));

@@ -28,7 +28,7 @@ fn leased(db: &str, redis: &str, prefix: &str, name: &str, ttl: Duration, renew:
     cfg.redis_url = Some(redis.into());
     cfg.redis_prefix = prefix.into();
     cfg.node_id = name.into();
-    cfg.markets = Some(MarketConfig { ttl, renew_every: renew, advertise_url: String::new() });
+    cfg.markets = Some(MarketConfig { ttl, renew_every: renew, advertise_url: String::new(), forward_timeout: hexfleet_gateway::markets::FORWARD_TIMEOUT });
     cfg
 }
 
@@ -793,6 +793,49 @@ async fn a_relayed_app_that_closes_gets_its_close_answered() {
     }
     eventually("the owner's sessions closed", || async { (owner.broker.session_counts().0 == 0).then_some(()) }).await;
     drop(relayed);
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
+
+/// A long history export through a node that does not own the market is streamed to the end,
+/// however slowly the client reads: the forward's timeout bounds the wait for the answer and for
+/// each read, not the whole body (reqwest's client-wide timeout cut it off, at 30 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_history_export_through_another_node_is_not_cut_off() {
+    use futures_util::StreamExt as _;
+    use sqlx::Connection as _;
+    let Some((redis, db, prefix)) = services().await else { return };
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    let forward = Duration::from_secs(1);
+    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
+    let mut cfg_b = leased(&db.url, &redis, &prefix, "node-b", ttl, renew);
+    cfg_b.markets.as_mut().unwrap().forward_timeout = forward;
+    let mut b = TestServer::start(cfg_b).await;
+    let tenant = "oslo";
+    let disp = a.dispatcher(tenant);
+    assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
+    assert_eq!(a.put("/v1/couriers/c1", &disp, json!({"name": "van 1"})).await.0, 200);
+    // 40,000 samples, about 8 MB of GeoJSON: more than the sockets between hold.
+    let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO location_history (tenant, courier, ts, lat, lng, speed) \
+         SELECT 'oslo', 'c1', 1700000000000 + g * 1000, 59.9 + g * 1e-6, 10.7, 3.0 FROM generate_series(1, 40000) g",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let resp = b.http.get(format!("{}/v1/couriers/c1/history?from=0", b.base)).bearer_auth(&disp).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut body = stream.next().await.expect("a first chunk").expect("a first chunk").to_vec();
+    // A slow client: it stops reading for three forward timeouts (the export then waits on it).
+    tokio::time::sleep(forward * 3).await;
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk.expect("the export broke off"));
+    }
+    let v: Value = serde_json::from_slice(&body).expect("a complete GeoJSON document");
+    assert_eq!(v["features"].as_array().map(Vec::len), Some(40_000));
     a.stop().await;
     b.stop().await;
     db.drop_db().await;
