@@ -75,6 +75,12 @@ pub(crate) fn courier_id(raw: &str) -> Result<CourierId, ApiError> {
 }
 
 /// Whether the caller may read this order: staff of the tenant, its customer, its courier.
+/// The order as `auth` may see it: all of it for staff, without the dispatch record for the
+/// customer and the courier.
+fn order_for(auth: &Auth, o: &hexfleet_actors::domain::Order) -> OrderDto {
+    if auth.is_staff() { OrderDto::from(o) } else { OrderDto::for_watchers(o) }
+}
+
 fn may_see_order(auth: &Auth, o: &hexfleet_actors::domain::Order) -> bool {
     match auth.claims.role {
         Role::Dispatcher | Role::Admin => true,
@@ -102,7 +108,7 @@ pub(crate) async fn get_order(st: State, auth: Auth, path: web::Path<String>) ->
         // Same answer as a missing order: do not reveal other customers' ids.
         return Err(ApiError::not_found("order not found"));
     }
-    Ok(HttpResponse::Ok().json(OrderDto::from(o.as_ref())))
+    Ok(HttpResponse::Ok().json(order_for(&auth, &o)))
 }
 
 #[utoipa::path(post, path = "/v1/orders/{id}/cancel", params(("id" = String, Path)), responses((status = 200, body = OrderDto), (status = 404), (status = 409)), security(("bearer" = [])))]
@@ -113,7 +119,7 @@ pub(crate) async fn cancel_order(st: State, auth: Auth, path: web::Path<String>)
         return Err(ApiError::not_found("order not found"));
     }
     let o = st.fleet.command(&auth.tenant, &id, Command::Cancel, auth.who()).await?;
-    Ok(HttpResponse::Ok().json(OrderDto::from(o.as_ref())))
+    Ok(HttpResponse::Ok().json(order_for(&auth, &o)))
 }
 
 #[utoipa::path(post, path = "/v1/orders/{id}/assign", params(("id" = String, Path)), request_body = AssignReq, responses((status = 200, body = OrderDto), (status = 404), (status = 409)), security(("bearer" = [])))]

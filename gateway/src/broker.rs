@@ -156,6 +156,18 @@ fn order_body(o: &Order) -> Value {
         "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::from(o) })
 }
 
+/// Takes what only staff may see (the dispatch record, the open offer: see
+/// [`OrderDto::for_watchers`]) out of an `order_update` body, for the track stream: its
+/// watchers are customers. Consoles take the whole order from the same update.
+fn for_watchers(mut m: Value) -> Value {
+    if let Some(order) = m.get_mut("order").and_then(Value::as_object_mut) {
+        for k in ["assignment", "offered_to", "offer_expires_at"] {
+            order.remove(k);
+        }
+    }
+    m
+}
+
 /// What a session's writer finds when it wakes.
 #[derive(Debug, Default)]
 struct OutboxInner {
@@ -730,7 +742,7 @@ impl Broker {
                 if let Some(mut s) = self.local.tracks.get_mut(&key).filter(|_| tracks) {
                     s.seq += 1;
                     let seq = s.seq;
-                    let mut m = order.clone();
+                    let mut m = for_watchers(order.clone());
                     m["seq"] = json!(seq);
                     let msg = m.to_string();
                     s.replay.push_back((seq, msg.clone()));

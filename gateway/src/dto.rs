@@ -173,6 +173,15 @@ impl From<&Order> for OrderDto {
     }
 }
 
+impl OrderDto {
+    /// The order as customers and couriers see it: without the dispatch record (the other
+    /// candidate couriers and what each would have cost) and the open offer (who is being
+    /// asked). Dispatchers and admins get [`OrderDto::from`].
+    pub fn for_watchers(o: &Order) -> Self {
+        OrderDto { offered_to: None, offer_expires_at: None, assignment: None, ..OrderDto::from(o) }
+    }
+}
+
 /// `POST /v1/orders` body.
 #[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -304,10 +313,10 @@ pub fn courier_notice_json(n: &CourierNotice, seq: u64) -> String {
     v.to_string()
 }
 
-/// The `order_update` message.
+/// The `order_update` message to a courier (the order as [`OrderDto::for_watchers`]).
 pub fn order_update_json(o: &Arc<Order>, seq: u64) -> serde_json::Value {
     serde_json::json!({ "t": "order_update", "seq": seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
-        "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::from(o.as_ref()) })
+        "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::for_watchers(o.as_ref()) })
 }
 
 /// Whether free text (a name, a secret, a URL) holds a control character. They are refused at

@@ -691,7 +691,7 @@ async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId) -> Vec<
     }
     let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
     let mut msgs = vec![json!({ "t": "order_update", "seq": seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
-        "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::from(o.as_ref()) }).to_string()];
+        "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::for_watchers(o.as_ref()) }).to_string()];
     if let Some(c) = o.courier.as_ref().filter(|_| o.state.is_held())
         && let Some(f) = st.fleet.courier(tenant, c).ok().and_then(|rec| rec.last_fix)
     {

@@ -45,7 +45,9 @@ async fn full_lifecycle(db: &str, port: Port) {
     courier.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
     courier.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
     courier.expect("route", |v| t(v) == "route" && v["stops"].as_array().is_some_and(|s| s.len() == 2)).await;
-    customer.expect("assigned update", |v| t(v) == "order_update" && v["state"] == "assigned").await;
+    let assigned = customer.expect("assigned update", |v| t(v) == "order_update" && v["state"] == "assigned").await;
+    // The customer is not shown the dispatch record (the other candidates and their costs).
+    assert!(assigned["order"]["courier_id"] == "c1" && assigned["order"].get("assignment").is_none(), "{assigned}");
 
     // Moving toward the pickup: the customer sees the courier with an ETA.
     courier.send(json!({"t":"loc","lat":52.5208,"lng":13.4062,"ts":t0 + 60_000})).await;
@@ -67,6 +69,9 @@ async fn full_lifecycle(db: &str, port: Port) {
     assert_eq!((s, o["state"].as_str()), (200, Some("delivered")), "{o}");
     assert_eq!(o["courier_id"], "c1");
     assert_eq!(o["assignment"]["courier_id"], "c1", "{o}");
+    let (s, o) = srv.get("/v1/orders/o1", Some(&srv.token(Role::Customer, "cust1", tenant, Some("o1")))).await;
+    assert_eq!((s, o["courier_id"].as_str()), (200, Some("c1")), "{o}");
+    assert!(o.get("assignment").is_none(), "the customer's answer holds the dispatch record: {o}");
     let (s, ev) = srv.get("/v1/events?entity=order&id=o1", Some(&disp)).await;
     assert_eq!(s, 200);
     let kinds: Vec<&str> = ev["items"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
