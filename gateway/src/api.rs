@@ -380,7 +380,6 @@ fn osmand_ingest(st: &AppState, fixes: Vec<osmand::OsmandFix>, unknown: StatusCo
             return osmand_err(e.status, e.code, &e.message);
         }
         metrics::counter!("hexfleet_osmand_fixes_total").increment(n);
-        crate::server::count_fixes(n);
     }
     HttpResponse::Ok().finish()
 }

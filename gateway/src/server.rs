@@ -121,18 +121,6 @@ pub fn metrics_handle() -> PrometheusHandle {
     .clone()
 }
 
-static FIXES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Counts fixes accepted at the edge (console ingest rate).
-pub fn count_fixes(n: u64) {
-    FIXES.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Fixes accepted at the edge by this process so far.
-pub fn fixes_ingested() -> u64 {
-    FIXES.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// A running server.
 pub struct Running {
     pub addr: SocketAddr,

@@ -491,7 +491,6 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: 
     {
         let l = LocDto { lat: f.lat, lng: f.lng, ts: f.ts, speed: f.speed, heading: f.heading, acc: f.acc };
         tap.ingest([l.to_fix(now)?])?;
-        crate::server::count_fixes(1);
         return Ok(());
     }
     let msg: CourierIn = serde_json::from_str(text).map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))?;
@@ -499,7 +498,6 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: 
         CourierIn::Loc(l) => {
             let fix = l.to_fix(now)?;
             tap.ingest([fix])?;
-            crate::server::count_fixes(1);
         }
         CourierIn::Locs { items } => {
             if items.is_empty() || items.len() > MAX_BATCH {
@@ -507,9 +505,7 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: 
             }
             // All or nothing: one bad fix refuses the batch so the app can tell which it sent.
             let fixes = items.into_iter().map(|l: LocDto| l.to_fix(now)).collect::<Result<Vec<_>, _>>()?;
-            let n = fixes.len() as u64;
             tap.ingest(fixes)?;
-            crate::server::count_fixes(n);
         }
         CourierIn::Status { status } => {
             let s = CourierStatus::parse(&status).ok_or_else(|| ApiError::bad_request("bad_status", "status must be available or offline"))?;

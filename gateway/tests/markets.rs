@@ -40,6 +40,29 @@ async fn services() -> Option<(String, PgDb, String)> {
     Some((redis, db, format!("hexfleet:test:{}:", uuid_like())))
 }
 
+/// Nodes A and B on one database and Redis (a key prefix of their own), with leases of 5 s
+/// renewed every 500 ms, each configuration adjusted by `tune` (called with the node's name);
+/// `None` (the test skips) only when a service is missing outside CI.
+async fn two_nodes(tune: impl Fn(&str, &mut ServeConfig)) -> Option<(TestServer, TestServer, PgDb)> {
+    let (redis, db, prefix) = services().await?;
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    let node = |name: &str| {
+        let mut cfg = leased(&db.url, &redis, &prefix, name, ttl, renew);
+        tune(name, &mut cfg);
+        TestServer::start(cfg)
+    };
+    let a = node("node-a").await;
+    let b = node("node-b").await;
+    Some((a, b, db))
+}
+
+/// Stops both nodes, then drops the test's database.
+async fn stop_both(mut a: TestServer, mut b: TestServer, db: PgDb) {
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
+
 /// Node A, which reaches the database through a proxy the test cuts or stalls, and node B, with
 /// a 2 s lease renewed every 300 ms; A takes `tenant` by creating order `o1` there.
 async fn a_behind_a_proxy(tenant: &str) -> Option<(Proxy, TestServer, TestServer, PgDb)> {
@@ -540,10 +563,7 @@ async fn a_stepped_down_node_does_not_take_its_market_back() {
 /// its own device map cannot know.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_of_a_market_run_elsewhere_cannot_be_taken() {
-    let Some((redis, db, prefix)) = services().await else { return };
-    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
-    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
-    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let Some((a, b, db)) = two_nodes(|_, _| {}).await else { return };
     let (s, v) = b.put("/v1/couriers/c1", &b.dispatcher("vigo"), json!({"device_id": "imei-77"})).await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = a.put("/v1/couriers/c9", &a.dispatcher("leon"), json!({"device_id": "imei-77"})).await;
@@ -551,9 +571,7 @@ async fn a_device_of_a_market_run_elsewhere_cannot_be_taken() {
     assert_eq!((s, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
     // Its own courier may keep (or set again) its device.
     assert_eq!(b.put("/v1/couriers/c1", &b.dispatcher("vigo"), json!({"device_id": "imei-77", "capacity": 2})).await.0, 200);
-    a.stop().await;
-    b.stop().await;
-    db.drop_db().await;
+    stop_both(a, b, db).await;
 }
 
 /// A node whose database connections hang (no reset, no answer) steps down by its local
@@ -623,8 +641,8 @@ async fn the_owner_publishes_positions_only_while_another_node_listens() {
     let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
     let mut cfg_a = leased(&db.url, &redis, &prefix, "node-a", ttl, renew);
     cfg_a.fanout_probe = Duration::from_secs(120);
-    let mut a = TestServer::start(cfg_a).await;
-    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let a = TestServer::start(cfg_a).await;
+    let b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
     let tenant = "quiet";
     let disp_a = a.dispatcher(tenant);
     let quiet = |srv: &TestServer| srv.running.as_ref().unwrap().state.broker.relay().unwrap().is_quiet(Topic::Order(tenant, "o1"));
@@ -670,9 +688,7 @@ async fn the_owner_publishes_positions_only_while_another_node_listens() {
     back.expect("a resync", |v| t(v) == "resync").await;
     back.expect("a fresh snapshot", |v| t(v) == "order_update" && v["state"] == "cancelled").await;
     drop((courier, back));
-    a.stop().await;
-    b.stop().await;
-    db.drop_db().await;
+    stop_both(a, b, db).await;
 }
 
 /// A socket relayed to the market's owner notices an owner that stops answering without
@@ -689,11 +705,11 @@ async fn a_relayed_socket_notices_an_owner_that_stopped_answering() {
     let proxy = Proxy::start(listener.local_addr().unwrap().to_string()).await;
     let mut cfg_a = leased(&db.url, &redis, &prefix, "node-a", ttl, renew);
     cfg_a.markets.as_mut().unwrap().advertise_url = format!("http://{}", proxy.addr);
-    let mut a = TestServer::start_on(cfg_a, listener).await;
+    let a = TestServer::start_on(cfg_a, listener).await;
     let mut cfg_b = leased(&db.url, &redis, &prefix, "node-b", ttl, renew);
     cfg_b.sockets.ping_every = Duration::from_millis(200);
     cfg_b.sockets.idle = Duration::from_secs(1);
-    let mut b = TestServer::start(cfg_b).await;
+    let b = TestServer::start(cfg_b).await;
     let tenant = "oslo";
     let disp = a.dispatcher(tenant);
     assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
@@ -721,9 +737,7 @@ async fn a_relayed_socket_notices_an_owner_that_stopped_answering() {
     }
     proxy.restore();
     drop(relayed);
-    a.stop().await;
-    b.stop().await;
-    db.drop_db().await;
+    stop_both(a, b, db).await;
 }
 
 /// A courier app that goes silent without closing (a phone off the network) behind a relay is
@@ -733,17 +747,20 @@ async fn a_relayed_socket_notices_an_owner_that_stopped_answering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_app_that_goes_silent_is_closed_on_both_nodes() {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    let Some((redis, db, prefix)) = services().await else { return };
-    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
     // The owner would keep a silent session a minute; the relaying node's idle time is 1 s,
     // and it pings the owner every 200 ms (more often than the owner's idle time).
-    let mut cfg_a = leased(&db.url, &redis, &prefix, "node-a", ttl, renew);
-    cfg_a.sockets.idle = Duration::from_secs(60);
-    let mut a = TestServer::start(cfg_a).await;
-    let mut cfg_b = leased(&db.url, &redis, &prefix, "node-b", ttl, renew);
-    cfg_b.sockets.ping_every = Duration::from_millis(200);
-    cfg_b.sockets.idle = Duration::from_secs(1);
-    let mut b = TestServer::start(cfg_b).await;
+    let Some((a, b, db)) = two_nodes(|name, cfg| {
+        if name == "node-a" {
+            cfg.sockets.idle = Duration::from_secs(60);
+        } else {
+            cfg.sockets.ping_every = Duration::from_millis(200);
+            cfg.sockets.idle = Duration::from_secs(1);
+        }
+    })
+    .await
+    else {
+        return;
+    };
     let tenant = "oslo";
     assert_eq!(a.post("/v1/orders", &a.dispatcher(tenant), order("o1")).await.0, 201);
     let mut relayed = relayed_couriers(&a, &b, tenant).await;
@@ -757,9 +774,7 @@ async fn a_relayed_app_that_goes_silent_is_closed_on_both_nodes() {
     assert!(silent_since.elapsed() < Duration::from_secs(8), "closed only after {:?}", silent_since.elapsed());
     eventually("the owner's sessions closed", || async { (owner.broker.session_counts().0 == 0).then_some(()) }).await;
     drop(relayed);
-    a.stop().await;
-    b.stop().await;
-    db.drop_db().await;
+    stop_both(a, b, db).await;
 }
 
 /// An app behind a relay that closes its socket gets its close answered (a clean close, not a
@@ -768,10 +783,7 @@ async fn a_relayed_app_that_goes_silent_is_closed_on_both_nodes() {
 async fn a_relayed_app_that_closes_gets_its_close_answered() {
     use futures_util::StreamExt as _;
     use tokio_tungstenite::tungstenite::Message;
-    let Some((redis, db, prefix)) = services().await else { return };
-    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
-    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
-    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let Some((a, b, db)) = two_nodes(|_, _| {}).await else { return };
     let tenant = "oslo";
     assert_eq!(a.post("/v1/orders", &a.dispatcher(tenant), order("o1")).await.0, 201);
     let mut relayed = relayed_couriers(&a, &b, tenant).await;
@@ -793,9 +805,7 @@ async fn a_relayed_app_that_closes_gets_its_close_answered() {
     }
     eventually("the owner's sessions closed", || async { (owner.broker.session_counts().0 == 0).then_some(()) }).await;
     drop(relayed);
-    a.stop().await;
-    b.stop().await;
-    db.drop_db().await;
+    stop_both(a, b, db).await;
 }
 
 /// A long history export through a node that does not own the market is streamed to the end,
@@ -805,13 +815,16 @@ async fn a_relayed_app_that_closes_gets_its_close_answered() {
 async fn a_slow_history_export_through_another_node_is_not_cut_off() {
     use futures_util::StreamExt as _;
     use sqlx::Connection as _;
-    let Some((redis, db, prefix)) = services().await else { return };
-    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
     let forward = Duration::from_secs(1);
-    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
-    let mut cfg_b = leased(&db.url, &redis, &prefix, "node-b", ttl, renew);
-    cfg_b.markets.as_mut().unwrap().forward_timeout = forward;
-    let mut b = TestServer::start(cfg_b).await;
+    let Some((a, b, db)) = two_nodes(|name, cfg| {
+        if name == "node-b" {
+            cfg.markets.as_mut().unwrap().forward_timeout = forward;
+        }
+    })
+    .await
+    else {
+        return;
+    };
     let tenant = "oslo";
     let disp = a.dispatcher(tenant);
     assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
@@ -836,9 +849,7 @@ async fn a_slow_history_export_through_another_node_is_not_cut_off() {
     }
     let v: Value = serde_json::from_slice(&body).expect("a complete GeoJSON document");
     assert_eq!(v["features"].as_array().map(Vec::len), Some(40_000));
-    a.stop().await;
-    b.stop().await;
-    db.drop_db().await;
+    stop_both(a, b, db).await;
 }
 
 /// A node shutting down closes the sockets it relays to another node's market with 1001
@@ -847,10 +858,7 @@ async fn a_slow_history_export_through_another_node_is_not_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_shutting_down_closes_its_relayed_sockets_with_going_away() {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    let Some((redis, db, prefix)) = services().await else { return };
-    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
-    let mut a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
-    let mut b = TestServer::start(leased(&db.url, &redis, &prefix, "node-b", ttl, renew)).await;
+    let Some((mut a, mut b, db)) = two_nodes(|_, _| {}).await else { return };
     let tenant = "oslo";
     let disp = a.dispatcher(tenant);
     assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
