@@ -250,7 +250,7 @@ struct Counters {
 }
 
 /// How many of a courier's last send times the [`SendLog`] keeps.
-const SEND_LOG: usize = 16;
+const SEND_LOG: usize = 64;
 
 /// The send times of each courier's last [`SEND_LOG`] fixes, written by the senders and read
 /// by the watchers. A watcher that gets a courier's position learns which earlier fixes it
@@ -632,8 +632,11 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
     report.generator_cpu_s = cpu_before.0.zip(cpu_after.0).map(|(a, b)| b - a);
     report.server_cpu_s = cpu_before.1.zip(cpu_after.1).map(|(a, b)| b - a);
     // Let the last updates reach the watchers, then stop them so that every sample they hold
-    // is in the histograms before they are read.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // is in the histograms before they are read. Twice the slowest delivery seen (600 ms to
+    // 10 s): a fixed 600 ms left out the slowest updates of the run's end under overload.
+    let slowest_us = console_hist.lock().await.max().max(track_hist.lock().await.max());
+    let drain = Duration::from_micros(slowest_us.saturating_mul(2)).clamp(Duration::from_millis(600), Duration::from_secs(10));
+    tokio::time::sleep(drain).await;
     let run_end = Instant::now();
     watch_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while watcher_tasks.join_next().await.is_some() {} }).await;
