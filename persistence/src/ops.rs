@@ -531,12 +531,20 @@ macro_rules! backend_ops {
                 rows.into_iter().map(rows::LocationRow::into_domain).collect()
             }
 
-            pub(crate) async fn erase_locations(pool: &Pool<Db>, tenant: &TenantId, courier: &CourierId) -> Result<u64, PersistenceError> {
-                let r = sqlx::query("DELETE FROM location_history WHERE tenant = $1 AND courier = $2")
-                    .bind(tenant.as_str())
-                    .bind(courier.as_str())
-                    .execute(pool)
-                    .await?;
+            /// Deletes one batch of a courier's history: its samples up to its `batch + 1`-th
+            /// oldest (a seek on the primary key), or all of them when no more than `batch` are
+            /// left. The caller repeats while more than `batch` rows went.
+            pub(crate) async fn erase_locations(pool: &Pool<Db>, tenant: &TenantId, courier: &CourierId, batch: i64) -> Result<u64, PersistenceError> {
+                let r = sqlx::query(
+                    "DELETE FROM location_history WHERE tenant = $1 AND courier = $2 AND ts <= COALESCE(\
+                     (SELECT ts FROM location_history WHERE tenant = $1 AND courier = $2 ORDER BY ts LIMIT 1 OFFSET $3), \
+                     9223372036854775807)",
+                )
+                .bind(tenant.as_str())
+                .bind(courier.as_str())
+                .bind(batch)
+                .execute(pool)
+                .await?;
                 Ok(r.rows_affected())
             }
 

@@ -355,8 +355,19 @@ impl Store for SqlStore {
         // the delete.
         let _no_flush = self.inner.flush_lock.lock().await;
         self.inner.snapshots.lock().erase_locations(tenant, courier);
-        let (db, tenant, courier) = (self.db().clone(), tenant.clone(), courier.clone());
-        self.read(async move { on_backend!(&db, ops::erase_locations(&tenant, &courier)) }).await
+        // In batches, as the purge: one DELETE of a courier with a long history outlasted the
+        // statement timeout, and on SQLite held the write lock the commits wait for until
+        // they failed as if the database were down.
+        let batch = i64::try_from(self.inner.opts.purge_batch).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let (db, tenant, courier) = (self.db().clone(), tenant.clone(), courier.clone());
+            let n = self.read(async move { on_backend!(&db, ops::erase_locations(&tenant, &courier, batch)) }).await?;
+            total += n;
+            if n <= batch as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     /// In batches of about [`StoreOptions::purge_batch`] rows, each its own statement under the

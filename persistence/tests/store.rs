@@ -288,7 +288,7 @@ async fn event_log_filters(ctx: Ctx) {
 }
 
 /// The retention purge deletes a backlog larger than its batch completely, ties included, and
-/// nothing at or after the cut-off.
+/// nothing at or after the cut-off; a courier's erase deletes all of its samples in batches.
 async fn purge_in_batches(ctx: Ctx) {
     let store = SqlStore::open(&ctx.url, StoreOptions { purge_batch: 7, ..ctx.options() }).await.unwrap();
     // Three couriers with the same timestamps (ties across the batch boundary), two tenants.
@@ -303,7 +303,13 @@ async fn purge_in_batches(ctx: Ctx) {
         assert_eq!(left.iter().map(|s| s.ts).collect::<Vec<_>>(), vec![16_000, 17_000, 18_000, 19_000, 20_000]);
     }
     assert_eq!(store.purge_locations(16_000).await.unwrap(), 0);
-    assert_eq!(store.purge_locations(i64::MAX).await.unwrap(), 15);
+    // A courier's erase goes in batches too: all of its samples, no one else's.
+    store.record_locations(&t("t1"), &CourierId::new("c1"), samples(30_000, 12)).unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(store.erase_locations(&t("t1"), &CourierId::new("c1")).await.unwrap(), 5 + 12);
+    assert!(store.export_locations(&t("t1"), &CourierId::new("c1"), 0, i64::MAX, usize::MAX).await.unwrap().is_empty());
+    assert_eq!(store.export_locations(&t("t1"), &CourierId::new("c2"), 0, i64::MAX, usize::MAX).await.unwrap().len(), 5);
+    assert_eq!(store.purge_locations(i64::MAX).await.unwrap(), 10);
     store.close().await.unwrap();
 }
 
