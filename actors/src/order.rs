@@ -94,6 +94,12 @@ pub fn apply(order: &Order, cmd: &Command, who: &Who, now: Ms) -> Result<Order, 
             if s != Offered || offered_to != Some(courier) {
                 return Err(err());
             }
+            // Past its time the offer is lapsed, whether or not the dispatcher's tick has
+            // said so yet: a late accept took an order the dispatcher was about to give away
+            // (and that a reconnecting app is no longer shown).
+            if order.offer.as_ref().is_some_and(|o| now > o.expires_at) {
+                return Err(FleetError::Conflict(format!("the offer to {courier} expired")));
+            }
             next.state = Assigned;
             next.courier = Some(courier.clone());
             next.offer = None;

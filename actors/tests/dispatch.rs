@@ -171,8 +171,11 @@ async fn a_lapsed_offer_is_redispatched_without_that_courier_and_unwanted_orders
     w.settle().await;
     assert_eq!(w.get(&o).await.offer.as_ref().unwrap().courier, a);
 
-    // Lapsed: back to created with `a` excluded, then offered to `b`.
+    // Lapsed: too late to accept, even before the tick says so; back to created with `a`
+    // excluded, then offered to `b`.
     w.clock.advance(1_001);
+    let late = w.f.command(&w.t, &o, Command::Accept { courier: a.clone() }, Who::Courier(a.clone())).await;
+    assert!(matches!(late, Err(FleetError::Conflict(_))), "a late accept: {late:?}");
     w.tick().await;
     let back = w.wait_order(&o, "created again", |o| o.state == OrderState::Created).await;
     assert_eq!(back.declined, vec![a.clone()]);
