@@ -449,8 +449,8 @@ impl CourierState {
     fn send_route(&mut self) {
         let start = self.rec.last_fix.map(|f| f.pos);
         let orders: Vec<&Order> = self.held.values().map(|o| o.as_ref()).collect();
-        let planner = self.ctx.planner(&self.rec.tenant, self.rec.vehicle, self.ctx.clock.now_ms());
         let now = self.ctx.clock.now_ms();
+        let planner = self.ctx.planner(&self.rec.tenant, self.rec.vehicle, now);
         let plan = || start.and_then(|s| planner.plan(s, now, self.rec.capacity, &orders));
         // Beyond a few orders the heuristic takes milliseconds (up to its budget, about 75 ms
         // at 50 orders on the reference host): off the async worker, whose other tasks (GPS

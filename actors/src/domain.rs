@@ -169,7 +169,6 @@ impl CourierRecord {
         self.on_shift = p.on_shift;
     }
 
-
     /// A courier registered with defaults (first connection of an unknown courier).
     pub fn new(tenant: TenantId, id: CourierId, now: Ms) -> Self {
         CourierRecord {

@@ -184,8 +184,8 @@ impl Positions {
 
     /// The tenant's index, created on first use.
     pub fn tenant(&self, tenant: &TenantId) -> Arc<TenantIndex> {
-        if let Some(t) = self.tenants.get(tenant) {
-            return t.clone();
+        if let Some(t) = self.get(tenant) {
+            return t;
         }
         self.tenants.entry(tenant.clone()).or_insert_with(|| Arc::new(TenantIndex::new())).clone()
     }

@@ -74,13 +74,13 @@ pub(crate) fn courier_id(raw: &str) -> Result<CourierId, ApiError> {
     if valid_id(raw) { Ok(CourierId::new(raw)) } else { Err(ApiError::bad_request("bad_id", "invalid courier id")) }
 }
 
-/// Whether the caller may read this order: staff of the tenant, its customer, its courier.
 /// The order as `auth` may see it: all of it for staff, without the dispatch record for the
 /// customer and the courier.
 fn order_for(auth: &Auth, o: &hexfleet_actors::domain::Order) -> OrderDto {
     if auth.is_staff() { OrderDto::from(o) } else { OrderDto::for_watchers(o) }
 }
 
+/// Whether the caller may read this order: staff of the tenant, its customer, its courier.
 fn may_see_order(auth: &Auth, o: &hexfleet_actors::domain::Order) -> bool {
     match auth.claims.role {
         Role::Dispatcher | Role::Admin => true,

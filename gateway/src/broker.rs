@@ -160,10 +160,8 @@ fn order_body(o: &Order) -> Value {
 /// [`OrderDto::for_watchers`]) out of an `order_update` body, for the track stream: its
 /// watchers are customers. Consoles take the whole order from the same update.
 fn for_watchers(mut m: Value) -> Value {
-    if let Some(order) = m.get_mut("order").and_then(Value::as_object_mut) {
-        for k in ["assignment", "offered_to", "offer_expires_at"] {
-            order.remove(k);
-        }
+    if let Some(order) = m.get_mut("order") {
+        OrderDto::strip_for_watchers(order);
     }
     m
 }

@@ -180,6 +180,17 @@ impl OrderDto {
     pub fn for_watchers(o: &Order) -> Self {
         OrderDto { offered_to: None, offer_expires_at: None, assignment: None, ..OrderDto::from(o) }
     }
+
+    /// [`OrderDto::for_watchers`] of an order already rendered whole (the `order` of an
+    /// update that consoles share): takes out the same fields, which serialise to nothing when
+    /// unset.
+    pub fn strip_for_watchers(order: &mut serde_json::Value) {
+        if let Some(fields) = order.as_object_mut() {
+            for k in ["assignment", "offered_to", "offer_expires_at"] {
+                fields.remove(k);
+            }
+        }
+    }
 }
 
 /// `POST /v1/orders` body.
@@ -329,4 +340,38 @@ pub fn has_control_chars(s: &str) -> bool {
 /// An error frame.
 pub fn error_json(code: &str, message: &str) -> String {
     serde_json::json!({ "t": "error", "code": code, "message": message }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hexfleet_actors::domain::{AssignmentRecord, CourierId, LatLng, Offer, OrderId, OrderState, TenantId};
+
+    /// The two ways of hiding the dispatch record agree: the order rendered for watchers is
+    /// the whole order rendered, with the same fields taken out.
+    #[test]
+    fn an_order_stripped_for_watchers_is_the_order_rendered_for_watchers() {
+        let c = CourierId::new("c1");
+        let o = Order {
+            tenant: TenantId::new("t"),
+            id: OrderId::new("o1"),
+            pickup: LatLng::new(52.5, 13.4).unwrap(),
+            dropoff: LatLng::new(52.51, 13.41).unwrap(),
+            size: 1,
+            ready_at: None,
+            deliver_by: Some(5_000),
+            state: OrderState::Offered,
+            courier: None,
+            offer: Some(Offer { courier: c.clone(), expires_at: 4_000 }),
+            declined: vec![],
+            assignment: Some(AssignmentRecord { at: 1_000, policy: "optimal".into(), courier: c.clone(), cost_s: 60.0, candidates: vec![(c, 60.0)] }),
+            created_at: 1_000,
+            updated_at: 2_000,
+            version: 2,
+        };
+        let mut whole = serde_json::to_value(OrderDto::from(&o)).unwrap();
+        assert!(whole.get("assignment").is_some() && whole.get("offered_to").is_some());
+        OrderDto::strip_for_watchers(&mut whole);
+        assert_eq!(whole, serde_json::to_value(OrderDto::for_watchers(&o)).unwrap());
+    }
 }

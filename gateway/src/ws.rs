@@ -864,3 +864,13 @@ async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, 
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    /// The load generator refuses rates past this server's per-socket limit, from its own copy
+    /// of it (the simulator does not depend on the gateway).
+    #[test]
+    fn the_load_generator_knows_the_per_socket_rate_limit() {
+        assert_eq!(super::RATE_PER_S, hexfleet_sim::load::SERVER_RATE_PER_SOCKET);
+    }
+}

@@ -325,13 +325,6 @@ macro_rules! backend_ops {
                 Ok(())
             }
 
-            /// Appends events. A tenant's events become visible in `seq` order, so a reader
-            /// following `seq > since` never passes one that commits later. PostgreSQL hands out
-            /// `seq` from a sequence outside any lock, so two transactions (the writer, a webhook
-            /// change, another node's writer during a take-over) could commit out of order:
-            /// every appender takes its tenants' event locks first, sorted (no deadlock), and
-            /// holds them until it commits. SQLite runs one write transaction at a time already.
-            /// Called at most once per transaction.
             /// Takes `tenant`'s event lock until the transaction ends (re-entrant: a later
             /// [`insert_events`] in the same transaction takes it again at no cost). A
             /// transaction that locks a row a commit's trigger reads (a webhook it deletes)
@@ -343,13 +336,20 @@ macro_rules! backend_ops {
                 Ok(())
             }
 
+            /// Appends events. A tenant's events become visible in `seq` order, so a reader
+            /// following `seq > since` never passes one that commits later. PostgreSQL hands out
+            /// `seq` from a sequence outside any lock, so two transactions (the writer, a webhook
+            /// change, another node's writer during a take-over) could commit out of order:
+            /// every appender takes its tenants' event locks first, sorted (no deadlock), and
+            /// holds them until it commits. SQLite runs one write transaction at a time already.
+            /// Called at most once per transaction.
             pub(crate) async fn insert_events(conn: &mut Conn, events: &[&DomainEvent]) -> Result<(), PersistenceError> {
                 if !LOCK_EVENTS.is_empty() {
                     let mut tenants: Vec<&str> = events.iter().map(|e| e.tenant.as_str()).collect();
                     tenants.sort_unstable();
                     tenants.dedup();
                     for t in tenants {
-                        sqlx::query(LOCK_EVENTS).bind(t).execute(&mut *conn).await?;
+                        lock_events(conn, t).await?;
                     }
                 }
                 for chunk in events.chunks(MAX_PARAMS / 8) {

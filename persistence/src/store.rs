@@ -271,6 +271,28 @@ impl SqlStore {
     ) -> Result<T, StoreError> {
         self.bounded(fut).await.map_err(StoreError::from)
     }
+
+    /// Runs `step`, one DELETE of location history under the statement timeout that takes a
+    /// batch of [`StoreOptions::purge_batch`] rows and their ties (so more than a batch while
+    /// some are left), until it deletes no more than a batch; returns the rows deleted in all.
+    /// One DELETE of a large backlog would outlast the timeout on every run (and never finish),
+    /// and on SQLite it would hold the write lock that commits wait for until they failed as
+    /// if the database were down. On an error the batches already deleted stay deleted (the
+    /// count is lost).
+    async fn delete_history_in_batches<Fut>(&self, step: impl Fn(crate::db::Db, i64) -> Fut) -> Result<u64, StoreError>
+    where
+        Fut: Future<Output = Result<u64, PersistenceError>> + Send + 'static,
+    {
+        let batch = i64::try_from(self.inner.opts.purge_batch).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let n = self.read(step(self.db().clone(), batch)).await?;
+            total += n;
+            if n <= batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -355,36 +377,17 @@ impl Store for SqlStore {
         // the delete.
         let _no_flush = self.inner.flush_lock.lock().await;
         self.inner.snapshots.lock().erase_locations(tenant, courier);
-        // In batches, as the purge: one DELETE of a courier with a long history outlasted the
-        // statement timeout, and on SQLite held the write lock the commits wait for until
-        // they failed as if the database were down.
-        let batch = i64::try_from(self.inner.opts.purge_batch).unwrap_or(i64::MAX);
-        let mut total = 0;
-        loop {
-            let (db, tenant, courier) = (self.db().clone(), tenant.clone(), courier.clone());
-            let n = self.read(async move { on_backend!(&db, ops::erase_locations(&tenant, &courier, batch)) }).await?;
-            total += n;
-            if n <= batch as u64 {
-                return Ok(total);
-            }
-        }
+        // In batches, as the retention purge ([`SqlStore::delete_history_in_batches`]).
+        self.delete_history_in_batches(|db, batch| {
+            let (tenant, courier) = (tenant.clone(), courier.clone());
+            async move { on_backend!(&db, ops::erase_locations(&tenant, &courier, batch)) }
+        })
+        .await
     }
 
-    /// In batches of about [`StoreOptions::purge_batch`] rows, each its own statement under the
-    /// statement timeout: one DELETE of a large backlog would outlast the timeout on every run
-    /// (and never finish), and on SQLite it would hold the write lock that commits wait for.
-    /// On an error the batches already deleted stay deleted (the count is lost).
+    /// In batches of about [`StoreOptions::purge_batch`] rows ([`SqlStore::delete_history_in_batches`]).
     async fn purge_locations(&self, before: Ms) -> Result<u64, StoreError> {
-        let batch = i64::try_from(self.inner.opts.purge_batch).unwrap_or(i64::MAX);
-        let mut total = 0;
-        loop {
-            let db = self.db().clone();
-            let n = self.read(async move { on_backend!(&db, ops::purge_locations(before, batch)) }).await?;
-            total += n;
-            if n <= batch as u64 {
-                return Ok(total);
-            }
-        }
+        self.delete_history_in_batches(|db, batch| async move { on_backend!(&db, ops::purge_locations(before, batch)) }).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

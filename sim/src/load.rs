@@ -418,11 +418,12 @@ pub fn load_courier_id(i: usize, track: usize, run_ms: i64) -> String {
 /// Replies a reader task asks its shard to send (offer replies and statuses).
 type Control = (usize, String);
 
-/// Runs the load test. Stops by itself after connecting + `duration` (+ bounded teardown), or
-/// early on `shutdown`.
-/// Messages per second the server takes from one socket on average (its `ws::RATE_PER_S`).
+/// Messages per second the server takes from one socket on average (its `ws::RATE_PER_S`; a
+/// gateway test keeps the two equal).
 pub const SERVER_RATE_PER_SOCKET: f64 = 50.0;
 
+/// Runs the load test. Stops by itself after connecting + `duration` (+ bounded teardown), or
+/// early on `shutdown`.
 pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::Result<LoadReport> {
     let server = Server::parse(&cfg.base_url)?;
     let courier_server = match &cfg.courier_url {
