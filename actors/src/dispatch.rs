@@ -3,15 +3,18 @@
 //! candidates, the marginal-route-cost model with batching, and the optimal or greedy
 //! matching). Building and solving a round runs on a blocking thread so it never stalls
 //! ingest. Each offer records its candidates and costs, which `GET /v1/orders/{id}` shows.
+//! It also reports couriers that went silent while holding orders (`courier.silent`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::domain::{Actor as Who, AssignmentRecord, Ms, Order, OrderId, OrderState, TenantId};
+use crate::domain::{Actor as Who, AssignmentRecord, CourierId, DomainEvent, EntityKind, Ms, Order, OrderId, OrderState, TenantId};
 use crate::fleet::FleetCtx;
 use crate::order::Command;
+use crate::publish::Update;
+use crate::store::Write;
 
 /// Messages of the dispatcher.
 pub enum DispatchMsg {
@@ -38,6 +41,8 @@ pub struct DispatcherState {
     ticker: Option<tokio::task::JoinHandle<()>>,
     /// When the last round ended: ticks sent before that were queued behind it.
     round_ended: Option<std::time::Instant>,
+    /// Couriers holding orders that were reported silent ([`DispatcherState::watch_holders`]).
+    silent: HashSet<CourierId>,
 }
 
 impl Actor for Dispatcher {
@@ -48,7 +53,7 @@ impl Actor for Dispatcher {
     async fn pre_start(&self, me: ActorRef<DispatchMsg>, args: DispatcherArgs) -> Result<DispatcherState, ActorProcessingErr> {
         let orders = args.ctx.open_orders(&args.tenant).into_iter().map(|o| (o.id.clone(), o)).collect();
         let ticker = Some(me.send_interval(args.ctx.config.dispatch_tick, || DispatchMsg::Tick(std::time::Instant::now())));
-        Ok(DispatcherState { ctx: args.ctx, tenant: args.tenant, orders, ticker, round_ended: None })
+        Ok(DispatcherState { ctx: args.ctx, tenant: args.tenant, orders, ticker, round_ended: None, silent: HashSet::new() })
     }
 
     async fn post_stop(&self, _me: ActorRef<DispatchMsg>, st: &mut DispatcherState) -> Result<(), ActorProcessingErr> {
@@ -93,11 +98,12 @@ fn tick_is_due(sent: std::time::Instant, round_ended: Option<std::time::Instant>
     round_ended.is_none_or(|ended| sent >= ended)
 }
 
-/// Since when an unassigned order has been waiting for a courier: its creation, or its
+/// Since when an unassigned order has been waiting for a courier: its creation, its
 /// `ready_at` when that is later (an order scheduled for later does not expire before it is
-/// due).
+/// due), or when it was last handed back (`released_at`: an order a courier gave back after
+/// 25 minutes is not expired a few minutes later, before dispatch could place it).
 fn waiting_since(o: &Order) -> Ms {
-    o.ready_at.map_or(o.created_at, |r| r.max(o.created_at))
+    o.created_at.max(o.ready_at.unwrap_or(Ms::MIN)).max(o.released_at.unwrap_or(Ms::MIN))
 }
 
 impl DispatcherState {
@@ -107,9 +113,71 @@ impl DispatcherState {
         self.round_ended = Some(std::time::Instant::now());
     }
 
+    /// Tells dispatchers about couriers that hold orders and went silent: no fix for more than
+    /// `courier_stale_ms` (a dead phone, no signal). Dispatch already passes them over for new
+    /// orders, but the orders they hold wait on them; a `courier.silent` event (consoles, the
+    /// log, webhooks) names the courier and its orders, so a dispatcher can take them back
+    /// (`release`). A `courier.resumed` event follows when it is heard again while still
+    /// holding orders. One event per change, not one per round.
+    fn watch_holders(&mut self, now: Ms) {
+        let mut holding: HashMap<&CourierId, Vec<&OrderId>> = HashMap::new();
+        for o in self.orders.values() {
+            if let Some(c) = o.courier.as_ref().filter(|_| o.state.is_held()) {
+                holding.entry(c).or_default().push(&o.id);
+            }
+        }
+        // A courier that holds nothing any more is no one's concern.
+        self.silent.retain(|c| holding.contains_key(c));
+        let mut events = Vec::new();
+        for (c, orders) in holding {
+            let heard = self.ctx.heard(&self.tenant, c, now);
+            let flagged = self.silent.contains(c);
+            if heard == flagged {
+                let mut orders: Vec<&str> = orders.iter().map(|o| o.as_str()).collect();
+                orders.sort_unstable();
+                let silent_s = self.ctx.heard_at(&self.tenant, c).map_or(-1, |at| (now - at) / 1000);
+                let (kind, reason) = if heard {
+                    self.silent.remove(c);
+                    ("courier.resumed", "heard from again".to_string())
+                } else {
+                    self.silent.insert(c.clone());
+                    metrics::counter!("hexfleet_couriers_silent_total").increment(1);
+                    ("courier.silent", format!("no position for {silent_s} s while holding {} order(s)", orders.len()))
+                };
+                tracing::info!(tenant = %self.tenant, courier = %c, kind, orders = ?orders, "courier holding orders {reason}");
+                events.push(Arc::new(DomainEvent {
+                    tenant: self.tenant.clone(),
+                    entity: EntityKind::Courier,
+                    entity_id: c.to_string(),
+                    kind: kind.into(),
+                    actor: Who::System.to_string(),
+                    reason: Some(reason),
+                    ts: now,
+                    attrs: vec![("orders".into(), orders.join(",")), ("silent_s".into(), silent_s.to_string())],
+                }));
+            }
+        }
+        if events.is_empty() {
+            return;
+        }
+        for e in &events {
+            self.ctx.publisher.publish(Update::Event(e.clone()));
+        }
+        // Logged without holding up the round; a store outage loses the log entry, not the
+        // consoles' view.
+        let store = self.ctx.store.clone();
+        tokio::spawn(async move {
+            let n = events.len();
+            if let Err(e) = store.commit(events.into_iter().map(|e| Write::Event((*e).clone())).collect()).await {
+                tracing::warn!(error = %e, n, "courier silence events not logged");
+            }
+        });
+    }
+
     async fn tick(&mut self) {
         let started = std::time::Instant::now();
         let now = self.ctx.clock.now_ms();
+        self.watch_holders(now);
         let cfg = &self.ctx.config;
         // 1. Offers that lapsed, orders nobody took.
         for o in self.orders.values() {

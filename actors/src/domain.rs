@@ -286,6 +286,9 @@ pub struct Order {
     pub updated_at: Ms,
     /// Number of transitions applied; increases by one per transition.
     pub version: u32,
+    /// When a courier or a dispatcher last handed the order back to dispatch (`Release`): its
+    /// wait for a courier, after which it expires, restarts there.
+    pub released_at: Option<Ms>,
 }
 
 impl Order {

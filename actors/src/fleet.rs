@@ -408,6 +408,11 @@ impl FleetCtx {
         self.couriers.get(&(tenant.clone(), id.clone())).is_some_and(|h| self.heard_lately(&h.shared, now))
     }
 
+    /// When a courier's last fix reached this server (server clock), if the courier runs here.
+    pub(crate) fn heard_at(&self, tenant: &TenantId, id: &CourierId) -> Option<Ms> {
+        self.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.shared.heard_at.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn heard_lately(&self, shared: &CourierShared, now: Ms) -> bool {
         now.saturating_sub(shared.heard_at.load(std::sync::atomic::Ordering::Relaxed)) <= self.config.courier_stale_ms
     }
@@ -968,6 +973,7 @@ impl Fleet {
             created_at: now,
             updated_at: now,
             version: 0,
+            released_at: None,
         };
         let event = DomainEvent {
             tenant: tenant.clone(),

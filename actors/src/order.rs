@@ -45,6 +45,10 @@ pub enum Command {
     Delivered { courier: CourierId },
     /// The courier reports failure.
     Failed { courier: CourierId },
+    /// Hand the order back to dispatch before pickup: the holding courier (`Some`, while
+    /// assigned or at the pickup) or staff (`None`, also withdrawing an offer). The courier is
+    /// not offered the order again; its wait for a courier restarts.
+    Release { courier: Option<CourierId> },
     /// Cancel (customer before pickup, dispatcher or admin any time while open).
     Cancel,
     /// Nobody took the order in time.
@@ -64,6 +68,7 @@ impl Command {
             Command::ArrivedDropoff { .. } => "arrive at the drop-off of",
             Command::Delivered { .. } => "deliver",
             Command::Failed { .. } => "fail",
+            Command::Release { .. } => "release",
             Command::Cancel => "cancel",
             Command::Expire => "expire",
         }
@@ -158,6 +163,26 @@ pub fn apply(order: &Order, cmd: &Command, who: &Who, now: Ms) -> Result<Order, 
             }
             next.state = Failed;
         }
+        Command::Release { courier } => {
+            let allowed = match courier {
+                Some(c) => matches!(s, Assigned | AtPickup) && holder_is(c),
+                None => matches!(s, Offered | Assigned | AtPickup),
+            };
+            if !allowed {
+                return Err(err());
+            }
+            let had = order.courier.as_ref().filter(|_| s.is_held()).or(order.offer.as_ref().map(|o| &o.courier));
+            if let Some(c) = had
+                && !next.declined.contains(c)
+            {
+                next.declined.push(c.clone());
+            }
+            next.state = Created;
+            next.courier = None;
+            next.offer = None;
+            next.assignment = None;
+            next.released_at = Some(now);
+        }
         Command::Cancel => {
             if s.is_terminal() {
                 return Err(err());
@@ -187,7 +212,9 @@ pub fn transition_event(before: &Order, after: &Order, cmd: &Command, who: &Who,
         ("from".to_string(), before.state.as_str().to_string()),
         ("to".to_string(), after.state.as_str().to_string()),
     ];
-    if let Some(c) = after.courier.as_ref().or(after.offer.as_ref().map(|o| &o.courier)) {
+    // A release names the courier the order left.
+    let released = matches!(cmd, Command::Release { .. }).then(|| before.courier.as_ref().or(before.offer.as_ref().map(|o| &o.courier))).flatten();
+    if let Some(c) = after.courier.as_ref().or(after.offer.as_ref().map(|o| &o.courier)).or(released) {
         attrs.push(("courier".into(), c.to_string()));
     }
     let reason = match cmd {
@@ -196,13 +223,25 @@ pub fn transition_event(before: &Order, after: &Order, cmd: &Command, who: &Who,
         Command::Assign { record, .. } => Some(format!("assigned by {} policy", record.policy)),
         Command::Offer { record, .. } => Some(format!("offered by {} policy, cost {:.0} s", record.policy, record.cost_s)),
         Command::Expire => Some("no courier took the order in time".into()),
+        Command::Release { courier: Some(c) } => Some(format!("handed back by {c}")),
+        Command::Release { courier: None } => before
+            .courier
+            .as_ref()
+            .filter(|_| before.state.is_held())
+            .or(before.offer.as_ref().map(|o| &o.courier))
+            .map(|c| format!("taken back from {c}")),
         _ => None,
     };
     DomainEvent {
         tenant: after.tenant.clone(),
         entity: EntityKind::Order,
         entity_id: after.id.to_string(),
-        kind: format!("order.{}", if before.state == after.state { "reassigned" } else { after.state.as_str() }),
+        kind: format!("order.{}", match cmd {
+            // Back to `created`, but not a new order: webhooks on `order.created` must not fire.
+            Command::Release { .. } => "released",
+            _ if before.state == after.state => "reassigned",
+            _ => after.state.as_str(),
+        }),
         actor: who.to_string(),
         reason,
         ts,
@@ -358,6 +397,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             version: 1,
+            released_at: None,
         }
     }
 

@@ -185,6 +185,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             version: 0,
+            released_at: None,
         }
     }
 

@@ -197,6 +197,113 @@ async fn a_lapsed_offer_is_redispatched_without_that_courier_and_unwanted_orders
     assert!(w.f.check_invariants().await.is_empty());
 }
 
+/// A courier that cannot make it hands an order back before pickup (or a dispatcher takes it
+/// back): the order goes back to `created` without that courier, is offered to someone else,
+/// and its wait restarts, so an order handed back late is not expired before dispatch could
+/// place it. Once the goods are on board it can no longer be handed back.
+#[tokio::test]
+async fn an_order_handed_back_before_pickup_goes_to_another_courier() {
+    let w = world(FleetConfig { offer_timeout_ms: 20_000, order_expiry_ms: 10 * 60_000, ..Default::default() }).await;
+    let a = w.courier("a", at(50.0, 0.0), 1).await;
+    let b = w.courier("b", at(-800.0, 0.0), 1).await;
+    let o = w.order("o1", at(0.0, 0.0), at(1000.0, 0.0)).await;
+    w.settle().await;
+    w.offered_to(&o, &a).await;
+    w.f.command(&w.t, &o, Command::Accept { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap();
+
+    // Nine minutes on, `a` hands it back. Only the holder may, and only before pickup.
+    w.clock.advance(9 * 60_000);
+    let not_b = w.f.command(&w.t, &o, Command::Release { courier: Some(b.clone()) }, Who::Courier(b.clone())).await;
+    assert!(matches!(not_b, Err(FleetError::InvalidTransition { .. })), "b does not hold it: {not_b:?}");
+    let back = w.f.command(&w.t, &o, Command::Release { courier: Some(a.clone()) }, Who::Courier(a.clone())).await.unwrap();
+    assert_eq!((back.state, back.courier.as_ref(), back.offer.as_ref()), (OrderState::Created, None, None));
+    assert_eq!((back.declined.clone(), back.released_at), (vec![a.clone()], Some(w.clock.now())));
+    assert!(back.assignment.is_none());
+    let told = w.p.updates.lock().iter().any(|u| {
+        matches!(u, Update::ToCourier { courier, notice: CourierNotice::OrderUpdate(x), .. } if *courier == a && x.id == o && x.state == OrderState::Created)
+    });
+    assert!(told, "a is told the order left it");
+    let ev = w.store.all_events().into_iter().rfind(|e| e.entity_id == o.as_str()).unwrap();
+    assert_eq!((ev.kind.as_str(), ev.reason.as_deref()), ("order.released", Some("handed back by a")), "{ev:?}");
+    assert!(ev.attrs.contains(&("courier".into(), "a".into())), "{ev:?}");
+    assert!(w.f.check_invariants().await.is_empty(), "a's capacity is free again");
+
+    // Eleven minutes after creation, two after the hand-back: not expired, offered to `b`.
+    w.clock.advance(2 * 60_000);
+    w.fix_now(&b, at(-800.0, 0.0)).await;
+    w.fix_now(&a, at(50.0, 0.0)).await;
+    w.settle().await;
+    w.offered_to(&o, &b).await;
+    w.f.command(&w.t, &o, Command::Accept { courier: b.clone() }, Who::Courier(b.clone())).await.unwrap();
+    w.f.command(&w.t, &o, Command::PickedUp { courier: b.clone() }, Who::Courier(b.clone())).await.unwrap();
+    for (cmd, who) in [(Command::Release { courier: Some(b.clone()) }, Who::Courier(b.clone())), (Command::Release { courier: None }, Who::Dispatcher("d".into()))] {
+        let on_board = w.f.command(&w.t, &o, cmd, who).await;
+        assert!(matches!(on_board, Err(FleetError::InvalidTransition { .. })), "picked up: {on_board:?}");
+    }
+
+    // A dispatcher takes back an offer too.
+    let o2 = w.order("o2", at(0.0, 10.0), at(1000.0, 0.0)).await;
+    w.settle().await;
+    w.offered_to(&o2, &a).await;
+    let back = w.f.command(&w.t, &o2, Command::Release { courier: None }, Who::Dispatcher("d".into())).await.unwrap();
+    assert_eq!((back.state, back.declined.clone()), (OrderState::Created, vec![a.clone()]));
+    let ev = w.store.all_events().into_iter().rfind(|e| e.entity_id == o2.as_str()).unwrap();
+    assert_eq!((ev.kind.as_str(), ev.reason.as_deref()), ("order.released", Some("taken back from a")), "{ev:?}");
+    assert!(w.f.check_invariants().await.is_empty());
+}
+
+/// A courier that goes silent while holding orders is reported once (`courier.silent`, with
+/// its orders), and once more when it is heard again (`courier.resumed`); one that holds
+/// nothing is not reported.
+#[tokio::test]
+async fn a_courier_gone_silent_with_orders_is_reported_to_dispatchers_once() {
+    let w = world(FleetConfig { courier_stale_ms: 120_000, ..Default::default() }).await;
+    let a = w.courier("a", at(50.0, 0.0), 2).await;
+    let idle = w.courier("idle", at(-3000.0, 0.0), 1).await;
+    let o = w.order("o1", at(0.0, 0.0), at(1000.0, 0.0)).await;
+    w.settle().await;
+    w.offered_to(&o, &a).await;
+    w.f.command(&w.t, &o, Command::Accept { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap();
+    let courier_events = |kind: &str| -> Vec<(String, Option<String>, Vec<(String, String)>)> {
+        w.p.updates
+            .lock()
+            .iter()
+            .filter_map(|u| match u {
+                Update::Event(e) if e.kind == kind => Some((e.entity_id.clone(), e.reason.clone(), e.attrs.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    // Heard from within the limit: nothing to say.
+    w.clock.advance(120_000);
+    w.settle().await;
+    assert!(courier_events("courier.silent").is_empty());
+    // Past it: reported once, with its order; `idle` (silent too) holds nothing.
+    w.clock.advance(1_000);
+    w.settle().await;
+    w.settle().await;
+    let silent = courier_events("courier.silent");
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!(silent[0].0, a.as_str());
+    assert_eq!(silent[0].1.as_deref(), Some("no position for 121 s while holding 1 order(s)"));
+    assert!(silent[0].2.contains(&("orders".into(), "o1".into())), "{silent:?}");
+    assert!(silent.iter().all(|e| e.0 != idle.as_str()));
+    assert!(
+        eventually(|| w.store.all_events().iter().any(|e| e.kind == "courier.silent" && e.entity_id == "a")).await,
+        "logged in the event log"
+    );
+    // Heard again: resumed, once.
+    w.fix_now(&a, at(40.0, 0.0)).await;
+    w.settle().await;
+    w.settle().await;
+    assert_eq!(courier_events("courier.resumed").len(), 1);
+    // Silent again after handing its order back: nothing holds on it, nothing is said.
+    w.f.command(&w.t, &o, Command::Release { courier: Some(a.clone()) }, Who::Courier(a.clone())).await.unwrap();
+    w.clock.advance(200_000);
+    w.settle().await;
+    assert_eq!(courier_events("courier.silent").len(), 1);
+}
+
 #[tokio::test]
 async fn two_orders_batch_onto_one_courier_and_the_route_keeps_pickups_before_dropoffs() {
     let w = world(FleetConfig::default()).await;
@@ -483,6 +590,7 @@ async fn offers_that_expired_while_the_server_was_down_are_redispatched_at_start
         created_at: T0 - 120_000,
         updated_at: T0 - 50_000,
         version: 1,
+        released_at: None,
     };
     store
         .commit(vec![Write::Courier(courier("a", at(20.0, 0.0))), Write::Courier(courier("b", at(-600.0, 0.0))), Write::Order(order)])

@@ -216,6 +216,7 @@ async fn a_market_taken_over_concurrently_is_loaded_once() {
             created_at: 1_000,
             updated_at: 1_000,
             version: 1,
+            released_at: None,
         }));
     }
     store.commit(writes).await.unwrap();

@@ -45,10 +45,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/orders/{id}", web::get().to(get_order))
                 .route("/orders/{id}/cancel", web::post().to(cancel_order))
                 .route("/orders/{id}/assign", web::post().to(assign_order))
+                .route("/orders/{id}/release", web::post().to(release_order))
                 .route("/couriers/nearby", web::get().to(nearby))
                 .route("/couriers/{id}", web::put().to(put_courier))
                 .route("/couriers/{id}", web::get().to(get_courier))
                 .route("/couriers/{id}/trail", web::get().to(get_trail))
+                .route("/couriers/{id}/device-key", web::get().to(device_key))
                 .route("/couriers/{id}/history", web::get().to(crate::history::export))
                 .route("/couriers/{id}/history", web::delete().to(crate::history::erase))
                 .route("/events", web::get().to(events))
@@ -131,6 +133,21 @@ pub(crate) async fn assign_order(st: State, auth: Auth, path: web::Path<String>,
     Ok(HttpResponse::Ok().json(OrderDto::from(o.as_ref())))
 }
 
+/// Takes an order back from its courier, before pickup, and hands it to dispatch again.
+///
+/// For a courier gone silent, or one that cannot make it: an order `offered`, `assigned` or
+/// `at_pickup` goes back to `created`, the courier is told (`order_update`) and is not offered
+/// it again, and the order's wait for a courier (30 minutes before it expires) restarts. The audit event
+/// is `order.released`. Dispatchers and admins; a courier hands an order back itself with
+/// `{"t":"order_event","event":"released"}`. 409 once the goods are on board.
+#[utoipa::path(post, path = "/v1/orders/{id}/release", params(("id" = String, Path)), responses((status = 200, body = OrderDto), (status = 403), (status = 404), (status = 409)), security(("bearer" = [])))]
+pub(crate) async fn release_order(st: State, auth: Auth, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    auth.require(&[Role::Dispatcher, Role::Admin])?;
+    let id = order_id(&path)?;
+    let o = st.fleet.command(&auth.tenant, &id, Command::Release { courier: None }, auth.who()).await?;
+    Ok(HttpResponse::Ok().json(OrderDto::from(o.as_ref())))
+}
+
 #[utoipa::path(put, path = "/v1/couriers/{id}", params(("id" = String, Path)), request_body = CourierPutReq, responses((status = 200, body = CourierDto), (status = 400), (status = 409)), security(("bearer" = [])))]
 pub(crate) async fn put_courier(st: State, auth: Auth, path: web::Path<String>, body: web::Json<CourierPutReq>) -> Result<HttpResponse, ApiError> {
     let id = courier_id(&path)?;
@@ -188,6 +205,24 @@ pub(crate) async fn get_trail(st: State, auth: Auth, path: web::Path<String>) ->
     auth.require_self_or_staff(id.as_str())?;
     let trail = st.fleet.trail(&auth.tenant, &id).await?;
     Ok(HttpResponse::Ok().json(TrailDto { courier_id: id.to_string(), items: trail.iter().map(PositionDto::from).collect() }))
+}
+
+/// The key the courier's OsmAnd/Traccar device must send with its reports.
+///
+/// Derived from the JWT secret, the tenant and the courier's `device_id` (set with `PUT`), so
+/// it is the same on every node and is not stored. To revoke it, give the courier a new device
+/// id. Configure the device's server URL as `https://HOST/osmand?key=KEY`. 409 when the courier
+/// has no device id. Dispatchers and admins of the tenant, or the courier itself.
+#[utoipa::path(get, path = "/v1/couriers/{id}/device-key", params(("id" = String, Path)), responses((status = 200, body = crate::dto::DeviceKeyDto), (status = 403), (status = 404), (status = 409)), security(("bearer" = [])))]
+pub(crate) async fn device_key(st: State, auth: Auth, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = courier_id(&path)?;
+    auth.require_self_or_staff(id.as_str())?;
+    let rec = st.fleet.courier(&auth.tenant, &id)?;
+    let Some(device_id) = rec.device_id.clone() else {
+        return Err(hexfleet_actors::FleetError::Conflict(format!("courier {id} has no device_id")).into());
+    };
+    let key = st.keys.device_key(auth.tenant.as_str(), &device_id);
+    Ok(HttpResponse::Ok().json(crate::dto::DeviceKeyDto { courier_id: id.to_string(), device_id, key }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,18 +294,21 @@ pub(crate) async fn events(st: State, auth: Auth, q: web::Query<EventsQuery>) ->
 
 async fn osmand_get(st: State, req: HttpRequest) -> HttpResponse {
     let parsed = osmand::parse_query(req.query_string(), st.fleet.now_ms()).map(|f| vec![f]);
-    osmand_report(&st, &req, web::Bytes::new(), parsed, StatusCode::BAD_REQUEST).await
+    let key = osmand::key_of(req.query_string());
+    osmand_report(&st, &req, web::Bytes::new(), parsed, key, StatusCode::BAD_REQUEST).await
 }
 
 async fn osmand_post(st: State, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let now = st.fleet.now_ms();
     let json = req.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
+    let q = req.query_string();
     if json {
         let parsed = osmand::parse_json(&body, now);
-        return osmand_report(&st, &req, body, parsed, StatusCode::NOT_FOUND).await;
+        return osmand_report(&st, &req, body, parsed, osmand::key_of(q), StatusCode::NOT_FOUND).await;
     }
-    let q = req.query_string();
-    let form = if !q.is_empty() {
+    // As Traccar: the query if it holds the report, else the form body (the URL may then hold
+    // only the device key).
+    let form = if osmand::names_device(q) {
         q
     } else {
         match std::str::from_utf8(&body) {
@@ -279,7 +317,8 @@ async fn osmand_post(st: State, req: HttpRequest, body: web::Bytes) -> HttpRespo
         }
     };
     let parsed = osmand::parse_query(form, now).map(|f| vec![f]);
-    osmand_report(&st, &req, body, parsed, StatusCode::BAD_REQUEST).await
+    let key = osmand::key_of(form).or_else(|| osmand::key_of(q));
+    osmand_report(&st, &req, body, parsed, key, StatusCode::BAD_REQUEST).await
 }
 
 /// One parsed report: refused if it did not parse, forwarded if another node owns its
@@ -289,6 +328,7 @@ async fn osmand_report(
     req: &HttpRequest,
     body: web::Bytes,
     parsed: Result<Vec<osmand::OsmandFix>, osmand::OsmandError>,
+    key: Option<String>,
     unknown: StatusCode,
 ) -> HttpResponse {
     let fixes = match parsed {
@@ -298,7 +338,7 @@ async fn osmand_report(
     if let Some(r) = osmand_forward(st, req, body, &fixes).await {
         return r;
     }
-    osmand_ingest(st, fixes, unknown)
+    osmand_ingest(st, fixes, key.as_deref(), unknown)
 }
 
 /// With market leases: a report goes to the node owning its devices' market (devices carry no
@@ -352,13 +392,28 @@ fn osmand_err(status: StatusCode, code: &'static str, msg: &str) -> HttpResponse
 /// dropped and counted (`hexfleet_osmand_dropped_total{reason}`), and the report still answers
 /// 200: Traccar Client and OsmAnd keep a position until it is answered 200 and send the oldest
 /// first, so a 400 for one bad fix stopped the device's reports for good.
-fn osmand_ingest(st: &AppState, fixes: Vec<osmand::OsmandFix>, unknown: StatusCode) -> HttpResponse {
+///
+/// Every device of the report must match `key` ([`crate::auth::Keys::device_key`]); with
+/// `--osmand-keyless` a report without a key is taken too. A missing or wrong key is answered
+/// as an unknown device (same status, same message), so the endpoint does not tell registered
+/// device ids from others; it is counted in `hexfleet_osmand_bad_key_total` and logged.
+fn osmand_ingest(st: &AppState, fixes: Vec<osmand::OsmandFix>, key: Option<&str>, unknown: StatusCode) -> HttpResponse {
     let now = st.fleet.now_ms();
     let mut by_courier: Vec<((TenantId, CourierId), Vec<hexfleet_actors::domain::Fix>)> = Vec::new();
+    let refuse = |device: &str| osmand_err(unknown, "unknown_device", &format!("device {device} is not registered to a courier, or the report's key (`key=`) is missing or wrong"));
     for f in fixes {
         let Some(owner) = st.fleet.device(&f.device_id) else {
-            return osmand_err(unknown, "unknown_device", &format!("device {} is not registered to a courier", f.device_id));
+            return refuse(&f.device_id);
         };
+        let allowed = match key {
+            Some(k) => st.keys.device_key_matches(owner.0.as_str(), &f.device_id, k),
+            None => st.osmand_keyless,
+        };
+        if !allowed {
+            metrics::counter!("hexfleet_osmand_bad_key_total").increment(1);
+            tracing::info!(device = %f.device_id, tenant = %owner.0, courier = %owner.1, key_sent = key.is_some(), "OsmAnd report refused: device key missing or wrong");
+            return refuse(&f.device_id);
+        }
         let loc = LocDto { lat: f.lat, lng: f.lng, ts: f.ts_ms, speed: f.speed_mps, heading: f.heading, acc: f.accuracy };
         let fix = match loc.to_fix(now) {
             Ok(fix) => fix,

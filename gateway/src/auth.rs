@@ -5,8 +5,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 
 use crate::error::ApiError;
 use hexfleet_actors::domain::{Actor as Who, TenantId};
@@ -45,12 +47,21 @@ impl Claims {
     }
 }
 
-/// Signs and verifies tokens.
+/// What a device key is the HMAC of, before the tenant and the device id: keeps device keys
+/// apart from HS256 token signatures made with the same secret (a JWT's signing input is
+/// base64url, with no `/` and no NUL).
+const DEVICE_KEY_CONTEXT: &[u8] = b"hexfleet/osmand-device-key/v1\0";
+/// Bytes of the HMAC kept in a device key: 128 bits, 32 hex characters.
+const DEVICE_KEY_BYTES: usize = 16;
+
+/// Signs and verifies tokens, and derives the keys of OsmAnd/Traccar devices.
 #[derive(Clone)]
 pub struct Keys {
     enc: EncodingKey,
     dec: DecodingKey,
     validation: Validation,
+    /// HMAC-SHA256 keyed with the secret, cloned per device key.
+    device: Hmac<Sha256>,
 }
 
 impl Keys {
@@ -58,7 +69,33 @@ impl Keys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_S;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        Keys { enc: EncodingKey::from_secret(secret.as_bytes()), dec: DecodingKey::from_secret(secret.as_bytes()), validation }
+        let device = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+        Keys { enc: EncodingKey::from_secret(secret.as_bytes()), dec: DecodingKey::from_secret(secret.as_bytes()), validation, device }
+    }
+
+    /// The key an OsmAnd/Traccar device of `tenant` must send with its reports (`key=`): an
+    /// HMAC of the tenant and the device id under the JWT secret, so every node derives the
+    /// same key without storing one. A key is revoked by giving the courier a new device id
+    /// (and changes with the secret).
+    pub fn device_key(&self, tenant: &str, device_id: &str) -> String {
+        hex::encode(&self.device_mac(tenant, device_id).finalize().into_bytes()[..DEVICE_KEY_BYTES])
+    }
+
+    /// Whether `key` is [`Keys::device_key`] of the device, compared in constant time.
+    pub fn device_key_matches(&self, tenant: &str, device_id: &str, key: &str) -> bool {
+        match hex::decode(key) {
+            Ok(bytes) if bytes.len() == DEVICE_KEY_BYTES => self.device_mac(tenant, device_id).verify_truncated_left(&bytes).is_ok(),
+            _ => false,
+        }
+    }
+
+    fn device_mac(&self, tenant: &str, device_id: &str) -> Hmac<Sha256> {
+        let mut mac = self.device.clone();
+        mac.update(DEVICE_KEY_CONTEXT);
+        mac.update(tenant.as_bytes());
+        mac.update(b"\0");
+        mac.update(device_id.as_bytes());
+        mac
     }
 
     /// Mints a token valid for `ttl`.
@@ -189,5 +226,22 @@ mod tests {
         let claims = Claims { sub: "x".into(), role: Role::Admin, tenant: "t".into(), exp: 1_000, order_id: None };
         let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"a")).unwrap();
         assert_eq!(k.verify(&old).unwrap_err().message, "token expired");
+    }
+
+    #[test]
+    fn a_device_key_belongs_to_its_device_tenant_and_secret() {
+        let k = Keys::new("a-secret-of-at-least-thirty-two-bytes");
+        let key = k.device_key("acme", "864895030279986");
+        assert_eq!(key.len(), 32);
+        assert!(k.device_key_matches("acme", "864895030279986", &key));
+        assert!(k.device_key_matches("acme", "864895030279986", &key.to_uppercase()), "hex is read in either case");
+        assert!(!k.device_key_matches("acme", "864895030279987", &key), "another device");
+        assert!(!k.device_key_matches("other", "864895030279986", &key), "another tenant");
+        assert!(!Keys::new("another-secret-of-at-least-thirty-two").device_key_matches("acme", "864895030279986", &key), "another secret");
+        assert!(!k.device_key_matches("acme", "864895030279986", &key[..30]), "a prefix");
+        assert!(!k.device_key_matches("acme", "864895030279986", ""), "no key");
+        assert!(!k.device_key_matches("acme", "864895030279986", &"z".repeat(32)), "not hex");
+        // No ambiguity between the tenant and the device id.
+        assert_ne!(k.device_key("ab", "c"), k.device_key("a", "bc"));
     }
 }

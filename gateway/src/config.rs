@@ -65,14 +65,14 @@ pub struct ServeArgs {
     #[arg(long, env = "HEXFLEET_DEV_SECRET", default_value_t = false)]
     pub dev_secret: bool,
     /// Dispatch round period in milliseconds.
-    #[arg(long, env = "HEXFLEET_DISPATCH_TICK_MS", default_value_t = 2_000)]
+    #[arg(long, env = "HEXFLEET_DISPATCH_TICK_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub dispatch_tick_ms: u64,
     /// How long a courier has to answer an offer, in milliseconds.
-    #[arg(long, env = "HEXFLEET_OFFER_TIMEOUT_MS", default_value_t = 20_000)]
+    #[arg(long, env = "HEXFLEET_OFFER_TIMEOUT_MS", default_value_t = 20_000, value_parser = clap::value_parser!(i64).range(100..=3_600_000))]
     pub offer_timeout_ms: i64,
     /// Couriers whose last GPS fix reached the server more than this many seconds ago get no
     /// offers or assignments (an app that died without going offline), whatever their status.
-    #[arg(long, env = "HEXFLEET_COURIER_STALE_S", default_value_t = 120)]
+    #[arg(long, env = "HEXFLEET_COURIER_STALE_S", default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub courier_stale_s: u32,
     /// Assign orders without asking couriers.
     #[arg(long, env = "HEXFLEET_AUTO_ACCEPT", default_value_t = false)]
@@ -85,7 +85,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HEXFLEET_DISPATCH_POLICY", default_value = "optimal", value_parser = ["optimal", "greedy"])]
     pub dispatch_policy: String,
     /// Batching: the most a new order may delay an order a courier already holds, in seconds.
-    #[arg(long, env = "HEXFLEET_BATCH_MAX_DELAY_S", default_value_t = 600.0)]
+    #[arg(long, env = "HEXFLEET_BATCH_MAX_DELAY_S", default_value_t = 600.0, value_parser = parse_batch_delay)]
     pub batch_max_delay_s: f64,
     /// This node's name in logs and in cross-node fan-out (default: random).
     #[arg(long, env = "HEXFLEET_NODE_ID")]
@@ -121,7 +121,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HEXFLEET_INGEST_MAX_PER_IP", value_parser = clap::value_parser!(u64).range(1..))]
     pub ingest_max_per_ip: Option<u64>,
     /// HTTP worker threads (default: one per core).
-    #[arg(long, env = "HEXFLEET_WORKERS")]
+    #[arg(long, env = "HEXFLEET_WORKERS", value_parser = parse_workers)]
     pub workers: Option<usize>,
     /// Days of location history kept; older samples are purged (privacy).
     #[arg(long, env = "HEXFLEET_HISTORY_RETENTION_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=36_500))]
@@ -191,14 +191,64 @@ pub struct ServeArgs {
     /// Off by default: a tenant's dispatcher must not be able to probe the internal network.
     #[arg(long, env = "HEXFLEET_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
     pub webhook_allow_private: bool,
+    /// Take OsmAnd/Traccar reports that carry no device key (`key=`), as Traccar does: then a
+    /// device id is the only credential, and anyone who learns one can move its courier. Off by
+    /// default; a report with a key is checked either way. Each device's key is
+    /// `GET /v1/couriers/{id}/device-key`.
+    #[arg(long, env = "HEXFLEET_OSMAND_KEYLESS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub osmand_keyless: bool,
 }
 
 fn parse_purge_interval(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_secs(1), Duration::from_secs(30 * 24 * 3600), "1s", "30 days")
+}
+
+/// A token lives at most a year: a socket's session deadline and `exp` stay far from overflow.
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_secs(1), Duration::from_secs(366 * 24 * 3600), "1s", "366 days")
+}
+
+/// A `humantime` duration within `[min, max]`: a value past what a timer can hold panicked at
+/// start (an `Instant` overflow) instead of being refused.
+fn duration_within(s: &str, min: Duration, max: Duration, min_text: &str, max_text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d < Duration::from_secs(1) {
-        return Err("must be at least 1s".into());
+    if d < min || d > max {
+        return Err(format!("must be between {min_text} and {max_text}"));
     }
     Ok(d)
+}
+
+/// Seconds, finite, 0 to a day (NaN compared false with everything and disabled the check).
+fn parse_batch_delay(s: &str) -> Result<f64, String> {
+    finite_within(s, 0.0, 86_400.0)
+}
+
+fn parse_orders_per_min(s: &str) -> Result<f64, String> {
+    finite_within(s, 0.0, 1_000_000.0)
+}
+
+fn finite_within(s: &str, min: f64, max: f64) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if !v.is_finite() || v < min || v > max {
+        return Err(format!("must be a number from {min} to {max}"));
+    }
+    Ok(v)
+}
+
+/// 1 to 1,024 (actix panics on 0 workers).
+fn parse_workers(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=1_024) => Ok(n),
+        _ => Err("must be a whole number from 1 to 1024".into()),
+    }
+}
+
+/// 0 to 100,000 simulated couriers.
+fn parse_demo_couriers(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 0..=100_000) => Ok(n),
+        _ => Err("must be a whole number from 0 to 100000".into()),
+    }
 }
 
 impl ServeArgs {
@@ -253,10 +303,10 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
     /// Simulated couriers.
-    #[arg(long, env = "HEXFLEET_DEMO_COURIERS", default_value_t = 200)]
+    #[arg(long, env = "HEXFLEET_DEMO_COURIERS", default_value_t = 200, value_parser = parse_demo_couriers)]
     pub couriers: usize,
     /// Mean new orders per minute.
-    #[arg(long, env = "HEXFLEET_DEMO_ORDERS_PER_MIN", default_value_t = 40.0)]
+    #[arg(long, env = "HEXFLEET_DEMO_ORDERS_PER_MIN", default_value_t = 40.0, value_parser = parse_orders_per_min)]
     pub orders_per_min: f64,
     /// Stop after this long (e.g. `10m`); runs until Ctrl-C when absent.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -274,7 +324,7 @@ pub struct TokenArgs {
     /// The order a customer token may watch.
     #[arg(long)]
     pub order: Option<String>,
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_token_ttl)]
     pub ttl: Duration,
     #[arg(long, env = "HEXFLEET_JWT_SECRET", hide_env_values = true, default_value = DEV_JWT_SECRET)]
     pub jwt_secret: String,
@@ -353,6 +403,40 @@ mod tests {
         assert_eq!(s.dispatch_tick_ms, 500);
         assert!(s.auto_accept);
         assert_eq!(s.database_url, "y.db");
+    }
+
+    /// Values past what the server can run with are refused at parse time, with the flag
+    /// named: before, a purge interval of 10¹¹ years or 0 workers panicked at start, a huge
+    /// offer timeout wrapped the expiry time, and a NaN delay turned the batching check off.
+    #[test]
+    fn absurd_values_are_refused_with_the_flag_named() {
+        for (flag, value) in [
+            ("--history-purge-interval", "100000000000years"),
+            ("--history-purge-interval", "500ms"),
+            ("--dispatch-tick-ms", "18446744073709551615"),
+            ("--dispatch-tick-ms", "0"),
+            ("--offer-timeout-ms", "9223372036854775807"),
+            ("--offer-timeout-ms", "-5"),
+            ("--courier-stale-s", "0"),
+            ("--batch-max-delay-s", "NaN"),
+            ("--batch-max-delay-s", "inf"),
+            ("--batch-max-delay-s", "-1"),
+            ("--workers", "0"),
+            ("--workers", "100000"),
+        ] {
+            let e = Cli::try_parse_from(["hexfleet".to_string(), "serve".into(), format!("{flag}={value}")]).expect_err(&format!("{flag} {value}")).to_string();
+            assert!(e.contains(flag), "{flag} {value}: {e}");
+        }
+        for (flag, value) in [("--couriers", "1000000000"), ("--orders-per-min", "NaN"), ("--orders-per-min", "-3")] {
+            let e = Cli::try_parse_from(["hexfleet".to_string(), "demo".into(), format!("{flag}={value}")]).expect_err(&format!("{flag} {value}")).to_string();
+            assert!(e.contains(flag), "{flag} {value}: {e}");
+        }
+        let e = Cli::try_parse_from(["hexfleet", "token", "--role", "admin", "--sub", "a", "--ttl", "1000000years"]).unwrap_err().to_string();
+        assert!(e.contains("--ttl"), "{e}");
+        // The defaults and ordinary values still parse.
+        let ok = Cli::try_parse_from(["hexfleet", "serve", "--history-purge-interval", "15m", "--workers", "4", "--batch-max-delay-s", "0", "--offer-timeout-ms", "30000"]).unwrap();
+        let Cmd::Serve(s) = ok.cmd else { panic!() };
+        assert_eq!((s.workers, s.batch_max_delay_s, s.offer_timeout_ms), (Some(4), 0.0, 30_000));
     }
 
     #[test]

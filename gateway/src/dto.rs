@@ -279,6 +279,16 @@ pub struct TrailDto {
     pub items: Vec<PositionDto>,
 }
 
+/// The key an OsmAnd/Traccar device sends with its reports.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeviceKeyDto {
+    pub courier_id: String,
+    pub device_id: String,
+    /// 32 hex characters; the device sends it as `key=` (its server URL
+    /// `https://HOST/osmand?key=KEY`).
+    pub key: String,
+}
+
 impl From<&Fix> for PositionDto {
     fn from(f: &Fix) -> Self {
         PositionDto { lat: f.pos.lat, lng: f.pos.lng, ts: f.ts, speed: f.speed, heading: f.heading }
@@ -368,6 +378,7 @@ mod tests {
             created_at: 1_000,
             updated_at: 2_000,
             version: 2,
+            released_at: None,
         };
         let mut whole = serde_json::to_value(OrderDto::from(&o)).unwrap();
         assert!(whole.get("assignment").is_some() && whole.get("offered_to").is_some());

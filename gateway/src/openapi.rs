@@ -10,14 +10,14 @@ use crate::dto::{AssignReq, CourierDto, CourierPutReq, LatLngDto, NearbyDto, New
 #[openapi(
     info(title = "hexfleet", description = "Real-time courier tracking and dispatch"),
     paths(
-        crate::api::create_order, crate::api::get_order, crate::api::cancel_order, crate::api::assign_order,
-        crate::api::put_courier, crate::api::get_courier, crate::api::get_trail, crate::api::nearby, crate::api::events,
+        crate::api::create_order, crate::api::get_order, crate::api::cancel_order, crate::api::assign_order, crate::api::release_order,
+        crate::api::put_courier, crate::api::get_courier, crate::api::get_trail, crate::api::device_key, crate::api::nearby, crate::api::events,
         crate::history::export, crate::history::erase,
         crate::zones::put_zone, crate::zones::list_zones, crate::zones::get_zone, crate::zones::delete_zone,
         crate::webhooks::put_webhook, crate::webhooks::list_webhooks, crate::webhooks::get_webhook,
         crate::webhooks::delete_webhook, crate::webhooks::deliveries, crate::webhooks::redeliver, crate::markets::get_market
     ),
-    components(schemas(AssignReq, crate::dto::AssignmentDto, crate::dto::CandidateDto, CourierDto, CourierPutReq, LatLngDto, NearbyDto, NewOrderReq, OrderDto, PositionDto, crate::dto::TrailDto,
+    components(schemas(AssignReq, crate::dto::AssignmentDto, crate::dto::CandidateDto, CourierDto, CourierPutReq, LatLngDto, NearbyDto, NewOrderReq, OrderDto, PositionDto, crate::dto::TrailDto, crate::dto::DeviceKeyDto,
         crate::history::HistoryCollection, crate::history::HistoryFeature, crate::history::PointGeometry,
         crate::history::HistoryProperties, crate::history::ErasedDto,
         crate::zones::ZoneDto, crate::zones::ZonePropsDto, crate::zones::ZoneListDto,

@@ -25,8 +25,9 @@
 //! validated: no NaN or infinities, `|lat| <= 90`, `|lng| <= 180`.
 //!
 //! Pure: no I/O, no HTTP types. The gateway maps the device id to a courier (unknown device:
-//! 400 for the query form, 404 for JSON, as Traccar does) and applies the same ingest checks
-//! as the courier socket (future timestamps, speed jumps).
+//! 400 for the query form, 404 for JSON, as Traccar does), checks the device key ([`key_of`];
+//! Traccar has none) and applies the same ingest checks as the courier socket (future
+//! timestamps, speed jumps).
 
 use serde_json::Value;
 
@@ -135,6 +136,19 @@ pub fn parse_query(raw: &str, now_ms: i64) -> Result<OsmandFix, OsmandError> {
         fix.ts_ms = ts;
     }
     Ok(fix)
+}
+
+/// The device key of a query string or form body (`key=`; the last one if repeated). Traccar
+/// Client keeps the query of its server URL, so a device is configured with
+/// `https://HOST/osmand?key=KEY` and sends the key with every report, in either form.
+pub fn key_of(raw: &str) -> Option<String> {
+    form_pairs(raw.strip_prefix('?').unwrap_or(raw)).filter(|(k, _)| k == "key").last().map(|(_, v)| v)
+}
+
+/// Whether a query string carries a report (a device id): a `POST` whose URL holds only the
+/// device key sends its report as a form body.
+pub fn names_device(raw: &str) -> bool {
+    form_pairs(raw.strip_prefix('?').unwrap_or(raw)).any(|(k, _)| k == "id" || k == "deviceid")
 }
 
 /// Parses the JSON body of Traccar Client 9+.
@@ -437,6 +451,18 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn the_device_key_is_read_from_a_query_or_a_form() {
+        assert_eq!(key_of("?key=ab12&id=7").as_deref(), Some("ab12"));
+        assert_eq!(key_of("id=7&lat=1&lon=2&key=ab%31").as_deref(), Some("ab1"), "percent-decoded");
+        assert_eq!(key_of("id=7&key=a&key=b").as_deref(), Some("b"), "the last of a repeated key");
+        assert_eq!(key_of("id=7&keys=a"), None);
+        assert!(names_device("key=a&id=7") && names_device("?deviceid=7"));
+        assert!(!names_device("key=a") && !names_device(""));
+        // The key is no position field: a report with one parses as before.
+        assert_eq!(q("id=7&lat=1&lon=2&key=k").device_id, "7");
+    }
 
     fn q(raw: &str) -> OsmandFix {
         parse_query(raw, NOW).unwrap_or_else(|e| panic!("{raw}: {e}"))

@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub ingest_listen: Option<String>,
     /// Its connection caps.
     pub ingest_limits: crate::ingest::Limits,
+    /// OsmAnd/Traccar reports without a device key are taken (`--osmand-keyless`).
+    pub osmand_keyless: bool,
 }
 
 impl ServeConfig {
@@ -73,6 +75,7 @@ impl ServeConfig {
             markets: None,
             ingest_listen: None,
             ingest_limits: crate::ingest::Limits::default(),
+            osmand_keyless: false,
         }
     }
 }
@@ -95,6 +98,8 @@ pub struct AppState {
     pub webhooks_allow_private: bool,
     /// Market leases, when several nodes share the store.
     pub markets: Option<Arc<crate::markets::Markets>>,
+    /// OsmAnd/Traccar reports without a device key are taken (`--osmand-keyless`).
+    pub osmand_keyless: bool,
 }
 
 impl AppState {
@@ -233,6 +238,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         sockets: cfg.sockets,
         webhooks_allow_private: cfg.webhooks.allow_private,
         markets: markets.clone(),
+        osmand_keyless: cfg.osmand_keyless,
     });
     let purge_stop = shutdown.child_token();
     let purge = {

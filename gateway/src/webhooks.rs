@@ -238,13 +238,7 @@ pub fn signature(secret: &str, unix_s: i64, body: &[u8]) -> String {
     mac.update(unix_s.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    let tag = mac.finalize().into_bytes();
-    let mut hex = String::with_capacity(tag.len() * 2);
-    for b in tag {
-        use std::fmt::Write as _;
-        let _ = write!(hex, "{b:02x}");
-    }
-    format!("t={unix_s},v1={hex}")
+    format!("t={unix_s},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// Checks one subscribed pattern: `*`, or dotted lowercase words, optionally ending in `.*`.

@@ -523,7 +523,8 @@ async fn courier_message(st: &AppState, tenant: &TenantId, id: &CourierId, tap: 
                 "picked_up" => Command::PickedUp { courier: c },
                 "delivered" => Command::Delivered { courier: c },
                 "failed" => Command::Failed { courier: c },
-                _ => return Err(ApiError::bad_request("bad_event", "event must be picked_up, delivered or failed")),
+                "released" => Command::Release { courier: Some(c) },
+                _ => return Err(ApiError::bad_request("bad_event", "event must be picked_up, delivered, failed or released")),
             };
             st.fleet.command(tenant, &oid, cmd, hexfleet_actors::domain::Actor::Courier(id.clone())).await?;
         }

@@ -229,3 +229,55 @@ async fn an_offer_made_while_the_app_was_away_is_sent_on_reconnect() {
     drop(courier);
     srv.stop().await;
 }
+
+/// A courier hands an order back before pickup over its socket, and a dispatcher takes one
+/// back over HTTP: each time the courier is told (`order_update`, state `created`, no
+/// courier), and the order is offered to another courier, never again to the one it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_handed_back_is_offered_to_another_courier() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(fast_config(dir.path().join("h.db").to_str().unwrap())).await;
+    let (tenant, disp) = ("acme", srv.dispatcher("acme"));
+    let mut c1 = srv.courier(Port::Http, &srv.token(Role::Courier, "c1", tenant, None)).await;
+    let mut c2 = srv.courier(Port::Http, &srv.token(Role::Courier, "c2", tenant, None)).await;
+    for (ws, id, lat) in [(&mut c1, "c1", C_LAT), (&mut c2, "c2", C_LAT + 0.01)] {
+        ws.send(json!({"t":"status","status":"available"})).await;
+        ws.send(json!({"t":"loc","lat":lat,"lng":C_LNG,"ts":now_ms()})).await;
+        srv.courier_at(&disp, id, lat).await;
+    }
+    let (s, o) = srv.post("/v1/orders", &disp, json!({"id":"o1","pickup":{"lat":PICKUP.0,"lng":PICKUP.1},"dropoff":{"lat":DROPOFF.0,"lng":DROPOFF.1}})).await;
+    assert_eq!(s, 201, "{o}");
+    c1.expect("the offer", |v| t(v) == "offer" && v["order_id"] == "o1").await;
+    c1.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
+    c1.expect("assigned", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
+
+    // Only staff take an order back over HTTP; an unknown event name is refused.
+    assert_eq!(srv.post("/v1/orders/o1/release", &srv.token(Role::Courier, "c1", tenant, None), json!({})).await.0, 403);
+    assert_eq!(srv.post("/v1/orders/o1/release", &srv.token(Role::Customer, "u", tenant, Some("o1")), json!({})).await.0, 403);
+    assert_eq!(srv.post("/v1/orders/nope/release", &disp, json!({})).await.0, 404);
+    c1.send(json!({"t":"order_event","order_id":"o1","event":"gave_up"})).await;
+    let e = c1.expect("an error frame", |v| t(v) == "error").await;
+    assert!(e["code"] == "bad_event" && e["message"].as_str().unwrap().contains("released"), "{e}");
+
+    // c1 hands it back: it is told, and c2 gets the offer.
+    c1.send(json!({"t":"order_event","order_id":"o1","event":"released"})).await;
+    let u = c1.expect("the order left c1", |v| t(v) == "order_update" && v["order_id"] == "o1" && v["state"] == "created").await;
+    assert!(u["courier_id"].is_null(), "{u}");
+    c2.expect("the offer to c2", |v| t(v) == "offer" && v["order_id"] == "o1").await;
+    c2.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
+    c2.expect("assigned to c2", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
+
+    // A dispatcher takes it back from c2: c2 is told; nobody is left to offer it to.
+    let (s, o) = srv.post("/v1/orders/o1/release", &disp, json!({})).await;
+    assert_eq!((s, o["state"].as_str()), (200, Some("created")), "{o}");
+    assert!(o["courier_id"].is_null(), "{o}");
+    let u = c2.expect("the order left c2", |v| t(v) == "order_update" && v["order_id"] == "o1" && v["state"] == "created").await;
+    assert!(u["courier_id"].is_null(), "{u}");
+    let (s, ev) = srv.get("/v1/events?entity=order&id=o1", Some(&disp)).await;
+    assert_eq!(s, 200);
+    let released: Vec<&str> = ev["items"].as_array().unwrap().iter().filter(|e| e["kind"] == "order.released").filter_map(|e| e["reason"].as_str()).collect();
+    assert_eq!(released, ["handed back by c1", "taken back from c2"], "{ev}");
+    // Once taken back it cannot be taken back again.
+    let (s, v) = srv.post("/v1/orders/o1/release", &disp, json!({})).await;
+    assert_eq!(s, 409, "{v}");
+}

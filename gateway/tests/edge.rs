@@ -225,9 +225,14 @@ async fn osmand_accepts_what_traccar_client_sends() {
     let disp = srv.dispatcher("t1");
     let (s, v) = srv.put("/v1/couriers/c9", &disp, json!({"device_id":"864895030279986","vehicle":"car"})).await;
     assert_eq!(s, 200, "{v}");
+    let (s, v) = srv.get("/v1/couriers/c9/device-key", Some(&disp)).await;
+    assert_eq!(s, 200, "{v}");
+    let key = v["key"].as_str().unwrap().to_owned();
+    assert_eq!((v["device_id"].as_str(), key.len()), (Some("864895030279986"), 32), "{v}");
     let ts = now_ms() / 1000 - 30;
-    // The query form (OsmAnd and Traccar Client before 9): speed in knots.
-    let url = format!("{}/osmand?id=864895030279986&timestamp={ts}&lat=52.5163&lon=13.3777&speed=10.0&bearing=87.5&altitude=34.0&accuracy=5.0&batt=87", srv.base);
+    // The query form (OsmAnd and Traccar Client before 9): speed in knots. Traccar Client keeps
+    // the query of its server URL (`…/osmand?key=KEY`) in front of the report's fields.
+    let url = format!("{}/osmand?key={key}&id=864895030279986&timestamp={ts}&lat=52.5163&lon=13.3777&speed=10.0&bearing=87.5&altitude=34.0&accuracy=5.0&batt=87", srv.base);
     let r = srv.http.get(url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let c = eventually("the query fix reaches the courier", || async {
@@ -242,7 +247,7 @@ async fn osmand_accepts_what_traccar_client_sends() {
     let body = |ts: &str, lat: f64| json!({"location":{"timestamp":ts,"coords":{"latitude":lat,"longitude":13.3790,"accuracy":4.0,"speed":3.5,"heading":90.0,"altitude":35.0},"is_moving":true,"odometer":1200,"event":"motionchange","battery":{"level":0.82,"is_charging":false},"activity":{"type":"in_vehicle"}},"device_id":"864895030279986"});
     // A fix from the far future (a clock gone wrong) is dropped, but answered 200: the client
     // keeps a position until it is, and a 400 left it stuck at the head of its queue.
-    let r = srv.http.post(format!("{}/osmand", srv.base)).json(&body(iso, 52.6)).send().await.unwrap();
+    let r = srv.http.post(format!("{}/osmand?key={key}", srv.base)).json(&body(iso, 52.6)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200, "a known device's report is answered 200");
     let now_iso = {
         let secs = now_ms() / 1000 - 10;
@@ -252,25 +257,87 @@ async fn osmand_accepts_what_traccar_client_sends() {
         let (y, m, d) = civil_from_days(days);
         format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.000Z", rem / 3600, rem % 3600 / 60, rem % 60)
     };
-    let r = srv.http.post(format!("{}/osmand", srv.base)).json(&body(&now_iso, 52.5170)).send().await.unwrap();
+    let r = srv.http.post(format!("{}/osmand?key={key}", srv.base)).json(&body(&now_iso, 52.5170)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     // Had the 2099 fix been taken, this one would be older than it and not move the courier.
     srv.courier_at(&disp, "c9", 52.517).await;
     let metrics = srv.http.get(format!("{}/metrics", srv.base)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("hexfleet_osmand_dropped_total{reason=\"bad_timestamp\"}")), "{metrics}");
-    // A form body (POST with an empty query).
-    let form = format!("deviceid=864895030279986&timestamp={}&lat=52.5175&lon=13.38", now_ms() / 1000 - 5);
+    // A form body, with the key in it (POST with an empty query) or in the URL.
+    let form = format!("deviceid=864895030279986&timestamp={}&lat=52.5175&lon=13.38&key={key}", now_ms() / 1000 - 5);
     let r = srv.http.post(format!("{}/osmand", srv.base)).header("content-type", "application/x-www-form-urlencoded").body(form).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    let form = format!("deviceid=864895030279986&timestamp={}&lat=52.5176&lon=13.38", now_ms() / 1000 - 4);
+    let r = srv.http.post(format!("{}/osmand?key={key}", srv.base)).header("content-type", "application/x-www-form-urlencoded").body(form).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    srv.courier_at(&disp, "c9", 52.5176).await;
     // Unknown devices: 400 for the query form, 404 for JSON, as Traccar answers.
-    let r = srv.http.get(format!("{}/osmand?id=unknown&lat=52.5&lon=13.4", srv.base)).send().await.unwrap();
+    let r = srv.http.get(format!("{}/osmand?id=unknown&lat=52.5&lon=13.4&key={key}", srv.base)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
+    let unknown_answer: serde_json::Value = r.json().await.unwrap();
     let mut unknown = body(&now_iso, 52.5);
     unknown["device_id"] = json!("unknown");
     let r = srv.http.post(format!("{}/osmand", srv.base)).json(&unknown).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
+    // A registered device without its key, or with a wrong one (another device's, or another
+    // tenant's for this device), is refused exactly as an unknown one, and moves nobody.
+    let fix = |lat: f64, key: &str| format!("{}/osmand?id=864895030279986&timestamp={}&lat={lat}&lon=13.38{key}", srv.base, now_ms() / 1000 - 2);
+    let other_tenant = hexfleet_gateway::auth::Keys::new(SECRET).device_key("t2", "864895030279986");
+    let other_device = hexfleet_gateway::auth::Keys::new(SECRET).device_key("t1", "864895030279987");
+    for bad in [String::new(), "&key=".into(), format!("&key={other_tenant}"), format!("&key={other_device}"), format!("&key={}", &key[..31])] {
+        let r = srv.http.get(fix(53.0, &bad)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{bad:?}");
+        let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], unknown_answer["error"]["code"], "{bad:?}");
+        assert_eq!(
+            answer["error"]["message"].as_str().unwrap().replace("864895030279986", "unknown"),
+            unknown_answer["error"]["message"].as_str().unwrap(),
+            "{bad:?}: the answer tells nothing an unknown device's does not"
+        );
+    }
+    let r = srv.http.post(format!("{}/osmand", srv.base)).json(&body(&now_iso, 53.0)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404, "JSON without a key");
+    let metrics = srv.http.get(format!("{}/metrics", srv.base)).send().await.unwrap().text().await.unwrap();
+    // (Other tests of this binary share the recorder: at least these six.)
+    let bad_keys = metrics.lines().find_map(|l| l.strip_prefix("hexfleet_osmand_bad_key_total ")).and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(bad_keys.is_some_and(|n| n >= 6.0), "{bad_keys:?} in {metrics}");
+    let (_, c) = srv.get("/v1/couriers/c9", Some(&disp)).await;
+    assert_eq!(c["position"]["lat"].as_f64(), Some(52.5176), "no refused report moved the courier: {c}");
     // Bad coordinates.
-    let r = srv.http.get(format!("{}/osmand?id=864895030279986&lat=95&lon=13.4", srv.base)).send().await.unwrap();
+    let r = srv.http.get(format!("{}/osmand?id=864895030279986&lat=95&lon=13.4&key={key}", srv.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // Who may read the key: the courier itself and staff, not another courier or a customer.
+    let (s, v) = srv.get("/v1/couriers/c9/device-key", Some(&srv.token(Role::Courier, "c9", "t1", None))).await;
+    assert_eq!((s, v["key"].as_str()), (200, Some(key.as_str())), "{v}");
+    assert_eq!(srv.get("/v1/couriers/c9/device-key", Some(&srv.token(Role::Courier, "c8", "t1", None))).await.0, 403);
+    assert_eq!(srv.get("/v1/couriers/c9/device-key", Some(&srv.token(Role::Customer, "u", "t1", Some("o1")))).await.0, 403);
+    assert_eq!(srv.get("/v1/couriers/c9/device-key", None).await.0, 401);
+    // A courier without a device has no key.
+    assert_eq!(srv.put("/v1/couriers/c8", &disp, json!({"vehicle":"bike"})).await.0, 200);
+    let (s, v) = srv.get("/v1/couriers/c8/device-key", Some(&disp)).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
+    // A new device id is a new key: the old one no longer works.
+    assert_eq!(srv.put("/v1/couriers/c9", &disp, json!({"device_id":"864895030279987"})).await.0, 200);
+    let r = srv.http.get(format!("{}/osmand?key={key}&id=864895030279987&lat=52.5&lon=13.4", srv.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400, "the old device's key");
+    let r = srv.http.get(format!("{}/osmand?key={other_device}&id=864895030279987&lat=52.5&lon=13.4", srv.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "the new device's key");
+}
+
+/// `--osmand-keyless`: reports without a key are taken (Traccar's own behaviour, for devices
+/// whose URL cannot carry one); a report with a wrong key is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn osmand_keyless_takes_reports_without_a_key_but_not_with_a_wrong_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("k.db").to_str().unwrap());
+    cfg.osmand_keyless = true;
+    let srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("t1");
+    assert_eq!(srv.put("/v1/couriers/c9", &disp, json!({"device_id":"imei-9"})).await.0, 200);
+    let r = srv.http.get(format!("{}/osmand?id=imei-9&lat=52.51&lon=13.4", srv.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    srv.courier_at(&disp, "c9", 52.51).await;
+    let r = srv.http.get(format!("{}/osmand?id=imei-9&lat=52.52&lon=13.4&key=00112233445566778899aabbccddeeff", srv.base)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
 }
 

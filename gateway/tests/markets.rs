@@ -223,7 +223,8 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     // B finds the device's market in the store and forwards the report to A.
     let (s, v) = b.put("/v1/couriers/c9", &disp_b, json!({"device_id":"864895030279986","vehicle":"car"})).await;
     assert_eq!(s, 200, "{v}");
-    let url = format!("{}/osmand?id=864895030279986&timestamp={}&lat=52.5163&lon=13.3777", b.base, now_ms() / 1000 - 5);
+    let key = hexfleet_gateway::auth::Keys::new(SECRET).device_key(tenant, "864895030279986");
+    let url = format!("{}/osmand?id=864895030279986&timestamp={}&lat=52.5163&lon=13.3777&key={key}", b.base, now_ms() / 1000 - 5);
     let r = b.http.get(url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
     a.courier_at(&disp_a, "c9", 52.5163).await;
@@ -529,7 +530,8 @@ async fn a_stepped_down_node_does_not_take_its_market_back() {
     assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
     let (s, v) = a.put("/v1/couriers/c1", &disp, json!({"device_id": "imei-31"})).await;
     assert_eq!(s, 200, "{v}");
-    let report = |lat: f64| a.http.get(format!("{}/osmand?id=imei-31&lat={lat}&lon={}", a.base, NEAR.1)).send();
+    let key = hexfleet_gateway::auth::Keys::new(SECRET).device_key(tenant, "imei-31");
+    let report = |lat: f64| a.http.get(format!("{}/osmand?id=imei-31&lat={lat}&lon={}&key={key}", a.base, NEAR.1)).send();
     assert_eq!(report(NEAR.0).await.unwrap().status().as_u16(), 200, "served: a device report is taken");
     let epoch = lease_row(&db.url, tenant).await.1;
     let markets = a.running.as_ref().unwrap().state.markets.clone().unwrap();

@@ -216,7 +216,7 @@ macro_rules! backend_ops {
 
             /// Upserts orders; an older version never overwrites a newer one.
             pub(crate) async fn upsert_orders(conn: &mut Conn, orders: &[&Order]) -> Result<(), PersistenceError> {
-                for chunk in orders.chunks(MAX_PARAMS / 18) {
+                for chunk in orders.chunks(MAX_PARAMS / rows::ORDER_COLUMN_COUNT) {
                     let mut qb = QueryBuilder::<Db>::new(format!("INSERT INTO orders ({ORDER_COLUMNS}) "));
                     qb.push_values(chunk, |mut b, o| {
                         b.push_bind(o.tenant.as_str())
@@ -236,7 +236,8 @@ macro_rules! backend_ops {
                             .push_bind(rows::assignment_json(o))
                             .push_bind(o.created_at)
                             .push_bind(o.updated_at)
-                            .push_bind(i64::from(o.version));
+                            .push_bind(i64::from(o.version))
+                            .push_bind(o.released_at);
                     });
                     qb.push(
                         " ON CONFLICT (tenant, id) DO UPDATE SET pickup_lat = excluded.pickup_lat, \
@@ -246,7 +247,8 @@ macro_rules! backend_ops {
                          offer_courier = excluded.offer_courier, offer_expires_at = excluded.offer_expires_at, \
                          declined = excluded.declined, assignment = excluded.assignment, \
                          created_at = excluded.created_at, updated_at = excluded.updated_at, \
-                         version = excluded.version WHERE orders.version <= excluded.version",
+                         version = excluded.version, released_at = excluded.released_at \
+                         WHERE orders.version <= excluded.version",
                     );
                     qb.build().persistent(false).execute(&mut *conn).await?;
                 }

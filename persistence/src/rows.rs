@@ -103,11 +103,15 @@ pub(crate) struct OrderRow {
     pub created_at: i64,
     pub updated_at: i64,
     pub version: i64,
+    pub released_at: Option<i64>,
 }
 
 pub(crate) const ORDER_COLUMNS: &str = "tenant, id, pickup_lat, pickup_lng, dropoff_lat, dropoff_lng, size, \
      ready_at, deliver_by, state, courier, offer_courier, offer_expires_at, declined, assignment, \
-     created_at, updated_at, version";
+     created_at, updated_at, version, released_at";
+
+/// How many columns [`ORDER_COLUMNS`] names (bind parameters per order row).
+pub(crate) const ORDER_COLUMN_COUNT: usize = 19;
 
 /// The terminal states, as SQL (kept next to `OrderState::is_terminal`'s meaning; checked by a test).
 pub(crate) const TERMINAL_STATES_SQL: &str = "('delivered', 'cancelled', 'failed', 'expired')";
@@ -192,6 +196,7 @@ impl OrderRow {
             created_at: self.created_at,
             updated_at: self.updated_at,
             version: u32::try_from(self.version).map_err(|_| PersistenceError::corrupt(T, "version out of range"))?,
+            released_at: self.released_at,
         })
     }
 }
@@ -334,6 +339,11 @@ mod tests {
             let quoted = format!("'{}'", s.as_str());
             assert_eq!(TERMINAL_STATES_SQL.contains(&quoted), s.is_terminal(), "{s:?}");
         }
+    }
+
+    #[test]
+    fn the_order_column_count_is_the_columns_named() {
+        assert_eq!(ORDER_COLUMNS.split(',').count(), ORDER_COLUMN_COUNT);
     }
 
     #[test]

@@ -392,7 +392,9 @@ fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &Couri
                 st.target_changed(bbox);
             }
         }
-        ServerMsg::OrderUpdate { order_id, state, .. } if is_terminal_state(&state) => {
+        // Closed, or taken from this courier (handed back to dispatch, reassigned to another):
+        // its stops leave the plan.
+        ServerMsg::OrderUpdate { order_id, state, courier_id, .. } if is_terminal_state(&state) || courier_id.as_deref() != Some(me) => {
             let dwelling_on_it = st.dwell_until.is_some() && st.plan.front().is_some_and(|s| s.order_id == order_id);
             if dwelling_on_it {
                 st.dwell_until = None;

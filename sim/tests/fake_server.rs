@@ -137,13 +137,17 @@ async fn courier_answers_offers_delivers_and_reconnects() {
     // again): it finishes them, from where each one is.
     let order = |pu: LatLng, d: LatLng| json!({"pickup": {"lat": pu.lat, "lng": pu.lng}, "dropoff": {"lat": d.lat, "lng": d.lng}});
     let (p2, d2, p3, d3) = (offset(start, 180.0, 5.0), offset(start, 270.0, 5.0), offset(start, 45.0, 5.0), offset(start, 135.0, 5.0));
-    send(&mut ws, json!({"t":"order_update","seq":1,"order_id":"o2","state":"assigned","courier_id":"c1","ts":1,"order":order(p2, d2)})).await;
+    // o5 first: its drop-off heads the plan. It is then taken back (a dispatcher's release):
+    // the order goes back to `created` with no courier, and its stop leaves the plan.
+    send(&mut ws, json!({"t":"order_update","seq":1,"order_id":"o5","state":"picked_up","courier_id":"c1","ts":1,"order":order(p3, d2)})).await;
     send(&mut ws, json!({"t":"order_update","seq":2,"order_id":"o3","state":"picked_up","courier_id":"c1","ts":1,"order":order(p3, d3)})).await;
+    send(&mut ws, json!({"t":"order_update","seq":3,"order_id":"o2","state":"assigned","courier_id":"c1","ts":1,"order":order(p2, d2)})).await;
     // Another courier's order (a tracking-style update) is not this app's to do.
-    send(&mut ws, json!({"t":"order_update","seq":3,"order_id":"o4","state":"assigned","courier_id":"c9","ts":1,"order":order(p3, d3)})).await;
+    send(&mut ws, json!({"t":"order_update","seq":4,"order_id":"o4","state":"assigned","courier_id":"c9","ts":1,"order":order(p3, d3)})).await;
+    send(&mut ws, json!({"t":"order_update","seq":5,"order_id":"o5","state":"created","courier_id":null,"ts":2,"order":order(p3, d2)})).await;
+    assert_eq!(next_of(&mut ws, "order_event").await, json!({"t":"order_event","order_id":"o3","event":"delivered"}), "o5 was taken back");
     assert_eq!(next_of(&mut ws, "order_event").await, json!({"t":"order_event","order_id":"o2","event":"picked_up"}));
     assert_eq!(next_of(&mut ws, "order_event").await, json!({"t":"order_event","order_id":"o2","event":"delivered"}));
-    assert_eq!(next_of(&mut ws, "order_event").await, json!({"t":"order_event","order_id":"o3","event":"delivered"}));
 
     // Shutdown: goes offline and ends.
     shutdown.cancel();

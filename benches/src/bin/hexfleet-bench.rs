@@ -532,6 +532,7 @@ async fn restart_report(database_url: Option<String>, couriers: usize, orders: u
                 created_at: now,
                 updated_at: now,
                 version: u32::from(assigned),
+                released_at: None,
             };
             batch.push(Write::Order(o));
             if batch.len() == 1_000 {

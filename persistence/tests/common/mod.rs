@@ -313,6 +313,7 @@ pub fn full_order(tenant: &str, id: &str) -> Order {
         created_at: 1_700_000_000_000,
         updated_at: 1_700_000_000_600,
         version: 2,
+        released_at: Some(1_700_000_000_300),
     }
 }
 
@@ -334,6 +335,7 @@ pub fn new_order(tenant: &str, id: &str, created_at: i64) -> Order {
         created_at,
         updated_at: created_at,
         version: 0,
+        released_at: None,
     }
 }
 
