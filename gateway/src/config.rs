@@ -65,7 +65,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HEXFLEET_DEV_SECRET", default_value_t = false)]
     pub dev_secret: bool,
     /// Dispatch round period in milliseconds.
-    #[arg(long, env = "HEXFLEET_DISPATCH_TICK_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    #[arg(long, env = "HEXFLEET_DISPATCH_TICK_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub dispatch_tick_ms: u64,
     /// How long a courier has to answer an offer, in milliseconds.
     #[arg(long, env = "HEXFLEET_OFFER_TIMEOUT_MS", default_value_t = 20_000, value_parser = clap::value_parser!(i64).range(100..=3_600_000))]
