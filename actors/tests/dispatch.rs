@@ -264,12 +264,12 @@ async fn a_courier_gone_silent_with_orders_is_reported_to_dispatchers_once() {
     w.settle().await;
     w.offered_to(&o, &a).await;
     w.f.command(&w.t, &o, Command::Accept { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap();
-    let courier_events = |kind: &str| -> Vec<(String, Option<String>, Vec<(String, String)>)> {
+    let courier_events = |kind: &str| -> Vec<Arc<hexfleet_actors::domain::DomainEvent>> {
         w.p.updates
             .lock()
             .iter()
             .filter_map(|u| match u {
-                Update::Event(e) if e.kind == kind => Some((e.entity_id.clone(), e.reason.clone(), e.attrs.clone())),
+                Update::Event(e) if e.kind == kind => Some(e.clone()),
                 _ => None,
             })
             .collect()
@@ -284,10 +284,10 @@ async fn a_courier_gone_silent_with_orders_is_reported_to_dispatchers_once() {
     w.settle().await;
     let silent = courier_events("courier.silent");
     assert_eq!(silent.len(), 1, "{silent:?}");
-    assert_eq!(silent[0].0, a.as_str());
-    assert_eq!(silent[0].1.as_deref(), Some("no position for 121 s while holding 1 order(s)"));
-    assert!(silent[0].2.contains(&("orders".into(), "o1".into())), "{silent:?}");
-    assert!(silent.iter().all(|e| e.0 != idle.as_str()));
+    assert_eq!(silent[0].entity_id, a.as_str());
+    assert_eq!(silent[0].reason.as_deref(), Some("no position for 121 s while holding 1 order(s)"));
+    assert!(silent[0].attrs.contains(&("orders".into(), "o1".into())), "{silent:?}");
+    assert!(silent.iter().all(|e| e.entity_id != idle.as_str()));
     assert!(
         eventually(|| w.store.all_events().iter().any(|e| e.kind == "courier.silent" && e.entity_id == "a")).await,
         "logged in the event log"
