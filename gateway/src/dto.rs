@@ -147,6 +147,9 @@ pub struct OrderDto {
     pub offer_expires_at: Option<Ms>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub assignment: Option<AssignmentDto>,
+    /// When the order was last handed back to dispatch (`release`); staff only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub released_at: Option<Ms>,
     pub created_at: Ms,
     pub updated_at: Ms,
     pub version: u32,
@@ -166,6 +169,7 @@ impl From<&Order> for OrderDto {
             offered_to: o.offer.as_ref().map(|f| f.courier.to_string()),
             offer_expires_at: o.offer.as_ref().map(|f| f.expires_at),
             assignment: o.assignment.as_ref().map(AssignmentDto::from),
+            released_at: o.released_at,
             created_at: o.created_at,
             updated_at: o.updated_at,
             version: o.version,
@@ -175,10 +179,10 @@ impl From<&Order> for OrderDto {
 
 impl OrderDto {
     /// The order as customers and couriers see it: without the dispatch record (the other
-    /// candidate couriers and what each would have cost) and the open offer (who is being
-    /// asked). Dispatchers and admins get [`OrderDto::from`].
+    /// candidate couriers and what each would have cost), the open offer (who is being
+    /// asked) and when it was last handed back. Dispatchers and admins get [`OrderDto::from`].
     pub fn for_watchers(o: &Order) -> Self {
-        OrderDto { offered_to: None, offer_expires_at: None, assignment: None, ..OrderDto::from(o) }
+        OrderDto { offered_to: None, offer_expires_at: None, assignment: None, released_at: None, ..OrderDto::from(o) }
     }
 
     /// [`OrderDto::for_watchers`] of an order already rendered whole (the `order` of an
@@ -186,7 +190,7 @@ impl OrderDto {
     /// unset.
     pub fn strip_for_watchers(order: &mut serde_json::Value) {
         if let Some(fields) = order.as_object_mut() {
-            for k in ["assignment", "offered_to", "offer_expires_at"] {
+            for k in ["assignment", "offered_to", "offer_expires_at", "released_at"] {
                 fields.remove(k);
             }
         }
@@ -378,10 +382,10 @@ mod tests {
             created_at: 1_000,
             updated_at: 2_000,
             version: 2,
-            released_at: None,
+            released_at: Some(1_500),
         };
         let mut whole = serde_json::to_value(OrderDto::from(&o)).unwrap();
-        assert!(whole.get("assignment").is_some() && whole.get("offered_to").is_some());
+        assert!(whole.get("assignment").is_some() && whole.get("offered_to").is_some() && whole.get("released_at").is_some());
         OrderDto::strip_for_watchers(&mut whole);
         assert_eq!(whole, serde_json::to_value(OrderDto::for_watchers(&o)).unwrap());
     }

@@ -262,7 +262,7 @@ async fn an_order_handed_back_is_offered_to_another_courier() {
     // c1 hands it back: it is told, and c2 gets the offer.
     c1.send(json!({"t":"order_event","order_id":"o1","event":"released"})).await;
     let u = c1.expect("the order left c1", |v| t(v) == "order_update" && v["order_id"] == "o1" && v["state"] == "created").await;
-    assert!(u["courier_id"].is_null(), "{u}");
+    assert!(u["courier_id"].is_null() && u["order"].is_object() && u["order"].get("released_at").is_none(), "a courier is not shown it: {u}");
     c2.expect("the offer to c2", |v| t(v) == "offer" && v["order_id"] == "o1").await;
     c2.send(json!({"t":"offer_reply","order_id":"o1","accept":true})).await;
     c2.expect("assigned to c2", |v| t(v) == "assigned" && v["order_id"] == "o1").await;
@@ -270,7 +270,7 @@ async fn an_order_handed_back_is_offered_to_another_courier() {
     // A dispatcher takes it back from c2: c2 is told; nobody is left to offer it to.
     let (s, o) = srv.post("/v1/orders/o1/release", &disp, json!({})).await;
     assert_eq!((s, o["state"].as_str()), (200, Some("created")), "{o}");
-    assert!(o["courier_id"].is_null(), "{o}");
+    assert!(o["courier_id"].is_null() && o["released_at"].as_i64().is_some(), "{o}");
     let u = c2.expect("the order left c2", |v| t(v) == "order_update" && v["order_id"] == "o1" && v["state"] == "created").await;
     assert!(u["courier_id"].is_null(), "{u}");
     let (s, ev) = srv.get("/v1/events?entity=order&id=o1", Some(&disp)).await;
