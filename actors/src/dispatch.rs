@@ -43,6 +43,31 @@ pub struct DispatcherState {
     round_ended: Option<std::time::Instant>,
     /// Couriers holding orders that were reported silent ([`DispatcherState::watch_holders`]).
     silent: HashSet<CourierId>,
+    /// When the dispatcher started (server clock).
+    started_at: Ms,
+    /// Silence events to log, then publish, in order ([`log_then_publish`]).
+    silence_log: tokio::sync::mpsc::UnboundedSender<Vec<DomainEvent>>,
+}
+
+/// Logs each batch of events, then publishes it, one batch after the other: a `silent` and the
+/// `silent_cleared` of the next round cannot reach the log (and the webhooks) in the wrong
+/// order, and consoles see only what was logged. Ends when the dispatcher is dropped.
+fn log_then_publish(ctx: Arc<FleetCtx>) -> tokio::sync::mpsc::UnboundedSender<Vec<DomainEvent>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<DomainEvent>>();
+    tokio::spawn(async move {
+        while let Some(events) = rx.recv().await {
+            let n = events.len();
+            match ctx.store.commit(events.iter().cloned().map(Write::Event).collect()).await {
+                Ok(()) => {
+                    for e in events {
+                        ctx.publisher.publish(Update::Event(Arc::new(e)));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, n, "courier silence events not logged nor published"),
+            }
+        }
+    });
+    tx
 }
 
 impl Actor for Dispatcher {
@@ -53,7 +78,8 @@ impl Actor for Dispatcher {
     async fn pre_start(&self, me: ActorRef<DispatchMsg>, args: DispatcherArgs) -> Result<DispatcherState, ActorProcessingErr> {
         let orders = args.ctx.open_orders(&args.tenant).into_iter().map(|o| (o.id.clone(), o)).collect();
         let ticker = Some(me.send_interval(args.ctx.config.dispatch_tick, || DispatchMsg::Tick(std::time::Instant::now())));
-        Ok(DispatcherState { ctx: args.ctx, tenant: args.tenant, orders, ticker, round_ended: None, silent: HashSet::new() })
+        let (started_at, silence_log) = (args.ctx.clock.now_ms(), log_then_publish(args.ctx.clone()));
+        Ok(DispatcherState { ctx: args.ctx, tenant: args.tenant, orders, ticker, round_ended: None, silent: HashSet::new(), started_at, silence_log })
     }
 
     async fn post_stop(&self, _me: ActorRef<DispatchMsg>, st: &mut DispatcherState) -> Result<(), ActorProcessingErr> {
@@ -117,8 +143,10 @@ impl DispatcherState {
     /// `courier_stale_ms` (a dead phone, no signal). Dispatch already passes them over for new
     /// orders, but the orders they hold wait on them; a `courier.silent` event (consoles, the
     /// log, webhooks) names the courier and its orders, so a dispatcher can take them back
-    /// (`release`). A `courier.resumed` event follows when it is heard again while still
-    /// holding orders. One event per change, not one per round.
+    /// (`release`). `courier.silent_cleared` closes it: heard from again, or holding nothing
+    /// any more. One event per change, not one per round. For `courier_stale_ms` after the
+    /// dispatcher starts nobody is flagged: after a restart or a market takeover the couriers'
+    /// last fixes are old until their apps reconnect.
     fn watch_holders(&mut self, now: Ms) {
         let mut holding: HashMap<&CourierId, Vec<&OrderId>> = HashMap::new();
         for o in self.orders.values() {
@@ -126,52 +154,55 @@ impl DispatcherState {
                 holding.entry(c).or_default().push(&o.id);
             }
         }
-        // A courier that holds nothing any more is no one's concern.
-        self.silent.retain(|c| holding.contains_key(c));
         let mut events = Vec::new();
+        let event = |c: &CourierId, kind: &str, reason: String, attrs: Vec<(String, String)>| DomainEvent {
+            tenant: self.tenant.clone(),
+            entity: EntityKind::Courier,
+            entity_id: c.to_string(),
+            kind: kind.into(),
+            actor: Who::System.to_string(),
+            reason: Some(reason),
+            ts: now,
+            attrs,
+        };
+        self.silent.retain(|c| {
+            let keep = holding.contains_key(c);
+            if !keep {
+                events.push(event(c, "courier.silent_cleared", "holds no orders any more".into(), Vec::new()));
+            }
+            keep
+        });
+        let settled = now.saturating_sub(self.started_at) >= self.ctx.config.courier_stale_ms;
         for (c, orders) in holding {
             let heard = self.ctx.heard(&self.tenant, c, now);
             let flagged = self.silent.contains(c);
-            if heard == flagged {
+            if heard && flagged {
+                self.silent.remove(c);
+                events.push(event(c, "courier.silent_cleared", "heard from again".into(), Vec::new()));
+            } else if !heard && !flagged && settled {
+                self.silent.insert(c.clone());
+                metrics::counter!("hexfleet_couriers_silent_total").increment(1);
                 let mut orders: Vec<&str> = orders.iter().map(|o| o.as_str()).collect();
                 orders.sort_unstable();
-                let silent_s = self.ctx.heard_at(&self.tenant, c).map_or(-1, |at| (now - at) / 1000);
-                let (kind, reason) = if heard {
-                    self.silent.remove(c);
-                    ("courier.resumed", "heard from again".to_string())
-                } else {
-                    self.silent.insert(c.clone());
-                    metrics::counter!("hexfleet_couriers_silent_total").increment(1);
-                    ("courier.silent", format!("no position for {silent_s} s while holding {} order(s)", orders.len()))
+                // A courier that never sent a fix has `heard_at` = `Ms::MIN`.
+                let silent_s = self.ctx.heard_at(&self.tenant, c).filter(|&at| at > 0).map(|at| now.saturating_sub(at) / 1000);
+                let reason = match silent_s {
+                    Some(s) => format!("no position for {s} s while holding {} order(s)", orders.len()),
+                    None => format!("no position yet while holding {} order(s)", orders.len()),
                 };
-                tracing::info!(tenant = %self.tenant, courier = %c, kind, orders = ?orders, "courier holding orders {reason}");
-                events.push(Arc::new(DomainEvent {
-                    tenant: self.tenant.clone(),
-                    entity: EntityKind::Courier,
-                    entity_id: c.to_string(),
-                    kind: kind.into(),
-                    actor: Who::System.to_string(),
-                    reason: Some(reason),
-                    ts: now,
-                    attrs: vec![("orders".into(), orders.join(",")), ("silent_s".into(), silent_s.to_string())],
-                }));
+                let mut attrs = vec![("orders".into(), orders.join(","))];
+                attrs.extend(silent_s.map(|s| ("silent_s".into(), s.to_string())));
+                events.push(event(c, "courier.silent", reason, attrs));
             }
-        }
-        if events.is_empty() {
-            return;
         }
         for e in &events {
-            self.ctx.publisher.publish(Update::Event(e.clone()));
+            tracing::info!(tenant = %self.tenant, courier = %e.entity_id, kind = %e.kind, reason = e.reason.as_deref().unwrap_or(""), "courier silence");
         }
-        // Logged without holding up the round; a store outage loses the log entry, not the
-        // consoles' view.
-        let store = self.ctx.store.clone();
-        tokio::spawn(async move {
-            let n = events.len();
-            if let Err(e) = store.commit(events.into_iter().map(|e| Write::Event((*e).clone())).collect()).await {
-                tracing::warn!(error = %e, n, "courier silence events not logged");
-            }
-        });
+        if !events.is_empty() {
+            // In order, and published once logged: through the market's fenced store, so a node
+            // that lost the market publishes nothing.
+            let _ = self.silence_log.send(events);
+        }
     }
 
     async fn tick(&mut self) {

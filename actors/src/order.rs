@@ -8,6 +8,7 @@
 //!    └────────────────┘                                                                 delivered may skip at_dropoff)
 //! any open state ─cancel─► cancelled;   held states ─fail─► failed;   created/offered ─expire─► expired
 //! created/offered/assigned/at_pickup ─assign (override or auto-accept)─► assigned
+//! assigned/at_pickup ─release (the courier hands it back; staff also from offered)─► created
 //! ```
 
 use std::sync::Arc;

@@ -253,18 +253,25 @@ async fn an_order_handed_back_before_pickup_goes_to_another_courier() {
 }
 
 /// A courier that goes silent while holding orders is reported once (`courier.silent`, with
-/// its orders), and once more when it is heard again (`courier.resumed`); one that holds
-/// nothing is not reported.
+/// its orders), and cleared once when it is heard again or holds nothing any more; one that
+/// holds nothing is not reported. Nobody is reported in the dispatcher's first
+/// `courier_stale_ms` (a restart: apps have not reconnected yet), and a courier that never
+/// sent a fix is reported without a made-up duration.
 #[tokio::test]
 async fn a_courier_gone_silent_with_orders_is_reported_to_dispatchers_once() {
     let w = world(FleetConfig { courier_stale_ms: 120_000, ..Default::default() }).await;
     let a = w.courier("a", at(50.0, 0.0), 2).await;
     let idle = w.courier("idle", at(-3000.0, 0.0), 1).await;
+    // `mute` never sent a fix; a dispatcher assigns it an order all the same.
+    let mute = CourierId::new("mute");
+    w.f.upsert_courier(&w.t, &mute, CourierPatch { capacity: Some(1), ..Default::default() }, &Who::System).await.unwrap();
+    let m = w.order("m1", at(0.0, 500.0), at(1000.0, 500.0)).await;
+    w.f.assign(&w.t, &m, &mute, Who::Dispatcher("d".into())).await.unwrap();
     let o = w.order("o1", at(0.0, 0.0), at(1000.0, 0.0)).await;
     w.settle().await;
     w.offered_to(&o, &a).await;
     w.f.command(&w.t, &o, Command::Accept { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap();
-    let courier_events = |kind: &str| -> Vec<Arc<hexfleet_actors::domain::DomainEvent>> {
+    let events = |kind: &str| -> Vec<Arc<hexfleet_actors::domain::DomainEvent>> {
         w.p.updates
             .lock()
             .iter()
@@ -274,34 +281,53 @@ async fn a_courier_gone_silent_with_orders_is_reported_to_dispatchers_once() {
             })
             .collect()
     };
-    // Heard from within the limit: nothing to say.
+    let wait_for = |kind: &'static str, n: usize| {
+        let events = &events;
+        async move {
+            assert!(eventually(|| events(kind).len() >= n).await, "{n} {kind}: {:?}", events(kind));
+            events(kind)
+        }
+    };
+    // The dispatcher's first two minutes: `mute` is silent already, but not reported yet.
+    w.settle().await;
     w.clock.advance(120_000);
     w.settle().await;
-    assert!(courier_events("courier.silent").is_empty());
-    // Past it: reported once, with its order; `idle` (silent too) holds nothing.
+    let first = wait_for("courier.silent", 1).await;
+    assert_eq!(first.len(), 1, "only mute, at the end of the grace period: {first:?}");
+    assert_eq!((first[0].entity_id.as_str(), first[0].reason.as_deref()), ("mute", Some("no position yet while holding 1 order(s)")));
+    assert!(!first[0].attrs.iter().any(|(k, _)| k == "silent_s"), "{first:?}");
+    // Past the limit for `a`: reported once, with its order; `idle` (silent too) holds nothing.
     w.clock.advance(1_000);
     w.settle().await;
     w.settle().await;
-    let silent = courier_events("courier.silent");
-    assert_eq!(silent.len(), 1, "{silent:?}");
-    assert_eq!(silent[0].entity_id, a.as_str());
-    assert_eq!(silent[0].reason.as_deref(), Some("no position for 121 s while holding 1 order(s)"));
-    assert!(silent[0].attrs.contains(&("orders".into(), "o1".into())), "{silent:?}");
+    let silent = wait_for("courier.silent", 2).await;
+    let of_a: Vec<_> = silent.iter().filter(|e| e.entity_id == a.as_str()).collect();
+    assert_eq!(of_a.len(), 1, "{silent:?}");
+    assert_eq!(of_a[0].reason.as_deref(), Some("no position for 121 s while holding 1 order(s)"));
+    assert!(of_a[0].attrs.contains(&("orders".into(), "o1".into())), "{silent:?}");
     assert!(silent.iter().all(|e| e.entity_id != idle.as_str()));
     assert!(
         eventually(|| w.store.all_events().iter().any(|e| e.kind == "courier.silent" && e.entity_id == "a")).await,
         "logged in the event log"
     );
-    // Heard again: resumed, once.
+    // Heard again: cleared, once.
     w.fix_now(&a, at(40.0, 0.0)).await;
     w.settle().await;
     w.settle().await;
-    assert_eq!(courier_events("courier.resumed").len(), 1);
-    // Silent again after handing its order back: nothing holds on it, nothing is said.
+    let cleared = wait_for("courier.silent_cleared", 1).await;
+    assert_eq!((cleared.len(), cleared[0].entity_id.as_str(), cleared[0].reason.as_deref()), (1, "a", Some("heard from again")));
+    // Silent again, then it hands its order back: cleared, as it holds nothing any more.
+    w.clock.advance(121_000);
+    w.settle().await;
+    wait_for("courier.silent", 3).await;
     w.f.command(&w.t, &o, Command::Release { courier: Some(a.clone()) }, Who::Courier(a.clone())).await.unwrap();
+    w.settle().await;
+    let cleared = wait_for("courier.silent_cleared", 2).await;
+    assert_eq!(cleared[1].reason.as_deref(), Some("holds no orders any more"), "{cleared:?}");
     w.clock.advance(200_000);
     w.settle().await;
-    assert_eq!(courier_events("courier.silent").len(), 1);
+    w.settle().await;
+    assert_eq!(events("courier.silent").len(), 3, "nothing more: a holds nothing, mute is still flagged");
 }
 
 #[tokio::test]

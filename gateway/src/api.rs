@@ -335,10 +335,57 @@ async fn osmand_report(
         Ok(f) => f,
         Err(e) => return osmand_err(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
+    if let Err(r) = osmand_authorize(st, &fixes, key.as_deref(), unknown).await {
+        return r;
+    }
     if let Some(r) = osmand_forward(st, req, body, &fixes).await {
         return r;
     }
-    osmand_ingest(st, fixes, key.as_deref(), unknown)
+    osmand_ingest(st, fixes, unknown)
+}
+
+/// Every device of a report must be registered and match `key` ([`crate::auth::Keys::device_key`]);
+/// with `--osmand-keyless` a report without a key is taken too. Checked on the node the device
+/// reached, before a report is forwarded: forwarding (a 503 `market_moving`, or a hop to the
+/// owner) told a registered device from an unknown one. A missing or wrong key is answered as
+/// an unknown device (same status, same message), with the HMAC computed for unknown devices
+/// too; it is counted in `hexfleet_osmand_bad_key_total` (logged at debug level only: anyone
+/// who knows a device id could fill the log).
+async fn osmand_authorize(st: &AppState, fixes: &[osmand::OsmandFix], key: Option<&str>, unknown: StatusCode) -> Result<(), HttpResponse> {
+    let mut checked: Vec<&str> = Vec::new();
+    for f in fixes {
+        let device = f.device_id.as_str();
+        if checked.contains(&device) {
+            continue;
+        }
+        let tenant = match (st.fleet.device(device), &st.markets) {
+            (Some((t, _)), _) => Some(t),
+            (None, Some(m)) => m.device_tenant(device).await.map_err(|e| osmand_err(e.status, e.code, &e.message))?,
+            (None, None) => None,
+        };
+        let allowed = match (key, &tenant) {
+            (Some(k), t) => {
+                // For an unknown device the MAC is computed all the same (and fails).
+                let ok = st.keys.device_key_matches(t.as_ref().map_or("", |t| t.as_str()), device, k);
+                ok && t.is_some()
+            }
+            (None, t) => st.osmand_keyless && t.is_some(),
+        };
+        if !allowed {
+            if tenant.is_some() {
+                metrics::counter!("hexfleet_osmand_bad_key_total").increment(1);
+                tracing::debug!(device, key_sent = key.is_some(), "OsmAnd report refused: device key missing or wrong");
+            }
+            return Err(osmand_unknown(unknown, device));
+        }
+        checked.push(device);
+    }
+    Ok(())
+}
+
+/// The answer to a report from an unregistered device, or one without its key.
+fn osmand_unknown(status: StatusCode, device: &str) -> HttpResponse {
+    osmand_err(status, "unknown_device", &format!("device {device} is not registered to a courier, or the report's key (`key=`) is missing or wrong"))
 }
 
 /// With market leases: a report goes to the node owning its devices' market (devices carry no
@@ -391,29 +438,15 @@ fn osmand_err(status: StatusCode, code: &'static str, msg: &str) -> HttpResponse
 /// of a known device that fails them (a clock far ahead, a fix a week old, a negative speed) is
 /// dropped and counted (`hexfleet_osmand_dropped_total{reason}`), and the report still answers
 /// 200: Traccar Client and OsmAnd keep a position until it is answered 200 and send the oldest
-/// first, so a 400 for one bad fix stopped the device's reports for good.
-///
-/// Every device of the report must match `key` ([`crate::auth::Keys::device_key`]); with
-/// `--osmand-keyless` a report without a key is taken too. A missing or wrong key is answered
-/// as an unknown device (same status, same message), so the endpoint does not tell registered
-/// device ids from others; it is counted in `hexfleet_osmand_bad_key_total` and logged.
-fn osmand_ingest(st: &AppState, fixes: Vec<osmand::OsmandFix>, key: Option<&str>, unknown: StatusCode) -> HttpResponse {
+/// first, so a 400 for one bad fix stopped the device's reports for good. The devices' keys
+/// were checked first ([`osmand_authorize`]).
+fn osmand_ingest(st: &AppState, fixes: Vec<osmand::OsmandFix>, unknown: StatusCode) -> HttpResponse {
     let now = st.fleet.now_ms();
     let mut by_courier: Vec<((TenantId, CourierId), Vec<hexfleet_actors::domain::Fix>)> = Vec::new();
-    let refuse = |device: &str| osmand_err(unknown, "unknown_device", &format!("device {device} is not registered to a courier, or the report's key (`key=`) is missing or wrong"));
     for f in fixes {
         let Some(owner) = st.fleet.device(&f.device_id) else {
-            return refuse(&f.device_id);
+            return osmand_unknown(unknown, &f.device_id);
         };
-        let allowed = match key {
-            Some(k) => st.keys.device_key_matches(owner.0.as_str(), &f.device_id, k),
-            None => st.osmand_keyless,
-        };
-        if !allowed {
-            metrics::counter!("hexfleet_osmand_bad_key_total").increment(1);
-            tracing::info!(device = %f.device_id, tenant = %owner.0, courier = %owner.1, key_sent = key.is_some(), "OsmAnd report refused: device key missing or wrong");
-            return refuse(&f.device_id);
-        }
         let loc = LocDto { lat: f.lat, lng: f.lng, ts: f.ts_ms, speed: f.speed_mps, heading: f.heading, acc: f.accuracy };
         let fix = match loc.to_fix(now) {
             Ok(fix) => fix,

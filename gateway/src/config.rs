@@ -195,7 +195,7 @@ pub struct ServeArgs {
     /// device id is the only credential, and anyone who learns one can move its courier. Off by
     /// default; a report with a key is checked either way. Each device's key is
     /// `GET /v1/couriers/{id}/device-key`.
-    #[arg(long, env = "HEXFLEET_OSMAND_KEYLESS", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "HEXFLEET_OSMAND_KEYLESS", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub osmand_keyless: bool,
 }
 
@@ -430,6 +430,12 @@ mod tests {
         for (flag, value) in [("--couriers", "1000000000"), ("--orders-per-min", "NaN"), ("--orders-per-min", "-3")] {
             let e = Cli::try_parse_from(["hexfleet".to_string(), "demo".into(), format!("{flag}={value}")]).expect_err(&format!("{flag} {value}")).to_string();
             assert!(e.contains(flag), "{flag} {value}: {e}");
+        }
+        // `--osmand-keyless` alone means true, as the docs write it.
+        for (args, want) in [(&["--osmand-keyless"][..], true), (&["--osmand-keyless", "false"][..], false), (&[][..], false)] {
+            let cli = Cli::try_parse_from(["hexfleet", "serve"].iter().chain(args)).unwrap();
+            let Cmd::Serve(s) = cli.cmd else { panic!() };
+            assert_eq!(s.osmand_keyless, want, "{args:?}");
         }
         let e = Cli::try_parse_from(["hexfleet", "token", "--role", "admin", "--sub", "a", "--ttl", "1000000years"]).unwrap_err().to_string();
         assert!(e.contains("--ttl"), "{e}");

@@ -768,8 +768,18 @@ impl Markets {
     /// has the device), else the owner's address. Device → market lookups are cached for a
     /// minute.
     pub async fn route_device(self: &Arc<Self>, device_id: &str) -> Result<Option<String>, ApiError> {
+        let Some(tenant) = self.device_tenant(device_id).await? else { return Ok(None) };
+        Ok(match self.route(&tenant).await? {
+            Route::Local => None,
+            Route::Remote(addr) => Some(addr),
+        })
+    }
+
+    /// The tenant a device is registered in, from the store (cached for a minute, unknown
+    /// devices too).
+    pub async fn device_tenant(&self, device_id: &str) -> Result<Option<TenantId>, ApiError> {
         let cached = self.devices.get(device_id).filter(|d| d.1 > Instant::now()).map(|d| d.0.clone());
-        let tenant = match cached {
+        Ok(match cached {
             Some(t) => t,
             None => {
                 let found = self.store.device_courier(device_id).await.map_err(ApiError::from)?.map(|(t, _)| t);
@@ -784,11 +794,6 @@ impl Markets {
                 self.devices.insert(device_id.to_owned(), (found.clone(), Instant::now() + Duration::from_secs(60)));
                 found
             }
-        };
-        let Some(tenant) = tenant else { return Ok(None) };
-        Ok(match self.route(&tenant).await? {
-            Route::Local => None,
-            Route::Remote(addr) => Some(addr),
         })
     }
 }

@@ -230,6 +230,20 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     a.courier_at(&disp_a, "c9", 52.5163).await;
     let r = b.http.get(format!("{}/osmand?id=nobody&lat=52.5&lon=13.4", b.base)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400, "an unknown device is refused by B itself");
+    let unknown: serde_json::Value = r.json().await.unwrap();
+    // Without its key, A's device is refused by B as an unknown one, before any forwarding:
+    // a 503 `market_moving` (a client may send the forwarding header itself) or the hop to A
+    // told registered devices from others.
+    for forwarded in [false, true] {
+        let mut rq = b.http.get(format!("{}/osmand?id=864895030279986&lat=52.5&lon=13.4&key=00112233445566778899aabbccddeeff", b.base));
+        if forwarded {
+            rq = rq.header(hexfleet_gateway::markets::FORWARDED, "1");
+        }
+        let r = rq.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "forwarded header: {forwarded}");
+        let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(answer["error"]["message"].as_str().unwrap().replace("864895030279986", "nobody"), unknown["error"]["message"].as_str().unwrap());
+    }
 
     // Errors of the owner come back as they are; a bad token is refused by B itself.
     let (s, v) = b.get("/v1/orders/nope", Some(&disp_b)).await;
