@@ -195,6 +195,9 @@ impl DispatcherState {
                 events.push(event(c, "courier.silent", reason, attrs));
             }
         }
+        if let Some(limit) = self.ctx.config.release_silent_after_ms.filter(|_| settled) {
+            self.release_from_silent(now, limit);
+        }
         for e in &events {
             tracing::info!(tenant = %self.tenant, courier = %e.entity_id, kind = %e.kind, reason = e.reason.as_deref().unwrap_or(""), "courier silence");
         }
@@ -202,6 +205,24 @@ impl DispatcherState {
             // In order, and published once logged: through the market's fenced store, so a node
             // that lost the market publishes nothing.
             let _ = self.silence_log.send(events);
+        }
+    }
+
+    /// `--release-silent-after-s`: orders not yet picked up, held by a courier not heard from
+    /// for `limit`, go back to dispatch (`Release` by the system; the order actor refuses it if
+    /// the order moved on meanwhile). Goods on board stay with their courier.
+    fn release_from_silent(&self, now: Ms, limit: Ms) {
+        for o in self.orders.values() {
+            let Some(c) = o.courier.as_ref().filter(|_| matches!(o.state, OrderState::Assigned | OrderState::AtPickup)) else { continue };
+            if self.ctx.heard(&self.tenant, c, now) {
+                continue;
+            }
+            let silent_for = self.ctx.heard_at(&self.tenant, c).filter(|&at| at > 0).map_or(Ms::MAX, |at| now.saturating_sub(at));
+            if silent_for >= limit {
+                tracing::info!(tenant = %self.tenant, courier = %c, order = %o.id, silent_s = silent_for / 1000, "taking an order back from a silent courier");
+                metrics::counter!("hexfleet_orders_released_from_silent_total").increment(1);
+                self.ctx.order_command(&self.tenant, &o.id, Command::Release { courier: None }, Who::System);
+            }
         }
     }
 

@@ -81,6 +81,10 @@ pub struct FleetConfig {
     /// going offline would otherwise keep taking orders at its last position (and, with
     /// auto-accept, hold them with no one driving).
     pub courier_stale_ms: Ms,
+    /// Orders not yet picked up are taken back from a courier silent (no fix reaching the
+    /// server) for this long and dispatched again; `None`: never, dispatchers decide (they
+    /// are told with `courier.silent`).
+    pub release_silent_after_ms: Option<Ms>,
     /// Orders nobody took within this time expire.
     pub order_expiry_ms: Ms,
     /// Assign without asking the courier, for every fleet (tenant) on this node.
@@ -147,6 +151,7 @@ impl Default for FleetConfig {
             dispatch_tick: Duration::from_millis(2_000),
             offer_timeout_ms: 20_000,
             courier_stale_ms: 120_000,
+            release_silent_after_ms: None,
             order_expiry_ms: 30 * 60_000,
             auto_accept: false,
             auto_accept_tenants: Vec::new(),

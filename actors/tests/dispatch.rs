@@ -330,6 +330,41 @@ async fn a_courier_gone_silent_with_orders_is_reported_to_dispatchers_once() {
     assert_eq!(events("courier.silent").len(), 3, "nothing more: a holds nothing, mute is still flagged");
 }
 
+/// `release_silent_after_ms`: an order not yet picked up is taken back from a courier silent
+/// that long and offered to another; goods on board stay with their courier.
+#[tokio::test]
+async fn orders_not_picked_up_are_taken_back_from_a_courier_silent_too_long() {
+    let w = world(FleetConfig { courier_stale_ms: 120_000, release_silent_after_ms: Some(300_000), ..Default::default() }).await;
+    let a = w.courier("a", at(50.0, 0.0), 2).await;
+    let o1 = w.order("o1", at(0.0, 0.0), at(1000.0, 0.0)).await;
+    let o2 = w.order("o2", at(0.0, 20.0), at(1000.0, 20.0)).await;
+    for o in [&o1, &o2] {
+        w.settle().await;
+        w.offered_to(o, &a).await;
+        w.f.command(&w.t, o, Command::Accept { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap();
+    }
+    w.f.command(&w.t, &o2, Command::PickedUp { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap();
+    let b = w.courier("b", at(-800.0, 0.0), 1).await;
+    // Silent for 299 s: flagged, but the orders stay.
+    w.clock.advance(299_000);
+    w.fix_now(&b, at(-800.0, 0.0)).await;
+    w.settle().await;
+    w.settle().await;
+    assert_eq!(w.get(&o1).await.courier.as_ref(), Some(&a));
+    // 300 s: o1 goes back to dispatch and on to `b`; o2, on board, stays with `a`.
+    w.clock.advance(1_000);
+    w.settle().await;
+    let back = w.wait_order(&o1, "taken back", |o| o.state == OrderState::Created || o.offer.as_ref().is_some_and(|f| f.courier == b)).await;
+    assert_eq!(back.declined, vec![a.clone()]);
+    w.settle().await;
+    w.offered_to(&o1, &b).await;
+    let kept = w.get(&o2).await;
+    assert_eq!((kept.state, kept.courier.as_ref()), (OrderState::PickedUp, Some(&a)));
+    let ev = w.store.all_events().into_iter().find(|e| e.entity_id == o1.as_str() && e.kind == "order.released").expect("order.released logged");
+    assert_eq!((ev.actor.as_str(), ev.reason.as_deref()), ("system", Some("taken back from a")), "{ev:?}");
+    assert!(w.f.check_invariants().await.is_empty());
+}
+
 #[tokio::test]
 async fn two_orders_batch_onto_one_courier_and_the_route_keeps_pickups_before_dropoffs() {
     let w = world(FleetConfig::default()).await;

@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// offers or assignments (an app that died without going offline), whatever their status.
     #[arg(long, env = "HEXFLEET_COURIER_STALE_S", default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub courier_stale_s: u32,
+    /// Take orders not yet picked up back from a courier silent (no GPS fix) for this many
+    /// seconds and dispatch them again. 0 (the default): never; dispatchers are told with a
+    /// `courier.silent` event and decide. GPS often drops indoors at a pickup, so keep it well
+    /// above `--courier-stale-s`.
+    #[arg(long, env = "HEXFLEET_RELEASE_SILENT_AFTER_S", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+    pub release_silent_after_s: u32,
     /// Assign orders without asking couriers.
     #[arg(long, env = "HEXFLEET_AUTO_ACCEPT", default_value_t = false)]
     pub auto_accept: bool,
@@ -286,6 +292,7 @@ impl ServeArgs {
             dispatch_tick: Duration::from_millis(self.dispatch_tick_ms.max(10)),
             offer_timeout_ms: self.offer_timeout_ms.max(100),
             courier_stale_ms: i64::from(self.courier_stale_s.max(1)) * 1_000,
+            release_silent_after_ms: (self.release_silent_after_s > 0).then(|| i64::from(self.release_silent_after_s) * 1_000),
             auto_accept: self.auto_accept,
             auto_accept_tenants: self.auto_accept_tenants.clone(),
             dispatch_policy: hexfleet_actors::fleet::DispatchPolicy::parse(&self.dispatch_policy).unwrap_or_default(),
@@ -431,6 +438,12 @@ mod tests {
             let e = Cli::try_parse_from(["hexfleet".to_string(), "demo".into(), format!("{flag}={value}")]).expect_err(&format!("{flag} {value}")).to_string();
             assert!(e.contains(flag), "{flag} {value}: {e}");
         }
+        // 0 (the default) takes nothing back from silent couriers.
+        let fleet = |args: &[&str]| {
+            let Cmd::Serve(s) = Cli::try_parse_from(["hexfleet", "serve"].iter().chain(args)).unwrap().cmd else { panic!() };
+            s.fleet_config().release_silent_after_ms
+        };
+        assert_eq!((fleet(&[]), fleet(&["--release-silent-after-s", "600"])), (None, Some(600_000)));
         // `--osmand-keyless` alone means true, as the docs write it.
         for (args, want) in [(&["--osmand-keyless"][..], true), (&["--osmand-keyless", "false"][..], false), (&[][..], false)] {
             let cli = Cli::try_parse_from(["hexfleet", "serve"].iter().chain(args)).unwrap();
