@@ -157,14 +157,21 @@ async fn the_nearest_courier_gets_the_offer_and_the_record_says_why() {
     assert!((rec.cost_s - 100.0 * 1.3 / 4.5).abs() < 2.0, "cost {}", rec.cost_s);
 }
 
-#[tokio::test]
-async fn a_lapsed_offer_is_redispatched_without_that_courier_and_unwanted_orders_expire() {
+/// Couriers `a` (50 m from the pickup) and `b` (800 m), one order offered to `a`; offers last
+/// 20 s, orders expire after 10 min.
+async fn offered_to_the_nearer_of_two() -> (World, CourierId, CourierId, OrderId) {
     let w = world(FleetConfig { offer_timeout_ms: 20_000, order_expiry_ms: 10 * 60_000, ..Default::default() }).await;
     let a = w.courier("a", at(50.0, 0.0), 1).await;
     let b = w.courier("b", at(-800.0, 0.0), 1).await;
     let o = w.order("o1", at(0.0, 0.0), at(1000.0, 0.0)).await;
     w.settle().await;
     w.offered_to(&o, &a).await;
+    (w, a, b, o)
+}
+
+#[tokio::test]
+async fn a_lapsed_offer_is_redispatched_without_that_courier_and_unwanted_orders_expire() {
+    let (w, a, b, o) = offered_to_the_nearer_of_two().await;
 
     // Not yet lapsed: nothing changes.
     w.clock.advance(19_000);
@@ -203,12 +210,7 @@ async fn a_lapsed_offer_is_redispatched_without_that_courier_and_unwanted_orders
 /// place it. Once the goods are on board it can no longer be handed back.
 #[tokio::test]
 async fn an_order_handed_back_before_pickup_goes_to_another_courier() {
-    let w = world(FleetConfig { offer_timeout_ms: 20_000, order_expiry_ms: 10 * 60_000, ..Default::default() }).await;
-    let a = w.courier("a", at(50.0, 0.0), 1).await;
-    let b = w.courier("b", at(-800.0, 0.0), 1).await;
-    let o = w.order("o1", at(0.0, 0.0), at(1000.0, 0.0)).await;
-    w.settle().await;
-    w.offered_to(&o, &a).await;
+    let (w, a, b, o) = offered_to_the_nearer_of_two().await;
     w.f.command(&w.t, &o, Command::Accept { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap();
 
     // Nine minutes on, `a` hands it back. Only the holder may, and only before pickup.
