@@ -47,7 +47,14 @@ pub struct DispatcherState {
     started_at: Ms,
     /// Silence events to log, then publish, in order ([`log_then_publish`]).
     silence_log: tokio::sync::mpsc::UnboundedSender<Vec<DomainEvent>>,
+    /// Orders a take-back was sent for ([`DispatcherState::release_from_silent`]), and when:
+    /// not sent again until the order changes, or for [`RELEASE_RESEND_MS`].
+    release_sent: HashMap<OrderId, Ms>,
 }
+
+/// How long a take-back from a silent courier that changed nothing (a store outage) waits
+/// before it is sent again.
+const RELEASE_RESEND_MS: Ms = 30_000;
 
 /// Logs each batch of events, then publishes it, one batch after the other: a `silent` and the
 /// `silent_cleared` of the next round cannot reach the log (and the webhooks) in the wrong
@@ -79,7 +86,7 @@ impl Actor for Dispatcher {
         let orders = args.ctx.open_orders(&args.tenant).into_iter().map(|o| (o.id.clone(), o)).collect();
         let ticker = Some(me.send_interval(args.ctx.config.dispatch_tick, || DispatchMsg::Tick(std::time::Instant::now())));
         let (started_at, silence_log) = (args.ctx.clock.now_ms(), log_then_publish(args.ctx.clone()));
-        Ok(DispatcherState { ctx: args.ctx, tenant: args.tenant, orders, ticker, round_ended: None, silent: HashSet::new(), started_at, silence_log })
+        Ok(DispatcherState { ctx: args.ctx, tenant: args.tenant, orders, ticker, round_ended: None, silent: HashSet::new(), started_at, silence_log, release_sent: HashMap::new() })
     }
 
     async fn post_stop(&self, _me: ActorRef<DispatchMsg>, st: &mut DispatcherState) -> Result<(), ActorProcessingErr> {
@@ -101,6 +108,7 @@ impl Actor for Dispatcher {
                 let _ = reply.send(());
             }
             DispatchMsg::OrderChanged(o) => {
+                st.release_sent.remove(&o.id);
                 if o.state.is_terminal() {
                     st.orders.remove(&o.id);
                 } else {
@@ -144,7 +152,8 @@ impl DispatcherState {
     /// orders, but the orders they hold wait on them; a `courier.silent` event (consoles, the
     /// log, webhooks) names the courier and its orders, so a dispatcher can take them back
     /// (`release`). `courier.silent_cleared` closes it: heard from again, or holding nothing
-    /// any more. One event per change, not one per round. For `courier_stale_ms` after the
+    /// any more. One event per change while the dispatcher runs, not one per round (the flags
+    /// are not kept across a restart or a takeover). For `courier_stale_ms` after the
     /// dispatcher starts nobody is flagged: after a restart or a market takeover the couriers'
     /// last fixes are old until their apps reconnect.
     fn watch_holders(&mut self, now: Ms) {
@@ -208,20 +217,24 @@ impl DispatcherState {
         }
     }
 
-    /// `--release-silent-after-s`: orders not yet picked up, held by a courier not heard from
-    /// for `limit`, go back to dispatch (`Release` by the system; the order actor refuses it if
-    /// the order moved on meanwhile). Goods on board stay with their courier.
-    fn release_from_silent(&self, now: Ms, limit: Ms) {
+    /// `--release-silent-after-s`: orders not yet picked up, held by a courier silent for
+    /// `limit`, go back to dispatch. Silent since the latest of its last fix, the order's last
+    /// change (an order just assigned to a courier whose app is not open yet is not taken
+    /// back at once) and the dispatcher's start (after a restart, the apps get `limit` to
+    /// reconnect). The take-back names the holder (`Release` with the courier, by `system`):
+    /// the order actor refuses it if the order moved to someone else meanwhile, as this
+    /// round's view may be a notice behind. Goods on board stay with their courier.
+    fn release_from_silent(&mut self, now: Ms, limit: Ms) {
         for o in self.orders.values() {
             let Some(c) = o.courier.as_ref().filter(|_| matches!(o.state, OrderState::Assigned | OrderState::AtPickup)) else { continue };
-            if self.ctx.heard(&self.tenant, c, now) {
+            if self.ctx.heard(&self.tenant, c, now) || self.release_sent.get(&o.id).is_some_and(|&at| now.saturating_sub(at) < RELEASE_RESEND_MS) {
                 continue;
             }
-            let silent_for = self.ctx.heard_at(&self.tenant, c).filter(|&at| at > 0).map_or(Ms::MAX, |at| now.saturating_sub(at));
-            if silent_for >= limit {
-                tracing::info!(tenant = %self.tenant, courier = %c, order = %o.id, silent_s = silent_for / 1000, "taking an order back from a silent courier");
-                metrics::counter!("hexfleet_orders_released_from_silent_total").increment(1);
-                self.ctx.order_command(&self.tenant, &o.id, Command::Release { courier: None }, Who::System);
+            let since = self.ctx.heard_at(&self.tenant, c).unwrap_or(Ms::MIN).max(o.updated_at).max(self.started_at);
+            if now.saturating_sub(since) >= limit {
+                tracing::info!(tenant = %self.tenant, courier = %c, order = %o.id, silent_s = now.saturating_sub(since) / 1000, "taking an order back from a silent courier");
+                self.release_sent.insert(o.id.clone(), now);
+                self.ctx.order_command(&self.tenant, &o.id, Command::Release { courier: Some(c.clone()) }, Who::System);
             }
         }
     }

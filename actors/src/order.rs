@@ -46,8 +46,9 @@ pub enum Command {
     Delivered { courier: CourierId },
     /// The courier reports failure.
     Failed { courier: CourierId },
-    /// Hand the order back to dispatch before pickup: the holding courier (`Some`, while
-    /// assigned or at the pickup) or staff (`None`, also withdrawing an offer). The courier is
+    /// Hand the order back to dispatch before pickup: from the holding courier (`Some`, while
+    /// assigned or at the pickup; sent by the courier itself, or by the system for a courier
+    /// gone silent) or whoever has it (`None`, staff; also withdraws an offer). The courier is
     /// not offered the order again; its wait for a courier restarts.
     Release { courier: Option<CourierId> },
     /// Cancel (customer before pickup, dispatcher or admin any time while open).
@@ -224,7 +225,8 @@ pub fn transition_event(before: &Order, after: &Order, cmd: &Command, who: &Who,
         Command::Assign { record, .. } => Some(format!("assigned by {} policy", record.policy)),
         Command::Offer { record, .. } => Some(format!("offered by {} policy, cost {:.0} s", record.policy, record.cost_s)),
         Command::Expire => Some("no courier took the order in time".into()),
-        Command::Release { courier: Some(c) } => Some(format!("handed back by {c}")),
+        Command::Release { courier: Some(c) } if matches!(who, Who::Courier(_)) => Some(format!("handed back by {c}")),
+        Command::Release { courier: Some(c) } => Some(format!("taken back from {c}: no position from it for too long")),
         Command::Release { courier: None } => before
             .courier
             .as_ref()
@@ -341,6 +343,9 @@ async fn transition(st: &mut OrderActorState, cmd: &Command, who: &Who) -> Resul
     st.order = after.clone();
     st.ctx.last_orders.insert((after.tenant.clone(), after.id.clone()), after.clone());
     metrics::counter!("hexfleet_order_transitions_total", "to" => after.state.as_str()).increment(1);
+    if matches!(cmd, Command::Release { .. }) && matches!(who, Who::System) {
+        metrics::counter!("hexfleet_orders_released_from_silent_total").increment(1);
+    }
     st.ctx.note_offer(Some(&before), &after);
     // Tell the couriers involved. A courier that lost the order (reassignment, cancel) is told too.
     let prev_holder = before.courier.clone().or(before.offer.as_ref().map(|o| o.courier.clone()));
@@ -415,5 +420,17 @@ mod tests {
         let mut created = o.clone();
         (created.state, created.courier) = (OrderState::Created, None);
         assert_eq!(apply(&created, &cmd, &Who::System, 1).unwrap().state, OrderState::Assigned);
+    }
+
+    /// A take-back names the courier it is from: the system's, decided from a view a notice
+    /// old, must not take the order from a courier it has moved to meanwhile.
+    #[test]
+    fn a_release_from_a_courier_that_no_longer_holds_the_order_is_refused() {
+        let o = held_by("b");
+        let from_a = Command::Release { courier: Some(CourierId::new("a")) };
+        assert!(matches!(apply(&o, &from_a, &Who::System, 1), Err(FleetError::InvalidTransition { .. })));
+        let from_b = Command::Release { courier: Some(CourierId::new("b")) };
+        let back = apply(&o, &from_b, &Who::System, 1).unwrap();
+        assert_eq!((back.state, back.declined.clone(), back.released_at), (OrderState::Created, vec![CourierId::new("b")], Some(1)));
     }
 }

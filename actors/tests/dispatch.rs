@@ -296,6 +296,7 @@ async fn a_courier_gone_silent_with_orders_is_reported_to_dispatchers_once() {
     w.settle().await;
     let first = wait_for("courier.silent", 1).await;
     assert_eq!(first.len(), 1, "only mute, at the end of the grace period: {first:?}");
+    assert_eq!(first[0].ts, T0 + 120_000, "not flagged before the grace period ended");
     assert_eq!((first[0].entity_id.as_str(), first[0].reason.as_deref()), ("mute", Some("no position yet while holding 1 order(s)")));
     assert!(!first[0].attrs.iter().any(|(k, _)| k == "silent_s"), "{first:?}");
     // Past the limit for `a`: reported once, with its order; `idle` (silent too) holds nothing.
@@ -329,7 +330,13 @@ async fn a_courier_gone_silent_with_orders_is_reported_to_dispatchers_once() {
     w.clock.advance(200_000);
     w.settle().await;
     w.settle().await;
-    assert_eq!(events("courier.silent").len(), 3, "nothing more: a holds nothing, mute is still flagged");
+    // Then `mute` is heard: its `silent_cleared` goes through the same ordered queue, so once
+    // it is out every event of the rounds before it is too.
+    w.fix_now(&mute, at(0.0, 500.0)).await;
+    w.settle().await;
+    let cleared = wait_for("courier.silent_cleared", 3).await;
+    assert_eq!(cleared[2].entity_id, "mute");
+    assert_eq!(events("courier.silent").len(), 3, "nothing more: a holds nothing");
 }
 
 /// `release_silent_after_ms`: an order not yet picked up is taken back from a courier silent
@@ -347,8 +354,14 @@ async fn orders_not_picked_up_are_taken_back_from_a_courier_silent_too_long() {
     }
     w.f.command(&w.t, &o2, Command::PickedUp { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap();
     let b = w.courier("b", at(-800.0, 0.0), 1).await;
+    // 200 s on, a dispatcher gives an order to `mute`, whose app has not sent a fix yet.
+    w.clock.advance(200_000);
+    let mute = CourierId::new("mute");
+    w.f.upsert_courier(&w.t, &mute, CourierPatch { capacity: Some(1), ..Default::default() }, &Who::System).await.unwrap();
+    let m = w.order("m1", at(0.0, 500.0), at(1000.0, 500.0)).await;
+    w.f.assign(&w.t, &m, &mute, Who::Dispatcher("d".into())).await.unwrap();
     // Silent for 299 s: flagged, but the orders stay.
-    w.clock.advance(299_000);
+    w.clock.advance(99_000);
     w.fix_now(&b, at(-800.0, 0.0)).await;
     w.settle().await;
     w.settle().await;
@@ -362,8 +375,10 @@ async fn orders_not_picked_up_are_taken_back_from_a_courier_silent_too_long() {
     w.offered_to(&o1, &b).await;
     let kept = w.get(&o2).await;
     assert_eq!((kept.state, kept.courier.as_ref()), (OrderState::PickedUp, Some(&a)));
+    // `mute` has had its order for 100 s only: it keeps it, silent or not.
+    assert_eq!(w.get(&m).await.courier.as_ref(), Some(&mute));
     let ev = w.store.all_events().into_iter().find(|e| e.entity_id == o1.as_str() && e.kind == "order.released").expect("order.released logged");
-    assert_eq!((ev.actor.as_str(), ev.reason.as_deref()), ("system", Some("taken back from a")), "{ev:?}");
+    assert_eq!((ev.actor.as_str(), ev.reason.as_deref()), ("system", Some("taken back from a: no position from it for too long")), "{ev:?}");
     assert!(w.f.check_invariants().await.is_empty());
 }
 
