@@ -173,8 +173,7 @@ pub fn apply(order: &Order, cmd: &Command, who: &Who, now: Ms) -> Result<Order, 
             if !allowed {
                 return Err(err());
             }
-            let had = order.courier.as_ref().filter(|_| s.is_held()).or(order.offer.as_ref().map(|o| &o.courier));
-            if let Some(c) = had
+            if let Some(c) = order.commitment()
                 && !next.declined.contains(c)
             {
                 next.declined.push(c.clone());
@@ -215,7 +214,7 @@ pub fn transition_event(before: &Order, after: &Order, cmd: &Command, who: &Who,
         ("to".to_string(), after.state.as_str().to_string()),
     ];
     // A release names the courier the order left.
-    let released = matches!(cmd, Command::Release { .. }).then(|| before.courier.as_ref().or(before.offer.as_ref().map(|o| &o.courier))).flatten();
+    let released = matches!(cmd, Command::Release { .. }).then(|| before.commitment()).flatten();
     if let Some(c) = after.courier.as_ref().or(after.offer.as_ref().map(|o| &o.courier)).or(released) {
         attrs.push(("courier".into(), c.to_string()));
     }
@@ -227,12 +226,7 @@ pub fn transition_event(before: &Order, after: &Order, cmd: &Command, who: &Who,
         Command::Expire => Some("no courier took the order in time".into()),
         Command::Release { courier: Some(c) } if matches!(who, Who::Courier(_)) => Some(format!("handed back by {c}")),
         Command::Release { courier: Some(c) } => Some(format!("taken back from {c}: no position from it for too long")),
-        Command::Release { courier: None } => before
-            .courier
-            .as_ref()
-            .filter(|_| before.state.is_held())
-            .or(before.offer.as_ref().map(|o| &o.courier))
-            .map(|c| format!("taken back from {c}")),
+        Command::Release { courier: None } => before.commitment().map(|c| format!("taken back from {c}")),
         _ => None,
     };
     DomainEvent {
