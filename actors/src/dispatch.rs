@@ -183,7 +183,8 @@ impl DispatcherState {
         });
         let settled = now.saturating_sub(self.started_at) >= self.ctx.config.courier_stale_ms;
         for (c, orders) in holding {
-            let heard = self.ctx.heard(&self.tenant, c, now);
+            let heard_at = self.ctx.heard_at(&self.tenant, c);
+            let heard = self.ctx.recent(heard_at, now);
             let flagged = self.silent.contains(c);
             if heard && flagged {
                 self.silent.remove(c);
@@ -194,7 +195,7 @@ impl DispatcherState {
                 let mut orders: Vec<&str> = orders.iter().map(|o| o.as_str()).collect();
                 orders.sort_unstable();
                 // A courier that never sent a fix has `heard_at` = `Ms::MIN`.
-                let silent_s = self.ctx.heard_at(&self.tenant, c).filter(|&at| at > 0).map(|at| now.saturating_sub(at) / 1000);
+                let silent_s = heard_at.filter(|&at| at > 0).map(|at| now.saturating_sub(at) / 1000);
                 let reason = match silent_s {
                     Some(s) => format!("no position for {s} s while holding {} order(s)", orders.len()),
                     None => format!("no position yet while holding {} order(s)", orders.len()),
@@ -227,10 +228,11 @@ impl DispatcherState {
     fn release_from_silent(&mut self, now: Ms, limit: Ms) {
         for o in self.orders.values() {
             let Some(c) = o.courier.as_ref().filter(|_| matches!(o.state, OrderState::Assigned | OrderState::AtPickup)) else { continue };
-            if self.ctx.heard(&self.tenant, c, now) || self.release_sent.get(&o.id).is_some_and(|&at| now.saturating_sub(at) < RELEASE_RESEND_MS) {
+            let heard_at = self.ctx.heard_at(&self.tenant, c);
+            if self.ctx.recent(heard_at, now) || self.release_sent.get(&o.id).is_some_and(|&at| now.saturating_sub(at) < RELEASE_RESEND_MS) {
                 continue;
             }
-            let since = self.ctx.heard_at(&self.tenant, c).unwrap_or(Ms::MIN).max(o.updated_at).max(self.started_at);
+            let since = heard_at.unwrap_or(Ms::MIN).max(o.updated_at).max(self.started_at);
             if now.saturating_sub(since) >= limit {
                 tracing::info!(tenant = %self.tenant, courier = %c, order = %o.id, silent_s = now.saturating_sub(since) / 1000, "taking an order back from a silent courier");
                 self.release_sent.insert(o.id.clone(), now);

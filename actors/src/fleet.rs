@@ -288,6 +288,12 @@ pub struct FleetCtx {
     /// racing its first attempt gets a conflict instead of a second order.
     pub(crate) creating: dashmap::DashSet<(TenantId, OrderId)>,
     pub(crate) devices: DashMap<String, (TenantId, CourierId)>,
+    /// Held by a profile change that sets a device id, from the check that the device is free
+    /// until the device map is updated: two couriers given the same device at once would both
+    /// pass the check otherwise.
+    pub(crate) registering_device: tokio::sync::Mutex<()>,
+    /// One gate per courier being registered or changed ([`FleetCtx::courier_gate`]).
+    courier_gates: DashMap<(TenantId, CourierId), Arc<tokio::sync::Mutex<()>>>,
     /// Capacity units each courier is committed to (orders offered to it or held by it). The
     /// order actors reserve here before an offer or assignment is made durable, so no courier
     /// is ever committed beyond its capacity, whatever the interleaving.
@@ -410,7 +416,25 @@ impl FleetCtx {
 
     /// Whether a courier's last fix reached this server within `courier_stale_ms` of `now`.
     pub(crate) fn heard(&self, tenant: &TenantId, id: &CourierId, now: Ms) -> bool {
-        self.couriers.get(&(tenant.clone(), id.clone())).is_some_and(|h| self.heard_lately(&h.shared, now))
+        self.recent(self.heard_at(tenant, id), now)
+    }
+
+    /// Whether a last fix read by [`Self::heard_at`] is within `courier_stale_ms` of `now` (a
+    /// courier not running here is not heard). One read serves both questions.
+    pub(crate) fn recent(&self, heard_at: Option<Ms>, now: Ms) -> bool {
+        heard_at.is_some_and(|at| now.saturating_sub(at) <= self.config.courier_stale_ms)
+    }
+
+    /// Waits for, then holds, a courier's gate: first registrations and profile changes of one
+    /// courier go one at a time. Two first connections would both log `courier.registered`,
+    /// two profile changes would each write the record as it was before the other, and a
+    /// profile written just before a registration with a later clock reading was refused by the
+    /// store (`updated_at`) and replaced by the default one. Gates exist only while used.
+    pub(crate) async fn courier_gate(&self, tenant: &TenantId, id: &CourierId) -> CourierGate<'_> {
+        let key = (tenant.clone(), id.clone());
+        let gate = self.courier_gates.entry(key.clone()).or_default().clone();
+        let held = gate.clone().lock_owned().await;
+        CourierGate { ctx: self, key, gate, _held: held }
     }
 
     /// When a courier's last fix reached this server (server clock), if the courier runs here.
@@ -419,7 +443,7 @@ impl FleetCtx {
     }
 
     fn heard_lately(&self, shared: &CourierShared, now: Ms) -> bool {
-        now.saturating_sub(shared.heard_at.load(std::sync::atomic::Ordering::Relaxed)) <= self.config.courier_stale_ms
+        self.recent(Some(shared.heard_at.load(std::sync::atomic::Ordering::Relaxed)), now)
     }
 
     async fn spawn_courier(self: &Arc<Self>, shared: Arc<CourierShared>) -> Result<CourierHandle, FleetError> {
@@ -643,6 +667,8 @@ impl Fleet {
             last_orders: DashMap::new(),
             creating: dashmap::DashSet::new(),
             devices: DashMap::new(),
+            registering_device: tokio::sync::Mutex::new(()),
+            courier_gates: DashMap::new(),
             loads: DashMap::new(),
             dispatchers: DashMap::new(),
             zones: crate::zone::ZoneRegistry::new(deps.config.dispatch_res),
@@ -771,8 +797,12 @@ impl Fleet {
         }
         let shared = Arc::new(CourierShared {
             zones: parking_lot::Mutex::new(crate::zone::CourierZones::new(ctx, &rec)),
-            // Recovered: its last fix reached a server no later than its record's last change.
-            heard_at: std::sync::atomic::AtomicI64::new(if rec.last_fix.is_some() { rec.updated_at } else { Ms::MIN }),
+            // Recovered: its last fix reached a server no later than its record's last change,
+            // and about when it was taken (the time is the device's, which the ingest keeps
+            // from running ahead). Not the record's change alone: a status or profile change
+            // without a fix moves it, and a courier silent for hours would be offered orders
+            // at its old position for `courier_stale_ms` after a restart.
+            heard_at: std::sync::atomic::AtomicI64::new(rec.last_fix.as_ref().map_or(Ms::MIN, |f| f.ts.min(rec.updated_at))),
             inbox: FixInbox::new(ctx.config.inbox_capacity),
             record: parking_lot::Mutex::new(rec),
             held: parking_lot::Mutex::new(Vec::new()),
@@ -796,20 +826,37 @@ impl Fleet {
         if let Some(r) = self.ctx.courier_record(tenant, id) {
             return Ok(r);
         }
-        let rec = CourierRecord::new(tenant.clone(), id.clone(), self.now_ms());
-        // Insert-if-absent: a profile PUT racing this first contact (even in the same
-        // millisecond, which `updated_at` cannot order) is never replaced by the default one.
-        self.ctx.store.commit(vec![Write::RegisterCourier(rec.clone()), Write::Event(courier_event(&rec, "courier.registered", &Who::System))]).await?;
+        let _gate = self.ctx.courier_gate(tenant, id).await;
+        self.register_gated(tenant, id).await
+    }
+
+    /// [`Self::ensure_courier`] with the courier's gate held.
+    async fn register_gated(&self, tenant: &TenantId, id: &CourierId) -> Result<CourierRecord, FleetError> {
         if let Some(r) = self.ctx.courier_record(tenant, id) {
-            return Ok(r); // raced with another registration
+            return Ok(r); // registered while this waited for the gate
         }
+        let rec = CourierRecord::new(tenant.clone(), id.clone(), self.now_ms());
+        // Insert-if-absent: a profile written by another node meanwhile (a market changing
+        // hands) is not replaced by the default one.
+        self.ctx.store.commit(vec![Write::RegisterCourier(rec.clone()), Write::Event(courier_event(&rec, "courier.registered", &Who::System))]).await?;
         let (h, new) = Self::install_courier(&self.ctx, rec.clone()).await?;
         Ok(if new { rec } else { h.shared.record.lock().clone() })
     }
 
     /// Creates or updates a courier's profile, durably.
     pub async fn upsert_courier(&self, tenant: &TenantId, id: &CourierId, patch: CourierPatch, who: &Who) -> Result<CourierRecord, FleetError> {
-        let mut rec = self.ctx.courier_record(tenant, id).unwrap_or_else(|| CourierRecord::new(tenant.clone(), id.clone(), self.now_ms()));
+        // The device lock before the courier's gate, always in this order.
+        let _device = match patch.device_id {
+            Some(_) => Some(self.ctx.registering_device.lock().await),
+            None => None,
+        };
+        let _gate = self.ctx.courier_gate(tenant, id).await;
+        // A new courier is registered first, so the profile's `updated_at` follows the
+        // registration's (the store keeps the newer row).
+        let mut rec = match self.ctx.courier_record(tenant, id) {
+            Some(r) => r,
+            None => self.register_gated(tenant, id).await?,
+        };
         if let Some(d) = &patch.device_id
             && let Some(owner) = self.ctx.devices.get(d)
             && (owner.0 != *tenant || owner.1 != *id)
@@ -828,7 +875,8 @@ impl Fleet {
         rec.updated_at = self.now_ms().max(rec.updated_at + 1);
         self.ctx.store.commit(vec![Write::Courier(rec.clone()), Write::Event(courier_event(&rec, "courier.updated", who))]).await?;
         if let Some(d) = old_device.filter(|d| Some(d) != rec.device_id.as_ref()) {
-            self.ctx.devices.remove(&d);
+            // Only if still this courier's: the map may have it for another courier already.
+            self.ctx.devices.remove_if(&d, |_, owner| owner.0 == *tenant && owner.1 == *id);
         }
         if let Some(d) = &rec.device_id {
             self.ctx.devices.insert(d.clone(), (tenant.clone(), id.clone()));
@@ -1293,6 +1341,25 @@ where
         Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
         Ok(ractor::rpc::CallResult::Timeout) => Err(FleetError::Timeout(what)),
         _ => Err(FleetError::ActorGone(what)),
+    }
+}
+
+/// A courier's gate, held ([`FleetCtx::courier_gate`]); the gate is dropped from the map by its
+/// last user.
+pub(crate) struct CourierGate<'a> {
+    ctx: &'a FleetCtx,
+    key: (TenantId, CourierId),
+    gate: Arc<tokio::sync::Mutex<()>>,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for CourierGate<'_> {
+    fn drop(&mut self) {
+        // Three references: the map's, `gate` and the guard's. More: someone waits for it (and
+        // will remove it). Checked under the map's shard lock, so nobody takes a new one
+        // meanwhile; a caller arriving after the removal finds the courier in memory, or
+        // registers it itself if this one failed.
+        self.ctx.courier_gates.remove_if(&self.key, |_, g| Arc::ptr_eq(g, &self.gate) && Arc::strong_count(g) == 3);
     }
 }
 

@@ -897,3 +897,51 @@ async fn a_batched_orders_eta_counts_the_stops_before_it() {
     assert!((s[0] - 3000.0 * 1.3 / 4.5).abs() < 30.0, "{s:?}");
     assert!(s[1] > s[0] + 60.0 + 6000.0 * 1.3 / 4.5 - 60.0, "the second drop-off's ETA ignores the first: {s:?}");
 }
+
+/// After a restart, a courier counts as heard from when its last fix was taken, not from its
+/// record's last change: one whose last fix is an hour old but who went `available` just
+/// before the restart (a status change, no fix) gets no offer at its old position, while one
+/// heard a moment ago does.
+#[tokio::test]
+async fn after_a_restart_a_courier_without_a_recent_fix_is_not_offered_orders() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(T0));
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), index_rebuild: Duration::from_millis(5), ..Default::default() };
+    let start = || Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: clock.clone(), config: config.clone() });
+    let f = start().await.unwrap();
+    let t = TenantId::new("t");
+    let old = CourierId::new("old");
+    f.upsert_courier(&t, &old, CourierPatch::default(), &Who::System).await.unwrap();
+    f.ingest(&t, &old, vec![Fix { pos: at(0.0, 0.0), ts: T0, speed: None, heading: None, acc: None }]).unwrap();
+    assert!(eventually(|| f.courier(&t, &old).is_ok_and(|r| r.last_fix.is_some())).await);
+    clock.advance(3_600_000);
+    f.set_status(&t, &old, CourierStatus::Available).unwrap();
+    assert!(eventually(|| f.courier(&t, &old).is_ok_and(|r| r.status == CourierStatus::Available)).await);
+    let fresh = CourierId::new("fresh");
+    f.upsert_courier(&t, &fresh, CourierPatch::default(), &Who::System).await.unwrap();
+    f.set_status(&t, &fresh, CourierStatus::Available).unwrap();
+    f.ingest(&t, &fresh, vec![Fix { pos: at(2000.0, 0.0), ts: clock.now(), speed: None, heading: None, acc: None }]).unwrap();
+    assert!(eventually(|| f.courier(&t, &fresh).is_ok_and(|r| r.last_fix.is_some() && r.status == CourierStatus::Available)).await);
+    f.shutdown().await.unwrap();
+
+    clock.advance(10_000);
+    let g = start().await.unwrap();
+    let new = NewOrder { id: Some(OrderId::new("o1")), pickup: at(0.0, 0.0), dropoff: at(500.0, 0.0), size: 1, ready_at: None, deliver_by: None };
+    let o = g.create_order(&t, new, &Who::Dispatcher("d".into())).await.unwrap().id.clone();
+    // Rounds until one makes an offer (the recovered couriers reach the index shortly after
+    // the start).
+    let offered = tokio::time::timeout(DEADLINE, async {
+        loop {
+            g.dispatch_now(&t).await.unwrap();
+            let got = g.order(&t, &o).await.unwrap();
+            if let Some(offer) = got.offer.as_ref() {
+                return offer.courier.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("an offer");
+    assert_eq!(offered, fresh, "the courier heard from 10 s ago, not the one silent for an hour");
+    g.shutdown().await.unwrap();
+}

@@ -382,3 +382,62 @@ async fn a_slow_commit_is_waited_for_and_a_command_that_waited_too_long_is_not_a
     assert_eq!(store.all_events().iter().filter(|e| e.kind == "order.cancelled").count(), 0, "nor applied later");
     assert_eq!(f.order(&t, &o).await.unwrap().state, OrderState::Offered);
 }
+
+/// First contacts and profile changes of one courier go one at a time: with a slow store, four
+/// first connections and a profile `PUT` racing them log `courier.registered` once, and the
+/// stored record is the profile (a registration stamped after it no longer wins). Two couriers
+/// given one tracker device at once: one is refused, and the device map says the winner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_registrations_log_once_keep_the_profile_and_never_share_a_device() {
+    use hexfleet_actors::fleet::CourierPatch;
+    use hexfleet_actors::store::Store as _;
+    let store = Arc::new(MemoryStore::new());
+    let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), ..Default::default() };
+    let f = Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: Arc::new(TokioClock::new()), config })
+        .await
+        .unwrap();
+    store.set_commit_delay(Some(Duration::from_millis(20)));
+    let t = TenantId::new("t");
+    for n in 0..5 {
+        let c = CourierId::new(format!("c{n}"));
+        let mut calls = tokio::task::JoinSet::new();
+        let (f2, t2, c2) = (f.clone(), t.clone(), c.clone());
+        calls.spawn(async move {
+            let patch = CourierPatch { name: Some(format!("Named {n}")), device_id: Some(format!("dev-{n}")), ..Default::default() };
+            f2.upsert_courier(&t2, &c2, patch, &Who::System).await.map(|_| ())
+        });
+        for _ in 0..4 {
+            let (f, t, c) = (f.clone(), t.clone(), c.clone());
+            calls.spawn(async move {
+                // Some before the PUT reads the courier, some after.
+                tokio::time::sleep(Duration::from_millis(n * 3)).await;
+                f.ensure_courier(&t, &c).await.map(|_| ())
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            r.unwrap().unwrap();
+        }
+        let registered = store.all_events().iter().filter(|e| e.kind == "courier.registered" && e.entity_id == c.as_str()).count();
+        assert_eq!(registered, 1, "{c}: one courier.registered");
+    }
+    let stored = store.load().await.unwrap().couriers;
+    for n in 0..5 {
+        let rec = stored.iter().find(|r| r.id.as_str() == format!("c{n}")).expect("stored");
+        assert_eq!((rec.name.as_deref(), rec.device_id.as_deref()), (Some(format!("Named {n}").as_str()), Some(format!("dev-{n}").as_str())), "c{n}'s profile is stored");
+    }
+    // Two couriers, one device, at once.
+    let claim = |c: &str| {
+        let (f, t, c) = (f.clone(), t.clone(), CourierId::new(c));
+        async move { f.upsert_courier(&t, &c, CourierPatch { device_id: Some("shared".into()), ..Default::default() }, &Who::System).await }
+    };
+    let (a, b) = tokio::join!(claim("c0"), claim("c1"));
+    assert_eq!([&a, &b].iter().filter(|r| r.is_ok()).count(), 1, "one claim wins: {a:?} / {b:?}");
+    let (winner, lost) = if a.is_ok() { ("c0", b) } else { ("c1", a) };
+    assert!(matches!(lost, Err(hexfleet_actors::FleetError::Conflict(_))), "{lost:?}");
+    assert_eq!(f.device("shared"), Some((t.clone(), CourierId::new(winner))));
+    // The winner's old device is free again; the loser's is still its own.
+    let (w, l) = if winner == "c0" { ("dev-0", "dev-1") } else { ("dev-1", "dev-0") };
+    assert_eq!(f.device(w), None);
+    assert_eq!(f.device(l).map(|(_, c)| c), Some(CourierId::new(if winner == "c0" { "c1" } else { "c0" })));
+    store.set_commit_delay(None);
+}

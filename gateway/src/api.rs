@@ -298,7 +298,14 @@ async fn osmand_get(st: State, req: HttpRequest) -> HttpResponse {
     osmand_report(&st, &req, web::Bytes::new(), parsed, key, StatusCode::BAD_REQUEST).await
 }
 
-async fn osmand_post(st: State, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn osmand_post(st: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    // Read here rather than by the `Bytes` extractor, whose refusal of a large body is a plain
+    // text 413, not the error shape.
+    let body = match payload.to_bytes_limited(MAX_JSON_BODY).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return osmand_err(StatusCode::BAD_REQUEST, "bad_request", &format!("body not read: {e}")),
+        Err(_) => return osmand_err(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &format!("body larger than {MAX_JSON_BODY} bytes")),
+    };
     let now = st.fleet.now_ms();
     let json = req.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
     let q = req.query_string();
@@ -335,13 +342,14 @@ async fn osmand_report(
         Ok(f) => f,
         Err(e) => return osmand_err(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
-    if let Err(r) = osmand_authorize(st, &fixes, key.as_deref(), unknown).await {
-        return r;
-    }
+    let tenants = match osmand_authorize(st, &fixes, key.as_deref(), unknown).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     if let Some(r) = osmand_forward(st, req, body, &fixes).await {
         return r;
     }
-    osmand_ingest(st, fixes, unknown)
+    osmand_ingest(st, &fixes, &tenants, unknown)
 }
 
 /// Every device of a report must be registered and match `key` ([`crate::auth::Keys::device_key`]);
@@ -350,12 +358,18 @@ async fn osmand_report(
 /// owner) told a registered device from an unknown one. A missing or wrong key is answered as
 /// an unknown device (same status, same message), with the HMAC computed for unknown devices
 /// too; it is counted in `hexfleet_osmand_bad_key_total` (logged at debug level only: anyone
-/// who knows a device id could fill the log).
-async fn osmand_authorize(st: &AppState, fixes: &[osmand::OsmandFix], key: Option<&str>, unknown: StatusCode) -> Result<(), HttpResponse> {
-    let mut checked: Vec<&str> = Vec::new();
+/// who knows a device id could fill the log). Returns each device's tenant, the one its key
+/// was checked against.
+async fn osmand_authorize<'a>(
+    st: &AppState,
+    fixes: &'a [osmand::OsmandFix],
+    key: Option<&str>,
+    unknown: StatusCode,
+) -> Result<Vec<(&'a str, TenantId)>, HttpResponse> {
+    let mut checked: Vec<(&str, TenantId)> = Vec::new();
     for f in fixes {
         let device = f.device_id.as_str();
-        if checked.contains(&device) {
+        if checked.iter().any(|(d, _)| *d == device) {
             continue;
         }
         let tenant = match (st.fleet.device(device), &st.markets) {
@@ -378,9 +392,9 @@ async fn osmand_authorize(st: &AppState, fixes: &[osmand::OsmandFix], key: Optio
             }
             return Err(osmand_unknown(unknown, device));
         }
-        checked.push(device);
+        checked.extend(tenant.map(|t| (device, t)));
     }
-    Ok(())
+    Ok(checked)
 }
 
 /// The answer to a report from an unregistered device, or one without its key.
@@ -439,12 +453,14 @@ fn osmand_err(status: StatusCode, code: &'static str, msg: &str) -> HttpResponse
 /// dropped and counted (`hexfleet_osmand_dropped_total{reason}`), and the report still answers
 /// 200: Traccar Client and OsmAnd keep a position until it is answered 200 and send the oldest
 /// first, so a 400 for one bad fix stopped the device's reports for good. The devices' keys
-/// were checked first ([`osmand_authorize`]).
-fn osmand_ingest(st: &AppState, fixes: Vec<osmand::OsmandFix>, unknown: StatusCode) -> HttpResponse {
+/// were checked first ([`osmand_authorize`], which gives `tenants`): a device that moved to
+/// another tenant since is answered as unknown, its key being the old tenant's.
+fn osmand_ingest(st: &AppState, fixes: &[osmand::OsmandFix], tenants: &[(&str, TenantId)], unknown: StatusCode) -> HttpResponse {
     let now = st.fleet.now_ms();
     let mut by_courier: Vec<((TenantId, CourierId), Vec<hexfleet_actors::domain::Fix>)> = Vec::new();
     for f in fixes {
-        let Some(owner) = st.fleet.device(&f.device_id) else {
+        let owner = st.fleet.device(&f.device_id).filter(|(t, _)| tenants.iter().any(|(d, k)| *d == f.device_id && k == t));
+        let Some(owner) = owner else {
             return osmand_unknown(unknown, &f.device_id);
         };
         let loc = LocDto { lat: f.lat, lng: f.lng, ts: f.ts_ms, speed: f.speed_mps, heading: f.heading, acc: f.accuracy };

@@ -121,3 +121,9 @@ pub fn query_error(err: actix_web::error::QueryPayloadError, _req: &actix_web::H
 pub fn path_error(err: actix_web::error::PathError, _req: &actix_web::HttpRequest) -> actix_web::Error {
     ApiError::bad_request("invalid_path", err.to_string()).into()
 }
+
+/// Requests for a path no route serves: 404 in the error shape, as every other refusal (a
+/// method a known path does not serve stays actix's 405 with its `Allow` header).
+pub async fn no_route(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found(format!("no route for {} {}", req.method(), req.path())))
+}

@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Role as TokenRole;
 use crate::error::ApiError;
 use crate::server::AppState;
-use crate::ws::{CourierSocket, IdleDeadline, MAX_FRAME, Read, SocketTimes};
+use crate::ws::{CourierSocket, MAX_FRAME, Next, Read, SocketTimes};
 
 /// The only path served here.
 pub const PATH: &str = "/v1/ws/courier";
@@ -245,7 +245,7 @@ async fn connection(mut tcp: TcpStream, st: web::Data<AppState>, _slot: Admitted
     let id = CourierId::new(&auth.claims.sub);
     let times = st.sockets;
     let expires = auth.claims.session_deadline();
-    crate::ws::courier_session(st, auth.tenant, id, tap, TungsteniteSocket { ws, times, idle: IdleDeadline::new(times.idle) }, expires).await;
+    crate::ws::courier_session(st, auth.tenant, id, tap, TungsteniteSocket { ws, times, idle: times.courier_idle() }, expires).await;
 }
 
 /// Reads and checks the request head: `GET /v1/ws/courier` asking for a WebSocket.
@@ -364,7 +364,7 @@ async fn upgrade(mut tcp: TcpStream, head: Head) -> Option<WebSocketStream<TcpSt
 struct TungsteniteSocket {
     ws: WebSocketStream<TcpStream>,
     times: SocketTimes,
-    idle: IdleDeadline,
+    idle: crate::ws::IdleDeadline,
 }
 
 impl CourierSocket for TungsteniteSocket {
@@ -382,8 +382,13 @@ impl CourierSocket for TungsteniteSocket {
     }
 
     async fn recv(&mut self) -> Read<Self::Text> {
-        let Some(m) = self.idle.next(&mut self.ws).await else {
-            return Read::Fatal(reason(CloseCode::Normal, "idle timeout"));
+        let m = match self.idle.next(&mut self.ws).await {
+            Next::Lapsed => return Read::Fatal(reason(CloseCode::Normal, "idle timeout")),
+            Next::Ping => {
+                let ping = tokio::time::timeout(self.times.write, self.ws.send(Message::Ping(Default::default())));
+                return if matches!(ping.await, Ok(Ok(()))) { Read::Other } else { Read::Closed };
+            }
+            Next::Item(m) => m,
         };
         match m {
             None | Some(Ok(Message::Close(_))) => Read::Closed,
@@ -439,7 +444,8 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
     // since this relay's pings reach it whether the app is there or not. Without it, an app
     // gone without closing (a phone off the network) was held on both nodes until its token
     // expired.
-    let mut client = crate::ws::IdleDeadline::new(times.idle);
+    // Pinged when quiet, as on the owner: a parked app may send less often than the idle time.
+    let mut client = times.courier_idle();
     // Every write waits at most the write timeout, as on the owner's own sockets.
     let close = |code: tg::protocol::frame::coding::CloseCode, why: &str| {
         Message::Close(Some(tg::protocol::CloseFrame { code, reason: why.to_owned().into() }))
@@ -463,10 +469,13 @@ async fn relay(mut tcp: TcpStream, head: Head, owner: &str, markets: &crate::mar
                     true
                 }
             },
-            () = client.lapsed() => {
-                send_within(&mut up_tx, Message::Close(None), times.write).await;
-                break Some(close(tg::protocol::frame::coding::CloseCode::Normal, "idle timeout"));
-            }
+            wake = client.wake() => match wake {
+                crate::ws::Wake::Lapsed => {
+                    send_within(&mut up_tx, Message::Close(None), times.write).await;
+                    break Some(close(tg::protocol::frame::coding::CloseCode::Normal, "idle timeout"));
+                }
+                crate::ws::Wake::Ping => send_within(&mut tx, Message::Ping(Default::default()), times.write).await,
+            },
             // Pings travel to the owner too (they keep the session alive there).
             m = rx.next() => {
                 if matches!(m, Some(Ok(_))) {

@@ -878,7 +878,8 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
     use tokio_tungstenite::tungstenite::{self as tg, Message};
 
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let authorization = req.headers().get("authorization").map(|a| a.to_str().map(str::to_owned)).transpose().map_err(actix_web::error::ErrorBadRequest)?;
+    let authorization = req.headers().get("authorization").map(|a| a.to_str().map(str::to_owned)).transpose()
+        .map_err(|_| ApiError::unauthorized("the authorization header is not visible ASCII"))?;
     let upstream = match connect_owner_ws(owner, &path_and_query, authorization.as_deref(), markets).await {
         Ok(s) => s,
         Err(OwnerRefused::Http(status, body)) => {
@@ -906,7 +907,8 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
         // pongs to the owner's) reach it whether the client is there or not, so a client gone
         // without closing (a phone off the network) would be held on both nodes until its
         // token expired.
-        let mut client = crate::ws::IdleDeadline::new(times.idle);
+        // It is pinged when quiet, as on the owner (a parked app may send less often).
+        let mut client = times.courier_idle();
         let gone = || actix_ws::CloseReason { code: actix_ws::CloseCode::Again, description: Some(OWNER_GONE.into()) };
         loop {
             tokio::select! {
@@ -928,11 +930,16 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                         }
                     }
                 },
-                () = client.lapsed() => {
-                    send_within(&mut up_tx, Message::Close(None), times.write).await;
-                    peer.close(Some(crate::ws::idle_timeout())).await;
-                    return;
-                }
+                wake = client.wake() => match wake {
+                    crate::ws::Wake::Lapsed => {
+                        send_within(&mut up_tx, Message::Close(None), times.write).await;
+                        peer.close(Some(crate::ws::idle_timeout())).await;
+                        return;
+                    }
+                    crate::ws::Wake::Ping => {
+                        if !peer.ping_with(b"").await { break; }
+                    }
+                },
                 m = stream.next() => {
                     if matches!(m, Some(Ok(_))) {
                         client.heard();

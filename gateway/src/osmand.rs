@@ -117,11 +117,14 @@ pub fn parse_query(raw: &str, now_ms: i64) -> Result<OsmandFix, OsmandError> {
                 lng = Some(number("location", lo)?);
             }
             "timestamp" => ts_ms = Some(parse_timestamp(&value)?),
-            "speed" => fix.speed_mps = Some((number("speed", &value)? * MPS_PER_KNOT) as f32),
-            "bearing" | "heading" => fix.heading = Some(number("bearing", &value)? as f32),
+            // A negative speed, bearing, accuracy or battery level means "unknown" (iOS
+            // reports -1 for an invalid speed, course or accuracy, and Traccar Client passes it
+            // on): the fix is kept without it, as in the JSON form.
+            "speed" => fix.speed_mps = known(number("speed", &value)?).map(|v| (v * MPS_PER_KNOT) as f32),
+            "bearing" | "heading" => fix.heading = known(number("bearing", &value)?).map(|v| v as f32),
             "altitude" => fix.altitude = Some(number("altitude", &value)?),
-            "accuracy" => fix.accuracy = Some(number("accuracy", &value)? as f32),
-            "batt" => fix.battery = Some(number("batt", &value)? as f32),
+            "accuracy" => fix.accuracy = known(number("accuracy", &value)?).map(|v| v as f32),
+            "batt" => fix.battery = known(number("batt", &value)?).map(|v| v as f32),
             _ => {}
         }
     }
@@ -227,10 +230,9 @@ fn parse_location(
     let lng = json_number(coords, "longitude")?.ok_or(OsmandError::MissingCoordinates)?;
     let (lat, lng) = check_coordinates(lat, lng)?;
     // The geolocation library reports -1 for "unknown".
-    let known = |v: Option<f64>| v.filter(|v| *v >= 0.0);
     let battery = match location.get("battery") {
         Some(Value::Object(battery)) => {
-            known(json_number(battery, "level")?).map(|l| (l * 100.0) as f32)
+            json_number(battery, "level")?.and_then(known).map(|l| (l * 100.0) as f32)
         }
         _ => None,
     };
@@ -239,10 +241,10 @@ fn parse_location(
         lat,
         lng,
         ts_ms,
-        speed_mps: known(json_number(coords, "speed")?).map(|v| v as f32),
-        heading: known(json_number(coords, "heading")?).map(|v| v as f32),
+        speed_mps: json_number(coords, "speed")?.and_then(known).map(|v| v as f32),
+        heading: json_number(coords, "heading")?.and_then(known).map(|v| v as f32),
         altitude: json_number(coords, "altitude")?,
-        accuracy: known(json_number(coords, "accuracy")?).map(|v| v as f32),
+        accuracy: json_number(coords, "accuracy")?.and_then(known).map(|v| v as f32),
         battery,
     })
 }
@@ -260,6 +262,12 @@ fn json_number(
 }
 
 /// A finite decimal number. Rust's parser accepts `NaN` and `inf`; those are rejected here.
+/// A speed, bearing, accuracy or battery level, unless negative (clients send -1 for
+/// "unknown").
+fn known(v: f64) -> Option<f64> {
+    (v >= 0.0).then_some(v)
+}
+
 fn number(field: &'static str, value: &str) -> Result<f64, OsmandError> {
     match value.trim().parse::<f64>() {
         Ok(v) if v.is_finite() => Ok(v),

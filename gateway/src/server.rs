@@ -261,6 +261,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
             // WebSocket routes first: the `/v1` scope of the API would otherwise claim them.
             .configure(crate::ws::configure)
             .configure(crate::api::configure)
+            .default_service(actix_web::web::to(crate::error::no_route))
     })
     .disable_signals()
     .shutdown_timeout(5)

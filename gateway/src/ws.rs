@@ -38,11 +38,19 @@ pub const MAX_LIMITED: u32 = 200;
 /// Default console batch window (`--console-batch-ms`).
 pub const CONSOLE_BATCH: Duration = Duration::from_millis(10);
 /// How often the server pings a tracking page or a console: browsers answer pings but cannot
-/// send them, so without these a page watching a quiet order would be dropped as idle.
+/// send them, so without these a page watching a quiet order would be dropped as idle. A
+/// courier socket is pinged only once it has been quiet this long ([`SocketTimes::courier_idle`]).
 pub const PING_EVERY: Duration = Duration::from_secs(30);
 /// A client that has not taken a frame for this long has stopped reading (an app suspended in
 /// the background, a hostile peer): its session is closed.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The shortest time between two snapshots to one console. Subscribes in a burst (a map
+/// panned fast, a hostile client) are coalesced: the last box's snapshot follows once the gap
+/// has passed. A snapshot is built whole on the session's HTTP worker, with every zone's
+/// geometry, so one per subscribe (50 a second within the rate limit) let one console stall
+/// every other session on its worker.
+pub const SNAPSHOT_GAP: Duration = Duration::from_millis(250);
 
 /// How often a console gets a `stats` message.
 const CONSOLE_STATS_EVERY: Duration = Duration::from_secs(1);
@@ -58,6 +66,14 @@ pub struct SocketTimes {
     pub idle: Duration,
     /// The longest one write may wait for the client ([`WRITE_TIMEOUT`]).
     pub write: Duration,
+}
+
+impl SocketTimes {
+    /// A courier socket's idle deadline: pinged once quiet for `ping_every` (an app may send a
+    /// fix less often than the idle time), closed when nothing answers for `idle`.
+    pub(crate) fn courier_idle(&self) -> IdleDeadline {
+        IdleDeadline::with_ping(self.idle, self.ping_every)
+    }
 }
 
 impl Default for SocketTimes {
@@ -243,61 +259,122 @@ pub(crate) fn idle_timeout() -> CloseReason {
 /// into tokio's wheel and took it out again on every frame (and on every other wake-up of the
 /// session, which drops the pending read). Here one `Sleep` stays armed: a frame only notes the
 /// time, and the sleep is moved on when it fires before the socket has been idle long enough.
+///
+/// With [`IdleDeadline::with_ping`] (courier sockets) a client quiet for `ping_after` is pinged
+/// once, so an app that sends a fix less often than the idle time (a parked courier may wait up
+/// to `--courier-stale-s`, 120 s) stays connected as long as its WebSocket answers pings, as
+/// every RFC 6455 client does by itself; a busy client is never pinged.
 pub(crate) struct IdleDeadline {
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
     last: tokio::time::Instant,
     idle: Duration,
+    ping_after: Option<Duration>,
+    pinged: bool,
+}
+
+/// What an [`IdleDeadline`] woke for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// The client has been quiet for `ping_after`: ping it (once per silence).
+    Ping,
+    /// Nothing heard for the idle time.
+    Lapsed,
+}
+
+/// What [`IdleDeadline::next`] gave.
+pub(crate) enum Next<T> {
+    /// The stream's next item (`None`: it ended).
+    Item(Option<T>),
+    /// Ping the client ([`Wake::Ping`]).
+    Ping,
+    /// Nothing heard for the idle time.
+    Lapsed,
 }
 
 impl IdleDeadline {
     pub(crate) fn new(idle: Duration) -> Self {
+        Self::build(idle, None)
+    }
+
+    /// An idle deadline that also asks for a ping once the client has been quiet for
+    /// `ping_after` (shorter than `idle`, or never).
+    pub(crate) fn with_ping(idle: Duration, ping_after: Duration) -> Self {
+        Self::build(idle, Some(ping_after).filter(|p| *p < idle))
+    }
+
+    fn build(idle: Duration, ping_after: Option<Duration>) -> Self {
         let now = tokio::time::Instant::now();
-        IdleDeadline { sleep: Box::pin(tokio::time::sleep_until(now + idle)), last: now, idle }
+        let first = ping_after.unwrap_or(idle);
+        IdleDeadline { sleep: Box::pin(tokio::time::sleep_until(now + first)), last: now, idle, ping_after, pinged: false }
     }
 
     /// Notes that the client sent something.
     pub(crate) fn heard(&mut self) {
         self.last = tokio::time::Instant::now();
+        self.pinged = false;
     }
 
-    /// Completes once nothing has been heard for the idle time. Cancel-safe.
-    pub(crate) async fn lapsed(&mut self) {
+    /// Completes when the client is to be pinged, or once nothing has been heard for the idle
+    /// time. Cancel-safe.
+    pub(crate) async fn wake(&mut self) -> Wake {
         loop {
             self.sleep.as_mut().await;
-            let due = self.last + self.idle;
-            if due <= tokio::time::Instant::now() {
-                return;
+            let now = tokio::time::Instant::now();
+            if self.last + self.idle <= now {
+                return Wake::Lapsed;
             }
-            self.sleep.as_mut().reset(due);
+            if let Some(p) = self.ping_after.filter(|_| !self.pinged) {
+                if self.last + p <= now {
+                    self.pinged = true;
+                    self.sleep.as_mut().reset(self.last + self.idle);
+                    return Wake::Ping;
+                }
+                self.sleep.as_mut().reset(self.last + p);
+                continue;
+            }
+            self.sleep.as_mut().reset(self.last + self.idle);
         }
     }
 
-    /// The next item of `stream`, or `None` once the socket has been idle too long.
-    pub(crate) async fn next<S: futures_util::Stream + Unpin>(&mut self, stream: &mut S) -> Option<Option<S::Item>> {
+    /// Completes once nothing has been heard for the idle time (pings not asked for are
+    /// skipped). Cancel-safe.
+    pub(crate) async fn lapsed(&mut self) {
+        while self.wake().await != Wake::Lapsed {}
+    }
+
+    /// The next item of `stream`, a ping to send, or the end of the idle time.
+    pub(crate) async fn next<S: futures_util::Stream + Unpin>(&mut self, stream: &mut S) -> Next<S::Item> {
         tokio::select! {
             biased;
             m = stream.next() => {
                 self.heard();
-                Some(m)
+                Next::Item(m)
             }
-            () = self.lapsed() => None,
+            w = self.wake() => match w {
+                Wake::Ping => Next::Ping,
+                Wake::Lapsed => Next::Lapsed,
+            },
         }
     }
 }
 
 /// The next message, answering pings on the way; nothing for the idle time is fatal.
 async fn read(stream: &mut actix_ws::AggregatedMessageStream, peer: &mut Peer, idle: &mut IdleDeadline) -> Input {
-    match idle.next(stream).await {
-        None => Input::Fatal(idle_timeout()),
-        Some(None | Some(Ok(AggregatedMessage::Close(_)))) => Input::Closed,
-        Some(Some(Ok(AggregatedMessage::Text(t)))) => Input::Text(t),
-        Some(Some(Ok(AggregatedMessage::Ping(p)))) => {
+    let m = match idle.next(stream).await {
+        Next::Lapsed => return Input::Fatal(idle_timeout()),
+        Next::Ping => return if peer.ping().await { Input::Other } else { Input::Closed },
+        Next::Item(m) => m,
+    };
+    match m {
+        None | Some(Ok(AggregatedMessage::Close(_))) => Input::Closed,
+        Some(Ok(AggregatedMessage::Text(t))) => Input::Text(t),
+        Some(Ok(AggregatedMessage::Ping(p))) => {
             peer.pong(&p).await;
             Input::Other
         }
-        Some(Some(Ok(AggregatedMessage::Pong(_)))) => Input::Other,
-        Some(Some(Ok(AggregatedMessage::Binary(_)))) => Input::Text(bytestring::ByteString::new()),
-        Some(Some(Err(e))) => {
+        Some(Ok(AggregatedMessage::Pong(_))) => Input::Other,
+        Some(Ok(AggregatedMessage::Binary(_))) => Input::Text(bytestring::ByteString::new()),
+        Some(Err(e)) => {
             metrics::counter!("hexfleet_ws_protocol_errors_total").increment(1);
             let (code, why) = match e {
                 actix_ws::ProtocolError::Overflow => (CloseCode::Size, format!("frame larger than {MAX_FRAME} bytes")),
@@ -361,11 +438,13 @@ impl CourierSocket for ActixSocket {
 
 async fn courier_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<HttpResponse, ApiError> {
     let auth = auth_ws(&req, &[Role::Courier])?;
-    let tap = courier_tap(&st, &auth).await?;
+    // The handshake is checked first: a plain GET must not register the courier (a durable
+    // write, a `courier.registered` event, webhooks). Nothing is sent before `resp` is returned.
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
+    let tap = courier_tap(&st, &auth).await?;
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
     let id = CourierId::new(&auth.claims.sub);
-    let socket = ActixSocket { peer: Peer::new(session, st.sockets), stream, idle: IdleDeadline::new(st.sockets.idle) };
+    let socket = ActixSocket { peer: Peer::new(session, st.sockets), stream, idle: st.sockets.courier_idle() };
     let expires = auth.claims.session_deadline();
     actix_web::rt::spawn(courier_session(st, auth.tenant, id, tap, socket, expires));
     Ok(resp)
@@ -737,6 +816,8 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_stats = Instant::now();
     let mut last_fixes = (st.fleet.tenant_stats(&tenant).fixes_received, Instant::now());
+    // The box whose snapshot is owed, and when the next one may be built (`SNAPSHOT_GAP`).
+    let (mut snapshot_due, mut next_snapshot) = (None::<[f64; 4]>, Instant::now());
     let expiry = tokio::time::sleep_until(expires);
     let cancelled = st.shutdown.cancelled();
     tokio::pin!(expiry, cancelled);
@@ -744,6 +825,10 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
         if view.outbox.overflowed() {
             let _ = peer.text(error_json("too_slow", "the client did not read its messages in time")).await;
             break policy("too slow");
+        }
+        if let Some(bbox) = snapshot_due.filter(|_| Instant::now() >= next_snapshot) {
+            (snapshot_due, next_snapshot) = (None, Instant::now() + SNAPSHOT_GAP);
+            if !console_snapshot(&st, &tenant, &view, bbox, &mut peer).await { break None; }
         }
         if view.outbox.closed() {
             break moved_away();
@@ -798,7 +883,9 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
                         Ok(ConsoleIn::Subscribe { bbox }) if valid_bbox(&bbox) => {
                             guard.good();
                             view.set_bbox(bbox);
-                            if !console_snapshot(&st, &tenant, &view, bbox, &mut peer).await { break None; }
+                            // Sent at the top of the loop, at once unless one went out less
+                            // than `SNAPSHOT_GAP` ago (then by a later batch tick).
+                            snapshot_due = Some(bbox);
                         }
                         Ok(ConsoleIn::Subscribe { .. }) => {
                             let _ = peer.text(error_json("bad_bbox", "bbox is [min_lng, min_lat, max_lng, max_lat] in degrees")).await;

@@ -306,6 +306,19 @@ async fn osmand_accepts_what_traccar_client_sends() {
     // Bad coordinates.
     let r = srv.http.get(format!("{}/osmand?id=864895030279986&lat=95&lon=13.4&key={key}", srv.base)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
+    // -1 for an unknown speed, bearing, accuracy or battery (iOS's invalid values, passed on
+    // by Traccar Client): the fix is kept without them, not dropped.
+    let url = format!("{}/osmand?key={key}&id=864895030279986&timestamp={}&lat=52.5180&lon=13.38&speed=-1&bearing=-1&accuracy=-1&batt=-1", srv.base, now_ms() / 1000 - 1);
+    assert_eq!(srv.http.get(url).send().await.unwrap().status().as_u16(), 200);
+    srv.courier_at(&disp, "c9", 52.518).await;
+    let (_, c) = srv.get("/v1/couriers/c9", Some(&disp)).await;
+    assert!(c["position"]["speed"].is_null() && c["position"]["heading"].is_null(), "unknown values left out: {c}");
+    // A body over the limit: 413 in the error shape.
+    let big = "x".repeat(hexfleet_gateway::api::MAX_JSON_BODY + 1);
+    let r = srv.http.post(format!("{}/osmand?key={key}", srv.base)).header("content-type", "application/json").body(big).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "payload_too_large", "{answer}");
     // Who may read the key: the courier itself and staff, not another courier or a customer.
     let (s, v) = srv.get("/v1/couriers/c9/device-key", Some(&srv.token(Role::Courier, "c9", "t1", None))).await;
     assert_eq!((s, v["key"].as_str()), (200, Some(key.as_str())), "{v}");
@@ -757,7 +770,8 @@ async fn a_console_that_stops_reading_is_dropped_instead_of_waited_for() {
         let pos = LatLng::new(52.0 + i as f64 * 1e-4, 13.4).unwrap();
         state.fleet.ingest(&tenant, &id, [Fix { pos, ts: now_ms(), speed: None, heading: None, acc: None }]).unwrap();
     }
-    // A client with a small receive buffer that asks for the world 150 times and reads nothing.
+    // A client with a small receive buffer that keeps asking for the world and reads nothing
+    // (snapshots are at most one per `SNAPSHOT_GAP`: it asks until it is dropped).
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let tcp = sock.connect(srv.running.as_ref().unwrap().addr).await.unwrap();
@@ -765,10 +779,15 @@ async fn a_console_that_stops_reading_is_dropped_instead_of_waited_for() {
     let (ws, _) = tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp)).await.unwrap();
     let mut console = Ws { s: ws };
     eventually("the console's session", || async { (state.broker.session_counts().2 == 1).then_some(()) }).await;
-    for _ in 0..150 {
-        console.send(json!({"t":"subscribe","bbox":[-180.0,-90.0,180.0,90.0]})).await;
-    }
-    eventually("the stalled console dropped", || async { (state.broker.session_counts().2 == 0).then_some(()) }).await;
+    let asking = async {
+        while state.broker.session_counts().2 == 1 {
+            // Unchecked: the session may be gone by the time this is sent.
+            let world = json!({"t":"subscribe","bbox":[-180.0,-90.0,180.0,90.0]}).to_string();
+            let _ = futures_util::SinkExt::send(&mut console.s, tokio_tungstenite::tungstenite::Message::Text(world.into())).await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), asking).await.expect("the stalled console dropped");
     // The server is fine for everyone else.
     let mut other = srv.ws("/v1/ws/console", &srv.dispatcher("t1")).await;
     other.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 14.0, 53.0]})).await;
@@ -907,4 +926,96 @@ async fn a_courier_socket_is_kept_while_it_sends_and_closed_once_idle() {
         assert!(after >= idle - Duration::from_millis(5), "{port:?}: closed {after:?} after the last frame (idle {idle:?})");
     };
     tokio::join!(one(Port::Http, "c1"), one(Port::Ingest, "c2"));
+}
+
+/// A parked courier may send a fix less often than the idle time (the protocol asks for one
+/// every `--courier-stale-s`, 120 s, against a 90 s idle time): once quiet, its socket is
+/// pinged, and an app whose WebSocket answers (tungstenite does while it reads) stays connected
+/// on both ports. One that answers nothing (gone without a close) is still dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_courier_that_answers_pings_stays_connected() {
+    use futures_util::StreamExt as _;
+    use std::time::Duration;
+    use tokio_tungstenite::tungstenite::Message;
+    let (srv, _dir) = server_with_sockets(200, 1_000, 1_000).await;
+    let state = srv.running.as_ref().unwrap().state.clone();
+    // Reads nothing, so answers no ping.
+    let mut gone = srv.courier(Port::Http, &srv.token(Role::Courier, "gone", "t1", None)).await;
+    gone.send(json!({"t":"loc","lat":52.52,"lng":13.4,"ts":now_ms()})).await;
+    let one = async |port: Port, sub: &str| {
+        let mut ws = srv.courier(port, &srv.token(Role::Courier, sub, "t1", None)).await;
+        ws.send(json!({"t":"loc","lat":52.52,"lng":13.4,"ts":now_ms()})).await;
+        // Quiet for three idle times, reading.
+        let (mut pings, until) = (0, tokio::time::Instant::now() + Duration::from_millis(3_000));
+        loop {
+            match tokio::time::timeout_at(until, ws.s.next()).await {
+                Err(_) => break,
+                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+                Ok(Some(Ok(Message::Close(c)))) => panic!("{port:?}: a parked courier answering pings was closed: {c:?}"),
+                Ok(Some(Ok(_))) => {}
+                Ok(other) => panic!("{port:?}: the socket ended: {other:?}"),
+            }
+        }
+        assert!(pings >= 5, "{port:?}: {pings} pings in 3 s, quiet for 200 ms before each");
+        ws
+    };
+    let (mut c1, mut c2) = tokio::join!(one(Port::Http, "c1"), one(Port::Ingest, "c2"));
+    assert_eq!(state.broker.session_counts().0, 2, "the courier that answered nothing was dropped, not the others");
+    // Still served: a fix sent now is taken (11 m on from the first: a plausible move).
+    for (ws, sub) in [(&mut c1, "c1"), (&mut c2, "c2")] {
+        ws.send(json!({"t":"loc","lat":52.5201,"lng":13.4,"ts":now_ms()})).await;
+        srv.courier_at(&srv.dispatcher("t1"), sub, 52.5201).await;
+    }
+    drop(gone);
+}
+
+/// Refusals are in the error shape everywhere: a path no route serves is a JSON 404. A plain
+/// GET of the courier socket (no upgrade) is refused before the courier is registered (a
+/// durable write, an event, webhooks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_plain_gets_of_sockets_get_json_errors_and_change_nothing() {
+    let (srv, _d) = server().await;
+    let disp = srv.dispatcher("t1");
+    for path in ["/v1/nope", "/nope", "/v1/orders/o1/nope"] {
+        let (s, v) = srv.get(path, Some(&disp)).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")), "{path}: {v}");
+    }
+    let (s, v) = srv.get("/v1/ws/courier", Some(&srv.token(Role::Courier, "newbie", "t1", None))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("not_websocket")), "{v}");
+    assert_eq!(srv.get("/v1/couriers/newbie", Some(&disp)).await.0, 404, "not registered");
+    let (_, events) = srv.get("/v1/events?entity=courier&id=newbie", Some(&disp)).await;
+    assert_eq!(events["items"].as_array().map(Vec::len), Some(0), "{events}");
+}
+
+/// Subscribes in a burst (a map panned fast) are coalesced: the console gets a snapshot at
+/// once, then one for the last box once `SNAPSHOT_GAP` has passed, not one per subscribe, and
+/// that one holds what is in the last box.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_subscribes_gets_the_last_boxs_snapshot_not_one_each() {
+    use hexfleet_actors::domain::{CourierId, Fix, LatLng, TenantId};
+    let (srv, _d) = server().await;
+    let state = srv.running.as_ref().unwrap().state.clone();
+    let (tenant, c1) = (TenantId::new("t1"), CourierId::new("c1"));
+    state.fleet.ensure_courier(&tenant, &c1).await.unwrap();
+    state.fleet.ingest(&tenant, &c1, [Fix { pos: LatLng::new(52.5, 13.5).unwrap(), ts: now_ms(), speed: None, heading: None, acc: None }]).unwrap();
+    // In the index snapshot (what a console snapshot reads), not only in its record.
+    let (min, max) = (LatLng::new(52.0, 13.0).unwrap(), LatLng::new(53.0, 14.0).unwrap());
+    eventually("c1 indexed", || async { state.fleet.couriers_in_bbox(&tenant, min, max).await.iter().any(|c| c.id == c1).then_some(()) }).await;
+    let mut console = srv.ws("/v1/ws/console", &srv.dispatcher("t1")).await;
+    let n = 40;
+    for i in 0..n {
+        // Boxes far from the courier, then the one around it.
+        console.send(json!({"t":"subscribe","bbox":[i as f64 * 0.001, 0.0, 0.1, 0.1]})).await;
+    }
+    console.send(json!({"t":"subscribe","bbox":[13.0, 52.0, 14.0, 53.0]})).await;
+    let mut snapshots = 0;
+    loop {
+        let v = console.expect("a snapshot with c1", |v| t(v) == "couriers" && v["snapshot"] == true).await;
+        snapshots += 1;
+        if v["items"].as_array().is_some_and(|items| items.iter().any(|c| c["id"] == "c1")) {
+            break;
+        }
+        assert!(v["items"].as_array().is_some_and(Vec::is_empty), "{v}");
+    }
+    assert!(snapshots <= 4, "{snapshots} snapshots for {} subscribes", n + 1);
 }

@@ -178,8 +178,11 @@ macro_rules! backend_ops {
             pub(crate) async fn apply(conn: &mut Conn, r: &Reduced<'_>) -> Result<(), PersistenceError> {
                 check_fences(conn, &r.fences, true).await?;
                 upsert_orders(conn, &r.orders).await?;
-                register_couriers(conn, &r.registrations).await?;
+                // Profiles and snapshots before first registrations: a registration is an insert
+                // if absent, while a profile written before it with an earlier `updated_at`
+                // would be refused by the registration's row.
                 upsert_couriers(conn, &r.couriers).await?;
+                register_couriers(conn, &r.registrations).await?;
                 upsert_zones(conn, &r.zone_upserts).await?;
                 for (tenant, id) in &r.zone_deletes {
                     sqlx::query("DELETE FROM zones WHERE tenant = $1 AND id = $2")

@@ -488,6 +488,14 @@ async fn a_registration_never_replaces_a_profile(ctx: Ctx) {
     let mut other_default = default.clone();
     other_default.id = CourierId::new("c2");
     store.commit(vec![Write::Courier(other.clone()), Write::RegisterCourier(other_default)]).await.unwrap();
+    // In one group, a registration stamped after the profile (its node's clock read later):
+    // the profile still wins (the registration was applied first, and the profile's upsert
+    // then refused as older).
+    let mut later = profile.clone();
+    later.id = CourierId::new("c4");
+    let mut later_default = default.clone();
+    (later_default.id, later_default.updated_at) = (CourierId::new("c4"), 1_005);
+    store.commit(vec![Write::Courier(later.clone()), Write::RegisterCourier(later_default)]).await.unwrap();
     // A registration alone inserts.
     let mut fresh = default.clone();
     fresh.id = CourierId::new("c3");
@@ -496,7 +504,7 @@ async fn a_registration_never_replaces_a_profile(ctx: Ctx) {
     let store = ctx.open().await;
     let mut got = store.load().await.unwrap().couriers;
     got.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
-    assert_eq!(got, vec![profile, other, fresh]);
+    assert_eq!(got, vec![profile, other, fresh, later]);
     store.close().await.unwrap();
 }
 
