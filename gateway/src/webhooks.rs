@@ -802,7 +802,25 @@ pub fn spawn_delivery(
                 let tenants: Vec<(&str, u32)> = tenants.into_iter().collect();
                 let shares = ClaimShares { per_webhook: Some(1), per_tenant: Some(per_tenant), in_flight: &tenants };
                 let claim = u32::try_from(free).unwrap_or(u32::MAX);
-                match store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim, &shares, &skip).await {
+                // The sends under way are polled while the claim waits (a slow database, a
+                // busy SQLite write lock, a full pool: up to the statement timeout). reqwest
+                // checks its deadline before a response that is ready, so a 2xx not read in
+                // time counted as a timeout, was sent again and fed the breaker.
+                let mut ended = Vec::new();
+                let claimed = {
+                    let claiming = store.claim_webhook_deliveries(t, t + lease_ms, &lease, claim, &shares, &skip);
+                    tokio::pin!(claiming);
+                    loop {
+                        tokio::select! {
+                            r = &mut claiming => break r,
+                            Some(key) = in_flight.next(), if !in_flight.is_empty() => ended.push(key),
+                        }
+                    }
+                };
+                for key in ended {
+                    release(&mut busy, &key);
+                }
+                match claimed {
                     Ok(batch) => {
                         for d in batch {
                             let key: CircuitKey = (d.event.event.tenant.to_string(), d.webhook_id.clone(), d.url.clone());
@@ -815,14 +833,7 @@ pub fn spawn_delivery(
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                Some(key) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Some(n) = busy.get_mut(&key) {
-                        *n -= 1;
-                        if *n == 0 {
-                            busy.remove(&key);
-                        }
-                    }
-                }
+                Some(key) = in_flight.next(), if !in_flight.is_empty() => release(&mut busy, &key),
                 _ = tick.tick() => breakers.lock().tidy(Instant::now()),
             }
         }
@@ -831,6 +842,16 @@ pub fn spawn_delivery(
         let _ = housekeeping.await;
         tracing::debug!("webhook delivery stopped");
     })
+}
+
+/// A send to `key` ended: its slot is free.
+fn release(busy: &mut HashMap<CircuitKey, usize>, key: &CircuitKey) {
+    if let Some(n) = busy.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            busy.remove(key);
+        }
+    }
 }
 
 /// Every `housekeeping` period: gives up deliveries not attempted for `give_up_after`, then

@@ -595,3 +595,53 @@ async fn private_destinations_are_refused_by_default() {
     assert_eq!(s, 201, "a public host name is accepted (and resolved, checked, at each delivery): {b}");
     srv.stop().await;
 }
+
+/// A send under way is read while the worker waits for a claim: a claim stuck behind a lock
+/// (a slow database; up to the 5 s statement timeout) held up the sends in flight, and reqwest
+/// checks its deadline before a response that is ready, so an endpoint that answered 2xx at
+/// once was recorded as timed out, sent the event again and fed its breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waiting_on_the_database_does_not_time_out_the_sends_under_way() {
+    use sqlx::Connection as _;
+    let Some(db) = PgDb::create().await else { return };
+    let mut cfg = fast_config(&db.url);
+    cfg.webhooks.poll = Duration::from_millis(20);
+    cfg.webhooks.backoff = Duration::from_millis(20);
+    cfg.webhooks.timeout = Duration::from_millis(1_000);
+    cfg.webhooks.allow_private = true;
+    let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let mut rx = Receiver::start_with(0, Some(hold.clone())).await;
+    let mut srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("acme");
+    put_hook(&srv, &disp, "w", &rx.url).await;
+    assert_eq!(srv.post("/v1/orders", &disp, order_body("o1")).await.0, 201);
+    // The request is at the endpoint, unanswered. Now the outbox is locked (even against
+    // reads), so the worker's next claim waits.
+    rx.next("the delivery", |v| v["entity_id"] == "o1").await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query("LOCK TABLE webhook_outbox IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
+    let mut watch = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let claim_waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                         AND wait_event_type = 'Lock' AND query ILIKE '%webhook_outbox%' AND pid <> pg_backend_pid()";
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while sqlx::query_scalar::<_, i64>(claim_waiting).fetch_one(&mut watch).await.unwrap() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no claim ever waited on the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The endpoint answers now, and the lock is held past the send's 1 s timeout.
+    hold.add_permits(1);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tx.rollback().await.unwrap();
+    eventually("the delivery recorded", || async {
+        let (_, w) = srv.get("/v1/webhooks/w", Some(&disp)).await;
+        (w["deliveries"]["delivered"] == 1).then_some(())
+    })
+    .await;
+    // Delivered at the first attempt: a timed-out one is sent again before it is delivered.
+    assert!(rx.rx.try_recv().is_err(), "the event was sent again");
+    drop(watch);
+    srv.stop().await;
+    rx.handle.stop(true).await;
+    db.drop_db().await;
+}
