@@ -1103,6 +1103,11 @@ impl Fleet {
         self.command(tenant, id, Command::Assign { courier: courier.clone(), record }, who).await
     }
 
+    /// Runs the periodic zone check once now (tests, tools): how many zones changed here.
+    pub async fn resync_zones(&self) -> Result<usize, FleetError> {
+        crate::zone::resync_zones(&self.ctx).await
+    }
+
     /// Runs one dispatch round for the tenant now (tests, tools).
     pub async fn dispatch_now(&self, tenant: &TenantId) -> Result<(), FleetError> {
         let d = self.ctx.dispatcher(tenant).await?;

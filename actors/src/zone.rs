@@ -577,9 +577,17 @@ pub(crate) async fn resync_zones(ctx: &Arc<FleetCtx>) -> Result<usize, FleetErro
     }
     let mut changed = 0;
     let keys: HashSet<&(TenantId, ZoneId)> = stored.keys().chain(local.keys()).collect();
-    for key in keys {
-        if stored.get(key) != local.get(key) && sync_zone(ctx, &key.0, &key.1).await? {
-            changed += 1;
+    for key in keys.into_iter().filter(|k| stored.get(k) != local.get(k)) {
+        match sync_zone(ctx, &key.0, &key.1).await {
+            Ok(true) => changed += 1,
+            Ok(false) => {}
+            // A stored zone that this build refuses (written by an older one) is skipped, as at
+            // start: it ended the whole pass, leaving the other zones that differ, after it in
+            // random order, unsynced, every pass.
+            Err(FleetError::Invalid(e)) => {
+                tracing::warn!(tenant = %key.0, zone = %key.1, error = %e, "stored zone has an invalid geometry; not installed");
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(changed)

@@ -497,3 +497,21 @@ async fn the_periodic_check_syncs_zones_changed_by_another_node() {
     assert!(eventually(|| has(&b, "service_area")).await);
     assert!(matches!(b.order("x", OUT, IN).await, Err(FleetError::OutsideServiceArea)));
 }
+
+/// A stored zone this build refuses (an older build's: beyond 85° of latitude) is skipped by
+/// the periodic check, which still syncs the others: it used to end every pass with an error,
+/// leaving the zones after it (in random order) unsynced.
+#[tokio::test]
+async fn the_periodic_check_skips_a_stored_zone_it_cannot_install() {
+    use hexfleet_actors::store::{Store as _, Write};
+    let store = Arc::new(MemoryStore::new());
+    let b = env_with(store.clone()).await;
+    let polar = MultiPolygon::new(vec![Polygon::new(LineString::from(vec![(10.0, 88.0), (11.0, 88.0), (11.0, 89.0), (10.0, 88.0)]), vec![])]);
+    store.commit(vec![Write::Zone(zone(&b.t, "z-polar", "hub", polar)), Write::Zone(zone(&b.t, "z-ok", "hub", square()))]).await.unwrap();
+    for pass in 0..3 {
+        let changed = b.f.resync_zones().await;
+        assert!(changed.is_ok(), "pass {pass}: {changed:?}");
+        let ids: Vec<String> = b.f.zones(&b.t).iter().map(|z| z.id.to_string()).collect();
+        assert_eq!(ids, vec!["z-ok".to_owned()], "pass {pass}");
+    }
+}
