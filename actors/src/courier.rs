@@ -94,6 +94,11 @@ pub struct CourierShared {
 /// reported again (on the next fix inside the radius).
 pub const ARRIVAL_RESEND_MS: Ms = 10_000;
 
+/// A courier inside a held order's pickup or drop-off for this long (fix time) has arrived
+/// there even when it is not the next stop of its route (it chose another order first). The
+/// next stop needs no wait.
+pub const ARRIVAL_DWELL_MS: Ms = 60_000;
+
 /// Messages of the courier actor.
 pub enum CourierMsg {
     /// Process the fixes waiting in the inbox.
@@ -132,6 +137,9 @@ pub struct CourierState {
     /// moved on and the courier is still there (the command failed: a store outage, the order's
     /// actor restarting). Forgotten when the order changes state.
     arrivals_sent: HashMap<(OrderId, OrderState), Ms>,
+    /// Since when (fix time) the courier has been inside a held order's next fence (pickup or
+    /// drop-off, by the state it was in) without interruption ([`ARRIVAL_DWELL_MS`]).
+    inside_since: HashMap<(OrderId, OrderState), Ms>,
     /// Consecutive fixes rejected as impossible jumps; re-anchors after a consistent run.
     suspects: Vec<Fix>,
     last_snapshot: Ms,
@@ -158,6 +166,7 @@ impl Actor for CourierActor {
             rec,
             held,
             arrivals_sent: HashMap::new(),
+            inside_since: HashMap::new(),
             suspects: Vec::new(),
             last_snapshot: 0,
             last_history: None,
@@ -305,6 +314,9 @@ impl CourierState {
             }
         }
         self.shared.zones.lock().on_fix(&self.ctx, &self.rec, fix);
+        // Every accepted fix, not the last of a batch only: an app back online flushes minutes
+        // spent at a pickup and the drive away in one `locs` message.
+        self.check_arrivals(fix);
         self.trail.push_back(TrailFix::from(fix));
         self.trim_trail();
     }
@@ -319,7 +331,6 @@ impl CourierState {
         let Some(fix) = self.rec.last_fix else { return };
         self.update_index();
         self.shared.zones.lock().sync(&self.ctx, &self.rec);
-        self.check_arrivals(fix.pos);
         let tracking = self.tracking_etas(fix.pos);
         self.ctx.publisher.publish(Update::CourierMoved {
             tenant: self.rec.tenant.clone(),
@@ -370,20 +381,33 @@ impl CourierState {
         out
     }
 
-    fn check_arrivals(&mut self, pos: LatLng) {
+    /// Arrival at a held order's pickup (`assigned`) or drop-off (`picked_up`): within
+    /// `arrival_radius_m` of the route's next stop (or a stop at the same place), or of any of
+    /// them for [`ARRIVAL_DWELL_MS`]. Any held stop at once used to count: a courier driving
+    /// past another order's drop-off on its way marked that order `at_dropoff` for good (the
+    /// state does not go back), and its customer was told.
+    fn check_arrivals(&mut self, fix: Fix) {
         let radius = self.ctx.config.arrival_radius_m;
         let now = self.ctx.clock.now_ms();
+        let heading_to = |o: &Order, pickup: bool| if pickup { o.state == OrderState::Assigned } else { o.state == OrderState::PickedUp };
+        // No route yet (or none of its stops pending): every held stop counts as next.
+        let next = self.route.iter().find(|s| self.held.get(&s.order).is_some_and(|o| heading_to(o, s.pickup))).map(|s| s.pos);
         for o in self.held.values() {
-            let cmd = match o.state {
-                OrderState::Assigned if haversine_m(pos, o.pickup) <= radius => {
-                    Command::ArrivedPickup { courier: self.rec.id.clone() }
-                }
-                OrderState::PickedUp if haversine_m(pos, o.dropoff) <= radius => {
-                    Command::ArrivedDropoff { courier: self.rec.id.clone() }
-                }
+            let (target, cmd) = match o.state {
+                OrderState::Assigned => (o.pickup, Command::ArrivedPickup { courier: self.rec.id.clone() }),
+                OrderState::PickedUp => (o.dropoff, Command::ArrivedDropoff { courier: self.rec.id.clone() }),
                 _ => continue,
             };
             let key = (o.id.clone(), o.state);
+            if haversine_m(fix.pos, target) > radius {
+                self.inside_since.remove(&key);
+                continue;
+            }
+            let since = *self.inside_since.entry(key.clone()).or_insert(fix.ts);
+            let is_next = next.is_none_or(|p| haversine_m(p, target) <= radius);
+            if !is_next && fix.ts.saturating_sub(since) < ARRIVAL_DWELL_MS {
+                continue;
+            }
             if self.arrivals_sent.get(&key).is_none_or(|&at| now - at >= ARRIVAL_RESEND_MS) {
                 self.arrivals_sent.insert(key, now);
                 self.ctx.order_command(&o.tenant, &o.id, cmd, Who::System);
@@ -397,9 +421,11 @@ impl CourierState {
             // An arrival reported in a state the order has left is reported again if it comes
             // back to it (an override back to `assigned` while the courier waits at the pickup).
             self.arrivals_sent.retain(|(id, state), _| *id != o.id || *state == o.state);
+            self.inside_since.retain(|(id, state), _| *id != o.id || *state == o.state);
             self.held.insert(o.id.clone(), o.clone()).is_none_or(|prev| prev.state != o.state)
         } else {
             self.arrivals_sent.retain(|(id, _), _| *id != o.id);
+            self.inside_since.retain(|(id, _), _| *id != o.id);
             self.held.remove(&o.id).is_some()
         };
         *self.shared.held.lock() = self.held.values().cloned().collect();
@@ -415,7 +441,7 @@ impl CourierState {
             self.send_route();
             // Already inside the fence when the order arrives or changes state.
             if let Some(f) = self.rec.last_fix {
-                self.check_arrivals(f.pos);
+                self.check_arrivals(f);
             }
         }
     }

@@ -945,3 +945,61 @@ async fn after_a_restart_a_courier_without_a_recent_fix_is_not_offered_orders() 
     assert_eq!(offered, fresh, "the courier heard from 10 s ago, not the one silent for an hour");
     g.shutdown().await.unwrap();
 }
+
+/// Two orders on board, the route to A's drop-off first: driving past B's drop-off does not
+/// mark B `at_dropoff` (the state cannot go back, and B's customer would be told); staying
+/// there for `ARRIVAL_DWELL_MS` does (the courier chose B first). A's drop-off, the next stop,
+/// needs no wait.
+#[tokio::test]
+async fn passing_another_orders_stop_is_not_an_arrival_unless_the_courier_stays() {
+    use hexfleet_actors::courier::ARRIVAL_DWELL_MS;
+    let w = world(FleetConfig::default()).await;
+    let c = w.courier("c", at(0.0, 900.0), 2).await;
+    let a = w.order("a", at(0.0, 910.0), at(0.0, 1_500.0)).await;
+    let b = w.order("b", at(0.0, 910.0), at(0.0, -1_000.0)).await;
+    for o in [&a, &b] {
+        w.f.assign(&w.t, o, &c, Who::Dispatcher("d".into())).await.unwrap();
+        w.wait_order(o, "assigned", |o| o.state == OrderState::Assigned || o.state == OrderState::AtPickup).await;
+        w.f.command(&w.t, o, Command::PickedUp { courier: c.clone() }, Who::Courier(c.clone())).await.unwrap();
+    }
+    let route = eventually(|| w.last_route(&c).is_some_and(|r| r.iter().filter(|(_, pickup)| !pickup).count() == 2)).await;
+    assert!(route);
+    assert_eq!(w.last_route(&c).unwrap().first().map(|s| s.0.as_str()), Some("a"), "A's drop-off first");
+    // Past B's drop-off (five minutes on, a plausible drive), then on.
+    w.clock.advance(300_000);
+    w.fix_now(&c, at(0.0, -1_000.0)).await;
+    w.clock.advance(20_000);
+    w.fix_now(&c, at(0.0, -800.0)).await;
+    w.f.check_invariants().await;
+    assert_eq!(w.get(&b).await.state, OrderState::PickedUp, "passed by, not arrived");
+    // Back, and staying there.
+    w.clock.advance(20_000);
+    w.fix_now(&c, at(0.0, -1_000.0)).await;
+    w.clock.advance(ARRIVAL_DWELL_MS / 2);
+    w.fix_now(&c, at(5.0, -1_000.0)).await;
+    w.f.check_invariants().await;
+    assert_eq!(w.get(&b).await.state, OrderState::PickedUp, "not there long enough yet");
+    w.clock.advance(ARRIVAL_DWELL_MS / 2);
+    w.fix_now(&c, at(0.0, -1_005.0)).await;
+    w.wait_order(&b, "at_dropoff after staying", |o| o.state == OrderState::AtDropoff).await;
+    // The next stop, A's drop-off: at once.
+    w.clock.advance(300_000);
+    w.fix_now(&c, at(0.0, 1_500.0)).await;
+    w.wait_order(&a, "at_dropoff at the next stop", |o| o.state == OrderState::AtDropoff).await;
+}
+
+/// An app back online flushes what it buffered in one `locs` batch: a minute at the pickup,
+/// then the drive away. The arrival is seen in the batch, not only at its last fix.
+#[tokio::test]
+async fn an_arrival_inside_a_buffered_batch_is_seen() {
+    let w = world(FleetConfig::default()).await;
+    let c = w.courier("c", at(1_000.0, 0.0), 1).await;
+    let o = w.order("o", at(0.0, 0.0), at(900.0, 300.0)).await;
+    w.f.assign(&w.t, &o, &c, Who::Dispatcher("d".into())).await.unwrap();
+    w.wait_order(&o, "assigned", |o| o.state == OrderState::Assigned).await;
+    let t = w.clock.now();
+    let fix = |pos, ts| Fix { pos, ts, speed: None, heading: None, acc: None };
+    w.clock.advance(400_000);
+    w.f.ingest(&w.t, &c, vec![fix(at(0.0, 0.0), t + 200_000), fix(at(5.0, 0.0), t + 260_000), fix(at(600.0, 0.0), t + 320_000)]).unwrap();
+    w.wait_order(&o, "at_pickup from the batch", |o| o.state == OrderState::AtPickup).await;
+}
