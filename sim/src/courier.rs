@@ -240,6 +240,10 @@ async fn drive(
     send(&mut ws, &loc(fix, st.mover.vehicle)).await?;
     SimStats::inc(&stats.locs_sent);
     send(&mut ws, &CourierMsg::Status { status: CourierStatus::Available }).await?;
+    // Parked while disconnected: the next step starts from now. Counted from before the outage
+    // it moved the courier the whole outage's distance at once, a jump the server holds as
+    // suspect (its position frozen on the console, arrivals late) until it re-anchors.
+    st.last_step = Instant::now();
     let mut tick = tokio::time::interval(opts.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -206,8 +206,12 @@ pub struct LoadReport {
     /// same courier replaced them); each counts in the latency up to the delivery that
     /// replaced it.
     pub superseded: u64,
-    /// Updates the senders did not send because they were more than 100 ms behind schedule.
+    /// Updates the senders did not send because they were more than 100 ms behind schedule
+    /// (the generator short of CPU, or a socket the server stopped reading). They are in no
+    /// latency figure: a stall shows here and in `behind_max_ms`, not in the percentiles.
     pub behind_schedule: u64,
+    /// The furthest behind schedule a sender was when it skipped updates (ms).
+    pub behind_max_ms: u64,
     /// Update → console watcher latency (includes the console's batching interval), from each
     /// update's scheduled send time to the delivery that showed it or a newer position of its
     /// courier, for updates scheduled after the ramp.
@@ -243,6 +247,7 @@ struct Counters {
     deliveries_steady: AtomicU64,
     superseded: AtomicU64,
     behind_schedule: AtomicU64,
+    behind_max_ms: AtomicU64,
     /// Send times of each courier's last fixes.
     sends: std::sync::OnceLock<SendLog>,
     /// Sockets closing is expected after this is set.
@@ -486,7 +491,11 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
         ws.send(Message::Text(sub.into())).await?;
         add(&counters.watchers, 1);
         let (c, h, stop) = (counters.clone(), console_hist.clone(), watch_stop.clone());
-        watcher_tasks.spawn(watch(ws, c, h, stop, WatchKind::Console));
+        // A console watching part of the area is sent nothing of the couriers outside it: the
+        // fixes such a courier sent there were filtered, not conflated, and counting them as
+        // superseded on its return (their latency running until then) inflated p99 and max.
+        let conflation = watch_bbox == cfg.bbox;
+        watcher_tasks.spawn(watch(ws, c, h, stop, WatchKind::Console, conflation));
     }
 
     // Courier sockets, `connect_concurrency` handshakes at a time, round-robin over sources.
@@ -584,7 +593,7 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
                 Ok(ws) => {
                     add(&counters.trackers, 1);
                     let (c, h, stop) = (counters.clone(), track_hist.clone(), watch_stop.clone());
-                    watcher_tasks.spawn(watch(ws, c, h, stop, WatchKind::Track));
+                    watcher_tasks.spawn(watch(ws, c, h, stop, WatchKind::Track, true));
                 }
                 Err(e) => tracing::warn!(order = %order_id, error = %format!("{e:#}"), "tracking watcher failed"),
             }
@@ -662,6 +671,7 @@ pub async fn run_load(cfg: LoadConfig, shutdown: CancellationToken) -> anyhow::R
     report.watcher_deliveries_per_s_steady = get(&counters.deliveries_steady) as f64 * 1000.0 / (window_ms.max(1) as f64);
     report.superseded = get(&counters.superseded);
     report.behind_schedule = get(&counters.behind_schedule);
+    report.behind_max_ms = get(&counters.behind_max_ms);
     report.watchers_connected = get(&counters.watchers);
     report.trackers_connected = get(&counters.trackers);
     report.console_latency = Latency::from_hist(&*console_hist.lock().await);
@@ -865,7 +875,10 @@ struct ItemTime<'a> {
 }
 
 /// Reads a watcher socket and records update → watcher latency from each position's `ts`.
-async fn watch(ws: Ws, c: Arc<Counters>, hist: Arc<Mutex<Histogram<u64>>>, stop: CancellationToken, kind: WatchKind) {
+/// With `conflation`, the fixes a delivery replaced (sent since the courier's previous one
+/// shown here) count too, their latency running until it; without it (a console watching part
+/// of the area) they are not known to have been conflated.
+async fn watch(ws: Ws, c: Arc<Counters>, hist: Arc<Mutex<Histogram<u64>>>, stop: CancellationToken, kind: WatchKind, conflation: bool) {
     let (_sink, mut stream) = ws.split();
     let mut local = new_hist();
     // The newest position of each courier this watcher has shown.
@@ -902,7 +915,8 @@ async fn watch(ws: Ws, c: Arc<Counters>, hist: Arc<Mutex<Histogram<u64>>>, stop:
             }
             // The fixes of this courier sent since the last one shown here, which the server
             // replaced by this one: their latency runs until now too.
-            if let (Some(i), Some(log)) = (courier_index(id), sends)
+            if conflation
+                && let (Some(i), Some(log)) = (courier_index(id), sends)
                 && let Some(prev) = shown.insert(i, ts)
             {
                 log.between(i, prev, ts, |t| {
@@ -990,20 +1004,23 @@ async fn send_shard(
             share * (t - ramp_s / 2.0)
         };
         let mut due = (due_total as u64).saturating_sub(sent);
-        // Never burst more than 100 ms worth when behind: count the shortfall instead.
-        let cap = (share * 0.1).ceil().max(1.0) as u64;
-        if due > cap {
-            add(&c.behind_schedule, due - cap);
-            sent += due - cap;
-            due = cap;
-        }
-        // Each update carries the time it was due, not the time it went out: a sender that
-        // falls behind shows as latency instead of hiding it (coordinated omission).
+        // Each update carries the time it was due, not the time it went out: a sender up to
+        // 100 ms behind shows it as latency instead of hiding it (coordinated omission).
         let due_at_ms = |k: u64| {
             let k = k as f64;
             let t = if ramp_s > 0.0 && k < share * ramp_s / 2.0 { (2.0 * ramp_s * k / share).sqrt() } else { k / share + ramp_s / 2.0 };
             start_ms + (t * 1000.0) as i64
         };
+        // Never burst more than 100 ms worth when further behind: the oldest are skipped and
+        // counted, with how far behind (they are in no latency figure).
+        let cap = (share * 0.1).ceil().max(1.0) as u64;
+        if due > cap {
+            add(&c.behind_schedule, due - cap);
+            let behind = crate::unix_ms().saturating_sub(due_at_ms(sent + 1)).max(0) as u64;
+            c.behind_max_ms.fetch_max(behind, Ordering::Relaxed);
+            sent += due - cap;
+            due = cap;
+        }
         let sends = c.sends.get();
         let n = slots.len();
         let mut tries = 0;
@@ -1203,7 +1220,7 @@ impl LoadReport {
         row("sent", format!("{} ({:.0}/s overall, {:.0}/s after ramp)", self.sent, self.sent_per_s, self.sent_per_s_steady));
         row("watcher deliveries", format!("{} ({:.0}/s overall, {:.0}/s after ramp) in {} frames", self.watcher_deliveries, self.watcher_deliveries_per_s, self.watcher_deliveries_per_s_steady, self.watcher_frames));
         row("conflated by the server", format!("{} positions (counted in latency up to the delivery that replaced them)", self.superseded));
-        row("behind schedule (not sent)", self.behind_schedule.to_string());
+        row("behind schedule (not sent)", format!("{} updates, up to {} ms behind (in no latency figure)", self.behind_schedule, self.behind_max_ms));
         let lat = |l: &Latency| {
             if l.samples == 0 {
                 "no samples".to_owned()

@@ -115,15 +115,17 @@ pub fn parse_csv_lat_lng(id: &str, text: &str, period_ms: i64) -> anyhow::Result
 }
 
 /// Parses GPX track points (`<trkpt lat=".." lon=".."><time>ISO-8601</time>`). Points without a
-/// time get one second after the previous point.
+/// time get one second after the previous point, or, before the first timed point, one second
+/// before the next (a first point without a time used to be put at 1970, and a replay then
+/// waited decades for the second fix).
 pub fn parse_gpx(id: &str, text: &str) -> anyhow::Result<Trace> {
-    let mut fixes: Vec<TraceFix> = Vec::new();
+    let mut points: Vec<(Option<i64>, f64, f64)> = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("<trkpt") {
         rest = &rest[start + "<trkpt".len()..];
         let tag_end = rest.find('>').context("unterminated <trkpt")?;
         let attrs = &rest[..tag_end];
-        let point = fixes.len() + 1;
+        let point = points.len() + 1;
         let lat = attr(attrs, "lat").with_context(|| format!("trkpt {point}"))?.with_context(|| format!("trkpt {point} without lat"))?;
         let lng = attr(attrs, "lon").with_context(|| format!("trkpt {point}"))?.with_context(|| format!("trkpt {point} without lon"))?;
         if !crate::geomath::LatLng::new(lat, lng).is_valid() {
@@ -133,16 +135,24 @@ pub fn parse_gpx(id: &str, text: &str) -> anyhow::Result<Trace> {
         let body_end = if self_closing { 0 } else { rest.find("</trkpt>").unwrap_or(rest.len()) };
         let body = &rest[tag_end..body_end.max(tag_end)];
         let ts = match (body.find("<time>"), body.find("</time>")) {
-            (Some(a), Some(b)) if b > a => {
-                parse_iso8601_ms(body[a + 6..b].trim()).with_context(|| format!("bad time in point {}", fixes.len() + 1))?
-            }
-            _ => fixes.last().map_or(0, |f| f.ts + 1000),
+            (Some(a), Some(b)) if b > a => Some(parse_iso8601_ms(body[a + 6..b].trim()).with_context(|| format!("bad time in point {point}"))?),
+            _ => None,
         };
-        fixes.push(TraceFix { ts, lat, lng });
+        points.push((ts, lat, lng));
         rest = &rest[body_end.max(tag_end)..];
     }
-    if fixes.is_empty() {
+    if points.is_empty() {
         bail!("no <trkpt> in gpx");
+    }
+    let first_timed = points.iter().position(|p| p.0.is_some());
+    let mut fixes: Vec<TraceFix> = Vec::with_capacity(points.len());
+    for (i, &(ts, lat, lng)) in points.iter().enumerate() {
+        let ts = match (ts, first_timed) {
+            (Some(ts), _) => ts,
+            (None, Some(k)) if i < k => points[k].0.unwrap_or(0) - (k - i) as i64 * 1000,
+            (None, _) => fixes.last().map_or(0, |f: &TraceFix| f.ts + 1000),
+        };
+        fixes.push(TraceFix { ts, lat, lng });
     }
     fixes.sort_by_key(|f| f.ts);
     Ok(Trace { id: id.to_owned(), fixes })
@@ -172,7 +182,7 @@ fn attr(attrs: &str, name: &str) -> anyhow::Result<Option<f64>> {
     }
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fff][Z|±HH:MM]` to Unix ms.
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff][Z|±HH:MM|±HHMM|±HH]` to Unix ms.
 pub fn parse_iso8601_ms(s: &str) -> anyhow::Result<i64> {
     let b = s.as_bytes();
     if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || (b[10] != b'T' && b[10] != b' ') || b[13] != b':' || b[16] != b':'
@@ -196,10 +206,16 @@ pub fn parse_iso8601_ms(s: &str) -> anyhow::Result<i64> {
     }
     let offset_min = match rest {
         "" | "Z" | "z" => 0,
-        o if o.len() == 6 && o.is_ascii() && o.as_bytes()[3] == b':' && (o.starts_with('+') || o.starts_with('-')) => {
+        o if o.is_ascii() && (o.starts_with('+') || o.starts_with('-')) && matches!(o.len(), 3 | 5 | 6) => {
             let sign = if o.starts_with('-') { -1 } else { 1 };
-            let hh: i64 = o[1..3].parse().context("bad offset")?;
-            let mm: i64 = o[4..6].parse().context("bad offset")?;
+            let (hh, mm) = match o.len() {
+                3 => (&o[1..3], "00"),
+                5 => (&o[1..3], &o[3..5]),
+                _ if o.as_bytes()[3] == b':' => (&o[1..3], &o[4..6]),
+                _ => bail!("bad zone {o:?}"),
+            };
+            let hh: i64 = hh.parse().context("bad offset")?;
+            let mm: i64 = mm.parse().context("bad offset")?;
             sign * (hh * 60 + mm)
         }
         o => bail!("bad zone {o:?}"),
@@ -308,5 +324,26 @@ mod tests {
         assert_eq!(t.fixes.len(), 2);
         assert_eq!(t.fixes[1].lng, 13.8);
         assert_eq!(t.fixes[1].ts, t.fixes[0].ts + 1000);
+    }
+
+    /// Points before the first timed one are put a second apart before it, not at 1970 (a
+    /// replay waited decades for the second fix).
+    #[test]
+    fn gpx_untimed_first_points_precede_the_first_time() {
+        let g = r#"<trkpt lat="1" lon="1"/><trkpt lat="1" lon="1.0001"/><trkpt lat="1" lon="1.0002"><time>2020-01-01T00:00:00Z</time></trkpt><trkpt lat="1" lon="1.0003"/>"#;
+        let t = parse_gpx("g", g).unwrap();
+        let t0 = parse_iso8601_ms("2020-01-01T00:00:00Z").unwrap();
+        let ts: Vec<i64> = t.fixes.iter().map(|f| f.ts).collect();
+        assert_eq!(ts, vec![t0 - 2000, t0 - 1000, t0, t0 + 1000]);
+        assert_eq!(t.fixes[0].lng, 1.0, "in file order");
+    }
+
+    /// ISO 8601 zone offsets without the colon, or hours only, as some GPX writers put them.
+    #[test]
+    fn iso8601_offset_forms() {
+        let want = parse_iso8601_ms("2020-12-18T06:15:50Z").unwrap();
+        for s in ["2020-12-18T07:15:50+01:00", "2020-12-18T07:15:50+0100", "2020-12-18T07:15:50+01", "2020-12-18T05:45:50-0030"] {
+            assert_eq!(parse_iso8601_ms(s).unwrap(), want, "{s}");
+        }
     }
 }

@@ -370,3 +370,38 @@ async fn redis_comparison_cleans_up_its_key() {
     assert!(keys.is_empty(), "left behind: {keys:?}");
     assert!(hexfleet_sim::load::redis_compare("redis://10.0.0.1:6379", 1, 1, 1, &bbox, 1, 1.0, &CancellationToken::new()).await.is_err());
 }
+
+/// A courier that reconnects after an outage goes on from where it was: the first step after
+/// the reconnect used to span the whole outage, a jump of thousands of m/s in one fix that the
+/// server holds as suspect (the courier frozen on consoles, arrivals late) until it re-anchors.
+#[tokio::test]
+async fn a_courier_back_from_an_outage_does_not_jump() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+    let bbox = BBox::from_array(hexfleet_sim::DEFAULT_BBOX);
+    let mint = TokenMint::new(SECRET, "t1", 3600);
+    let spec = CourierSpec { id: "c1".into(), token: CourierToken::Fixed(mint.courier("c1").unwrap()), vehicle: Vehicle::Bike, start: bbox.center(), seed: 7 };
+    let opts = CourierOptions { loc_every: (Duration::from_millis(50), Duration::from_millis(50)), tick: Duration::from_millis(20), max_reconnects: 3, ..CourierOptions::default() };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_courier(server, spec, bbox, opts, Arc::new(SimStats::default()), shutdown.clone()));
+    let (mut ws, _, _) = accept(&listener).await;
+    next_of(&mut ws, "status").await;
+    next_of(&mut ws, "loc").await;
+    // The server drops the socket and is away for a second.
+    drop(ws);
+    let outage = tokio::time::sleep(Duration::from_secs(1));
+    outage.await;
+    let (mut ws, _, _) = accept(&listener).await;
+    let back = next_json(&mut ws).await;
+    assert_eq!(back["t"], "loc");
+    assert_eq!(next_json(&mut ws).await["t"], "status");
+    let then = next_of(&mut ws, "loc").await;
+    let at = |v: &Value| LatLng::new(v["lat"].as_f64().unwrap(), v["lng"].as_f64().unwrap());
+    let dt_s = (then["ts"].as_i64().unwrap() - back["ts"].as_i64().unwrap()).max(1) as f64 / 1000.0;
+    let speed = hexfleet_sim::geomath::distance_m(at(&back), at(&then)) / dt_s;
+    // (Timestamps in ms over a 50 ms step are noisy: the bound is the server's suspect-jump
+    // filter, 70 m/s.)
+    assert!(speed < 70.0, "{speed:.0} m/s between the first two fixes after the reconnect");
+    shutdown.cancel();
+    timeout(DEADLINE, task).await.expect("courier did not stop").unwrap().unwrap();
+}
