@@ -728,16 +728,7 @@ async fn a_quiet_tracking_page_is_pinged_and_kept_while_a_silent_one_is_dropped(
     page.expect("the order's state", |v| t(v) == "order_update").await;
 
     // Reading (tungstenite answers each ping with a pong) for three idle timeouts.
-    let (mut pings, until) = (0, tokio::time::Instant::now() + Duration::from_millis(3_000));
-    loop {
-        match tokio::time::timeout_at(until, page.s.next()).await {
-            Err(_) => break,
-            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
-            Ok(Some(Ok(Message::Close(c)))) => panic!("a page answering pings was closed: {c:?}"),
-            Ok(Some(Ok(_))) => {}
-            Ok(other) => panic!("the page's socket ended: {other:?}"),
-        }
-    }
+    let pings = page.read_answering_pings("the page", Duration::from_millis(3_000)).await;
     assert!(pings >= 5, "{pings} pings in 3 s at one per 200 ms");
     // The other one read nothing, so it answered nothing: its session is gone, and so is its
     // socket (reading it now, tungstenite's pong to a ping it holds meets the closed socket
@@ -934,9 +925,7 @@ async fn a_courier_socket_is_kept_while_it_sends_and_closed_once_idle() {
 /// on both ports. One that answers nothing (gone without a close) is still dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_courier_that_answers_pings_stays_connected() {
-    use futures_util::StreamExt as _;
     use std::time::Duration;
-    use tokio_tungstenite::tungstenite::Message;
     let (srv, _dir) = server_with_sockets(200, 1_000, 1_000).await;
     let state = srv.running.as_ref().unwrap().state.clone();
     // Reads nothing, so answers no ping.
@@ -946,16 +935,7 @@ async fn a_parked_courier_that_answers_pings_stays_connected() {
         let mut ws = srv.courier(port, &srv.token(Role::Courier, sub, "t1", None)).await;
         ws.send(json!({"t":"loc","lat":52.52,"lng":13.4,"ts":now_ms()})).await;
         // Quiet for three idle times, reading.
-        let (mut pings, until) = (0, tokio::time::Instant::now() + Duration::from_millis(3_000));
-        loop {
-            match tokio::time::timeout_at(until, ws.s.next()).await {
-                Err(_) => break,
-                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
-                Ok(Some(Ok(Message::Close(c)))) => panic!("{port:?}: a parked courier answering pings was closed: {c:?}"),
-                Ok(Some(Ok(_))) => {}
-                Ok(other) => panic!("{port:?}: the socket ended: {other:?}"),
-            }
-        }
+        let pings = ws.read_answering_pings(&format!("{port:?}: a parked courier"), Duration::from_millis(3_000)).await;
         assert!(pings >= 5, "{port:?}: {pings} pings in 3 s, quiet for 200 ms before each");
         ws
     };

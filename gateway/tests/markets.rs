@@ -785,18 +785,7 @@ async fn a_relayed_app_that_goes_silent_is_closed_on_both_nodes() {
     // First parked, answering pings (tungstenite does while it reads): kept past three idle
     // times, the relaying node pinging it once it is quiet.
     let parked = async |port: &Port, courier: &mut Ws| {
-        use futures_util::StreamExt as _;
-        use tokio_tungstenite::tungstenite::Message;
-        let (mut pings, until) = (0, tokio::time::Instant::now() + Duration::from_secs(3));
-        loop {
-            match tokio::time::timeout_at(until, courier.s.next()).await {
-                Err(_) => break,
-                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
-                Ok(Some(Ok(Message::Close(c)))) => panic!("{port:?}: a parked app answering pings was closed: {c:?}"),
-                Ok(Some(Ok(_))) => {}
-                Ok(other) => panic!("{port:?}: the socket ended: {other:?}"),
-            }
-        }
+        let pings = courier.read_answering_pings(&format!("{port:?}: a parked app"), Duration::from_secs(3)).await;
         assert!(pings >= 5, "{port:?}: {pings} pings");
     };
     let [(p1, c1), (p2, c2)] = &mut relayed[..] else { panic!("two couriers") };

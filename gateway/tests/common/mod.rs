@@ -184,6 +184,21 @@ impl Ws {
     }
 
     /// Waits for the server to close the socket; returns the close frame.
+    /// Reads for `dur` as a client that is there (tungstenite answers each ping while it
+    /// reads) and returns how many pings came; a close or the end of the socket fails `what`.
+    pub async fn read_answering_pings(&mut self, what: &str, dur: Duration) -> usize {
+        let (mut pings, until) = (0, tokio::time::Instant::now() + dur);
+        loop {
+            match tokio::time::timeout_at(until, self.s.next()).await {
+                Err(_) => return pings,
+                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+                Ok(Some(Ok(Message::Close(c)))) => panic!("{what}: closed while it answered pings: {c:?}"),
+                Ok(Some(Ok(_))) => {}
+                Ok(other) => panic!("{what}: the socket ended: {other:?}"),
+            }
+        }
+    }
+
     pub async fn expect_close(&mut self) -> Option<tokio_tungstenite::tungstenite::protocol::CloseFrame> {
         let fut = async {
             loop {
