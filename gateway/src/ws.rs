@@ -60,7 +60,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Socket timing ([`crate::server::ServeConfig::sockets`]; tests shorten it).
 #[derive(Clone, Copy, Debug)]
 pub struct SocketTimes {
-    /// Server pings to tracking pages and consoles ([`PING_EVERY`]).
+    /// Server pings to tracking pages and consoles ([`PING_EVERY`]); also how long a courier
+    /// socket may be quiet before it is pinged ([`SocketTimes::courier_idle`]).
     pub ping_every: Duration,
     /// Nothing heard for this long closes a session ([`IDLE_TIMEOUT`]).
     pub idle: Duration,
