@@ -387,6 +387,11 @@ impl CourierState {
     /// past another order's drop-off on its way marked that order `at_dropoff` for good (the
     /// state does not go back), and its customer was told.
     fn check_arrivals(&mut self, fix: Fix) {
+        // Called for every accepted fix: with nothing held (most couriers, most of the time)
+        // not even the clock is read.
+        if self.held.is_empty() {
+            return;
+        }
         let radius = self.ctx.config.arrival_radius_m;
         let now = self.ctx.clock.now_ms();
         let heading_to = |o: &Order, pickup: bool| if pickup { o.state == OrderState::Assigned } else { o.state == OrderState::PickedUp };

@@ -385,8 +385,8 @@ impl CourierSocket for TungsteniteSocket {
         let m = match self.idle.next(&mut self.ws).await {
             Next::Lapsed => return Read::Fatal(reason(CloseCode::Normal, "idle timeout")),
             Next::Ping => {
-                let ping = tokio::time::timeout(self.times.write, self.ws.send(Message::Ping(Default::default())));
-                return if matches!(ping.await, Ok(Ok(()))) { Read::Other } else { Read::Closed };
+                let sent = crate::markets::send_within(&mut self.ws, Message::Ping(Default::default()), self.times.write).await;
+                return if sent { Read::Other } else { Read::Closed };
             }
             Next::Item(m) => m,
         };

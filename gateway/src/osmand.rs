@@ -261,13 +261,13 @@ fn json_number(
     }
 }
 
-/// A finite decimal number. Rust's parser accepts `NaN` and `inf`; those are rejected here.
 /// A speed, bearing, accuracy or battery level, unless negative (clients send -1 for
 /// "unknown").
 fn known(v: f64) -> Option<f64> {
     (v >= 0.0).then_some(v)
 }
 
+/// A finite decimal number. Rust's parser accepts `NaN` and `inf`; those are rejected here.
 fn number(field: &'static str, value: &str) -> Result<f64, OsmandError> {
     match value.trim().parse::<f64>() {
         Ok(v) if v.is_finite() => Ok(v),

@@ -144,12 +144,12 @@ pub fn parse_gpx(id: &str, text: &str) -> anyhow::Result<Trace> {
     if points.is_empty() {
         bail!("no <trkpt> in gpx");
     }
-    let first_timed = points.iter().position(|p| p.0.is_some());
+    let first_timed = points.iter().enumerate().find_map(|(k, p)| p.0.map(|t| (k, t)));
     let mut fixes: Vec<TraceFix> = Vec::with_capacity(points.len());
     for (i, &(ts, lat, lng)) in points.iter().enumerate() {
         let ts = match (ts, first_timed) {
             (Some(ts), _) => ts,
-            (None, Some(k)) if i < k => points[k].0.unwrap_or(0) - (k - i) as i64 * 1000,
+            (None, Some((k, t))) if i < k => t - (k - i) as i64 * 1000,
             (None, _) => fixes.last().map_or(0, |f: &TraceFix| f.ts + 1000),
         };
         fixes.push(TraceFix { ts, lat, lng });
