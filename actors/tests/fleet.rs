@@ -22,6 +22,11 @@ async fn fleet() -> (Fleet, Arc<RecordingPublisher>) {
     (f, publisher)
 }
 
+/// A fleet on `store` (the test keeps it to slow or inspect it), on the system clock.
+async fn fleet_on(store: &Arc<MemoryStore>, config: FleetConfig) -> Fleet {
+    Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: Arc::new(TokioClock::new()), config }).await.unwrap()
+}
+
 fn fix(lat: f64, lng: f64, ts: i64) -> Fix {
     Fix { pos: LatLng::new(lat, lng).unwrap(), ts, speed: None, heading: None, acc: None }
 }
@@ -248,9 +253,7 @@ async fn a_market_taken_over_concurrently_is_loaded_once() {
 async fn a_retry_racing_its_first_creation_gets_a_conflict() {
     let store = Arc::new(MemoryStore::new());
     let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), ..Default::default() };
-    let f = Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: Arc::new(TokioClock::new()), config })
-        .await
-        .unwrap();
+    let f = fleet_on(&store, config).await;
     store.set_commit_delay(Some(Duration::from_millis(100)));
     let t = TenantId::new("t");
     let new = |lat: f64| NewOrder {
@@ -362,9 +365,7 @@ async fn a_profile_change_overtaken_by_a_position_snapshot_is_still_stored() {
 async fn a_slow_commit_is_waited_for_and_a_command_that_waited_too_long_is_not_applied() {
     let store = Arc::new(MemoryStore::new());
     let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), call_timeout: Duration::from_millis(300), commit_wait: Duration::from_secs(10), ..Default::default() };
-    let f = Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: Arc::new(TokioClock::new()), config })
-        .await
-        .unwrap();
+    let f = fleet_on(&store, config).await;
     let t = TenantId::new("t");
     let new = NewOrder { id: None, pickup: LatLng::new(45.50, -73.57).unwrap(), dropoff: LatLng::new(45.51, -73.57).unwrap(), size: 1, ready_at: None, deliver_by: None };
     let o = f.create_order(&t, new, &Who::System).await.unwrap().id.clone();
@@ -393,9 +394,7 @@ async fn racing_registrations_log_once_keep_the_profile_and_never_share_a_device
     use hexfleet_actors::store::Store as _;
     let store = Arc::new(MemoryStore::new());
     let config = FleetConfig { dispatch_tick: Duration::from_secs(3600), ..Default::default() };
-    let f = Fleet::start(FleetDeps { store: store.clone(), publisher: Arc::new(RecordingPublisher::default()), clock: Arc::new(TokioClock::new()), config })
-        .await
-        .unwrap();
+    let f = fleet_on(&store, config).await;
     store.set_commit_delay(Some(Duration::from_millis(20)));
     let t = TenantId::new("t");
     for n in 0..5 {

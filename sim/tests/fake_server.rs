@@ -32,6 +32,13 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 type ServerWs = WebSocketStream<TcpStream>;
 
+/// The in-test server's socket, and the address the clients are given.
+async fn fake_server() -> (TcpListener, Server) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+    (listener, server)
+}
+
 /// Accepts one WebSocket; returns it with the request's path and query.
 async fn accept(listener: &TcpListener) -> (ServerWs, String, SocketAddr) {
     let (tcp, peer) = timeout(DEADLINE, listener.accept()).await.expect("no connection before the deadline").unwrap();
@@ -81,8 +88,7 @@ fn token_claims(uri: &str) -> Claims {
 
 #[tokio::test]
 async fn courier_answers_offers_delivers_and_reconnects() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = Server::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+    let (listener, server) = fake_server().await;
     let bbox = BBox::from_array(hexfleet_sim::DEFAULT_BBOX);
     let start = bbox.center();
     let mint = TokenMint::new(SECRET, "t1", 3600);
@@ -163,8 +169,7 @@ async fn courier_answers_offers_delivers_and_reconnects() {
 #[tokio::test]
 async fn a_courier_disconnected_at_token_expiry_reconnects_with_a_fresh_token() {
     use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = Server::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+    let (listener, server) = fake_server().await;
     let bbox = BBox::from_array(hexfleet_sim::DEFAULT_BBOX);
     // Tokens that live one second.
     let mint = TokenMint::new(SECRET, "t1", 1);
@@ -227,8 +232,7 @@ async fn replay_sends_every_fix_in_order() {
     let Some(path) = trace_path("denver_trace_2.csv") else { return };
     let traces = hexfleet_sim::trace::load(&path).unwrap();
     let trace = traces.into_iter().next().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = Server::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+    let (listener, server) = fake_server().await;
     let token = TokenMint::new(SECRET, "t1", 3600).courier("replay-1").unwrap();
     let shutdown = CancellationToken::new();
     let fixes = trace.fixes.clone();
@@ -376,8 +380,7 @@ async fn redis_comparison_cleans_up_its_key() {
 /// server holds as suspect (the courier frozen on consoles, arrivals late) until it re-anchors.
 #[tokio::test]
 async fn a_courier_back_from_an_outage_does_not_jump() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = Server::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+    let (listener, server) = fake_server().await;
     let bbox = BBox::from_array(hexfleet_sim::DEFAULT_BBOX);
     let mint = TokenMint::new(SECRET, "t1", 3600);
     let spec = CourierSpec { id: "c1".into(), token: CourierToken::Fixed(mint.courier("c1").unwrap()), vehicle: Vehicle::Bike, start: bbox.center(), seed: 7 };
