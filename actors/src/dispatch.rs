@@ -291,7 +291,7 @@ impl DispatcherState {
             let cmd = if cfg.auto_accepts(&self.tenant) {
                 Command::Assign { courier: pick.courier, record }
             } else {
-                Command::Offer { courier: pick.courier, expires_at: now + cfg.offer_timeout_ms, record }
+                Command::Offer { courier: pick.courier, lasts_ms: cfg.offer_timeout_ms, record }
             };
             self.ctx.order_command(&self.tenant, &o.id, cmd, Who::System);
         }

@@ -15,6 +15,9 @@ pub enum FleetError {
     InvalidTransition { action: &'static str, from: &'static str },
     #[error("conflict: {0}")]
     Conflict(String),
+    /// An earlier request is doing the same thing (creating that order); retry.
+    #[error("in progress: {0}")]
+    InProgress(String),
     #[error("not allowed: {0}")]
     Forbidden(String),
     #[error("outside every service area")]

@@ -115,9 +115,10 @@ pub struct FleetConfig {
     /// wait to start (it is not applied after that).
     pub call_timeout: Duration,
     /// How long a caller waits, beyond `call_timeout`, for an order command the actor has
-    /// started: at least the store's bound on a commit. The SQL store's is two attempts plus
-    /// the resolution of an unanswered COMMIT, about three statement timeouts (15 s by
-    /// default).
+    /// started: at least the store's bound on a commit. The SQL store's is its queue wait
+    /// (a commit not started by then is not written) plus an attempt and the resolution of an
+    /// unanswered COMMIT, or two attempts when a group is retried request by request: about
+    /// 5 + 10 s by default.
     pub commit_wait: Duration,
     /// H3 resolution of the dispatch cells that count supply and demand (7: ~5 km²).
     pub dispatch_res: u8,
@@ -1004,11 +1005,29 @@ impl Fleet {
         let chosen = new.id.is_some();
         let id = new.id.clone().unwrap_or_else(|| OrderId::new(uuid::Uuid::now_v7().to_string()));
         let key = (tenant.clone(), id.clone());
-        let exists = || FleetError::Conflict(format!("order {id} already exists"));
-        // Held until the order's actor is in `orders` (or the creation failed).
-        let Some(_creating) = Creating::reserve(&self.ctx.creating, key.clone()) else { return Err(exists()) };
-        if self.ctx.orders.contains_key(&key) || (chosen && self.ctx.store.order(tenant, &id).await?.is_some()) {
-            return Err(exists());
+        // Held until the order's actor is in `orders` (or the creation failed). A retry while
+        // the first attempt still commits is told so, not "exists": that attempt may yet fail.
+        let Some(_creating) = Creating::reserve(&self.ctx.creating, key.clone()) else {
+            return Err(FleetError::InProgress(format!("an earlier request is creating order {id}; retry")));
+        };
+        let existing = match self.ctx.last_orders.get(&key).map(|o| o.clone()) {
+            Some(o) => Some(o),
+            None if self.ctx.orders.contains_key(&key) => {
+                return Err(FleetError::InProgress(format!("order {id} is starting; retry")));
+            }
+            None if chosen => self.ctx.store.order(tenant, &id).await?.map(Arc::new),
+            None => None,
+        };
+        if let Some(o) = existing {
+            // The same request again (a client retrying after a timeout, or after a 503 whose
+            // commit did happen): answered with the order as it is now, not refused, so the
+            // client can tell "my order exists" from "that id is another order's".
+            let same = o.pickup == new.pickup
+                && o.dropoff == new.dropoff
+                && o.size == new.size
+                && o.ready_at == new.ready_at
+                && o.deliver_by == new.deliver_by;
+            return if same { Ok(o) } else { Err(FleetError::Conflict(format!("order {id} already exists, with other details"))) };
         }
         let order = Order {
             tenant: tenant.clone(),
@@ -1069,7 +1088,29 @@ impl Fleet {
     }
 
     /// Applies a command to an open order and waits until it is durable.
+    ///
+    /// A courier is told about the orders offered to it or held by it only: a command it may
+    /// not give on another order is answered "order not found", not with the order's state (a
+    /// courier trying ids, often sequential, learned which existed and which were being
+    /// offered to someone else).
     pub async fn command(&self, tenant: &TenantId, id: &OrderId, cmd: Command, who: Who) -> Result<Arc<Order>, FleetError> {
+        let courier = match &who {
+            Who::Courier(c) => Some(c.clone()),
+            _ => None,
+        };
+        let res = self.command_as(tenant, id, cmd, who).await;
+        match (res, courier) {
+            (Err(e @ (FleetError::InvalidTransition { .. } | FleetError::Conflict(_))), Some(c)) => {
+                let mine = self.order(tenant, id).await.is_ok_and(|o| {
+                    o.courier.as_ref() == Some(&c) || o.offer.as_ref().is_some_and(|x| x.courier == c)
+                });
+                Err(if mine { e } else { FleetError::NotFound { what: "order" } })
+            }
+            (res, _) => res,
+        }
+    }
+
+    async fn command_as(&self, tenant: &TenantId, id: &OrderId, cmd: Command, who: Who) -> Result<Arc<Order>, FleetError> {
         let actor = match self.ctx.orders.get(&(tenant.clone(), id.clone())) {
             Some(a) => a.clone(),
             None => {

@@ -151,8 +151,11 @@ pub(crate) fn plan_round(
             if delay > cfg.batch_max_delay_s {
                 continue;
             }
+            // What the order costs whoever serves it (the direct trip, and the lateness it has
+            // even so) is not this courier's: the rest is the pickup trip, waiting, and the
+            // delay to the courier's other orders, each late second weighted.
             let direct = cfg.pickup_service_s + c.planner.travel_s(o.pickup, o.dropoff) + cfg.dropoff_service_s;
-            let cost = (with.cost_s - base.cost_s - direct).max(0.0);
+            let cost = (with.cost_s - base.cost_s - direct - c.planner.unavoidable_lateness_cost(o, now)).max(0.0);
             pairs.push(assign::Candidate { order: i as u32, courier: col, cost });
         }
     }

@@ -26,8 +26,10 @@ use crate::store::Write;
 /// A command that may change an order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    /// Offer the order to a courier until `expires_at`.
-    Offer { courier: CourierId, expires_at: Ms, record: AssignmentRecord },
+    /// Offer the order to a courier for `lasts_ms` from when the order takes the offer (not
+    /// from the round that chose it: a slow round, or a command queued behind a slow commit,
+    /// would reach the courier with little time left, or none, and then count as a decline).
+    Offer { courier: CourierId, lasts_ms: Ms, record: AssignmentRecord },
     /// The offered courier accepts.
     Accept { courier: CourierId },
     /// The offered courier declines.
@@ -85,7 +87,7 @@ pub fn apply(order: &Order, cmd: &Command, who: &Who, now: Ms) -> Result<Order, 
     let holder_is = |c: &CourierId| order.courier.as_ref() == Some(c);
     let mut next = order.clone();
     match cmd {
-        Command::Offer { courier, expires_at, record } => {
+        Command::Offer { courier, lasts_ms, record } => {
             if s != Created {
                 return Err(err());
             }
@@ -93,7 +95,7 @@ pub fn apply(order: &Order, cmd: &Command, who: &Who, now: Ms) -> Result<Order, 
                 return Err(FleetError::Conflict(format!("courier {courier} declined this order")));
             }
             next.state = Offered;
-            next.offer = Some(Offer { courier: courier.clone(), expires_at: *expires_at });
+            next.offer = Some(Offer { courier: courier.clone(), expires_at: now.saturating_add((*lasts_ms).max(0)) });
             next.assignment = Some(record.clone());
         }
         Command::Accept { courier } => {
@@ -115,6 +117,10 @@ pub fn apply(order: &Order, cmd: &Command, who: &Who, now: Ms) -> Result<Order, 
             let offered_to = order.offer.as_ref().map(|o| &o.courier);
             if s != Offered || offered_to != Some(courier) {
                 return Err(err());
+            }
+            // A lapse decided on a view older than the offer's time (moved on when applied).
+            if matches!(cmd, Command::OfferLapsed { .. }) && order.offer.as_ref().is_some_and(|o| now < o.expires_at) {
+                return Err(FleetError::Conflict(format!("the offer to {courier} has not lapsed")));
             }
             next.state = Created;
             next.offer = None;
@@ -351,14 +357,14 @@ async fn transition(st: &mut OrderActorState, cmd: &Command, who: &Who) -> Resul
         st.ctx.courier_order_changed(c, &after);
     }
     match cmd {
-        Command::Offer { courier, expires_at, .. } => st.ctx.publisher.publish(Update::ToCourier {
+        Command::Offer { courier, .. } => st.ctx.publisher.publish(Update::ToCourier {
             tenant: after.tenant.clone(),
             courier: courier.clone(),
             notice: CourierNotice::Offer {
                 order: after.id.clone(),
                 pickup: after.pickup,
                 dropoff: after.dropoff,
-                expires_at: *expires_at,
+                expires_at: after.offer.as_ref().map_or(now, |o| o.expires_at),
             },
         }),
         Command::Accept { courier } | Command::Assign { courier, .. } => st.ctx.publisher.publish(Update::ToCourier {
@@ -426,5 +432,25 @@ mod tests {
         let from_b = Command::Release { courier: Some(CourierId::new("b")) };
         let back = apply(&o, &from_b, &Who::System, 1).unwrap();
         assert_eq!((back.state, back.declined.clone(), back.released_at), (OrderState::Created, vec![CourierId::new("b")], Some(1)));
+    }
+
+    /// An offer lasts its time from when the order takes it, however long ago the round that
+    /// chose it ran (a slow round, a command queued behind a slow commit); a lapse decided on
+    /// an older view is refused until the offer's time is really up.
+    #[test]
+    fn an_offer_lasts_from_when_it_is_made_and_lapses_only_after() {
+        let mut o = held_by("x");
+        (o.state, o.courier) = (OrderState::Created, None);
+        let c = CourierId::new("c");
+        let record = AssignmentRecord { at: 1_000, policy: "optimal".into(), courier: c.clone(), cost_s: 0.0, candidates: Vec::new() };
+        // Chosen at 1 s, taken at 16 s: the 20 s run from 16 s.
+        let offered = apply(&o, &Command::Offer { courier: c.clone(), lasts_ms: 20_000, record }, &Who::System, 16_000).unwrap();
+        assert_eq!(offered.offer.as_ref().map(|x| x.expires_at), Some(36_000));
+        let lapse = Command::OfferLapsed { courier: c.clone() };
+        assert!(matches!(apply(&offered, &lapse, &Who::System, 35_999), Err(FleetError::Conflict(_))));
+        let accepted = apply(&offered, &Command::Accept { courier: c.clone() }, &Who::Courier(c.clone()), 35_999).unwrap();
+        assert_eq!(accepted.state, OrderState::Assigned);
+        let lapsed = apply(&offered, &lapse, &Who::System, 36_000).unwrap();
+        assert_eq!((lapsed.state, lapsed.declined.clone()), (OrderState::Created, vec![c]));
     }
 }

@@ -76,6 +76,22 @@ impl RoutePlanner {
         metres * detour / speed_mps.max(0.1)
     }
 
+    /// The weighted lateness `o` has however it is served: picked up at once (or when ready)
+    /// and driven straight to its drop-off, `0` without a `deliver_by`. A dispatch round prices
+    /// a courier by the cost it adds beyond this and the direct trip: an order already late, or
+    /// too far for its deadline, would otherwise cost more than leaving it unassigned with every
+    /// courier, and wait until it expired.
+    pub fn unavoidable_lateness_cost(&self, o: &Order, now: Ms) -> f64 {
+        let Some(by) = o.deliver_by else { return 0.0 };
+        let rel = |t: Ms| (t - now) as f64 / 1000.0;
+        let at_dropoff = if o.state.is_on_board() {
+            0.0
+        } else {
+            o.ready_at.map_or(0.0, rel).max(0.0) + self.pickup_service_s + self.travel_s(o.pickup, o.dropoff)
+        };
+        self.lateness_weight * (at_dropoff - rel(by)).max(0.0)
+    }
+
     /// The best stop order for `orders` starting at `start` at time `now` (Unix ms), with the
     /// courier's `capacity`. Orders on board contribute only their drop-off. `None` when no
     /// order satisfies the capacity (e.g. the on-board load alone exceeds it).

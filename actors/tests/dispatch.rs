@@ -216,7 +216,7 @@ async fn an_order_handed_back_before_pickup_goes_to_another_courier() {
     // Nine minutes on, `a` hands it back. Only the holder may, and only before pickup.
     w.clock.advance(9 * 60_000);
     let not_b = w.f.command(&w.t, &o, Command::Release { courier: Some(b.clone()) }, Who::Courier(b.clone())).await;
-    assert!(matches!(not_b, Err(FleetError::InvalidTransition { .. })), "b does not hold it: {not_b:?}");
+    assert!(matches!(not_b, Err(FleetError::NotFound { .. })), "b does not hold it (and is not told its state): {not_b:?}");
     let back = w.f.command(&w.t, &o, Command::Release { courier: Some(a.clone()) }, Who::Courier(a.clone())).await.unwrap();
     assert_eq!((back.state, back.courier.as_ref(), back.offer.as_ref()), (OrderState::Created, None, None));
     assert_eq!((back.declined.clone(), back.released_at), (vec![a.clone()], Some(w.clock.now())));
@@ -860,6 +860,51 @@ async fn an_order_scheduled_for_later_waits_for_its_time_instead_of_expiring() {
         let err = w.f.create_order(&w.t, new, &Who::Dispatcher("d".into())).await.unwrap_err();
         assert!(matches!(err, FleetError::Invalid(_)), "{err:?}");
     }
+}
+
+/// A courier is told about the orders offered to it or held by it only: a command on another
+/// courier's order, or on a closed one it never held, is "not found", not "cannot accept an
+/// order that is offered" (which told a courier trying ids which existed, and that someone
+/// else was being asked). Its own orders' refusals still say why.
+#[tokio::test]
+async fn a_courier_is_told_nothing_about_orders_not_its_own() {
+    let (w, a, b, o) = offered_to_the_nearer_of_two().await;
+    let as_b = |cmd| w.f.command(&w.t, &o, cmd, Who::Courier(b.clone()));
+    let err = as_b(Command::Accept { courier: b.clone() }).await.unwrap_err();
+    assert!(matches!(err, FleetError::NotFound { .. }), "{err:?}");
+    let err = as_b(Command::PickedUp { courier: b.clone() }).await.unwrap_err();
+    assert!(matches!(err, FleetError::NotFound { .. }), "{err:?}");
+    let err = w.f.command(&w.t, &o, Command::PickedUp { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap_err();
+    assert!(matches!(err, FleetError::InvalidTransition { .. }), "a's own offer: {err:?}");
+    // Closed: b never held it; staff still get the state.
+    w.f.command(&w.t, &o, Command::Cancel, Who::Dispatcher("d".into())).await.unwrap();
+    let err = as_b(Command::Accept { courier: b.clone() }).await.unwrap_err();
+    assert!(matches!(err, FleetError::NotFound { .. }), "{err:?}");
+    let err = w.f.command(&w.t, &o, Command::Cancel, Who::Dispatcher("d".into())).await.unwrap_err();
+    assert!(matches!(err, FleetError::InvalidTransition { .. }), "{err:?}");
+}
+
+/// An order already late when it is created (or handed back near its deadline) still goes to
+/// the nearest courier. Its pair cost counted the lateness it has whoever takes it: 30 minutes
+/// late, twice weighted, is more than leaving it unassigned (an hour), so no courier was ever
+/// offered it and it expired.
+#[tokio::test]
+async fn an_order_already_late_is_still_dispatched_to_the_nearest_courier() {
+    let w = world(FleetConfig::default()).await;
+    let near = w.courier("near", at(300.0, 0.0), 1).await;
+    let far = w.courier("far", at(-3000.0, 0.0), 1).await;
+    let deliver_by = Some(T0 - 30 * 60_000);
+    let new = NewOrder { id: Some(OrderId::new("late")), pickup: at(0.0, 0.0), dropoff: at(2000.0, 0.0), size: 1, ready_at: None, deliver_by };
+    let o = w.f.create_order(&w.t, new, &Who::Dispatcher("d".into())).await.unwrap().id.clone();
+    w.settle().await;
+    let got = w.offered_to(&o, &near).await;
+    let rec = got.assignment.as_ref().expect("assignment record");
+    let ids: Vec<&CourierId> = rec.candidates.iter().map(|c| &c.0).collect();
+    assert_eq!(ids, vec![&near, &far], "both candidates, cheapest first");
+    // The pickup trip (300 m on a bike: 300 × 1.3 / 4.5 ≈ 87 s), counted once as time and
+    // twice as lateness it adds; not the 30 minutes the order is late anyway.
+    let pickup_s = 300.0 * 1.3 / 4.5;
+    assert!((rec.cost_s - 3.0 * pickup_s).abs() < 5.0, "cost {}", rec.cost_s);
 }
 
 /// A customer whose drop-off comes second on the courier's route is told the time for both

@@ -248,7 +248,11 @@ async fn a_market_taken_over_concurrently_is_loaded_once() {
 }
 
 /// A client that retries an order creation while the first attempt is still committing (a
-/// slow database, a timeout on its side) gets a conflict, not a second order with the same id.
+/// slow database, a timeout on its side) is told to retry (`InProgress`), not given a second
+/// order with the same id, nor told the order exists (the first attempt may yet fail). Once
+/// it exists, the same request again gets the order (idempotent: a retry after a timeout or a
+/// 503 whose commit happened), and another order under that id a conflict. Before, both were
+/// the same conflict, and a client could not tell its order from someone else's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_racing_its_first_creation_gets_a_conflict() {
     let store = Arc::new(MemoryStore::new());
@@ -268,13 +272,25 @@ async fn a_retry_racing_its_first_creation_gets_a_conflict() {
     let (a, b) = tokio::join!(f.create_order(&t, new(45.50), &who), f.create_order(&t, new(45.49), &who));
     let oks = [&a, &b].iter().filter(|r| r.is_ok()).count();
     assert_eq!(oks, 1, "exactly one creation wins: {a:?} / {b:?}");
-    let lost = if a.is_ok() { b } else { a };
-    assert!(matches!(lost, Err(hexfleet_actors::FleetError::Conflict(_))), "{lost:?}");
+    let (won, lost) = if a.is_ok() { (a, b) } else { (b, a) };
+    assert!(matches!(lost, Err(hexfleet_actors::FleetError::InProgress(_))), "{lost:?}");
+    let won = won.unwrap();
     let created = store.all_events().iter().filter(|e| e.kind == "order.created").count();
     assert_eq!(created, 1, "one order.created in the log");
-    // And once it exists, a later retry is a conflict too.
     store.set_commit_delay(None);
-    assert!(matches!(f.create_order(&t, new(45.50), &who).await, Err(hexfleet_actors::FleetError::Conflict(_))));
+    // The winner's request again: its order, not a second one.
+    let again = f.create_order(&t, new(won.pickup.lat), &who).await.expect("the same request again");
+    assert_eq!((again.id.as_str(), again.created_at), ("o1", won.created_at));
+    // Another order under that id: a conflict.
+    let other = if won.pickup.lat == 45.50 { 45.49 } else { 45.50 };
+    assert!(matches!(f.create_order(&t, new(other), &who).await, Err(hexfleet_actors::FleetError::Conflict(_))));
+    // Also once it is closed (read from the store).
+    f.command(&t, &won.id, hexfleet_actors::order::Command::Cancel, who.clone()).await.unwrap();
+    let closed = f.create_order(&t, new(won.pickup.lat), &who).await.expect("the same request after the order closed");
+    assert_eq!(closed.state, hexfleet_actors::domain::OrderState::Cancelled);
+    assert!(matches!(f.create_order(&t, new(other), &who).await, Err(hexfleet_actors::FleetError::Conflict(_))));
+    let created = store.all_events().iter().filter(|e| e.kind == "order.created").count();
+    assert_eq!(created, 1, "still one order.created in the log");
 }
 
 /// A node whose clock is behind the one that last wrote a courier (a take-over, a restart on
@@ -372,7 +388,7 @@ async fn a_slow_commit_is_waited_for_and_a_command_that_waited_too_long_is_not_a
     let c = CourierId::new("c1");
     f.ensure_courier(&t, &c).await.unwrap();
     let record = hexfleet_actors::domain::AssignmentRecord { at: 0, policy: "override".into(), courier: c.clone(), cost_s: 60.0, candidates: vec![] };
-    let offer = Command::Offer { courier: c.clone(), expires_at: i64::MAX / 2, record };
+    let offer = Command::Offer { courier: c.clone(), lasts_ms: i64::MAX / 4, record };
     // Each commit takes a second, more than the 300 ms a command may wait to start. The offer
     // is sent first (`join!` polls in order, and a call sends on its first poll).
     store.set_commit_delay(Some(Duration::from_secs(1)));

@@ -91,7 +91,13 @@ fn may_see_order(auth: &Auth, o: &hexfleet_actors::domain::Order) -> bool {
     }
 }
 
-#[utoipa::path(post, path = "/v1/orders", request_body = NewOrderReq, responses((status = 201, body = OrderDto), (status = 400), (status = 401), (status = 403), (status = 503)), security(("bearer" = [])))]
+/// Creates an order, answered once it is durable.
+///
+/// Dispatchers and admins. With a client-chosen `id` the request is idempotent: the same
+/// request again (same pickup, drop-off, size and times) gets the order as it is now, 201 as
+/// the first time; another order under that id is 409 `conflict`, and a retry while the first
+/// attempt is still being written 409 `in_progress` (retry it).
+#[utoipa::path(post, path = "/v1/orders", request_body = NewOrderReq, responses((status = 201, body = OrderDto), (status = 400), (status = 401), (status = 403), (status = 409), (status = 503)), security(("bearer" = [])))]
 pub(crate) async fn create_order(st: State, auth: Auth, body: web::Json<NewOrderReq>) -> Result<HttpResponse, ApiError> {
     auth.require(&[Role::Dispatcher, Role::Admin])?;
     let new = body.into_inner().to_domain()?;
@@ -148,11 +154,21 @@ pub(crate) async fn release_order(st: State, auth: Auth, path: web::Path<String>
     Ok(HttpResponse::Ok().json(OrderDto::from(o.as_ref())))
 }
 
-#[utoipa::path(put, path = "/v1/couriers/{id}", params(("id" = String, Path)), request_body = CourierPutReq, responses((status = 200, body = CourierDto), (status = 400), (status = 409)), security(("bearer" = [])))]
+/// Registers a courier or changes its profile (the fields given; the others are kept).
+///
+/// Dispatchers and admins of the tenant. A courier may change its own `name` and `on_shift`
+/// only: its `capacity` and `vehicle` decide what dispatch gives it, and its `device_id` which
+/// tracker reports as it (and whose key it may read), so they are staff's to set (403).
+#[utoipa::path(put, path = "/v1/couriers/{id}", params(("id" = String, Path)), request_body = CourierPutReq, responses((status = 200, body = CourierDto), (status = 400), (status = 403), (status = 409)), security(("bearer" = [])))]
 pub(crate) async fn put_courier(st: State, auth: Auth, path: web::Path<String>, body: web::Json<CourierPutReq>) -> Result<HttpResponse, ApiError> {
     let id = courier_id(&path)?;
     auth.require_self_or_staff(id.as_str())?;
     let b = body.into_inner();
+    if !auth.is_staff() && (b.capacity.is_some() || b.vehicle.is_some() || b.device_id.is_some()) {
+        return Err(ApiError::forbidden(
+            "a courier may change only its name and on_shift; capacity, vehicle and device_id are set by dispatchers and admins",
+        ));
+    }
     let vehicle = match b.vehicle.as_deref() {
         Some(v) => Some(Vehicle::parse(v).ok_or_else(|| ApiError::bad_request("bad_vehicle", "vehicle must be foot, bike, scooter, car or van"))?),
         None => None,
@@ -221,7 +237,7 @@ pub(crate) async fn device_key(st: State, auth: Auth, path: web::Path<String>) -
     let Some(device_id) = rec.device_id.clone() else {
         return Err(hexfleet_actors::FleetError::Conflict(format!("courier {id} has no device_id")).into());
     };
-    let key = st.keys.device_key(auth.tenant.as_str(), &device_id);
+    let key = st.keys.device_key(auth.tenant.as_str(), id.as_str(), &device_id);
     Ok(HttpResponse::Ok().json(crate::dto::DeviceKeyDto { courier_id: id.to_string(), device_id, key }))
 }
 
@@ -342,14 +358,14 @@ async fn osmand_report(
         Ok(f) => f,
         Err(e) => return osmand_err(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
-    let tenants = match osmand_authorize(st, &fixes, key.as_deref(), unknown).await {
-        Ok(t) => t,
+    let owners = match osmand_authorize(st, &fixes, key.as_deref(), unknown).await {
+        Ok(o) => o,
         Err(r) => return r,
     };
     if let Some(r) = osmand_forward(st, req, body, &fixes).await {
         return r;
     }
-    osmand_ingest(st, &fixes, &tenants, unknown)
+    osmand_ingest(st, &fixes, &owners, unknown)
 }
 
 /// Every device of a report must be registered and match `key` ([`crate::auth::Keys::device_key`]);
@@ -358,41 +374,41 @@ async fn osmand_report(
 /// owner) told a registered device from an unknown one. A missing or wrong key is answered as
 /// an unknown device (same status, same message), with the HMAC computed for unknown devices
 /// too; it is counted in `hexfleet_osmand_bad_key_total` (logged at debug level only: anyone
-/// who knows a device id could fill the log). Returns each device's tenant, the one its key
-/// was checked against.
+/// who knows a device id could fill the log). Returns each device's courier and tenant, the
+/// ones its key was checked against.
 async fn osmand_authorize<'a>(
     st: &AppState,
     fixes: &'a [osmand::OsmandFix],
     key: Option<&str>,
     unknown: StatusCode,
-) -> Result<Vec<(&'a str, TenantId)>, HttpResponse> {
-    let mut checked: Vec<(&str, TenantId)> = Vec::new();
+) -> Result<Vec<(&'a str, (TenantId, CourierId))>, HttpResponse> {
+    let mut checked: Vec<(&str, (TenantId, CourierId))> = Vec::new();
     for f in fixes {
         let device = f.device_id.as_str();
         if checked.iter().any(|(d, _)| *d == device) {
             continue;
         }
-        let tenant = match (st.fleet.device(device), &st.markets) {
-            (Some((t, _)), _) => Some(t),
-            (None, Some(m)) => m.device_tenant(device).await.map_err(|e| osmand_err(e.status, e.code, &e.message))?,
+        let owner = match (st.fleet.device(device), &st.markets) {
+            (Some(owner), _) => Some(owner),
+            (None, Some(m)) => m.device_owner(device).await.map_err(|e| osmand_err(e.status, e.code, &e.message))?,
             (None, None) => None,
         };
-        let allowed = match (key, &tenant) {
-            (Some(k), t) => {
+        let allowed = match (key, &owner) {
+            (Some(k), o) => {
                 // For an unknown device the MAC is computed all the same (and fails).
-                let ok = st.keys.device_key_matches(t.as_ref().map_or("", |t| t.as_str()), device, k);
-                ok && t.is_some()
+                let (t, c) = o.as_ref().map_or(("", ""), |(t, c)| (t.as_str(), c.as_str()));
+                st.keys.device_key_matches(t, c, device, k) && o.is_some()
             }
-            (None, t) => st.osmand_keyless && t.is_some(),
+            (None, o) => st.osmand_keyless && o.is_some(),
         };
         if !allowed {
-            if tenant.is_some() {
+            if owner.is_some() {
                 metrics::counter!("hexfleet_osmand_bad_key_total").increment(1);
                 tracing::debug!(device, key_sent = key.is_some(), "OsmAnd report refused: device key missing or wrong");
             }
             return Err(osmand_unknown(unknown, device));
         }
-        checked.extend(tenant.map(|t| (device, t)));
+        checked.extend(owner.map(|o| (device, o)));
     }
     Ok(checked)
 }
@@ -453,13 +469,13 @@ fn osmand_err(status: StatusCode, code: &'static str, msg: &str) -> HttpResponse
 /// dropped and counted (`hexfleet_osmand_dropped_total{reason}`), and the report still answers
 /// 200: Traccar Client and OsmAnd keep a position until it is answered 200 and send the oldest
 /// first, so a 400 for one bad fix stopped the device's reports for good. The devices' keys
-/// were checked first ([`osmand_authorize`], which gives `tenants`): a device that moved to
-/// another tenant since is answered as unknown, its key being the old tenant's.
-fn osmand_ingest(st: &AppState, fixes: &[osmand::OsmandFix], tenants: &[(&str, TenantId)], unknown: StatusCode) -> HttpResponse {
+/// were checked first ([`osmand_authorize`], which gives `owners`): a device registered to
+/// another courier since is answered as unknown, its key being the old courier's.
+fn osmand_ingest(st: &AppState, fixes: &[osmand::OsmandFix], owners: &[(&str, (TenantId, CourierId))], unknown: StatusCode) -> HttpResponse {
     let now = st.fleet.now_ms();
     let mut by_courier: Vec<((TenantId, CourierId), Vec<hexfleet_actors::domain::Fix>)> = Vec::new();
     for f in fixes {
-        let owner = st.fleet.device(&f.device_id).filter(|(t, _)| tenants.iter().any(|(d, k)| *d == f.device_id && k == t));
+        let owner = st.fleet.device(&f.device_id).filter(|o| owners.iter().any(|(d, k)| *d == f.device_id && k == o));
         let Some(owner) = owner else {
             return osmand_unknown(unknown, &f.device_id);
         };

@@ -47,10 +47,10 @@ impl Claims {
     }
 }
 
-/// What a device key is the HMAC of, before the tenant and the device id: keeps device keys
-/// apart from HS256 token signatures made with the same secret (a JWT's signing input is
-/// base64url, with no `/` and no NUL).
-const DEVICE_KEY_CONTEXT: &[u8] = b"hexfleet/osmand-device-key/v1\0";
+/// What a device key is the HMAC of, before the tenant, the courier and the device id: keeps
+/// device keys apart from HS256 token signatures made with the same secret (a JWT's signing
+/// input is base64url, with no `/` and no NUL). v2 added the courier (v1 keys do not match).
+const DEVICE_KEY_CONTEXT: &[u8] = b"hexfleet/osmand-device-key/v2\0";
 /// Bytes of the HMAC kept in a device key: 128 bits, 32 hex characters.
 const DEVICE_KEY_BYTES: usize = 16;
 
@@ -73,28 +73,36 @@ impl Keys {
         Keys { enc: EncodingKey::from_secret(secret.as_bytes()), dec: DecodingKey::from_secret(secret.as_bytes()), validation, device }
     }
 
-    /// The key an OsmAnd/Traccar device of `tenant` must send with its reports (`key=`): an
-    /// HMAC of the tenant and the device id under the JWT secret, so every node derives the
-    /// same key without storing one. A key is revoked by giving the courier a new device id
-    /// (and changes with the secret).
-    pub fn device_key(&self, tenant: &str, device_id: &str) -> String {
-        hex::encode(&self.device_mac(tenant, device_id).finalize().into_bytes()[..DEVICE_KEY_BYTES])
+    /// The key an OsmAnd/Traccar device registered to `courier` of `tenant` must send with its
+    /// reports (`key=`): an HMAC of the tenant, the courier and the device id under the JWT
+    /// secret, so every node derives the same key without storing one. A key is revoked by
+    /// giving the courier a new device id, and does not follow the device to another courier (a
+    /// phone handed over, a device id registered again): the courier who held it cannot report
+    /// as the next one. It changes with the secret.
+    pub fn device_key(&self, tenant: &str, courier: &str, device_id: &str) -> String {
+        hex::encode(&self.device_mac(tenant, courier, device_id).finalize().into_bytes()[..DEVICE_KEY_BYTES])
     }
 
     /// Whether `key` is [`Keys::device_key`] of the device, compared in constant time.
-    pub fn device_key_matches(&self, tenant: &str, device_id: &str, key: &str) -> bool {
+    pub fn device_key_matches(&self, tenant: &str, courier: &str, device_id: &str, key: &str) -> bool {
         match hex::decode(key) {
-            Ok(bytes) if bytes.len() == DEVICE_KEY_BYTES => self.device_mac(tenant, device_id).verify_truncated_left(&bytes).is_ok(),
+            Ok(bytes) if bytes.len() == DEVICE_KEY_BYTES => {
+                self.device_mac(tenant, courier, device_id).verify_truncated_left(&bytes).is_ok()
+            }
             _ => false,
         }
     }
 
-    fn device_mac(&self, tenant: &str, device_id: &str) -> Hmac<Sha256> {
+    /// Ids hold no NUL (`[A-Za-z0-9_.:-]`), so the NUL-separated input is unambiguous.
+    fn device_mac(&self, tenant: &str, courier: &str, device_id: &str) -> Hmac<Sha256> {
         let mut mac = self.device.clone();
         mac.update(DEVICE_KEY_CONTEXT);
-        mac.update(tenant.as_bytes());
-        mac.update(b"\0");
-        mac.update(device_id.as_bytes());
+        for (i, part) in [tenant, courier, device_id].into_iter().enumerate() {
+            if i > 0 {
+                mac.update(b"\0");
+            }
+            mac.update(part.as_bytes());
+        }
         mac
     }
 
@@ -229,19 +237,22 @@ mod tests {
     }
 
     #[test]
-    fn a_device_key_belongs_to_its_device_tenant_and_secret() {
+    fn a_device_key_belongs_to_its_device_courier_tenant_and_secret() {
         let k = Keys::new("a-secret-of-at-least-thirty-two-bytes");
-        let key = k.device_key("acme", "864895030279986");
+        let key = k.device_key("acme", "c1", "864895030279986");
         assert_eq!(key.len(), 32);
-        assert!(k.device_key_matches("acme", "864895030279986", &key));
-        assert!(k.device_key_matches("acme", "864895030279986", &key.to_uppercase()), "hex is read in either case");
-        assert!(!k.device_key_matches("acme", "864895030279987", &key), "another device");
-        assert!(!k.device_key_matches("other", "864895030279986", &key), "another tenant");
-        assert!(!Keys::new("another-secret-of-at-least-thirty-two").device_key_matches("acme", "864895030279986", &key), "another secret");
-        assert!(!k.device_key_matches("acme", "864895030279986", &key[..30]), "a prefix");
-        assert!(!k.device_key_matches("acme", "864895030279986", ""), "no key");
-        assert!(!k.device_key_matches("acme", "864895030279986", &"z".repeat(32)), "not hex");
-        // No ambiguity between the tenant and the device id.
-        assert_ne!(k.device_key("ab", "c"), k.device_key("a", "bc"));
+        assert!(k.device_key_matches("acme", "c1", "864895030279986", &key));
+        assert!(k.device_key_matches("acme", "c1", "864895030279986", &key.to_uppercase()), "hex is read in either case");
+        assert!(!k.device_key_matches("acme", "c1", "864895030279987", &key), "another device");
+        assert!(!k.device_key_matches("acme", "c2", "864895030279986", &key), "the device registered to another courier");
+        assert!(!k.device_key_matches("other", "c1", "864895030279986", &key), "another tenant");
+        let other_secret = Keys::new("another-secret-of-at-least-thirty-two");
+        assert!(!other_secret.device_key_matches("acme", "c1", "864895030279986", &key), "another secret");
+        assert!(!k.device_key_matches("acme", "c1", "864895030279986", &key[..30]), "a prefix");
+        assert!(!k.device_key_matches("acme", "c1", "864895030279986", ""), "no key");
+        assert!(!k.device_key_matches("acme", "c1", "864895030279986", &"z".repeat(32)), "not hex");
+        // No ambiguity between the parts.
+        assert_ne!(k.device_key("ab", "c", "d"), k.device_key("a", "bc", "d"));
+        assert_ne!(k.device_key("a", "bc", "d"), k.device_key("a", "b", "cd"));
     }
 }

@@ -503,7 +503,7 @@ impl Broker {
     /// survived (reconnect).
     pub async fn with_redis(node: &str, url: &str, prefix: &str, probe: std::time::Duration, shutdown: CancellationToken) -> anyhow::Result<Broker> {
         let mut b = Broker::local(node);
-        let (deliver, wanted) = (b.clone(), b.clone());
+        let (deliver, gap, wanted) = (b.clone(), b.clone(), b.clone());
         let relay = Relay::start(
             node,
             url,
@@ -512,6 +512,10 @@ impl Broker {
             move |heard, payload| match serde_json::from_slice::<Envelope>(payload) {
                 Ok(env) => deliver.deliver_remote(heard, &env.f),
                 Err(e) => tracing::warn!(error = %e, "undecodable fan-out message from redis"),
+            },
+            move |relay| {
+                let n = gap.restart_remote_sessions(relay);
+                tracing::warn!(sessions = n, "fan-out from other nodes was interrupted: their sessions here restart");
             },
             move |relay| wanted.session_channels(relay),
             shutdown,
@@ -588,6 +592,33 @@ impl Broker {
         }
         if let Some(views) = self.local.consoles.get(tenant) {
             for (_, v) in views.value() {
+                v.outbox.close();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// After the Redis subscription was lost (and is back) or its backlog dropped: tracking
+    /// pages and consoles of markets another node runs may have missed discrete updates (an
+    /// order delivered) with nothing to tell them, and a tracking page reconnecting with
+    /// `since` would have been answered from a replay buffer missing them. Their track streams
+    /// are dropped (a `since` then gets `resync`) and the sessions closed with 1013, so they
+    /// reconnect and start from a fresh snapshot. Returns how many were closed.
+    fn restart_remote_sessions(&self, relay: &Relay) -> usize {
+        let mut n = 0;
+        self.local.tracks.retain(|(tenant, _), s| {
+            if relay.serves(tenant) {
+                return true;
+            }
+            for (_, o) in &s.sessions {
+                o.close();
+                n += 1;
+            }
+            false
+        });
+        for e in self.local.consoles.iter().filter(|e| !relay.serves(e.key())) {
+            for (_, v) in e.value() {
                 v.outbox.close();
                 n += 1;
             }

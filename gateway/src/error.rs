@@ -77,6 +77,7 @@ impl From<FleetError> for ApiError {
             FleetError::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", msg),
             FleetError::InvalidTransition { .. } => ApiError::new(StatusCode::CONFLICT, "invalid_transition", msg),
             FleetError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
+            FleetError::InProgress(_) => ApiError::new(StatusCode::CONFLICT, "in_progress", msg),
             FleetError::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg),
             FleetError::OutsideServiceArea => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "outside_service_area", msg),
             FleetError::Store(s) => s.into(),

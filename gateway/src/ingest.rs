@@ -394,7 +394,8 @@ impl CourierSocket for TungsteniteSocket {
             None | Some(Ok(Message::Close(_))) => Read::Closed,
             Some(Ok(Message::Text(t))) => Read::Text(t),
             // tungstenite queues the pong itself; it goes out with the next write or read.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Read::Other,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Read::Control,
+            Some(Ok(Message::Frame(_))) => Read::Other,
             Some(Ok(Message::Binary(_))) => Read::Text(tg::Utf8Bytes::default()),
             Some(Err(tg::Error::ConnectionClosed | tg::Error::AlreadyClosed | tg::Error::Io(_))) => Read::Closed,
             Some(Err(e)) => {

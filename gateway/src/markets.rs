@@ -41,7 +41,7 @@ use actix_web::middleware::Next;
 use actix_web::{HttpMessage as _, HttpResponse, web};
 use async_trait::async_trait;
 use dashmap::DashMap;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use hexfleet_actors::Fleet;
 use hexfleet_actors::domain::{CourierId, CourierRecord, LocationSample, Ms, Order, OrderId, TenantId, ZoneId, ZoneRecord};
 use hexfleet_actors::store::{EventQuery, Recovered, SpeedTable, Store, StoreError, StoredEvent, Write};
@@ -101,11 +101,15 @@ pub struct Markets {
     epochs: DashMap<TenantId, i64>,
     /// Markets whose actors run here: held and loaded. Requests are served locally only then.
     ready: DashMap<TenantId, ()>,
+    /// Markets loaded here, at the epoch held when the load finished. A step-down empties
+    /// `ready` but not this: a renewal serves again only what was loaded at the epoch still
+    /// held (a market taken whose load failed is not, and is loaded by the take-over pass).
+    loaded: DashMap<TenantId, i64>,
     /// Owners of other markets as last read, until the `Instant`.
     owners: DashMap<TenantId, (String, Instant)>,
     /// Markets of devices (OsmAnd) this node does not know (`None`: no courier has it), until
     /// the `Instant`.
-    devices: DashMap<String, (Option<TenantId>, Instant)>,
+    devices: DashMap<String, (Option<(TenantId, CourierId)>, Instant)>,
     /// One take-over at a time per market.
     taking: DashMap<TenantId, Arc<tokio::sync::Mutex<()>>>,
     fleet: OnceLock<Fleet>,
@@ -144,6 +148,7 @@ impl Markets {
             config,
             epochs: DashMap::new(),
             ready: DashMap::new(),
+            loaded: DashMap::new(),
             owners: DashMap::new(),
             taking: DashMap::new(),
             devices: DashMap::new(),
@@ -194,6 +199,8 @@ impl Markets {
             }
             if let Some(l) = self.store.acquire_lease(&t, &self.holder, &self.config.advertise_url, self.config.ttl).await? {
                 self.epochs.insert(t.clone(), l.epoch);
+                // The fleet starts on these (or the node does not start).
+                self.loaded.insert(t.clone(), l.epoch);
                 self.ready.insert(t, ());
                 n += 1;
             }
@@ -293,7 +300,17 @@ impl Markets {
         let res = self.main.spawn(async move { fleet.adopt_market(&t).await }).await;
         match res {
             Ok(Ok(_)) => {
-                self.ready.insert(tenant.clone(), ());
+                self.loaded.insert(tenant.clone(), epoch);
+                // Served only while the node is up and still holds the market at this epoch. A
+                // step-down during the load (a slow database) sets its flag and then empties
+                // `ready`: checked again after the insert, whichever came first, the market is
+                // not served until a renewal revives it.
+                if self.epochs.get(tenant).is_some_and(|e| *e == epoch) && !self.stepped_down() {
+                    self.ready.insert(tenant.clone(), ());
+                    if self.stepped_down() {
+                        self.ready.remove(tenant);
+                    }
+                }
                 metrics::counter!("hexfleet_market_takeovers_total").increment(1);
                 Ok(())
             }
@@ -314,13 +331,14 @@ impl Markets {
         self.epochs.get(tenant).map(|e| Write::Fence { tenant: tenant.clone(), holder: self.holder.clone(), epoch: *e })
     }
 
-    /// One renewal: extends this node's leases and returns a market it lost, if any (another
-    /// node took it). A market taken while the renewal ran is judged at the next one.
+    /// One renewal: extends this node's leases and returns the markets it lost (another node
+    /// took them; all of them: one a renewal used to leave held and served during the drain).
+    /// A market taken while the renewal ran is judged at the next one.
     ///
     /// When renewals have failed up to the local deadline, the leases may lapse and be taken:
     /// the watchdog ([`Markets::watch_deadline`]) steps the node down ([`Markets::step_down`]),
     /// and the next renewal that succeeds serves again what is still this node's.
-    pub async fn renew(&self) -> Option<TenantId> {
+    pub async fn renew(&self) -> Vec<TenantId> {
         let before: Vec<(TenantId, i64)> = self.epochs.iter().map(|e| (e.key().clone(), *e.value())).collect();
         let started = tokio::time::Instant::now();
         // Bounded: a connection that hangs instead of failing must not hold off the deadline.
@@ -333,31 +351,35 @@ impl Markets {
                 *self.renewed_at.lock() = started;
                 let still: HashMap<TenantId, i64> = still.into_iter().collect();
                 metrics::gauge!("hexfleet_markets_owned").set(still.len() as f64);
-                let lost = before.into_iter().find(|(t, epoch)| {
-                    // Lost: held at this epoch before and after the renewal, and not renewed.
-                    still.get(t) != Some(epoch) && self.epochs.get(t).is_some_and(|e| *e == *epoch)
-                });
+                let lost: Vec<TenantId> = before
+                    .into_iter()
+                    .filter(|(t, epoch)| {
+                        // Lost: held at this epoch before and after the renewal, and not renewed.
+                        still.get(t) != Some(epoch) && self.epochs.get(t).is_some_and(|e| *e == *epoch)
+                    })
+                    .map(|(t, _)| t)
+                    .collect();
                 if self.stepped_down.swap(false, Ordering::AcqRel) {
-                    // Serve again what is still ours at the same epoch (a lost market is not:
-                    // its renewed epoch, if any, is not the one held); it goes on below.
+                    // Serve again what is still ours at the same epoch and was loaded at it (a lost
+                    // market is not: its renewed epoch, if any, is not the one held; one whose
+                    // load had failed is left to the take-over pass, which loads it).
                     let mut n = 0;
                     for (t, epoch) in &still {
-                        if self.epochs.get(t).is_some_and(|e| *e == *epoch) {
+                        if self.epochs.get(t).is_some_and(|e| *e == *epoch) && self.loaded.get(t).is_some_and(|e| *e == *epoch) {
                             self.ready.insert(t.clone(), ());
                             n += 1;
                         }
                     }
                     tracing::warn!(markets = n, node = %self.node_id, "market leases renewed again: serving them again");
                 }
-                let (t, _) = lost?;
-                Some(t)
+                lost
             }
             Err(e) => {
                 metrics::counter!("hexfleet_market_renewal_failures_total").increment(1);
                 // The step-down at the local deadline is the watchdog's ([`Markets::watch_deadline`]).
                 tracing::warn!(error = %e, stepped_down = self.stepped_down(),
                     "market leases not renewed (database unreachable?); serving on until the local deadline");
-                None
+                Vec::new()
             }
         }
     }
@@ -385,6 +407,7 @@ impl Markets {
     fn lose(&self, t: &TenantId, why: &str) {
         self.epochs.remove(t);
         self.ready.remove(t);
+        self.loaded.remove(t);
         let (couriers, samples) = self.store.discard_buffered(t);
         tracing::error!(tenant = %t, node = %self.node_id, couriers, samples, "{why}; stopping so that only its owner acts on it");
         metrics::counter!("hexfleet_market_leases_lost_total").increment(1);
@@ -478,7 +501,7 @@ impl Markets {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if let Some(t) = self.renew().await {
+            for t in self.renew().await {
                 self.lose(&t, &format!("lost the lease of market {t} to another node"));
                 // Keep renewing the other markets while the node drains.
             }
@@ -513,6 +536,7 @@ impl Markets {
         // From here on this node writes nothing of any market.
         self.epochs.clear();
         self.ready.clear();
+        self.loaded.clear();
         match self.store.release_leases(&self.holder).await {
             Ok(n) => tracing::info!(markets = n, "market leases released"),
             Err(e) => tracing::warn!(error = %e, "market leases not released; they lapse on their own"),
@@ -768,30 +792,34 @@ impl Markets {
     /// has the device), else the owner's address. Device → market lookups are cached for a
     /// minute.
     pub async fn route_device(self: &Arc<Self>, device_id: &str) -> Result<Option<String>, ApiError> {
-        let Some(tenant) = self.device_tenant(device_id).await? else { return Ok(None) };
+        let Some((tenant, _)) = self.device_owner(device_id).await? else { return Ok(None) };
         Ok(match self.route(&tenant).await? {
             Route::Local => None,
             Route::Remote(addr) => Some(addr),
         })
     }
 
-    /// The tenant a device is registered in, from the store (cached for a minute, unknown
-    /// devices too).
-    pub async fn device_tenant(&self, device_id: &str) -> Result<Option<TenantId>, ApiError> {
+    /// The courier (and its tenant) a device is registered to, from the store (cached for a
+    /// minute, unknown devices too).
+    pub async fn device_owner(&self, device_id: &str) -> Result<Option<(TenantId, CourierId)>, ApiError> {
         let cached = self.devices.get(device_id).filter(|d| d.1 > Instant::now()).map(|d| d.0.clone());
         Ok(match cached {
-            Some(t) => t,
+            Some(owner) => owner,
             None => {
-                let found = self.store.device_courier(device_id).await.map_err(ApiError::from)?.map(|(t, _)| t);
+                let found = self.store.device_courier(device_id).await.map_err(ApiError::from)?;
+                // Unknown devices are remembered too, so a flood of them costs one query each
+                // per minute, not one per report. When full, the expired entries go, then the
+                // unknown ones: a flood of made-up ids does not evict the real devices.
                 if self.devices.len() >= MAX_DEVICES_CACHED {
-                    self.devices.retain(|_, d| d.1 > Instant::now());
+                    let now = Instant::now();
+                    self.devices.retain(|_, d| d.1 > now);
                     if self.devices.len() >= MAX_DEVICES_CACHED {
-                        self.devices.clear();
+                        self.devices.retain(|_, d| d.0.is_some());
                     }
                 }
-                // Unknown devices are remembered too, so a flood of them costs one query each
-                // per minute, not one per report.
-                self.devices.insert(device_id.to_owned(), (found.clone(), Instant::now() + Duration::from_secs(60)));
+                if self.devices.len() < MAX_DEVICES_CACHED {
+                    self.devices.insert(device_id.to_owned(), (found.clone(), Instant::now() + Duration::from_secs(60)));
+                }
                 found
             }
         })
@@ -946,34 +974,37 @@ async fn forward_ws(req: ServiceRequest, owner: &str, markets: &Markets) -> Resu
                     }
                     match m {
                         Some(Ok(actix_ws::AggregatedMessage::Text(t))) => {
-                            if up_tx.send(Message::text(t.to_string())).await.is_err() { break; }
+                            if !send_within(&mut up_tx, Message::text(t.to_string()), times.write).await { break; }
                         }
                         Some(Ok(actix_ws::AggregatedMessage::Binary(b))) => {
-                            if up_tx.send(Message::binary(b)).await.is_err() { break; }
+                            if !send_within(&mut up_tx, Message::binary(b), times.write).await { break; }
                         }
                         // Pings travel to the owner (they keep the session alive there too),
-                        // and its pongs come back.
+                        // and its pongs come back. Every write to the owner is bounded: an
+                        // owner that stopped reading (paused, overloaded, its host gone) must
+                        // not hold this task, and with it the idle, liveness and shutdown
+                        // checks, until TCP gives up.
                         Some(Ok(actix_ws::AggregatedMessage::Ping(p))) => {
-                            if up_tx.send(Message::Ping(p)).await.is_err() { break; }
+                            if !send_within(&mut up_tx, Message::Ping(p), times.write).await { break; }
                         }
                         Some(Ok(actix_ws::AggregatedMessage::Pong(p))) => {
-                            if up_tx.send(Message::Pong(p)).await.is_err() { break; }
+                            if !send_within(&mut up_tx, Message::Pong(p), times.write).await { break; }
                         }
                         Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => {
                             let frame = reason.map(|r| tg::protocol::CloseFrame {
                                 code: u16::from(r.code).into(),
                                 reason: r.description.unwrap_or_default().into(),
                             });
-                            let _ = up_tx.send(Message::Close(frame)).await;
+                            send_within(&mut up_tx, Message::Close(frame), times.write).await;
                             break;
                         }
                         Some(Err(e)) => {
-                            let _ = up_tx.send(Message::Close(None)).await;
+                            send_within(&mut up_tx, Message::Close(None), times.write).await;
                             peer.close(Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Protocol, description: Some(e.to_string()) })).await;
                             return;
                         }
                         None => {
-                            let _ = up_tx.send(Message::Close(None)).await;
+                            send_within(&mut up_tx, Message::Close(None), times.write).await;
                             return;
                         }
                     }

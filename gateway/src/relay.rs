@@ -59,6 +59,12 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages waiting to be published; beyond it they are dropped (counted).
 const PUBLISH_QUEUE: usize = 65_536;
+/// How long the subscription may hear nothing before it asks Redis whether the connection is
+/// still there (a `PING` on it, answered within [`LISTEN_TIMEOUT`], or it is opened again).
+/// A connection can vanish without closing (a NAT or load balancer forgetting an idle flow,
+/// a failover that strands the old address): without the check, every tracking page on this
+/// node fed from other nodes would get nothing, for good.
+pub const SUBSCRIPTION_CHECK: Duration = Duration::from_secs(5);
 /// How long the subscription's queue may stay non-empty before its backlog is dropped.
 pub const MAX_BACKLOG: Duration = Duration::from_secs(5);
 /// How long a channel's positions are not published after a `PUBLISH` no node heard (the
@@ -149,13 +155,17 @@ impl Relay {
     /// Connects (fails if Redis cannot be reached now; later outages are survived) and starts
     /// the publisher, the subscriber (delivering what other nodes publish through `deliver`)
     /// and the reconciler (`wanted`: the channels the sessions on this node need). `probe`:
-    /// see [`PROBE_EVERY`]; `max_backlog`: see [`MAX_BACKLOG`].
+    /// see [`PROBE_EVERY`]; `max_backlog`: see [`MAX_BACKLOG`]. `gap` runs once the
+    /// subscription is back after it was lost or its backlog dropped: what other nodes
+    /// published meanwhile is gone, and the sessions fed from them must start again.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         node: &str,
         url: &str,
         prefix: &str,
         (probe, max_backlog): (Duration, Duration),
         deliver: impl Fn(Heard, &[u8]) + Send + Sync + 'static,
+        gap: impl Fn(&Relay) + Send + Sync + 'static,
         wanted: impl Fn(&Relay) -> HashSet<Channel> + Send + Sync + 'static,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Relay>> {
@@ -181,7 +191,7 @@ impl Relay {
             failed_at: Mutex::new(None),
         });
         tokio::spawn(publisher(conn, relay.clone(), rx, shutdown.clone()));
-        tokio::spawn(subscriber(relay.clone(), client, stream, deliver, shutdown.clone()));
+        tokio::spawn(subscriber(relay.clone(), client, stream, deliver, gap, shutdown.clone()));
         let me = relay.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(RECONCILE_EVERY);
@@ -287,6 +297,13 @@ impl Relay {
 
     /// Sends a SUBSCRIBE for a channel already recorded in `listening`; without an answer, the
     /// connection is made again (which subscribes everything recorded).
+    /// Whether the subscription's connection answers a `PING` within [`LISTEN_TIMEOUT`]
+    /// (`true` while it is being opened again: nothing to check).
+    async fn subscription_answers(&self) -> bool {
+        let Some(mut sink) = self.sink.lock().clone() else { return true };
+        matches!(tokio::time::timeout(LISTEN_TIMEOUT, sink.ping::<redis::Value>()).await, Ok(Ok(_)))
+    }
+
     async fn subscribe(&self, channel: &str) {
         let Some(mut sink) = self.sink.lock().clone() else { return }; // reconnecting: it will
         match tokio::time::timeout(LISTEN_TIMEOUT, sink.subscribe(channel)).await {
@@ -420,7 +437,14 @@ async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, m
     }
 }
 
-async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStream, deliver: impl Fn(Heard, &[u8]), shutdown: CancellationToken) {
+async fn subscriber(
+    relay: Arc<Relay>,
+    client: redis::Client,
+    first: PubSubStream,
+    deliver: impl Fn(Heard, &[u8]),
+    gap: impl Fn(&Relay),
+    shutdown: CancellationToken,
+) {
     let notices = notices(&relay.prefix);
     let mut stream = Some(first);
     let mut backoff = Duration::from_millis(100);
@@ -453,6 +477,9 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
                         tracing::info!(channels = all.len(), "redis subscription restored");
                         // Publishers that went quiet on these meanwhile resume at once.
                         relay.notify_listening(all);
+                        // What was published while it was down (or dropped with a backlog) is
+                        // gone: the sessions it fed start again, on the restored subscription.
+                        gap(&relay);
                         backoff = Duration::from_millis(100);
                         s
                     }
@@ -494,6 +521,14 @@ async fn subscriber(relay: Arc<Relay>, client: redis::Client, first: PubSubStrea
                         m = s.next() => m,
                         () = relay.reset.notified() => break,
                         () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(SUBSCRIPTION_CHECK) => {
+                            if relay.subscription_answers().await {
+                                continue;
+                            }
+                            metrics::counter!("hexfleet_redis_errors_total").increment(1);
+                            tracing::warn!(quiet_for = ?SUBSCRIPTION_CHECK, "redis subscription does not answer a ping");
+                            break;
+                        }
                     }
                 }
             };

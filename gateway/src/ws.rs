@@ -142,7 +142,7 @@ fn policy(reason: &str) -> Option<CloseReason> {
 /// Try again later (1013): the session's market is moving to another node
 /// ([`crate::broker::Broker::close_sessions`]).
 fn moved_away() -> Option<CloseReason> {
-    Some(CloseReason { code: CloseCode::Again, description: Some("this node no longer serves the market; reconnect".into()) })
+    Some(CloseReason { code: CloseCode::Again, description: Some("reconnect: this node stopped serving the market, or its feed from the others".into()) })
 }
 
 /// Going away (1001): the server is shutting down. Apps and pages reconnect at once, to a node
@@ -248,7 +248,11 @@ enum Input {
     /// A text frame, as received (no copy).
     Text(bytestring::ByteString),
     Closed,
+    /// Nothing from the client (a ping of ours went out).
     Other,
+    /// A ping or pong from the client (a ping answered already): counted against the rate
+    /// limit like a message, or a client could flood pings, each answered, never limited.
+    Control,
     Fatal(CloseReason),
 }
 
@@ -371,9 +375,9 @@ async fn read(stream: &mut actix_ws::AggregatedMessageStream, peer: &mut Peer, i
         Some(Ok(AggregatedMessage::Text(t))) => Input::Text(t),
         Some(Ok(AggregatedMessage::Ping(p))) => {
             peer.pong(&p).await;
-            Input::Other
+            Input::Control
         }
-        Some(Ok(AggregatedMessage::Pong(_))) => Input::Other,
+        Some(Ok(AggregatedMessage::Pong(_))) => Input::Control,
         Some(Ok(AggregatedMessage::Binary(_))) => Input::Text(bytestring::ByteString::new()),
         Some(Err(e)) => {
             metrics::counter!("hexfleet_ws_protocol_errors_total").increment(1);
@@ -392,7 +396,10 @@ async fn read(stream: &mut actix_ws::AggregatedMessageStream, peer: &mut Peer, i
 pub(crate) enum Read<T> {
     Text(T),
     Closed,
+    /// Nothing from the client (a ping of ours went out).
     Other,
+    /// A ping or pong from the client, counted against the rate limit.
+    Control,
     Fatal(CloseReason),
 }
 
@@ -428,6 +435,7 @@ impl CourierSocket for ActixSocket {
             Input::Text(t) => Read::Text(t),
             Input::Closed => Read::Closed,
             Input::Other => Read::Other,
+            Input::Control => Read::Control,
             Input::Fatal(r) => Read::Fatal(r),
         }
     }
@@ -519,6 +527,7 @@ pub(crate) async fn courier_session<S: CourierSocket>(
                 Read::Closed => break None,
                 Read::Fatal(c) => break Some(c),
                 Read::Other => {}
+                Read::Control => if let Verdict::Close(why) = guard.admit() { break policy(why) },
                 Read::Text(text) => match guard.admit() {
                     Verdict::Close(why) => break policy(why),
                     Verdict::Limited => {
@@ -703,6 +712,7 @@ async fn track_session(
                     Input::Closed => break None,
                     Input::Fatal(r) => break Some(r),
                     Input::Other => {}
+                    Input::Control => if let Verdict::Close(why) = guard.admit() { break policy(why) },
                     Input::Text(_) => match guard.admit() {
                         Verdict::Close(why) => break policy(why),
                         Verdict::Limited => {}
@@ -872,6 +882,7 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
                 Input::Closed => break None,
                 Input::Fatal(r) => break Some(r),
                 Input::Other => {}
+                Input::Control => if let Verdict::Close(why) = guard.admit() { break policy(why) },
                 Input::Text(text) => match guard.admit() {
                     Verdict::Close(why) => break policy(why),
                     // Refused, not served: a subscribe builds a whole snapshot.

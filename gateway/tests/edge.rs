@@ -139,10 +139,16 @@ async fn bad_http_input_gets_clear_errors() {
     let hook = json!({"url":"https://example.com/h","events":["*"],"secret":"0123456789abcdef\u{0}"});
     let (s, v) = srv.put("/v1/webhooks/w1", &disp, hook).await;
     assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_webhook")), "{v}");
-    // A duplicate id is a conflict, not a second order.
+    // An id already used: the same request again gets that order (a retry; one order), another
+    // order under it a conflict.
     let o = json!({"id":"dup","pickup":{"lat":52.5,"lng":13.4},"dropoff":{"lat":52.51,"lng":13.41}});
-    assert_eq!(srv.post("/v1/orders", &disp, o.clone()).await.0, 201);
-    assert_eq!(srv.post("/v1/orders", &disp, o).await.0, 409);
+    let (s, first) = srv.post("/v1/orders", &disp, o.clone()).await;
+    assert_eq!(s, 201, "{first}");
+    let (s, again) = srv.post("/v1/orders", &disp, o).await;
+    assert_eq!((s, &again["id"], &again["created_at"]), (201, &first["id"], &first["created_at"]), "{again}");
+    let other = json!({"id":"dup","pickup":{"lat":52.5,"lng":13.4},"dropoff":{"lat":52.52,"lng":13.41}});
+    let (s, v) = srv.post("/v1/orders", &disp, other).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
 }
 
 async fn nearby_ids(srv: &TestServer, tenant: &str, lat: f64, lng: f64) -> Vec<(String, f64)> {
@@ -208,6 +214,14 @@ async fn garbage_affects_nobody_else(port: Port) {
     }
     d.expect("rate_limited", |v| t(v) == "error" && v["code"] == "rate_limited").await;
     let close = d.expect_close().await.expect("d close frame");
+    assert_eq!((close.code, close.reason.as_str()), (CloseCode::Policy, "rate limit exceeded"));
+
+    // So is a flood of pings (each answered with a pong): before, they were never counted.
+    let mut e = srv.courier(port, &tok("e")).await;
+    for _ in 0..1_000 {
+        let _ = futures_util::SinkExt::send(&mut e.s, tokio_tungstenite::tungstenite::Message::Ping(vec![1u8].into())).await;
+    }
+    let close = e.expect_close().await.expect("e close frame");
     assert_eq!((close.code, close.reason.as_str()), (CloseCode::Policy, "rate limit exceeded"));
 
     // b is still connected and served.
@@ -282,9 +296,13 @@ async fn osmand_accepts_what_traccar_client_sends() {
     // A registered device without its key, or with a wrong one (another device's, or another
     // tenant's for this device), is refused exactly as an unknown one, and moves nobody.
     let fix = |lat: f64, key: &str| format!("{}/osmand?id=864895030279986&timestamp={}&lat={lat}&lon=13.38{key}", srv.base, now_ms() / 1000 - 2);
-    let other_tenant = hexfleet_gateway::auth::Keys::new(SECRET).device_key("t2", "864895030279986");
-    let other_device = hexfleet_gateway::auth::Keys::new(SECRET).device_key("t1", "864895030279987");
-    for bad in [String::new(), "&key=".into(), format!("&key={other_tenant}"), format!("&key={other_device}"), format!("&key={}", &key[..31])] {
+    let keys = hexfleet_gateway::auth::Keys::new(SECRET);
+    let other_tenant = keys.device_key("t2", "c9", "864895030279986");
+    let other_device = keys.device_key("t1", "c9", "864895030279987");
+    let other_courier = keys.device_key("t1", "c8", "864895030279986");
+    let bad_keys =
+        [String::new(), "&key=".into(), format!("&key={other_tenant}"), format!("&key={other_device}"), format!("&key={other_courier}"), format!("&key={}", &key[..31])];
+    for bad in bad_keys {
         let r = srv.http.get(fix(53.0, &bad)).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 400, "{bad:?}");
         let answer: serde_json::Value = r.json().await.unwrap();
@@ -298,9 +316,9 @@ async fn osmand_accepts_what_traccar_client_sends() {
     let r = srv.http.post(format!("{}/osmand", srv.base)).json(&body(&now_iso, 53.0)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 404, "JSON without a key");
     let metrics = srv.http.get(format!("{}/metrics", srv.base)).send().await.unwrap().text().await.unwrap();
-    // (Other tests of this binary share the recorder: at least these six.)
+    // (Other tests of this binary share the recorder: at least these seven.)
     let bad_keys = metrics.lines().find_map(|l| l.strip_prefix("hexfleet_osmand_bad_key_total ")).and_then(|v| v.trim().parse::<f64>().ok());
-    assert!(bad_keys.is_some_and(|n| n >= 6.0), "{bad_keys:?} in {metrics}");
+    assert!(bad_keys.is_some_and(|n| n >= 7.0), "{bad_keys:?} in {metrics}");
     let (_, c) = srv.get("/v1/couriers/c9", Some(&disp)).await;
     assert_eq!(c["position"]["lat"].as_f64(), Some(52.5176), "no refused report moved the courier: {c}");
     // Bad coordinates.
@@ -335,6 +353,38 @@ async fn osmand_accepts_what_traccar_client_sends() {
     assert_eq!(r.status().as_u16(), 400, "the old device's key");
     let r = srv.http.get(format!("{}/osmand?key={other_device}&id=864895030279987&lat=52.5&lon=13.4", srv.base)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200, "the new device's key");
+    // The old device given to another courier (a phone handed over): the key c9 had for it
+    // does not report as c8; c8's own key does.
+    assert_eq!(srv.put("/v1/couriers/c8", &disp, json!({"device_id":"864895030279986"})).await.0, 200);
+    let r = srv.http.get(format!("{}/osmand?key={key}&id=864895030279986&lat=52.5&lon=13.4", srv.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400, "the key of the device's previous courier");
+    let (s, v) = srv.get("/v1/couriers/c8/device-key", Some(&disp)).await;
+    assert_eq!((s, v["key"].as_str()), (200, Some(other_courier.as_str())), "{v}");
+    let r = srv.http.get(format!("{}/osmand?key={other_courier}&id=864895030279986&lat=52.5&lon=13.4", srv.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "the device's key for its courier now");
+}
+
+/// A courier may rename itself and go on or off shift, not change what dispatch gives it
+/// (capacity, vehicle) or which tracker reports as it (device_id): those are staff's (403).
+/// Before, a courier could raise its own capacity to 100, or claim any free device id and read
+/// its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_courier_changes_only_its_name_and_shift_itself() {
+    let (srv, _d) = server().await;
+    let disp = srv.dispatcher("t1");
+    assert_eq!(srv.put("/v1/couriers/c1", &disp, json!({"capacity":2,"vehicle":"bike"})).await.0, 200);
+    let me = srv.token(Role::Courier, "c1", "t1", None);
+    for body in [json!({"capacity":100}), json!({"vehicle":"car"}), json!({"device_id":"imei-1"}), json!({"name":"x","capacity":2})] {
+        let (s, v) = srv.put("/v1/couriers/c1", &me, body.clone()).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (403, Some("forbidden")), "{body}: {v}");
+    }
+    let (s, v) = srv.put("/v1/couriers/c1", &me, json!({"name":"Ana","on_shift":false})).await;
+    assert_eq!((s, v["name"].as_str(), v["on_shift"].as_bool()), (200, Some("Ana"), Some(false)), "{v}");
+    let (_, c) = srv.get("/v1/couriers/c1", Some(&disp)).await;
+    assert_eq!((c["capacity"].as_u64(), c["vehicle"].as_str(), c["device_id"].as_str()), (Some(2), Some("bike"), None), "{c}");
+    // Another courier may not change it at all; staff may change everything.
+    assert_eq!(srv.put("/v1/couriers/c1", &srv.token(Role::Courier, "c2", "t1", None), json!({"name":"y"})).await.0, 403);
+    assert_eq!(srv.put("/v1/couriers/c1", &disp, json!({"capacity":3,"device_id":"imei-1"})).await.0, 200);
 }
 
 /// `--osmand-keyless`: reports without a key are taken (Traccar's own behaviour, for devices
@@ -621,7 +671,8 @@ async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
     let prefix = format!("hexfleet:test:{}:", uuid_like());
     let delivered = std::sync::Arc::new(AtomicUsize::new(0));
     let last = std::sync::Arc::new(parking_lot::Mutex::new(String::new()));
-    let (d, l) = (delivered.clone(), last.clone());
+    let gaps = std::sync::Arc::new(AtomicUsize::new(0));
+    let (d, l, g) = (delivered.clone(), last.clone(), gaps.clone());
     let shutdown = tokio_util::sync::CancellationToken::new();
     // The backlog may last 300 ms.
     let relay = Relay::start(
@@ -636,6 +687,9 @@ async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
             }
             d.fetch_add(1, Ordering::Relaxed);
             *l.lock() = String::from_utf8_lossy(payload).into_owned();
+        },
+        move |_| {
+            g.fetch_add(1, Ordering::Relaxed);
         },
         |_| std::collections::HashSet::new(),
         shutdown.clone(),
@@ -665,6 +719,8 @@ async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
     .await;
     let n = delivered.load(Ordering::Relaxed);
     assert!(n < 25_000, "the backlog was dropped, not delivered: {n}");
+    // The sessions the dropped messages fed were told to start again, once per reset.
+    assert_eq!(gaps.load(Ordering::Relaxed), relay.lag_resets() as usize, "a gap per dropped backlog");
     shutdown.cancel();
 }
 

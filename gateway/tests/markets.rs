@@ -223,7 +223,7 @@ async fn requests_reach_the_markets_owner_from_any_node() {
     // B finds the device's market in the store and forwards the report to A.
     let (s, v) = b.put("/v1/couriers/c9", &disp_b, json!({"device_id":"864895030279986","vehicle":"car"})).await;
     assert_eq!(s, 200, "{v}");
-    let key = hexfleet_gateway::auth::Keys::new(SECRET).device_key(tenant, "864895030279986");
+    let key = hexfleet_gateway::auth::Keys::new(SECRET).device_key(tenant, "c9", "864895030279986");
     let url = format!("{}/osmand?id=864895030279986&timestamp={}&lat=52.5163&lon=13.3777&key={key}", b.base, now_ms() / 1000 - 5);
     let r = b.http.get(url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
@@ -356,7 +356,7 @@ async fn a_node_that_lost_its_market_cannot_write_it_and_stops() {
     // The renewal finds the lease gone: the node stops and says why.
     let running = a.running.take().unwrap();
     let markets = running.state.markets.clone().unwrap();
-    assert_eq!(markets.renew().await.map(|t| t.to_string()).as_deref(), Some(tenant));
+    assert_eq!(markets.renew().await.iter().map(|t| t.to_string()).collect::<Vec<_>>(), [tenant]);
     drop(markets);
     running.stop().await.expect("stops");
     db.drop_db().await;
@@ -401,11 +401,11 @@ async fn markets_taken_during_a_renewal_are_not_reported_lost() {
     };
     let mut renewals = 0;
     while !taking.is_finished() {
-        assert_eq!(markets.renew().await, None, "no market was lost");
+        assert_eq!(markets.renew().await, Vec::<hexfleet_actors::domain::TenantId>::new(), "no market was lost");
         renewals += 1;
     }
     taking.await.unwrap();
-    assert_eq!(markets.renew().await, None);
+    assert_eq!(markets.renew().await, Vec::<hexfleet_actors::domain::TenantId>::new());
     assert!(renewals > 10, "renewals ran during the take-overs ({renewals})");
     assert!((0..300).all(|i| markets.holds(&format!("m{i}").as_str().into())));
     drop(markets);
@@ -544,7 +544,7 @@ async fn a_stepped_down_node_does_not_take_its_market_back() {
     assert_eq!(a.post("/v1/orders", &disp, order("o1")).await.0, 201);
     let (s, v) = a.put("/v1/couriers/c1", &disp, json!({"device_id": "imei-31"})).await;
     assert_eq!(s, 200, "{v}");
-    let key = hexfleet_gateway::auth::Keys::new(SECRET).device_key(tenant, "imei-31");
+    let key = hexfleet_gateway::auth::Keys::new(SECRET).device_key(tenant, "c1", "imei-31");
     let report = |lat: f64| a.http.get(format!("{}/osmand?id=imei-31&lat={lat}&lon={}&key={key}", a.base, NEAR.1)).send();
     assert_eq!(report(NEAR.0).await.unwrap().status().as_u16(), 200, "served: a device report is taken");
     let epoch = lease_row(&db.url, tenant).await.1;
@@ -705,6 +705,77 @@ async fn the_owner_publishes_positions_only_while_another_node_listens() {
     back.expect("a fresh snapshot", |v| t(v) == "order_update" && v["state"] == "cancelled").await;
     drop((courier, back));
     stop_both(a, b, db).await;
+}
+
+/// Node B's Redis subscription dies without closing (here a proxy in front of Redis keeps the
+/// connection open and passes nothing: a NAT that forgot the flow, an address a failover left
+/// behind). B notices (a quiet subscription is pinged) and subscribes again on a new
+/// connection, then closes the pages it fed (1013): a customer tracking an order of A's market
+/// on B reconnects, gets a resync and a fresh snapshot, and the courier's moves again. Before,
+/// the subscription waited for messages for good and the page stayed frozen; and after a
+/// reconnect a page was not told that it had missed updates (an order delivered meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_subscription_that_dies_silently_is_opened_again() {
+    let Some((redis, db, prefix)) = services().await else { return };
+    let hp = redis.trim_start_matches("redis://").split('/').next().unwrap().to_owned();
+    let proxy = Proxy::start(hp.clone()).await;
+    let via = redis.replacen(&hp, &proxy.addr.to_string(), 1);
+    let (ttl, renew) = (Duration::from_secs(5), Duration::from_millis(500));
+    let a = TestServer::start(leased(&db.url, &redis, &prefix, "node-a", ttl, renew)).await;
+    let b = TestServer::start(leased(&db.url, &via, &prefix, "node-b", ttl, renew)).await;
+    let tenant = "stranded";
+    let disp_a = a.dispatcher(tenant);
+    assert_eq!(a.post("/v1/orders", &disp_a, order("o1")).await.0, 201);
+    let mut courier = takes_o1(&a, tenant).await;
+    let mut customer = b.ws("/v1/ws/track/o1", &b.token(Role::Customer, "cust", tenant, Some("o1"))).await;
+    customer.expect("snapshot", |v| t(v) == "order_update" && v["order_id"] == "o1").await;
+    let mut lat = NEAR.0;
+    let seen = a_move_arrives(&mut courier, &mut customer, &mut lat, DEADLINE).await.expect("the courier's moves reach the customer on node b");
+    proxy.strand();
+    // The check comes after `SUBSCRIPTION_CHECK` of silence, its ping waits up to 2 s. Once
+    // subscribed again, B closes the page (1013): what A published meanwhile is gone.
+    let within = hexfleet_gateway::relay::SUBSCRIPTION_CHECK + Duration::from_secs(10);
+    let closed = tokio::time::timeout(within, async {
+        loop {
+            lat += 0.000_005;
+            courier.send(json!({"t":"loc","lat":lat,"lng":NEAR.1,"ts":now_ms()})).await;
+            if let Ok(c) = tokio::time::timeout(Duration::from_millis(200), customer.expect_close()).await {
+                return c;
+            }
+        }
+    })
+    .await
+    .expect("node b closes the tracking page once its subscription is back");
+    assert_eq!(closed.map(|c| u16::from(c.code)), Some(1013));
+    // The page reconnects with the last `seq` it saw: a resync and a fresh snapshot (the
+    // stream it knew is gone), then the courier's moves again.
+    let since = seen["seq"].as_u64().unwrap();
+    let mut customer = b.ws(&format!("/v1/ws/track/o1?since={since}"), &b.token(Role::Customer, "cust", tenant, Some("o1"))).await;
+    customer.expect("a resync", |v| t(v) == "resync").await;
+    customer.expect("a fresh snapshot", |v| t(v) == "order_update" && v["order_id"] == "o1").await;
+    assert!(
+        a_move_arrives(&mut courier, &mut customer, &mut lat, DEADLINE).await.is_some(),
+        "the courier's moves reach the customer on node b again"
+    );
+    drop((courier, customer, proxy));
+    stop_both(a, b, db).await;
+}
+
+/// The courier moves north (from `lat`) until one of its moves sent now reaches the customer,
+/// within `within`; an older move still on its way is not counted. The move as it arrived.
+async fn a_move_arrives(courier: &mut Ws, customer: &mut Ws, lat: &mut f64, within: Duration) -> Option<Value> {
+    let from = *lat;
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        // Half a metre a step: a plausible speed even when the last move arrived at once.
+        *lat += 0.000_005;
+        courier.send(json!({"t":"loc","lat":*lat,"lng":NEAR.1,"ts":now_ms()})).await;
+        let got = customer.try_expect(|v| t(v) == "courier" && v["courier_id"] == "c1" && v["lat"].as_f64().is_some_and(|l| l > from));
+        if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_millis(200), got).await {
+            return Some(v);
+        }
+    }
+    None
 }
 
 /// A socket relayed to the market's owner notices an owner that stops answering without

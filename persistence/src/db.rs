@@ -64,10 +64,23 @@ impl Db {
         Ok(Db::Sqlite(pool))
     }
 
+    /// Applies the migrations this build has that the database lacks. Migrations the database
+    /// has and this build does not (a newer build ran them: a rollback, or an older node during
+    /// a rolling upgrade) are left alone: sqlx refuses to start by default, and the previous
+    /// build could not start again after a bad release. Migrations are written to be additive
+    /// (new tables, new nullable columns), so an older build runs on the newer schema.
     pub(crate) async fn migrate(&self) -> Result<(), PersistenceError> {
         match self {
-            Db::Pg(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
-            Db::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
+            Db::Pg(p) => {
+                let mut m = sqlx::migrate!("./migrations/postgres");
+                m.set_ignore_missing(true);
+                m.run(p).await?
+            }
+            Db::Sqlite(p) => {
+                let mut m = sqlx::migrate!("./migrations/sqlite");
+                m.set_ignore_missing(true);
+                m.run(p).await?
+            }
         }
         Ok(())
     }

@@ -45,6 +45,10 @@ pub enum PersistenceError {
     /// A database call took longer than the configured timeout.
     #[error("database call timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// A commit waited in the writer's queue longer than `StoreOptions::queue_wait` and was
+    /// not written (the database is slow, the queue long).
+    #[error("the commit waited {0:?} for the writer and was not written")]
+    QueuedTooLong(std::time::Duration),
     /// A `Write::Fence` of the batch did not hold (the market's lease is another holder's, at
     /// another epoch, or lapsed): nothing of the batch was written. Not a connectivity error.
     #[error("market {tenant} is no longer held at the fenced epoch")]
@@ -66,6 +70,21 @@ impl PersistenceError {
         match self {
             PersistenceError::Database(e) => is_connectivity(e),
             PersistenceError::Timeout(_) | PersistenceError::WriterStopped | PersistenceError::HomeStopped => true,
+            _ => false,
+        }
+    }
+}
+
+impl PersistenceError {
+    /// True for a statement that failed because of other transactions or a server-side limit,
+    /// not because of what it writes (PostgreSQL: deadlock 40P01, serialization 40001, lock
+    /// not available 55P03, cancelled by `statement_timeout` 57014): the same batch can go
+    /// through when tried again.
+    pub(crate) fn is_transient(&self) -> bool {
+        match self {
+            PersistenceError::Database(sqlx::Error::Database(db)) => {
+                matches!(db.code().as_deref(), Some("40P01" | "40001" | "55P03" | "57014"))
+            }
             _ => false,
         }
     }

@@ -227,7 +227,7 @@ impl SqlStore {
         ttl: Duration,
     ) -> Result<Option<Lease>, PersistenceError> {
         let ttl = ttl_ms(ttl);
-        let (db, tenant, holder, addr) = (self.db().clone(), tenant.clone(), holder.to_owned(), addr.to_owned());
+        let (db, tenant, holder, addr) = (self.writes().clone(), tenant.clone(), holder.to_owned(), addr.to_owned());
         self.bounded(async move { on_backend!(&db, leases::acquire(&tenant, &holder, &addr, ttl)) }).await
     }
 
@@ -238,14 +238,14 @@ impl SqlStore {
     /// returned: a market the caller believes it holds and that is missing here was lost.
     pub async fn renew_leases(&self, holder: &str, ttl: Duration) -> Result<Vec<(TenantId, i64)>, PersistenceError> {
         let ttl = ttl_ms(ttl);
-        let (db, holder) = (self.db().clone(), holder.to_owned());
+        let (db, holder) = (self.writes().clone(), holder.to_owned());
         self.bounded(async move { on_backend!(&db, leases::renew(&holder, ttl)) }).await
     }
 
     /// Gives up every live lease of `holder` at once (`expires_at` = 0, epoch kept, so the next
     /// holder gets epoch + 1); returns how many.
     pub async fn release_leases(&self, holder: &str) -> Result<u64, PersistenceError> {
-        let (db, holder) = (self.db().clone(), holder.to_owned());
+        let (db, holder) = (self.writes().clone(), holder.to_owned());
         self.bounded(async move { on_backend!(&db, leases::release(&holder)) }).await
     }
 

@@ -86,6 +86,9 @@ impl<'a> Reduced<'a> {
         }
         r.fences.sort_unstable();
         r.fences.dedup();
+        // Rows locked in one order by every transaction (the flusher sorts its couriers too).
+        r.orders.sort_unstable_by(|a, b| (a.tenant.as_str(), a.id.as_str()).cmp(&(b.tenant.as_str(), b.id.as_str())));
+        r.couriers.sort_unstable_by(|a, b| (a.tenant.as_str(), a.id.as_str()).cmp(&(b.tenant.as_str(), b.id.as_str())));
         for (key, z) in zones {
             match z {
                 Some(z) => r.zone_upserts.push(z),
@@ -181,7 +184,7 @@ macro_rules! backend_ops {
                 // Profiles and snapshots before first registrations: a registration is an insert
                 // if absent, while a profile written before it with an earlier `updated_at`
                 // would be refused by the registration's row.
-                upsert_couriers(conn, &r.couriers).await?;
+                upsert_couriers(conn, &r.couriers, super::CourierColumns::Profile).await?;
                 register_couriers(conn, &r.registrations).await?;
                 upsert_zones(conn, &r.zone_upserts).await?;
                 for (tenant, id) in &r.zone_deletes {
@@ -293,18 +296,16 @@ macro_rules! backend_ops {
                 qb
             }
 
-            /// Upserts couriers; an older snapshot (by `updated_at`) never overwrites a newer one.
-            pub(crate) async fn upsert_couriers(conn: &mut Conn, couriers: &[&CourierRecord]) -> Result<(), PersistenceError> {
+            /// Upserts couriers: `columns` says which of an existing row's columns
+            /// ([`super::CourierColumns`]).
+            pub(crate) async fn upsert_couriers(
+                conn: &mut Conn,
+                couriers: &[&CourierRecord],
+                columns: super::CourierColumns,
+            ) -> Result<(), PersistenceError> {
                 for chunk in couriers.chunks(MAX_PARAMS / 15) {
                     let mut qb = courier_values(chunk);
-                    qb.push(
-                        " ON CONFLICT (tenant, id) DO UPDATE SET name = excluded.name, vehicle = excluded.vehicle, \
-                         capacity = excluded.capacity, device_id = excluded.device_id, status = excluded.status, \
-                         on_shift = excluded.on_shift, fix_lat = excluded.fix_lat, fix_lng = excluded.fix_lng, \
-                         fix_ts = excluded.fix_ts, fix_speed = excluded.fix_speed, fix_heading = excluded.fix_heading, \
-                         fix_acc = excluded.fix_acc, updated_at = excluded.updated_at \
-                         WHERE couriers.updated_at <= excluded.updated_at",
-                    );
+                    qb.push(columns.on_conflict());
                     qb.build().persistent(false).execute(&mut *conn).await?;
                 }
                 Ok(())
@@ -405,7 +406,7 @@ macro_rules! backend_ops {
             ) -> Result<(), PersistenceError> {
                 let mut tx = if fences.is_empty() { pool.begin().await? } else { pool.begin_with(BEGIN_WRITE).await? };
                 check_fences(&mut tx, fences, false).await?;
-                upsert_couriers(&mut tx, couriers).await?;
+                upsert_couriers(&mut tx, couriers, super::CourierColumns::Live).await?;
                 insert_locations(&mut tx, locations).await?;
                 tx.commit().await?;
                 Ok(())
@@ -415,7 +416,7 @@ macro_rules! backend_ops {
             pub(crate) async fn upsert_couriers_one_by_one(pool: &Pool<Db>, couriers: &[CourierRecord]) -> Result<(), PersistenceError> {
                 let mut conn = pool.acquire().await?;
                 for c in couriers {
-                    upsert_couriers(&mut conn, &[c]).await?;
+                    upsert_couriers(&mut conn, &[c], super::CourierColumns::Live).await?;
                 }
                 Ok(())
             }
@@ -570,8 +571,11 @@ macro_rules! backend_ops {
                 Ok(r.rows_affected())
             }
 
-            pub(crate) async fn save_speeds(pool: &Pool<Db>, tables: &[SpeedTable]) -> Result<(), PersistenceError> {
-                let mut tx = pool.begin().await?;
+            /// Saves speed tables, after checking `fences` (holder and epoch of each market's
+            /// lease, as the snapshot flush does) in the same transaction.
+            pub(crate) async fn save_speeds(pool: &Pool<Db>, tables: &[SpeedTable], fences: &[(&str, &str, i64)]) -> Result<(), PersistenceError> {
+                let mut tx = if fences.is_empty() { pool.begin().await? } else { pool.begin_with(BEGIN_WRITE).await? };
+                check_fences(&mut tx, fences, false).await?;
                 for t in tables {
                     sqlx::query(
                         "INSERT INTO speed_models (tenant, vehicle, model, updated_at) VALUES ($1, $2, $3, $4) \
@@ -658,13 +662,72 @@ impl NotedXid {
     }
 }
 
-/// Decodes the rows of a recovery load.
+/// Decodes the rows of a recovery load. A row this build cannot read (a state, vehicle or
+/// geometry written by a newer build, a row edited by hand) is skipped with an error naming
+/// it, not the whole load: one bad row stopped every node that loaded its market, and an
+/// older build could not start on a database a newer one had written (a rollback).
 fn recovered(couriers: Vec<CourierRow>, orders: Vec<OrderRow>, zones: Vec<ZoneRow>) -> Result<Recovered, PersistenceError> {
     Ok(Recovered {
-        couriers: couriers.into_iter().map(CourierRow::into_domain).collect::<Result<_, _>>()?,
-        open_orders: orders.into_iter().map(OrderRow::into_domain).collect::<Result<_, _>>()?,
-        zones: zones.into_iter().map(ZoneRow::into_domain).collect::<Result<_, _>>()?,
+        couriers: readable(couriers, |r| (r.tenant.clone(), r.id.clone()), CourierRow::into_domain),
+        open_orders: readable(orders, |r| (r.tenant.clone(), r.id.clone()), OrderRow::into_domain),
+        zones: readable(zones, |r| (r.tenant.clone(), r.id.clone()), ZoneRow::into_domain),
     })
+}
+
+/// The rows `decode` can read; the others logged (with their `(tenant, id)`) and left out.
+fn readable<R, T>(rows: Vec<R>, key: impl Fn(&R) -> (String, String), decode: impl Fn(R) -> Result<T, PersistenceError>) -> Vec<T> {
+    rows.into_iter()
+        .filter_map(|r| {
+            let (tenant, id) = key(&r);
+            decode(r)
+                .inspect_err(|e| tracing::error!(%tenant, %id, error = %e, "a stored row this build cannot read is left out of the recovery"))
+                .ok()
+        })
+        .collect()
+}
+
+/// Which columns of an existing courier row an upsert writes.
+///
+/// A courier row holds two things written by two paths: its profile (name, vehicle, capacity,
+/// device, on shift), written durably by a profile change (`Write::Courier`, one at a time per
+/// courier), and its live state (status, last fix, `updated_at`), written by the snapshot
+/// flusher from the courier's actor. Before, each wrote both, guarded by `updated_at` alone: a
+/// snapshot taken during a profile change (a fix arriving meanwhile, stamped later, carrying the
+/// old profile) overwrote the new profile, or made the store refuse it as older; until the next
+/// snapshot (half a second) the stored profile was the old one, and a crash then kept it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CourierColumns {
+    /// A profile change: the profile always (profile changes are serialised per courier, and
+    /// fenced by the market's lease), the live columns only if newer.
+    Profile,
+    /// A snapshot: the live columns if newer; the profile never (only when inserting).
+    Live,
+}
+
+impl CourierColumns {
+    fn on_conflict(self) -> &'static str {
+        match self {
+            CourierColumns::Profile => {
+                " ON CONFLICT (tenant, id) DO UPDATE SET name = excluded.name, vehicle = excluded.vehicle, \
+                 capacity = excluded.capacity, device_id = excluded.device_id, on_shift = excluded.on_shift, \
+                 status = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.status ELSE couriers.status END, \
+                 fix_lat = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.fix_lat ELSE couriers.fix_lat END, \
+                 fix_lng = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.fix_lng ELSE couriers.fix_lng END, \
+                 fix_ts = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.fix_ts ELSE couriers.fix_ts END, \
+                 fix_speed = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.fix_speed ELSE couriers.fix_speed END, \
+                 fix_heading = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.fix_heading ELSE couriers.fix_heading END, \
+                 fix_acc = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.fix_acc ELSE couriers.fix_acc END, \
+                 updated_at = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.updated_at ELSE couriers.updated_at END"
+            }
+            CourierColumns::Live => {
+                " ON CONFLICT (tenant, id) DO UPDATE SET status = excluded.status, \
+                 fix_lat = excluded.fix_lat, fix_lng = excluded.fix_lng, fix_ts = excluded.fix_ts, \
+                 fix_speed = excluded.fix_speed, fix_heading = excluded.fix_heading, fix_acc = excluded.fix_acc, \
+                 updated_at = excluded.updated_at \
+                 WHERE couriers.updated_at <= excluded.updated_at"
+            }
+        }
+    }
 }
 
 /// PostgreSQL bulk writes with `UNNEST`: one statement per table whatever the row count, with
@@ -677,7 +740,8 @@ pub(crate) mod pg_bulk {
     use super::LocationRow;
     use crate::error::PersistenceError;
 
-    /// Upserts couriers; an older snapshot (by `updated_at`) never overwrites a newer one.
+    /// Upserts courier snapshots ([`super::CourierColumns::Live`]: an existing row's profile is
+    /// left alone, its live columns taken when newer).
     pub(crate) async fn upsert_couriers(conn: &mut PgConnection, couriers: &[&CourierRecord]) -> Result<(), PersistenceError> {
         if couriers.is_empty() {
             return Ok(());
@@ -722,11 +786,10 @@ pub(crate) mod pg_bulk {
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], \
              $7::text[], $8::bool[], $9::float8[], $10::float8[], $11::int8[], $12::float8[], $13::float8[], \
              $14::float8[], $15::int8[]) \
-             ON CONFLICT (tenant, id) DO UPDATE SET name = excluded.name, vehicle = excluded.vehicle, \
-             capacity = excluded.capacity, device_id = excluded.device_id, status = excluded.status, \
-             on_shift = excluded.on_shift, fix_lat = excluded.fix_lat, fix_lng = excluded.fix_lng, \
-             fix_ts = excluded.fix_ts, fix_speed = excluded.fix_speed, fix_heading = excluded.fix_heading, \
-             fix_acc = excluded.fix_acc, updated_at = excluded.updated_at \
+             ON CONFLICT (tenant, id) DO UPDATE SET status = excluded.status, \
+             fix_lat = excluded.fix_lat, fix_lng = excluded.fix_lng, fix_ts = excluded.fix_ts, \
+             fix_speed = excluded.fix_speed, fix_heading = excluded.fix_heading, fix_acc = excluded.fix_acc, \
+             updated_at = excluded.updated_at \
              WHERE couriers.updated_at <= excluded.updated_at",
         )
         .bind(tenant)

@@ -25,10 +25,20 @@ use crate::error::PersistenceError;
 use crate::options::StoreOptions;
 use crate::writer::{self, CommitReq, Counters, SnapshotBuffer};
 
+/// Connections of the write path's own pool on PostgreSQL ([`Inner::writes`]).
+const WRITE_CONNECTIONS: u32 = 4;
+
 /// State shared by the store handle, the writer and the flusher.
 #[derive(Debug)]
 pub(crate) struct Inner {
+    /// Reads and the other statements.
     pub(crate) db: Db,
+    /// The writer's, the flusher's and the market leases' own connections (PostgreSQL; the
+    /// same pool as `db` on SQLite, whose writes take one file lock anyway): reads that hold
+    /// every connection of `db` (consoles' snapshots, history exports, event pages) made a
+    /// commit's connection wait past `acquire_timeout`, which the writer took for an outage,
+    /// failing every queued commit; and a lease renewal could wait the same way.
+    pub(crate) writes: Db,
     pub(crate) opts: StoreOptions,
     pub(crate) counters: Arc<Counters>,
     pub(crate) snapshots: parking_lot::Mutex<SnapshotBuffer>,
@@ -105,11 +115,17 @@ impl SqlStore {
         let opts = opts.normalized();
         let db = Db::open(url, &opts).await?;
         db.migrate().await?;
+        let writes = match &db {
+            // The writer, the flusher, the renewer and a take-over, one each.
+            Db::Pg(_) => Db::open(url, &StoreOptions { max_connections: WRITE_CONNECTIONS, ..opts.clone() }).await?,
+            Db::Sqlite(_) => db.clone(),
+        };
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel(opts.queue_capacity);
-        tokio::spawn(writer::run_writer(db.clone(), rx, counters.clone(), opts.clone()));
+        tokio::spawn(writer::run_writer(writes.clone(), rx, counters.clone(), opts.clone()));
         let inner = Arc::new(Inner {
             db,
+            writes,
             opts: opts.clone(),
             counters,
             snapshots: parking_lot::Mutex::new(SnapshotBuffer::default()),
@@ -161,6 +177,7 @@ impl SqlStore {
         self.inner.closed.store(true, Ordering::Release);
         let flushed = self.flush_snapshots().await;
         self.inner.db.close().await;
+        self.inner.writes.close().await;
         tracing::info!(backend = self.backend(), "store closed");
         drained.and(flushed)
     }
@@ -182,7 +199,7 @@ impl SqlStore {
         let (reply, rx) = oneshot::channel();
         self.inner
             .commits
-            .send(CommitReq { writes: Vec::new(), reply })
+            .send(CommitReq { writes: Vec::new(), reply, queued_at: tokio::time::Instant::now() })
             .await
             .map_err(|_| PersistenceError::WriterStopped)?;
         rx.await.map_err(|_| PersistenceError::WriterStopped)?.map_err(|_| PersistenceError::WriterStopped)
@@ -190,6 +207,11 @@ impl SqlStore {
 
     pub(crate) fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// The pool of the write path and the leases ([`Inner::writes`]).
+    pub(crate) fn writes(&self) -> &Db {
+        &self.inner.writes
     }
 
     /// Runs `fut` on the store's home runtime and waits for it (see the module doc). It runs to
@@ -305,7 +327,8 @@ impl Store for SqlStore {
             return Ok(());
         }
         let (reply, rx) = oneshot::channel();
-        self.inner.commits.try_send(CommitReq { writes: batch, reply }).map_err(|e| match e {
+        let queued_at = tokio::time::Instant::now();
+        self.inner.commits.try_send(CommitReq { writes: batch, reply, queued_at }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::Backpressure,
             mpsc::error::TrySendError::Closed(_) => PersistenceError::WriterStopped.into(),
         })?;
@@ -343,9 +366,42 @@ impl Store for SqlStore {
         let (db, tenant, id) = (self.db().clone(), tenant.clone(), id.clone());
         self.read(async move { on_backend!(&db, ops::order(&tenant, &id)) }).await
     }
-    async fn save_speeds(&self, tables: Vec<SpeedTable>) -> Result<(), StoreError> {
-        let db = self.db().clone();
-        self.read(async move { on_backend!(&db, ops::save_speeds(&tables)) }).await
+    /// With market leases ([`SqlStore::fence_snapshots`]), a market's tables are written only
+    /// while this node holds its lease at the epoch it knows, checked in the transaction: a node
+    /// that lost a market (and saves on its way out) does not overwrite the new owner's.
+    async fn save_speeds(&self, mut tables: Vec<SpeedTable>) -> Result<(), StoreError> {
+        loop {
+            let mut fences: Vec<(TenantId, String, i64)> = Vec::new();
+            if let Some(lease_of) = self.inner.snapshot_fences.get() {
+                let mut tenants: Vec<TenantId> = tables.iter().map(|t| t.tenant.clone()).collect();
+                tenants.sort_unstable();
+                tenants.dedup();
+                for t in tenants {
+                    match (lease_of.0)(&t) {
+                        Some((holder, epoch)) => fences.push((t, holder, epoch)),
+                        None => tables.retain(|x| x.tenant != t),
+                    }
+                }
+            }
+            if tables.is_empty() {
+                return Ok(());
+            }
+            let db = self.writes().clone();
+            let batch = tables.clone();
+            let saved = self
+                .read(async move {
+                    let fences: Vec<(&str, &str, i64)> = fences.iter().map(|(t, h, e)| (t.as_str(), h.as_str(), *e)).collect();
+                    on_backend!(&db, ops::save_speeds(&batch, &fences))
+                })
+                .await;
+            match saved {
+                Err(StoreError::Fenced(t)) => {
+                    tracing::info!(tenant = %t, "learned speeds of a market another node holds now are not saved");
+                    tables.retain(|x| x.tenant != t);
+                }
+                other => return other,
+            }
+        }
     }
     async fn load_speeds(&self) -> Result<Vec<SpeedTable>, StoreError> {
         let db = self.db().clone();

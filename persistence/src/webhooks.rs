@@ -534,7 +534,12 @@ macro_rules! webhook_ops {
                 }
                 // Then the claim, by primary key. The condition is re-checked on rows another
                 // node claimed meanwhile (PostgreSQL re-evaluates it after waiting for the row
-                // lock), so no row is claimed twice within one lease.
+                // lock), so no row is claimed twice within one lease. The claim and the read of
+                // what it claimed are one transaction: a read that fails or times out (the
+                // caller's statement timeout drops it) rolls the claim back, instead of leaving
+                // rows leased to nobody until the lease lapses, with an attempt counted that was
+                // never made.
+                let mut tx = pool.begin().await?;
                 let values: Vec<String> =
                     (0..keys.len()).map(|i| format!("(${}, ${}, ${})", 4 + 3 * i, 5 + 3 * i, 6 + 3 * i)).collect();
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -548,7 +553,7 @@ macro_rules! webhook_ops {
                 for (t, w, seq) in &keys {
                     q = q.bind(t.as_str()).bind(w.as_str()).bind(*seq);
                 }
-                q.execute(pool).await?;
+                q.execute(&mut *tx).await?;
                 let rows: Vec<ClaimedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                     "SELECT o.webhook_id, w.url, w.secret, o.attempts, \
                      e.seq, e.tenant, e.entity, e.entity_id, e.kind, e.actor, e.reason, e.ts, e.attrs{JSON_OUT} AS attrs \
@@ -558,8 +563,9 @@ macro_rules! webhook_ops {
                      WHERE o.lease = $1 AND o.state = 'pending' ORDER BY e.seq"
                 )))
                 .bind(lease)
-                .fetch_all(pool)
+                .fetch_all(&mut *tx)
                 .await?;
+                tx.commit().await?;
                 rows.into_iter()
                     .map(|r| {
                         let (seq, event) = r.event.into_domain()?;

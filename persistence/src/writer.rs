@@ -47,6 +47,8 @@ use crate::store::Inner;
 pub(crate) struct CommitReq {
     pub writes: Vec<Write>,
     pub reply: oneshot::Sender<Result<(), StoreError>>,
+    /// When it was queued ([`StoreOptions::queue_wait`]).
+    pub queued_at: tokio::time::Instant,
 }
 
 /// Counters of the write path (monotonic).
@@ -78,6 +80,16 @@ pub(crate) async fn run_writer(db: Db, mut rx: mpsc::Receiver<CommitReq>, counte
                 Ok(r) => group.push(r),
                 Err(_) => break,
             }
+        }
+        // Requests that waited too long are answered, not written: their callers are about to
+        // give up (and report them failed).
+        let now = tokio::time::Instant::now();
+        let late: Vec<CommitReq> =
+            group.extract_if(.., |r| !r.writes.is_empty() && now.duration_since(r.queued_at) > opts.queue_wait).collect();
+        if !late.is_empty() {
+            tracing::warn!(requests = late.len(), queue_wait = ?opts.queue_wait, "commits waited too long for the writer; not written");
+            let e = Arc::new(PersistenceError::QueuedTooLong(opts.queue_wait));
+            late.into_iter().for_each(|r| answer_failed(r, &e, &counters));
         }
         if group.iter().all(|r| r.writes.is_empty()) {
             // Only barriers (`flush` / `close` waiting for the queue to drain): nothing to write.
@@ -471,13 +483,16 @@ async fn flush_batch(
     mut locations: Vec<(TenantId, CourierId, LocationSample)>,
 ) -> Result<(), PersistenceError> {
     let mut fences = flush_fences(inner, &mut couriers, &mut locations);
+    // Rows locked in one order by every writer of couriers (the commits' groups too), so a
+    // flush and a group updating the same couriers never deadlock.
+    couriers.sort_unstable_by(|a, b| (a.tenant.as_str(), a.id.as_str()).cmp(&(b.tenant.as_str(), b.id.as_str())));
     let limit = inner.opts.statement_timeout;
     let c = &inner.counters;
     let written = loop {
         if couriers.is_empty() && locations.is_empty() {
             return Ok(());
         }
-        match write_snapshots(&inner.db, &couriers, &locations, &fences, limit).await {
+        match write_snapshots(&inner.writes, &couriers, &locations, &fences, limit).await {
             // Lost between the buffer and the database: drop that market's rows, write the rest.
             Err(PersistenceError::Fenced { tenant }) => {
                 let tenant = TenantId::new(tenant);
@@ -496,7 +511,21 @@ async fn flush_batch(
             c.location_rows.fetch_add(locations.len() as u64, Ordering::Relaxed);
             Ok(())
         }
-        Err(e) if e.is_connectivity() => {
+        // In the way of other transactions (a deadlock, a lock timeout), or too big for a
+        // server-side statement timeout: written again at once in halves, each halved again if
+        // it fails so. Before, such a batch was sent row by row (up to 20,000 rows, each its
+        // own transaction) with the flush lock held.
+        Err(e) if e.is_transient() && couriers.len() + locations.len() > 1 => {
+            tracing::warn!(error = %e, couriers = couriers.len(), locations = locations.len(), "snapshot flush failed for now; writing it in halves");
+            let (couriers2, locations2) = (couriers.split_off(couriers.len() / 2), locations.split_off(locations.len() / 2));
+            if let Err(e) = Box::pin(flush_batch(inner, couriers, locations)).await {
+                inner.snapshots.lock().put_back(couriers2, locations2);
+                return Err(e);
+            }
+            Box::pin(flush_batch(inner, couriers2, locations2)).await
+        }
+        // Out of reach (or one row in the way): kept, and tried again at the next flush.
+        Err(e) if e.is_connectivity() || e.is_transient() => {
             c.flush_failures.fetch_add(1, Ordering::Relaxed);
             inner.snapshots.lock().put_back(couriers, locations);
             Err(e)
@@ -507,7 +536,7 @@ async fn flush_batch(
             tracing::warn!(error = %e, "snapshot flush refused, writing row by row");
             let mut couriers = couriers.into_iter();
             while let Some(one) = couriers.next() {
-                match write_snapshots(&inner.db, std::slice::from_ref(&one), &[], &fence_of(&fences, &one.tenant), limit).await {
+                match write_snapshots(&inner.writes, std::slice::from_ref(&one), &[], &fence_of(&fences, &one.tenant), limit).await {
                     Ok(()) => {
                         c.courier_rows.fetch_add(1, Ordering::Relaxed);
                     }
@@ -526,7 +555,7 @@ async fn flush_batch(
                 }
             }
             for (i, one) in locations.iter().enumerate() {
-                match write_snapshots(&inner.db, &[], std::slice::from_ref(one), &fence_of(&fences, &one.0), limit).await {
+                match write_snapshots(&inner.writes, &[], std::slice::from_ref(one), &fence_of(&fences, &one.0), limit).await {
                     Ok(()) => {
                         c.location_rows.fetch_add(1, Ordering::Relaxed);
                     }

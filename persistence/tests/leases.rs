@@ -500,5 +500,20 @@ async fn flushes_are_fenced_by_the_lease_held_at_flush_time(ctx: Ctx) {
     let stats = store.stats();
     assert_eq!(stats.fenced_rows, 4, "a snapshot and a sample each of `lost` and `gone`");
     assert_eq!((stats.buffered_couriers, stats.buffered_locations), (0, 0), "fenced rows are not put back");
+
+    // Learned speeds the same way (before, only filtered by what the node believed it held):
+    // B's table of `lost` stands, `gone` is not written, `lapsed` is.
+    ctx.exec("INSERT INTO speed_models (tenant, vehicle, model, updated_at) VALUES ('lost', 'bike', 'B''s', 1500)").await;
+    let table = |tenant: &str| hexfleet_actors::store::SpeedTable {
+        tenant: t(tenant),
+        vehicle: hexfleet_actors::domain::Vehicle::Bike,
+        text: "A's".into(),
+        updated_at: 2_000,
+    };
+    store.save_speeds(vec![table("kept"), table("lost"), table("gone"), table("lapsed")]).await.expect("saves what it may");
+    let mut saved: Vec<(String, String)> = store.load_speeds().await.unwrap().into_iter().map(|s| (s.tenant.to_string(), s.text)).collect();
+    saved.sort();
+    let want = [("kept", "A's"), ("lapsed", "A's"), ("lost", "B's")].map(|(a, b)| (a.to_owned(), b.to_owned()));
+    assert_eq!(saved, want);
     store.close().await.unwrap();
 }

@@ -30,6 +30,8 @@ both_backends!(
     a_large_backlog_is_flushed_in_batches,
     a_registration_never_replaces_a_profile,
     shutdown_writes_every_couriers_last_state_past_a_full_buffer,
+    a_newer_builds_schema_and_rows_do_not_stop_this_one,
+    a_snapshot_never_overwrites_a_profile_change,
 );
 
 fn t(s: &str) -> TenantId {
@@ -103,6 +105,143 @@ async fn postgres_a_commit_that_outlasts_the_timeout_is_resolved() {
         // And the writer goes on.
         store.commit(vec![Write::Event(event("t1", EntityKind::Order, "o3", "order.created", 3))]).await.unwrap();
         assert_eq!(kinds().await, ["test.slow", "order.created"]);
+        store.close().await.unwrap();
+    })
+    .await;
+}
+
+/// A courier's profile and its live state are written by two paths (profile changes, durably;
+/// snapshots from its actor): a snapshot taken during a profile change carries the old profile
+/// and a later `updated_at`. Flushed after the change, it overwrote the new profile; flushed
+/// before, it made the store refuse the change as older. Now a snapshot writes only the live
+/// columns (when newer), and a profile change always its profile (the live columns when newer).
+async fn a_snapshot_never_overwrites_a_profile_change(ctx: Ctx) {
+    let store = ctx.open().await;
+    let p0 = courier("t1", "c1", 100, 50.0);
+    store.commit(vec![Write::Courier(p0.clone())]).await.unwrap();
+    let c1 = async || store.load().await.unwrap().couriers.into_iter().find(|c| c.id.as_str() == "c1").unwrap();
+    // The change (at 200), then a snapshot taken meanwhile (at 300, the old profile).
+    let mut p1 = p0.clone();
+    (p1.name, p1.capacity, p1.updated_at) = (Some("renamed".into()), 5, 200);
+    store.commit(vec![Write::Courier(p1.clone())]).await.unwrap();
+    let snap = courier("t1", "c1", 300, 50.1);
+    store.snapshot_couriers(vec![snap.clone()]).unwrap();
+    store.flush().await.unwrap();
+    let got = c1().await;
+    assert_eq!((got.name.as_deref(), got.capacity), (Some("renamed"), 5), "the profile change stands: {got:?}");
+    assert_eq!((got.last_fix, got.updated_at), (snap.last_fix, 300), "the snapshot's live state is taken");
+    // The other order: a snapshot (at 400, the old profile) flushed before a change stamped 350.
+    let snap = courier("t1", "c1", 400, 50.2);
+    store.snapshot_couriers(vec![snap.clone()]).unwrap();
+    store.flush().await.unwrap();
+    let mut p2 = p1.clone();
+    (p2.capacity, p2.updated_at, p2.last_fix) = (7, 350, courier("t1", "c1", 350, 49.0).last_fix);
+    store.commit(vec![Write::Courier(p2.clone())]).await.unwrap();
+    let got = c1().await;
+    assert_eq!((got.name.as_deref(), got.capacity), (Some("renamed"), 7), "the profile change is not refused as older: {got:?}");
+    assert_eq!((got.last_fix, got.updated_at), (snap.last_fix, 400), "the newer live state stays");
+    store.close().await.unwrap();
+}
+
+/// A database a newer build has written (a rollback after a bad release, an older node in a
+/// rolling upgrade): a migration this build does not know, and an open order in a state it
+/// cannot read. The store opens, and the recovery loads every other row and leaves that one
+/// out (logged). Before, sqlx refused to start (`VersionMissing`), and one unreadable row
+/// failed the whole load, so no node could start on that database.
+async fn a_newer_builds_schema_and_rows_do_not_stop_this_one(ctx: Ctx) {
+    let store = ctx.open().await;
+    store.commit(vec![Write::Order(full_order("t1", "o1")), Write::Order(full_order("t1", "o2")), Write::Courier(courier("t1", "c1", 5, 50.0))]).await.unwrap();
+    store.close().await.unwrap();
+    let checksum = if ctx.kind == Kind::Postgres { "decode('00', 'hex')" } else { "X'00'" };
+    ctx.exec(&format!(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99991231000001, 'from a newer build', true, {checksum}, 0); \
+         UPDATE orders SET state = 'teleporting' WHERE id = 'o2';"
+    ))
+    .await;
+    let store = ctx.open().await;
+    let rec = store.load().await.unwrap();
+    let orders: Vec<&str> = rec.open_orders.iter().map(|o| o.id.as_str()).collect();
+    assert_eq!(orders, ["o1"], "the readable order is recovered, the other left out");
+    assert_eq!(rec.couriers.len(), 1);
+    // The store works on.
+    store.commit(vec![Write::Order(full_order("t1", "o3"))]).await.unwrap();
+    store.close().await.unwrap();
+}
+
+/// PostgreSQL: reads holding every connection of the pool (here two event reads stuck behind
+/// a lock) do not fail commits. The writer has connections of its own; before, it waited for
+/// one of the readers' past `acquire_timeout`, took that for an outage and failed the commit
+/// (and everything queued behind it) with the database healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_busy_reads_do_not_fail_commits() {
+    use sqlx::Connection as _;
+    common::run(Kind::Postgres, |ctx| async move {
+        let opts = StoreOptions { max_connections: 2, acquire_timeout: Duration::from_millis(500), ..ctx.options() };
+        let store = SqlStore::open(&ctx.url, opts).await.unwrap();
+        let mut locker = sqlx::PgConnection::connect(&ctx.url).await.unwrap();
+        let mut tx = locker.begin().await.unwrap();
+        sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
+        let reads: Vec<_> = (0..2)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.events(EventQuery { tenant: t("t1"), entity: None, since_seq: None, limit: 10 }).await })
+            })
+            .collect();
+        // Both read connections wait on the lock.
+        let mut watch = sqlx::PgConnection::connect(&ctx.url).await.unwrap();
+        let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&mut watch).await.unwrap() < 2 {
+            assert!(Instant::now() < deadline, "the reads never waited on the lock");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        store.commit(vec![Write::Order(full_order("t1", "o1"))]).await.expect("the commit does not wait for the readers' connections");
+        tx.rollback().await.unwrap();
+        for r in reads {
+            r.await.unwrap().expect("the reads go through once the lock is gone");
+        }
+        assert!(store.order(&t("t1"), &OrderId::new("o1")).await.unwrap().is_some());
+        store.close().await.unwrap();
+    })
+    .await;
+}
+
+/// PostgreSQL: a commit that waited in the writer's queue longer than `queue_wait` (behind a
+/// slow transaction) is answered failed and not written. Before, it was written whenever the
+/// writer reached it, after its caller had given up and reported it failed (a 503 for an order
+/// command that then happened). A trigger sleeping in one commit stands in for a slow database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_commit_queued_too_long_is_not_written() {
+    use sqlx::Connection as _;
+    common::run(Kind::Postgres, |ctx| async move {
+        let opts = StoreOptions { statement_timeout: Duration::from_secs(5), queue_wait: Duration::from_millis(300), ..ctx.options() };
+        let store = SqlStore::open(&ctx.url, opts).await.unwrap();
+        ctx.exec(
+            "CREATE FUNCTION slow_event() RETURNS trigger AS $$ BEGIN \
+               IF NEW.kind = 'test.slow' THEN PERFORM pg_sleep(1.5); END IF; RETURN NULL; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER slow_event AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION slow_event();",
+        )
+        .await;
+        let slow = tokio::spawn({
+            let store = store.clone();
+            async move { store.commit(vec![Write::Event(event("t1", EntityKind::Order, "o0", "test.slow", 1))]).await }
+        });
+        // Once the slow commit holds the writer, the next one queues behind it for over a second.
+        let mut watch = sqlx::PgConnection::connect(&ctx.url).await.unwrap();
+        let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'";
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sqlx::query_scalar::<_, i64>(sleeping).fetch_one(&mut watch).await.unwrap() == 0 {
+            assert!(Instant::now() < deadline, "the slow commit never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let late = store.commit(vec![Write::Order(full_order("t1", "o1"))]).await;
+        assert!(matches!(late, Err(StoreError::Unavailable(_))), "{late:?}");
+        slow.await.unwrap().expect("the slow commit itself went through");
+        assert_eq!(store.order(&t("t1"), &OrderId::new("o1")).await.unwrap(), None, "the late commit was not written");
+        // The writer goes on.
+        store.commit(vec![Write::Order(full_order("t1", "o2"))]).await.unwrap();
+        assert!(store.order(&t("t1"), &OrderId::new("o2")).await.unwrap().is_some());
         store.close().await.unwrap();
     })
     .await;

@@ -65,6 +65,39 @@ async fn deleting_a_webhook_beside_a_commit_does_not_deadlock() {
     .await;
 }
 
+/// A claim whose read of the claimed rows times out leaves nothing leased (PostgreSQL). The
+/// claim was an `UPDATE` and then a `SELECT`, each on its own: with the read stuck (here behind a
+/// lock on `events`, which it joins) past the statement timeout, the rows stayed leased to a
+/// claimer that never got them until the lease lapsed, with an attempt counted that was never
+/// made. Now the two are one transaction, rolled back with the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_read_times_out_leases_nothing() {
+    use sqlx::Connection as _;
+    common::run(common::Kind::Postgres, |ctx| async move {
+        let opts = hexfleet_persistence::StoreOptions { statement_timeout: std::time::Duration::from_millis(300), ..ctx.options() };
+        let store = hexfleet_persistence::SqlStore::open(&ctx.url, opts).await.unwrap();
+        store.put_webhook(&hook("t1", "w", &["order.*"], 1_000), "dispatcher:d").await.unwrap();
+        store.commit(vec![Write::Event(event("t1", EntityKind::Order, "o1", "order.created", 2_000))]).await.unwrap();
+
+        // The read of the claimed rows joins `events`: a lock on it holds the read, not the
+        // `UPDATE` of the outbox before it.
+        let mut locker = sqlx::PgConnection::connect(&ctx.url).await.unwrap();
+        let mut tx = locker.begin().await.unwrap();
+        sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
+        let stuck = store.claim_webhook_deliveries(10_000, 50_000, "A", 10, &ClaimShares::default(), &[]).await;
+        assert!(stuck.is_err(), "the claim's read waits for the lock past the statement timeout: {stuck:?}");
+        tx.rollback().await.unwrap();
+
+        // Nothing is leased to "A": the delivery is claimable at once, as its first attempt.
+        let again = store.claim_webhook_deliveries(10_000, 50_000, "B", 10, &ClaimShares::default(), &[]).await.unwrap();
+        assert_eq!(again.iter().map(|d| (d.event.event.entity_id.as_str(), d.attempt)).collect::<Vec<_>>(), vec![("o1", 1)]);
+        let recs = store.webhook_deliveries(&TenantId::new("t1"), "w", 10).await.unwrap();
+        assert_eq!(recs.iter().map(|r| r.attempts).collect::<Vec<_>>(), vec![1], "one attempt counted, B's");
+        store.close().await.unwrap();
+    })
+    .await;
+}
+
 fn one_per_webhook() -> ClaimShares<'static> {
     ClaimShares { per_webhook: Some(1), ..ClaimShares::default() }
 }

@@ -365,6 +365,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     stalled: tokio::sync::watch::Sender<bool>,
+    /// Bumped by [`Proxy::strand`]: connections opened before stop passing bytes for good.
+    stranded: tokio::sync::watch::Sender<u64>,
     conns: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -377,6 +379,7 @@ impl Proxy {
         let conns: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let (up2, conns2) = (up.clone(), conns.clone());
         let (stalled, stall_rx) = tokio::sync::watch::channel(false);
+        let (stranded, strand_rx) = tokio::sync::watch::channel(0u64);
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else { continue };
@@ -386,6 +389,8 @@ impl Proxy {
                 }
                 let upstream = upstream.clone();
                 let mut stall = stall_rx.clone();
+                let mut strand = strand_rx.clone();
+                let born = *strand.borrow();
                 let task = tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(&upstream).await else { return };
                     tokio::select! {
@@ -394,6 +399,10 @@ impl Proxy {
                         _ = async { stall.wait_for(|s| *s).await.map(|_| ()) } => {
                             let _ = stall.wait_for(|s| !*s).await.map(|_| ());
                         }
+                        // Both sockets stay open, silent, until the proxy is dropped.
+                        _ = async { strand.wait_for(|e| *e > born).await.map(|_| ()) } => {
+                            std::future::pending::<()>().await;
+                        }
                     }
                 });
                 let mut g = conns2.lock();
@@ -401,7 +410,7 @@ impl Proxy {
                 g.push(task.abort_handle());
             }
         });
-        Proxy { addr, up, stalled, conns, accept }
+        Proxy { addr, up, stalled, stranded, conns, accept }
     }
 
     /// A proxy in front of the server of the PostgreSQL `url`, and `url` through it.
@@ -423,6 +432,12 @@ impl Proxy {
     /// Holds every connection, new ones too, open without passing a byte.
     pub fn stall(&self) {
         self.stalled.send_replace(true);
+    }
+
+    /// Holds the connections open now, silent, for good (a NAT that forgot them, an address a
+    /// failover left behind); new connections pass as before.
+    pub fn strand(&self) {
+        self.stranded.send_modify(|e| *e += 1);
     }
 
     /// Ends a cut or a stall (stalled connections close).
