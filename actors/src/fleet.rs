@@ -115,10 +115,10 @@ pub struct FleetConfig {
     /// wait to start (it is not applied after that).
     pub call_timeout: Duration,
     /// How long a caller waits, beyond `call_timeout`, for an order command the actor has
-    /// started: at least the store's bound on a commit. The SQL store's is its queue wait
-    /// (a commit not started by then is not written) plus an attempt and the resolution of an
-    /// unanswered COMMIT, or two attempts when a group is retried request by request: about
-    /// 5 + 10 s by default.
+    /// started: at least the store's bound on a commit. The SQL store's is its queue wait (a
+    /// commit not started by then is not written, 4 s) plus three statement timeouts (the
+    /// group's attempt, the request's own when the group was refused, the resolution of an
+    /// unanswered COMMIT): 19 s by default.
     pub commit_wait: Duration,
     /// H3 resolution of the dispatch cells that count supply and demand (7: ~5 km²).
     pub dispatch_res: u8,
@@ -1101,8 +1101,10 @@ impl Fleet {
         let res = self.command_as(tenant, id, cmd, who).await;
         match (res, courier) {
             (Err(e @ (FleetError::InvalidTransition { .. } | FleetError::Conflict(_))), Some(c)) => {
+                // Its own: offered to it, held by it, or once (it declined, or its offer
+                // lapsed, or the order was taken back from it): it knew of it already.
                 let mine = self.order(tenant, id).await.is_ok_and(|o| {
-                    o.courier.as_ref() == Some(&c) || o.offer.as_ref().is_some_and(|x| x.courier == c)
+                    o.courier.as_ref() == Some(&c) || o.offer.as_ref().is_some_and(|x| x.courier == c) || o.declined.contains(&c)
                 });
                 Err(if mine { e } else { FleetError::NotFound { what: "order" } })
             }

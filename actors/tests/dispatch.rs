@@ -876,6 +876,10 @@ async fn a_courier_is_told_nothing_about_orders_not_its_own() {
     assert!(matches!(err, FleetError::NotFound { .. }), "{err:?}");
     let err = w.f.command(&w.t, &o, Command::PickedUp { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap_err();
     assert!(matches!(err, FleetError::InvalidTransition { .. }), "a's own offer: {err:?}");
+    // An order it declined (or whose offer to it lapsed) it knew of: it is told why.
+    w.f.command(&w.t, &o, Command::Decline { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap();
+    let err = w.f.command(&w.t, &o, Command::Accept { courier: a.clone() }, Who::Courier(a.clone())).await.unwrap_err();
+    assert!(matches!(err, FleetError::InvalidTransition { .. }), "a declined it: {err:?}");
     // Closed: b never held it; staff still get the state.
     w.f.command(&w.t, &o, Command::Cancel, Who::Dispatcher("d".into())).await.unwrap();
     let err = as_b(Command::Accept { courier: b.clone() }).await.unwrap_err();

@@ -225,9 +225,9 @@ pub(crate) async fn get_trail(st: State, auth: Auth, path: web::Path<String>) ->
 
 /// The key the courier's OsmAnd/Traccar device must send with its reports.
 ///
-/// Derived from the JWT secret, the tenant and the courier's `device_id` (set with `PUT`), so
-/// it is the same on every node and is not stored. To revoke it, give the courier a new device
-/// id. Configure the device's server URL as `https://HOST/osmand?key=KEY`. 409 when the courier
+/// Derived from the JWT secret, the tenant, the courier and its `device_id` (set with `PUT` by
+/// staff), so it is the same on every node and is not stored. To revoke it, give the courier a
+/// new device id (a device given to another courier has another key too). Configure the device's server URL as `https://HOST/osmand?key=KEY`. 409 when the courier
 /// has no device id. Dispatchers and admins of the tenant, or the courier itself.
 #[utoipa::path(get, path = "/v1/couriers/{id}/device-key", params(("id" = String, Path)), responses((status = 200, body = crate::dto::DeviceKeyDto), (status = 403), (status = 404), (status = 409)), security(("bearer" = [])))]
 pub(crate) async fn device_key(st: State, auth: Auth, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
@@ -388,12 +388,14 @@ async fn osmand_authorize<'a>(
         if checked.iter().any(|(d, _)| *d == device) {
             continue;
         }
-        let owner = match (st.fleet.device(device), &st.markets) {
+        let local = st.fleet.device(device);
+        let from_store = local.is_none();
+        let mut owner = match (local, &st.markets) {
             (Some(owner), _) => Some(owner),
             (None, Some(m)) => m.device_owner(device).await.map_err(|e| osmand_err(e.status, e.code, &e.message))?,
             (None, None) => None,
         };
-        let allowed = match (key, &owner) {
+        let allows = |owner: &Option<(TenantId, CourierId)>| match (key, owner) {
             (Some(k), o) => {
                 // For an unknown device the MAC is computed all the same (and fails).
                 let (t, c) = o.as_ref().map_or(("", ""), |(t, c)| (t.as_str(), c.as_str()));
@@ -401,6 +403,18 @@ async fn osmand_authorize<'a>(
             }
             (None, o) => st.osmand_keyless && o.is_some(),
         };
+        let mut allowed = allows(&owner);
+        // A key refused against an owner cached a while ago is checked once more against the
+        // store: the device may have gone to another courier since (whose key this is).
+        if !allowed
+            && key.is_some()
+            && from_store
+            && let Some(m) = &st.markets
+            && m.forget_stale_device(device)
+        {
+            owner = m.device_owner(device).await.map_err(|e| osmand_err(e.status, e.code, &e.message))?;
+            allowed = allows(&owner);
+        }
         if !allowed {
             if owner.is_some() {
                 metrics::counter!("hexfleet_osmand_bad_key_total").increment(1);

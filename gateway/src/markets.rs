@@ -57,6 +57,8 @@ pub const FORWARDED: &str = "x-hexfleet-forwarded";
 
 /// Device → market entries cached at most.
 const MAX_DEVICES_CACHED: usize = 100_000;
+/// How long a device's owner read from the store is kept ([`Markets::device_owner`]).
+const DEVICE_CACHE_FOR: Duration = Duration::from_secs(60);
 
 /// The longest a forwarded HTTP request may wait for its answer to start, and then for each
 /// read of its body ([`MarketConfig::forward_timeout`]'s default).
@@ -799,6 +801,14 @@ impl Markets {
         })
     }
 
+    /// Forgets the cached owner of a device if it was read more than 5 s ago (the device may
+    /// have gone to another courier since); whether it did. At most one more read of the store
+    /// per device every 5 s, however many refused reports come.
+    pub fn forget_stale_device(&self, device_id: &str) -> bool {
+        let read_before = Instant::now() + DEVICE_CACHE_FOR - Duration::from_secs(5);
+        self.devices.remove_if(device_id, |_, d| d.0.is_some() && d.1 < read_before).is_some()
+    }
+
     /// The courier (and its tenant) a device is registered to, from the store (cached for a
     /// minute, unknown devices too).
     pub async fn device_owner(&self, device_id: &str) -> Result<Option<(TenantId, CourierId)>, ApiError> {
@@ -818,7 +828,7 @@ impl Markets {
                     }
                 }
                 if self.devices.len() < MAX_DEVICES_CACHED {
-                    self.devices.insert(device_id.to_owned(), (found.clone(), Instant::now() + Duration::from_secs(60)));
+                    self.devices.insert(device_id.to_owned(), (found.clone(), Instant::now() + DEVICE_CACHE_FOR));
                 }
                 found
             }

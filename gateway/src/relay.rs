@@ -295,8 +295,6 @@ impl Relay {
         }
     }
 
-    /// Sends a SUBSCRIBE for a channel already recorded in `listening`; without an answer, the
-    /// connection is made again (which subscribes everything recorded).
     /// Whether the subscription's connection answers a `PING` within [`LISTEN_TIMEOUT`]
     /// (`true` while it is being opened again: nothing to check).
     async fn subscription_answers(&self) -> bool {
@@ -304,6 +302,8 @@ impl Relay {
         matches!(tokio::time::timeout(LISTEN_TIMEOUT, sink.ping::<redis::Value>()).await, Ok(Ok(_)))
     }
 
+    /// Sends a SUBSCRIBE for a channel already recorded in `listening`; without an answer, the
+    /// connection is made again (which subscribes everything recorded).
     async fn subscribe(&self, channel: &str) {
         let Some(mut sink) = self.sink.lock().clone() else { return }; // reconnecting: it will
         match tokio::time::timeout(LISTEN_TIMEOUT, sink.subscribe(channel)).await {
@@ -477,6 +477,9 @@ async fn subscriber(
                         tracing::info!(channels = all.len(), "redis subscription restored");
                         // Publishers that went quiet on these meanwhile resume at once.
                         relay.notify_listening(all);
+                        // A reset asked for before this reconnect (a SUBSCRIBE that got no
+                        // answer on the old connection) is served by it: not a second one.
+                        let _ = relay.reset.notified().now_or_never();
                         // What was published while it was down (or dropped with a backlog) is
                         // gone: the sessions it fed start again, on the restored subscription.
                         gap(&relay);

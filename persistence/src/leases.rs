@@ -227,7 +227,7 @@ impl SqlStore {
         ttl: Duration,
     ) -> Result<Option<Lease>, PersistenceError> {
         let ttl = ttl_ms(ttl);
-        let (db, tenant, holder, addr) = (self.writes().clone(), tenant.clone(), holder.to_owned(), addr.to_owned());
+        let (db, tenant, holder, addr) = (self.db().clone(), tenant.clone(), holder.to_owned(), addr.to_owned());
         self.bounded(async move { on_backend!(&db, leases::acquire(&tenant, &holder, &addr, ttl)) }).await
     }
 

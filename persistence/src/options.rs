@@ -21,9 +21,11 @@ pub struct StoreOptions {
     /// Longest a commit request waits in the queue for the writer to start it. One not started
     /// by then fails (`Unavailable`) without being written: a slow database with a long queue
     /// (a dispatch round's thousands of commits) would otherwise write it after its caller had
-    /// given up and reported it failed. With this, a commit is settled within about
-    /// `queue_wait` plus two `statement_timeout`s (its attempt and the resolution of an
-    /// unanswered COMMIT), which callers' own waits are sized to. Default 5 s.
+    /// given up and reported it failed. With this, a commit is settled within `queue_wait`
+    /// plus three `statement_timeout`s (its group's attempt; when the group was refused, its
+    /// own attempt, not started past `queue_wait` + one timeout; the resolution of an
+    /// unanswered COMMIT): 19 s by default, which callers' own waits are sized to (the
+    /// actors' `commit_wait`, 20 s). Default 4 s.
     pub queue_wait: Duration,
     /// Connections in the pool.
     pub max_connections: u32,
@@ -48,7 +50,7 @@ impl Default for StoreOptions {
             queue_capacity: 16_384,
             snapshot_capacity: 500_000,
             max_group: 512,
-            queue_wait: Duration::from_secs(5),
+            queue_wait: Duration::from_secs(4),
             max_connections: 8,
             acquire_timeout: Duration::from_millis(1500),
             statement_timeout: Duration::from_secs(5),

@@ -33,11 +33,12 @@ const WRITE_CONNECTIONS: u32 = 4;
 pub(crate) struct Inner {
     /// Reads and the other statements.
     pub(crate) db: Db,
-    /// The writer's, the flusher's and the market leases' own connections (PostgreSQL; the
+    /// The writer's, the flusher's and the lease renewals' own connections (PostgreSQL; the
     /// same pool as `db` on SQLite, whose writes take one file lock anyway): reads that hold
     /// every connection of `db` (consoles' snapshots, history exports, event pages) made a
     /// commit's connection wait past `acquire_timeout`, which the writer took for an outage,
-    /// failing every queued commit; and a lease renewal could wait the same way.
+    /// failing every queued commit; and a lease renewal could wait the same way. Take-overs
+    /// (`acquire_lease`, as many at once as markets asked for) stay on `db`.
     pub(crate) writes: Db,
     pub(crate) opts: StoreOptions,
     pub(crate) counters: Arc<Counters>,
@@ -116,7 +117,7 @@ impl SqlStore {
         let db = Db::open(url, &opts).await?;
         db.migrate().await?;
         let writes = match &db {
-            // The writer, the flusher, the renewer and a take-over, one each.
+            // The writer and the resolution of its unanswered COMMIT, the flusher, the renewer.
             Db::Pg(_) => Db::open(url, &StoreOptions { max_connections: WRITE_CONNECTIONS, ..opts.clone() }).await?,
             Db::Sqlite(_) => db.clone(),
         };
@@ -386,7 +387,7 @@ impl Store for SqlStore {
             if tables.is_empty() {
                 return Ok(());
             }
-            let db = self.writes().clone();
+            let db = self.db().clone();
             let batch = tables.clone();
             let saved = self
                 .read(async move {
@@ -429,10 +430,14 @@ impl Store for SqlStore {
 
     async fn erase_locations(&self, tenant: &TenantId, courier: &CourierId) -> Result<u64, StoreError> {
         // Samples still buffered for this courier are erased too, or the next flush would bring
-        // them back; holding the flush lock keeps a flush in progress from writing them after
-        // the delete.
-        let _no_flush = self.inner.flush_lock.lock().await;
-        self.inner.snapshots.lock().erase_locations(tenant, courier);
+        // them back. Taking the flush lock first waits for a flush in progress (which may be
+        // writing some of them), so what it wrote is there for the delete below. The lock is
+        // not held through the delete: a long history (many batches) held every market's
+        // flushes back meanwhile.
+        {
+            let _no_flush = self.inner.flush_lock.lock().await;
+            self.inner.snapshots.lock().erase_locations(tenant, courier);
+        }
         // In batches, as the retention purge ([`SqlStore::delete_history_in_batches`]).
         self.delete_history_in_batches(|db, batch| {
             let (tenant, courier) = (tenant.clone(), courier.clone());

@@ -129,7 +129,7 @@ pub(crate) async fn run_writer(db: Db, mut rx: mpsc::Receiver<CommitReq>, counte
             }
             Err(e) => {
                 let refused = std::mem::replace(&mut group, Vec::with_capacity(opts.max_group));
-                retry_refused(&db, refused, e, &counters, opts.statement_timeout).await;
+                retry_refused(&db, refused, e, &counters, (opts.statement_timeout, opts.queue_wait)).await;
             }
         }
     }
@@ -162,11 +162,11 @@ fn group_error(e: &Arc<PersistenceError>) -> StoreError {
 /// market go alone and the others again as one group (repeated while fences fail): a market
 /// that moved, whose in-flight batches all fail, does not cost every other batch of the group
 /// its own transaction. Any other refusal: every request alone.
-async fn retry_refused(db: &Db, mut group: Vec<CommitReq>, mut e: PersistenceError, counters: &Counters, limit: Duration) {
+async fn retry_refused(db: &Db, mut group: Vec<CommitReq>, mut e: PersistenceError, counters: &Counters, (limit, queue_wait): (Duration, Duration)) {
     loop {
         let PersistenceError::Fenced { tenant } = &e else {
             tracing::warn!(error = %e, requests = group.len(), "group commit refused, retrying requests one by one");
-            return commit_each(db, group, counters, limit).await;
+            return commit_each(db, group, counters, (limit, queue_wait)).await;
         };
         let tenant = tenant.clone();
         let (fenced, rest): (Vec<CommitReq>, Vec<CommitReq>) = group.into_iter().partition(|r| {
@@ -176,10 +176,10 @@ async fn retry_refused(db: &Db, mut group: Vec<CommitReq>, mut e: PersistenceErr
         if fenced.is_empty() || rest.len() <= 1 {
             // Nothing left to group (or no request names the market, which cannot happen:
             // never loop on it).
-            commit_each(db, fenced, counters, limit).await;
-            return commit_each(db, rest, counters, limit).await;
+            commit_each(db, fenced, counters, (limit, queue_wait)).await;
+            return commit_each(db, rest, counters, (limit, queue_wait)).await;
         }
-        commit_each(db, fenced, counters, limit).await;
+        commit_each(db, fenced, counters, (limit, queue_wait)).await;
         let res = commit_group(db, rest.iter().flat_map(|r| r.writes.iter()), limit).await;
         counters.commit_transactions.fetch_add(1, Ordering::Relaxed);
         match res {
@@ -209,11 +209,18 @@ async fn retry_refused(db: &Db, mut group: Vec<CommitReq>, mut e: PersistenceErr
 /// Commits each request in its own transaction and answers it. Once one fails because the
 /// database is unreachable, the rest fail with it untried (each would wait out its own
 /// timeout).
-async fn commit_each(db: &Db, group: Vec<CommitReq>, counters: &Counters, limit: Duration) {
+async fn commit_each(db: &Db, group: Vec<CommitReq>, counters: &Counters, (limit, queue_wait): (Duration, Duration)) {
     let mut outage: Option<Arc<PersistenceError>> = None;
     for r in group {
         if let Some(e) = &outage {
             answer_failed(r, e, counters);
+            continue;
+        }
+        // Each request of a refused group runs after the ones before it: one reached after
+        // its queue wait and the group's attempt is not written (its caller's wait is sized to
+        // that, plus one attempt of its own and a resolution).
+        if !r.writes.is_empty() && r.queued_at.elapsed() > queue_wait + limit {
+            answer_failed(r, &Arc::new(PersistenceError::QueuedTooLong(queue_wait)), counters);
             continue;
         }
         let res = commit_group(db, r.writes.iter(), limit).await;
@@ -476,6 +483,13 @@ pub(crate) async fn flush_snapshots(inner: &Inner) -> Result<(), PersistenceErro
     Ok(())
 }
 
+/// Splits a batch of at least two rows in two, leaving the first half in place: the first half
+/// takes the odd courier, the second the odd sample, so each half is strictly smaller than the
+/// batch (one courier and one sample: one each) and halving again ends.
+fn split_in_halves<C, L>(couriers: &mut Vec<C>, locations: &mut Vec<L>) -> (Vec<C>, Vec<L>) {
+    (couriers.split_off(couriers.len().div_ceil(2)), locations.split_off(locations.len() / 2))
+}
+
 /// Writes one batch taken from the buffer; puts it back if the database is out of reach.
 async fn flush_batch(
     inner: &Inner,
@@ -517,7 +531,7 @@ async fn flush_batch(
         // own transaction) with the flush lock held.
         Err(e) if e.is_transient() && couriers.len() + locations.len() > 1 => {
             tracing::warn!(error = %e, couriers = couriers.len(), locations = locations.len(), "snapshot flush failed for now; writing it in halves");
-            let (couriers2, locations2) = (couriers.split_off(couriers.len() / 2), locations.split_off(locations.len() / 2));
+            let (couriers2, locations2) = split_in_halves(&mut couriers, &mut locations);
             if let Err(e) = Box::pin(flush_batch(inner, couriers, locations)).await {
                 inner.snapshots.lock().put_back(couriers2, locations2);
                 return Err(e);
@@ -596,4 +610,29 @@ pub(crate) async fn run_flusher(inner: Weak<Inner>, every: Duration) {
         }
     }
     tracing::debug!("snapshot flusher stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_in_halves;
+
+    /// Every batch of two rows or more splits into two smaller ones that hold all its rows
+    /// (one courier and one sample included: the first version left that batch whole in its
+    /// second half, and halved it for ever).
+    #[test]
+    fn halving_a_batch_always_makes_it_smaller() {
+        for c in 0..6usize {
+            for l in 0..6usize {
+                if c + l < 2 {
+                    continue;
+                }
+                let (mut couriers, mut locations): (Vec<usize>, Vec<usize>) = ((0..c).collect(), (0..l).collect());
+                let (c2, l2) = split_in_halves(&mut couriers, &mut locations);
+                let (first, second) = (couriers.len() + locations.len(), c2.len() + l2.len());
+                assert!(first < c + l && second < c + l, "{c} couriers and {l} samples split into {first} and {second}");
+                assert_eq!(first + second, c + l);
+                assert!(first > 0 && second > 0);
+            }
+        }
+    }
 }
