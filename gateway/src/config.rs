@@ -24,7 +24,7 @@ pub struct Cli {
     #[arg(long, env = "HEXFLEET_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Log format: `text` or `json`.
-    #[arg(long, env = "HEXFLEET_LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(long, env = "HEXFLEET_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "json"])]
     pub log_format: String,
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -367,10 +367,18 @@ pub fn argv_with_config(argv: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
     let mut extra: Vec<OsString> = Vec::new();
     for (key, value) in table {
         let long = key.replace('_', "-");
-        let arg = sub
-            .get_arguments()
-            .find(|a| a.get_long() == Some(long.as_str()))
-            .with_context(|| format!("config {}: unknown key `{key}` for `{}`", path.display(), sub.get_name()))?;
+        let named = |a: &clap::Arg| a.get_long() == Some(long.as_str());
+        // The subcommand's flags and the global ones (`log_format`; `config` itself is not
+        // read from the file).
+        let Some(arg) = sub.get_arguments().find(|a| named(a)).or_else(|| cmd.get_arguments().find(|a| named(a) && a.get_id() != "config"))
+        else {
+            // One file for every subcommand (an init container's `migrate` and the server's
+            // `serve`): a key another subcommand takes is not this one's business.
+            if cmd.get_subcommands().any(|s| s.get_arguments().any(&named)) {
+                continue;
+            }
+            anyhow::bail!("config {}: unknown key `{key}`", path.display());
+        };
         let flag = format!("--{long}");
         let on_cli = argv.iter().any(|a| a.to_string_lossy() == flag || a.to_string_lossy().starts_with(&format!("{flag}=")));
         let in_env = arg.get_env().is_some_and(|e| std::env::var_os(e).is_some());
@@ -384,6 +392,25 @@ pub fn argv_with_config(argv: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
             toml::Value::Boolean(true) => extra.push(flag.into()),
             toml::Value::Boolean(false) => {}
             toml::Value::String(s) => extra.extend([flag.into(), s.into()]),
+            // A list (`auto_accept_tenants = ["a", "b"]`): its items, not its TOML text (which
+            // made the tenants `["a"` and ` "b"]`).
+            toml::Value::Array(items) => {
+                let items: Vec<String> = items
+                    .into_iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => s,
+                        other => other.to_string(),
+                    })
+                    .collect();
+                match arg.get_value_delimiter() {
+                    Some(d) => extra.extend([flag.into(), items.join(&d.to_string()).into()]),
+                    None => {
+                        for item in items {
+                            extra.extend([OsString::from(&flag), item.into()]);
+                        }
+                    }
+                }
+            }
             other => extra.extend([flag.into(), other.to_string().into()]),
         }
     }
@@ -466,6 +493,28 @@ mod tests {
         let argv: Vec<OsString> = ["hexfleet", "--config", f.to_str().unwrap(), "serve"].map(Into::into).into();
         let e = argv_with_config(argv).unwrap_err().to_string();
         assert!(e.contains("unknown key `lisen`"), "{e}");
+    }
+
+    /// One file serves every subcommand (`migrate` in an init container, `serve` beside it):
+    /// a key of another subcommand is skipped, a global one (`log_format`) taken, and a list
+    /// gives its items. Before, `migrate` refused `listen`, `log_format` was "unknown", and
+    /// `auto_accept_tenants = ["a", "b"]` made the tenants `["a"` and ` "b"]`.
+    #[test]
+    fn one_config_file_serves_every_subcommand() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("hexfleet.toml");
+        let text = "listen = \"127.0.0.1:9999\"\ndatabase_url = \"x.db\"\nlog_format = \"json\"\nauto_accept_tenants = [\"a\", \"b\"]\n";
+        std::fs::write(&f, text).unwrap();
+        let argv = |sub: &str| -> Vec<OsString> { ["hexfleet", "--config", f.to_str().unwrap(), sub].map(Into::into).into() };
+        let cli = Cli::try_parse_from(argv_with_config(argv("serve")).unwrap()).unwrap();
+        assert_eq!(cli.log_format, "json");
+        let Cmd::Serve(s) = cli.cmd else { panic!("not serve") };
+        assert_eq!((s.listen.as_str(), s.auto_accept_tenants.clone()), ("127.0.0.1:9999", vec!["a".to_string(), "b".to_string()]));
+        let cli = Cli::try_parse_from(argv_with_config(argv("migrate")).unwrap()).unwrap();
+        assert_eq!(cli.log_format, "json");
+        let Cmd::Migrate(m) = cli.cmd else { panic!("not migrate") };
+        assert_eq!(m.database_url, "x.db");
+        assert!(Cli::try_parse_from(["hexfleet", "--log-format", "JSON", "serve"]).is_err(), "only text or json");
     }
 
     #[test]

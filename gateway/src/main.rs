@@ -25,6 +25,18 @@ fn main() -> anyhow::Result<()> {
             Cmd::Serve(a) => serve(a).await,
             Cmd::Demo(a) => demo(a).await,
             Cmd::Token(a) => {
+                // The server refuses a secret under 32 bytes, and takes the development one only
+                // with `--dev-secret`: say so here, not with the server's 401 later.
+                if a.jwt_secret == hexfleet_gateway::config::DEV_JWT_SECRET {
+                    eprintln!("note: signed with the development secret (HEXFLEET_JWT_SECRET is not set): only a server run with --dev-secret takes it");
+                } else {
+                    anyhow::ensure!(
+                        a.jwt_secret.len() >= hexfleet_gateway::config::MIN_SECRET_LEN,
+                        "the JWT secret has {} bytes; the server needs at least {}",
+                        a.jwt_secret.len(),
+                        hexfleet_gateway::config::MIN_SECRET_LEN
+                    );
+                }
                 let keys = Keys::new(&a.jwt_secret);
                 println!("{}", keys.mint(a.role, &a.sub, &a.tenant, a.order.as_deref(), a.ttl));
                 Ok(())
@@ -83,6 +95,13 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
             }
             None => String::new(), // `http://<bound address>`, checked when the listener is bound
         };
+        // Leases are shared through one database: on SQLite (the default when DATABASE_URL is
+        // not set), each node would hold every market in a file of its own.
+        anyhow::ensure!(
+            a.database_url.starts_with("postgres://") || a.database_url.starts_with("postgresql://"),
+            "market leases (on by default with REDIS_URL) need the nodes' shared PostgreSQL: set DATABASE_URL=postgres://…, \
+             or --market-leases false for a single node"
+        );
         cfg.markets = Some(hexfleet_gateway::markets::MarketConfig {
             ttl: Duration::from_millis(a.market_lease_ms),
             renew_every: Duration::from_millis(a.market_lease_ms / 3),

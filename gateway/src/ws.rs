@@ -512,6 +512,11 @@ pub(crate) async fn courier_session<S: CourierSocket>(
         if outbox.closed() {
             break moved_away();
         }
+        // Also here: the select's expiry arm comes last, and a client that always has a frame
+        // waiting (one sending as fast as it is read) would keep it from ever being polled.
+        if expiry.is_elapsed() {
+            break token_expired();
+        }
         tokio::select! {
             biased;
             () = &mut notified => {
@@ -527,7 +532,13 @@ pub(crate) async fn courier_session<S: CourierSocket>(
                 Read::Closed => break None,
                 Read::Fatal(c) => break Some(c),
                 Read::Other => {}
-                Read::Control => if let Verdict::Close(why) = guard.admit() { break policy(why) },
+                Read::Control => match guard.admit() {
+                    Verdict::Close(why) => break policy(why),
+                    Verdict::Limited if guard.limited == 1 => {
+                        let _ = socket.send(error_json("rate_limited", "too many messages; slow down")).await;
+                    }
+                    _ => {}
+                },
                 Read::Text(text) => match guard.admit() {
                     Verdict::Close(why) => break policy(why),
                     Verdict::Limited => {
@@ -663,18 +674,19 @@ async fn track_session(
     let (sid, replay) = st.broker.add_track(tenant.as_str(), oid.as_str(), outbox.clone(), since);
     st.broker.listen_remote(Topic::Order(tenant.as_str(), oid.as_str())).await;
     metrics::gauge!("hexfleet_ws_connections", "kind" => "track").increment(1.0);
-    let first: Vec<String> = match replay {
-        Some(Replay::Missed(m)) => m,
+    let first: Option<Vec<String>> = match replay {
+        Some(Replay::Missed(m)) => Some(m),
         Some(Replay::Gone) => {
             let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
-            let mut v = vec![json!({ "t": "resync", "seq": seq }).to_string()];
-            v.extend(track_snapshot(&st, &tenant, &oid).await);
-            v
+            let resync = json!({ "t": "resync", "seq": seq }).to_string();
+            track_snapshot(&st, &tenant, &oid).await.map(|snap| std::iter::once(resync).chain(snap).collect())
         }
         None => track_snapshot(&st, &tenant, &oid).await,
     };
-    let mut ok = true;
-    for m in first {
+    // Without its snapshot the page would sit on nothing: it is closed (try again) instead.
+    let unread = first.is_none();
+    let mut ok = !unread;
+    for m in first.unwrap_or_default() {
         if !peer.text(m).await {
             ok = false;
             break;
@@ -687,7 +699,9 @@ async fn track_session(
     // timeout, and then lost its connection without a close frame.
     let cancelled = st.shutdown.cancelled();
     tokio::pin!(expiry, cancelled);
-    let close = if !ok {
+    let close = if unread {
+        Some(CloseReason { code: CloseCode::Again, description: Some("the order cannot be read now; reconnect".into()) })
+    } else if !ok {
         None
     } else {
         loop {
@@ -712,10 +726,20 @@ async fn track_session(
                     Input::Closed => break None,
                     Input::Fatal(r) => break Some(r),
                     Input::Other => {}
-                    Input::Control => if let Verdict::Close(why) = guard.admit() { break policy(why) },
+                    Input::Control => match guard.admit() {
+                        Verdict::Close(why) => break policy(why),
+                        Verdict::Limited if guard.limited == 1 => {
+                            let _ = peer.text(error_json("rate_limited", "too many messages; slow down")).await;
+                        }
+                        _ => {}
+                    },
                     Input::Text(_) => match guard.admit() {
                         Verdict::Close(why) => break policy(why),
-                        Verdict::Limited => {}
+                        Verdict::Limited => {
+                            if guard.limited == 1 {
+                                let _ = peer.text(error_json("rate_limited", "too many messages; slow down")).await;
+                            }
+                        }
                         Verdict::Ok => {
                             let _ = peer.text(error_json("read_only", "this stream takes no messages")).await;
                             if guard.bad() { break policy("too many invalid messages"); }
@@ -770,23 +794,34 @@ impl Liveness {
     }
 }
 
-/// The current state of a tracked order: its `order_update`, and the courier's position.
-async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId) -> Vec<String> {
-    let Ok(o) = st.fleet.order(tenant, oid).await else { return Vec::new() };
+/// The current state of a tracked order: its `order_update`, and the courier's position;
+/// `None` when the order cannot be read now (the store unreachable).
+///
+/// Each message is numbered before its state is read: an update numbered below it happened
+/// before the read, so the snapshot holds it, and one numbered after it comes after it on the
+/// wire. Numbered after the read, a snapshot could carry a number above an update it did not
+/// hold (one arriving during the read, a database round trip on a node that does not run the
+/// market), and a page reconnecting with that number was never sent the update.
+async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId) -> Option<Vec<String>> {
+    let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
+    let Ok(o) = st.fleet.order(tenant, oid).await else {
+        // The stream ends with its watchers (an open order's next update starts another): a
+        // closed order's stream would otherwise wait for a final update that already went.
+        st.broker.end_track(tenant.as_str(), oid.as_str());
+        return None;
+    };
     if o.state.is_terminal() {
         st.broker.end_track(tenant.as_str(), oid.as_str());
     }
-    let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
     let mut msgs = vec![json!({ "t": "order_update", "seq": seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
         "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::for_watchers(o.as_ref()) }).to_string()];
-    if let Some(c) = o.courier.as_ref().filter(|_| o.state.is_held())
-        && let Some(f) = st.fleet.courier(tenant, c).ok().and_then(|rec| rec.last_fix)
-    {
+    if let Some(c) = o.courier.as_ref().filter(|_| o.state.is_held()) {
         let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
+        let Some(f) = st.fleet.courier(tenant, c).ok().and_then(|rec| rec.last_fix) else { return Some(msgs) };
         msgs.push(json!({ "t": "courier", "seq": seq, "order_id": o.id.as_str(), "courier_id": c.as_str(),
             "lat": f.pos.lat, "lng": f.pos.lng, "ts": f.ts, "speed": f.speed, "heading": f.heading }).to_string());
     }
-    msgs
+    Some(msgs)
 }
 
 // ---- console ----
@@ -882,7 +917,13 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
                 Input::Closed => break None,
                 Input::Fatal(r) => break Some(r),
                 Input::Other => {}
-                Input::Control => if let Verdict::Close(why) = guard.admit() { break policy(why) },
+                Input::Control => match guard.admit() {
+                    Verdict::Close(why) => break policy(why),
+                    Verdict::Limited if guard.limited == 1 => {
+                        let _ = peer.text(error_json("rate_limited", "too many messages; slow down")).await;
+                    }
+                    _ => {}
+                },
                 Input::Text(text) => match guard.admit() {
                     Verdict::Close(why) => break policy(why),
                     // Refused, not served: a subscribe builds a whole snapshot.

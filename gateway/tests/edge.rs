@@ -769,6 +769,24 @@ async fn server_with_sockets(ping_every_ms: u64, idle_ms: u64, write_ms: u64) ->
 /// A customer's tracking page cannot send pings (browsers can't), and a quiet order sends
 /// nothing: the server pings it, so a page that answers stays open past the idle timeout,
 /// while one that answers nothing (gone without a close) is dropped at that timeout.
+/// A tracking page flooding its read-only stream with pings (each answered) is told once
+/// (`rate_limited`) and then closed with the policy reason. Before, pings were not counted at
+/// all; and text floods end sooner, as invalid messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracking_page_flooding_its_stream_is_told_then_closed() {
+    let (srv, _d) = server().await;
+    let order = json!({"id":"o1","pickup":{"lat":-45.0,"lng":170.0},"dropoff":{"lat":-45.01,"lng":170.01}});
+    assert_eq!(srv.post("/v1/orders", &srv.dispatcher("t1"), order).await.0, 201);
+    let mut page = srv.ws("/v1/ws/track/o1", &srv.token(Role::Customer, "u1", "t1", Some("o1"))).await;
+    page.expect("the order's state", |v| t(v) == "order_update").await;
+    for _ in 0..1_000 {
+        let _ = futures_util::SinkExt::send(&mut page.s, tokio_tungstenite::tungstenite::Message::Ping(vec![1u8].into())).await;
+    }
+    page.expect("rate_limited", |v| t(v) == "error" && v["code"] == "rate_limited").await;
+    let close = page.expect_close().await.expect("a close frame");
+    assert_eq!((close.code, close.reason.as_str()), (CloseCode::Policy, "rate limit exceeded"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_tracking_page_is_pinged_and_kept_while_a_silent_one_is_dropped() {
     use futures_util::StreamExt as _;

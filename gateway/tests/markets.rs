@@ -413,11 +413,14 @@ async fn markets_taken_during_a_renewal_are_not_reported_lost() {
     db.drop_db().await;
 }
 
-/// A node with market leases refuses to start with an advertise URL other nodes cannot use,
-/// and says why.
+/// A node with market leases refuses to start with an advertise URL other nodes cannot use, or
+/// on SQLite (each node would hold every market in a file of its own: a `DATABASE_URL` left
+/// out of a deployment), and says why.
 #[test]
 fn a_bad_advertise_url_is_refused_at_start() {
-    for (url, why) in [("https://node-a:8080", "must be an http:// URL"), ("not a url", "is not a URL")] {
+    let cases =
+        [("https://node-a:8080", "must be an http:// URL"), ("not a url", "is not a URL"), ("http://node-a:8080", "need the nodes' shared PostgreSQL")];
+    for (url, why) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_hexfleet"))
             .arg("serve")
             .env_clear()
