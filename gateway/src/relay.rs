@@ -499,6 +499,11 @@ async fn subscriber(
         // Since when the queue has not been found empty (`None`: it was, at the last read).
         let mut behind_since: Option<Instant> = None;
         let mut in_a_row = 0u32;
+        // One timer for the quiet check, moved on when it fires early, not one made for every
+        // wait (a timer registered and dropped per message on a busy link).
+        let mut heard = tokio::time::Instant::now();
+        let check = tokio::time::sleep(SUBSCRIPTION_CHECK);
+        tokio::pin!(check);
         loop {
             // Outside tokio's cooperative budget: within it, a full queue reads as empty after
             // 128 messages and the backlog would never be seen. So this task yields by itself.
@@ -520,19 +525,28 @@ async fn subscriber(
                 None => {
                     behind_since = None;
                     in_a_row = 0;
-                    tokio::select! {
+                    let m = tokio::select! {
                         m = s.next() => m,
                         () = relay.reset.notified() => break,
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(SUBSCRIPTION_CHECK) => {
+                        () = &mut check => {
+                            let quiet_until = heard + SUBSCRIPTION_CHECK;
+                            if tokio::time::Instant::now() < quiet_until {
+                                check.as_mut().reset(quiet_until);
+                                continue;
+                            }
                             if relay.subscription_answers().await {
+                                heard = tokio::time::Instant::now();
+                                check.as_mut().reset(heard + SUBSCRIPTION_CHECK);
                                 continue;
                             }
                             metrics::counter!("hexfleet_redis_errors_total").increment(1);
                             tracing::warn!(quiet_for = ?SUBSCRIPTION_CHECK, "redis subscription does not answer a ping");
                             break;
                         }
-                    }
+                    };
+                    heard = tokio::time::Instant::now();
+                    m
                 }
             };
             let Some(msg) = msg else { break };
