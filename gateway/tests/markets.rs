@@ -244,6 +244,26 @@ async fn requests_reach_the_markets_owner_from_any_node() {
         let answer: serde_json::Value = r.json().await.unwrap();
         assert_eq!(answer["error"]["message"].as_str().unwrap().replace("864895030279986", "nobody"), unknown["error"]["message"].as_str().unwrap());
     }
+    // The device goes to another courier of A's market (a phone handed over). B cached its
+    // owner as c9: c8's key is refused at first and taken within seconds (a refused key reads
+    // the store again once B's entry is 5 s old), not for the cache's whole minute; c9's key
+    // is refused from then on.
+    assert_eq!(b.put("/v1/couriers/c9", &disp_b, json!({"device_id":"imei-c9-new"})).await.0, 200);
+    assert_eq!(b.put("/v1/couriers/c8", &disp_b, json!({"device_id":"864895030279986"})).await.0, 200);
+    let key8 = hexfleet_gateway::auth::Keys::new(SECRET).device_key(tenant, "c8", "864895030279986");
+    let report = |key: &str| format!("{}/osmand?id=864895030279986&timestamp={}&lat=52.517&lon=13.3777&key={key}", b.base, now_ms() / 1000 - 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = b.http.get(report(&key8)).send().await.unwrap().status().as_u16();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 400);
+        assert!(std::time::Instant::now() < deadline, "c8's key still refused by B 15 s after the device moved to c8");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    a.courier_at(&disp_a, "c8", 52.517).await;
+    assert_eq!(b.http.get(report(&key)).send().await.unwrap().status().as_u16(), 400, "c9's key, the device's previous courier");
 
     // Errors of the owner come back as they are; a bad token is refused by B itself.
     let (s, v) = b.get("/v1/orders/nope", Some(&disp_b)).await;
@@ -435,6 +455,29 @@ fn a_bad_advertise_url_is_refused_at_start() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "{url}: {err}");
     }
+}
+
+/// `hexfleet token` refuses a secret the server would refuse (under 32 bytes) and says when
+/// it signs with the development secret, instead of printing a token the server answers 401.
+#[test]
+fn the_token_command_checks_its_secret() {
+    let token = |secret: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hexfleet"));
+        c.args(["token", "--role", "dispatcher", "--sub", "d"]).env_clear();
+        if let Some(s) = secret {
+            c.env("HEXFLEET_JWT_SECRET", s);
+        }
+        c.output().expect("run hexfleet token")
+    };
+    let short = token(Some("too-short"));
+    assert!(!short.status.success());
+    assert!(String::from_utf8_lossy(&short.stderr).contains("at least 32"), "{}", String::from_utf8_lossy(&short.stderr));
+    let dev = token(None);
+    assert!(dev.status.success());
+    assert!(String::from_utf8_lossy(&dev.stderr).contains("development secret"), "{}", String::from_utf8_lossy(&dev.stderr));
+    let good = token(Some(SECRET));
+    assert!(good.status.success() && good.stderr.is_empty(), "{}", String::from_utf8_lossy(&good.stderr));
+    assert_eq!(String::from_utf8_lossy(&good.stdout).trim().split('.').count(), 3, "a JWT");
 }
 
 /// Waits for `srv` to step down: `courier`, connected to it, is closed with 1013.
