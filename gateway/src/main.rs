@@ -98,7 +98,7 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
         // Leases are shared through one database: on SQLite (the default when DATABASE_URL is
         // not set), each node would hold every market in a file of its own.
         anyhow::ensure!(
-            a.database_url.starts_with("postgres://") || a.database_url.starts_with("postgresql://"),
+            hexfleet_persistence::is_postgres(&a.database_url),
             "market leases (on by default with REDIS_URL) need the nodes' shared PostgreSQL: set DATABASE_URL=postgres://…, \
              or --market-leases false for a single node"
         );

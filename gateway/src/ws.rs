@@ -256,6 +256,11 @@ enum Input {
     Fatal(CloseReason),
 }
 
+/// The one error a socket gets when it goes over its rate limit ([`Guard`]).
+fn rate_limited() -> String {
+    error_json("rate_limited", "too many messages; slow down")
+}
+
 pub(crate) fn idle_timeout() -> CloseReason {
     CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) }
 }
@@ -532,25 +537,21 @@ pub(crate) async fn courier_session<S: CourierSocket>(
                 Read::Closed => break None,
                 Read::Fatal(c) => break Some(c),
                 Read::Other => {}
-                Read::Control => match guard.admit() {
-                    Verdict::Close(why) => break policy(why),
-                    Verdict::Limited if guard.limited == 1 => {
-                        let _ = socket.send(error_json("rate_limited", "too many messages; slow down")).await;
-                    }
-                    _ => {}
-                },
-                Read::Text(text) => match guard.admit() {
+                // Pings and pongs the client sends count against the limit as messages do.
+                input @ (Read::Control | Read::Text(_)) => match guard.admit() {
                     Verdict::Close(why) => break policy(why),
                     Verdict::Limited => {
                         if guard.limited == 1 {
-                            let _ = socket.send(error_json("rate_limited", "too many messages; slow down")).await;
+                            let _ = socket.send(rate_limited()).await;
                         }
                     }
-                    Verdict::Ok => match courier_message(&st, &tenant, &id, &mut tap, &text).await {
-                        Ok(()) => guard.good(),
-                        Err(e) => {
-                            if !socket.send(error_json(e.code, &e.message)).await { break None; }
-                            if guard.bad() { break policy("too many invalid messages"); }
+                    Verdict::Ok => if let Read::Text(text) = input {
+                        match courier_message(&st, &tenant, &id, &mut tap, &text).await {
+                            Ok(()) => guard.good(),
+                            Err(e) => {
+                                if !socket.send(error_json(e.code, &e.message)).await { break None; }
+                                if guard.bad() { break policy("too many invalid messages"); }
+                            }
                         }
                     },
                 },
@@ -726,24 +727,18 @@ async fn track_session(
                     Input::Closed => break None,
                     Input::Fatal(r) => break Some(r),
                     Input::Other => {}
-                    Input::Control => match guard.admit() {
-                        Verdict::Close(why) => break policy(why),
-                        Verdict::Limited if guard.limited == 1 => {
-                            let _ = peer.text(error_json("rate_limited", "too many messages; slow down")).await;
-                        }
-                        _ => {}
-                    },
-                    Input::Text(_) => match guard.admit() {
+                    // Pings and pongs the client sends count against the limit as messages do.
+                    input @ (Input::Control | Input::Text(_)) => match guard.admit() {
                         Verdict::Close(why) => break policy(why),
                         Verdict::Limited => {
                             if guard.limited == 1 {
-                                let _ = peer.text(error_json("rate_limited", "too many messages; slow down")).await;
+                                let _ = peer.text(rate_limited()).await;
                             }
                         }
-                        Verdict::Ok => {
+                        Verdict::Ok => if matches!(input, Input::Text(_)) {
                             let _ = peer.text(error_json("read_only", "this stream takes no messages")).await;
                             if guard.bad() { break policy("too many invalid messages"); }
-                        }
+                        },
                     },
                 },
             }
@@ -917,36 +912,32 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
                 Input::Closed => break None,
                 Input::Fatal(r) => break Some(r),
                 Input::Other => {}
-                Input::Control => match guard.admit() {
-                    Verdict::Close(why) => break policy(why),
-                    Verdict::Limited if guard.limited == 1 => {
-                        let _ = peer.text(error_json("rate_limited", "too many messages; slow down")).await;
-                    }
-                    _ => {}
-                },
-                Input::Text(text) => match guard.admit() {
+                // Pings and pongs the client sends count against the limit as messages do.
+                input @ (Input::Control | Input::Text(_)) => match guard.admit() {
                     Verdict::Close(why) => break policy(why),
                     // Refused, not served: a subscribe builds a whole snapshot.
                     Verdict::Limited => {
                         if guard.limited == 1 {
-                            let _ = peer.text(error_json("rate_limited", "too many messages; slow down")).await;
+                            let _ = peer.text(rate_limited()).await;
                         }
                     }
-                    Verdict::Ok => match serde_json::from_str::<ConsoleIn>(&text) {
-                        Ok(ConsoleIn::Subscribe { bbox }) if valid_bbox(&bbox) => {
-                            guard.good();
-                            view.set_bbox(bbox);
-                            // Sent at the top of the loop, at once unless one went out less
-                            // than `SNAPSHOT_GAP` ago (then by a later batch tick).
-                            snapshot_due = Some(bbox);
-                        }
-                        Ok(ConsoleIn::Subscribe { .. }) => {
-                            let _ = peer.text(error_json("bad_bbox", "bbox is [min_lng, min_lat, max_lng, max_lat] in degrees")).await;
-                            if guard.bad() { break policy("too many invalid messages"); }
-                        }
-                        Err(e) => {
-                            let _ = peer.text(error_json("malformed_json", &e.to_string())).await;
-                            if guard.bad() { break policy("too many invalid messages"); }
+                    Verdict::Ok => if let Input::Text(text) = input {
+                        match serde_json::from_str::<ConsoleIn>(&text) {
+                            Ok(ConsoleIn::Subscribe { bbox }) if valid_bbox(&bbox) => {
+                                guard.good();
+                                view.set_bbox(bbox);
+                                // Sent at the top of the loop, at once unless one went out less
+                                // than `SNAPSHOT_GAP` ago (then by a later batch tick).
+                                snapshot_due = Some(bbox);
+                            }
+                            Ok(ConsoleIn::Subscribe { .. }) => {
+                                let _ = peer.text(error_json("bad_bbox", "bbox is [min_lng, min_lat, max_lng, max_lat] in degrees")).await;
+                                if guard.bad() { break policy("too many invalid messages"); }
+                            }
+                            Err(e) => {
+                                let _ = peer.text(error_json("malformed_json", &e.to_string())).await;
+                                if guard.bad() { break policy("too many invalid messages"); }
+                            }
                         }
                     },
                 },

@@ -19,7 +19,7 @@ pub(crate) enum Db {
 }
 
 /// Which database a URL names.
-pub(crate) fn is_postgres(url: &str) -> bool {
+pub fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 

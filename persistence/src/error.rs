@@ -73,9 +73,7 @@ impl PersistenceError {
             _ => false,
         }
     }
-}
 
-impl PersistenceError {
     /// True for a statement that failed because of other transactions or a server-side limit,
     /// not because of what it writes (PostgreSQL: deadlock 40P01, serialization 40001, lock
     /// not available 55P03, cancelled by `statement_timeout` 57014): the same batch can go

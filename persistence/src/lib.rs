@@ -49,6 +49,7 @@ pub mod webhooks;
 mod wkb;
 mod writer;
 
+pub use db::is_postgres;
 pub use error::PersistenceError;
 pub use options::StoreOptions;
 pub use store::{LeaseLookup, SqlStore, StoreStats};

@@ -686,6 +686,18 @@ fn readable<R, T>(rows: Vec<R>, key: impl Fn(&R) -> (String, String), decode: im
         .collect()
 }
 
+/// [`CourierColumns::Live`]'s `ON CONFLICT` clause, as a literal: the PostgreSQL bulk upsert
+/// ([`pg_bulk::upsert_couriers`]) appends it to its statement with `concat!`.
+macro_rules! live_on_conflict {
+    () => {
+        " ON CONFLICT (tenant, id) DO UPDATE SET status = excluded.status, \
+                 fix_lat = excluded.fix_lat, fix_lng = excluded.fix_lng, fix_ts = excluded.fix_ts, \
+                 fix_speed = excluded.fix_speed, fix_heading = excluded.fix_heading, fix_acc = excluded.fix_acc, \
+                 updated_at = excluded.updated_at \
+                 WHERE couriers.updated_at <= excluded.updated_at"
+    };
+}
+
 /// Which columns of an existing courier row an upsert writes.
 ///
 /// A courier row holds two things written by two paths: its profile (name, vehicle, capacity,
@@ -719,13 +731,7 @@ impl CourierColumns {
                  fix_acc = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.fix_acc ELSE couriers.fix_acc END, \
                  updated_at = CASE WHEN couriers.updated_at <= excluded.updated_at THEN excluded.updated_at ELSE couriers.updated_at END"
             }
-            CourierColumns::Live => {
-                " ON CONFLICT (tenant, id) DO UPDATE SET status = excluded.status, \
-                 fix_lat = excluded.fix_lat, fix_lng = excluded.fix_lng, fix_ts = excluded.fix_ts, \
-                 fix_speed = excluded.fix_speed, fix_heading = excluded.fix_heading, fix_acc = excluded.fix_acc, \
-                 updated_at = excluded.updated_at \
-                 WHERE couriers.updated_at <= excluded.updated_at"
-            }
+            CourierColumns::Live => live_on_conflict!(),
         }
     }
 }
@@ -780,18 +786,14 @@ pub(crate) mod pg_bulk {
             fix_acc.push(f.and_then(|f| f.acc).map(f64::from));
             updated_at.push(c.updated_at);
         }
-        sqlx::query(
+        sqlx::query(concat!(
             "INSERT INTO couriers (tenant, id, name, vehicle, capacity, device_id, status, on_shift, \
              fix_lat, fix_lng, fix_ts, fix_speed, fix_heading, fix_acc, updated_at) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], \
              $7::text[], $8::bool[], $9::float8[], $10::float8[], $11::int8[], $12::float8[], $13::float8[], \
-             $14::float8[], $15::int8[]) \
-             ON CONFLICT (tenant, id) DO UPDATE SET status = excluded.status, \
-             fix_lat = excluded.fix_lat, fix_lng = excluded.fix_lng, fix_ts = excluded.fix_ts, \
-             fix_speed = excluded.fix_speed, fix_heading = excluded.fix_heading, fix_acc = excluded.fix_acc, \
-             updated_at = excluded.updated_at \
-             WHERE couriers.updated_at <= excluded.updated_at",
-        )
+             $14::float8[], $15::int8[])",
+            live_on_conflict!()
+        ))
         .bind(tenant)
         .bind(id)
         .bind(name)

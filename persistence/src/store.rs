@@ -372,18 +372,8 @@ impl Store for SqlStore {
     /// that lost a market (and saves on its way out) does not overwrite the new owner's.
     async fn save_speeds(&self, mut tables: Vec<SpeedTable>) -> Result<(), StoreError> {
         loop {
-            let mut fences: Vec<(TenantId, String, i64)> = Vec::new();
-            if let Some(lease_of) = self.inner.snapshot_fences.get() {
-                let mut tenants: Vec<TenantId> = tables.iter().map(|t| t.tenant.clone()).collect();
-                tenants.sort_unstable();
-                tenants.dedup();
-                for t in tenants {
-                    match (lease_of.0)(&t) {
-                        Some((holder, epoch)) => fences.push((t, holder, epoch)),
-                        None => tables.retain(|x| x.tenant != t),
-                    }
-                }
-            }
+            let (fences, unheld) = writer::lease_fences(&self.inner, tables.iter().map(|t| t.tenant.clone()));
+            tables.retain(|x| !unheld.contains(&x.tenant));
             if tables.is_empty() {
                 return Ok(());
             }

@@ -404,7 +404,7 @@ fn loc_rows(v: &[(TenantId, CourierId, LocationSample)]) -> Vec<LocationRow<'_>>
 
 /// A lease this node holds on a market, `(tenant, holder, epoch)`: checked in the flush's
 /// transaction, like a `Write::Fence` in a commit.
-type FenceToken = (TenantId, String, i64);
+pub(crate) type FenceToken = (TenantId, String, i64);
 
 async fn write_snapshots(
     db: &Db,
@@ -445,22 +445,31 @@ fn flush_fences(
     couriers: &mut Vec<CourierRecord>,
     locations: &mut Vec<(TenantId, CourierId, LocationSample)>,
 ) -> Vec<FenceToken> {
-    let Some(lease_of) = inner.snapshot_fences.get() else { return Vec::new() };
-    let mut tenants: Vec<TenantId> = couriers.iter().map(|c| c.tenant.clone()).chain(locations.iter().map(|l| l.0.clone())).collect();
+    let tenants = couriers.iter().map(|c| c.tenant.clone()).chain(locations.iter().map(|l| l.0.clone()));
+    let (fences, unheld) = lease_fences(inner, tenants);
+    for t in unheld {
+        let n = drop_tenant(couriers, locations, &t);
+        inner.counters.fenced_rows.fetch_add(n as u64, Ordering::Relaxed);
+        tracing::info!(tenant = %t, rows = n, "snapshot rows of a market this node does not hold dropped at flush");
+    }
+    fences
+}
+
+/// With market leases ([`Inner::snapshot_fences`]): the fence of each of `tenants` this node
+/// holds, sorted and once each, and the tenants it holds none of; without, nothing to fence.
+pub(crate) fn lease_fences(inner: &Inner, tenants: impl Iterator<Item = TenantId>) -> (Vec<FenceToken>, Vec<TenantId>) {
+    let Some(lease_of) = inner.snapshot_fences.get() else { return (Vec::new(), Vec::new()) };
+    let mut tenants: Vec<TenantId> = tenants.collect();
     tenants.sort_unstable();
     tenants.dedup();
-    let mut fences = Vec::with_capacity(tenants.len());
+    let (mut fences, mut unheld) = (Vec::with_capacity(tenants.len()), Vec::new());
     for t in tenants {
         match (lease_of.0)(&t) {
             Some((holder, epoch)) => fences.push((t, holder, epoch)),
-            None => {
-                let n = drop_tenant(couriers, locations, &t);
-                inner.counters.fenced_rows.fetch_add(n as u64, Ordering::Relaxed);
-                tracing::info!(tenant = %t, rows = n, "snapshot rows of a market this node does not hold dropped at flush");
-            }
+            None => unheld.push(t),
         }
     }
-    fences
+    (fences, unheld)
 }
 
 /// Writes out everything buffered when it starts, in transactions of at most `flush_batch`
