@@ -246,14 +246,18 @@ impl DispatcherState {
         let now = self.ctx.clock.now_ms();
         self.watch_holders(now);
         let cfg = &self.ctx.config;
-        // 1. Offers that lapsed, orders nobody took.
+        // 1. Offers that lapsed, orders nobody took (saying so when no courier can carry one:
+        // it was accepted, as a bigger vehicle may join, but nothing tells its creator else).
+        let mut largest = None;
         for o in self.orders.values() {
             match (&o.state, &o.offer) {
                 (OrderState::Offered, Some(offer)) if offer.expires_at <= now => {
                     self.ctx.order_command(&self.tenant, &o.id, Command::OfferLapsed { courier: offer.courier.clone() }, Who::System);
                 }
                 (OrderState::Created, _) if now - waiting_since(o) >= cfg.order_expiry_ms => {
-                    self.ctx.order_command(&self.tenant, &o.id, Command::Expire, Who::System);
+                    let largest = *largest.get_or_insert_with(|| self.ctx.largest_capacity(&self.tenant));
+                    let why = largest.filter(|&c| o.size > c).map(|c| format!("no courier can carry it: size {} is over the largest capacity, {c}", o.size));
+                    self.ctx.order_command(&self.tenant, &o.id, Command::Expire { why }, Who::System);
                 }
                 _ => {}
             }

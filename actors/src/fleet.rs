@@ -403,6 +403,12 @@ impl FleetCtx {
         self.loads.get(&(tenant.clone(), courier.clone())).map_or(0, |l| *l)
     }
 
+    /// The largest capacity of the tenant's couriers (`None` without any). Scans every
+    /// courier: called when orders expire, not per round.
+    pub(crate) fn largest_capacity(&self, tenant: &TenantId) -> Option<u16> {
+        self.couriers.iter().filter(|e| e.key().0 == *tenant).map(|e| e.value().shared.record.lock().capacity).max()
+    }
+
     /// The current snapshot of a courier's record.
     pub fn courier_record(&self, tenant: &TenantId, id: &CourierId) -> Option<CourierRecord> {
         self.couriers.get(&(tenant.clone(), id.clone())).map(|h| h.shared.record.lock().clone())
@@ -811,6 +817,15 @@ impl Fleet {
             key,
         });
         Ok((ctx.spawn_courier(shared).await?, true))
+    }
+
+    /// Seconds from the courier's last position straight to the order's next stop (its pickup,
+    /// or its drop-off once on board), rounded: a tracking snapshot's `eta_s`. The courier's
+    /// next fix brings the ETA along its route (stops before this one count there).
+    pub fn direct_eta_s(&self, tenant: &TenantId, courier: &CourierRecord, order: &Order) -> Option<f64> {
+        let f = courier.last_fix?;
+        let target = if order.state.is_on_board() { order.dropoff } else { order.pickup };
+        Some(self.ctx.planner(tenant, courier.vehicle, self.ctx.clock.now_ms()).travel_s(f.pos, target).round())
     }
 
     /// The shared context (for tests and tools).

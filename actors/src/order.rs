@@ -55,8 +55,9 @@ pub enum Command {
     Release { courier: Option<CourierId> },
     /// Cancel (customer before pickup, dispatcher or admin any time while open).
     Cancel,
-    /// Nobody took the order in time.
-    Expire,
+    /// Nobody took the order in time; `why`, when the dispatcher knows more (no courier of
+    /// the tenant can carry it), is the event's reason.
+    Expire { why: Option<String> },
 }
 
 impl Command {
@@ -74,7 +75,7 @@ impl Command {
             Command::Failed { .. } => "fail",
             Command::Release { .. } => "release",
             Command::Cancel => "cancel",
-            Command::Expire => "expire",
+            Command::Expire { .. } => "expire",
         }
     }
 }
@@ -200,7 +201,7 @@ pub fn apply(order: &Order, cmd: &Command, who: &Who, now: Ms) -> Result<Order, 
             next.state = Cancelled;
             next.offer = None;
         }
-        Command::Expire => {
+        Command::Expire { .. } => {
             if !matches!(s, Created | Offered) {
                 return Err(err());
             }
@@ -229,7 +230,7 @@ pub fn transition_event(before: &Order, after: &Order, cmd: &Command, who: &Who,
         Command::OfferLapsed { courier } => Some(format!("offer to {courier} lapsed")),
         Command::Assign { record, .. } => Some(format!("assigned by {} policy", record.policy)),
         Command::Offer { record, .. } => Some(format!("offered by {} policy, cost {:.0} s", record.policy, record.cost_s)),
-        Command::Expire => Some("no courier took the order in time".into()),
+        Command::Expire { why } => Some(why.clone().unwrap_or_else(|| "no courier took the order in time".into())),
         Command::Release { courier: Some(c) } if matches!(who, Who::Courier(_)) => Some(format!("handed back by {c}")),
         Command::Release { courier: Some(c) } => Some(format!("taken back from {c}: no position from it for too long")),
         Command::Release { courier: None } => before.commitment().map(|c| format!("taken back from {c}")),

@@ -204,6 +204,35 @@ async fn a_lapsed_offer_is_redispatched_without_that_courier_and_unwanted_orders
     assert!(w.f.check_invariants().await.is_empty());
 }
 
+/// An order no courier of the tenant can carry is accepted (a bigger vehicle may join) and
+/// expires like any other, its event saying why; one that merely found nobody says that.
+#[tokio::test]
+async fn an_order_too_big_for_every_courier_expires_saying_why() {
+    let w = world(FleetConfig { order_expiry_ms: 10 * 60_000, ..Default::default() }).await;
+    w.courier("a", at(50.0, 0.0), 2).await;
+    w.courier("b", at(80.0, 0.0), 3).await;
+    let big = NewOrder { id: Some(OrderId::new("big")), pickup: at(0.0, 0.0), dropoff: at(900.0, 0.0), size: 4, ready_at: None, deliver_by: None };
+    let big = w.f.create_order(&w.t, big, &Who::Dispatcher("d".into())).await.unwrap().id.clone();
+    let declined = w.order("declined", at(0.0, 0.0), at(900.0, 0.0)).await;
+    // `declined` is offered to each courier in turn and declined: it waits, as `big` does.
+    for _ in 0..2 {
+        w.settle().await;
+        let o = w.wait_order(&declined, "offered", |o| o.offer.is_some()).await;
+        let to = o.offer.as_ref().unwrap().courier.clone();
+        w.f.command(&w.t, &declined, Command::Decline { courier: to.clone() }, Who::Courier(to)).await.unwrap();
+    }
+    w.settle().await;
+    assert_eq!(w.get(&big).await.state, OrderState::Created, "never offered");
+    w.clock.advance(10 * 60_000);
+    w.tick().await;
+    for o in [&big, &declined] {
+        w.wait_order(o, "expired", |o| o.state == OrderState::Expired).await;
+    }
+    let reason = |id: &OrderId| w.store.all_events().into_iter().rfind(|e| e.entity_id == id.as_str()).and_then(|e| e.reason);
+    assert_eq!(reason(&big).as_deref(), Some("no courier can carry it: size 4 is over the largest capacity, 3"));
+    assert_eq!(reason(&declined).as_deref(), Some("no courier took the order in time"));
+}
+
 /// A courier that cannot make it hands an order back before pickup (or a dispatcher takes it
 /// back): the order goes back to `created` without that courier, is offered to someone else,
 /// and its wait restarts, so an order handed back late is not expired before dispatch could

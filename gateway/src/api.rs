@@ -28,9 +28,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .app_data(web::QueryConfig::default().error_handler(crate::error::query_error))
         .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
         .app_data(web::PayloadConfig::default().limit(MAX_JSON_BODY))
+        // At the root, where probes and scrapers look, and under `/v1` with the rest of the
+        // API (the design brief lists them there).
         .route("/healthz", web::get().to(healthz))
+        .route("/v1/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
+        .route("/v1/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
+        .route("/v1/metrics", web::get().to(metrics))
         .route("/openapi.json", web::get().to(openapi))
         .route("/v1/openapi.json", web::get().to(openapi))
         .route("/", web::get().to(console_page))
@@ -39,6 +44,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/favicon.ico", web::get().to(favicon))
         .route("/osmand", web::get().to(osmand_get))
         .route("/osmand", web::post().to(osmand_post))
+        .route("/v1/osmand", web::get().to(osmand_get))
+        .route("/v1/osmand", web::post().to(osmand_post))
         .service(
             web::scope("/v1")
                 .route("/orders", web::post().to(create_order))
@@ -252,7 +259,7 @@ pub(crate) struct NearbyQuery {
 /// Most couriers one `nearby` answers with.
 pub const MAX_NEARBY: usize = 500;
 
-#[utoipa::path(get, path = "/v1/couriers/nearby", params(("lat" = f64, Query), ("lng" = f64, Query), ("k" = Option<usize>, Query), ("radius_m" = Option<f64>, Query)), responses((status = 200, body = Vec<NearbyDto>)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/couriers/nearby", params(("lat" = f64, Query), ("lng" = f64, Query), ("k" = Option<usize>, Query), ("radius_m" = Option<f64>, Query)), responses((status = 200, body = crate::dto::NearbyListDto), (status = 400), (status = 403)), security(("bearer" = [])))]
 pub(crate) async fn nearby(st: State, auth: Auth, q: web::Query<NearbyQuery>) -> Result<HttpResponse, ApiError> {
     auth.require(&[Role::Dispatcher, Role::Admin])?;
     let at = LatLngDto { lat: q.lat, lng: q.lng }.to_domain()?;
@@ -270,7 +277,7 @@ pub(crate) async fn nearby(st: State, auth: Auth, q: web::Query<NearbyQuery>) ->
         .into_iter()
         .map(|n| NearbyDto { courier: CourierDto::from(&n.courier), distance_m: (n.distance_m * 10.0).round() / 10.0 })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+    Ok(HttpResponse::Ok().json(crate::dto::NearbyListDto { items }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -201,12 +201,26 @@ pub fn authenticate(req: &HttpRequest) -> Result<Auth, ApiError> {
     authenticate_token(keys, token_of(req).as_deref())
 }
 
+/// Longest subject of a staff or customer token.
+const MAX_SUBJECT_LEN: usize = 128;
+
+/// Whether `sub` may be the subject of a `role` token. A courier's is its courier id (an id);
+/// anyone else's is only named in the audit trail, so it may be what an identity provider
+/// issues (an e-mail address, `auth0|…`), without control characters (PostgreSQL refuses NUL
+/// in text). It was an id for every role: `alice@example.com` got 401 everywhere.
+fn valid_subject(role: Role, sub: &str) -> bool {
+    match role {
+        Role::Courier => hexfleet_actors::domain::valid_id(sub),
+        _ => !sub.is_empty() && sub.len() <= MAX_SUBJECT_LEN && !crate::dto::has_control_chars(sub),
+    }
+}
+
 /// Verifies a raw token (from [`token_of`], or [`token_of_parts`] where there is no actix
 /// request) and checks its tenant and subject.
 pub fn authenticate_token(keys: &Keys, token: Option<&str>) -> Result<Auth, ApiError> {
     let token = token.ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
     let claims = keys.verify(token)?;
-    if !hexfleet_actors::domain::valid_id(&claims.tenant) || !hexfleet_actors::domain::valid_id(&claims.sub) {
+    if !hexfleet_actors::domain::valid_id(&claims.tenant) || !valid_subject(claims.role, &claims.sub) {
         return Err(ApiError::unauthorized("token has an invalid tenant or subject"));
     }
     Ok(Auth { tenant: TenantId::new(&claims.tenant), claims })

@@ -12,7 +12,9 @@
 //! Streams and `seq`: a track stream (one order) numbers its messages per node; its discrete
 //! messages are kept in a bounded replay buffer so a watcher reconnecting with `?since=SEQ`
 //! gets what it missed, or a `resync` and a fresh snapshot. Courier and console sockets number
-//! their messages per connection.
+//! their messages per connection, as the session's writer sends them ([`Outbox::per_connection`]):
+//! numbered by the threads that queue them, two messages queued at once could go out in the
+//! other order. Either way a socket's `seq` only grows.
 //!
 //! Between nodes, each update is rendered as JSON and published through Redis
 //! ([`crate::relay`]): on its market's channel and, for an order's updates and its courier's
@@ -37,11 +39,17 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::dto::{LatLngDto, OrderDto, courier_notice_json};
+use crate::dto::{LatLngDto, OrderDto, courier_notice_value};
 use crate::relay::{Heard, Relay, Topic};
 
 /// Discrete messages a session may have queued before it counts as too slow.
 pub const OUTBOX_CAPACITY: usize = 1024;
+/// The same for a console. Its discrete messages are its tenant's events, one per order
+/// transition, and one dispatch round commits an offer per free courier at once: with 1,024 a
+/// round of a fleet that size closed every console that was reading as fast as it could. A
+/// console that stops reading is still dropped when a write stalls (`ws::WRITE_TIMEOUT`);
+/// this bounds what it holds meanwhile (events are about 300 bytes: at most about 5 MB).
+pub const CONSOLE_OUTBOX_CAPACITY: usize = 16_384;
 /// Discrete messages a track stream keeps for `?since=` replays.
 pub const REPLAY_CAPACITY: usize = 256;
 
@@ -133,8 +141,7 @@ impl Fanout {
                 pickup: o.pickup.into(),
             },
             Update::ToCourier { tenant, courier, notice } => {
-                let mut msg: Value = serde_json::from_str(&courier_notice_json(notice, 0)).ok()?;
-                msg.as_object_mut()?.remove("seq");
+                let msg = courier_notice_value(notice);
                 Fanout::ToCourier { tenant: tenant.to_string(), courier: courier.to_string(), msg }
             }
             Update::Event(e) => Fanout::Event {
@@ -189,10 +196,25 @@ pub struct Outbox {
     closed: AtomicBool,
     seq: AtomicU64,
     capacity: usize,
+    /// Discrete messages are queued without `seq` and numbered as they are drained.
+    numbered: bool,
 }
 
 impl Outbox {
+    /// A tracking session's outbox: its messages come numbered by their track stream, under
+    /// the stream's lock, so they are queued in the order of their numbers.
     pub fn new(capacity: usize) -> Arc<Self> {
+        Self::build(capacity, false)
+    }
+
+    /// A courier or console session's outbox: discrete messages are queued without `seq` and
+    /// numbered by [`Outbox::drain`], so the session's writer (the only caller of `drain` and
+    /// of [`Outbox::next_seq`]) numbers everything in the order it goes out.
+    pub fn per_connection(capacity: usize) -> Arc<Self> {
+        Self::build(capacity, true)
+    }
+
+    fn build(capacity: usize, numbered: bool) -> Arc<Self> {
         Arc::new(Outbox {
             inner: Mutex::default(),
             notify: Notify::new(),
@@ -200,6 +222,7 @@ impl Outbox {
             closed: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             capacity,
+            numbered,
         })
     }
 
@@ -214,12 +237,14 @@ impl Outbox {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// The next per-connection sequence number.
+    /// The next per-connection sequence number; for the session's writer only (see
+    /// [`Outbox::per_connection`]).
     pub fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Queues a discrete message; on overflow marks the session too slow (never drops silently).
+    /// Queues a discrete message (a JSON object, without `seq` in a [`Outbox::per_connection`]
+    /// outbox); on overflow marks the session too slow (never drops silently).
     pub fn push(&self, msg: String) {
         let mut g = self.inner.lock();
         if g.discrete.len() >= self.capacity {
@@ -227,7 +252,12 @@ impl Outbox {
                 metrics::counter!("hexfleet_ws_slow_disconnects_total").increment(1);
             }
         } else {
-            g.discrete.push_back(msg);
+            // A position waiting in its slot was numbered before this message (a track
+            // stream numbers and queues under its lock): it goes out first, or the page would
+            // see its numbers go back.
+            let OutboxInner { discrete, latest, .. } = &mut *g;
+            discrete.extend(latest.drain().map(|(_, v)| v));
+            discrete.push_back(msg);
         }
         drop(g);
         self.notify.notify_one();
@@ -279,12 +309,25 @@ impl Outbox {
         self.notify.notified().await
     }
 
-    /// Takes everything queued: discrete messages first (in order), then conflated ones.
+    /// Takes everything queued: discrete messages first (in order, numbered now in a
+    /// [`Outbox::per_connection`] outbox), then conflated ones.
     pub fn drain(&self) -> Vec<String> {
         let mut g = self.inner.lock();
-        let mut out: Vec<String> = g.discrete.drain(..).collect();
+        let mut out: Vec<String> = if self.numbered {
+            g.discrete.drain(..).map(|m| with_seq(&m, self.next_seq())).collect()
+        } else {
+            g.discrete.drain(..).collect()
+        };
         out.extend(g.latest.drain().map(|(_, v)| v));
         out
+    }
+
+    /// Drops what is queued: a snapshot numbered after it holds it (see
+    /// [`Broker::track_snapshot_seq`]).
+    fn forget_queued(&self) {
+        let mut g = self.inner.lock();
+        g.discrete.clear();
+        g.latest.clear();
     }
 
     /// Takes the console batches.
@@ -292,6 +335,20 @@ impl Outbox {
         let mut g = self.inner.lock();
         (g.batch_couriers.drain().map(|(_, v)| v).collect(), g.batch_orders.drain().map(|(_, v)| v).collect())
     }
+}
+
+/// `msg`, a JSON object, with `"seq":seq` as its first member.
+fn with_seq(msg: &str, seq: u64) -> String {
+    debug_assert!(msg.starts_with('{'), "not a JSON object: {msg}");
+    let rest = msg.strip_prefix('{').unwrap_or(msg);
+    let mut out = String::with_capacity(msg.len() + 28);
+    out.push_str(r#"{"seq":"#);
+    out.push_str(&seq.to_string());
+    if !rest.starts_with('}') {
+        out.push(',');
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A courier item of a console `couriers` batch, typed.
@@ -669,11 +726,23 @@ impl Broker {
         }
     }
 
-    /// Numbers a message on a track stream (snapshots sent at connect use this too).
+    /// Numbers a message on a track stream (a `resync`).
     pub fn track_seq(&self, tenant: &str, order: &str) -> u64 {
         let mut s = self.local.tracks.entry((tenant.to_owned(), order.to_owned())).or_default();
         s.seq += 1;
         s.seq
+    }
+
+    /// Numbers a snapshot for `outbox`, a session of the stream, before its state is read:
+    /// `count` numbers in a row, the first returned. What the session has queued was numbered
+    /// below them, before the read, so the snapshot holds it: it is dropped, or it would go
+    /// out after the snapshot and take the page back to an older state.
+    pub fn track_snapshot_seq(&self, tenant: &str, order: &str, outbox: &Outbox, count: u64) -> u64 {
+        let mut s = self.local.tracks.entry((tenant.to_owned(), order.to_owned())).or_default();
+        outbox.forget_queued();
+        let first = s.seq + 1;
+        s.seq += count;
+        first
     }
 
     /// Registers a console session.
@@ -800,29 +869,29 @@ impl Broker {
             }
             Fanout::ToCourier { tenant, courier, msg } => {
                 if let Some(ss) = self.local.couriers.get(&(tenant.clone(), courier.clone())).filter(|_| others) {
+                    let m = msg.to_string();
                     for (_, o) in ss.iter() {
-                        let mut m = msg.clone();
-                        m["seq"] = json!(o.next_seq());
-                        o.push(m.to_string());
+                        o.push(m.clone());
                     }
                 }
             }
             Fanout::Zone { tenant, id, feature } => {
                 if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
+                    let m = match feature {
+                        Some(f) => json!({ "t": "zones", "items": [f] }),
+                        None => json!({ "t": "zones", "items": [], "deleted": [id] }),
+                    }
+                    .to_string();
                     for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
-                        let m = match feature {
-                            Some(f) => json!({ "t": "zones", "seq": v.outbox.next_seq(), "items": [f] }),
-                            None => json!({ "t": "zones", "seq": v.outbox.next_seq(), "items": [], "deleted": [id] }),
-                        };
-                        v.outbox.push(m.to_string());
+                        v.outbox.push(m.clone());
                     }
                 }
             }
             Fanout::Event { tenant, event } => {
                 if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
+                    let m = json!({ "t": "event", "event": event }).to_string();
                     for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
-                        let m = json!({ "t": "event", "seq": v.outbox.next_seq(), "event": event });
-                        v.outbox.push(m.to_string());
+                        v.outbox.push(m.clone());
                     }
                 }
             }
@@ -925,6 +994,90 @@ mod tests {
         let v: Value = serde_json::from_str(&got[0]).unwrap();
         assert!((v["lat"].as_f64().unwrap() - (52.0 + 999.0 * 1e-4)).abs() < 1e-9);
         assert!(!ob.overflowed(), "conflation never counts as falling behind");
+    }
+
+    /// A courier's or console's messages are queued by the threads that make them (actors,
+    /// the Redis listener) and by its writer (console batches): numbered as the writer sends
+    /// them, the socket's `seq` grows by one with every message, never going back.
+    #[test]
+    fn a_sockets_seq_grows_by_one_whoever_queues_its_messages() {
+        let ob = Outbox::per_connection(1 << 20);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let ob = ob.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2_000 {
+                        ob.push(json!({ "t": "event", "from": t, "i": i }).to_string());
+                    }
+                })
+            })
+            .collect();
+        let (mut seqs, mut got) = (Vec::new(), 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while got < 8_000 {
+            assert!(std::time::Instant::now() < deadline, "only {got} of 8000 messages came");
+            for m in ob.drain() {
+                let v: Value = serde_json::from_str(&m).unwrap();
+                assert_eq!(v["t"], "event", "{m}");
+                seqs.push(v["seq"].as_u64().unwrap());
+                got += 1;
+            }
+            // The writer's own message (a console batch) between two drains.
+            seqs.push(ob.next_seq());
+            std::thread::yield_now();
+        }
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "numbers out of order or skipped");
+        assert_eq!(with_seq("{}", 3), r#"{"seq":3}"#);
+    }
+
+    /// A tracking page's position waits in a slot while order updates queue: one numbered
+    /// before an update goes out before it; and what was queued before a snapshot was numbered
+    /// is dropped (the snapshot holds it), so the page never sees its numbers go back.
+    #[test]
+    fn a_tracking_pages_numbers_never_go_back() {
+        let b = Broker::local("n");
+        let ob = Outbox::new(64);
+        b.add_track("t", "o1", ob.clone(), None);
+        let seqs = |ob: &Outbox| -> Vec<u64> {
+            ob.drain().iter().map(|m| serde_json::from_str::<Value>(m).unwrap()["seq"].as_u64().unwrap()).collect()
+        };
+        b.deliver_local(&position("c1", "o1", 52.5));
+        b.deliver_local(&order("o1", "picked_up"));
+        b.deliver_local(&position("c1", "o1", 52.6));
+        let got = seqs(&ob);
+        assert_eq!(got.len(), 3);
+        assert!(got.windows(2).all(|w| w[1] > w[0]), "{got:?}");
+        // Queued before the snapshot's numbers: dropped; after them: sent, numbered above.
+        b.deliver_local(&position("c1", "o1", 52.7));
+        b.deliver_local(&order("o1", "at_dropoff"));
+        let snap = b.track_snapshot_seq("t", "o1", &ob, 2);
+        assert!(snap > got[2]);
+        assert!(ob.drain().is_empty(), "the snapshot holds what was queued before it");
+        b.deliver_local(&order("o1", "delivered"));
+        assert_eq!(seqs(&ob), vec![snap + 2], "the snapshot has two numbers of its own");
+    }
+
+    /// A dispatch round of a big fleet publishes an event per offer at once: a console reading
+    /// as fast as it can holds them all until its writer's next turn.
+    #[test]
+    fn a_consoles_outbox_holds_a_big_fleets_dispatch_round() {
+        let b = Broker::local("n");
+        let v = Arc::new(ConsoleView::new(Outbox::per_connection(CONSOLE_OUTBOX_CAPACITY), Some([13.0, 52.0, 14.0, 53.0])));
+        b.add_console("t", v.clone());
+        let offered = |i: usize| Fanout::Event {
+            tenant: "t".into(),
+            event: json!({ "entity": "order", "entity_id": format!("o{i}"), "kind": "order.offered", "ts": 1 }),
+        };
+        for i in 0..10_000 {
+            b.deliver_local(&offered(i));
+        }
+        assert!(!v.outbox.overflowed(), "a round of 10,000 offers");
+        assert_eq!(v.outbox.drain().len(), 10_000);
+        for i in 0..=CONSOLE_OUTBOX_CAPACITY {
+            b.deliver_local(&offered(i));
+        }
+        assert!(v.outbox.overflowed(), "a console that never reads is still dropped");
     }
 
     #[test]

@@ -315,6 +315,12 @@ impl From<&CourierRecord> for CourierDto {
     }
 }
 
+/// The answer of `GET /v1/couriers/nearby`: nearest first.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NearbyListDto {
+    pub items: Vec<NearbyDto>,
+}
+
 /// One entry of `GET /v1/couriers/nearby`.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NearbyDto {
@@ -322,25 +328,25 @@ pub struct NearbyDto {
     pub distance_m: f64,
 }
 
-/// Messages to a courier device.
-pub fn courier_notice_json(n: &CourierNotice, seq: u64) -> String {
-    let v = match n {
+/// Messages to a courier device, without their `seq` (numbered as the session sends them).
+pub fn courier_notice_value(n: &CourierNotice) -> serde_json::Value {
+    match n {
         CourierNotice::Offer { order, pickup, dropoff, expires_at } => serde_json::json!({
-            "t": "offer", "seq": seq, "order_id": order.as_str(), "pickup": LatLngDto::from(*pickup),
+            "t": "offer", "order_id": order.as_str(), "pickup": LatLngDto::from(*pickup),
             "dropoff": LatLngDto::from(*dropoff), "expires_at": expires_at }),
         CourierNotice::Assigned { order, pickup, dropoff } => serde_json::json!({
-            "t": "assigned", "seq": seq, "order_id": order.as_str(), "pickup": LatLngDto::from(*pickup),
+            "t": "assigned", "order_id": order.as_str(), "pickup": LatLngDto::from(*pickup),
             "dropoff": LatLngDto::from(*dropoff) }),
         CourierNotice::Route { stops } => serde_json::json!({
-            "t": "route", "seq": seq, "stops": stops.iter().map(StopDto::from).collect::<Vec<_>>() }),
-        CourierNotice::OrderUpdate(o) => order_update_json(o, seq),
-    };
-    v.to_string()
+            "t": "route", "stops": stops.iter().map(StopDto::from).collect::<Vec<_>>() }),
+        CourierNotice::OrderUpdate(o) => order_update_value(o),
+    }
 }
 
-/// The `order_update` message to a courier (the order as [`OrderDto::for_watchers`]).
-pub fn order_update_json(o: &Arc<Order>, seq: u64) -> serde_json::Value {
-    serde_json::json!({ "t": "order_update", "seq": seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
+/// The `order_update` message to a courier (the order as [`OrderDto::for_watchers`]), without
+/// its `seq` (numbered as the session sends it).
+pub fn order_update_value(o: &Arc<Order>) -> serde_json::Value {
+    serde_json::json!({ "t": "order_update", "order_id": o.id.as_str(), "state": o.state.as_str(),
         "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::for_watchers(o.as_ref()) })
 }
 

@@ -25,14 +25,13 @@ fn main() -> anyhow::Result<()> {
             Cmd::Serve(a) => serve(a).await,
             Cmd::Demo(a) => demo(a).await,
             Cmd::Token(a) => {
-                // The server refuses a secret under 32 bytes, and takes the development one only
-                // with `--dev-secret`: say so here, not with the server's 401 later.
+                // The server takes the development secret, or one under 32 bytes, on loopback
+                // only: say so here, not with the server's refusal or 401 later.
                 if a.jwt_secret == hexfleet_gateway::config::DEV_JWT_SECRET {
-                    eprintln!("note: signed with the development secret (HEXFLEET_JWT_SECRET is not set): only a server run with --dev-secret takes it");
-                } else {
-                    anyhow::ensure!(
-                        a.jwt_secret.len() >= hexfleet_gateway::config::MIN_SECRET_LEN,
-                        "the JWT secret has {} bytes; the server needs at least {}",
+                    eprintln!("note: signed with the public development secret (HEXFLEET_JWT_SECRET is not set): only a server on loopback without a secret takes it");
+                } else if a.jwt_secret.len() < hexfleet_gateway::config::MIN_SECRET_LEN {
+                    eprintln!(
+                        "note: the JWT secret has {} bytes: a server on an address other than loopback needs at least {}",
                         a.jwt_secret.len(),
                         hexfleet_gateway::config::MIN_SECRET_LEN
                     );

@@ -679,7 +679,7 @@ impl Store for FencedStore {
 /// Whether a request is about a market's live state, so that its owner must serve it.
 fn owner_serves(path: &str) -> bool {
     path.starts_with("/v1/")
-        && path != "/v1/openapi.json"
+        && !matches!(path, "/v1/openapi.json" | "/v1/healthz" | "/v1/readyz" | "/v1/metrics" | "/v1/osmand")
         && path != "/v1/market"
         && !path.starts_with("/v1/webhooks")
         && !path.starts_with("/v1/ws/track/")
@@ -1103,6 +1103,9 @@ mod tests {
         assert!(!owner_serves("/v1/market"));
         assert!(!owner_serves("/healthz"));
         assert!(!owner_serves("/osmand"));
+        for p in ["/v1/osmand", "/v1/healthz", "/v1/readyz", "/v1/metrics"] {
+            assert!(!owner_serves(p), "{p}: this node's, or a report's own routing (osmand)");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::dto::{AssignReq, CourierDto, CourierPutReq, LatLngDto, NearbyDto, New
         crate::webhooks::put_webhook, crate::webhooks::list_webhooks, crate::webhooks::get_webhook,
         crate::webhooks::delete_webhook, crate::webhooks::deliveries, crate::webhooks::redeliver, crate::markets::get_market
     ),
-    components(schemas(AssignReq, crate::dto::AssignmentDto, crate::dto::CandidateDto, CourierDto, CourierPutReq, LatLngDto, NearbyDto, NewOrderReq, OrderDto, PositionDto, crate::dto::TrailDto, crate::dto::DeviceKeyDto,
+    components(schemas(AssignReq, crate::dto::AssignmentDto, crate::dto::CandidateDto, CourierDto, CourierPutReq, LatLngDto, NearbyDto, crate::dto::NearbyListDto, NewOrderReq, OrderDto, PositionDto, crate::dto::TrailDto, crate::dto::DeviceKeyDto,
         crate::history::HistoryCollection, crate::history::HistoryFeature, crate::history::PointGeometry,
         crate::history::HistoryProperties, crate::history::ErasedDto,
         crate::zones::ZoneDto, crate::zones::ZonePropsDto, crate::zones::ZoneListDto,

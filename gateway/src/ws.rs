@@ -481,15 +481,14 @@ pub(crate) async fn courier_session<S: CourierSocket>(
     mut socket: S,
     expires: tokio::time::Instant,
 ) {
-    let outbox = Outbox::new(OUTBOX_CAPACITY);
+    let outbox = Outbox::per_connection(OUTBOX_CAPACITY);
     let sid = st.broker.add_courier(tenant.as_str(), id.as_str(), outbox.clone());
     st.broker.listen_remote(Topic::Market(tenant.as_str())).await;
     metrics::gauge!("hexfleet_ws_connections", "kind" => "courier").increment(1.0);
     let mut guard = Guard::new();
     // Orders it already holds (reconnect): tell the app again.
     for o in st.fleet.courier_orders(&tenant, &id) {
-        let m = crate::dto::order_update_json(&o, outbox.next_seq());
-        outbox.push(m.to_string());
+        outbox.push(crate::dto::order_update_value(&o).to_string());
     }
     // And offers still open (sent while it was away, they would lapse unseen).
     for o in st.fleet.courier_offers(&tenant, &id) {
@@ -500,7 +499,7 @@ pub(crate) async fn courier_session<S: CourierSocket>(
             dropoff: o.dropoff,
             expires_at: offer.expires_at,
         };
-        outbox.push(crate::dto::courier_notice_json(&notice, outbox.next_seq()));
+        outbox.push(crate::dto::courier_notice_value(&notice).to_string());
     }
     let expiry = tokio::time::sleep_until(expires);
     // The waits live across turns of the loop: made afresh on each turn, the outbox's and the
@@ -680,9 +679,9 @@ async fn track_session(
         Some(Replay::Gone) => {
             let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
             let resync = json!({ "t": "resync", "seq": seq }).to_string();
-            track_snapshot(&st, &tenant, &oid).await.map(|snap| std::iter::once(resync).chain(snap).collect())
+            track_snapshot(&st, &tenant, &oid, &outbox).await.map(|snap| std::iter::once(resync).chain(snap).collect())
         }
-        None => track_snapshot(&st, &tenant, &oid).await,
+        None => track_snapshot(&st, &tenant, &oid, &outbox).await,
     };
     // Without its snapshot the page would sit on nothing: it is closed (try again) instead.
     let unread = first.is_none();
@@ -792,13 +791,15 @@ impl Liveness {
 /// The current state of a tracked order: its `order_update`, and the courier's position;
 /// `None` when the order cannot be read now (the store unreachable).
 ///
-/// Each message is numbered before its state is read: an update numbered below it happened
-/// before the read, so the snapshot holds it, and one numbered after it comes after it on the
-/// wire. Numbered after the read, a snapshot could carry a number above an update it did not
-/// hold (one arriving during the read, a database round trip on a node that does not run the
-/// market), and a page reconnecting with that number was never sent the update.
-async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId) -> Option<Vec<String>> {
-    let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
+/// Its messages are numbered before the state is read, both at once: an update numbered below
+/// them happened before the read, so the snapshot holds it (what `outbox` has queued of those
+/// is dropped), and one numbered after them comes after them on the wire. Numbered after the
+/// read, a snapshot could carry a number above an update it did not hold (one arriving during
+/// the read, a database round trip on a node that does not run the market), and a page
+/// reconnecting with that number was never sent the update; numbered one at a time, an update
+/// numbered between the two would go out after the second.
+async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId, outbox: &Outbox) -> Option<Vec<String>> {
+    let seq = st.broker.track_snapshot_seq(tenant.as_str(), oid.as_str(), outbox, 2);
     let Ok(o) = st.fleet.order(tenant, oid).await else {
         // The stream ends with its watchers (an open order's next update starts another): a
         // closed order's stream would otherwise wait for a final update that already went.
@@ -811,10 +812,11 @@ async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId) -> Opti
     let mut msgs = vec![json!({ "t": "order_update", "seq": seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
         "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::for_watchers(o.as_ref()) }).to_string()];
     if let Some(c) = o.courier.as_ref().filter(|_| o.state.is_held()) {
-        let seq = st.broker.track_seq(tenant.as_str(), oid.as_str());
-        let Some(f) = st.fleet.courier(tenant, c).ok().and_then(|rec| rec.last_fix) else { return Some(msgs) };
+        let seq = seq + 1;
+        let Some((f, rec)) = st.fleet.courier(tenant, c).ok().and_then(|rec| Some((rec.last_fix?, rec))) else { return Some(msgs) };
+        let eta = st.fleet.direct_eta_s(tenant, &rec, &o);
         msgs.push(json!({ "t": "courier", "seq": seq, "order_id": o.id.as_str(), "courier_id": c.as_str(),
-            "lat": f.pos.lat, "lng": f.pos.lng, "ts": f.ts, "speed": f.speed, "heading": f.heading }).to_string());
+            "lat": f.pos.lat, "lng": f.pos.lng, "ts": f.ts, "speed": f.speed, "heading": f.heading, "eta_s": eta }).to_string());
     }
     Some(msgs)
 }
@@ -848,7 +850,7 @@ fn valid_bbox(b: &[f64; 4]) -> bool {
 async fn console_session(st: State, tenant: TenantId, session: Session, mut stream: actix_ws::AggregatedMessageStream, expires: tokio::time::Instant) {
     let mut peer = Peer::new(session, st.sockets);
     let mut alive = Liveness::new(st.sockets);
-    let view = Arc::new(ConsoleView::new(Outbox::new(OUTBOX_CAPACITY), None));
+    let view = Arc::new(ConsoleView::new(Outbox::per_connection(crate::broker::CONSOLE_OUTBOX_CAPACITY), None));
     let sid = st.broker.add_console(tenant.as_str(), view.clone());
     st.broker.listen_remote(Topic::Market(tenant.as_str())).await;
     metrics::gauge!("hexfleet_ws_connections", "kind" => "console").increment(1.0);

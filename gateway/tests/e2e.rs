@@ -54,6 +54,13 @@ async fn full_lifecycle(db: &str, port: Port) {
     let pos = customer.expect("courier position", |v| t(v) == "courier").await;
     assert_eq!(pos["courier_id"], "c1");
     assert!(pos["eta_s"].as_f64().is_some(), "{pos}");
+    // A page opened now has the courier in its snapshot, with an ETA too, numbered in order.
+    let mut late = srv.ws("/v1/ws/track/o1", &srv.token(Role::Customer, "cust1", tenant, Some("o1"))).await;
+    let first = late.expect("snapshot", |v| t(v) == "order_update").await;
+    let snap = late.expect("snapshot position", |v| t(v) == "courier").await;
+    assert!(snap["eta_s"].as_f64().is_some_and(|e| e > 0.0), "{snap}");
+    assert!(snap["seq"].as_u64().unwrap() > first["seq"].as_u64().unwrap(), "{first} then {snap}");
+    drop(late);
 
     // Arrival at the pickup is detected without the app asking.
     courier.send(json!({"t":"loc","lat":PICKUP.0,"lng":PICKUP.1,"ts":t0 + 120_000})).await;
@@ -198,6 +205,10 @@ async fn a_couriers_trail_is_its_recent_fixes_in_time_order() {
     assert_eq!(srv.get("/v1/couriers/c1/trail", None).await.0, 401);
     let (_, doc) = srv.get("/openapi.json", None).await;
     assert!(doc["paths"]["/v1/couriers/{id}/trail"]["get"].is_object(), "trail not in OpenAPI");
+    // The document describes what `nearby` answers (an object with `items`; it said an array).
+    let nearby = &doc["paths"]["/v1/couriers/nearby"]["get"]["responses"]["200"]["content"]["application/json"]["schema"];
+    assert_eq!(nearby["$ref"], "#/components/schemas/NearbyListDto", "{nearby}");
+    assert_eq!(doc["components"]["schemas"]["NearbyListDto"]["properties"]["items"]["type"], "array");
 }
 
 /// An offer made while the courier's app was away (a network switch) is sent again when it

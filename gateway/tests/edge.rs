@@ -37,6 +37,12 @@ async fn tokens_roles_and_tenants_are_enforced() {
     assert_eq!(s, 403);
     // The right role works; a customer sees only its own order; other tenants see nothing.
     assert_eq!(srv.post("/v1/orders", &srv.dispatcher("t1"), order.clone()).await.0, 201);
+    // A staff or customer subject may be what an identity provider issues; a courier's is its id.
+    let alice = srv.token(Role::Dispatcher, "alice@example.com", "t1", None);
+    assert_eq!(srv.get("/v1/orders/o1", Some(&alice)).await.0, 200);
+    let (s, v) = srv.get("/v1/couriers/nearby?lat=52.5&lng=13.4", Some(&srv.token(Role::Courier, "c@1", "t1", None))).await;
+    assert_eq!((s, v["error"]["message"].as_str()), (401, Some("token has an invalid tenant or subject")), "{v}");
+    assert_eq!(srv.get("/v1/orders/o1", Some(&srv.token(Role::Dispatcher, "line\nbreak", "t1", None))).await.0, 401);
     assert_eq!(srv.get("/v1/orders/o1", Some(&srv.token(Role::Customer, "u", "t1", Some("o1")))).await.0, 200);
     assert_eq!(srv.get("/v1/orders/o1", Some(&srv.token(Role::Customer, "u", "t1", Some("o2")))).await.0, 404);
     assert_eq!(srv.get("/v1/orders/o1", Some(&srv.dispatcher("t2"))).await.0, 404);
@@ -279,7 +285,8 @@ async fn osmand_accepts_what_traccar_client_sends() {
     assert!(metrics.lines().any(|l| l.starts_with("hexfleet_osmand_dropped_total{reason=\"bad_timestamp\"}")), "{metrics}");
     // A form body, with the key in it (POST with an empty query) or in the URL.
     let form = format!("deviceid=864895030279986&timestamp={}&lat=52.5175&lon=13.38&key={key}", now_ms() / 1000 - 5);
-    let r = srv.http.post(format!("{}/osmand", srv.base)).header("content-type", "application/x-www-form-urlencoded").body(form).send().await.unwrap();
+    // (Under `/v1` as well as at the root.)
+    let r = srv.http.post(format!("{}/v1/osmand", srv.base)).header("content-type", "application/x-www-form-urlencoded").body(form).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let form = format!("deviceid=864895030279986&timestamp={}&lat=52.5176&lon=13.38", now_ms() / 1000 - 4);
     let r = srv.http.post(format!("{}/osmand?key={key}", srv.base)).header("content-type", "application/x-www-form-urlencoded").body(form).send().await.unwrap();

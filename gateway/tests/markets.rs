@@ -457,8 +457,8 @@ fn a_bad_advertise_url_is_refused_at_start() {
     }
 }
 
-/// `hexfleet token` refuses a secret the server would refuse (under 32 bytes) and says when
-/// it signs with the development secret, instead of printing a token the server answers 401.
+/// `hexfleet token` signs with any secret, and says when the server would take it on
+/// loopback only (under 32 bytes, or the development secret).
 #[test]
 fn the_token_command_checks_its_secret() {
     let token = |secret: Option<&str>| {
@@ -470,7 +470,7 @@ fn the_token_command_checks_its_secret() {
         c.output().expect("run hexfleet token")
     };
     let short = token(Some("too-short"));
-    assert!(!short.status.success());
+    assert!(short.status.success());
     assert!(String::from_utf8_lossy(&short.stderr).contains("at least 32"), "{}", String::from_utf8_lossy(&short.stderr));
     let dev = token(None);
     assert!(dev.status.success());
