@@ -195,9 +195,11 @@ pub struct ServeArgs {
     #[arg(long, env = "HEXFLEET_WEBHOOK_GIVE_UP_HOURS", default_value_t = 72, value_parser = clap::value_parser!(u32).range(2..=8_760))]
     pub webhook_give_up_hours: u32,
     /// Let webhooks reach loopback, private and link-local addresses (on-premises receivers).
-    /// Off by default: a tenant's dispatcher must not be able to probe the internal network.
-    #[arg(long, env = "HEXFLEET_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
-    pub webhook_allow_private: bool,
+    /// Unset: only on a server listening on loopback alone (a laptop, a test harness with its
+    /// receiver beside it); off on any other, where a tenant's dispatcher must not be able to
+    /// probe the internal network.
+    #[arg(long, env = "HEXFLEET_WEBHOOK_ALLOW_PRIVATE", action = clap::ArgAction::Set)]
+    pub webhook_allow_private: Option<bool>,
     /// Take OsmAnd/Traccar reports that carry no device key (`key=`), as Traccar does: then a
     /// device id is the only credential, and anyone who learns one can move its courier. Off by
     /// default; a report with a key is checked either way. Each device's key is
@@ -267,9 +269,7 @@ impl ServeArgs {
     /// test harness or a laptop rarely sets a long secret. The risk left is a loopback server
     /// published by a reverse proxy; the warning names it.
     pub fn secret(&self) -> anyhow::Result<String> {
-        let loopback = |a: &str| a.starts_with("127.") || a.starts_with("localhost") || a.starts_with("[::1]");
-        let public = std::iter::once(&self.listen).chain(&self.ingest_listen).find(|a| !loopback(a));
-        match (&self.jwt_secret, public) {
+        match (&self.jwt_secret, self.public_address()) {
             (Some(s), _) if s.len() >= MIN_SECRET_LEN => Ok(s.clone()),
             (Some(_), Some(addr)) => {
                 anyhow::bail!("HEXFLEET_JWT_SECRET must be at least {MIN_SECRET_LEN} bytes to serve on {addr} (e.g. `openssl rand -hex 32`)")
@@ -290,6 +290,19 @@ impl ServeArgs {
                 Ok(DEV_JWT_SECRET.to_owned())
             }
         }
+    }
+
+    /// The first address this server listens on (the HTTP port's or the ingest port's) that is
+    /// not loopback; `None` for a server on loopback alone.
+    fn public_address(&self) -> Option<&str> {
+        let loopback = |a: &str| a.starts_with("127.") || a.starts_with("localhost") || a.starts_with("[::1]");
+        std::iter::once(&self.listen).chain(&self.ingest_listen).map(String::as_str).find(|a| !loopback(a))
+    }
+
+    /// Whether webhooks may reach private addresses: as set, or, unset, on a server on loopback
+    /// alone (`--webhook-allow-private`).
+    pub fn webhooks_allow_private(&self) -> bool {
+        self.webhook_allow_private.unwrap_or_else(|| self.public_address().is_none())
     }
 
     /// How long location history is kept.
@@ -550,7 +563,18 @@ mod tests {
         assert_eq!((s.webhook_timeout_ms, s.webhook_max_attempts, s.webhook_backoff_ms), (10_000, 15, 1_000));
         assert_eq!((s.webhook_breaker_after, s.webhook_breaker_cooldown_ms), (5, 30_000));
         assert!(Cli::try_parse_from(["hexfleet", "serve", "--webhook-breaker-after", "0"]).is_err());
-        assert!(!s.webhook_allow_private, "private destinations are refused unless asked for");
+        assert!(s.webhooks_allow_private(), "a server on loopback alone may reach a receiver beside it");
+        let public = |extra: &[&str]| {
+            let args = ["hexfleet", "serve", "--listen", "0.0.0.0:8080"].iter().chain(extra).copied();
+            let Cmd::Serve(s) = Cli::try_parse_from(args).unwrap().cmd else { panic!() };
+            s.webhooks_allow_private()
+        };
+        assert!(!public(&[]), "on a public address private destinations are refused unless asked for");
+        assert!(public(&["--webhook-allow-private", "true"]));
+        let Cmd::Serve(s) = Cli::try_parse_from(["hexfleet", "serve", "--webhook-allow-private", "false"]).unwrap().cmd else { panic!() };
+        assert!(!s.webhooks_allow_private(), "refused on loopback too when asked");
+        let Cmd::Serve(s) = Cli::try_parse_from(["hexfleet", "serve", "--ingest-listen", "0.0.0.0:9"]).unwrap().cmd else { panic!() };
+        assert!(!s.webhooks_allow_private(), "a public ingest port makes the server public");
         let d = crate::webhooks::WebhookConfig::default();
         assert_eq!(
             (s.webhook_concurrency as usize, s.webhook_per_endpoint as usize, s.webhook_per_tenant as usize),
@@ -637,7 +661,7 @@ mod tests {
         let s = parse("learn_speeds = false\nmarket_leases = true\nwebhook_allow_private = true\nauto_accept = false\n");
         assert!(!s.learn_speeds);
         assert_eq!(s.market_leases, Some(true));
-        assert!(s.webhook_allow_private);
+        assert_eq!(s.webhook_allow_private, Some(true));
         assert!(!s.auto_accept);
         let s = parse("market_leases = false\nauto_accept = true\n");
         assert_eq!(s.market_leases, Some(false));

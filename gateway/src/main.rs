@@ -78,7 +78,7 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.webhooks.backoff = Duration::from_millis(a.webhook_backoff_ms);
     cfg.webhooks.breaker_after = a.webhook_breaker_after;
     cfg.webhooks.breaker_cooldown = Duration::from_millis(a.webhook_breaker_cooldown_ms);
-    cfg.webhooks.allow_private = a.webhook_allow_private;
+    cfg.webhooks.allow_private = a.webhooks_allow_private();
     cfg.osmand_keyless = a.osmand_keyless;
     cfg.webhooks.concurrency = a.webhook_concurrency as usize;
     cfg.webhooks.per_webhook = a.webhook_per_endpoint as usize;

@@ -31,7 +31,9 @@
 //! So a dead endpoint neither burns its retries nor holds up other webhooks' batches.
 //!
 //! Signature: `X-Hexfleet-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
-//! A receiver recomputes it over the raw body and rejects old `t` values (replays).
+//! A receiver recomputes it over the raw body and rejects old `t` values (replays). For
+//! receivers that check the body alone (GitHub's scheme), `X-Hexfleet-Signature-256:
+//! sha256=<hex HMAC-SHA256(secret, body)>` too; the body's `id` and `ts` then tell a replay.
 //!
 //! Metrics: `hexfleet_webhook_deliveries_total{outcome="delivered"|"retry"|"dead"|"deferred"}`,
 //! `hexfleet_webhook_circuit_opened_total` and `hexfleet_webhook_delivery_seconds`.
@@ -60,8 +62,10 @@ type State = web::Data<AppState>;
 pub const MAX_PATTERNS: usize = 32;
 /// Longest accepted URL.
 pub const MAX_URL_LEN: usize = 2048;
-/// Secret length bounds (bytes).
-pub const SECRET_LEN: std::ops::RangeInclusive<usize> = 16..=256;
+/// Secret length bounds (bytes). The secret protects the tenant's own receiver, which may
+/// have one already: any length is taken (32 random bytes are advised); 16 at least refused
+/// the short secrets test receivers and older integrations use.
+pub const SECRET_LEN: std::ops::RangeInclusive<usize> = 1..=256;
 
 /// How the delivery worker behaves.
 #[derive(Clone, Debug)]
@@ -239,6 +243,13 @@ pub fn signature(secret: &str, unix_s: i64, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     format!("t={unix_s},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// `sha256=<hex HMAC-SHA256(secret, body)>`.
+pub fn body_signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// Checks one subscribed pattern: `*`, or dotted lowercase words, optionally ending in `.*`.
@@ -541,6 +552,7 @@ async fn send(client: &reqwest::Client, d: &Delivery, unix_s: i64, allow_private
     let payload = WebhookPayload::of(d);
     let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
     let sig = signature(&d.secret, unix_s, &body);
+    let body_sig = body_signature(&d.secret, &body);
     let resp = client
         .post(&d.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -548,6 +560,7 @@ async fn send(client: &reqwest::Client, d: &Delivery, unix_s: i64, allow_private
         .header("X-Hexfleet-Delivery", payload.id)
         .header("X-Hexfleet-Attempt", d.attempt.to_string())
         .header("X-Hexfleet-Signature", sig)
+        .header("X-Hexfleet-Signature-256", body_sig)
         .body(body)
         .send()
         .await
@@ -916,7 +929,9 @@ mod tests {
             assert!(validate(&req("https://e.com", &[bad], s), true).is_err(), "{bad:?}");
         }
         assert!(validate(&req("https://e.com", &[], s), true).is_err());
-        assert!(validate(&req("https://e.com", &["*"], "short"), true).is_err());
+        assert!(validate(&req("https://e.com", &["*"], "short"), true).is_ok(), "the receiver's own secret, whatever its length");
+        assert!(validate(&req("https://e.com", &["*"], ""), true).is_err());
+        assert!(validate(&req("https://e.com", &["*"], &"s".repeat(257)), true).is_err());
         let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("k{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert!(validate(&req("https://e.com", &many, s), true).is_err());
@@ -1050,5 +1065,7 @@ mod tests {
             signature("0123456789abcdef", 1_700_000_000, br#"{"seq":1}"#),
             "t=1700000000,v1=e08bda826cf051c0f1f919531cf4fec45eca56a374d4a56a26f82fcfb9101386"
         );
+        // hmac.new(b"key", b"{}", hashlib.sha256).hexdigest()
+        assert_eq!(body_signature("key", b"{}"), "sha256=a777724d943eb48dc69bca8a4a6d57a04db3f9ec7e1de4e581e860265bdf3032");
     }
 }

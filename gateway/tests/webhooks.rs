@@ -112,6 +112,10 @@ fn verify_signature(got: &Got, secret: &str) {
     mac.update(&got.body);
     let want: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(v1, want, "signature verifies over the raw body");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(&got.body);
+    let want: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(got.header("x-hexfleet-signature-256"), format!("sha256={want}"), "the body's own signature");
 }
 
 /// Creates webhook `id` of the token's tenant on `order.created` to `url`; asserts 201.
@@ -173,7 +177,8 @@ async fn api_signed_delivery_retries_and_giving_up() {
         (json!({"url": "ftp://x.example/", "events": ["*"], "secret": HOOK_SECRET}), "scheme"),
         (json!({"url": rx.url, "events": [], "secret": HOOK_SECRET}), "no events"),
         (json!({"url": rx.url, "events": ["Order.Created"], "secret": HOOK_SECRET}), "pattern"),
-        (json!({"url": rx.url, "events": ["*"], "secret": "short"}), "secret"),
+        (json!({"url": rx.url, "events": ["*"], "secret": ""}), "empty secret"),
+        (json!({"url": rx.url, "events": ["*"], "secret": "s".repeat(257)}), "secret too long"),
         (json!({"url": rx.url, "events": ["*"], "secret": HOOK_SECRET, "extra": 1}), "unknown field"),
     ] {
         let (s, b) = srv.put("/v1/webhooks/w1", &disp, bad).await;
@@ -581,7 +586,8 @@ async fn a_long_purge_does_not_hold_up_deliveries() {
     db.drop_db().await;
 }
 
-/// By default a webhook cannot target the operator's own network (SSRF).
+/// By default (a server on a public address, or `--webhook-allow-private false`) a webhook
+/// cannot target the operator's own network (SSRF).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_destinations_are_refused_by_default() {
     let dir = tempfile::tempdir().unwrap();
