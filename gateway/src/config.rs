@@ -201,11 +201,12 @@ pub struct ServeArgs {
     #[arg(long, env = "HEXFLEET_WEBHOOK_ALLOW_PRIVATE", action = clap::ArgAction::Set)]
     pub webhook_allow_private: Option<bool>,
     /// Take OsmAnd/Traccar reports that carry no device key (`key=`), as Traccar does: then a
-    /// device id is the only credential, and anyone who learns one can move its courier. Off by
-    /// default; a report with a key is checked either way. Each device's key is
-    /// `GET /v1/couriers/{id}/device-key`.
-    #[arg(long, env = "HEXFLEET_OSMAND_KEYLESS", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
-    pub osmand_keyless: bool,
+    /// device id is the only credential, and anyone who learns one can move its courier. Unset:
+    /// only on a server listening on loopback alone (a laptop, a test harness sending Traccar
+    /// Client's exact requests); off on any other. A report with a key is checked either way.
+    /// Each device's key is `GET /v1/couriers/{id}/device-key`.
+    #[arg(long, env = "HEXFLEET_OSMAND_KEYLESS", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub osmand_keyless: Option<bool>,
 }
 
 fn parse_purge_interval(s: &str) -> Result<Duration, String> {
@@ -303,6 +304,27 @@ impl ServeArgs {
     /// alone (`--webhook-allow-private`).
     pub fn webhooks_allow_private(&self) -> bool {
         self.webhook_allow_private.unwrap_or_else(|| self.public_address().is_none())
+    }
+
+    /// Whether OsmAnd/Traccar reports without a device key are taken: as set, or, unset, on a
+    /// server on loopback alone (`--osmand-keyless`).
+    pub fn takes_keyless_osmand(&self) -> bool {
+        self.osmand_keyless.unwrap_or_else(|| self.public_address().is_none())
+    }
+
+    /// The development defaults a server on loopback alone takes where its flags are unset,
+    /// for the log: a loopback server published by a reverse proxy should set them.
+    pub fn loopback_defaults(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.public_address().is_none() {
+            if self.webhook_allow_private.is_none() {
+                out.push("webhooks may reach private addresses (--webhook-allow-private false to refuse)");
+            }
+            if self.osmand_keyless.is_none() {
+                out.push("OsmAnd reports without a device key are taken (--osmand-keyless false to refuse)");
+            }
+        }
+        out
     }
 
     /// How long location history is kept.
@@ -494,11 +516,19 @@ mod tests {
             s.fleet_config().release_silent_after_ms
         };
         assert_eq!((fleet(&[]), fleet(&["--release-silent-after-s", "600"])), (None, Some(600_000)));
-        // `--osmand-keyless` alone means true, as the docs write it.
-        for (args, want) in [(&["--osmand-keyless"][..], true), (&["--osmand-keyless", "false"][..], false), (&[][..], false)] {
+        // `--osmand-keyless` alone means true, as the docs write it; unset, a server on
+        // loopback alone takes keyless reports and any other refuses them.
+        for (args, want) in [
+            (&["--osmand-keyless"][..], true),
+            (&["--osmand-keyless", "false"][..], false),
+            (&[][..], true),
+            (&["--listen", "0.0.0.0:8080"][..], false),
+            (&["--listen", "0.0.0.0:8080", "--osmand-keyless"][..], true),
+        ] {
             let cli = Cli::try_parse_from(["hexfleet", "serve"].iter().chain(args)).unwrap();
             let Cmd::Serve(s) = cli.cmd else { panic!() };
-            assert_eq!(s.osmand_keyless, want, "{args:?}");
+            assert_eq!(s.takes_keyless_osmand(), want, "{args:?}");
+            assert_eq!(s.loopback_defaults().len(), if args.is_empty() { 2 } else { usize::from(args[0] == "--osmand-keyless") }, "{args:?}");
         }
         let e = Cli::try_parse_from(["hexfleet", "token", "--role", "admin", "--sub", "a", "--ttl", "1000000years"]).unwrap_err().to_string();
         assert!(e.contains("--ttl"), "{e}");

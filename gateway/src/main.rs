@@ -79,7 +79,10 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.webhooks.breaker_after = a.webhook_breaker_after;
     cfg.webhooks.breaker_cooldown = Duration::from_millis(a.webhook_breaker_cooldown_ms);
     cfg.webhooks.allow_private = a.webhooks_allow_private();
-    cfg.osmand_keyless = a.osmand_keyless;
+    cfg.osmand_keyless = a.takes_keyless_osmand();
+    for d in a.loopback_defaults() {
+        tracing::warn!("listening on loopback alone: {d}");
+    }
     cfg.webhooks.concurrency = a.webhook_concurrency as usize;
     cfg.webhooks.per_webhook = a.webhook_per_endpoint as usize;
     cfg.webhooks.per_tenant = a.webhook_per_tenant as usize;
