@@ -123,8 +123,9 @@ pub fn path_error(err: actix_web::error::PathError, _req: &actix_web::HttpReques
     ApiError::bad_request("invalid_path", err.to_string()).into()
 }
 
-/// Requests for a path no route serves: 404 in the error shape, as every other refusal (a
-/// method a known path does not serve stays actix's 405 with its `Allow` header).
+/// Requests for a path no route serves: 404 in the error shape, as every other refusal. A
+/// method a known path does not serve comes here too (actix falls through to the app's
+/// default service), so it is a 404 as well, not a 405 with `Allow`.
 pub async fn no_route(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found(format!("no route for {} {}", req.method(), req.path())))
 }

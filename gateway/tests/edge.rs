@@ -1041,6 +1041,11 @@ async fn unknown_paths_and_plain_gets_of_sockets_get_json_errors_and_change_noth
         let (s, v) = srv.get(path, Some(&disp)).await;
         assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")), "{path}: {v}");
     }
+    // A method the path does not serve: the same JSON 404 (actix falls through to the default).
+    let r = srv.http.delete(format!("{}/v1/orders", srv.base)).bearer_auth(&disp).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["message"], "no route for DELETE /v1/orders", "{v}");
     let (s, v) = srv.get("/v1/ws/courier", Some(&srv.token(Role::Courier, "newbie", "t1", None))).await;
     assert_eq!((s, v["error"]["code"].as_str()), (400, Some("not_websocket")), "{v}");
     assert_eq!(srv.get("/v1/couriers/newbie", Some(&disp)).await.0, 404, "not registered");
