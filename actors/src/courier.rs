@@ -332,6 +332,9 @@ impl CourierState {
         self.update_index();
         self.shared.zones.lock().sync(&self.ctx, &self.rec);
         let tracking = self.tracking_etas(fix.pos);
+        // The record first: a tracking snapshot numbered after this position was queued reads
+        // the record, and drops the queued copy (`Broker::track_snapshot_seq`).
+        *self.shared.record.lock() = self.rec.clone();
         self.ctx.publisher.publish(Update::CourierMoved {
             tenant: self.rec.tenant.clone(),
             courier: self.rec.id.clone(),
@@ -339,7 +342,6 @@ impl CourierState {
             status: self.rec.status,
             tracking,
         });
-        *self.shared.record.lock() = self.rec.clone();
         let now = self.ctx.clock.now_ms();
         if now - self.last_snapshot >= self.ctx.config.snapshot_every_ms {
             self.last_snapshot = now;

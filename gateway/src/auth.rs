@@ -206,12 +206,14 @@ const MAX_SUBJECT_LEN: usize = 128;
 
 /// Whether `sub` may be the subject of a `role` token. A courier's is its courier id (an id);
 /// anyone else's is only named in the audit trail, so it may be what an identity provider
-/// issues (an e-mail address, `auth0|…`), without control characters (PostgreSQL refuses NUL
-/// in text). It was an id for every role: `alice@example.com` got 401 everywhere.
+/// issues (an e-mail address, `auth0|…`, a UUID): printable ASCII without spaces, so no
+/// control character (PostgreSQL refuses NUL in text) nor an invisible or right-to-left
+/// character disguises the name in the audit trail. It was an id for every role:
+/// `alice@example.com` got 401 everywhere.
 fn valid_subject(role: Role, sub: &str) -> bool {
     match role {
         Role::Courier => hexfleet_actors::domain::valid_id(sub),
-        _ => !sub.is_empty() && sub.len() <= MAX_SUBJECT_LEN && !crate::dto::has_control_chars(sub),
+        _ => !sub.is_empty() && sub.len() <= MAX_SUBJECT_LEN && sub.bytes().all(|b| b.is_ascii_graphic()),
     }
 }
 

@@ -176,9 +176,13 @@ fn for_watchers(mut m: Value) -> Value {
 /// What a session's writer finds when it wakes.
 #[derive(Debug, Default)]
 struct OutboxInner {
-    discrete: VecDeque<String>,
+    /// Shared: an event goes to every console of its tenant as one allocation.
+    discrete: VecDeque<Arc<str>>,
     /// Conflated messages by key (latest wins), e.g. one slot per courier.
     latest: HashMap<String, String>,
+    /// The last conflated message moved into `discrete` (a discrete one queued after it), until
+    /// drained: what [`Outbox::forget_queued`] gives back when `latest` is empty.
+    moved: Option<String>,
     /// Console batches: courier items and order items by id (latest wins), flushed by a ticker.
     /// Keyed with foldhash: one insert per position per console is on the GPS hot path, and
     /// the ids come from verified tokens, so SipHash's flood resistance buys nothing here.
@@ -245,7 +249,8 @@ impl Outbox {
 
     /// Queues a discrete message (a JSON object, without `seq` in a [`Outbox::per_connection`]
     /// outbox); on overflow marks the session too slow (never drops silently).
-    pub fn push(&self, msg: String) {
+    pub fn push(&self, msg: impl Into<Arc<str>>) {
+        let msg = msg.into();
         let mut g = self.inner.lock();
         if g.discrete.len() >= self.capacity {
             if !self.overflowed.swap(true, Ordering::AcqRel) {
@@ -255,8 +260,11 @@ impl Outbox {
             // A position waiting in its slot was numbered before this message (a track
             // stream numbers and queues under its lock): it goes out first, or the page would
             // see its numbers go back.
-            let OutboxInner { discrete, latest, .. } = &mut *g;
-            discrete.extend(latest.drain().map(|(_, v)| v));
+            let OutboxInner { discrete, latest, moved, .. } = &mut *g;
+            for (_, v) in latest.drain() {
+                discrete.push_back(Arc::from(v.as_str()));
+                *moved = Some(v);
+            }
             discrete.push_back(msg);
         }
         drop(g);
@@ -316,18 +324,20 @@ impl Outbox {
         let mut out: Vec<String> = if self.numbered {
             g.discrete.drain(..).map(|m| with_seq(&m, self.next_seq())).collect()
         } else {
-            g.discrete.drain(..).collect()
+            g.discrete.drain(..).map(|m| m.to_string()).collect()
         };
+        g.moved = None;
         out.extend(g.latest.drain().map(|(_, v)| v));
         out
     }
 
-    /// Drops what is queued: a snapshot numbered after it holds it (see
-    /// [`Broker::track_snapshot_seq`]).
-    fn forget_queued(&self) {
+    /// Drops what is queued, which a snapshot numbered after it holds (see
+    /// [`Broker::track_snapshot_seq`]); returns the position that waited in its slot.
+    fn forget_queued(&self) -> Option<String> {
         let mut g = self.inner.lock();
         g.discrete.clear();
-        g.latest.clear();
+        let moved = g.moved.take();
+        g.latest.drain().map(|(_, v)| v).next().or(moved)
     }
 
     /// Takes the console batches.
@@ -735,14 +745,17 @@ impl Broker {
 
     /// Numbers a snapshot for `outbox`, a session of the stream, before its state is read:
     /// `count` numbers in a row, the first returned. What the session has queued was numbered
-    /// below them, before the read, so the snapshot holds it: it is dropped, or it would go
-    /// out after the snapshot and take the page back to an older state.
-    pub fn track_snapshot_seq(&self, tenant: &str, order: &str, outbox: &Outbox, count: u64) -> u64 {
+    /// below them, before the read: it is dropped, or it would go out after the snapshot and
+    /// take the page back to an older state. Order updates are written where the snapshot
+    /// reads them before they are published, so it holds them; the courier's position that
+    /// waited in its slot is returned, for a snapshot on a node without the courier's record
+    /// (or with an older fix) to send instead.
+    pub fn track_snapshot_seq(&self, tenant: &str, order: &str, outbox: &Outbox, count: u64) -> (u64, Option<String>) {
         let mut s = self.local.tracks.entry((tenant.to_owned(), order.to_owned())).or_default();
-        outbox.forget_queued();
+        let position = outbox.forget_queued();
         let first = s.seq + 1;
         s.seq += count;
-        first
+        (first, position)
     }
 
     /// Registers a console session.
@@ -847,6 +860,7 @@ impl Broker {
                     while s.replay.len() > REPLAY_CAPACITY {
                         s.replay.pop_front();
                     }
+                    let msg: Arc<str> = msg.into();
                     for (_, o) in &s.sessions {
                         o.push(msg.clone());
                     }
@@ -869,7 +883,7 @@ impl Broker {
             }
             Fanout::ToCourier { tenant, courier, msg } => {
                 if let Some(ss) = self.local.couriers.get(&(tenant.clone(), courier.clone())).filter(|_| others) {
-                    let m = msg.to_string();
+                    let m: Arc<str> = msg.to_string().into();
                     for (_, o) in ss.iter() {
                         o.push(m.clone());
                     }
@@ -882,6 +896,7 @@ impl Broker {
                         None => json!({ "t": "zones", "items": [], "deleted": [id] }),
                     }
                     .to_string();
+                    let m: Arc<str> = m.into();
                     for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
                         v.outbox.push(m.clone());
                     }
@@ -889,7 +904,7 @@ impl Broker {
             }
             Fanout::Event { tenant, event } => {
                 if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
-                    let m = json!({ "t": "event", "event": event }).to_string();
+                    let m: Arc<str> = json!({ "t": "event", "event": event }).to_string().into();
                     for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
                         v.outbox.push(m.clone());
                     }
@@ -1051,11 +1066,18 @@ mod tests {
         // Queued before the snapshot's numbers: dropped; after them: sent, numbered above.
         b.deliver_local(&position("c1", "o1", 52.7));
         b.deliver_local(&order("o1", "at_dropoff"));
-        let snap = b.track_snapshot_seq("t", "o1", &ob, 2);
+        let (snap, waiting) = b.track_snapshot_seq("t", "o1", &ob, 2);
         assert!(snap > got[2]);
         assert!(ob.drain().is_empty(), "the snapshot holds what was queued before it");
+        let waiting: Value = serde_json::from_str(&waiting.expect("the waiting position, for the snapshot")).unwrap();
+        assert_eq!(waiting["lat"], 52.7);
         b.deliver_local(&order("o1", "delivered"));
         assert_eq!(seqs(&ob), vec![snap + 2], "the snapshot has two numbers of its own");
+        // A position still in its slot is given back too.
+        b.deliver_local(&position("c1", "o1", 52.8));
+        let (_, waiting) = b.track_snapshot_seq("t", "o1", &ob, 1);
+        assert_eq!(waiting.map(|p| serde_json::from_str::<Value>(&p).unwrap()["lat"].clone()), Some(json!(52.8)));
+        assert!(ob.drain().is_empty());
     }
 
     /// A dispatch round of a big fleet publishes an event per offer at once: a console reading

@@ -261,6 +261,15 @@ fn parse_demo_couriers(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Whether `addr` (`host:port`) resolves, and only to loopback addresses.
+fn resolves_to_loopback(addr: &str) -> bool {
+    use std::net::ToSocketAddrs as _;
+    addr.to_socket_addrs().is_ok_and(|a| {
+        let all: Vec<std::net::SocketAddr> = a.collect();
+        !all.is_empty() && all.iter().all(|s| s.ip().is_loopback())
+    })
+}
+
 impl ServeArgs {
     /// The secret to use. On an address other than loopback (the HTTP port's or the ingest
     /// port's: both check tokens) it must be configured, with at least [`MIN_SECRET_LEN`] bytes
@@ -293,11 +302,16 @@ impl ServeArgs {
         }
     }
 
-    /// The first address this server listens on (the HTTP port's or the ingest port's) that is
-    /// not loopback; `None` for a server on loopback alone.
-    fn public_address(&self) -> Option<&str> {
-        let loopback = |a: &str| a.starts_with("127.") || a.starts_with("localhost") || a.starts_with("[::1]");
-        std::iter::once(&self.listen).chain(&self.ingest_listen).map(String::as_str).find(|a| !loopback(a))
+    /// The first address this server is reached at that is not loopback: the HTTP port's, the
+    /// ingest port's, or the URL other nodes use (`--advertise-url`); `None` for a server on
+    /// loopback alone. An address is loopback when everything it resolves to is (a name such as
+    /// `localhost.example.com` may resolve anywhere; one that does not resolve is not).
+    fn public_address(&self) -> Option<String> {
+        let advertised = self.advertise_url.as_deref().map(|u| match url::Url::parse(u) {
+            Ok(p) => format!("{}:{}", p.host_str().unwrap_or_default(), p.port_or_known_default().unwrap_or(80)),
+            Err(_) => u.to_owned(),
+        });
+        std::iter::once(self.listen.clone()).chain(self.ingest_listen.clone()).chain(advertised).find(|a| !resolves_to_loopback(a))
     }
 
     /// Whether webhooks may reach private addresses: as set, or, unset, on a server on loopback
@@ -658,6 +672,23 @@ mod tests {
         assert!(s.secret().is_err());
         s.ingest_listen = Some("127.0.0.1:9".into());
         assert!(s.secret().is_ok());
+    }
+
+    /// Loopback is what an address resolves to, not how it is spelled.
+    #[test]
+    fn loopback_is_resolved_not_read() {
+        for a in ["127.0.0.1:8080", "[::1]:8080", "localhost:8080"] {
+            assert!(resolves_to_loopback(a), "{a}");
+        }
+        for a in ["0.0.0.0:8080", "[::]:8080", "[::ffff:127.0.0.1]:80", "127.0.0.1.invalid:80", "localhost.invalid:80", "10.0.0.1:80", "nonsense"] {
+            assert!(!resolves_to_loopback(a), "{a}");
+        }
+        // Other nodes reaching this one make it public.
+        let Cmd::Serve(s) = Cli::try_parse_from(["hexfleet", "serve", "--advertise-url", "http://10.0.0.5:8080"]).unwrap().cmd else { panic!() };
+        assert_eq!(s.public_address().as_deref(), Some("10.0.0.5:8080"));
+        assert!(!s.webhooks_allow_private() && !s.takes_keyless_osmand());
+        let Cmd::Serve(s) = Cli::try_parse_from(["hexfleet", "serve", "--advertise-url", "http://127.0.0.1:8080"]).unwrap().cmd else { panic!() };
+        assert_eq!(s.public_address(), None);
     }
 
     #[test]

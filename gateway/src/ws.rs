@@ -798,8 +798,13 @@ impl Liveness {
 /// the read, a database round trip on a node that does not run the market), and a page
 /// reconnecting with that number was never sent the update; numbered one at a time, an update
 /// numbered between the two would go out after the second.
+///
+/// The courier's position is its record's last fix, or the position that waited in the page's
+/// slot when that is newer or the record is not on this node (a node that does not run the
+/// market hears positions through Redis). With no position to send, the order update takes
+/// the second number, so a page reconnecting with it is told nothing was missed.
 async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId, outbox: &Outbox) -> Option<Vec<String>> {
-    let seq = st.broker.track_snapshot_seq(tenant.as_str(), oid.as_str(), outbox, 2);
+    let (seq, waiting) = st.broker.track_snapshot_seq(tenant.as_str(), oid.as_str(), outbox, 2);
     let Ok(o) = st.fleet.order(tenant, oid).await else {
         // The stream ends with its watchers (an open order's next update starts another): a
         // closed order's stream would otherwise wait for a final update that already went.
@@ -809,14 +814,23 @@ async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId, outbox:
     if o.state.is_terminal() {
         st.broker.end_track(tenant.as_str(), oid.as_str());
     }
-    let mut msgs = vec![json!({ "t": "order_update", "seq": seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
+    let position = o.courier.as_ref().filter(|_| o.state.is_held()).and_then(|c| {
+        let waiting = waiting.and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()).filter(|m| m["courier_id"] == c.as_str());
+        let recorded = st.fleet.courier(tenant, c).ok().and_then(|rec| Some((rec.last_fix?, rec)));
+        match (recorded, waiting) {
+            (Some((f, _)), Some(w)) if w["ts"].as_i64().is_some_and(|ts| ts > f.ts) => Some(w),
+            (Some((f, rec)), _) => Some(json!({ "t": "courier", "order_id": o.id.as_str(), "courier_id": c.as_str(),
+                "lat": f.pos.lat, "lng": f.pos.lng, "ts": f.ts, "speed": f.speed, "heading": f.heading,
+                "eta_s": st.fleet.direct_eta_s(tenant, &rec, &o) })),
+            (None, w) => w,
+        }
+    });
+    let order_seq = if position.is_some() { seq } else { seq + 1 };
+    let mut msgs = vec![json!({ "t": "order_update", "seq": order_seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
         "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::for_watchers(o.as_ref()) }).to_string()];
-    if let Some(c) = o.courier.as_ref().filter(|_| o.state.is_held()) {
-        let seq = seq + 1;
-        let Some((f, rec)) = st.fleet.courier(tenant, c).ok().and_then(|rec| Some((rec.last_fix?, rec))) else { return Some(msgs) };
-        let eta = st.fleet.direct_eta_s(tenant, &rec, &o);
-        msgs.push(json!({ "t": "courier", "seq": seq, "order_id": o.id.as_str(), "courier_id": c.as_str(),
-            "lat": f.pos.lat, "lng": f.pos.lng, "ts": f.ts, "speed": f.speed, "heading": f.heading, "eta_s": eta }).to_string());
+    if let Some(mut p) = position {
+        p["seq"] = json!(seq + 1);
+        msgs.push(p.to_string());
     }
     Some(msgs)
 }

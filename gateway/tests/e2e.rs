@@ -292,3 +292,28 @@ async fn an_order_handed_back_is_offered_to_another_courier() {
     let (s, v) = srv.post("/v1/orders/o1/release", &disp, json!({})).await;
     assert_eq!(s, 409, "{v}");
 }
+
+/// A tracking page that reconnects with the `seq` of its snapshot, nothing having happened
+/// since, is told nothing (no `resync`, no second snapshot), and then gets the next update. The
+/// snapshot reserves a number for the courier's position: with none to send (no courier yet),
+/// its order update takes that number, or the reconnect counted as a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_reconnecting_after_a_quiet_snapshot_is_told_nothing_was_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = TestServer::start(fast_config(dir.path().join("h.db").to_str().unwrap())).await;
+    let disp = srv.dispatcher("acme");
+    let (s, o) = srv.post("/v1/orders", &disp, json!({"id":"o1","pickup":{"lat":PICKUP.0,"lng":PICKUP.1},"dropoff":{"lat":DROPOFF.0,"lng":DROPOFF.1}})).await;
+    assert_eq!(s, 201, "{o}");
+    let customer = srv.token(Role::Customer, "cust1", "acme", Some("o1"));
+    let mut page = srv.ws("/v1/ws/track/o1", &customer).await;
+    let snap = page.expect("snapshot", |_| true).await;
+    assert_eq!((t(&snap), snap["state"].as_str()), ("order_update", Some("created")), "{snap}");
+    drop(page);
+    let mut back = srv.ws(&format!("/v1/ws/track/o1?since={}", snap["seq"]), &customer).await;
+    let (s, _) = srv.post("/v1/orders/o1/cancel", &disp, json!({})).await;
+    assert_eq!(s, 200);
+    let next = back.expect("the next message", |_| true).await;
+    assert_eq!((t(&next), next["state"].as_str()), ("order_update", Some("cancelled")), "nothing missed, no resync: {next}");
+    assert!(next["seq"].as_u64() > snap["seq"].as_u64(), "{next}");
+    srv.stop().await;
+}

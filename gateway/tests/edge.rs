@@ -42,7 +42,9 @@ async fn tokens_roles_and_tenants_are_enforced() {
     assert_eq!(srv.get("/v1/orders/o1", Some(&alice)).await.0, 200);
     let (s, v) = srv.get("/v1/couriers/nearby?lat=52.5&lng=13.4", Some(&srv.token(Role::Courier, "c@1", "t1", None))).await;
     assert_eq!((s, v["error"]["message"].as_str()), (401, Some("token has an invalid tenant or subject")), "{v}");
-    assert_eq!(srv.get("/v1/orders/o1", Some(&srv.token(Role::Dispatcher, "line\nbreak", "t1", None))).await.0, 401);
+    for bad in ["line\nbreak", "alice\u{202e}moc.elpmaxe", "two words"] {
+        assert_eq!(srv.get("/v1/orders/o1", Some(&srv.token(Role::Dispatcher, bad, "t1", None))).await.0, 401, "{bad:?}");
+    }
     assert_eq!(srv.get("/v1/orders/o1", Some(&srv.token(Role::Customer, "u", "t1", Some("o1")))).await.0, 200);
     assert_eq!(srv.get("/v1/orders/o1", Some(&srv.token(Role::Customer, "u", "t1", Some("o2")))).await.0, 404);
     assert_eq!(srv.get("/v1/orders/o1", Some(&srv.dispatcher("t2"))).await.0, 404);
