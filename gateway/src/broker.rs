@@ -11,10 +11,12 @@
 //!
 //! Streams and `seq`: a track stream (one order) numbers its messages per node; its discrete
 //! messages are kept in a bounded replay buffer so a watcher reconnecting with `?since=SEQ`
-//! gets what it missed, or a `resync` and a fresh snapshot. Courier and console sockets number
-//! their messages per connection, as the session's writer sends them ([`Outbox::per_connection`]):
-//! numbered by the threads that queue them, two messages queued at once could go out in the
-//! other order. Either way a socket's `seq` only grows.
+//! gets what it missed, or a `resync` and a fresh snapshot. A tenant's consoles on a node share
+//! a console stream the same way (its events and zone changes replayed, its batches and
+//! snapshots numbered by the writers from the same count, [`Broker::console_numbers`]).
+//! Courier sockets number their messages per connection, as the session's writer sends them
+//! ([`Outbox::per_connection`]): numbered by the threads that queue them, two messages queued
+//! at once could go out in the other order. Either way a socket's `seq` only grows.
 //!
 //! Between nodes, each update is rendered as JSON and published through Redis
 //! ([`crate::relay`]): on its market's channel and, for an order's updates and its courier's
@@ -434,8 +436,55 @@ struct TrackStream {
 
 impl Default for TrackStream {
     fn default() -> Self {
-        let epoch = u64::from(rand::random::<u32>() % ((1 << 21) - 1)) + 1;
-        TrackStream { seq: epoch << 32, replay: VecDeque::new(), sessions: Vec::new(), ended: false }
+        TrackStream { seq: stream_base(), replay: VecDeque::new(), sessions: Vec::new(), ended: false }
+    }
+}
+
+/// Where a stream's numbers start: a random multiple of 2^32 below 2^53 (see [`TrackStream`]).
+fn stream_base() -> u64 {
+    let epoch = u64::from(rand::random::<u32>() % ((1 << 21) - 1)) + 1;
+    epoch << 32
+}
+
+/// A tenant's console stream on this node: the one count its consoles' messages are numbered
+/// from, and its discrete messages (events, zone changes) kept for `?since=`. Batches and
+/// snapshots take numbers too but are not kept (a reconnecting console subscribes again).
+#[derive(Debug)]
+struct ConsoleStream {
+    seq: u64,
+    replay: VecDeque<(u64, Arc<str>)>,
+    /// The highest number that left `replay`: a `since` below it missed what was dropped.
+    evicted: u64,
+}
+
+impl Default for ConsoleStream {
+    fn default() -> Self {
+        let base = stream_base();
+        ConsoleStream { seq: base, replay: VecDeque::new(), evicted: base }
+    }
+}
+
+impl ConsoleStream {
+    /// What a console reconnecting with `since` missed.
+    fn replay(&self, since: u64) -> Replay {
+        if since < self.evicted || since > self.seq {
+            // Before what is kept, or another stream's number (another node, a restart).
+            return Replay::Gone;
+        }
+        Replay::Missed(self.replay.iter().filter(|(q, _)| *q > since).map(|(_, m)| m.to_string()).collect())
+    }
+
+    /// Numbers a discrete message (a JSON object without `seq`) and keeps it for replays.
+    fn number(&mut self, msg: &str) -> Arc<str> {
+        self.seq += 1;
+        let m: Arc<str> = with_seq(msg, self.seq).into();
+        self.replay.push_back((self.seq, m.clone()));
+        while self.replay.len() > REPLAY_CAPACITY {
+            if let Some((q, _)) = self.replay.pop_front() {
+                self.evicted = q;
+            }
+        }
+        m
     }
 }
 
@@ -507,6 +556,8 @@ struct Local {
     couriers: DashMap<(String, String), Subscribers<Outbox>>,
     tracks: DashMap<(String, String), TrackStream>,
     consoles: DashMap<String, Subscribers<ConsoleView>>,
+    /// Taken before `consoles` when both are (never the other way round).
+    console_streams: DashMap<String, ConsoleStream>,
 }
 
 /// Called with (tenant, zone id) when another node changed a zone.
@@ -663,6 +714,8 @@ impl Broker {
                 n += 1;
             }
         }
+        // The consoles reconnect, here or elsewhere, after a gap this stream did not see.
+        self.local.console_streams.remove(tenant);
         n
     }
 
@@ -690,6 +743,7 @@ impl Broker {
                 n += 1;
             }
         }
+        self.local.console_streams.retain(|tenant, _| relay.serves(tenant));
         n
     }
 
@@ -758,18 +812,40 @@ impl Broker {
         (first, position)
     }
 
-    /// Registers a console session.
-    pub fn add_console(&self, tenant: &str, view: Arc<ConsoleView>) -> u64 {
+    /// Registers a console session and answers a `since` request from the tenant's console
+    /// stream (registered under the stream's lock: nothing is numbered between the two).
+    pub fn add_console(&self, tenant: &str, view: Arc<ConsoleView>, since: Option<u64>) -> (u64, Option<Replay>) {
         let id = self.new_id();
+        let s = self.local.console_streams.entry(tenant.to_owned()).or_default();
+        let replay = since.map(|since| s.replay(since));
         self.local.consoles.entry(tenant.to_owned()).or_default().push((id, view));
-        id
+        drop(s);
+        (id, replay)
     }
 
     pub fn drop_console(&self, tenant: &str, id: u64) {
-        self.local.consoles.remove_if_mut(tenant, |_, v| {
+        let s = self.local.console_streams.get_mut(tenant);
+        let gone = self.local.consoles.remove_if_mut(tenant, |_, v| {
             v.retain(|(i, _)| *i != id);
             v.is_empty()
         });
+        drop(s);
+        // On a node that does not run the market the stream stops hearing it with its last
+        // console (the market's channel may be dropped): a `since` must then get a resync.
+        if gone.is_some() && self.relay.as_ref().is_some_and(|r| !r.serves(tenant)) {
+            self.local.console_streams.remove_if(tenant, |t, _| !self.local.consoles.contains_key(t));
+        }
+    }
+
+    /// Numbers what a console's writer is about to send: takes what its outbox has queued
+    /// (numbered already) and `count` numbers after it, the first returned, both under the
+    /// stream's lock, so the writer's batches go out after every message numbered before them.
+    pub fn console_numbers(&self, tenant: &str, outbox: &Outbox, count: u64) -> (Vec<String>, u64) {
+        let mut s = self.local.console_streams.entry(tenant.to_owned()).or_default();
+        let queued = outbox.drain();
+        let first = s.seq + 1;
+        s.seq += count;
+        (queued, first)
     }
 
     /// Number of local sessions (couriers, track, console), for metrics.
@@ -890,25 +966,37 @@ impl Broker {
                 }
             }
             Fanout::Zone { tenant, id, feature } => {
-                if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
+                if others {
                     let m = match feature {
                         Some(f) => json!({ "t": "zones", "items": [f] }),
                         None => json!({ "t": "zones", "items": [], "deleted": [id] }),
-                    }
-                    .to_string();
-                    let m: Arc<str> = m.into();
-                    for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
-                        v.outbox.push(m.clone());
-                    }
+                    };
+                    self.to_consoles(tenant, &m.to_string());
                 }
             }
             Fanout::Event { tenant, event } => {
-                if let Some(cs) = self.local.consoles.get(tenant).filter(|_| others) {
-                    let m: Arc<str> = json!({ "t": "event", "event": event }).to_string().into();
-                    for (_, v) in cs.iter().filter(|(_, v)| v.subscribed()) {
-                        v.outbox.push(m.clone());
-                    }
+                if others {
+                    self.to_consoles(tenant, &json!({ "t": "event", "event": event }).to_string());
                 }
+            }
+        }
+    }
+
+    /// Numbers a discrete console message on the tenant's console stream, keeps it for
+    /// replays, and queues it for every console of the tenant here, subscribed yet or not (one
+    /// that reconnected with `since` has been answered up to this stream's count).
+    fn to_consoles(&self, tenant: &str, msg: &str) {
+        // A stream exists from a tenant's first console on: kept after its last one leaves on
+        // a node that runs the market (it hears every update), for a console coming back.
+        let keep = self.relay.as_ref().is_none_or(|r| r.serves(tenant)) && self.local.console_streams.contains_key(tenant);
+        if !keep && !self.local.consoles.contains_key(tenant) {
+            return;
+        }
+        let mut s = self.local.console_streams.entry(tenant.to_owned()).or_default();
+        let m = s.number(msg);
+        if let Some(cs) = self.local.consoles.get(tenant) {
+            for (_, v) in cs.iter() {
+                v.outbox.push(m.clone());
             }
         }
     }
@@ -1085,8 +1173,8 @@ mod tests {
     #[test]
     fn a_consoles_outbox_holds_a_big_fleets_dispatch_round() {
         let b = Broker::local("n");
-        let v = Arc::new(ConsoleView::new(Outbox::per_connection(CONSOLE_OUTBOX_CAPACITY), Some([13.0, 52.0, 14.0, 53.0])));
-        b.add_console("t", v.clone());
+        let v = Arc::new(ConsoleView::new(Outbox::new(CONSOLE_OUTBOX_CAPACITY), Some([13.0, 52.0, 14.0, 53.0])));
+        b.add_console("t", v.clone(), None);
         let offered = |i: usize| Fanout::Event {
             tenant: "t".into(),
             event: json!({ "entity": "order", "entity_id": format!("o{i}"), "kind": "order.offered", "ts": 1 }),
@@ -1100,6 +1188,50 @@ mod tests {
             b.deliver_local(&offered(i));
         }
         assert!(v.outbox.overflowed(), "a console that never reads is still dropped");
+    }
+
+    /// A tenant's consoles share a console stream: a console reconnecting with the `seq` of
+    /// the last message it got is sent the events it missed, even with no console connected
+    /// meanwhile; a `since` from before what is kept, or from another stream, gets a resync.
+    /// A writer's batches are numbered after what it had queued.
+    #[test]
+    fn a_console_reconnecting_with_since_gets_the_events_it_missed() {
+        let b = Broker::local("n");
+        let event = |i: usize| Fanout::Event { tenant: "t".into(), event: json!({ "kind": "order.created", "entity_id": format!("o{i}") }) };
+        let seq_of = |m: &str| serde_json::from_str::<Value>(m).unwrap()["seq"].as_u64().unwrap();
+        let first = Arc::new(ConsoleView::new(Outbox::new(1024), None));
+        let (id, replay) = b.add_console("t", first.clone(), None);
+        assert!(replay.is_none());
+        for i in 0..3 {
+            b.deliver_local(&event(i));
+        }
+        let got = first.outbox.drain();
+        assert_eq!(got.len(), 3, "events reach a console before it subscribes too");
+        let last = seq_of(&got[2]);
+        // A batch numbered by the writer comes after an event queued before it.
+        b.deliver_local(&event(3));
+        let (queued, batch) = b.console_numbers("t", &first.outbox, 1);
+        assert_eq!(queued.len(), 1);
+        assert!(batch > seq_of(&queued[0]));
+        b.drop_console("t", id);
+        // Gone for a while: two more events.
+        for i in 4..6 {
+            b.deliver_local(&event(i));
+        }
+        let again = Arc::new(ConsoleView::new(Outbox::new(1024), None));
+        let (_, replay) = b.add_console("t", again, Some(last));
+        let Some(Replay::Missed(m)) = replay else { panic!("expected a replay") };
+        let ids: Vec<String> = m.iter().map(|m| serde_json::from_str::<Value>(m).unwrap()["event"]["entity_id"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(ids, vec!["o3", "o4", "o5"]);
+        for since in [0, 5, u64::MAX] {
+            let (_, replay) = b.add_console("t", Arc::new(ConsoleView::new(Outbox::new(8), None)), Some(since));
+            assert!(matches!(replay, Some(Replay::Gone)), "since={since}");
+        }
+        for i in 0..REPLAY_CAPACITY + 1 {
+            b.deliver_local(&event(i));
+        }
+        let (_, replay) = b.add_console("t", Arc::new(ConsoleView::new(Outbox::new(8), None)), Some(last));
+        assert!(matches!(replay, Some(Replay::Gone)), "past the buffer");
     }
 
     #[test]
@@ -1184,7 +1316,7 @@ mod tests {
         let track = Outbox::new(8);
         b.add_track("t", "o1", track.clone(), None);
         let console = Arc::new(ConsoleView::new(Outbox::new(8), Some([13.0, 52.0, 14.0, 53.0])));
-        b.add_console("t", console.clone());
+        b.add_console("t", console.clone(), None);
         let seen = |track: &Outbox, console: &ConsoleView| (track.drain().len(), console.outbox.take_batches().0.len());
 
         b.deliver(&position("c1", "o1", 52.5), Some(Heard::Market));
@@ -1205,7 +1337,7 @@ mod tests {
     fn console_sees_only_its_box_and_its_tenant() {
         let b = Broker::local("n");
         let v = Arc::new(ConsoleView::new(Outbox::new(8), Some([13.0, 52.0, 14.0, 53.0])));
-        b.add_console("t", v.clone());
+        b.add_console("t", v.clone(), None);
         b.deliver_local(&position("in", "o", 52.5));
         b.deliver_local(&position("out", "o", 54.5));
         let mut other = position("x", "o", 52.5);

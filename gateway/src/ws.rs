@@ -845,10 +845,11 @@ enum ConsoleIn {
 
 async fn console_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<HttpResponse, ApiError> {
     let auth = auth_ws(&req, &[Role::Dispatcher, Role::Admin])?;
+    let since = web::Query::<SinceQuery>::from_query(req.query_string()).map(|q| q.since).unwrap_or(None);
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
     let expires = auth.claims.session_deadline();
-    actix_web::rt::spawn(console_session(st, auth.tenant, session, stream, expires));
+    actix_web::rt::spawn(console_session(st, auth.tenant, since, session, stream, expires));
     Ok(resp)
 }
 
@@ -861,11 +862,37 @@ fn valid_bbox(b: &[f64; 4]) -> bool {
         && b[1] <= b[3]
 }
 
-async fn console_session(st: State, tenant: TenantId, session: Session, mut stream: actix_ws::AggregatedMessageStream, expires: tokio::time::Instant) {
+async fn console_session(
+    st: State,
+    tenant: TenantId,
+    since: Option<u64>,
+    session: Session,
+    mut stream: actix_ws::AggregatedMessageStream,
+    expires: tokio::time::Instant,
+) {
     let mut peer = Peer::new(session, st.sockets);
     let mut alive = Liveness::new(st.sockets);
-    let view = Arc::new(ConsoleView::new(Outbox::per_connection(crate::broker::CONSOLE_OUTBOX_CAPACITY), None));
-    let sid = st.broker.add_console(tenant.as_str(), view.clone());
+    // Numbered on the tenant's console stream (`Broker::console_numbers`), not per connection.
+    let view = Arc::new(ConsoleView::new(Outbox::new(crate::broker::CONSOLE_OUTBOX_CAPACITY), None));
+    let (sid, replay) = st.broker.add_console(tenant.as_str(), view.clone(), since);
+    // What a reconnect with `since` missed (events, zone changes), or a resync: the console
+    // subscribes again for a fresh snapshot either way.
+    let first = match replay {
+        Some(Replay::Missed(m)) => m,
+        Some(Replay::Gone) => {
+            let (mut queued, seq) = st.broker.console_numbers(tenant.as_str(), &view.outbox, 1);
+            queued.push(json!({ "t": "resync", "seq": seq }).to_string());
+            queued
+        }
+        None => Vec::new(),
+    };
+    let mut sent = true;
+    for m in first {
+        if !peer.text(m).await {
+            sent = false;
+            break;
+        }
+    }
     st.broker.listen_remote(Topic::Market(tenant.as_str())).await;
     metrics::gauge!("hexfleet_ws_connections", "kind" => "console").increment(1.0);
     let mut guard = Guard::new();
@@ -879,6 +906,9 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
     let cancelled = st.shutdown.cancelled();
     tokio::pin!(expiry, cancelled);
     let close = loop {
+        if !sent {
+            break None;
+        }
         if view.outbox.overflowed() {
             let _ = peer.text(error_json("too_slow", "the client did not read its messages in time")).await;
             break policy("too slow");
@@ -902,21 +932,27 @@ async fn console_session(st: State, tenant: TenantId, session: Session, mut stre
             }
             _ = tick.tick() => {
                 let (couriers, orders) = view.outbox.take_batches();
-                let mut out = Vec::new();
+                let stats_due = Instant::now() >= next_stats;
+                let count = u64::from(!couriers.is_empty()) + u64::from(!orders.is_empty()) + u64::from(stats_due);
+                if count == 0 { continue; }
+                // After what was numbered before them (queued events), on the same count.
+                let (mut out, mut seq) = st.broker.console_numbers(tenant.as_str(), &view.outbox, count);
                 if !couriers.is_empty() {
-                    out.push(crate::broker::couriers_batch_json(view.outbox.next_seq(), &couriers));
+                    out.push(crate::broker::couriers_batch_json(seq, &couriers));
+                    seq += 1;
                 }
                 if !orders.is_empty() {
-                    out.push(batch_json("orders", view.outbox.next_seq(), &orders));
+                    out.push(batch_json("orders", seq, &orders));
+                    seq += 1;
                 }
-                if Instant::now() >= next_stats {
+                if stats_due {
                     next_stats = Instant::now() + CONSOLE_STATS_EVERY;
                     // The tenant's own figures: a console never sees another fleet's.
                     let stats = st.fleet.tenant_stats(&tenant);
                     let now = (stats.fixes_received, Instant::now());
                     let rate = (now.0.saturating_sub(last_fixes.0)) as f64 / now.1.duration_since(last_fixes.1).as_secs_f64().max(0.001);
                     last_fixes = now;
-                    out.push(json!({ "t": "stats", "seq": view.outbox.next_seq(), "couriers_online": stats.couriers_online, "orders_open": stats.orders_open, "ingest_per_s": rate.round() }).to_string());
+                    out.push(json!({ "t": "stats", "seq": seq, "couriers_online": stats.couriers_online, "orders_open": stats.orders_open, "ingest_per_s": rate.round() }).to_string());
                 }
                 let mut gone = false;
                 for m in out {
@@ -983,6 +1019,14 @@ async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, 
     let (Ok(min), Ok(max)) = (hexfleet_actors::domain::LatLng::new(b[1], b[0]), hexfleet_actors::domain::LatLng::new(b[3], b[2])) else {
         return true;
     };
+    // Numbered before the state is read (see `track_snapshot`): what was queued before is sent
+    // first, and the snapshot holds it; what comes after goes out after the snapshot.
+    let (queued, seq) = st.broker.console_numbers(tenant.as_str(), &view.outbox, 3);
+    for m in queued {
+        if !peer.text(m).await {
+            return false;
+        }
+    }
     let couriers: Vec<_> = st
         .fleet
         .couriers_in_bbox(tenant, min, max)
@@ -1002,9 +1046,9 @@ async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, 
         .collect();
     let zones: Vec<_> = st.fleet.zones(tenant).iter().map(|z| crate::zones::console_feature(z)).collect();
     for m in [
-        json!({ "t": "couriers", "seq": view.outbox.next_seq(), "items": couriers, "snapshot": true }),
-        json!({ "t": "orders", "seq": view.outbox.next_seq(), "items": orders, "snapshot": true }),
-        json!({ "t": "zones", "seq": view.outbox.next_seq(), "items": zones, "snapshot": true }),
+        json!({ "t": "couriers", "seq": seq, "items": couriers, "snapshot": true }),
+        json!({ "t": "orders", "seq": seq + 1, "items": orders, "snapshot": true }),
+        json!({ "t": "zones", "seq": seq + 2, "items": zones, "snapshot": true }),
     ] {
         if !peer.text(m.to_string()).await {
             return false;

@@ -317,3 +317,31 @@ async fn a_page_reconnecting_after_a_quiet_snapshot_is_told_nothing_was_missed()
     assert!(next["seq"].as_u64() > snap["seq"].as_u64(), "{next}");
     srv.stop().await;
 }
+
+/// A console that reconnects with the `seq` of the last message it got is sent the events it
+/// missed meanwhile, then goes on live; one whose `since` is from another stream is told to
+/// resync. (Consoles had a per-connection `seq` and no replay before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_reconnecting_with_since_gets_the_events_it_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = TestServer::start(fast_config(dir.path().join("h.db").to_str().unwrap())).await;
+    let disp = srv.dispatcher("acme");
+    let order = |id: &str| json!({"id":id,"pickup":{"lat":PICKUP.0,"lng":PICKUP.1},"dropoff":{"lat":DROPOFF.0,"lng":DROPOFF.1}});
+    let created = |id: &'static str| move |v: &serde_json::Value| t(v) == "event" && v["event"]["kind"] == "order.created" && v["event"]["entity_id"] == id;
+    let mut console = srv.ws("/v1/ws/console", &disp).await;
+    console.send(json!({"t":"subscribe","bbox":[13.0,52.0,14.0,53.0]})).await;
+    assert_eq!(srv.post("/v1/orders", &disp, order("o1")).await.0, 201);
+    let seen = console.expect("o1's event", created("o1")).await;
+    drop(console);
+    assert_eq!(srv.post("/v1/orders", &disp, order("o2")).await.0, 201);
+    let mut back = srv.ws(&format!("/v1/ws/console?since={}", seen["seq"]), &disp).await;
+    let missed = back.expect("the first message", |_| true).await;
+    assert!(created("o2")(&missed), "the missed event first: {missed}");
+    assert!(missed["seq"].as_u64() > seen["seq"].as_u64());
+    assert_eq!(srv.post("/v1/orders", &disp, order("o3")).await.0, 201);
+    back.expect("o3's event, live", created("o3")).await;
+    let mut other = srv.ws("/v1/ws/console?since=5", &disp).await;
+    let first = other.expect("the first message", |_| true).await;
+    assert_eq!(t(&first), "resync", "{first}");
+    srv.stop().await;
+}
