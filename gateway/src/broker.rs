@@ -333,6 +333,13 @@ impl Outbox {
         out
     }
 
+    /// Takes the discrete messages queued (numbered already: a console's, a tracking page's).
+    fn take_discrete(&self) -> Vec<Arc<str>> {
+        let mut g = self.inner.lock();
+        g.moved = None;
+        g.discrete.drain(..).collect()
+    }
+
     /// Drops what is queued, which a snapshot numbered after it holds (see
     /// [`Broker::track_snapshot_seq`]); returns the position that waited in its slot.
     fn forget_queued(&self) -> Option<String> {
@@ -472,6 +479,13 @@ impl ConsoleStream {
             return Replay::Gone;
         }
         Replay::Missed(self.replay.iter().filter(|(q, _)| *q > since).map(|(_, m)| m.to_string()).collect())
+    }
+
+    /// After a gap this stream did not see (its market moved away, the Redis link was lost):
+    /// numbering goes on, but every `since` it gave gets a resync from now on.
+    fn invalidate(&mut self) {
+        self.replay.clear();
+        self.evicted = self.seq + 1;
     }
 
     /// Numbers a discrete message (a JSON object without `seq`) and keeps it for replays.
@@ -708,14 +722,19 @@ impl Broker {
                 n += 1;
             }
         }
+        // The consoles reconnect, here or elsewhere, after a gap this stream will not see: it
+        // is invalidated in place (numbering goes on for the consoles still closing) under its
+        // lock, so a console registering meanwhile is answered after it.
+        let stream = self.local.console_streams.get_mut(tenant);
         if let Some(views) = self.local.consoles.get(tenant) {
             for (_, v) in views.value() {
                 v.outbox.close();
                 n += 1;
             }
         }
-        // The consoles reconnect, here or elsewhere, after a gap this stream did not see.
-        self.local.console_streams.remove(tenant);
+        if let Some(mut s) = stream {
+            s.invalidate();
+        }
         n
     }
 
@@ -737,13 +756,17 @@ impl Broker {
             }
             false
         });
-        for e in self.local.consoles.iter().filter(|e| !relay.serves(e.key())) {
-            for (_, v) in e.value() {
-                v.outbox.close();
-                n += 1;
+        // A tenant with consoles here has a console stream: invalidated in place (see
+        // `close_sessions`), its consoles closed under its lock.
+        for mut s in self.local.console_streams.iter_mut().filter(|e| !relay.serves(e.key())) {
+            s.invalidate();
+            if let Some(views) = self.local.consoles.get(s.key()) {
+                for (_, v) in views.value() {
+                    v.outbox.close();
+                    n += 1;
+                }
             }
         }
-        self.local.console_streams.retain(|tenant, _| relay.serves(tenant));
         n
     }
 
@@ -840,12 +863,14 @@ impl Broker {
     /// Numbers what a console's writer is about to send: takes what its outbox has queued
     /// (numbered already) and `count` numbers after it, the first returned, both under the
     /// stream's lock, so the writer's batches go out after every message numbered before them.
-    pub fn console_numbers(&self, tenant: &str, outbox: &Outbox, count: u64) -> (Vec<String>, u64) {
-        let mut s = self.local.console_streams.entry(tenant.to_owned()).or_default();
-        let queued = outbox.drain();
+    /// `None` once the console was asked to close (its stream may be gone).
+    pub fn console_numbers(&self, tenant: &str, outbox: &Outbox, count: u64) -> Option<(Vec<String>, u64)> {
+        let mut s = self.local.console_streams.get_mut(tenant).filter(|_| !outbox.closed())?;
+        let queued = outbox.take_discrete();
         let first = s.seq + 1;
         s.seq += count;
-        (queued, first)
+        drop(s);
+        Some((queued.iter().map(|m| m.to_string()).collect(), first))
     }
 
     /// Number of local sessions (couriers, track, console), for metrics.
@@ -967,16 +992,18 @@ impl Broker {
             }
             Fanout::Zone { tenant, id, feature } => {
                 if others {
-                    let m = match feature {
-                        Some(f) => json!({ "t": "zones", "items": [f] }),
-                        None => json!({ "t": "zones", "items": [], "deleted": [id] }),
-                    };
-                    self.to_consoles(tenant, &m.to_string());
+                    self.to_consoles(tenant, || {
+                        match feature {
+                            Some(f) => json!({ "t": "zones", "items": [f] }),
+                            None => json!({ "t": "zones", "items": [], "deleted": [id] }),
+                        }
+                        .to_string()
+                    });
                 }
             }
             Fanout::Event { tenant, event } => {
                 if others {
-                    self.to_consoles(tenant, &json!({ "t": "event", "event": event }).to_string());
+                    self.to_consoles(tenant, || json!({ "t": "event", "event": event }).to_string());
                 }
             }
         }
@@ -985,17 +1012,13 @@ impl Broker {
     /// Numbers a discrete console message on the tenant's console stream, keeps it for
     /// replays, and queues it for every console of the tenant here, subscribed yet or not (one
     /// that reconnected with `since` has been answered up to this stream's count).
-    fn to_consoles(&self, tenant: &str, msg: &str) {
-        // A stream exists from a tenant's first console on: kept after its last one leaves on
-        // a node that runs the market (it hears every update), for a console coming back.
-        let keep = self.relay.as_ref().is_none_or(|r| r.serves(tenant)) && self.local.console_streams.contains_key(tenant);
-        if !keep && !self.local.consoles.contains_key(tenant) {
-            return;
-        }
-        let mut s = self.local.console_streams.entry(tenant.to_owned()).or_default();
-        let m = s.number(msg);
+    fn to_consoles(&self, tenant: &str, msg: impl FnOnce() -> String) {
+        // A stream exists while the tenant has consoles here (from its first one on), and
+        // after the last one leaves on a node that runs the market (it hears every update).
+        let Some(mut s) = self.local.console_streams.get_mut(tenant) else { return };
+        let m = s.number(&msg());
         if let Some(cs) = self.local.consoles.get(tenant) {
-            for (_, v) in cs.iter() {
+            for (_, v) in cs.iter().filter(|(_, v)| !v.outbox.closed()) {
                 v.outbox.push(m.clone());
             }
         }
@@ -1210,7 +1233,7 @@ mod tests {
         let last = seq_of(&got[2]);
         // A batch numbered by the writer comes after an event queued before it.
         b.deliver_local(&event(3));
-        let (queued, batch) = b.console_numbers("t", &first.outbox, 1);
+        let (queued, batch) = b.console_numbers("t", &first.outbox, 1).unwrap();
         assert_eq!(queued.len(), 1);
         assert!(batch > seq_of(&queued[0]));
         b.drop_console("t", id);
@@ -1232,6 +1255,21 @@ mod tests {
         }
         let (_, replay) = b.add_console("t", Arc::new(ConsoleView::new(Outbox::new(8), None)), Some(last));
         assert!(matches!(replay, Some(Replay::Gone)), "past the buffer");
+        // After a gap the stream does not see (its market moved away), every `since` it gave
+        // gets a resync, and its numbering goes on (consoles still closing never go back).
+        let live = Arc::new(ConsoleView::new(Outbox::new(1024), None));
+        b.add_console("t", live.clone(), None);
+        b.deliver_local(&event(7));
+        let before = seq_of(&live.outbox.drain()[0]);
+        b.close_sessions("t");
+        assert!(live.outbox.closed());
+        assert!(b.console_numbers("t", &live.outbox, 1).is_none(), "a closed console gets no numbers");
+        let (_, replay) = b.add_console("t", Arc::new(ConsoleView::new(Outbox::new(8), None)), Some(before));
+        assert!(matches!(replay, Some(Replay::Gone)), "since from before the gap");
+        let fresh = Arc::new(ConsoleView::new(Outbox::new(8), None));
+        b.add_console("t", fresh.clone(), None);
+        b.deliver_local(&event(8));
+        assert!(seq_of(&fresh.outbox.drain()[0]) > before);
     }
 
     #[test]

@@ -879,11 +879,13 @@ async fn console_session(
     // subscribes again for a fresh snapshot either way.
     let first = match replay {
         Some(Replay::Missed(m)) => m,
-        Some(Replay::Gone) => {
-            let (mut queued, seq) = st.broker.console_numbers(tenant.as_str(), &view.outbox, 1);
-            queued.push(json!({ "t": "resync", "seq": seq }).to_string());
-            queued
-        }
+        Some(Replay::Gone) => match st.broker.console_numbers(tenant.as_str(), &view.outbox, 1) {
+            Some((mut queued, seq)) => {
+                queued.push(json!({ "t": "resync", "seq": seq }).to_string());
+                queued
+            }
+            None => Vec::new(),
+        },
         None => Vec::new(),
     };
     let mut sent = true;
@@ -913,12 +915,12 @@ async fn console_session(
             let _ = peer.text(error_json("too_slow", "the client did not read its messages in time")).await;
             break policy("too slow");
         }
+        if view.outbox.closed() {
+            break moved_away();
+        }
         if let Some(bbox) = snapshot_due.filter(|_| Instant::now() >= next_snapshot) {
             (snapshot_due, next_snapshot) = (None, Instant::now() + SNAPSHOT_GAP);
             if !console_snapshot(&st, &tenant, &view, bbox, &mut peer).await { break None; }
-        }
-        if view.outbox.closed() {
-            break moved_away();
         }
         tokio::select! {
             biased;
@@ -936,7 +938,7 @@ async fn console_session(
                 let count = u64::from(!couriers.is_empty()) + u64::from(!orders.is_empty()) + u64::from(stats_due);
                 if count == 0 { continue; }
                 // After what was numbered before them (queued events), on the same count.
-                let (mut out, mut seq) = st.broker.console_numbers(tenant.as_str(), &view.outbox, count);
+                let Some((mut out, mut seq)) = st.broker.console_numbers(tenant.as_str(), &view.outbox, count) else { break moved_away() };
                 if !couriers.is_empty() {
                     out.push(crate::broker::couriers_batch_json(seq, &couriers));
                     seq += 1;
@@ -1021,7 +1023,8 @@ async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, 
     };
     // Numbered before the state is read (see `track_snapshot`): what was queued before is sent
     // first, and the snapshot holds it; what comes after goes out after the snapshot.
-    let (queued, seq) = st.broker.console_numbers(tenant.as_str(), &view.outbox, 3);
+    // Closed meanwhile: the loop's next turn ends the session.
+    let Some((queued, seq)) = st.broker.console_numbers(tenant.as_str(), &view.outbox, 3) else { return true };
     for m in queued {
         if !peer.text(m).await {
             return false;
