@@ -207,13 +207,14 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// A tracking session's outbox: its messages come numbered by their track stream, under
-    /// the stream's lock, so they are queued in the order of their numbers.
+    /// A tracking page's or console's outbox: its messages come numbered by their stream (the
+    /// order's track stream, the tenant's console stream), under the stream's lock, so they
+    /// are queued in the order of their numbers.
     pub fn new(capacity: usize) -> Arc<Self> {
         Self::build(capacity, false)
     }
 
-    /// A courier or console session's outbox: discrete messages are queued without `seq` and
+    /// A courier session's outbox: discrete messages are queued without `seq` and
     /// numbered by [`Outbox::drain`], so the session's writer (the only caller of `drain` and
     /// of [`Outbox::next_seq`]) numbers everything in the order it goes out.
     pub fn per_connection(capacity: usize) -> Arc<Self> {
