@@ -422,6 +422,12 @@ fn ser_arc_str<S: serde::Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::E
     ser.serialize_str(s)
 }
 
+/// A tracking page's `courier` message (without its `seq`): live, and in a snapshot.
+pub(crate) fn track_courier_value(order: &str, courier: &str, at: StatusAt, eta_s: Option<f64>) -> Value {
+    json!({ "t": "courier", "order_id": order, "courier_id": courier, "lat": at.lat, "lng": at.lng, "ts": at.ts,
+        "speed": at.speed, "heading": at.heading, "eta_s": eta_s })
+}
+
 /// The wire name of a status string from a fan-out message (`unknown` if it is not one).
 fn status_name(s: &str) -> &'static str {
     hexfleet_actors::domain::CourierStatus::parse(s).map_or("unknown", |s| s.as_str())
@@ -902,9 +908,10 @@ impl Broker {
                         continue;
                     }
                     s.seq += 1;
-                    let msg = json!({ "t": "courier", "seq": s.seq, "order_id": order, "courier_id": courier,
-                        "lat": lat, "lng": lng, "ts": ts, "speed": speed, "heading": heading, "eta_s": eta })
-                    .to_string();
+                    let at = StatusAt { lat: *lat, lng: *lng, ts: *ts, speed: *speed, heading: *heading };
+                    let mut m = track_courier_value(order, courier, at, *eta);
+                    m["seq"] = json!(s.seq);
+                    let msg = m.to_string();
                     for (_, o) in &s.sessions {
                         o.set_latest("courier", msg.clone());
                         metrics::counter!("hexfleet_ws_deliveries_total").increment(1);

@@ -238,18 +238,21 @@ impl WebhookPayload {
 
 /// `t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 pub fn signature(secret: &str, unix_s: i64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
-    mac.update(unix_s.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("t={unix_s},v1={}", hex::encode(mac.finalize().into_bytes()))
+    format!("t={unix_s},v1={}", hmac_hex(secret, &[unix_s.to_string().as_bytes(), b".", body]))
 }
 
 /// `sha256=<hex HMAC-SHA256(secret, body)>`.
 pub fn body_signature(secret: &str, body: &[u8]) -> String {
+    format!("sha256={}", hmac_hex(secret, &[body]))
+}
+
+/// Hex HMAC-SHA256 under `secret` of `parts`, one after the other.
+fn hmac_hex(secret: &str, parts: &[&[u8]]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    for p in parts {
+        mac.update(p);
+    }
+    hex::encode(mac.finalize().into_bytes())
 }
 
 /// Checks one subscribed pattern: `*`, or dotted lowercase words, optionally ending in `.*`.

@@ -187,6 +187,16 @@ impl Peer {
         self.settle(sent)
     }
 
+    /// Sends text frames in order; `false` at the first that does not go out.
+    pub(crate) async fn texts(&mut self, texts: impl IntoIterator<Item = String>) -> bool {
+        for t in texts {
+            if !self.text(t).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Sends one binary frame, as [`Peer::text`].
     pub(crate) async fn binary(&mut self, data: impl Into<web::Bytes>) -> bool {
         if self.stalled {
@@ -235,12 +245,7 @@ impl Peer {
 
 /// Writes whatever the outbox holds; `false` when the socket is gone.
 async fn flush(peer: &mut Peer, outbox: &Outbox) -> bool {
-    for m in outbox.drain() {
-        if !peer.text(m).await {
-            return false;
-        }
-    }
-    true
+    peer.texts(outbox.drain()).await
 }
 
 /// What one read of the socket gave.
@@ -685,13 +690,7 @@ async fn track_session(
     };
     // Without its snapshot the page would sit on nothing: it is closed (try again) instead.
     let unread = first.is_none();
-    let mut ok = !unread;
-    for m in first.unwrap_or_default() {
-        if !peer.text(m).await {
-            ok = false;
-            break;
-        }
-    }
+    let ok = !unread && peer.texts(first.unwrap_or_default()).await;
     let mut guard = Guard::new();
     let mut alive = Liveness::new(st.sockets);
     let expiry = tokio::time::sleep_until(expires);
@@ -819,15 +818,16 @@ async fn track_snapshot(st: &AppState, tenant: &TenantId, oid: &OrderId, outbox:
         let recorded = st.fleet.courier(tenant, c).ok().and_then(|rec| Some((rec.last_fix?, rec)));
         match (recorded, waiting) {
             (Some((f, _)), Some(w)) if w["ts"].as_i64().is_some_and(|ts| ts > f.ts) => Some(w),
-            (Some((f, rec)), _) => Some(json!({ "t": "courier", "order_id": o.id.as_str(), "courier_id": c.as_str(),
-                "lat": f.pos.lat, "lng": f.pos.lng, "ts": f.ts, "speed": f.speed, "heading": f.heading,
-                "eta_s": st.fleet.direct_eta_s(tenant, &rec, &o) })),
+            (Some((f, rec)), _) => {
+                let at = crate::broker::StatusAt { lat: f.pos.lat, lng: f.pos.lng, ts: f.ts, speed: f.speed, heading: f.heading };
+                Some(crate::broker::track_courier_value(o.id.as_str(), c.as_str(), at, st.fleet.direct_eta_s(tenant, &rec, &o)))
+            }
             (None, w) => w,
         }
     });
-    let order_seq = if position.is_some() { seq } else { seq + 1 };
-    let mut msgs = vec![json!({ "t": "order_update", "seq": order_seq, "order_id": o.id.as_str(), "state": o.state.as_str(),
-        "courier_id": o.courier.as_ref().map(|c| c.as_str()), "ts": o.updated_at, "order": OrderDto::for_watchers(o.as_ref()) }).to_string()];
+    let mut update = crate::dto::order_update_value(&o);
+    update["seq"] = json!(if position.is_some() { seq } else { seq + 1 });
+    let mut msgs = vec![update.to_string()];
     if let Some(mut p) = position {
         p["seq"] = json!(seq + 1);
         msgs.push(p.to_string());
@@ -888,13 +888,7 @@ async fn console_session(
         },
         None => Vec::new(),
     };
-    let mut sent = true;
-    for m in first {
-        if !peer.text(m).await {
-            sent = false;
-            break;
-        }
-    }
+    let sent = peer.texts(first).await;
     st.broker.listen_remote(Topic::Market(tenant.as_str())).await;
     metrics::gauge!("hexfleet_ws_connections", "kind" => "console").increment(1.0);
     let mut guard = Guard::new();
@@ -956,11 +950,7 @@ async fn console_session(
                     last_fixes = now;
                     out.push(json!({ "t": "stats", "seq": seq, "couriers_online": stats.couriers_online, "orders_open": stats.orders_open, "ingest_per_s": rate.round() }).to_string());
                 }
-                let mut gone = false;
-                for m in out {
-                    if !peer.text(m).await { gone = true; break; }
-                }
-                if gone { break None; }
+                if !peer.texts(out).await { break None; }
             }
             input = read(&mut stream, &mut peer, &mut alive.idle) => match input {
                 Input::Closed => break None,
@@ -1025,10 +1015,8 @@ async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, 
     // first, and the snapshot holds it; what comes after goes out after the snapshot.
     // Closed meanwhile: the loop's next turn ends the session.
     let Some((queued, seq)) = st.broker.console_numbers(tenant.as_str(), &view.outbox, 3) else { return true };
-    for m in queued {
-        if !peer.text(m).await {
-            return false;
-        }
+    if !peer.texts(queued).await {
+        return false;
     }
     let couriers: Vec<_> = st
         .fleet
@@ -1048,16 +1036,12 @@ async fn console_snapshot(st: &AppState, tenant: &TenantId, view: &ConsoleView, 
         .map(|o| serde_json::to_value(OrderDto::from(o.as_ref())).unwrap_or_default())
         .collect();
     let zones: Vec<_> = st.fleet.zones(tenant).iter().map(|z| crate::zones::console_feature(z)).collect();
-    for m in [
+    let snapshot = [
         json!({ "t": "couriers", "seq": seq, "items": couriers, "snapshot": true }),
         json!({ "t": "orders", "seq": seq + 1, "items": orders, "snapshot": true }),
         json!({ "t": "zones", "seq": seq + 2, "items": zones, "snapshot": true }),
-    ] {
-        if !peer.text(m.to_string()).await {
-            return false;
-        }
-    }
-    true
+    ];
+    peer.texts(snapshot.iter().map(serde_json::Value::to_string)).await
 }
 
 #[cfg(test)]
