@@ -2,7 +2,7 @@
 //! and the static pages. Handlers authenticate, check role and tenant, convert DTOs and call the
 //! fleet; they hold no state of their own.
 
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use hexfleet_actors::domain::{CourierId, EntityKind, OrderId, TenantId, Vehicle, valid_id};
 use hexfleet_actors::fleet::CourierPatch;
@@ -30,49 +30,84 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .app_data(web::PayloadConfig::default().limit(MAX_JSON_BODY))
         // At the root, where probes and scrapers look, and under `/v1` with the rest of the
         // API (the design brief lists them there).
-        .route("/healthz", web::get().to(healthz))
-        .route("/v1/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/v1/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/v1/metrics", web::get().to(metrics))
-        .route("/openapi.json", web::get().to(openapi))
-        .route("/v1/openapi.json", web::get().to(openapi))
-        .route("/", web::get().to(console_page))
-        .route("/console", web::get().to(console_page))
-        .route("/track/{order_id}", web::get().to(console_page))
-        .route("/favicon.ico", web::get().to(favicon))
-        .route("/osmand", web::get().to(osmand_get))
-        .route("/osmand", web::post().to(osmand_post))
-        .route("/v1/osmand", web::get().to(osmand_get))
-        .route("/v1/osmand", web::post().to(osmand_post))
+        .service(resource("/healthz", vec![get(healthz)]))
+        .service(resource("/v1/healthz", vec![get(healthz)]))
+        .service(resource("/readyz", vec![get(readyz)]))
+        .service(resource("/v1/readyz", vec![get(readyz)]))
+        .service(resource("/metrics", vec![get(metrics)]))
+        .service(resource("/v1/metrics", vec![get(metrics)]))
+        .service(resource("/openapi.json", vec![get(openapi)]))
+        .service(resource("/v1/openapi.json", vec![get(openapi)]))
+        .service(resource("/", vec![get(console_page)]))
+        .service(resource("/console", vec![get(console_page)]))
+        .service(resource("/track/{order_id}", vec![get(console_page)]))
+        .service(resource("/favicon.ico", vec![get(favicon)]))
+        .service(resource("/osmand", vec![get(osmand_get), post(osmand_post)]))
+        .service(resource("/v1/osmand", vec![get(osmand_get), post(osmand_post)]))
         .service(
             web::scope("/v1")
-                .route("/orders", web::post().to(create_order))
-                .route("/orders/{id}", web::get().to(get_order))
-                .route("/orders/{id}/cancel", web::post().to(cancel_order))
-                .route("/orders/{id}/assign", web::post().to(assign_order))
-                .route("/orders/{id}/release", web::post().to(release_order))
-                .route("/couriers/nearby", web::get().to(nearby))
-                .route("/couriers/{id}", web::put().to(put_courier))
-                .route("/couriers/{id}", web::get().to(get_courier))
-                .route("/couriers/{id}/trail", web::get().to(get_trail))
-                .route("/couriers/{id}/device-key", web::get().to(device_key))
-                .route("/couriers/{id}/history", web::get().to(crate::history::export))
-                .route("/couriers/{id}/history", web::delete().to(crate::history::erase))
-                .route("/events", web::get().to(events))
-                .route("/market", web::get().to(crate::markets::get_market))
-                .route("/zones", web::get().to(crate::zones::list_zones))
-                .route("/zones/{id}", web::put().to(crate::zones::put_zone))
-                .route("/zones/{id}", web::get().to(crate::zones::get_zone))
-                .route("/zones/{id}", web::delete().to(crate::zones::delete_zone))
-                .route("/webhooks", web::get().to(crate::webhooks::list_webhooks))
-                .route("/webhooks/{id}", web::put().to(crate::webhooks::put_webhook))
-                .route("/webhooks/{id}", web::get().to(crate::webhooks::get_webhook))
-                .route("/webhooks/{id}", web::delete().to(crate::webhooks::delete_webhook))
-                .route("/webhooks/{id}/deliveries", web::get().to(crate::webhooks::deliveries))
-                .route("/webhooks/{id}/redeliver", web::post().to(crate::webhooks::redeliver)),
+                .service(resource("/orders", vec![post(create_order)]))
+                .service(resource("/orders/{id}", vec![get(get_order)]))
+                .service(resource("/orders/{id}/cancel", vec![post(cancel_order)]))
+                .service(resource("/orders/{id}/assign", vec![post(assign_order)]))
+                .service(resource("/orders/{id}/release", vec![post(release_order)]))
+                .service(resource("/couriers/nearby", vec![get(nearby)]))
+                .service(resource("/couriers/{id}", vec![get(get_courier), put(put_courier)]))
+                .service(resource("/couriers/{id}/trail", vec![get(get_trail)]))
+                .service(resource("/couriers/{id}/device-key", vec![get(device_key)]))
+                .service(resource("/couriers/{id}/history", vec![get(crate::history::export), delete(crate::history::erase)]))
+                .service(resource("/events", vec![get(events)]))
+                .service(resource("/market", vec![get(crate::markets::get_market)]))
+                .service(resource("/zones", vec![get(crate::zones::list_zones)]))
+                .service(resource("/zones/{id}", vec![get(crate::zones::get_zone), put(crate::zones::put_zone), delete(crate::zones::delete_zone)]))
+                .service(resource("/webhooks", vec![get(crate::webhooks::list_webhooks)]))
+                .service(resource(
+                    "/webhooks/{id}",
+                    vec![get(crate::webhooks::get_webhook), put(crate::webhooks::put_webhook), delete(crate::webhooks::delete_webhook)],
+                ))
+                .service(resource("/webhooks/{id}/deliveries", vec![get(crate::webhooks::deliveries)]))
+                .service(resource("/webhooks/{id}/redeliver", vec![post(crate::webhooks::redeliver)])),
         );
+}
+
+/// A route with its method, for [`resource`].
+pub(crate) struct On(Method, actix_web::Route);
+
+macro_rules! on {
+    ($($name:ident => $method:ident),*) => {$(
+        /// A route for this method, for [`resource`].
+        pub(crate) fn $name<F, Args>(handler: F) -> On
+        where
+            F: actix_web::Handler<Args>,
+            Args: actix_web::FromRequest + 'static,
+            F::Output: actix_web::Responder + 'static,
+        {
+            On(Method::$method, web::method(Method::$method).to(handler))
+        }
+    )*};
+}
+on!(get => GET, put => PUT, post => POST, delete => DELETE);
+
+/// A path and the methods it serves. Any other method gets 405 in the error shape with `Allow`
+/// listing these (RFC 9110, 15.5.6); `OPTIONS` gets 204 with the same `Allow`. (Routes added
+/// one by one at the app's root made actix fall through to the default service: a 404.)
+pub(crate) fn resource(path: &str, routes: Vec<On>) -> actix_web::Resource {
+    let allow: Vec<&str> = routes.iter().map(|On(m, _)| m.as_str()).collect();
+    let allow = allow.join(", ");
+    routes.into_iter().fold(web::resource(path), |r, On(_, route)| r.route(route)).default_service(web::to(move |req: HttpRequest| {
+        let allow = allow.clone();
+        async move {
+            if req.method() == Method::OPTIONS {
+                return HttpResponse::NoContent().insert_header((header::ALLOW, allow)).finish();
+            }
+            let e = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{} is not served here; use {allow}", req.method()));
+            let mut r = actix_web::ResponseError::error_response(&e);
+            if let Ok(v) = header::HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(header::ALLOW, v);
+            }
+            r
+        }
+    }))
 }
 
 fn order_id(raw: &str) -> Result<OrderId, ApiError> {
@@ -259,7 +294,7 @@ pub(crate) struct NearbyQuery {
 /// Most couriers one `nearby` answers with.
 pub const MAX_NEARBY: usize = 500;
 
-#[utoipa::path(get, path = "/v1/couriers/nearby", params(("lat" = f64, Query), ("lng" = f64, Query), ("k" = Option<usize>, Query), ("radius_m" = Option<f64>, Query)), responses((status = 200, body = crate::dto::NearbyListDto), (status = 400), (status = 403)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/couriers/nearby", params(("lat" = f64, Query, minimum = -90.0, maximum = 90.0), ("lng" = f64, Query, minimum = -180.0, maximum = 180.0), ("k" = Option<usize>, Query, minimum = 1, maximum = 500, description = "How many (default 10)"), ("radius_m" = Option<f64>, Query, exclusive_minimum = 0.0, description = "Only couriers within this many metres")), responses((status = 200, body = crate::dto::NearbyListDto), (status = 400), (status = 403)), security(("bearer" = [])))]
 pub(crate) async fn nearby(st: State, auth: Auth, q: web::Query<NearbyQuery>) -> Result<HttpResponse, ApiError> {
     auth.require(&[Role::Dispatcher, Role::Admin])?;
     let at = LatLngDto { lat: q.lat, lng: q.lng }.to_domain()?;
@@ -288,7 +323,7 @@ pub(crate) struct EventsQuery {
     limit: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/v1/events", params(("entity" = Option<String>, Query), ("id" = Option<String>, Query), ("since" = Option<i64>, Query), ("limit" = Option<u32>, Query)), responses((status = 200)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/events", params(("entity" = Option<String>, Query, pattern = "^(order|courier|zone|webhook)$", description = "With id: one entity's events"), ("id" = Option<String>, Query, description = "With entity"), ("since" = Option<i64>, Query, description = "Events after this seq"), ("limit" = Option<i64>, Query, minimum = 0, maximum = 4_294_967_295_i64, description = "At most this many (default 100); above 1,000 is taken as 1,000, 0 as 1")), responses((status = 200, body = crate::dto::EventListDto)), security(("bearer" = [])))]
 pub(crate) async fn events(st: State, auth: Auth, q: web::Query<EventsQuery>) -> Result<HttpResponse, ApiError> {
     auth.require(&[Role::Dispatcher, Role::Admin])?;
     let entity = match (&q.entity, &q.id) {
@@ -301,16 +336,8 @@ pub(crate) async fn events(st: State, auth: Auth, q: web::Query<EventsQuery>) ->
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let evs = st.fleet.ctx().store.events(EventQuery { tenant: auth.tenant.clone(), entity, since_seq: q.since, limit }).await?;
-    let items: Vec<_> = evs
-        .iter()
-        .map(|s| {
-            let e = &s.event;
-            json!({ "seq": s.seq, "entity": e.entity.as_str(), "entity_id": e.entity_id, "kind": e.kind,
-                "actor": e.actor, "reason": e.reason, "ts": e.ts,
-                "attrs": e.attrs.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>() })
-        })
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+    let items = evs.into_iter().map(crate::dto::EventDto::from).collect();
+    Ok(HttpResponse::Ok().json(crate::dto::EventListDto { items }))
 }
 
 // ---- OsmAnd / Traccar Client ----

@@ -14,7 +14,11 @@ use crate::error::ApiError;
 /// A coordinate on the wire.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LatLngDto {
+    /// Degrees north, WGS 84.
+    #[schema(minimum = -90.0, maximum = 90.0)]
     pub lat: f64,
+    /// Degrees east, WGS 84.
+    #[schema(minimum = -180.0, maximum = 180.0)]
     pub lng: f64,
 }
 
@@ -197,13 +201,59 @@ impl OrderDto {
     }
 }
 
+/// One entry of the event log.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventDto {
+    /// Position in the tenant's log; `since` takes it.
+    pub seq: i64,
+    /// `order`, `courier`, `zone` or `webhook`.
+    pub entity: String,
+    pub entity_id: String,
+    /// Dotted name: `order.assigned`, `zone.enter`, `courier.registered`, …
+    pub kind: String,
+    /// Who did it: `system`, `courier:ID`, `dispatcher:SUB`, …
+    pub actor: String,
+    pub reason: Option<String>,
+    /// Unix ms.
+    pub ts: Ms,
+    /// The kind's own attributes, as strings.
+    pub attrs: std::collections::BTreeMap<String, String>,
+}
+
+impl From<hexfleet_actors::store::StoredEvent> for EventDto {
+    fn from(s: hexfleet_actors::store::StoredEvent) -> Self {
+        let e = s.event;
+        EventDto {
+            seq: s.seq,
+            entity: e.entity.as_str().to_owned(),
+            entity_id: e.entity_id,
+            kind: e.kind,
+            actor: e.actor,
+            reason: e.reason,
+            ts: e.ts,
+            attrs: e.attrs.into_iter().collect(),
+        }
+    }
+}
+
+/// `GET /v1/events` answer, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventListDto {
+    pub items: Vec<EventDto>,
+}
+
 /// `POST /v1/orders` body.
 #[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrderReq {
+    /// The client's id for the order, which makes the request idempotent; the server picks one
+    /// without it.
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: Option<String>,
     pub pickup: LatLngDto,
     pub dropoff: LatLngDto,
+    /// Capacity units it takes (default 1).
+    #[schema(minimum = 1, maximum = 100)]
     pub size: Option<u16>,
     pub ready_at: Option<Ms>,
     pub deliver_by: Option<Ms>,
@@ -234,6 +284,7 @@ impl NewOrderReq {
 /// `POST /v1/orders/{id}/assign` body.
 #[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct AssignReq {
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$", min_length = 1, max_length = 64)]
     pub courier_id: String,
 }
 
@@ -241,9 +292,16 @@ pub struct AssignReq {
 #[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CourierPutReq {
+    /// Up to 200 characters, no control characters.
+    #[schema(max_length = 200, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub name: Option<String>,
+    #[schema(pattern = "^(foot|bike|scooter|car|van)$")]
     pub vehicle: Option<String>,
+    /// Capacity units it carries at once.
+    #[schema(minimum = 1, maximum = 100)]
     pub capacity: Option<u16>,
+    /// The OsmAnd/Traccar device id that reports for this courier.
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$", min_length = 1, max_length = 64)]
     pub device_id: Option<String>,
     pub on_shift: Option<bool>,
 }

@@ -39,7 +39,7 @@ impl ApiError {
 impl ApiError {
     /// The body clients get: `{"error":{"code":"…","message":"…"}}`.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(&Body { error: Inner { code: self.code, message: &self.message } }).unwrap_or_default()
+        serde_json::to_string(&ErrorDto { error: ErrorDetail { code: self.code, message: &self.message } }).unwrap_or_default()
     }
 }
 
@@ -49,15 +49,20 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Inner<'a>,
+/// The body of every error answer, HTTP and WebSocket alike (`{"error":{"code":"…","message":"…"}}`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDto<'a> {
+    pub error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct Inner<'a> {
-    code: &'a str,
-    message: &'a str,
+/// What went wrong: a stable code for programs and a sentence for people.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// Stable, snake_case (`bad_id`, `unauthorized`, `not_found`, `store_unavailable`, …).
+    #[schema(example = "bad_id")]
+    pub code: &'a str,
+    /// Human-readable detail; its wording may change.
+    pub message: &'a str,
 }
 
 impl ResponseError for ApiError {
@@ -123,9 +128,8 @@ pub fn path_error(err: actix_web::error::PathError, _req: &actix_web::HttpReques
     ApiError::bad_request("invalid_path", err.to_string()).into()
 }
 
-/// Requests for a path no route serves: 404 in the error shape, as every other refusal. A
-/// method a known path does not serve comes here too (actix falls through to the app's
-/// default service), so it is a 404 as well, not a 405 with `Allow`.
+/// Requests for a path no route serves: 404 in the error shape, as every other refusal (a
+/// method a known path does not serve is a 405, `crate::api::resource`).
 pub async fn no_route(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found(format!("no route for {} {}", req.method(), req.path())))
 }

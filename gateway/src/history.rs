@@ -193,8 +193,8 @@ fn authorize(st: &AppState, auth: &Auth, raw: &str) -> Result<CourierId, ApiErro
     operation_id = "export_courier_history",
     params(
         ("id" = String, Path),
-        ("from" = Option<i64>, Query, description = "Unix ms, inclusive (default 0)"),
-        ("to" = Option<i64>, Query, description = "Unix ms, inclusive (default now)")
+        ("from" = Option<i64>, Query, minimum = 0, description = "Unix ms, inclusive (default 0); not after `to`"),
+        ("to" = Option<i64>, Query, minimum = 0, description = "Unix ms, inclusive (default now)")
     ),
     responses(
         (status = 200, description = "GeoJSON FeatureCollection of Point features, oldest first", body = HistoryCollection, content_type = "application/geo+json"),
@@ -206,6 +206,9 @@ pub(crate) async fn export(st: State, auth: Auth, path: web::Path<String>, q: we
     let id = authorize(&st, &auth, &path)?;
     let from = q.from.unwrap_or(0);
     let to = q.to.unwrap_or_else(|| st.fleet.now_ms());
+    if from < 0 || to < 0 {
+        return Err(ApiError::bad_request("bad_range", "from and to are Unix milliseconds, not negative"));
+    }
     if from > to {
         return Err(ApiError::bad_request("bad_range", "from is after to"));
     }

@@ -60,9 +60,9 @@ type State = web::Data<AppState>;
 
 /// Most patterns one webhook may list.
 pub const MAX_PATTERNS: usize = 32;
-/// Longest accepted URL.
+/// Longest accepted URL, in characters.
 pub const MAX_URL_LEN: usize = 2048;
-/// Secret length bounds (bytes). The secret protects the tenant's own receiver, which may
+/// Secret length bounds (characters, as JSON Schema's `maxLength` counts them). The secret protects the tenant's own receiver, which may
 /// have one already: any length is taken (32 random bytes are advised); 16 at least refused
 /// the short secrets test receivers and older integrations use.
 pub const SECRET_LEN: std::ops::RangeInclusive<usize> = 1..=256;
@@ -137,12 +137,14 @@ impl Default for WebhookConfig {
 #[serde(deny_unknown_fields)]
 pub struct WebhookPutReq {
     /// `http://` or `https://` URL the events are POSTed to.
-    #[schema(example = "https://example.com/hooks/hexfleet")]
+    #[schema(example = "https://example.com/hooks/hexfleet", max_length = 2048, pattern = "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\\s]+")]
     pub url: String,
     /// Event kinds or patterns: `order.delivered`, `order.*`, `zone.enter`, `*`.
-    #[schema(example = json!(["order.*", "zone.enter"]))]
+    #[schema(example = json!(["order.*", "zone.enter"]), min_items = 1, max_items = 32)]
     pub events: Vec<String>,
-    /// HMAC-SHA256 key for `X-Hexfleet-Signature`, 16 to 256 bytes.
+    /// HMAC-SHA256 key for `X-Hexfleet-Signature` and `X-Hexfleet-Signature-256`, 1 to 256
+    /// characters, no control characters.
+    #[schema(min_length = 1, max_length = 256)]
     pub secret: String,
 }
 
@@ -256,6 +258,9 @@ fn hmac_hex(secret: &str, parts: &[&[u8]]) -> String {
 }
 
 /// Checks one subscribed pattern: `*`, or dotted lowercase words, optionally ending in `.*`.
+/// [`valid_pattern`] as a regular expression, for the OpenAPI document (with at most 64 bytes).
+pub const EVENT_PATTERN: &str = r"^(\*|[a-z0-9_]+(\.[a-z0-9_]+)*(\.\*)?)$";
+
 fn valid_pattern(p: &str) -> bool {
     if p == "*" {
         return true;
@@ -342,8 +347,9 @@ impl reqwest::dns::Resolve for PublicOnly {
 
 fn validate(req: &WebhookPutReq, allow_private: bool) -> Result<(), ApiError> {
     let bad = |m: String| Err(ApiError::bad_request("invalid_webhook", m));
-    if req.url.len() > MAX_URL_LEN {
-        return bad(format!("url is longer than {MAX_URL_LEN} bytes"));
+    // Characters, as the OpenAPI document's maxLength counts them.
+    if req.url.chars().count() > MAX_URL_LEN {
+        return bad(format!("url is longer than {MAX_URL_LEN} characters"));
     }
     if crate::dto::has_control_chars(&req.url) || crate::dto::has_control_chars(&req.secret) {
         return bad("url and secret may not contain control characters".into());
@@ -368,8 +374,8 @@ fn validate(req: &WebhookPutReq, allow_private: bool) -> Result<(), ApiError> {
     if let Some(p) = req.events.iter().find(|p| !valid_pattern(p)) {
         return bad(format!("event pattern {p:?} is not a kind (`order.delivered`), a prefix pattern (`order.*`) or `*`"));
     }
-    if !SECRET_LEN.contains(&req.secret.len()) {
-        return bad(format!("secret must be {} to {} bytes", SECRET_LEN.start(), SECRET_LEN.end()));
+    if !SECRET_LEN.contains(&req.secret.chars().count()) {
+        return bad(format!("secret must be {} to {} characters", SECRET_LEN.start(), SECRET_LEN.end()));
     }
     Ok(())
 }
@@ -477,7 +483,7 @@ pub(crate) struct DeliveriesQuery {
     limit: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", params(("id" = String, Path), ("limit" = Option<u32>, Query)), responses((status = 200, body = DeliveryListDto), (status = 404)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", params(("id" = String, Path), ("limit" = Option<i64>, Query, minimum = 0, maximum = 4_294_967_295_i64, description = "At most this many, newest first (default 100); above 1,000 is taken as 1,000, 0 as 1")), responses((status = 200, body = DeliveryListDto), (status = 404)), security(("bearer" = [])))]
 pub(crate) async fn deliveries(st: State, auth: Auth, path: web::Path<String>, q: web::Query<DeliveriesQuery>) -> Result<HttpResponse, ApiError> {
     auth.require(&[Role::Dispatcher, Role::Admin])?;
     let id = webhook_id(&path)?;
@@ -910,6 +916,14 @@ async fn housekeep(store: Arc<SqlStore>, now: Arc<impl Fn() -> Ms + Send + Sync 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_documented_event_pattern_is_valid_pattern() {
+        let re = regex::Regex::new(super::EVENT_PATTERN).unwrap();
+        for p in ["*", "order.*", "order.delivered", "zone.enter", "courier.silent", "a_1.b2.*", "", ".", "order.", ".x", "order.**", "Order.x", "a b", "*.x", "x.*.y"] {
+            assert_eq!(re.is_match(p), super::valid_pattern(p), "{p:?}");
+        }
+    }
+
     use super::*;
 
     fn req(url: &str, events: &[&str], secret: &str) -> WebhookPutReq {

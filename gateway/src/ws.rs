@@ -86,9 +86,10 @@ impl Default for SocketTimes {
 type State = web::Data<AppState>;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/ws/courier", web::get().to(courier_ws))
-        .route("/v1/ws/track/{order_id}", web::get().to(track_ws))
-        .route("/v1/ws/console", web::get().to(console_ws));
+    use crate::api::{get, resource};
+    cfg.service(resource("/v1/ws/courier", vec![get(courier_ws)]))
+        .service(resource("/v1/ws/track/{order_id}", vec![get(track_ws)]))
+        .service(resource("/v1/ws/console", vec![get(console_ws)]));
 }
 
 /// Token bucket plus a count of consecutive bad messages.

@@ -22,7 +22,7 @@ use actix_web::{HttpResponse, web};
 use geo::{Coord, LineString, MultiPolygon, Polygon};
 use hexfleet_actors::domain::{ZoneId, ZoneRecord, valid_id};
 use hexfleet_actors::zone::AreaStats;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::auth::{Auth, Role};
@@ -66,6 +66,41 @@ pub struct ZonePropsDto {
     pub demand: usize,
     /// demand / max(supply, 1).
     pub surge: f64,
+}
+
+/// `PUT /v1/zones/{id}` body as the OpenAPI document gives it; the handler reads the body with
+/// the `geojson` crate ([`parse_feature`]), which checks what a schema cannot say: rings are
+/// closed, have at least 4 positions, and the sizes stay within bounds.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)] // read by no code: it documents the body
+pub struct ZonePutDoc {
+    #[serde(rename = "type")]
+    #[schema(pattern = "^Feature$")]
+    type_: String,
+    geometry: ZoneGeometryDoc,
+    properties: ZonePutPropsDoc,
+}
+
+/// A GeoJSON `Polygon` (coordinates: rings of `[lng, lat]` positions, the first the outer
+/// boundary, each closed) or `MultiPolygon` (a list of those).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ZoneGeometryDoc {
+    #[serde(rename = "type")]
+    #[schema(pattern = "^(Polygon|MultiPolygon)$")]
+    type_: String,
+    #[schema(min_items = 1)]
+    coordinates: Vec<Vec<Value>>,
+}
+
+/// `properties` of a zone Feature sent: `kind` (`service_area`, or any other label), `name`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ZonePutPropsDoc {
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$", min_length = 1, max_length = 64, example = "service_area")]
+    kind: String,
+    #[schema(max_length = 200, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    name: Option<String>,
 }
 
 /// `GET /v1/zones` answer.
@@ -193,7 +228,7 @@ fn dto(st: &AppState, z: &ZoneRecord) -> ZoneDto {
 }
 
 #[utoipa::path(put, path = "/v1/zones/{id}", params(("id" = String, Path)),
-    request_body(content = Object, description = "GeoJSON Feature: Polygon or MultiPolygon geometry, properties.kind (required), properties.name"),
+    request_body(content = ZonePutDoc, description = "GeoJSON Feature: Polygon or MultiPolygon geometry, properties.kind (required), properties.name"),
     responses((status = 201, body = ZoneDto), (status = 200, body = ZoneDto), (status = 400), (status = 403), (status = 503)),
     security(("bearer" = [])))]
 pub(crate) async fn put_zone(st: State, auth: Auth, path: web::Path<String>, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {

@@ -509,6 +509,11 @@ async fn history_over_http(db: String) {
     assert_eq!((s, features(&v).len()), (200, 2), "{v}");
     let (s, v) = srv.get("/v1/couriers/c1/history?from=10&to=5", Some(&disp)).await;
     assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_range")), "{v}");
+    // Negative times, which the OpenAPI document excludes, are refused too.
+    for q in ["from=-1", "to=-9223372036854775808", "from=-10&to=-5"] {
+        let (s, v) = srv.get(&format!("/v1/couriers/c1/history?{q}"), Some(&disp)).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_range")), "{q}: {v}");
+    }
     let own = srv.token(Role::Courier, "c1", "t1", None);
     let (s, v) = srv.get("/v1/couriers/c1/history", Some(&own)).await;
     assert_eq!((s, features(&v).len()), (200, 4));

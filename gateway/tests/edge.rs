@@ -1032,7 +1032,8 @@ async fn a_parked_courier_that_answers_pings_stays_connected() {
     drop(gone);
 }
 
-/// Refusals are in the error shape everywhere: a path no route serves is a JSON 404. A plain
+/// Refusals are in the error shape everywhere: a path no route serves is a JSON 404, a method
+/// a path does not serve a JSON 405 with `Allow`. A plain
 /// GET of the courier socket (no upgrade) is refused before the courier is registered (a
 /// durable write, an event, webhooks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1043,16 +1044,52 @@ async fn unknown_paths_and_plain_gets_of_sockets_get_json_errors_and_change_noth
         let (s, v) = srv.get(path, Some(&disp)).await;
         assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")), "{path}: {v}");
     }
-    // A method the path does not serve: the same JSON 404 (actix falls through to the default).
-    let r = srv.http.delete(format!("{}/v1/orders", srv.base)).bearer_auth(&disp).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 404);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["message"], "no route for DELETE /v1/orders", "{v}");
+    // A method the path does not serve: 405 in the error shape, with `Allow` (RFC 9110); and
+    // `OPTIONS` says what is served.
+    for (method, path, allow) in [
+        (reqwest::Method::DELETE, "/v1/orders", "POST"),
+        (reqwest::Method::POST, "/v1/zones/z1", "GET, PUT, DELETE"),
+        (reqwest::Method::PATCH, "/v1/couriers/c1", "GET, PUT"),
+        (reqwest::Method::POST, "/v1/ws/console", "GET"),
+        (reqwest::Method::PUT, "/osmand", "GET, POST"),
+        (reqwest::Method::TRACE, "/healthz", "GET"),
+    ] {
+        let r = srv.http.request(method.clone(), format!("{}{path}", srv.base)).bearer_auth(&disp).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
+        let r = srv.http.request(reqwest::Method::OPTIONS, format!("{}{path}", srv.base)).send().await.unwrap();
+        assert_eq!((r.status().as_u16(), r.headers()["allow"].to_str().unwrap()), (204, allow), "OPTIONS {path}");
+    }
     let (s, v) = srv.get("/v1/ws/courier", Some(&srv.token(Role::Courier, "newbie", "t1", None))).await;
     assert_eq!((s, v["error"]["code"].as_str()), (400, Some("not_websocket")), "{v}");
     assert_eq!(srv.get("/v1/couriers/newbie", Some(&disp)).await.0, 404, "not registered");
     let (_, events) = srv.get("/v1/events?entity=courier&id=newbie", Some(&disp)).await;
     assert_eq!(events["items"].as_array().map(Vec::len), Some(0), "{events}");
+}
+
+/// Every operation the OpenAPI document lists is routed (without a token: 401, not 404 or 405),
+/// so the document cannot list a route the server does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_operation_is_served() {
+    let (mut srv, _d) = server().await;
+    let (s, spec) = srv.get("/v1/openapi.json", None).await;
+    assert_eq!(s, 200);
+    let mut n = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let url = format!("{}{}", srv.base, path.replace("{id}", "x1"));
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let r = srv.http.request(m, &url).send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            assert_eq!((status, v["error"]["code"].as_str()), (401, Some("unauthorized")), "{method} {path}: {v}");
+            n += 1;
+        }
+    }
+    assert!(n >= 24, "{n} operations");
+    srv.stop().await;
 }
 
 /// Subscribes in a burst (a map panned fast) are coalesced: the console gets a snapshot at
