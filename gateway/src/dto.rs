@@ -201,6 +201,23 @@ impl OrderDto {
     }
 }
 
+/// An optional integer as JSON Schema (and so the OpenAPI document) reads one: `3` or `3.0`,
+/// a number with no fraction, which is what a client writing every number as a double sends.
+/// `3.5`, and a value out of the field's range, are refused.
+pub fn json_int<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    use serde::de::Error as _;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    // 2^63 is exact as a double; a whole double below it in magnitude converts exactly.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    let whole = n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < LIMIT).map(|f| f as i64));
+    let i = whole.ok_or_else(|| D::Error::custom(format!("invalid value: {n}, expected an integer")))?;
+    T::try_from(i).map(Some).map_err(|_| D::Error::custom(format!("invalid value: {n} is out of range")))
+}
+
 /// One entry of the event log.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventDto {
@@ -254,8 +271,13 @@ pub struct NewOrderReq {
     pub dropoff: LatLngDto,
     /// Capacity units it takes (default 1).
     #[schema(minimum = 1, maximum = 100)]
+    #[serde(default, deserialize_with = "json_int")]
     pub size: Option<u16>,
+    /// When the pickup is ready, Unix ms, within 30 days of now (default: now).
+    #[serde(default, deserialize_with = "json_int")]
     pub ready_at: Option<Ms>,
+    /// When it must be delivered, Unix ms, within 30 days of now.
+    #[serde(default, deserialize_with = "json_int")]
     pub deliver_by: Option<Ms>,
 }
 
@@ -299,6 +321,7 @@ pub struct CourierPutReq {
     pub vehicle: Option<String>,
     /// Capacity units it carries at once.
     #[schema(minimum = 1, maximum = 100)]
+    #[serde(default, deserialize_with = "json_int")]
     pub capacity: Option<u16>,
     /// The OsmAnd/Traccar device id that reports for this courier.
     #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$", min_length = 1, max_length = 64)]
@@ -452,5 +475,21 @@ mod tests {
         assert!(whole.get("assignment").is_some() && whole.get("offered_to").is_some() && whole.get("released_at").is_some());
         OrderDto::strip_for_watchers(&mut whole);
         assert_eq!(whole, serde_json::to_value(OrderDto::for_watchers(&o)).unwrap());
+    }
+
+    #[test]
+    fn integers_may_be_written_as_whole_doubles() {
+        let order = |extra: &str| serde_json::from_str::<NewOrderReq>(&format!(r#"{{"pickup":{{"lat":1,"lng":2}},"dropoff":{{"lat":1,"lng":2}}{extra}}}"#));
+        let o = order(r#","size":2.0,"ready_at":1764000000000.0,"deliver_by":1764000600000"#).unwrap();
+        assert_eq!((o.size, o.ready_at, o.deliver_by), (Some(2), Some(1_764_000_000_000), Some(1_764_000_600_000)));
+        let o = order(r#","size":null"#).unwrap();
+        assert_eq!((o.size, o.ready_at), (None, None));
+        for bad in [r#","size":2.5"#, r#","size":70000"#, r#","size":-1.0"#, r#","size":"2""#, r#","ready_at":1e300"#, r#","ready_at":true"#] {
+            assert!(order(bad).is_err(), "{bad}");
+        }
+        let c: CourierPutReq = serde_json::from_str(r#"{"capacity":3e0}"#).unwrap();
+        assert_eq!(c.capacity, Some(3));
+        assert!(serde_json::from_str::<CourierPutReq>(r#"{"capacity":3.25}"#).is_err());
+        assert!(serde_json::from_str::<CourierPutReq>(r#"{"capacity":3,"nope":1}"#).is_err(), "unknown fields are still refused");
     }
 }

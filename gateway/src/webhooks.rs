@@ -137,14 +137,14 @@ impl Default for WebhookConfig {
 #[serde(deny_unknown_fields)]
 pub struct WebhookPutReq {
     /// `http://` or `https://` URL the events are POSTed to.
-    #[schema(example = "https://example.com/hooks/hexfleet", max_length = 2048, pattern = "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\\s]+")]
+    #[schema(example = "https://example.com/hooks/hexfleet", max_length = 2048, pattern = "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\\s\\u0000-\\u001F\\u007F-\\u009F]+[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub url: String,
     /// Event kinds or patterns: `order.delivered`, `order.*`, `zone.enter`, `*`.
     #[schema(example = json!(["order.*", "zone.enter"]), min_items = 1, max_items = 32)]
     pub events: Vec<String>,
     /// HMAC-SHA256 key for `X-Hexfleet-Signature` and `X-Hexfleet-Signature-256`, 1 to 256
     /// characters, no control characters.
-    #[schema(min_length = 1, max_length = 256)]
+    #[schema(min_length = 1, max_length = 256, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub secret: String,
 }
 
@@ -446,6 +446,7 @@ pub(crate) async fn delete_webhook(st: State, auth: Auth, path: web::Path<String
 pub struct RedeliverReq {
     /// The event (`seq`) of one finished delivery (dead or delivered) to send again; without it,
     /// every dead delivery of the webhook is sent again.
+    #[serde(default, deserialize_with = "crate::dto::json_int")]
     pub seq: Option<i64>,
 }
 
