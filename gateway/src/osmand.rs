@@ -413,45 +413,12 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// `application/x-www-form-urlencoded` pairs: split on `&`, then on the first `=`, then decode.
-/// Empty segments are skipped; a key without `=` has an empty value.
+/// `application/x-www-form-urlencoded` pairs (the `form_urlencoded` crate): split on `&`, then
+/// on the first `=`, `+` as space and `%XX` as a byte. Empty segments are skipped, a key without
+/// `=` has an empty value, a malformed `%` escape is kept literally and invalid UTF-8 becomes
+/// U+FFFD.
 fn form_pairs(raw: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    raw.split('&').filter(|s| !s.is_empty()).map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k), percent_decode(v))
-    })
-}
-
-/// Decodes `+` as space and `%XX` as a byte; a malformed `%` escape is kept literally (as
-/// browsers and the `form_urlencoded` crate do); invalid UTF-8 becomes U+FFFD.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
+    form_urlencoded::parse(raw.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned()))
 }
 
 #[cfg(test)]
@@ -690,13 +657,15 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(percent_decode("a+b%20c"), "a b c");
-        assert_eq!(percent_decode("%3a%3A"), "::");
-        assert_eq!(percent_decode("caf%C3%A9"), "café");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%4"), "%4");
-        assert_eq!(percent_decode("%zz1"), "%zz1");
-        assert_eq!(percent_decode("%FF"), "\u{FFFD}");
+        let value = |raw: &str| form_pairs(&format!("v={raw}")).next().unwrap().1;
+        assert_eq!(value("a+b%20c"), "a b c");
+        assert_eq!(value("%3a%3A"), "::");
+        assert_eq!(value("caf%C3%A9"), "café");
+        assert_eq!(value("100%"), "100%");
+        assert_eq!(value("%4"), "%4");
+        assert_eq!(value("%zz1"), "%zz1");
+        assert_eq!(value("%FF"), "\u{FFFD}");
+        assert_eq!(value("a=b"), "a=b", "split on the first `=`");
         let fix = q("id=phone%20one&lat=1&lon=2");
         assert_eq!(fix.device_id, "phone one");
         // Empty segments, keys without values, repeated keys (last wins).
@@ -861,5 +830,93 @@ mod tests {
             r#"[{ANDROID},{{"device_id":"a","location":{{"coords":{{"latitude":99,"longitude":2}}}}}}]"#
         );
         assert!(matches!(j_err(&batch), OsmandError::OutOfRange { .. }));
+    }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        const NOW: i64 = 1_764_000_000_000;
+
+        /// Query strings built from the protocol's own keys, with values that are sometimes
+        /// right, sometimes near misses, sometimes noise.
+        fn query() -> impl Strategy<Value = String> {
+            let key = prop::sample::select(vec!["id", "deviceid", "lat", "lon", "timestamp", "speed", "bearing", "heading", "accuracy", "batt", "key", "valid", "hdop", "altitude", "x"]);
+            let value = prop_oneof![
+                any::<f64>().prop_map(|f| f.to_string()),
+                (-200.0..200.0f64).prop_map(|f| f.to_string()),
+                any::<i64>().prop_map(|i| i.to_string()),
+                "[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?(Z|[+-][0-9]{2}(:?[0-9]{2})?)?",
+                "[ -~]{0,24}",
+                "(%[0-9A-Fa-f]{0,2}|\\+|[a-z0-9])*",
+                Just("NaN".to_owned()),
+                Just("inf".to_owned()),
+            ];
+            prop::collection::vec((key, value), 0..10).prop_map(|pairs| pairs.into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            /// No query panics; what is taken is a fix the fleet can hold.
+            #[test]
+            fn a_query_is_taken_or_refused_never_a_panic(raw in prop_oneof![query(), "\\PC{0,200}"]) {
+                if let Ok(f) = parse_query(&raw, NOW) {
+                    prop_assert!(f.lat.is_finite() && f.lng.is_finite() && f.lat.abs() <= 90.0 && f.lng.abs() <= 180.0, "{f:?}");
+                    prop_assert!(!f.device_id.is_empty());
+                }
+                let _ = key_of(&raw);
+                let _ = names_device(&raw);
+            }
+
+            /// No body panics either.
+            #[test]
+            fn a_json_body_is_taken_or_refused_never_a_panic(body in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..300),
+                "\\PC{0,300}".prop_map(String::into_bytes),
+                (query(), any::<bool>()).prop_map(|(q, loc)| {
+                    let fields: Vec<String> = q.split('&').filter_map(|p| p.split_once('=')).map(|(k, v)| format!("{k:?}:{}", v.parse::<f64>().map_or_else(|_| format!("{v:?}"), |f| if f.is_finite() { f.to_string() } else { "null".into() }))).collect();
+                    let inner = format!("{{{}}}", fields.join(","));
+                    if loc { format!(r#"{{"device_id":"d1","location":{{"timestamp":"2025-06-15T13:45:12Z","coords":{inner}}}}}"#) } else { inner }.into_bytes()
+                }),
+            ]) {
+                if let Ok(fixes) = parse_json(&body, NOW) {
+                    for f in fixes {
+                        prop_assert!(f.lat.is_finite() && f.lng.is_finite() && f.lat.abs() <= 90.0 && f.lng.abs() <= 180.0, "{f:?}");
+                    }
+                }
+            }
+
+            /// Dates and offsets agree with the `time` crate, in both separators, with and
+            /// without fractions and zones.
+            #[test]
+            fn a_datetime_is_read_as_the_time_crate_reads_it(
+                year in 1i32..=9999, month in 1u8..=12, day in 1u8..=31, h in 0u8..24, m in 0u8..60, s in 0u8..60,
+                millis in 0u16..1000, extra in 0u32..1000, offset in -(23 * 60 + 59)..=(23 * 60 + 59i32), form in 0u8..4, sep in prop::sample::select(vec!['T', ' ', 't']),
+            ) {
+                let Ok(month_t) = time::Month::try_from(month) else { return Ok(()) };
+                let Ok(date) = time::Date::from_calendar_date(year, month_t, day) else {
+                    // A day the month does not have is refused.
+                    prop_assert_eq!(parse_datetime(&format!("{year:04}-{month:02}-{day:02}T00:00:00Z")), None);
+                    return Ok(());
+                };
+                let (oh, om) = (offset.abs() / 60, offset.abs() % 60);
+                let sign = if offset < 0 { '-' } else { '+' };
+                let base = format!("{year:04}-{month:02}-{day:02}{sep}{h:02}:{m:02}:{s:02}.{millis:03}{extra:03}");
+                let (text, off) = match form {
+                    0 => (format!("{base}Z"), 0),
+                    1 => (base.clone(), 0),
+                    2 => (format!("{base}{sign}{oh:02}:{om:02}"), offset),
+                    _ => (format!("{base}{sign}{oh:02}{om:02}"), offset),
+                };
+                let expected = date
+                    .with_hms_milli(h, m, s, millis)
+                    .unwrap()
+                    .assume_offset(time::UtcOffset::from_whole_seconds(off * 60).unwrap())
+                    .unix_timestamp_nanos()
+                    / 1_000_000;
+                prop_assert_eq!(parse_datetime(&text).map(i128::from), Some(expected), "{}", text);
+            }
+        }
     }
 }
