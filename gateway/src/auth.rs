@@ -51,6 +51,8 @@ impl Claims {
 /// device keys apart from HS256 token signatures made with the same secret (a JWT's signing
 /// input is base64url, with no `/` and no NUL). v2 added the courier (v1 keys do not match).
 const DEVICE_KEY_CONTEXT: &[u8] = b"hexfleet/osmand-device-key/v2\0";
+/// The context of [`Keys::node_key`]; unlike the device keys' it is not followed by ids.
+const NODE_KEY_CONTEXT: &[u8] = b"hexfleet/node-forward-key/v1";
 /// Bytes of the HMAC kept in a device key: 128 bits, 32 hex characters.
 const DEVICE_KEY_BYTES: usize = 16;
 
@@ -81,6 +83,24 @@ impl Keys {
     /// as the next one. It changes with the secret.
     pub fn device_key(&self, tenant: &str, courier: &str, device_id: &str) -> String {
         hex::encode(&self.device_mac(tenant, courier, device_id).finalize().into_bytes()[..DEVICE_KEY_BYTES])
+    }
+
+    /// What a node sends in [`crate::markets::NODE_KEY`] with the requests it forwards to a
+    /// market's owner: an HMAC of a fixed context under the JWT secret, which every node of a
+    /// cluster shares and no client learns (nodes do not pass it on, and never send it to
+    /// clients). The owner does not count such requests against `--http-limit-per-ip`: the
+    /// node they first reached did.
+    pub fn node_key(&self) -> String {
+        let mut mac = self.device.clone();
+        mac.update(NODE_KEY_CONTEXT);
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether `key` is [`Keys::node_key`], compared in constant time.
+    pub fn is_node_key(&self, key: &[u8]) -> bool {
+        let mut mac = self.device.clone();
+        mac.update(NODE_KEY_CONTEXT);
+        hex::decode(key).is_ok_and(|bytes| mac.verify_slice(&bytes).is_ok())
     }
 
     /// Whether `key` is [`Keys::device_key`] of the device, compared in constant time.

@@ -127,6 +127,26 @@ pub struct ServeArgs {
     /// addresses).
     #[arg(long, env = "HEXFLEET_INGEST_MAX_PER_IP", value_parser = clap::value_parser!(u64).range(1..))]
     pub ingest_max_per_ip: Option<u64>,
+    /// Requests per second each client address may send to the HTTP port (REST, `/osmand`,
+    /// WebSocket upgrades; an IPv6 client counted by its /64); more are answered 429
+    /// `rate_limited` with `Retry-After`. 0 (the default): no limit. Behind a proxy, set
+    /// `--trust-forwarded-for` too, or every client shares the proxy's budget. Requests another
+    /// node forwards to a market's owner are counted on the node they reached, not again.
+    /// Trackers behind a carrier's NAT share an address: allow for them.
+    #[arg(long, env = "HEXFLEET_HTTP_LIMIT_PER_IP", default_value_t = 0)]
+    pub http_limit_per_ip: u32,
+    /// Requests an address may send at once after a quiet spell (default: twice the rate).
+    #[arg(long, env = "HEXFLEET_HTTP_LIMIT_BURST", default_value_t = 0)]
+    pub http_limit_burst: u32,
+    /// Addresses or networks never limited, comma-separated (`10.0.0.0/8,192.0.2.7`): monitors,
+    /// internal services.
+    #[arg(long, env = "HEXFLEET_HTTP_LIMIT_EXEMPT", value_delimiter = ',', value_parser = parse_net)]
+    pub http_limit_exempt: Vec<ipnet::IpNet>,
+    /// Count a request against the last address in its `X-Forwarded-For` (the client as the
+    /// proxy in front saw it) rather than the connection's. Only behind a proxy that appends
+    /// to that header, since a client reaching the server directly can write it.
+    #[arg(long, env = "HEXFLEET_TRUST_FORWARDED_FOR", default_value_t = false)]
+    pub trust_forwarded_for: bool,
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "HEXFLEET_WORKERS", value_parser = parse_workers)]
     pub workers: Option<usize>,
@@ -207,6 +227,14 @@ pub struct ServeArgs {
     /// Each device's key is `GET /v1/couriers/{id}/device-key`.
     #[arg(long, env = "HEXFLEET_OSMAND_KEYLESS", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub osmand_keyless: Option<bool>,
+}
+
+/// An address (`192.0.2.7`, `2001:db8::1`) or a network (`10.0.0.0/8`).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an address nor a network (10.0.0.0/8)"))
 }
 
 fn parse_purge_interval(s: &str) -> Result<Duration, String> {

@@ -23,6 +23,7 @@ pub mod config;
 pub mod dto;
 pub mod error;
 pub mod history;
+pub mod http_limit;
 pub mod ingest;
 pub mod markets;
 pub mod openapi;

@@ -80,6 +80,12 @@ fn serve_config(a: &ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.webhooks.breaker_cooldown = Duration::from_millis(a.webhook_breaker_cooldown_ms);
     cfg.webhooks.allow_private = a.webhooks_allow_private();
     cfg.osmand_keyless = a.takes_keyless_osmand();
+    cfg.http_limit = hexfleet_gateway::http_limit::HttpLimitConfig {
+        per_s: a.http_limit_per_ip,
+        burst: a.http_limit_burst,
+        trust_forwarded_for: a.trust_forwarded_for,
+        exempt: a.http_limit_exempt.clone(),
+    };
     for d in a.loopback_defaults() {
         tracing::warn!("listening on loopback alone: {d}");
     }

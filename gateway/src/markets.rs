@@ -54,6 +54,10 @@ use crate::ws::{Beat, Liveness};
 
 /// Header set on a request one node forwards to another.
 pub const FORWARDED: &str = "x-hexfleet-forwarded";
+/// Header with [`crate::auth::Keys::node_key`] on the requests and upgrades a node forwards:
+/// their owner does not count them against `--http-limit-per-ip`. Never passed on from a
+/// client's request.
+pub const NODE_KEY: &str = "x-hexfleet-node-key";
 
 /// Device → market entries cached at most.
 const MAX_DEVICES_CACHED: usize = 100_000;
@@ -98,6 +102,8 @@ pub struct Markets {
     /// inherit the leases of a previous process that may still be running somewhere.
     holder: String,
     node_id: String,
+    /// [`crate::auth::Keys::node_key`], sent with what this node forwards.
+    node_key: String,
     config: MarketConfig,
     /// Markets whose lease this node holds, with its epoch (the fencing token).
     epochs: DashMap<TenantId, i64>,
@@ -133,8 +139,12 @@ pub struct Markets {
 
 impl Markets {
     /// A node's market leases; takes nothing yet. Call it on the runtime the actors run on.
-    pub fn new(store: Arc<SqlStore>, node_id: &str, config: MarketConfig, broker: crate::broker::Broker) -> anyhow::Result<Markets> {
+    /// `node_key`: [`crate::auth::Keys::node_key`], sent with every forwarded request.
+    pub fn new(store: Arc<SqlStore>, node_id: &str, node_key: &str, config: MarketConfig, broker: crate::broker::Broker) -> anyhow::Result<Markets> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(NODE_KEY, reqwest::header::HeaderValue::from_str(node_key)?);
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .connect_timeout(Duration::from_secs(2))
@@ -147,6 +157,7 @@ impl Markets {
             store,
             holder: format!("{node_id}#{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
             node_id: node_id.to_owned(),
+            node_key: node_key.to_owned(),
             config,
             epochs: DashMap::new(),
             ready: DashMap::new(),
@@ -713,6 +724,7 @@ fn hop_by_hop(name: &str) -> bool {
         "connection" | "keep-alive" | "proxy-authenticate" | "proxy-authorization" | "te" | "trailer" | "transfer-encoding"
             | "upgrade" | "host" | "content-length"
     ) || name.starts_with("sec-websocket-")
+        || name == NODE_KEY
 }
 
 async fn forward_http(mut req: ServiceRequest, owner: &str, markets: &Markets) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
@@ -862,6 +874,7 @@ pub(crate) async fn connect_owner_ws(
         up.headers_mut().insert("authorization", tg::http::HeaderValue::from_str(a).map_err(|e| bad(&e))?);
     }
     up.headers_mut().insert(FORWARDED, tg::http::HeaderValue::from_str(&markets.node_id).map_err(|e| OwnerRefused::Error(ApiError::internal(e.to_string())))?);
+    up.headers_mut().insert(NODE_KEY, tg::http::HeaderValue::from_str(&markets.node_key).map_err(|e| OwnerRefused::Error(ApiError::internal(e.to_string())))?);
     let mut cfg = tg::protocol::WebSocketConfig::default();
     cfg.max_message_size = Some(16 * 1024 * 1024);
     match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async_with_config(up, Some(cfg), true)).await {
@@ -1110,7 +1123,7 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_are_not_forwarded() {
-        for h in ["connection", "upgrade", "host", "content-length", "sec-websocket-key", "transfer-encoding"] {
+        for h in ["connection", "upgrade", "host", "content-length", "sec-websocket-key", "transfer-encoding", NODE_KEY] {
             assert!(hop_by_hop(h), "{h}");
         }
         for h in ["authorization", "content-type", "accept", "x-request-id"] {

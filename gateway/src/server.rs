@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub ingest_limits: crate::ingest::Limits,
     /// OsmAnd/Traccar reports without a device key are taken (`--osmand-keyless`).
     pub osmand_keyless: bool,
+    /// The request limit per client address (`--http-limit-per-ip`).
+    pub http_limit: crate::http_limit::HttpLimitConfig,
 }
 
 impl ServeConfig {
@@ -76,6 +78,7 @@ impl ServeConfig {
             ingest_listen: None,
             ingest_limits: crate::ingest::Limits::default(),
             osmand_keyless: false,
+            http_limit: crate::http_limit::HttpLimitConfig::default(),
         }
     }
 }
@@ -100,6 +103,8 @@ pub struct AppState {
     pub markets: Option<Arc<crate::markets::Markets>>,
     /// OsmAnd/Traccar reports without a device key are taken (`--osmand-keyless`).
     pub osmand_keyless: bool,
+    /// The request limit per client address, when on.
+    pub http_limit: Option<Arc<crate::http_limit::HttpLimit>>,
 }
 
 impl AppState {
@@ -172,7 +177,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
                 anyhow::ensure!(!addr.ip().is_unspecified(), "set --advertise-url: other nodes cannot reach {addr}");
                 mc.advertise_url = format!("http://{addr}");
             }
-            let m = Arc::new(crate::markets::Markets::new(store.clone(), &cfg.node_id, mc, broker.clone())?);
+            let m = Arc::new(crate::markets::Markets::new(store.clone(), &cfg.node_id, &Keys::new(&cfg.jwt_secret).node_key(), mc, broker.clone())?);
             let n = m.claim_unowned().await?;
             tracing::info!(markets = n, holder = m.holder(), "market leases taken at start");
             Some(m)
@@ -239,7 +244,20 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         webhooks_allow_private: cfg.webhooks.allow_private,
         markets: markets.clone(),
         osmand_keyless: cfg.osmand_keyless,
+        http_limit: crate::http_limit::HttpLimit::new(&cfg.http_limit),
     });
+    if let Some(l) = state.http_limit.clone() {
+        let stop = shutdown.child_token();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = every.tick() => l.sweep(),
+                }
+            }
+        });
+    }
     let purge_stop = shutdown.child_token();
     let purge = {
         let f = fleet.clone();
@@ -258,6 +276,8 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
             .app_data(keys.clone())
             // Requests for a market another node owns go to that node (`markets.rs`).
             .wrap(actix_web::middleware::from_fn(crate::markets::route_market))
+            // Outermost: an address over its limit is refused before anything else is done.
+            .wrap(actix_web::middleware::from_fn(crate::http_limit::limit))
             // WebSocket routes first: the `/v1` scope of the API would otherwise claim them.
             .configure(crate::ws::configure)
             .configure(crate::api::configure)

@@ -1069,6 +1069,66 @@ async fn unknown_paths_and_plain_gets_of_sockets_get_json_errors_and_change_noth
     assert_eq!(events["items"].as_array().map(Vec::len), Some(0), "{events}");
 }
 
+/// `--http-limit-per-ip`: an address past its burst gets 429 `rate_limited` with
+/// `Retry-After` (WebSocket upgrades count too), while another address, an exempt one, and the
+/// probes are served; behind a trusted proxy the last `X-Forwarded-For` hop is the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_flooding_the_http_port_is_held_back_and_no_one_else_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(dir.path().join("s.db").to_str().unwrap());
+    cfg.http_limit = hexfleet_gateway::http_limit::HttpLimitConfig {
+        per_s: 1,
+        burst: 3,
+        trust_forwarded_for: true,
+        exempt: vec!["127.0.0.3/32".parse().unwrap()],
+    };
+    let mut srv = TestServer::start(cfg).await;
+    let disp = srv.dispatcher("t1");
+    let from = |ip: &str| reqwest::Client::builder().local_address(ip.parse::<std::net::IpAddr>().unwrap()).build().unwrap();
+    let (a, b, exempt) = (from("127.0.0.1"), from("127.0.0.2"), from("127.0.0.3"));
+    let get = |c: &reqwest::Client, path: &str| c.get(format!("{}{path}", srv.base)).bearer_auth(&disp).send();
+    for _ in 0..3 {
+        assert_eq!(get(&a, "/v1/orders/o1").await.unwrap().status().as_u16(), 404, "within the burst");
+    }
+    // Past it (one more token a second: a slow machine may see one more request through).
+    let mut r = get(&a, "/v1/orders/o1").await.unwrap();
+    for _ in 0..3 {
+        if r.status().as_u16() == 429 {
+            break;
+        }
+        r = get(&a, "/v1/orders/o1").await.unwrap();
+    }
+    assert_eq!(r.status().as_u16(), 429);
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+    // A socket upgrade from the same address is refused the same way, before the handshake.
+    let ws = tokio_tungstenite::connect_async(format!("{}/v1/ws/console?token={disp}", srv.base.replace("http", "ws"))).await;
+    match ws {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 429),
+        other => panic!("expected a 429 handshake, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(get(&a, "/healthz").await.unwrap().status().as_u16(), 200, "probes are never limited");
+    assert_eq!(get(&a, "/v1/metrics").await.unwrap().status().as_u16(), 200, "nor the scrape");
+    for _ in 0..10 {
+        assert_eq!(get(&exempt, "/v1/orders/o1").await.unwrap().status().as_u16(), 404, "an exempt address");
+    }
+    assert_eq!(get(&b, "/v1/orders/o1").await.unwrap().status().as_u16(), 404, "another address has its own budget");
+    // Trusted X-Forwarded-For: the last hop is the client, each with its own budget.
+    let via = |client: &str| b.get(format!("{}/v1/orders/o1", srv.base)).bearer_auth(&disp).header("x-forwarded-for", format!("198.51.100.1, {client}")).send();
+    for _ in 0..3 {
+        assert_eq!(via("203.0.113.9").await.unwrap().status().as_u16(), 404);
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(via("203.0.113.9").await.unwrap().status().as_u16());
+    }
+    assert!(statuses.contains(&429), "that client's budget is spent: {statuses:?}");
+    assert_eq!(via("203.0.113.10").await.unwrap().status().as_u16(), 404, "another client behind the same proxy");
+    srv.stop().await;
+}
+
 /// Every operation the OpenAPI document lists is routed (without a token: 401, not 404 or 405),
 /// so the document cannot list a route the server does not have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1076,3 +1076,42 @@ async fn a_node_shutting_down_releases_its_markets_before_waiting_for_webhook_se
     b.stop().await;
     db.drop_db().await;
 }
+
+/// `--http-limit-per-ip` with two nodes: what node B forwards to the market's owner carries the
+/// nodes' key and is counted on B alone, so it does not spend, on A, the budget of B's address
+/// (here the same address as the client's); and a client cannot pass the key off as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_are_counted_once_on_the_node_they_reached() {
+    let Some((a, b, db)) = two_nodes(|_, cfg| {
+        cfg.http_limit = hexfleet_gateway::http_limit::HttpLimitConfig { per_s: 1, burst: 4, ..Default::default() };
+    })
+    .await
+    else {
+        return;
+    };
+    let tenant = "limits";
+    let (disp_a, disp_b) = (a.dispatcher(tenant), b.dispatcher(tenant));
+    let (s, v) = a.post("/v1/orders", &disp_a, order("o1")).await;
+    assert_eq!(s, 201, "A takes the market: {v}");
+    // Three reads through B, each forwarded to A (B's budget: 4).
+    for _ in 0..3 {
+        let (s, v) = b.get("/v1/orders/o1", Some(&disp_b)).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    // A counted only the create: its budget for this address has room for more. (Had A
+    // counted the forwarded reads too, 1 + 3 would have spent it, and this would be a 429.)
+    for _ in 0..2 {
+        let (s, v) = a.get("/v1/orders/o1", Some(&disp_a)).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    // A client sending a made-up node key is counted all the same.
+    let spoof = |srv: &TestServer, tok: &str| {
+        srv.http.get(format!("{}/v1/orders/o1", srv.base)).bearer_auth(tok.to_owned()).header(hexfleet_gateway::markets::NODE_KEY, "00".repeat(32)).send()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(spoof(&a, &disp_a).await.unwrap().status().as_u16());
+    }
+    assert!(statuses.contains(&429), "a forged key is no key: {statuses:?}");
+    stop_both(a, b, db).await;
+}
