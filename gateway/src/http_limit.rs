@@ -64,12 +64,7 @@ impl HttpLimit {
     /// Whose request this is, or `None` when it is not limited.
     fn client(&self, req: &ServiceRequest) -> Option<IpAddr> {
         let peer = req.peer_addr()?.ip();
-        let forwarded = self
-            .trust_forwarded_for
-            .then(|| req.headers().get_all("x-forwarded-for").last().and_then(|v| v.to_str().ok()))
-            .flatten()
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|hop| hop.trim().parse::<IpAddr>().ok());
+        let forwarded = self.trust_forwarded_for.then(|| req.headers().get_all("x-forwarded-for").last()).flatten().and_then(|v| last_hop(v.as_bytes()));
         let ip = forwarded.unwrap_or(peer).to_canonical(); // `::ffff:a.b.c.d` is a.b.c.d
         if self.exempt.iter().any(|n| n.contains(&ip)) {
             return None;
@@ -100,6 +95,16 @@ impl HttpLimit {
     pub fn tracked(&self) -> usize {
         self.limiter.len()
     }
+}
+
+/// The last hop of an `X-Forwarded-For` value: the one the proxy in front appended, read
+/// alone, so that what the client wrote before it (garbage, non-ASCII) cannot make the whole
+/// value unreadable. `1.2.3.4`, `2001:db8::1`, and with a port `1.2.3.4:5678` or
+/// `[2001:db8::1]:5678`, as some load balancers write them.
+fn last_hop(value: &[u8]) -> Option<IpAddr> {
+    let hop = value.rsplit(|b| *b == b',').next()?;
+    let hop = std::str::from_utf8(hop).ok()?.trim();
+    hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
 }
 
 /// Probes and the scrape are never limited.
@@ -146,5 +151,16 @@ mod tests {
         assert!(l.check(b).is_ok(), "another address has its own bucket");
         assert_eq!(l.tracked(), 2);
         assert!(HttpLimit::new(&HttpLimitConfig::default()).is_none(), "0 is off");
+    }
+
+    #[test]
+    fn the_last_forwarded_hop_is_read_alone() {
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        assert_eq!(last_hop(b"198.51.100.1, 203.0.113.9"), ip("203.0.113.9"));
+        assert_eq!(last_hop("caf\u{e9}, \u{1F600}garbage,203.0.113.9".as_bytes()), ip("203.0.113.9"));
+        assert_eq!(last_hop(b"\xff\xfe, 2001:db8::1"), ip("2001:db8::1"));
+        assert_eq!(last_hop(b"203.0.113.9:5678"), ip("203.0.113.9"));
+        assert_eq!(last_hop(b"[2001:db8::1]:443"), ip("2001:db8::1"));
+        assert_eq!(last_hop(b"203.0.113.9, nonsense"), None, "an unreadable last hop: the connection's address");
     }
 }

@@ -45,7 +45,7 @@ impl utoipa::Modify for Bearer {
 /// - every error answer has the [`crate::error::ErrorDto`] body;
 /// - the errors any operation can give are listed: 400 (a bad id, query or body), 401 (no
 ///   token, or an expired or wrongly signed one), 403 (a role or tenant the operation does not
-///   serve), 500, and 502/503/504 (the store, or with market leases the owning node, did not
+///   serve), 429 (`--http-limit-per-ip`), 500, and 502/503/504 (the store, or with market leases the owning node, did not
 ///   answer; retry); 404 where the path names something; 413 and 415 where a body is taken.
 struct Conventions;
 
@@ -98,6 +98,7 @@ fn conventions(op: &mut Operation) {
         ("400", "Bad request: an id, a query parameter or the body is not valid"),
         ("401", "No token, or an expired or wrongly signed one"),
         ("403", "The token's role or tenant may not do this"),
+        ("429", "With --http-limit-per-ip: too many requests from this address; see Retry-After"),
         ("500", "Internal error"),
         ("502", "With market leases: the node owning the market answered badly"),
         ("503", "The store or the owning node is unavailable, or the market is moving; retry"),

@@ -257,10 +257,10 @@ fn hmac_hex(secret: &str, parts: &[&[u8]]) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-/// Checks one subscribed pattern: `*`, or dotted lowercase words, optionally ending in `.*`.
 /// [`valid_pattern`] as a regular expression, for the OpenAPI document (with at most 64 bytes).
 pub const EVENT_PATTERN: &str = r"^(\*|[a-z0-9_]+(\.[a-z0-9_]+)*(\.\*)?)$";
 
+/// Checks one subscribed pattern: `*`, or dotted lowercase words, optionally ending in `.*`.
 fn valid_pattern(p: &str) -> bool {
     if p == "*" {
         return true;
@@ -353,6 +353,12 @@ fn validate(req: &WebhookPutReq, allow_private: bool) -> Result<(), ApiError> {
     }
     if crate::dto::has_control_chars(&req.url) || crate::dto::has_control_chars(&req.secret) {
         return bad("url and secret may not contain control characters".into());
+    }
+    // As the OpenAPI document's pattern says: `http://` or `https://` first, no blanks (the
+    // URL parser would forgive a leading space, `http:\\host` or `http:host`).
+    let scheme_end = req.url.find("://").unwrap_or(0);
+    if !matches!(req.url[..scheme_end].to_ascii_lowercase().as_str(), "http" | "https") || req.url.contains(char::is_whitespace) {
+        return bad("url must start with http:// or https:// and hold no spaces".into());
     }
     match reqwest::Url::parse(&req.url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {

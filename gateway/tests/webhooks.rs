@@ -175,6 +175,11 @@ async fn api_signed_delivery_retries_and_giving_up() {
     assert_eq!(srv.put("/v1/webhooks/w1", &courier, good.clone()).await.0, 403, "couriers cannot add webhooks");
     for (bad, why) in [
         (json!({"url": "ftp://x.example/", "events": ["*"], "secret": HOOK_SECRET}), "scheme"),
+        // What the URL parser forgives and the OpenAPI document's pattern does not.
+        (json!({"url": format!(" {}", rx.url), "events": ["*"], "secret": HOOK_SECRET}), "leading space"),
+        (json!({"url": "http:\\\\x.example/", "events": ["*"], "secret": HOOK_SECRET}), "backslashes"),
+        (json!({"url": "http:x.example", "events": ["*"], "secret": HOOK_SECRET}), "no slashes"),
+        (json!({"url": "HTTPS://x.example/a b", "events": ["*"], "secret": HOOK_SECRET}), "a space"),
         (json!({"url": rx.url, "events": [], "secret": HOOK_SECRET}), "no events"),
         (json!({"url": rx.url, "events": ["Order.Created"], "secret": HOOK_SECRET}), "pattern"),
         (json!({"url": rx.url, "events": ["*"], "secret": ""}), "empty secret"),
