@@ -650,13 +650,21 @@ struct SinceQuery {
     since: Option<u64>,
 }
 
+/// `?since=SEQ` of a watcher's socket: a number or nothing (400 `bad_since` otherwise, before
+/// the upgrade; it was ignored, and a page with a bug in it silently got no replay).
+fn since_of(req: &HttpRequest) -> Result<Option<u64>, ApiError> {
+    web::Query::<SinceQuery>::from_query(req.query_string())
+        .map(|q| q.since)
+        .map_err(|_| ApiError::bad_request("bad_since", "since must be the seq (a whole number) of the last message received"))
+}
+
 async fn track_ws(req: HttpRequest, body: web::Payload, st: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let auth = auth_ws(&req, &[Role::Customer, Role::Dispatcher, Role::Admin])?;
     let oid = order_ref(&path)?;
     if auth.claims.role == Role::Customer && auth.claims.order_id.as_deref() != Some(oid.as_str()) {
         return Err(ApiError::forbidden("this token may only watch its own order"));
     }
-    let since = web::Query::<SinceQuery>::from_query(req.query_string()).map(|q| q.since).unwrap_or(None);
+    let since = since_of(&req)?;
     // The order must exist in this tenant (404 otherwise, before the upgrade).
     st.fleet.order(&auth.tenant, &oid).await?;
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
@@ -846,7 +854,7 @@ enum ConsoleIn {
 
 async fn console_ws(req: HttpRequest, body: web::Payload, st: State) -> Result<HttpResponse, ApiError> {
     let auth = auth_ws(&req, &[Role::Dispatcher, Role::Admin])?;
-    let since = web::Query::<SinceQuery>::from_query(req.query_string()).map(|q| q.since).unwrap_or(None);
+    let since = since_of(&req)?;
     let (resp, session, stream) = actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
     let stream = stream.max_frame_size(MAX_FRAME).aggregate_continuations().max_continuation_size(MAX_FRAME);
     let expires = auth.claims.session_deadline();

@@ -343,5 +343,10 @@ async fn a_console_reconnecting_with_since_gets_the_events_it_missed() {
     let mut other = srv.ws("/v1/ws/console?since=5", &disp).await;
     let first = other.expect("the first message", |_| true).await;
     assert_eq!(t(&first), "resync", "{first}");
+    // A since that is not a number is refused before the upgrade, not ignored.
+    for path in ["/v1/ws/console?since=abc", "/v1/ws/track/o1?since=-1", "/v1/ws/track/o1?since=1.5"] {
+        let (s, v) = srv.get(path, Some(&disp)).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_since")), "{path}: {v}");
+    }
     srv.stop().await;
 }
