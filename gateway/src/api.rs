@@ -70,8 +70,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
-/// A route with its method, for [`resource`].
-pub(crate) struct On(Method, actix_web::Route);
+/// Routes with their methods, for [`resource`].
+pub(crate) struct On(Vec<Method>, Vec<actix_web::Route>);
 
 macro_rules! on {
     ($($name:ident => $method:ident),*) => {$(
@@ -82,19 +82,30 @@ macro_rules! on {
             Args: actix_web::FromRequest + 'static,
             F::Output: actix_web::Responder + 'static,
         {
-            On(Method::$method, web::method(Method::$method).to(handler))
+            On(vec![Method::$method], vec![web::method(Method::$method).to(handler)])
         }
     )*};
 }
-on!(get => GET, put => PUT, post => POST, delete => DELETE);
+on!(put => PUT, post => POST, delete => DELETE);
+
+/// A `GET` route, which serves `HEAD` too (the same answer without its body, RFC 9110 9.3.2).
+pub(crate) fn get<F, Args>(handler: F) -> On
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    On(vec![Method::GET, Method::HEAD], vec![web::method(Method::GET).to(handler.clone()), web::method(Method::HEAD).to(handler)])
+}
 
 /// A path and the methods it serves. Any other method gets 405 in the error shape with `Allow`
-/// listing these (RFC 9110, 15.5.6); `OPTIONS` gets 204 with the same `Allow`. (Routes added
-/// one by one at the app's root made actix fall through to the default service: a 404.)
+/// listing these and `OPTIONS` (RFC 9110, 15.5.6); `OPTIONS` gets 204 with the same `Allow`.
+/// (Routes added one by one at the app's root made actix fall through to the default
+/// service: a 404.)
 pub(crate) fn resource(path: &str, routes: Vec<On>) -> actix_web::Resource {
-    let allow: Vec<&str> = routes.iter().map(|On(m, _)| m.as_str()).collect();
+    let allow: Vec<&str> = routes.iter().flat_map(|On(ms, _)| ms.iter().map(Method::as_str)).chain(["OPTIONS"]).collect();
     let allow = allow.join(", ");
-    routes.into_iter().fold(web::resource(path), |r, On(_, route)| r.route(route)).default_service(web::to(move |req: HttpRequest| {
+    routes.into_iter().flat_map(|On(_, rs)| rs).fold(web::resource(path), |r, route| r.route(route)).default_service(web::to(move |req: HttpRequest| {
         let allow = allow.clone();
         async move {
             if req.method() == Method::OPTIONS {

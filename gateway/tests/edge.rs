@@ -1047,12 +1047,12 @@ async fn unknown_paths_and_plain_gets_of_sockets_get_json_errors_and_change_noth
     // A method the path does not serve: 405 in the error shape, with `Allow` (RFC 9110); and
     // `OPTIONS` says what is served.
     for (method, path, allow) in [
-        (reqwest::Method::DELETE, "/v1/orders", "POST"),
-        (reqwest::Method::POST, "/v1/zones/z1", "GET, PUT, DELETE"),
-        (reqwest::Method::PATCH, "/v1/couriers/c1", "GET, PUT"),
-        (reqwest::Method::POST, "/v1/ws/console", "GET"),
-        (reqwest::Method::PUT, "/osmand", "GET, POST"),
-        (reqwest::Method::TRACE, "/healthz", "GET"),
+        (reqwest::Method::DELETE, "/v1/orders", "POST, OPTIONS"),
+        (reqwest::Method::POST, "/v1/zones/z1", "GET, HEAD, PUT, DELETE, OPTIONS"),
+        (reqwest::Method::PATCH, "/v1/couriers/c1", "GET, HEAD, PUT, OPTIONS"),
+        (reqwest::Method::POST, "/v1/ws/console", "GET, HEAD, OPTIONS"),
+        (reqwest::Method::PUT, "/osmand", "GET, HEAD, POST, OPTIONS"),
+        (reqwest::Method::TRACE, "/healthz", "GET, HEAD, OPTIONS"),
     ] {
         let r = srv.http.request(method.clone(), format!("{}{path}", srv.base)).bearer_auth(&disp).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 405, "{method} {path}");
@@ -1062,6 +1062,13 @@ async fn unknown_paths_and_plain_gets_of_sockets_get_json_errors_and_change_noth
         let r = srv.http.request(reqwest::Method::OPTIONS, format!("{}{path}", srv.base)).send().await.unwrap();
         assert_eq!((r.status().as_u16(), r.headers()["allow"].to_str().unwrap()), (204, allow), "OPTIONS {path}");
     }
+    // HEAD is GET's answer without the body.
+    let get = srv.http.get(format!("{}/v1/couriers/nearby?lat=52.5&lng=13.4", srv.base)).bearer_auth(&disp).send().await.unwrap();
+    let head = srv.http.head(format!("{}/v1/couriers/nearby?lat=52.5&lng=13.4", srv.base)).bearer_auth(&disp).send().await.unwrap();
+    assert_eq!((head.status().as_u16(), get.status().as_u16()), (200, 200));
+    assert_eq!(head.headers().get("content-type"), get.headers().get("content-type"));
+    assert!(head.bytes().await.unwrap().is_empty(), "no body");
+    assert_eq!(srv.http.head(format!("{}/healthz", srv.base)).send().await.unwrap().status().as_u16(), 200);
     let (s, v) = srv.get("/v1/ws/courier", Some(&srv.token(Role::Courier, "newbie", "t1", None))).await;
     assert_eq!((s, v["error"]["code"].as_str()), (400, Some("not_websocket")), "{v}");
     assert_eq!(srv.get("/v1/couriers/newbie", Some(&disp)).await.0, 404, "not registered");
