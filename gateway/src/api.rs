@@ -27,23 +27,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(web::JsonConfig::default().limit(MAX_JSON_BODY).error_handler(crate::error::json_error))
         .app_data(web::QueryConfig::default().error_handler(crate::error::query_error))
         .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
-        .app_data(web::PayloadConfig::default().limit(MAX_JSON_BODY))
-        // At the root, where probes and scrapers look, and under `/v1` with the rest of the
-        // API (the design brief lists them there).
-        .service(resource("/healthz", vec![get(healthz)]))
-        .service(resource("/v1/healthz", vec![get(healthz)]))
-        .service(resource("/readyz", vec![get(readyz)]))
-        .service(resource("/v1/readyz", vec![get(readyz)]))
-        .service(resource("/metrics", vec![get(metrics)]))
-        .service(resource("/v1/metrics", vec![get(metrics)]))
-        .service(resource("/openapi.json", vec![get(openapi)]))
-        .service(resource("/v1/openapi.json", vec![get(openapi)]))
-        .service(resource("/", vec![get(console_page)]))
+        .app_data(web::PayloadConfig::default().limit(MAX_JSON_BODY));
+    // At the root, where probes, scrapers and Traccar URLs look, and under `/v1` with the rest
+    // of the API (the design brief lists them there); before the `/v1` scope, which would
+    // otherwise claim them.
+    for base in ["", "/v1"] {
+        cfg.service(resource(&format!("{base}/healthz"), vec![get(healthz)]))
+            .service(resource(&format!("{base}/readyz"), vec![get(readyz)]))
+            .service(resource(&format!("{base}/metrics"), vec![get(metrics)]))
+            .service(resource(&format!("{base}/openapi.json"), vec![get(openapi)]))
+            .service(resource(&format!("{base}/osmand"), vec![get(osmand_get), post(osmand_post)]));
+    }
+    cfg.service(resource("/", vec![get(console_page)]))
         .service(resource("/console", vec![get(console_page)]))
         .service(resource("/track/{order_id}", vec![get(console_page)]))
         .service(resource("/favicon.ico", vec![get(favicon)]))
-        .service(resource("/osmand", vec![get(osmand_get), post(osmand_post)]))
-        .service(resource("/v1/osmand", vec![get(osmand_get), post(osmand_post)]))
         .service(
             web::scope("/v1")
                 .service(resource("/orders", vec![post(create_order)]))

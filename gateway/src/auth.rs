@@ -91,16 +91,18 @@ impl Keys {
     /// clients). The owner does not count such requests against `--http-limit-per-ip`: the
     /// node they first reached did.
     pub fn node_key(&self) -> String {
-        let mut mac = self.device.clone();
-        mac.update(NODE_KEY_CONTEXT);
-        hex::encode(mac.finalize().into_bytes())
+        hex::encode(self.node_mac().finalize().into_bytes())
     }
 
     /// Whether `key` is [`Keys::node_key`], compared in constant time.
     pub fn is_node_key(&self, key: &[u8]) -> bool {
+        hex::decode(key).is_ok_and(|bytes| self.node_mac().verify_slice(&bytes).is_ok())
+    }
+
+    fn node_mac(&self) -> Hmac<Sha256> {
         let mut mac = self.device.clone();
         mac.update(NODE_KEY_CONTEXT);
-        hex::decode(key).is_ok_and(|bytes| mac.verify_slice(&bytes).is_ok())
+        mac
     }
 
     /// Whether `key` is [`Keys::device_key`] of the device, compared in constant time.

@@ -729,20 +729,23 @@ impl Broker {
                 n += 1;
             }
         }
-        // The consoles reconnect, here or elsewhere, after a gap this stream will not see: it
-        // is invalidated in place (numbering goes on for the consoles still closing) under its
-        // lock, so a console registering meanwhile is answered after it.
-        let stream = self.local.console_streams.get_mut(tenant);
-        if let Some(views) = self.local.consoles.get(tenant) {
-            for (_, v) in views.value() {
-                v.outbox.close();
-                n += 1;
-            }
-        }
-        if let Some(mut s) = stream {
+        let mut stream = self.local.console_streams.get_mut(tenant);
+        n + self.close_consoles(tenant, stream.as_deref_mut())
+    }
+
+    /// Closes `tenant`'s consoles here, which reconnect, here or elsewhere, after a gap their
+    /// stream will not see; the stream is invalidated in place (numbering goes on for the
+    /// consoles still closing). The caller holds `stream`'s lock, so a console registering
+    /// meanwhile is answered after it. Returns how many were closed.
+    fn close_consoles(&self, tenant: &str, stream: Option<&mut ConsoleStream>) -> usize {
+        if let Some(s) = stream {
             s.invalidate();
         }
-        n
+        let Some(views) = self.local.consoles.get(tenant) else { return 0 };
+        for (_, v) in views.value() {
+            v.outbox.close();
+        }
+        views.len()
     }
 
     /// After the Redis subscription was lost (and is back) or its backlog dropped: tracking
@@ -763,16 +766,10 @@ impl Broker {
             }
             false
         });
-        // A tenant with consoles here has a console stream: invalidated in place (see
-        // `close_sessions`), its consoles closed under its lock.
+        // A tenant with consoles here has a console stream.
         for mut s in self.local.console_streams.iter_mut().filter(|e| !relay.serves(e.key())) {
-            s.invalidate();
-            if let Some(views) = self.local.consoles.get(s.key()) {
-                for (_, v) in views.value() {
-                    v.outbox.close();
-                    n += 1;
-                }
-            }
+            let (tenant, stream) = s.pair_mut();
+            n += self.close_consoles(tenant, Some(stream));
         }
         n
     }

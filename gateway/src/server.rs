@@ -170,6 +170,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
     }
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
+    let keys = Keys::new(&cfg.jwt_secret);
     let markets = match &cfg.markets {
         Some(mc) => {
             let mut mc = mc.clone();
@@ -177,7 +178,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
                 anyhow::ensure!(!addr.ip().is_unspecified(), "set --advertise-url: other nodes cannot reach {addr}");
                 mc.advertise_url = format!("http://{addr}");
             }
-            let m = Arc::new(crate::markets::Markets::new(store.clone(), &cfg.node_id, &Keys::new(&cfg.jwt_secret).node_key(), mc, broker.clone())?);
+            let m = Arc::new(crate::markets::Markets::new(store.clone(), &cfg.node_id, &keys.node_key(), mc, broker.clone())?);
             let n = m.claim_unowned().await?;
             tracing::info!(markets = n, holder = m.holder(), "market leases taken at start");
             Some(m)
@@ -234,7 +235,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         fleet: fleet.clone(),
         broker,
         store: store.clone(),
-        keys: Keys::new(&cfg.jwt_secret),
+        keys,
         metrics,
         main: tokio::runtime::Handle::current(),
         shutdown: shutdown.clone(),
