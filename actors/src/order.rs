@@ -241,8 +241,12 @@ pub fn transition_event(before: &Order, after: &Order, cmd: &Command, who: &Who,
         entity: EntityKind::Order,
         entity_id: after.id.to_string(),
         kind: format!("order.{}", match cmd {
-            // Back to `created`, but not a new order: webhooks on `order.created` must not fire.
+            // Back to `created`, but not a new order: webhooks on `order.created` must not fire,
+            // nor a console count a new order. (Before, a decline and a lapsed offer were logged
+            // as `order.created`, once per courier that let the order go.)
             Command::Release { .. } => "released",
+            Command::Decline { .. } => "declined",
+            Command::OfferLapsed { .. } => "offer_lapsed",
             _ if before.state == after.state => "reassigned",
             _ => after.state.as_str(),
         }),

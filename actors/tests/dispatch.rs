@@ -196,6 +196,13 @@ async fn a_lapsed_offer_is_redispatched_without_that_courier_and_unwanted_orders
     w.settle().await;
     let waiting = w.get(&o).await;
     assert_eq!((waiting.state, waiting.declined.len()), (OrderState::Created, 2));
+    // Back to `created` twice, but one order: the log says what happened, not `order.created`
+    // again (webhooks on new orders fired for every decline and lapse).
+    let kinds: Vec<(String, Option<String>)> = w.store.all_events().into_iter().filter(|e| e.entity_id == o.as_str()).map(|e| (e.kind, e.reason)).collect();
+    let of = |k: &str| kinds.iter().filter(|(kind, _)| kind == k).map(|(_, r)| r.clone().unwrap_or_default()).collect::<Vec<_>>();
+    assert_eq!(of("order.created").len(), 1, "{kinds:?}");
+    assert_eq!(of("order.offer_lapsed"), [format!("offer to {a} lapsed")], "{kinds:?}");
+    assert_eq!(of("order.declined"), [format!("declined by {b}")], "{kinds:?}");
     // ...and expires once nobody took it in time.
     w.clock.advance(10 * 60_000);
     w.tick().await;

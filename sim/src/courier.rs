@@ -358,6 +358,7 @@ async fn advance(
 }
 
 fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &CourierOptions, stats: &SimStats) {
+    tracing::trace!(courier = me, frame = text, "server frame");
     let Ok(msg) = serde_json::from_str::<ServerMsg>(text) else {
         tracing::debug!(frame = text, "unparsed server frame");
         return;

@@ -207,6 +207,8 @@ async fn order_loop(
             continue;
         };
         stats.orders_created.fetch_add(1, Ordering::Relaxed);
+        // One line per order the server accepted: a failover drill checks each is still there.
+        tracing::debug!(order = %id, "order accepted");
         if (stats.watchers_open.load(Ordering::Relaxed) as usize) < cfg.watchers {
             let token = mint.customer(&id)?;
             let (server, stats, stop) = (server.clone(), stats.clone(), stop.clone());
