@@ -9,17 +9,21 @@
 #   - every order the server answered 201 for is in the database (no accepted order lost);
 #   - no order was delivered twice, or held by two couriers at once;
 #   - no courier holds more orders than its capacity;
-#   - every order is either finished or younger than STUCK_S (none stuck for good);
+#   - dispatch and deliveries went on after each failover: orders were offered and couriers
+#     reached pickups and drop-offs between every restart and the next, and after the last;
+#   - every order is either finished or younger than STUCK_S (none stuck for good; the default
+#     is long, since trips with a saturated fleet take 10 minutes and more);
 #   - no node panicked.
 # It prints what it found and exits 1 if a check fails.
 #
 # Build first: cargo build --release --bin hexfleet --bin hexfleet-sim (or PROFILE=debug)
 # usage: benches/failover.sh            (DUR=600 seconds of fleet by default)
-#   COURIERS=200  ORDERS_PER_MIN=90  RESTART_S=15  STUCK_S=420  LEASE_MS=5000
+#   COURIERS=200  ORDERS_PER_MIN=40  RESTART_S=15  STUCK_S=1800  LEASE_MS=5000
+#   KEEP=1 keeps the database and the logs; SIM_LOG=hexfleet_sim=trace logs every server frame
 set -u
 cd "$(dirname "$0")/.."
 BIN=./target/${PROFILE:-release}
-DUR=${DUR:-600}; RESTART_S=${RESTART_S:-15}; STUCK_S=${STUCK_S:-420}
+DUR=${DUR:-600}; RESTART_S=${RESTART_S:-15}; STUCK_S=${STUCK_S:-1800}
 DB=hexfleet_drill_$$
 PFX="hx:drill:$$:"
 LOGS=${LOGS:-${TMPDIR:-/tmp}/hexfleet-drill-$$}
@@ -48,7 +52,7 @@ echo "market owner at start: $(owner)"
 
 RUST_LOG=${SIM_LOG:-hexfleet_sim::demo=debug,hexfleet_sim=info} $BIN/hexfleet-sim demo --url http://127.0.0.1:${PORT[b]} \
   --jwt-secret $HEXFLEET_JWT_SECRET --tenant $TENANT --couriers ${COURIERS:-200} \
-  --orders-per-min ${ORDERS_PER_MIN:-90} --duration ${DUR}s >"$LOGS/sim.log" 2>&1 &
+  --orders-per-min ${ORDERS_PER_MIN:-40} --duration ${DUR}s >"$LOGS/sim.log" 2>&1 &
 SIM=$!
 T0=$(date +%s)
 at() { while [ $(( $(date +%s) - T0 )) -lt $1 ]; do sleep 1; done; }
@@ -60,7 +64,9 @@ hit() { # second signal
   kill -$2 ${PID[$o]}; wait ${PID[$o]} 2>/dev/null
   sleep $RESTART_S; start $o
   echo "t=$(( $(date +%s) - T0 )) s: node $o back; owner now $(owner)"
+  MARKS+=("$(date +%s%3N)")
 }
+MARKS=()
 hit $((DUR / 5)) KILL
 hit $((DUR * 2 / 5)) KILL
 hit $((DUR * 3 / 5)) TERM
@@ -99,6 +105,16 @@ TWICE=$(q "WITH e AS (SELECT entity_id, seq, kind, attrs->>'courier' AS c,
            SELECT entity_id, seq, prev_kind, prev_c, c FROM e WHERE kind = 'order.assigned'
            AND prev_kind IN ('order.assigned', 'order.at_pickup', 'order.picked_up', 'order.at_dropoff')" 2>&1)
 check "no order assigned while held" "$(echo -n "$TWICE" | grep -c .)" "$TWICE"
+# Liveness: between each restart and the next (and the end), orders were offered and couriers
+# got on with their orders.
+MARKS+=("$NOW")
+for i in $(seq 0 $(( ${#MARKS[@]} - 2 ))); do
+  from=${MARKS[$i]}; to=${MARKS[$((i + 1))]}
+  n=$(q "SELECT count(*) FILTER (WHERE kind = 'order.offered') || ' ' || count(*) FILTER (WHERE kind IN ('order.at_pickup', 'order.picked_up', 'order.at_dropoff', 'order.delivered'))
+         FROM events WHERE tenant = '$TENANT' AND ts > $from AND ts <= $to")
+  set -- $n
+  check "after restart $((i + 1)): $1 offers, $2 arrivals, pickups and deliveries in $(( (to - from) / 1000 )) s" "$([ "$1" -gt 0 ] && [ "$2" -gt 0 ] && echo 0 || echo 1)"
+done
 PANIC=$(grep -a -i "panicked" "$LOGS/a.log" "$LOGS/b.log")
 check "no panic" "$(echo -n "$PANIC" | grep -c .)" "$PANIC"
 echo "== event kinds"; q "SELECT entity, kind, count(*) FROM events WHERE tenant = '$TENANT' GROUP BY 1, 2 ORDER BY 1, 3 DESC" | sed 's/^/   /'

@@ -145,6 +145,20 @@ struct State {
 }
 
 impl State {
+    fn new(spec: &CourierSpec) -> Self {
+        let now = Instant::now();
+        State {
+            rng: StdRng::seed_from_u64(spec.seed),
+            mover: Mover::new(spec.vehicle, spec.start),
+            plan: VecDeque::new(),
+            done: Vec::new(),
+            dwell_until: None,
+            replies: Vec::new(),
+            last_step: now,
+            next_loc: now,
+        }
+    }
+
     fn target_changed(&mut self, bbox: &BBox) {
         if let Some(at) = self.plan.front().map(|s| s.at)
             && self.mover.destination() != Some(at)
@@ -170,17 +184,7 @@ pub async fn run_courier(
     stats: Arc<SimStats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let now = Instant::now();
-    let mut st = State {
-        rng: StdRng::seed_from_u64(spec.seed),
-        mover: Mover::new(spec.vehicle, spec.start),
-        plan: VecDeque::new(),
-        done: Vec::new(),
-        dwell_until: None,
-        replies: Vec::new(),
-        last_step: now,
-        next_loc: now,
-    };
+    let mut st = State::new(&spec);
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
         let path = format!("/v1/ws/courier?token={}", spec.token.for_connect(&spec.id)?);
@@ -364,6 +368,9 @@ fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &Couri
         return;
     };
     match msg {
+        // An offer still open is sent again when the app reconnects: one answer per offer. (Each
+        // copy drew its own answer, so a reconnect could accept and then decline one offer.)
+        ServerMsg::Offer { order_id, .. } if st.replies.iter().any(|(_, id, _)| *id == order_id) => {}
         ServerMsg::Offer { order_id, expires_at, .. } => {
             SimStats::inc(&stats.offers);
             let accept = st.rng.random_bool(opts.accept_prob.clamp(0.0, 1.0));
@@ -439,5 +446,33 @@ fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &Couri
             tracing::debug!(%code, %message, "server error frame");
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server sends an offer still open again when the app reconnects; the courier answers
+    /// it once. (Each copy drew its own answer: the failover drill saw one offer accepted and
+    /// then declined, the decline refused with `invalid_transition`.)
+    #[test]
+    fn an_offer_sent_again_on_reconnect_is_answered_once() {
+        let spec = CourierSpec { id: "c1".into(), token: CourierToken::Fixed("t".into()), vehicle: Vehicle::Bike, start: LatLng::new(52.5, 13.4), seed: 1 };
+        let mut st = State::new(&spec);
+        let bbox = BBox::from_array([13.3, 52.4, 13.5, 52.6]);
+        let (opts, stats) = (CourierOptions { accept_prob: 0.5, ..CourierOptions::default() }, SimStats::default());
+        let offer = |id: &str| format!(r#"{{"t":"offer","seq":1,"order_id":"{id}","pickup":{{"lat":52.5,"lng":13.4}},"dropoff":{{"lat":52.51,"lng":13.41}}}}"#);
+        for _ in 0..5 {
+            on_server_msg(&offer("o1"), "c1", &mut st, &bbox, &opts, &stats);
+        }
+        on_server_msg(&offer("o2"), "c1", &mut st, &bbox, &opts, &stats);
+        let ids: Vec<&str> = st.replies.iter().map(|(_, id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["o1", "o2"]);
+        assert_eq!(SimStats::get(&stats.offers), 2);
+        // Once answered, a new offer of the same order (offered again later) gets an answer.
+        st.replies.clear();
+        on_server_msg(&offer("o1"), "c1", &mut st, &bbox, &opts, &stats);
+        assert_eq!(st.replies.len(), 1);
     }
 }
