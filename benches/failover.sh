@@ -13,6 +13,7 @@
 #     reached pickups and drop-offs between every restart and the next, and after the last;
 #   - every order is either finished or younger than STUCK_S (none stuck for good; the default
 #     is long, since trips with a saturated fleet take 10 minutes and more);
+#   - every customer watching an order that ended saw it end (tracking pages reconnect);
 #   - no node panicked.
 # It prints what it found and exits 1 if a check fails.
 #
@@ -61,12 +62,13 @@ hit() { # second signal
   local o; o=$(owner)
   [ -z "$o" ] && { echo "t=$1 s: no market owner"; return; }
   echo "t=$1 s: $2 the owner, node $o (pid ${PID[$o]})"
+  KILLS+=("$(date +%s%3N)")
   kill -$2 ${PID[$o]}; wait ${PID[$o]} 2>/dev/null
   sleep $RESTART_S; start $o
   echo "t=$(( $(date +%s) - T0 )) s: node $o back; owner now $(owner)"
   MARKS+=("$(date +%s%3N)")
 }
-MARKS=()
+MARKS=(); KILLS=()
 hit $((DUR / 5)) KILL
 hit $((DUR * 2 / 5)) KILL
 hit $((DUR * 3 / 5)) TERM
@@ -105,6 +107,14 @@ TWICE=$(q "WITH e AS (SELECT entity_id, seq, kind, attrs->>'courier' AS c,
            SELECT entity_id, seq, prev_kind, prev_c, c FROM e WHERE kind = 'order.assigned'
            AND prev_kind IN ('order.assigned', 'order.at_pickup', 'order.picked_up', 'order.at_dropoff')" 2>&1)
 check "no order assigned while held" "$(echo -n "$TWICE" | grep -c .)" "$TWICE"
+# Customers: a tracking page reconnects (with ?since=) when its node goes away; every order
+# watched that ended must have been seen ending by its watcher, across the failovers.
+sed 's/\x1b\[[0-9;]*m//g' "$LOGS/sim.log" | grep -a 'watching order' | grep -ao 'order=[A-Za-z0-9_-]*' | cut -d= -f2 | sort -u >"$LOGS/watched.txt"
+sed 's/\x1b\[[0-9;]*m//g' "$LOGS/sim.log" | grep -a 'watcher saw the order end' | grep -ao 'order=[A-Za-z0-9_-]*' | cut -d= -f2 | sort -u >"$LOGS/seen.txt"
+q "SELECT id FROM orders WHERE tenant = '$TENANT' AND state IN ('delivered','cancelled','failed','expired')" | sort -u >"$LOGS/ended.txt"
+MISSED=$(comm -12 "$LOGS/watched.txt" "$LOGS/ended.txt" | comm -23 - "$LOGS/seen.txt")
+echo "== customers: $(wc -l <"$LOGS/watched.txt") orders watched, $(comm -12 "$LOGS/watched.txt" "$LOGS/ended.txt" | wc -l) of them ended, $(wc -l <"$LOGS/seen.txt") seen ending"
+check "every watched order that ended was seen ending by its watcher" "$(echo -n "$MISSED" | grep -c .)" "$MISSED"
 # Liveness: between each restart and the next (and the end), orders were offered and couriers
 # got on with their orders.
 MARKS+=("$NOW")
@@ -114,6 +124,12 @@ for i in $(seq 0 $(( ${#MARKS[@]} - 2 ))); do
          FROM events WHERE tenant = '$TENANT' AND ts > $from AND ts <= $to")
   set -- $n
   check "after restart $((i + 1)): $1 offers, $2 arrivals, pickups and deliveries in $(( (to - from) / 1000 )) s" "$([ "$1" -gt 0 ] && [ "$2" -gt 0 ] && echo 0 || echo 1)"
+done
+# How long each failover stopped the market: from the signal to the first order event
+# (an offer, an acceptance, an arrival...) written by the next owner.
+echo "== failovers: signal -> next order event (seconds)"
+for k in "${KILLS[@]}"; do
+  echo "   $(q "SELECT round((min(ts) - $k) / 1000.0, 1) FROM events WHERE tenant = '$TENANT' AND entity = 'order' AND ts > $k")"
 done
 PANIC=$(grep -a -i "panicked" "$LOGS/a.log" "$LOGS/b.log")
 check "no panic" "$(echo -n "$PANIC" | grep -c .)" "$PANIC"

@@ -40,6 +40,8 @@ pub struct SimStats {
     pub order_errors: AtomicU64,
     pub watcher_msgs: AtomicU64,
     pub watchers_open: AtomicU64,
+    /// Tracking sockets opened again after they closed before their order ended.
+    pub watcher_reconnects: AtomicU64,
 }
 
 impl SimStats {

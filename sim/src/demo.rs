@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -154,6 +153,7 @@ fn log_stats(s: &SimStats) {
         delivered = g(&s.delivered),
         watchers = g(&s.watchers_open),
         watcher_msgs = g(&s.watcher_msgs),
+        watcher_reconnects = g(&s.watcher_reconnects),
         server_errors = g(&s.server_errors),
         disconnects = g(&s.disconnects),
         "sim"
@@ -226,7 +226,9 @@ async fn order_loop(
     Ok(())
 }
 
-/// A customer watching one order until it ends (at most two hours).
+/// A customer watching one order until it ends (at most two hours). Like a tracking page, it
+/// reconnects when its socket closes (a node restarting, a market moving to another node),
+/// with `?since=` its last `seq`, so it gets what it missed or a resync and a fresh snapshot.
 async fn watch_order(
     server: &Server,
     order_id: &str,
@@ -234,27 +236,59 @@ async fn watch_order(
     stats: &SimStats,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let path = format!("/v1/ws/track/{order_id}?token={token}");
-    let mut ws = connect_ws(server, &path, None, None, Duration::from_secs(10)).await?;
     let deadline = tokio::time::sleep(Duration::from_secs(2 * 3600));
     tokio::pin!(deadline);
+    let mut since: Option<u64> = None;
+    let mut failures = 0u32;
+    tracing::debug!(order = %order_id, "watching order");
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = &mut deadline => break,
-            m = ws.next() => {
-                let m = m.context("tracking socket closed")??;
-                if let Message::Text(t) = m {
+        let path = match since {
+            Some(s) => format!("/v1/ws/track/{order_id}?token={token}&since={s}"),
+            None => format!("/v1/ws/track/{order_id}?token={token}"),
+        };
+        let mut ws = match connect_ws(server, &path, None, None, Duration::from_secs(10)).await {
+            Ok(ws) => ws,
+            Err(e) if failures < 20 => {
+                failures += 1;
+                tracing::debug!(order = %order_id, error = %format!("{e:#}"), failures, "watcher connect failed");
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = &mut deadline => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(500 * u64::from(failures.min(10)))) => continue,
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        failures = 0;
+        let ended = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break true,
+                _ = &mut deadline => break true,
+                m = ws.next() => {
+                    let text = match m {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break false,
+                        Some(Ok(_)) => continue,
+                    };
                     stats.watcher_msgs.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(ServerMsg::OrderUpdate { state, .. }) = serde_json::from_str::<ServerMsg>(t.as_str())
-                        && is_terminal_state(&state)
-                    {
-                        break;
+                    match serde_json::from_str::<ServerMsg>(text.as_str()) {
+                        Ok(ServerMsg::OrderUpdate { seq, state, .. }) => {
+                            since = Some(seq).filter(|s| *s > 0).or(since);
+                            if is_terminal_state(&state) {
+                                tracing::debug!(order = %order_id, %state, "watcher saw the order end");
+                                break true;
+                            }
+                        }
+                        Ok(ServerMsg::Courier { seq, .. } | ServerMsg::Resync { seq }) => since = Some(seq).filter(|s| *s > 0).or(since),
+                        _ => {}
                     }
                 }
             }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+        if ended {
+            return Ok(());
         }
+        stats.watcher_reconnects.fetch_add(1, Ordering::Relaxed);
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-    Ok(())
 }
