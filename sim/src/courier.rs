@@ -142,6 +142,9 @@ struct State {
     dwell_until: Option<Instant>,
     /// Offers waiting for their think time: (when, order id, accept).
     replies: Vec<(Instant, String, bool)>,
+    /// Orders whose offer was answered lately. The server never offers an order again to a
+    /// courier that answered it or let it lapse, so an offer of one of them is a copy.
+    answered: VecDeque<String>,
     last_step: Instant,
     next_loc: Instant,
 }
@@ -156,6 +159,7 @@ impl State {
             done: Vec::new(),
             dwell_until: None,
             replies: Vec::new(),
+            answered: VecDeque::new(),
             last_step: now,
             next_loc: now,
         }
@@ -274,6 +278,10 @@ async fn drive(
                 while i < st.replies.len() {
                     if st.replies[i].0 <= now {
                         let (_, order_id, accept) = st.replies.swap_remove(i);
+                        st.answered.push_back(order_id.clone());
+                        if st.answered.len() > 64 {
+                            st.answered.pop_front();
+                        }
                         send(&mut ws, &CourierMsg::OfferReply { order_id, accept }).await?;
                     } else {
                         i += 1;
@@ -370,9 +378,13 @@ fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &Couri
         return;
     };
     match msg {
-        // An offer still open is sent again when the app reconnects: one answer per offer. (Each
-        // copy drew its own answer, so a reconnect could accept and then decline one offer.)
-        ServerMsg::Offer { order_id, .. } if st.replies.iter().any(|(_, id, _)| *id == order_id) => {}
+        // An offer still open is sent again when the app reconnects: one answer per offer,
+        // whether it is still being thought about or already went out (its copy can arrive just
+        // after). Each copy drew its own answer, so a reconnect could accept and then decline one
+        // offer, or accept it twice. An answer lost with the old socket is not sent again: the
+        // offer lapses and goes to another courier.
+        ServerMsg::Offer { order_id, .. }
+            if st.replies.iter().any(|(_, id, _)| *id == order_id) || st.answered.contains(&order_id) => {}
         ServerMsg::Offer { order_id, expires_at, .. } => {
             SimStats::inc(&stats.offers);
             let accept = st.rng.random_bool(opts.accept_prob.clamp(0.0, 1.0));
@@ -457,7 +469,8 @@ mod tests {
 
     /// The server sends an offer still open again when the app reconnects; the courier answers
     /// it once. (Each copy drew its own answer: the failover drill saw one offer accepted and
-    /// then declined, the decline refused with `invalid_transition`.)
+    /// then declined, and one accepted twice, the second answer refused with
+    /// `invalid_transition`.)
     #[test]
     fn an_offer_sent_again_on_reconnect_is_answered_once() {
         let spec = CourierSpec { id: "c1".into(), token: CourierToken::Fixed("t".into()), vehicle: Vehicle::Bike, start: LatLng::new(52.5, 13.4), seed: 1 };
@@ -472,9 +485,12 @@ mod tests {
         let ids: Vec<&str> = st.replies.iter().map(|(_, id, _)| id.as_str()).collect();
         assert_eq!(ids, ["o1", "o2"]);
         assert_eq!(SimStats::get(&stats.offers), 2);
-        // Once answered, a new offer of the same order (offered again later) gets an answer.
+        // Answered (the reply went out), a copy arriving after the answer gets none either.
         st.replies.clear();
+        st.answered.push_back("o1".into());
         on_server_msg(&offer("o1"), "c1", &mut st, &bbox, &opts, &stats);
+        assert!(st.replies.is_empty());
+        on_server_msg(&offer("o3"), "c1", &mut st, &bbox, &opts, &stats);
         assert_eq!(st.replies.len(), 1);
     }
 }
