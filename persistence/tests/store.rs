@@ -207,6 +207,45 @@ async fn postgres_busy_reads_do_not_fail_commits() {
     .await;
 }
 
+/// PostgreSQL: a snapshot flush that fails for now (here one courier's row is locked by another
+/// transaction past the database's `lock_timeout`, error 55P03) is written again at once in
+/// halves. The rows before the locked one in key order go in while the lock is held, the
+/// locked one and those after it are kept, and the next flush writes them once the lock is
+/// gone. Without the halving the whole batch waited for the lock (all ten rows kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_flush_that_fails_for_now_is_written_in_halves() {
+    use sqlx::Connection as _;
+    common::run(Kind::Postgres, |ctx| async move {
+        ctx.exec("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET lock_timeout = ''200ms''', current_database()); END $$").await;
+        // Flushed only when the test says so.
+        let store = SqlStore::open(&ctx.url, StoreOptions { snapshot_flush: Duration::from_secs(3600), ..ctx.options() }).await.unwrap();
+        let ids: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+        store.snapshot_couriers(ids.iter().map(|id| courier("t1", id, 100, 52.5)).collect()).unwrap();
+        store.flush().await.unwrap();
+        let mut locker = sqlx::PgConnection::connect(&ctx.url).await.unwrap();
+        let mut tx = locker.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM couriers WHERE tenant = 't1' AND id = 'c7' FOR UPDATE").execute(&mut *tx).await.unwrap();
+        store.snapshot_couriers(ids.iter().map(|id| courier("t1", id, 200, 52.6)).collect()).unwrap();
+        let r = store.flush().await;
+        assert!(r.is_err(), "the locked row cannot be written: {r:?}");
+        let mut read = sqlx::PgConnection::connect(&ctx.url).await.unwrap();
+        let moved = "SELECT id FROM couriers WHERE tenant = 't1' AND fix_lat > 52.55 ORDER BY id";
+        let written: Vec<String> = sqlx::query_scalar(moved).fetch_all(&mut read).await.unwrap();
+        let stats = store.stats();
+        assert!(!written.contains(&"c7".to_owned()), "{written:?}");
+        assert!(ids[..5].iter().all(|id| written.contains(id)), "the first half went in while c7 was locked: {written:?}");
+        assert_eq!(written.len() + stats.buffered_couriers, 10, "every row written or kept: {written:?} {stats:?}");
+        assert_eq!(stats.courier_rows, 10 + written.len() as u64, "{stats:?}");
+        tx.rollback().await.unwrap();
+        store.flush().await.unwrap();
+        let written: Vec<String> = sqlx::query_scalar(moved).fetch_all(&mut read).await.unwrap();
+        assert_eq!(written.len(), 10, "the rest once the lock is gone: {written:?}");
+        assert_eq!(store.stats().buffered_couriers, 0);
+        store.close().await.unwrap();
+    })
+    .await;
+}
+
 /// PostgreSQL: a commit that waited in the writer's queue longer than `queue_wait` (behind a
 /// slow transaction) is answered failed and not written. Before, it was written whenever the
 /// writer reached it, after its caller had given up and reported it failed (a 503 for an order
