@@ -1115,3 +1115,32 @@ async fn forwarded_requests_are_counted_once_on_the_node_they_reached() {
     assert!(statuses.contains(&429), "a forged key is no key: {statuses:?}");
     stop_both(a, b, db).await;
 }
+
+/// A WebSocket upgrade through a node that does not run the market, whose token is in the
+/// query (so it is routed to the owner) but whose `Authorization` header is not visible ASCII
+/// (it cannot be passed on): 401 with the API's error body, and the node goes on relaying
+/// other apps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_upgrade_whose_authorization_is_not_ascii_is_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let Some((a, b, db)) = two_nodes(|_, _| {}).await else {
+        return;
+    };
+    let tenant = "bytes";
+    assert_eq!(a.post("/v1/orders", &a.dispatcher(tenant), order("o1")).await.0, 201, "A takes the market");
+    let token = b.token(Role::Courier, "c1", tenant, None);
+    let mut req = format!("{}/v1/ws/courier?token={token}", b.ws).into_client_request().unwrap();
+    req.headers_mut().insert("authorization", tokio_tungstenite::tungstenite::http::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let body: Value = serde_json::from_slice(r.body().as_deref().unwrap_or_default()).expect("a JSON error body");
+            assert_eq!((r.status().as_u16(), body["error"]["code"].as_str()), (401, Some("unauthorized")), "{body}");
+        }
+        other => panic!("expected a refused upgrade, got {:?}", other.map(|_| ())),
+    }
+    // The same app with its token alone is relayed to A.
+    let mut courier = b.courier(Port::Http, &token).await;
+    courier.send(json!({"t":"loc","lat":NEAR.0,"lng":NEAR.1,"ts":now_ms()})).await;
+    a.courier_at(&a.dispatcher(tenant), "c1", NEAR.0).await;
+    stop_both(a, b, db).await;
+}
