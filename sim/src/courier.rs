@@ -165,6 +165,25 @@ impl State {
         }
     }
 
+    /// Offer replies whose think time is over, taken off the list and remembered as answered.
+    fn due_replies(&mut self, now: Instant) -> Vec<(String, bool)> {
+        let mut due = Vec::new();
+        let mut i = 0;
+        while i < self.replies.len() {
+            if self.replies[i].0 <= now {
+                let (_, order_id, accept) = self.replies.swap_remove(i);
+                self.answered.push_back(order_id.clone());
+                if self.answered.len() > 64 {
+                    self.answered.pop_front();
+                }
+                due.push((order_id, accept));
+            } else {
+                i += 1;
+            }
+        }
+        due
+    }
+
     fn target_changed(&mut self, bbox: &BBox) {
         if let Some(at) = self.plan.front().map(|s| s.at)
             && self.mover.destination() != Some(at)
@@ -273,19 +292,8 @@ async fn drive(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                // Offer replies whose think time is over.
-                let mut i = 0;
-                while i < st.replies.len() {
-                    if st.replies[i].0 <= now {
-                        let (_, order_id, accept) = st.replies.swap_remove(i);
-                        st.answered.push_back(order_id.clone());
-                        if st.answered.len() > 64 {
-                            st.answered.pop_front();
-                        }
-                        send(&mut ws, &CourierMsg::OfferReply { order_id, accept }).await?;
-                    } else {
-                        i += 1;
-                    }
+                for (order_id, accept) in st.due_replies(now) {
+                    send(&mut ws, &CourierMsg::OfferReply { order_id, accept }).await?;
                 }
                 let dt = now.duration_since(st.last_step).as_secs_f64();
                 st.last_step = now;
@@ -486,8 +494,9 @@ mod tests {
         assert_eq!(ids, ["o1", "o2"]);
         assert_eq!(SimStats::get(&stats.offers), 2);
         // Answered (the reply went out), a copy arriving after the answer gets none either.
-        st.replies.clear();
-        st.answered.push_back("o1".into());
+        let due = st.due_replies(Instant::now() + Duration::from_secs(3600));
+        assert_eq!(due.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["o1", "o2"]);
+        assert!(st.replies.is_empty());
         on_server_msg(&offer("o1"), "c1", &mut st, &bbox, &opts, &stats);
         assert!(st.replies.is_empty());
         on_server_msg(&offer("o3"), "c1", &mut st, &bbox, &opts, &stats);

@@ -259,7 +259,6 @@ async fn watch_order(
             }
             Err(e) => return Err(e),
         };
-        failures = 0;
         let ended = loop {
             tokio::select! {
                 _ = stop.cancelled() => break true,
@@ -271,6 +270,9 @@ async fn watch_order(
                         Some(Ok(_)) => continue,
                     };
                     stats.watcher_msgs.fetch_add(1, Ordering::Relaxed);
+                    // Reset on data, not on the upgrade: a node that takes the upgrade and then
+                    // closes at once (its market moving) is backed off from, not spun on.
+                    failures = 0;
                     match serde_json::from_str::<ServerMsg>(text.as_str()) {
                         Ok(ServerMsg::OrderUpdate { seq, state, .. }) => {
                             since = Some(seq).filter(|s| *s > 0).or(since);
@@ -290,5 +292,14 @@ async fn watch_order(
             return Ok(());
         }
         stats.watcher_reconnects.fetch_add(1, Ordering::Relaxed);
+        failures += 1;
+        if failures > 20 {
+            anyhow::bail!("tracking socket closed {failures} times without a message");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = &mut deadline => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500 * u64::from(failures.min(10)))) => {}
+        }
     }
 }
