@@ -558,11 +558,15 @@ async fn a_long_purge_does_not_hold_up_deliveries() {
         (w["deliveries"]["delivered"] == 1).then_some(())
     })
     .await;
-    // Make it old enough to purge, and hold its row: the purge waits on it.
+    // Hold its row, then make it old enough to purge: the purge waits on it. A key-share lock
+    // lets the update through but not a delete. (Made old first and locked after, the row
+    // could be purged in between, and the purge then never waited: a flaky failure.)
     let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("UPDATE webhook_outbox SET updated_at = 0").execute(&mut holder).await.unwrap();
     let mut tx = holder.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM webhook_outbox FOR UPDATE").fetch_all(&mut *tx).await.unwrap();
+    let held = sqlx::query("SELECT 1 FROM webhook_outbox FOR KEY SHARE").fetch_all(&mut *tx).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let mut ager = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE webhook_outbox SET updated_at = 0").execute(&mut ager).await.unwrap();
     let mut watch = sqlx::PgConnection::connect(&db.url).await.unwrap();
     let purge_waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                          AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM webhook_outbox%'";
