@@ -65,12 +65,20 @@ pub struct ErrorDetail<'a> {
     pub message: &'a str,
 }
 
+/// Seconds a client is asked to wait before it retries a 503 (`Retry-After`, RFC 9110): a
+/// store outage or a market changing owner lasts from seconds to a lease (10 s by default).
+pub const RETRY_AFTER_S: u32 = 2;
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         self.status
     }
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).content_type("application/json").body(self.to_json())
+        let mut r = HttpResponse::build(self.status);
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.insert_header((actix_web::http::header::RETRY_AFTER, RETRY_AFTER_S));
+        }
+        r.content_type("application/json").body(self.to_json())
     }
 }
 

@@ -101,7 +101,7 @@ fn conventions(op: &mut Operation) {
         ("429", "With --http-limit-per-ip: too many requests from this address; see Retry-After"),
         ("500", "Internal error"),
         ("502", "With market leases: the node owning the market answered badly"),
-        ("503", "The store or the owning node is unavailable, or the market is moving; retry"),
+        ("503", "The store or the owning node is unavailable, or the market is moving; retry after Retry-After seconds"),
         ("504", "With market leases: the node owning the market did not answer in time"),
     ];
     if names_something {

@@ -390,6 +390,10 @@ async fn outage_while_serving(serve_url: String, direct_url: String, mut outage:
     assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
     assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     assert!(started.elapsed() < Duration::from_secs(10), "503 took {:?}", started.elapsed());
+    // It says when to try again (RFC 9110), so clients and proxies back off instead of hammering.
+    let r = srv.http.post(format!("{}/v1/orders", srv.base)).bearer_auth(&disp).json(&order_body("during")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("2"));
     if matches!(outage, Outage::Proxy(_)) {
         // Unreachable database: not ready. (A locked SQLite file still answers reads.)
         let (s, v) = srv.get("/readyz", None).await;
