@@ -38,6 +38,8 @@ pub struct SimStats {
     pub disconnects: AtomicU64,
     pub orders_created: AtomicU64,
     pub order_errors: AtomicU64,
+    /// Order creations sent again after a 503, a 504 or no answer.
+    pub order_retries: AtomicU64,
     pub watcher_msgs: AtomicU64,
     pub watchers_open: AtomicU64,
     /// Tracking sockets opened again after they closed before their order ended.

@@ -145,6 +145,7 @@ fn log_stats(s: &SimStats) {
         locs_sent = g(&s.locs_sent),
         orders_created = g(&s.orders_created),
         order_errors = g(&s.order_errors),
+        order_retries = g(&s.order_retries),
         offers = g(&s.offers),
         accepted = g(&s.accepted),
         declined = g(&s.declined),
@@ -170,6 +171,8 @@ async fn order_loop(
     seed: u64,
 ) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
+    // Order ids unique to this run (a restarted demo on the same database starts anew).
+    let (run, mut n) = (crate::unix_ms(), 0u64);
     let poisson = Poisson::per_minute(cfg.orders_per_min);
     let mut watchers = JoinSet::new();
     loop {
@@ -180,28 +183,17 @@ async fn order_loop(
         }
         while watchers.try_join_next().is_some() {}
         let o = demand.next_order(&mut rng);
+        // The client names its order, so a retry after an answer that never came (or a 503
+        // whose commit did happen) cannot create it twice: the same id and details are
+        // answered with the order as it is.
+        n += 1;
+        let id = format!("sim-{run:x}-{n}");
         let body = serde_json::json!({
+            "id": id,
             "pickup": {"lat": o.pickup.lat, "lng": o.pickup.lng},
             "dropoff": {"lat": o.dropoff.lat, "lng": o.dropoff.lng},
         });
-        // A token per request: a demo that runs for longer than a token lives goes on.
-        let dispatcher = mint.dispatcher()?;
-        let resp = post_json(&server, "/v1/orders", &dispatcher, &body, Duration::from_secs(10)).await;
-        let id = match resp {
-            Ok(r) if r.status == 201 || r.status == 200 => {
-                serde_json::from_slice::<serde_json::Value>(&r.body)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(|i| i.as_str().map(str::to_owned)))
-            }
-            Ok(r) => {
-                tracing::debug!(status = r.status, body = %String::from_utf8_lossy(&r.body), "order rejected");
-                None
-            }
-            Err(e) => {
-                tracing::debug!(error = %format!("{e:#}"), "order request failed");
-                None
-            }
-        };
+        let id = create_order(&server, &mint, &body, &stats, &stop).await.then_some(id);
         let Some(id) = id else {
             stats.order_errors.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -224,6 +216,33 @@ async fn order_loop(
     }
     watchers.abort_all();
     Ok(())
+}
+
+/// Creates one order, retrying while the server says to try again (503, after its
+/// `Retry-After`) or does not answer, as a shop's backend would: at most 10 attempts.
+async fn create_order(server: &Server, mint: &TokenMint, body: &serde_json::Value, stats: &SimStats, stop: &CancellationToken) -> bool {
+    for attempt in 1..=10 {
+        // A token per request: a demo that runs for longer than a token lives goes on.
+        let Ok(dispatcher) = mint.dispatcher() else { return false };
+        let wait = match post_json(server, "/v1/orders", &dispatcher, body, Duration::from_secs(10)).await {
+            Ok(r) if r.status == 201 || r.status == 200 => return true,
+            Ok(r) if r.status == 503 || r.status == 504 => r.retry_after.unwrap_or(Duration::from_secs(2)),
+            Ok(r) => {
+                tracing::debug!(status = r.status, body = %String::from_utf8_lossy(&r.body), "order rejected");
+                return false;
+            }
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), attempt, "order request failed");
+                Duration::from_secs(2)
+            }
+        };
+        stats.order_retries.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    false
 }
 
 /// A customer watching one order until it ends (at most two hours). Like a tracking page, it

@@ -101,11 +101,12 @@ pub async fn connect_ws(
     tokio::time::timeout(timeout, fut).await.context("websocket connect timed out")?
 }
 
-/// An HTTP response: status and body.
+/// An HTTP response: status, body, and `Retry-After` when it gives whole seconds.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
     pub status: u16,
     pub body: Vec<u8>,
+    pub retry_after: Option<Duration>,
 }
 
 /// `POST {path}` with a JSON body and a bearer token; see [`request_json`].
@@ -161,6 +162,7 @@ pub fn parse_response(buf: &[u8]) -> anyhow::Result<HttpResponse> {
         .with_context(|| format!("bad status line {status_line:?}"))?;
     let mut chunked = false;
     let mut length = None;
+    let mut retry_after = None;
     for l in lines {
         if let Some((k, v)) = l.split_once(':') {
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
@@ -168,6 +170,8 @@ pub fn parse_response(buf: &[u8]) -> anyhow::Result<HttpResponse> {
                 chunked = true;
             } else if k == "content-length" {
                 length = v.parse::<usize>().ok();
+            } else if k == "retry-after" {
+                retry_after = v.parse::<u64>().ok().map(Duration::from_secs);
             }
         }
     }
@@ -198,7 +202,7 @@ pub fn parse_response(buf: &[u8]) -> anyhow::Result<HttpResponse> {
     } else {
         raw.to_vec()
     };
-    Ok(HttpResponse { status, body })
+    Ok(HttpResponse { status, body, retry_after })
 }
 
 #[cfg(test)]
@@ -225,6 +229,9 @@ mod tests {
         assert_eq!((r.status, r.body.as_slice()), (201, &b"{\"id\":\"a\"}"[..]));
         let c = parse_response(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"id\r\n6\r\n\":\"a\"}\r\n0\r\n\r\n").unwrap();
         assert_eq!(c.body, b"{\"id\":\"a\"}");
+        assert_eq!((r.retry_after, c.retry_after), (None, None));
+        let busy = parse_response(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((busy.status, busy.retry_after), (503, Some(Duration::from_secs(2))));
         // Garbage is an error, not a panic.
         assert!(parse_response(b"").is_err());
         assert!(parse_response(b"hello\r\n\r\n").is_err());
