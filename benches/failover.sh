@@ -109,9 +109,10 @@ check() { # description count-of-bad [details]
 }
 count() { echo -n "$1" | grep -c .; }
 plain() { sed 's/\x1b\[[0-9;]*m//g' "$LOGS/sim.log"; }
+logged() { plain | grep -a "$1" | grep -ao 'order=[A-Za-z0-9_-]*' | cut -d= -f2 | sort -u; } # order ids of the sim's lines with $1
 echo "== sim"; plain | grep -a ' sim ' | tail -1 | sed 's/.*INFO//'
 CREATED=$(plain | grep -a ' sim ' | tail -1 | grep -o 'orders_created=[0-9]*' | cut -d= -f2)
-plain | grep -a 'order accepted' | grep -ao 'order=[A-Za-z0-9_-]*' | cut -d= -f2 | sort -u >"$LOGS/accepted.txt"
+logged 'order accepted' >"$LOGS/accepted.txt"
 q "SELECT id FROM orders WHERE tenant = '$TENANT'" | sort -u >"$LOGS/stored.txt"
 echo "== orders: $(wc -l <"$LOGS/accepted.txt") accepted by the server, $(wc -l <"$LOGS/stored.txt") stored"
 q "SELECT state, count(*) FROM orders WHERE tenant = '$TENANT' GROUP BY state ORDER BY 2 DESC" | sed 's/^/   /'
@@ -141,8 +142,8 @@ TWICE=$(q "WITH e AS (SELECT entity_id, seq, kind, attrs->>'courier' AS c,
 check "no order offered or assigned while held" "$(count "$TWICE")" "$TWICE"
 # Customers: a tracking page reconnects (with ?since=) when its node goes away; every order
 # watched that ended while the sim ran must have been seen ending by its watcher.
-plain | grep -a 'watching order' | grep -ao 'order=[A-Za-z0-9_-]*' | cut -d= -f2 | sort -u >"$LOGS/watched.txt"
-plain | grep -a 'watcher saw the order end' | grep -ao 'order=[A-Za-z0-9_-]*' | cut -d= -f2 | sort -u >"$LOGS/seen.txt"
+logged 'watching order' >"$LOGS/watched.txt"
+logged 'watcher saw the order end' >"$LOGS/seen.txt"
 q "SELECT entity_id FROM events WHERE tenant = '$TENANT' AND entity = 'order' AND ts <= $SIM_STOP
    AND kind IN ('order.delivered','order.cancelled','order.failed','order.expired')" | sort -u >"$LOGS/ended.txt"
 MISSED=$(comm -12 "$LOGS/watched.txt" "$LOGS/ended.txt" | comm -23 - "$LOGS/seen.txt")

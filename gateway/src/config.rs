@@ -510,19 +510,18 @@ pub fn argv_with_config(argv: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn http_limit_exempt_takes_addresses_and_networks_and_refuses_the_rest() {
-        let net = |s: &str| super::parse_net(s);
-        assert_eq!(net(" 10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!(net("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
-        assert_eq!(net("2001:db8::/32").unwrap().to_string(), "2001:db8::/32");
+        assert_eq!(parse_net(" 10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_net("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(parse_net("2001:db8::/32").unwrap().to_string(), "2001:db8::/32");
         for bad in ["nonsense", "10.0.0.0/33", "", "10.0.0"] {
-            let e = net(bad).unwrap_err();
+            let e = parse_net(bad).unwrap_err();
             assert!(e.contains("neither an address nor a network"), "{bad}: {e}");
         }
     }
-
-    use super::*;
 
     #[test]
     fn config_file_fills_flags_and_the_command_line_wins() {

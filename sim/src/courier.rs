@@ -167,23 +167,16 @@ impl State {
         }
     }
 
-    /// Offer replies whose think time is over, taken off the list and remembered as answered.
-    fn due_replies(&mut self, now: Instant) -> Vec<(String, bool)> {
-        let mut due = Vec::new();
-        let mut i = 0;
-        while i < self.replies.len() {
-            if self.replies[i].0 <= now {
-                let (_, order_id, accept) = self.replies.swap_remove(i);
-                self.answered.push_back(order_id.clone());
-                if self.answered.len() > 64 {
-                    self.answered.pop_front();
-                }
-                due.push((order_id, accept));
-            } else {
-                i += 1;
-            }
+    /// The next offer reply whose think time is over, taken off the list and remembered as
+    /// answered. One at a time: replies still due when a send fails wait for the reconnect.
+    fn next_due_reply(&mut self, now: Instant) -> Option<(String, bool)> {
+        let i = self.replies.iter().position(|(when, _, _)| *when <= now)?;
+        let (_, order_id, accept) = self.replies.swap_remove(i);
+        self.answered.push_back(order_id.clone());
+        if self.answered.len() > 64 {
+            self.answered.pop_front();
         }
-        due
+        Some((order_id, accept))
     }
 
     fn target_changed(&mut self, bbox: &BBox) {
@@ -241,14 +234,18 @@ pub async fn run_courier(
                 }
             }
         }
-        // Back off 0.5–5 s before reconnecting.
-        let backoff = Duration::from_millis(500 * u64::from(failures.clamp(1, 10)));
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(reconnect_backoff(failures)) => {}
         }
     }
     Ok(())
+}
+
+/// How long a simulated app waits before it reconnects after `failures` failures in a row:
+/// 0.5–5 s (couriers and customers' tracking pages alike).
+pub(crate) fn reconnect_backoff(failures: u32) -> Duration {
+    Duration::from_millis(500 * u64::from(failures.clamp(1, 10)))
 }
 
 async fn send(ws: &mut Ws, msg: &CourierMsg) -> anyhow::Result<()> {
@@ -294,7 +291,7 @@ async fn drive(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                for (order_id, accept) in st.due_replies(now) {
+                while let Some((order_id, accept)) = st.next_due_reply(now) {
                     send(&mut ws, &CourierMsg::OfferReply { order_id, accept }).await?;
                 }
                 let dt = now.duration_since(st.last_step).as_secs_f64();
@@ -496,7 +493,8 @@ mod tests {
         assert_eq!(ids, ["o1", "o2"]);
         assert_eq!(SimStats::get(&stats.offers), 2);
         // Answered (the reply went out), a copy arriving after the answer gets none either.
-        let due = st.due_replies(Instant::now() + Duration::from_secs(3600));
+        let later = Instant::now() + Duration::from_secs(3600);
+        let due: Vec<(String, bool)> = std::iter::from_fn(|| st.next_due_reply(later)).collect();
         assert_eq!(due.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["o1", "o2"]);
         assert!(st.replies.is_empty());
         on_server_msg(&offer("o1"), "c1", &mut st, &bbox, &opts, &stats);

@@ -265,60 +265,54 @@ async fn watch_order(
             Some(s) => format!("/v1/ws/track/{order_id}?token={token}&since={s}"),
             None => format!("/v1/ws/track/{order_id}?token={token}"),
         };
-        let mut ws = match connect_ws(server, &path, None, None, Duration::from_secs(10)).await {
-            Ok(ws) => ws,
-            Err(e) if failures < 20 => {
-                failures += 1;
-                tracing::debug!(order = %order_id, error = %format!("{e:#}"), failures, "watcher connect failed");
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = &mut deadline => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_millis(500 * u64::from(failures.min(10)))) => continue,
-                }
-            }
-            Err(e) => return Err(e),
-        };
-        let ended = loop {
-            tokio::select! {
-                _ = stop.cancelled() => break true,
-                _ = &mut deadline => break true,
-                m = ws.next() => {
-                    let text = match m {
-                        Some(Ok(Message::Text(t))) => t,
-                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break false,
-                        Some(Ok(_)) => continue,
-                    };
-                    stats.watcher_msgs.fetch_add(1, Ordering::Relaxed);
-                    // Reset on data, not on the upgrade: a node that takes the upgrade and then
-                    // closes at once (its market moving) is backed off from, not spun on.
-                    failures = 0;
-                    match serde_json::from_str::<ServerMsg>(text.as_str()) {
-                        Ok(ServerMsg::OrderUpdate { seq, state, .. }) => {
-                            since = Some(seq).filter(|s| *s > 0).or(since);
-                            if is_terminal_state(&state) {
+        match connect_ws(server, &path, None, None, Duration::from_secs(10)).await {
+            Ok(mut ws) => {
+                let ended = loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break true,
+                        _ = &mut deadline => break true,
+                        m = ws.next() => {
+                            let text = match m {
+                                Some(Ok(Message::Text(t))) => t,
+                                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break false,
+                                Some(Ok(_)) => continue,
+                            };
+                            stats.watcher_msgs.fetch_add(1, Ordering::Relaxed);
+                            // Reset on data, not on the upgrade: a node that takes the upgrade
+                            // and then closes at once (its market moving) is backed off from,
+                            // not spun on.
+                            failures = 0;
+                            let (seq, end) = match serde_json::from_str::<ServerMsg>(text.as_str()) {
+                                Ok(ServerMsg::OrderUpdate { seq, state, .. }) => (seq, is_terminal_state(&state).then_some(state)),
+                                Ok(ServerMsg::Courier { seq, .. } | ServerMsg::Resync { seq }) => (seq, None),
+                                _ => (0, None),
+                            };
+                            if seq > 0 {
+                                since = Some(seq);
+                            }
+                            if let Some(state) = end {
                                 tracing::debug!(order = %order_id, %state, "watcher saw the order end");
                                 break true;
                             }
                         }
-                        Ok(ServerMsg::Courier { seq, .. } | ServerMsg::Resync { seq }) => since = Some(seq).filter(|s| *s > 0).or(since),
-                        _ => {}
                     }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                if ended {
+                    return Ok(());
                 }
+                stats.watcher_reconnects.fetch_add(1, Ordering::Relaxed);
             }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-        if ended {
-            return Ok(());
+            Err(e) => tracing::debug!(order = %order_id, error = %format!("{e:#}"), failures, "watcher connect failed"),
         }
-        stats.watcher_reconnects.fetch_add(1, Ordering::Relaxed);
         failures += 1;
         if failures > 20 {
-            anyhow::bail!("tracking socket closed {failures} times without a message");
+            anyhow::bail!("tracking socket of {order_id}: {failures} connects in a row without a message");
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = &mut deadline => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(500 * u64::from(failures.min(10)))) => {}
+            _ = tokio::time::sleep(crate::courier::reconnect_backoff(failures)) => {}
         }
     }
 }
