@@ -128,6 +128,16 @@ struct PlanStop {
     at: LatLng,
 }
 
+/// One offer: its order and when it expires. The server sends an open offer again, unchanged,
+/// when the app reconnects. The same order offered anew would come with a new expiry and be a
+/// new offer to answer (today's server never offers an order again to a courier that declined
+/// it, let it lapse or had it taken back; an app should not depend on that).
+#[derive(Debug, Clone, PartialEq)]
+struct OfferKey {
+    order_id: String,
+    expires_at: Option<i64>,
+}
+
 fn rand_dur(rng: &mut impl Rng, (lo, hi): (Duration, Duration)) -> Duration {
     if hi <= lo {
         return lo;
@@ -142,11 +152,10 @@ struct State {
     /// Stops already reported, so a late `route` does not send us back.
     done: Vec<(String, StopKind)>,
     dwell_until: Option<Instant>,
-    /// Offers waiting for their think time: (when, order id, accept).
-    replies: Vec<(Instant, String, bool)>,
-    /// Orders whose offer was answered lately. The server never offers an order again to a
-    /// courier that answered it or let it lapse, so an offer of one of them is a copy.
-    answered: VecDeque<String>,
+    /// Offers waiting for their think time: (when, offer, accept).
+    replies: Vec<(Instant, OfferKey, bool)>,
+    /// Offers answered lately. A copy of one (sent again on reconnect) gets no second answer.
+    answered: VecDeque<OfferKey>,
     last_step: Instant,
     next_loc: Instant,
 }
@@ -171,8 +180,9 @@ impl State {
     /// answered. One at a time: replies still due when a send fails wait for the reconnect.
     fn next_due_reply(&mut self, now: Instant) -> Option<(String, bool)> {
         let i = self.replies.iter().position(|(when, _, _)| *when <= now)?;
-        let (_, order_id, accept) = self.replies.swap_remove(i);
-        self.answered.push_back(order_id.clone());
+        let (_, offer, accept) = self.replies.swap_remove(i);
+        let order_id = offer.order_id.clone();
+        self.answered.push_back(offer);
         if self.answered.len() > 64 {
             self.answered.pop_front();
         }
@@ -390,9 +400,11 @@ fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &Couri
         // after). Each copy drew its own answer, so a reconnect could accept and then decline one
         // offer, or accept it twice. An answer lost with the old socket is not sent again: the
         // offer lapses and goes to another courier.
-        ServerMsg::Offer { order_id, .. }
-            if st.replies.iter().any(|(_, id, _)| *id == order_id) || st.answered.contains(&order_id) => {}
         ServerMsg::Offer { order_id, expires_at, .. } => {
+            let offer = OfferKey { order_id, expires_at };
+            if st.replies.iter().any(|(_, o, _)| *o == offer) || st.answered.contains(&offer) {
+                return;
+            }
             SimStats::inc(&stats.offers);
             let accept = st.rng.random_bool(opts.accept_prob.clamp(0.0, 1.0));
             SimStats::inc(if accept { &stats.accepted } else { &stats.declined });
@@ -401,7 +413,7 @@ fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &Couri
                 let left = (exp - crate::unix_ms() - 300).max(0) as u64;
                 delay = delay.min(Duration::from_millis(left));
             }
-            st.replies.push((Instant::now() + delay, order_id, accept));
+            st.replies.push((Instant::now() + delay, offer, accept));
         }
         ServerMsg::Assigned { order_id, pickup, dropoff, .. } => {
             SimStats::inc(&stats.assigned);
@@ -484,12 +496,16 @@ mod tests {
         let mut st = State::new(&spec);
         let bbox = BBox::from_array([13.3, 52.4, 13.5, 52.6]);
         let (opts, stats) = (CourierOptions { accept_prob: 0.5, ..CourierOptions::default() }, SimStats::default());
-        let offer = |id: &str| format!(r#"{{"t":"offer","seq":1,"order_id":"{id}","pickup":{{"lat":52.5,"lng":13.4}},"dropoff":{{"lat":52.51,"lng":13.41}}}}"#);
+        let offer_until = |id: &str, expires: i64| {
+            format!(r#"{{"t":"offer","seq":1,"order_id":"{id}","pickup":{{"lat":52.5,"lng":13.4}},"dropoff":{{"lat":52.51,"lng":13.41}},"expires_at":{expires}}}"#)
+        };
+        let far = crate::unix_ms() + 3_600_000;
+        let offer = |id: &str| offer_until(id, far);
         for _ in 0..5 {
             on_server_msg(&offer("o1"), "c1", &mut st, &bbox, &opts, &stats);
         }
         on_server_msg(&offer("o2"), "c1", &mut st, &bbox, &opts, &stats);
-        let ids: Vec<&str> = st.replies.iter().map(|(_, id, _)| id.as_str()).collect();
+        let ids: Vec<&str> = st.replies.iter().map(|(_, o, _)| o.order_id.as_str()).collect();
         assert_eq!(ids, ["o1", "o2"]);
         assert_eq!(SimStats::get(&stats.offers), 2);
         // Answered (the reply went out), a copy arriving after the answer gets none either.
@@ -501,5 +517,10 @@ mod tests {
         assert!(st.replies.is_empty());
         on_server_msg(&offer("o3"), "c1", &mut st, &bbox, &opts, &stats);
         assert_eq!(st.replies.len(), 1);
+        // The same order offered anew: a new expiry, a new offer, answered again.
+        on_server_msg(&offer_until("o1", far + 60_000), "c1", &mut st, &bbox, &opts, &stats);
+        let ids: Vec<&str> = st.replies.iter().map(|(_, o, _)| o.order_id.as_str()).collect();
+        assert_eq!(ids, ["o3", "o1"]);
+        assert_eq!(SimStats::get(&stats.offers), 4);
     }
 }

@@ -174,14 +174,22 @@ async fn order_loop(
     // Order ids unique to this run (a restarted demo on the same database starts anew).
     let (run, mut n) = (crate::unix_ms(), 0u64);
     let poisson = Poisson::per_minute(cfg.orders_per_min);
-    let mut watchers = JoinSet::new();
+    // Each order is created (and maybe watched) by a task of its own, so a creation retried
+    // through a failover does not hold up the arrivals behind it: a shop's customers keep
+    // ordering while its backend retries. At most MAX_CREATING are being created at once.
+    let creating = Arc::new(tokio::sync::Semaphore::new(MAX_CREATING));
+    let mut orders = JoinSet::new();
     loop {
         let gap = poisson.next_gap_s(&mut rng).min(3600.0);
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_secs_f64(gap)) => {}
         }
-        while watchers.try_join_next().is_some() {}
+        while orders.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = creating.clone().acquire_owned() => p?,
+        };
         let o = demand.next_order(&mut rng);
         // The client names its order, so a retry after an answer that never came (or a 503
         // whose commit did happen) cannot create it twice: the same id and details are
@@ -193,30 +201,39 @@ async fn order_loop(
             "pickup": {"lat": o.pickup.lat, "lng": o.pickup.lng},
             "dropoff": {"lat": o.dropoff.lat, "lng": o.dropoff.lng},
         });
-        let id = create_order(&server, &mint, &body, &stats, &stop).await.then_some(id);
-        let Some(id) = id else {
-            stats.order_errors.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        stats.orders_created.fetch_add(1, Ordering::Relaxed);
-        // One line per order the server accepted: a failover drill checks each is still there.
-        tracing::debug!(order = %id, "order accepted");
-        if (stats.watchers_open.load(Ordering::Relaxed) as usize) < cfg.watchers {
-            let token = mint.customer(&id)?;
-            let (server, stats, stop) = (server.clone(), stats.clone(), stop.clone());
-            stats.watchers_open.fetch_add(1, Ordering::Relaxed);
-            watchers.spawn(async move {
-                let r = watch_order(&server, &id, &token, &stats, &stop).await;
+        let (server, mint, stats, stop, watchers) = (server.clone(), mint.clone(), stats.clone(), stop.clone(), cfg.watchers);
+        orders.spawn(async move {
+            let created = create_order(&server, &mint, &body, &stats, &stop).await;
+            drop(permit);
+            if !created {
+                stats.order_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            stats.orders_created.fetch_add(1, Ordering::Relaxed);
+            // One line per order the server accepted: a failover drill checks each is still there.
+            tracing::debug!(order = %id, "order accepted");
+            // Claimed before the watch starts, so two orders created at once cannot both take
+            // the last place.
+            if stats.watchers_open.fetch_add(1, Ordering::Relaxed) as usize >= watchers {
                 stats.watchers_open.fetch_sub(1, Ordering::Relaxed);
-                if let Err(e) = r {
-                    tracing::debug!(order = %id, error = %format!("{e:#}"), "watcher ended");
-                }
-            });
-        }
+                return;
+            }
+            let r = match mint.customer(&id) {
+                Ok(token) => watch_order(&server, &id, &token, &stats, &stop).await,
+                Err(e) => Err(e),
+            };
+            stats.watchers_open.fetch_sub(1, Ordering::Relaxed);
+            if let Err(e) = r {
+                tracing::debug!(order = %id, error = %format!("{e:#}"), "watcher ended");
+            }
+        });
     }
-    watchers.abort_all();
+    orders.abort_all();
     Ok(())
 }
+
+/// Order creations in flight at once; past it, new arrivals wait (a backend's worker pool).
+const MAX_CREATING: usize = 64;
 
 /// Creates one order, retrying while the server says to try again (503, after its
 /// `Retry-After`) or does not answer, as a shop's backend would: at most 10 attempts.

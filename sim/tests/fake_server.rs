@@ -408,3 +408,85 @@ async fn a_courier_back_from_an_outage_does_not_jump() {
     shutdown.cancel();
     timeout(DEADLINE, task).await.expect("courier did not stop").unwrap().unwrap();
 }
+
+/// Reads one HTTP request (head and `Content-Length` body) off `tcp`: its request line and body.
+async fn read_http_request(tcp: &mut TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = timeout(DEADLINE, tcp.read(&mut chunk)).await.expect("no request before the deadline").unwrap();
+        assert!(n > 0, "connection closed mid-request");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = timeout(DEADLINE, tcp.read(&mut chunk)).await.expect("request body before the deadline").unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (head.lines().next().unwrap_or_default().to_owned(), buf[head_end..head_end + len].to_vec())
+}
+
+/// The demo's order arrivals go on while one creation waits out a 503's `Retry-After`, as a
+/// shop's customers keep ordering while its backend retries; the retry names the same order.
+/// (The order loop awaited each creation with its retries, so one failover stopped the
+/// arrivals behind it, and they came in a bunch after.)
+#[tokio::test]
+async fn orders_arrive_while_a_creation_waits_to_retry() {
+    let (listener, server) = fake_server().await;
+    let cfg = hexfleet_sim::DemoConfig {
+        base_url: format!("http://{}", server.addr),
+        jwt_secret: SECRET.into(),
+        couriers: 0,
+        orders_per_min: 1_200.0,
+        watchers: 0,
+        ..hexfleet_sim::DemoConfig::default()
+    };
+    let stats = Arc::new(SimStats::default());
+    let stop = CancellationToken::new();
+    let demo = tokio::spawn(hexfleet_sim::demo::run_demo_with(cfg, CourierOptions::default(), stop.clone(), stats.clone()));
+    // Each request: (order id, answered 503). The first order is refused with Retry-After: 2.
+    let mut seen: Vec<(String, bool)> = Vec::new();
+    let first = loop {
+        let (mut tcp, _) = timeout(DEADLINE, listener.accept()).await.expect("no order request before the deadline").unwrap();
+        let (line, body) = read_http_request(&mut tcp).await;
+        assert!(line.starts_with("POST /v1/orders "), "{line}");
+        let id = serde_json::from_slice::<Value>(&body).unwrap()["id"].as_str().unwrap().to_owned();
+        let refuse = seen.is_empty();
+        let resp: &[u8] = if refuse {
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        } else {
+            b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        };
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, resp).await.unwrap();
+        seen.push((id.clone(), refuse));
+        if seen.len() > 1 && id == seen[0].0 {
+            break seen.len() - 1;
+        }
+    };
+    // The answers read back: every order answered 201 counts as created, the retried one too.
+    timeout(DEADLINE, async {
+        while SimStats::get(&stats.orders_created) < first as u64 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the orders answered 201 were not all counted as created");
+    stop.cancel();
+    timeout(DEADLINE, demo).await.expect("demo stopped").unwrap().unwrap();
+    // About 40 arrivals in the 2 s the first order waited; a loop that waits lets none through.
+    assert!(first >= 5, "only {} orders arrived while the first waited to retry: {seen:?}", first - 1);
+    let ids: std::collections::HashSet<&str> = seen[1..first].iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), first - 1, "each arrival is an order of its own: {seen:?}");
+    assert!(!ids.contains(seen[0].0.as_str()));
+    assert_eq!(SimStats::get(&stats.order_retries), 1);
+}
