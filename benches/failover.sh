@@ -9,10 +9,15 @@
 #   - every order the server answered 201 for is in the database (no accepted order lost), with
 #     exactly one `order.created` event;
 #   - no order was delivered twice, or offered or assigned while a courier held it;
-#   - no courier holds more than its capacity (in size units) at the end;
+#   - a dispatcher's releases (one every OVERRIDE_S seconds, through node B) are in the event
+#     log, and no order goes back to the courier it was taken from;
+#   - no courier holds more than its capacity (in size units), at the end nor at any time
+#     before (replayed from the event log);
 #   - dispatch and deliveries went on after each failover: orders were offered and couriers
 #     reached pickups and drop-offs between every restart and the next, and after the last;
 #   - every customer watching an order that ended saw it end (tracking pages reconnect);
+#   - a webhook on `order.*` got every order event, signed (at least once: a killed node's
+#     sends are made again), its receiver refusing some first attempts;
 #   - every order is either finished or younger than STUCK_S (none stuck for good; the default
 #     is long, since trips with a saturated fleet take 10 minutes and more);
 #   - no node panicked.
@@ -20,7 +25,7 @@
 #
 # Build first: cargo build --release --bin hexfleet --bin hexfleet-sim (or PROFILE=debug)
 # usage: benches/failover.sh            (DUR=600 seconds of fleet by default)
-#   COURIERS=200  ORDERS_PER_MIN=40  RESTART_S=15  STUCK_S=1800  LEASE_MS=5000
+#   COURIERS=200  ORDERS_PER_MIN=40  RESTART_S=15  STUCK_S=1800  LEASE_MS=5000  OVERRIDE_S=20
 #   KEEP=1 keeps the database and the logs; SIM_LOG=hexfleet_sim=trace logs every server frame
 set -u
 cd "$(dirname "$0")/.."
@@ -33,9 +38,11 @@ mkdir -p "$LOGS"
 TENANT=drill
 export HEXFLEET_JWT_SECRET=drill-secret-0123456789abcdef0123456789 RUST_LOG=${RUST_LOG:-warn}
 declare -A PID PORT=([a]=8094 [b]=8096)
-SIM=
+SIM=; OVR=; HOOK=
 cleanup() {
   [ -n "$SIM" ] && kill "$SIM" 2>/dev/null
+  [ -n "$OVR" ] && kill "$OVR" 2>/dev/null
+  [ -n "$HOOK" ] && kill "$HOOK" 2>/dev/null
   for p in "${PID[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
   if [ -z "${KEEP:-}" ]; then
@@ -75,6 +82,34 @@ start a; start b
 tok=$($BIN/hexfleet token --role dispatcher --sub d --tenant $TENANT --jwt-secret $HEXFLEET_JWT_SECRET 2>/dev/null)
 curl -s -o /dev/null -H "Authorization: Bearer $tok" http://127.0.0.1:${PORT[a]}/v1/orders/none
 echo "market owner at start: $(owner)"
+# A webhook receiver for every order event: it checks each request's body signature and logs
+# "seq signature-ok"; the first attempt of every 20th event is answered 503, so retries happen.
+HOOK_SECRET=drill-webhook-secret-0123456789
+python3 - "$HOOK_SECRET" "$LOGS/hooks.log" <<'PY' &
+import hashlib, hmac, json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+secret, log = sys.argv[1].encode(), open(sys.argv[2], "a", buffering=1)
+refused = set()
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        want = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+        ok = hmac.compare_digest(want, self.headers.get("X-Hexfleet-Signature-256", ""))
+        seq = json.loads(body)["seq"]
+        first = seq % 20 == 0 and seq not in refused
+        refused.add(seq)
+        log.write(f"{seq} {int(ok)} {503 if first else 200}\n")
+        self.send_response(503 if first else 200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", 8098), H).serve_forever()
+PY
+HOOK=$!
+code=$(curl -s -o "$LOGS/webhook.json" -w '%{http_code}' -X PUT -H "Authorization: Bearer $tok" -H 'Content-Type: application/json' \
+  -d "{\"url\":\"http://127.0.0.1:8098/hook\",\"events\":[\"order.*\"],\"secret\":\"$HOOK_SECRET\"}" \
+  http://127.0.0.1:${PORT[a]}/v1/webhooks/drill)
+[ "$code" = 201 ] || { echo "webhook not created: $code $(cat "$LOGS/webhook.json")"; exit 1; }
 
 # The checks read the sim's debug lines (accepted orders, watched orders).
 RUST_LOG="hexfleet_sim::demo=debug,${SIM_LOG:-hexfleet_sim=info}" $BIN/hexfleet-sim demo --url http://127.0.0.1:${PORT[b]} \
@@ -82,6 +117,20 @@ RUST_LOG="hexfleet_sim::demo=debug,${SIM_LOG:-hexfleet_sim=info}" $BIN/hexfleet-
   --orders-per-min ${ORDERS_PER_MIN:-40} --duration ${DUR}s >"$LOGS/sim.log" 2>&1 &
 SIM=$!
 T0=$(date +%s)
+# A dispatcher at the console: every OVERRIDE_S seconds it takes an assigned order back from its
+# courier (release), through node B like the apps, whoever owns the market. Logged as
+# "ms order status"; a 503 while the market moves is not retried (the dispatcher moves on).
+(
+  dtok=$($BIN/hexfleet token --role dispatcher --sub drill-dispatcher --tenant $TENANT --ttl 3h --jwt-secret $HEXFLEET_JWT_SECRET 2>/dev/null)
+  while sleep ${OVERRIDE_S:-20}; do
+    id=$(q "SELECT id FROM orders WHERE tenant = '$TENANT' AND state = 'assigned' ORDER BY random() LIMIT 1") || continue
+    [ -z "$id" ] && continue
+    code=$(curl -s -m 10 -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $dtok" \
+      http://127.0.0.1:${PORT[b]}/v1/orders/$id/release)
+    echo "$(date +%s%3N) $id $code" >>"$LOGS/overrides.log"
+  done
+) &
+OVR=$!
 at() { while [ $(( $(date +%s) - T0 )) -lt $1 ]; do sleep 1; done; }
 MARKS=(); KILLS=()
 hit() { # second signal
@@ -100,6 +149,7 @@ hit $((DUR * 2 / 5)) KILL
 hit $((DUR * 3 / 5)) TERM
 wait $SIM
 SIM=
+kill $OVR 2>/dev/null; wait $OVR 2>/dev/null; OVR=
 # The sim stopped its watchers at T0 + DUR; an order that ended after that was not watched.
 SIM_STOP=$(( (T0 + DUR) * 1000 - 2000 ))
 sleep 3
@@ -128,6 +178,20 @@ OVER=$(q "SELECT o.courier, sum(o.size), max(c.capacity) FROM orders o JOIN cour
           WHERE o.tenant = '$TENANT' AND o.state IN ('assigned','at_pickup','picked_up','at_dropoff')
           GROUP BY o.courier HAVING sum(o.size) > max(c.capacity)")
 check "no courier holds more than its capacity (at the end)" "$(count "$OVER")" "$OVER"
+# Throughout, from the event log: who holds each order after each of its events, and each
+# courier's load (in size units) after each change. Events are ordered by time, a release
+# before a take within one millisecond.
+OVER=$(q "WITH ev AS (SELECT seq, ts, entity_id AS oid, CASE WHEN attrs->>'to' IN ('assigned','at_pickup','picked_up','at_dropoff')
+             THEN attrs->>'courier' END AS holder FROM events WHERE tenant = '$TENANT' AND entity = 'order'),
+           ch AS (SELECT ev.*, lag(holder) OVER (PARTITION BY oid ORDER BY seq) AS prev, o.size
+             FROM ev JOIN orders o ON o.tenant = '$TENANT' AND o.id = ev.oid),
+           d AS (SELECT ts, seq, prev AS courier, -size AS delta FROM ch WHERE prev IS NOT NULL AND prev IS DISTINCT FROM holder
+             UNION ALL SELECT ts, seq, holder, size FROM ch WHERE holder IS NOT NULL AND holder IS DISTINCT FROM prev),
+           r AS (SELECT courier, ts, seq, sum(delta) OVER (PARTITION BY courier ORDER BY ts, delta, seq ROWS UNBOUNDED PRECEDING) AS held FROM d)
+           SELECT r.courier, r.ts, r.held, c.capacity FROM r JOIN couriers c ON c.tenant = '$TENANT' AND c.id = r.courier
+           WHERE r.held > c.capacity ORDER BY r.ts")
+PEAK=$(q "SELECT count(*) FROM events WHERE tenant = '$TENANT' AND entity = 'order' AND attrs->>'to' = 'assigned'")
+check "no courier held more than its capacity at any time (${PEAK:-?} assignments replayed)" "$(count "$OVER")" "$OVER"
 STUCK=$(q "SELECT id, state, courier, ($NOW - created_at) / 1000 FROM orders WHERE tenant = '$TENANT'
            AND state NOT IN ('delivered','cancelled','failed','expired') AND created_at < $NOW - $STUCK_S * 1000 ORDER BY created_at")
 check "no open order older than $STUCK_S s" "$(count "$STUCK")" "$STUCK"
@@ -140,6 +204,18 @@ TWICE=$(q "WITH e AS (SELECT entity_id, seq, kind, attrs->>'courier' AS c,
            SELECT entity_id, seq, kind, prev_kind, prev_c, c FROM e WHERE kind IN ('order.offered', 'order.assigned')
            AND prev_kind IN ('order.assigned', 'order.at_pickup', 'order.picked_up', 'order.at_dropoff')")
 check "no order offered or assigned while held" "$(count "$TWICE")" "$TWICE"
+# The dispatcher's releases: an order taken back from a courier is not offered or assigned to
+# that courier again (the dispatch rounds skip it), whichever node decided.
+touch "$LOGS/overrides.log"
+echo "== dispatcher releases: $(wc -l <"$LOGS/overrides.log") tried, answered $(awk '{print $3}' "$LOGS/overrides.log" | sort | uniq -c | awk '{printf "%s×%s ", $1, $2}')"
+BACK=$(q "SELECT r.entity_id, r.attrs->>'courier', o.kind FROM events r JOIN events o ON o.tenant = r.tenant AND o.entity = 'order'
+          AND o.entity_id = r.entity_id AND o.seq > r.seq AND o.kind IN ('order.offered', 'order.assigned')
+          AND o.attrs->>'courier' = r.attrs->>'courier' WHERE r.tenant = '$TENANT' AND r.kind = 'order.released'")
+RELEASED=$(q "SELECT count(*) FROM events WHERE tenant = '$TENANT' AND kind = 'order.released'")
+check "no order offered or assigned again to the courier it was taken back from (${RELEASED:-?} releases)" "$(count "$BACK")" "$BACK"
+OKREL=$(awk '$3 == 200' "$LOGS/overrides.log" | wc -l)
+check "the dispatcher's releases reached the orders (${OKREL} answered 200, ${RELEASED:-?} in the event log)" \
+  "$([ "${RELEASED:-0}" -ge "$OKREL" ] && [ "$OKREL" -gt 0 ] && echo 0 || echo 1)"
 # Customers: a tracking page reconnects (with ?since=) when its node goes away; every order
 # watched that ended while the sim ran must have been seen ending by its watcher.
 logged 'watching order' >"$LOGS/watched.txt"
@@ -166,6 +242,23 @@ echo "== failovers: signal -> next offer (seconds)"
 for k in ${KILLS[@]+"${KILLS[@]}"}; do
   echo "   $(q "SELECT round((min(ts) - $k) / 1000.0, 1) FROM events WHERE tenant = '$TENANT' AND kind = 'order.offered' AND ts > $k")"
 done
+# Webhooks: at least once, across the kills (a killed node's claimed rows are sent again when
+# their lease lapses). Every order event up to now must reach the receiver, signed, once the
+# outbox has drained (deadline 240 s: leases of about 40 s, retries from 1 s).
+LAST=$(q "SELECT coalesce(max(seq), 0) FROM events WHERE tenant = '$TENANT'")
+for _ in $(seq 240); do
+  [ "$(q "SELECT count(*) FROM webhook_outbox WHERE tenant = '$TENANT' AND state = 'pending' AND event_seq <= ${LAST:-0}")" = 0 ] && break
+  sleep 1
+done
+q "SELECT seq FROM events WHERE tenant = '$TENANT' AND kind LIKE 'order.%' AND seq <= ${LAST:-0}" | sort -u >"$LOGS/hook-want.txt"
+awk '$3 == 200 {print $1}' "$LOGS/hooks.log" | sort -u >"$LOGS/hook-got.txt"
+echo "== webhooks: $(wc -l <"$LOGS/hook-want.txt") order events, $(wc -l <"$LOGS/hooks.log") requests ($(awk '$3 == 503' "$LOGS/hooks.log" | wc -l) refused on purpose), \
+$(awk '$3 == 200 {print $1}' "$LOGS/hooks.log" | sort | uniq -d | wc -l) events received twice; outbox: $(q "SELECT string_agg(state || ' ' || n, ', ') FROM
+  (SELECT state, count(*) AS n FROM webhook_outbox WHERE tenant = '$TENANT' GROUP BY 1) s")"
+UNSENT=$(comm -23 "$LOGS/hook-want.txt" "$LOGS/hook-got.txt")
+check "every order event reached the webhook receiver" "$(count "$UNSENT")" "$UNSENT"
+BADSIG=$(awk '$2 != 1' "$LOGS/hooks.log")
+check "every webhook request was signed with the secret" "$(count "$BADSIG")" "$BADSIG"
 PANIC=$(grep -a -i "panicked" "$LOGS/a.log" "$LOGS/b.log")
 check "no panic" "$(count "$PANIC")" "$PANIC"
 echo "== event kinds"; q "SELECT entity, kind, count(*) FROM events WHERE tenant = '$TENANT' GROUP BY 1, 2 ORDER BY 1, 3 DESC" | sed 's/^/   /'
