@@ -4,8 +4,10 @@
 # (`hexfleet-sim demo`: couriers answering offers and driving their orders, Poisson orders,
 # customers watching) talks to node B only. While it runs, the node that owns the market is
 # killed with SIGKILL twice and stopped with SIGTERM once (a crash, a crash, a rolling
-# restart), each time started again after RESTART_S seconds. At the end the script checks, in
-# the database and the logs, what a production operator would ask:
+# restart), each time started again after RESTART_S seconds; then it is cut off from the
+# database for CUT_S seconds (each node reaches PostgreSQL through a proxy the drill controls)
+# and restarted when it stops. At the end the script checks, in the database and the logs, what
+# a production operator would ask:
 #   - every order the server answered 201 for is in the database (no accepted order lost), with
 #     exactly one `order.created` event;
 #   - no order was delivered twice, or offered or assigned while a courier held it;
@@ -20,17 +22,20 @@
 #     sends are made again), its receiver refusing some first attempts;
 #   - every order is either finished or younger than STUCK_S (none stuck for good; the default
 #     is long, since trips with a saturated fleet take 10 minutes and more);
+#   - the node cut off stepped down, the other took the market, and the cut node stopped once
+#     it saw that with the database back (it must not act on a market another node ran);
 #   - no node panicked.
 # It prints what it found and exits 1 if a check fails (or a query of the checks fails).
 #
 # Build first: cargo build --release --bin hexfleet --bin hexfleet-sim (or PROFILE=debug)
 # usage: benches/failover.sh            (DUR=600 seconds of fleet by default)
 #   COURIERS=200  ORDERS_PER_MIN=40  RESTART_S=15  STUCK_S=1800  LEASE_MS=5000  OVERRIDE_S=20
+#   CUT_S=15
 #   KEEP=1 keeps the database and the logs; SIM_LOG=hexfleet_sim=trace logs every server frame
 set -u
 cd "$(dirname "$0")/.."
 BIN=./target/${PROFILE:-release}
-DUR=${DUR:-600}; RESTART_S=${RESTART_S:-15}; STUCK_S=${STUCK_S:-1800}
+DUR=${DUR:-600}; RESTART_S=${RESTART_S:-15}; STUCK_S=${STUCK_S:-1800}; CUT_S=${CUT_S:-15}
 DB=hexfleet_drill_$$
 PFX="hx:drill:$$:"
 LOGS=${LOGS:-${TMPDIR:-/tmp}/hexfleet-drill-$$}
@@ -38,12 +43,16 @@ mkdir -p "$LOGS"
 TENANT=drill
 export HEXFLEET_JWT_SECRET=drill-secret-0123456789abcdef0123456789 RUST_LOG=${RUST_LOG:-warn}
 declare -A PID PORT=([a]=8094 [b]=8096)
+declare -A PX PXPORT=([a]=15494 [b]=15496)
 SIM=; OVR=; HOOK=
 cleanup() {
   [ -n "$SIM" ] && kill "$SIM" 2>/dev/null
   [ -n "$OVR" ] && kill "$OVR" 2>/dev/null
   [ -n "$HOOK" ] && kill "$HOOK" 2>/dev/null
   for p in "${PID[@]}"; do kill "$p" 2>/dev/null; done
+  # The proxies after the nodes, so a node's last writes (releasing its leases) get through.
+  for p in "${PID[@]}"; do wait "$p" 2>/dev/null; done
+  for p in "${PX[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
   if [ -z "${KEEP:-}" ]; then
     psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
@@ -55,7 +64,12 @@ cleanup() {
 }
 trap cleanup EXIT
 psql -h 127.0.0.1 -U postgres -d test -qc "CREATE DATABASE $DB" >/dev/null || exit 1
-URL=postgres://postgres@127.0.0.1:5432/$DB
+# Each node reaches PostgreSQL through a proxy of its own (benches/drill/tcp_proxy.py), so the
+# drill can cut one node off the database; its checks connect directly.
+for n in a b; do
+  python3 benches/drill/tcp_proxy.py ${PXPORT[$n]} 5432 >>"$LOGS/proxy-$n.log" 2>&1 &
+  PX[$n]=$!
+done
 FAIL=0
 # A query of the checks; one that fails fails the drill (its empty answer would pass a check).
 # Most run in a subshell, so the failure is noted in a file.
@@ -70,7 +84,7 @@ q() {
 
 start() { # node
   $BIN/hexfleet serve --listen 127.0.0.1:${PORT[$1]} --advertise-url http://127.0.0.1:${PORT[$1]} \
-    --database-url $URL --redis-url redis://127.0.0.1:6379 --redis-prefix $PFX --node-id $1 \
+    --database-url postgres://postgres@127.0.0.1:${PXPORT[$1]}/$DB --redis-url redis://127.0.0.1:6379 --redis-prefix $PFX --node-id $1 \
     --market-leases true --market-lease-ms ${LEASE_MS:-5000} >>"$LOGS/$1.log" 2>&1 &
   PID[$1]=$!
   for _ in $(seq 300); do curl -sf http://127.0.0.1:${PORT[$1]}/healthz >/dev/null && return; sleep 0.1; done
@@ -82,29 +96,10 @@ start a; start b
 tok=$($BIN/hexfleet token --role dispatcher --sub d --tenant $TENANT --jwt-secret $HEXFLEET_JWT_SECRET 2>/dev/null)
 curl -s -o /dev/null -H "Authorization: Bearer $tok" http://127.0.0.1:${PORT[a]}/v1/orders/none
 echo "market owner at start: $(owner)"
-# A webhook receiver for every order event: it checks each request's body signature and logs
-# "seq signature-ok"; the first attempt of every 20th event is answered 503, so retries happen.
+# A webhook receiver for every order event (benches/drill/webhook_receiver.py): it checks each
+# request's signature and refuses the first attempt of every 20th event, so retries happen.
 HOOK_SECRET=drill-webhook-secret-0123456789
-python3 - "$HOOK_SECRET" "$LOGS/hooks.log" <<'PY' &
-import hashlib, hmac, json, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-secret, log = sys.argv[1].encode(), open(sys.argv[2], "a", buffering=1)
-refused = set()
-class H(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        want = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-        ok = hmac.compare_digest(want, self.headers.get("X-Hexfleet-Signature-256", ""))
-        seq = json.loads(body)["seq"]
-        first = seq % 20 == 0 and seq not in refused
-        refused.add(seq)
-        log.write(f"{seq} {int(ok)} {503 if first else 200}\n")
-        self.send_response(503 if first else 200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-    def log_message(self, *a): pass
-ThreadingHTTPServer(("127.0.0.1", 8098), H).serve_forever()
-PY
+python3 benches/drill/webhook_receiver.py 8098 "$HOOK_SECRET" "$LOGS/hooks.log" &
 HOOK=$!
 code=$(curl -s -o "$LOGS/webhook.json" -w '%{http_code}' -X PUT -H "Authorization: Bearer $tok" -H 'Content-Type: application/json' \
   -d "{\"url\":\"http://127.0.0.1:8098/hook\",\"events\":[\"order.*\"],\"secret\":\"$HOOK_SECRET\"}" \
@@ -147,6 +142,32 @@ hit() { # second signal
 hit $((DUR / 5)) KILL
 hit $((DUR * 2 / 5)) KILL
 hit $((DUR * 3 / 5)) TERM
+# A network partition: the owner loses the database (its proxy resets every connection) for
+# CUT_S seconds, longer than a lease. It should step down (its sessions closed with 1013),
+# the other node take the market over, and the cut node stop once it sees, with the database
+# back, that its market was taken (it must not serve stale actors); an orchestrator restarts it.
+partition() {
+  at $1
+  local o; o=$(owner)
+  [ -z "$o" ] && { echo "t=$1 s: no market owner"; return; }
+  echo "t=$1 s: node $o (the owner) cut off from the database for ${CUT_S}s"
+  KILLS+=("$(date +%s%3N)")
+  kill -USR1 ${PX[$o]}; sleep $CUT_S; kill -USR2 ${PX[$o]}
+  local after; after=$(owner)
+  echo "t=$(( $(date +%s) - T0 )) s: database back for node $o; owner now $after"
+  CUT_MOVED=$([ -n "$after" ] && [ "$after" != "$o" ] && echo 1 || echo 0)
+  for _ in $(seq 600); do kill -0 ${PID[$o]} 2>/dev/null || break; sleep 0.1; done
+  if kill -0 ${PID[$o]} 2>/dev/null; then
+    CUT_STOPPED=0; echo "t=$(( $(date +%s) - T0 )) s: node $o still running 60 s after the database came back"
+  else
+    CUT_STOPPED=1; wait ${PID[$o]} 2>/dev/null
+    echo "t=$(( $(date +%s) - T0 )) s: node $o stopped; restarting it"; start $o
+  fi
+  CUT_NODE=$o
+  MARKS+=("$(date +%s%3N)")
+}
+CUT_NODE=; CUT_MOVED=; CUT_STOPPED=
+partition $((DUR * 4 / 5))
 wait $SIM
 SIM=
 kill $OVR 2>/dev/null; wait $OVR 2>/dev/null; OVR=
@@ -259,6 +280,12 @@ UNSENT=$(comm -23 "$LOGS/hook-want.txt" "$LOGS/hook-got.txt")
 check "every order event reached the webhook receiver" "$(count "$UNSENT")" "$UNSENT"
 BADSIG=$(awk '$2 != 1' "$LOGS/hooks.log")
 check "every webhook request was signed with the secret" "$(count "$BADSIG")" "$BADSIG"
+if [ -n "$CUT_NODE" ]; then
+  o=$CUT_NODE
+  check "node $o, cut off from the database, stepped down" "$(grep -ac 'no lease renewal for a whole lease' "$LOGS/$o.log" | grep -qv '^0$' && echo 0 || echo 1)"
+  check "the market moved to the other node during the cut" "$([ "$CUT_MOVED" = 1 ] && echo 0 || echo 1)"
+  check "node $o stopped once the database was back and its market taken" "$([ "$CUT_STOPPED" = 1 ] && echo 0 || echo 1)"
+fi
 PANIC=$(grep -a -i "panicked" "$LOGS/a.log" "$LOGS/b.log")
 check "no panic" "$(count "$PANIC")" "$PANIC"
 echo "== event kinds"; q "SELECT entity, kind, count(*) FROM events WHERE tenant = '$TENANT' GROUP BY 1, 2 ORDER BY 1, 3 DESC" | sed 's/^/   /'
