@@ -2,7 +2,9 @@
 # A failover drill (BENCHMARKS.md, "Failover drill"): two `hexfleet serve` nodes share one fresh
 # PostgreSQL database and the Redis at 127.0.0.1:6379 (market leases on). A simulated fleet
 # (`hexfleet-sim demo`: couriers answering offers and driving their orders, Poisson orders,
-# customers watching) talks to node B only. While it runs, the node that owns the market is
+# customers watching) reaches the nodes through a load balancer (benches/drill/balancer.py:
+# round-robin over the nodes whose /readyz answers 200), or node B alone with VIA=b. While it
+# runs, the node that owns the market is
 # killed with SIGKILL twice and stopped with SIGTERM once (a crash, a crash, a rolling
 # restart), each time started again after RESTART_S seconds; then it is cut off from the
 # database for CUT_S seconds (each node reaches PostgreSQL through a proxy the drill controls)
@@ -11,7 +13,7 @@
 #   - every order the server answered 201 for is in the database (no accepted order lost), with
 #     exactly one `order.created` event;
 #   - no order was delivered twice, or offered or assigned while a courier held it;
-#   - a dispatcher's releases (one every OVERRIDE_S seconds, through node B) are in the event
+#   - a dispatcher's releases (one every OVERRIDE_S seconds, as the apps reach the nodes) are in the event
 #     log, and no order goes back to the courier it was taken from;
 #   - no courier holds more than its capacity (in size units), at the end nor at any time
 #     before (replayed from the event log);
@@ -30,7 +32,7 @@
 # Build first: cargo build --release --bin hexfleet --bin hexfleet-sim (or PROFILE=debug)
 # usage: benches/failover.sh            (DUR=600 seconds of fleet by default)
 #   COURIERS=200  ORDERS_PER_MIN=40  RESTART_S=15  STUCK_S=1800  LEASE_MS=5000  OVERRIDE_S=20
-#   CUT_S=15
+#   CUT_S=15  VIA=lb (apps through the balancer) or b (node B alone)
 #   KEEP=1 keeps the database and the logs; SIM_LOG=hexfleet_sim=trace logs every server frame
 set -u
 cd "$(dirname "$0")/.."
@@ -44,9 +46,10 @@ TENANT=drill
 export HEXFLEET_JWT_SECRET=drill-secret-0123456789abcdef0123456789 RUST_LOG=${RUST_LOG:-warn}
 declare -A PID PORT=([a]=8094 [b]=8096)
 declare -A PX PXPORT=([a]=15494 [b]=15496)
-SIM=; OVR=; HOOK=
+SIM=; OVR=; HOOK=; LB=
 cleanup() {
   [ -n "$SIM" ] && kill "$SIM" 2>/dev/null
+  [ -n "$LB" ] && kill "$LB" 2>/dev/null
   [ -n "$OVR" ] && kill "$OVR" 2>/dev/null
   [ -n "$HOOK" ] && kill "$HOOK" 2>/dev/null
   for p in "${PID[@]}"; do kill "$p" 2>/dev/null; done
@@ -92,7 +95,16 @@ start() { # node
 }
 owner() { q "SELECT holder FROM market_leases WHERE tenant = '$TENANT'" | cut -d'#' -f1; }
 start a; start b
-# Node A takes the market first, so the first kill is of a node the fleet is not connected to.
+# Where the apps, the customers and the dispatcher connect.
+if [ "${VIA:-lb}" = lb ]; then
+  python3 benches/drill/balancer.py 8090 ${PORT[a]} ${PORT[b]} >>"$LOGS/balancer.log" 2>&1 &
+  LB=$!
+  APPS=http://127.0.0.1:8090
+  for _ in $(seq 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' $APPS/readyz)" = 200 ] && break; sleep 0.1; done
+else
+  APPS=http://127.0.0.1:${PORT[b]}
+fi
+# Node A takes the market first (with VIA=b, the first kill is of a node no app is connected to).
 tok=$($BIN/hexfleet token --role dispatcher --sub d --tenant $TENANT --jwt-secret $HEXFLEET_JWT_SECRET 2>/dev/null)
 curl -s -o /dev/null -H "Authorization: Bearer $tok" http://127.0.0.1:${PORT[a]}/v1/orders/none
 echo "market owner at start: $(owner)"
@@ -107,13 +119,13 @@ code=$(curl -s -o "$LOGS/webhook.json" -w '%{http_code}' -X PUT -H "Authorizatio
 [ "$code" = 201 ] || { echo "webhook not created: $code $(cat "$LOGS/webhook.json")"; exit 1; }
 
 # The checks read the sim's debug lines (accepted orders, watched orders).
-RUST_LOG="hexfleet_sim::demo=debug,${SIM_LOG:-hexfleet_sim=info}" $BIN/hexfleet-sim demo --url http://127.0.0.1:${PORT[b]} \
+RUST_LOG="hexfleet_sim::demo=debug,${SIM_LOG:-hexfleet_sim=info}" $BIN/hexfleet-sim demo --url $APPS \
   --jwt-secret $HEXFLEET_JWT_SECRET --tenant $TENANT --couriers ${COURIERS:-200} \
   --orders-per-min ${ORDERS_PER_MIN:-40} --duration ${DUR}s >"$LOGS/sim.log" 2>&1 &
 SIM=$!
 T0=$(date +%s)
 # A dispatcher at the console: every OVERRIDE_S seconds it takes an assigned order back from its
-# courier (release), through node B like the apps, whoever owns the market. Logged as
+# courier (release), reaching the nodes as the apps do, whoever owns the market. Logged as
 # "ms order status"; a 503 while the market moves is not retried (the dispatcher moves on).
 (
   dtok=$($BIN/hexfleet token --role dispatcher --sub drill-dispatcher --tenant $TENANT --ttl 3h --jwt-secret $HEXFLEET_JWT_SECRET 2>/dev/null)
@@ -121,7 +133,7 @@ T0=$(date +%s)
     id=$(q "SELECT id FROM orders WHERE tenant = '$TENANT' AND state = 'assigned' ORDER BY random() LIMIT 1") || continue
     [ -z "$id" ] && continue
     code=$(curl -s -m 10 -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $dtok" \
-      http://127.0.0.1:${PORT[b]}/v1/orders/$id/release)
+      $APPS/v1/orders/$id/release)
     echo "$(date +%s%3N) $id $code" >>"$LOGS/overrides.log"
   done
 ) &

@@ -664,6 +664,15 @@ impl Broker {
         Ok(b)
     }
 
+    /// Ends the fan-out to other nodes, for the node's shutdown once its fleet has stopped and
+    /// its markets are released: what is queued is sent (for up to `within`). A no-op without
+    /// Redis.
+    pub async fn finish_fanout(&self, within: std::time::Duration) {
+        if let Some(r) = &self.relay {
+            r.finish(within).await;
+        }
+    }
+
     /// The Redis link, if this node has one (to tell it which markets it runs).
     pub fn relay(&self) -> Option<&Arc<Relay>> {
         self.relay.as_ref()
@@ -1068,6 +1077,12 @@ impl Broker {
         let bytes = Arc::new(bytes);
         for c in channels {
             if !relay.publish(c.clone(), bytes.clone()) {
+                if relay.finished() {
+                    // The node's last moments, after its fleet stopped and its markets were
+                    // released: the next owner loads the market from the store.
+                    tracing::debug!(tenant = f.tenant(), "fan-out to other nodes has finished (shutting down): update not sent");
+                    continue;
+                }
                 metrics::counter!("hexfleet_redis_dropped_total").increment(1);
                 if !matches!(f, Fanout::Position { .. } | Fanout::Status { .. }) {
                     tracing::error!(tenant = f.tenant(), "redis fan-out queue full: a discrete update did not reach other nodes");

@@ -59,6 +59,10 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages waiting to be published; beyond it they are dropped (counted).
 const PUBLISH_QUEUE: usize = 65_536;
+
+/// How long after the server's shutdown began the publisher ends by itself if the server
+/// does not call [`Relay::finish`] (its flush and release take seconds).
+const FINISH_AFTER_SHUTDOWN: Duration = Duration::from_secs(60);
 /// How long the subscription may hear nothing before it asks Redis whether the connection is
 /// still there (a `PING` on it, answered within [`LISTEN_TIMEOUT`], or it is opened again).
 /// A connection can vanish without closing (a NAT or load balancer forgetting an idle flow,
@@ -138,6 +142,10 @@ pub struct Relay {
     /// (one at a time, each up to [`LISTEN_TIMEOUT`], would queue every new session behind a
     /// hanging Redis); the reconnect subscribes them.
     failed_at: Mutex<Option<Instant>>,
+    /// Cancelled by [`Relay::finish`]: the publisher sends what is queued and ends.
+    finish: CancellationToken,
+    /// The publisher, awaited by [`Relay::finish`].
+    publisher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -189,8 +197,25 @@ impl Relay {
             max_backlog,
             lag_resets: AtomicU64::new(0),
             failed_at: Mutex::new(None),
+            finish: CancellationToken::new(),
+            publisher: Mutex::new(None),
         });
-        tokio::spawn(publisher(conn, relay.clone(), rx, shutdown.clone()));
+        // The publisher outlives `shutdown`: what the node does while it winds down (requests
+        // in flight, the fleet's last changes) still reaches the other nodes, until the server
+        // calls `finish`. Before, it stopped at `shutdown`, and every update of a node's
+        // graceful stop was dropped (logged as a full queue). Ended anyway a while after
+        // `shutdown` if no one calls `finish`.
+        *relay.publisher.lock() = Some(tokio::spawn(publisher(conn, relay.clone(), rx, relay.finish.clone())));
+        {
+            let (finish, shutdown) = (relay.finish.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                tokio::select! {
+                    () = finish.cancelled() => {}
+                    () = tokio::time::sleep(FINISH_AFTER_SHUTDOWN) => finish.cancel(),
+                }
+            });
+        }
         tokio::spawn(subscriber(relay.clone(), client, stream, deliver, gap, shutdown.clone()));
         let me = relay.clone();
         tokio::spawn(async move {
@@ -265,9 +290,27 @@ impl Relay {
     }
 
     /// Queues a message for other nodes on `channel` (see [`Relay::channel`]; `None`: the
-    /// global channel). `false` when the queue is full and it was dropped.
+    /// global channel). `false` when it was dropped: the queue is full, or publishing has
+    /// finished ([`Relay::finished`]).
     pub(crate) fn publish(&self, channel: Option<String>, bytes: Arc<Vec<u8>>) -> bool {
         self.tx.try_send((channel.unwrap_or_else(|| global(&self.prefix)), bytes)).is_ok()
+    }
+
+    /// Whether publishing has finished (the node is stopping): nothing more goes out.
+    pub(crate) fn finished(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Ends publishing, for a node's shutdown once its fleet has stopped: what is queued is
+    /// sent (for up to `within`), and later messages are refused. Idempotent.
+    pub async fn finish(&self, within: Duration) {
+        self.finish.cancel();
+        let publisher = self.publisher.lock().take();
+        if let Some(p) = publisher
+            && tokio::time::timeout(within, p).await.is_err()
+        {
+            tracing::warn!(?within, "the last fan-out messages were not all sent to redis in time");
+        }
     }
 
     fn recently_failed(&self) -> bool {
@@ -399,12 +442,18 @@ async fn pubsub(client: &redis::Client, prefix: &str) -> redis::RedisResult<(Pub
     Ok((sink, stream))
 }
 
-async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
+async fn publisher(mut conn: redis::aio::ConnectionManager, relay: Arc<Relay>, mut rx: mpsc::Receiver<Outgoing>, finish: CancellationToken) {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(256);
+    let mut finishing = false;
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, 256) => n,
-            () = shutdown.cancelled() => 0,
+            // Closed: no more messages are taken; those queued are still received, then 0.
+            () = finish.cancelled(), if !finishing => {
+                finishing = true;
+                rx.close();
+                continue;
+            }
         };
         if n == 0 {
             return;

@@ -231,6 +231,7 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
             });
         }));
     }
+    let fanout = broker.clone();
     let state = web::Data::new(AppState {
         fleet: fleet.clone(),
         broker,
@@ -336,6 +337,9 @@ pub async fn start(cfg: ServeConfig, listener: TcpListener, shutdown: Cancellati
         if let Some(m) = &markets {
             m.release().await;
         }
+        // Updates made while winding down (requests in flight, the fleet's last changes)
+        // still reach the other nodes' consoles and tracking pages.
+        fanout.finish_fanout(Duration::from_secs(5)).await;
         if tokio::time::timeout(Duration::from_secs(10), purge).await.is_err() {
             tracing::warn!("retention purge did not stop in time");
         }

@@ -733,6 +733,57 @@ async fn a_node_that_falls_behind_the_fan_out_drops_the_backlog() {
     shutdown.cancel();
 }
 
+/// A node's graceful stop: updates it makes once its shutdown has begun (requests in flight,
+/// the fleet's last changes) still reach the other nodes' consoles and tracking pages, until
+/// the server finishes the fan-out after releasing its markets. (The publisher stopped at
+/// the shutdown signal, and each such update was dropped and logged as "redis fan-out queue
+/// full": the failover drill saw four at one SIGTERM.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_made_while_a_node_stops_still_reach_the_other_nodes() {
+    use futures_util::StreamExt as _;
+    use hexfleet_actors::domain::{DomainEvent, EntityKind, TenantId};
+    use hexfleet_actors::publish::{Publisher as _, Update};
+    use std::time::Duration;
+    let Some(url) = redis_or_skip().await else { return };
+    let prefix = format!("hexfleet:test:{}:", uuid_like());
+    // Another node, hearing everything under the prefix.
+    let mut other = redis::Client::open(url.as_str()).unwrap().get_async_pubsub().await.unwrap();
+    other.psubscribe(format!("{prefix}*")).await.unwrap();
+    let mut heard = other.into_on_message();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let broker = hexfleet_gateway::broker::Broker::with_redis("stopping", &url, &prefix, Duration::from_secs(1), shutdown.clone())
+        .await
+        .unwrap();
+    let event = |id: &str| {
+        Update::Event(std::sync::Arc::new(DomainEvent {
+            tenant: TenantId::new("t1"),
+            entity: EntityKind::Order,
+            entity_id: id.into(),
+            kind: "order.delivered".into(),
+            actor: "courier:c1".into(),
+            reason: None,
+            ts: 1,
+            attrs: vec![],
+        }))
+    };
+    shutdown.cancel();
+    // Let the publisher see the signal first (it used to stop at once).
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    broker.publish(event("while-stopping"));
+    let m = tokio::time::timeout(Duration::from_secs(10), heard.next())
+        .await
+        .expect("an update made during the shutdown reached the other node")
+        .unwrap();
+    let payload: String = m.get_payload().unwrap();
+    assert!(payload.contains("while-stopping"), "{payload}");
+    // Finished: nothing more goes out, quietly (the node is about to exit).
+    broker.finish_fanout(Duration::from_secs(5)).await;
+    broker.publish(event("after-finish"));
+    broker.finish_fanout(Duration::from_secs(5)).await;
+}
+
 /// With Redis hanging, new sessions do not queue behind each other's subscriptions: ten
 /// consoles opened at once all get their snapshot (one after another, each waiting up to 2 s
 /// for an answer that never comes, the last would wait 20 s).
