@@ -119,7 +119,7 @@ code=$(curl -s -o "$LOGS/webhook.json" -w '%{http_code}' -X PUT -H "Authorizatio
 [ "$code" = 201 ] || { echo "webhook not created: $code $(cat "$LOGS/webhook.json")"; exit 1; }
 
 # The checks read the sim's debug lines (accepted orders, watched orders).
-RUST_LOG="hexfleet_sim::demo=debug,${SIM_LOG:-hexfleet_sim=info}" $BIN/hexfleet-sim demo --url $APPS \
+RUST_LOG="hexfleet_sim::demo=debug,hexfleet_sim::courier=debug,${SIM_LOG:-hexfleet_sim=info}" $BIN/hexfleet-sim demo --url $APPS \
   --jwt-secret $HEXFLEET_JWT_SECRET --tenant $TENANT --couriers ${COURIERS:-200} \
   --orders-per-min ${ORDERS_PER_MIN:-40} --duration ${DUR}s >"$LOGS/sim.log" 2>&1 &
 SIM=$!
@@ -194,6 +194,8 @@ count() { echo -n "$1" | grep -c .; }
 plain() { sed 's/\x1b\[[0-9;]*m//g' "$LOGS/sim.log"; }
 logged() { plain | grep -a "$1" | grep -ao 'order=[A-Za-z0-9_-]*' | cut -d= -f2 | sort -u; } # order ids of the sim's lines with $1
 echo "== sim"; plain | grep -a ' sim ' | tail -1 | sed 's/.*INFO//'
+echo "== error frames to couriers: $(plain | grep -a 'server error frame' | grep -ao 'code=[a-z_]*' | cut -d= -f2 | sort | uniq -c | awk '{printf "%s×%s ", $1, $2}')"
+plain | grep -a 'server error frame' | sed 's/.*DEBUG//' | cut -c1-200 | head -5 | sed 's/^/   /'
 CREATED=$(plain | grep -a ' sim ' | tail -1 | grep -o 'orders_created=[0-9]*' | cut -d= -f2)
 logged 'order accepted' >"$LOGS/accepted.txt"
 q "SELECT id FROM orders WHERE tenant = '$TENANT'" | sort -u >"$LOGS/stored.txt"

@@ -476,7 +476,7 @@ fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &Couri
         }
         ServerMsg::Error { code, message } => {
             SimStats::inc(&stats.server_errors);
-            tracing::debug!(%code, %message, "server error frame");
+            tracing::debug!(courier = me, %code, %message, "server error frame");
         }
         _ => {}
     }
