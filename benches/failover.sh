@@ -20,6 +20,8 @@
 #   - dispatch and deliveries went on after each failover: orders were offered and couriers
 #     reached pickups and drop-offs between every restart and the next, and after the last;
 #   - every customer watching an order that ended saw it end (tracking pages reconnect);
+#   - a dispatcher's console (reconnecting, subscribing again) shows at the end the store's open
+#     orders in their states;
 #   - a webhook on `order.*` got every order event, signed (at least once: a killed node's
 #     sends are made again), its receiver refusing some first attempts;
 #   - every order is either finished or younger than STUCK_S (none stuck for good; the default
@@ -36,6 +38,7 @@
 #   KEEP=1 keeps the database and the logs; SIM_LOG=hexfleet_sim=trace logs every server frame
 set -u
 cd "$(dirname "$0")/.."
+export LC_ALL=C # one collation for sort, comm and join
 BIN=./target/${PROFILE:-release}
 DUR=${DUR:-600}; RESTART_S=${RESTART_S:-15}; STUCK_S=${STUCK_S:-1800}; CUT_S=${CUT_S:-15}
 DB=hexfleet_drill_$$
@@ -121,7 +124,7 @@ code=$(curl -s -o "$LOGS/webhook.json" -w '%{http_code}' -X PUT -H "Authorizatio
 # The checks read the sim's debug lines (accepted orders, watched orders).
 RUST_LOG="hexfleet_sim::demo=debug,hexfleet_sim::courier=debug,${SIM_LOG:-hexfleet_sim=info}" $BIN/hexfleet-sim demo --url $APPS \
   --jwt-secret $HEXFLEET_JWT_SECRET --tenant $TENANT --couriers ${COURIERS:-200} \
-  --orders-per-min ${ORDERS_PER_MIN:-40} --duration ${DUR}s >"$LOGS/sim.log" 2>&1 &
+  --orders-per-min ${ORDERS_PER_MIN:-40} --consoles 1 --duration ${DUR}s >"$LOGS/sim.log" 2>&1 &
 SIM=$!
 T0=$(date +%s)
 # A dispatcher at the console: every OVERRIDE_S seconds it takes an assigned order back from its
@@ -260,6 +263,24 @@ q "SELECT entity_id FROM events WHERE tenant = '$TENANT' AND entity = 'order' AN
 MISSED=$(comm -12 "$LOGS/watched.txt" "$LOGS/ended.txt" | comm -23 - "$LOGS/seen.txt")
 echo "== customers: $(wc -l <"$LOGS/watched.txt") orders watched, $(comm -12 "$LOGS/watched.txt" "$LOGS/ended.txt" | wc -l) of them ended while watched, $(wc -l <"$LOGS/seen.txt") seen ending"
 check "every watched order that ended was seen ending by its watcher" "$(count "$MISSED")" "$MISSED"
+# A dispatcher's console (reconnecting with since, subscribing again) shows, when the sim stops,
+# the open orders the store had then, in the same states; orders that changed within 3 s
+# before or 1 s after are left out (in flight).
+AT=$(plain | grep -a 'console view' | tail -1 | grep -ao 'at_ms=[0-9]*' | cut -d= -f2)
+plain | grep -a 'console shows order' | sed 's/.*order=\([^ ]*\) state=\([a-z_]*\).*/\1|\2/' | sort >"$LOGS/console.txt"
+q "WITH last AS (SELECT DISTINCT ON (entity_id) entity_id, attrs->>'to' AS state FROM events WHERE tenant = '$TENANT'
+     AND entity = 'order' AND ts <= ${AT:-0} ORDER BY entity_id, ts DESC, seq DESC),
+   busy AS (SELECT DISTINCT entity_id FROM events WHERE tenant = '$TENANT' AND entity = 'order' AND ts > ${AT:-0} - 3000 AND ts <= ${AT:-0} + 1000)
+   SELECT entity_id || '|' || state FROM last WHERE state NOT IN ('delivered','cancelled','failed','expired')
+   AND entity_id NOT IN (SELECT entity_id FROM busy)" | sort >"$LOGS/console-want.txt"
+q "SELECT DISTINCT entity_id FROM events WHERE tenant = '$TENANT' AND entity = 'order' AND ts > ${AT:-0} - 3000 AND ts <= ${AT:-0} + 1000" \
+  | sort >"$LOGS/console-busy.txt"
+# The console's lines less the orders in flight.
+sort -t'|' -k1,1 "$LOGS/console.txt" | join -t'|' -v1 - "$LOGS/console-busy.txt" | sort >"$LOGS/console-got.txt"
+DIFF=$(diff "$LOGS/console-want.txt" "$LOGS/console-got.txt" | grep '^[<>]')
+echo "== console: $(wc -l <"$LOGS/console.txt") open orders shown, $(wc -l <"$LOGS/console-want.txt") open in the store and settled, $(wc -l <"$LOGS/console-busy.txt") in flight left out"
+check "the dispatcher's console showed the store's open orders, in their states (< store, > console)" \
+  "$(if [ -n "$AT" ]; then count "$DIFF"; else echo 1; fi)" "$DIFF"
 # Liveness: between each restart and the next (and the end), orders were offered and couriers
 # got on with their orders.
 MARKS+=("$NOW")

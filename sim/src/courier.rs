@@ -44,6 +44,8 @@ pub struct SimStats {
     pub watchers_open: AtomicU64,
     /// Tracking sockets opened again after they closed before their order ended.
     pub watcher_reconnects: AtomicU64,
+    /// Demo consoles' sockets opened again after closing.
+    pub console_reconnects: AtomicU64,
 }
 
 impl SimStats {

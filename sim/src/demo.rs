@@ -35,6 +35,9 @@ pub struct DemoConfig {
     pub orders_per_min: f64,
     /// At most this many customers watching their orders at once.
     pub watchers: usize,
+    /// Dispatcher consoles on the whole box. Each logs at the end (debug, "console shows
+    /// order") the open orders it shows, for a failover drill to compare with the store.
+    pub consoles: usize,
     /// Longest pickup → drop-off distance, metres: short trips so a viewer sees deliveries
     /// within the first minutes.
     pub max_trip_m: f64,
@@ -51,6 +54,7 @@ impl Default for DemoConfig {
             bbox: crate::DEFAULT_BBOX,
             orders_per_min: 30.0,
             watchers: 20,
+            consoles: 0,
             max_trip_m: 2_000.0,
             seed: 42,
         }
@@ -104,6 +108,10 @@ pub async fn run_demo_with(
         let seed = rng.random();
         tasks.spawn(async move { order_loop(server, mint, demand, cfg, stats, stop, seed).await });
     }
+    for n in 1..=cfg.consoles {
+        let (server, mint, stats, stop) = (server.clone(), mint.clone(), stats.clone(), stop.clone());
+        tasks.spawn(async move { watch_console(&server, &mint, bbox, n, &stats, &stop).await });
+    }
     {
         let (stats, stop) = (stats.clone(), stop.clone());
         tasks.spawn(async move {
@@ -155,6 +163,7 @@ fn log_stats(s: &SimStats) {
         watchers = g(&s.watchers_open),
         watcher_msgs = g(&s.watcher_msgs),
         watcher_reconnects = g(&s.watcher_reconnects),
+        console_reconnects = g(&s.console_reconnects),
         server_errors = g(&s.server_errors),
         disconnects = g(&s.disconnects),
         "sim"
@@ -332,4 +341,81 @@ async fn watch_order(
             _ = tokio::time::sleep(crate::courier::reconnect_backoff(failures)) => {}
         }
     }
+}
+
+/// A dispatcher's console on the whole box. Like the shipped console page it reconnects when
+/// its socket closes (a node stopping, a market moving), with `?since=` its last `seq`, and
+/// subscribes again, for a fresh snapshot. It keeps the open orders it shows (a snapshot
+/// replaces them, a batch updates them); at the end it logs them (debug: "console view", then
+/// "console shows order" per order), so a failover drill can check that what a dispatcher sees
+/// converged to the store.
+async fn watch_console(server: &Server, mint: &TokenMint, bbox: BBox, n: usize, stats: &SimStats, stop: &CancellationToken) -> anyhow::Result<()> {
+    let subscribe = serde_json::json!({"t": "subscribe", "bbox": [bbox.min_lng, bbox.min_lat, bbox.max_lng, bbox.max_lat]}).to_string();
+    let mut open: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut since: Option<u64> = None;
+    let mut failures = 0u32;
+    loop {
+        let token = mint.dispatcher()?;
+        let path = match since {
+            Some(s) => format!("/v1/ws/console?token={token}&since={s}"),
+            None => format!("/v1/ws/console?token={token}"),
+        };
+        match connect_ws(server, &path, None, None, Duration::from_secs(10)).await {
+            Ok(mut ws) => {
+                let stopped = if futures_util::SinkExt::send(&mut ws, Message::text(subscribe.clone())).await.is_err() {
+                    false
+                } else {
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break true,
+                            m = ws.next() => {
+                                let text = match m {
+                                    Some(Ok(Message::Text(t))) => t,
+                                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break false,
+                                    Some(Ok(_)) => continue,
+                                };
+                                failures = 0;
+                                let Ok(v) = serde_json::from_str::<serde_json::Value>(text.as_str()) else { continue };
+                                if let Some(seq) = v["seq"].as_u64().filter(|s| *s > 0) {
+                                    since = Some(seq);
+                                }
+                                if v["t"] == "orders" {
+                                    if v["snapshot"] == true {
+                                        open.clear();
+                                    }
+                                    for item in v["items"].as_array().into_iter().flatten() {
+                                        let (Some(id), Some(state)) = (item["id"].as_str(), item["state"].as_str()) else { continue };
+                                        if is_terminal_state(state) {
+                                            open.remove(id);
+                                        } else {
+                                            open.insert(id.to_owned(), state.to_owned());
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                if stopped {
+                    break;
+                }
+                stats.console_reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(console = n, error = %format!("{e:#}"), failures, "console connect failed"),
+        }
+        failures += 1;
+        if failures > 20 {
+            anyhow::bail!("console {n}: {failures} connects in a row without a message");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(crate::courier::reconnect_backoff(failures)) => {}
+        }
+    }
+    tracing::debug!(console = n, orders = open.len(), at_ms = crate::unix_ms(), "console view");
+    for (id, state) in &open {
+        tracing::debug!(console = n, order = %id, %state, "console shows order");
+    }
+    Ok(())
 }

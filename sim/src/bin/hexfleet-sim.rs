@@ -76,6 +76,10 @@ struct DemoArgs {
     /// Customers watching their orders at once, at most.
     #[arg(long, default_value_t = 20)]
     watchers: usize,
+    /// Dispatcher consoles on the whole box; at the end each logs (debug) the open orders it
+    /// shows, for a failover drill to compare with the store.
+    #[arg(long, default_value_t = 0)]
+    consoles: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Stop after this long (e.g. `10m`); default: until Ctrl-C.
@@ -281,6 +285,7 @@ async fn demo(a: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         bbox: a.bbox.map_or(hexfleet_sim::DEFAULT_BBOX, |b| b.0),
         orders_per_min: a.orders_per_min,
         watchers: a.watchers,
+        consoles: a.consoles,
         max_trip_m: a.max_trip_m,
         seed: a.seed,
     };
