@@ -343,6 +343,25 @@ async fn watch_order(
     }
 }
 
+/// The open orders a console shows, after one of its messages: an `orders` snapshot replaces
+/// them, a batch updates them (an order that ended leaves).
+fn console_orders(open: &mut std::collections::HashMap<String, String>, v: &serde_json::Value) {
+    if v["t"] != "orders" {
+        return;
+    }
+    if v["snapshot"] == true {
+        open.clear();
+    }
+    for item in v["items"].as_array().into_iter().flatten() {
+        let (Some(id), Some(state)) = (item["id"].as_str(), item["state"].as_str()) else { continue };
+        if is_terminal_state(state) {
+            open.remove(id);
+        } else {
+            open.insert(id.to_owned(), state.to_owned());
+        }
+    }
+}
+
 /// A dispatcher's console on the whole box. Like the shipped console page it reconnects when
 /// its socket closes (a node stopping, a market moving), with `?since=` its last `seq`, and
 /// subscribes again, for a fresh snapshot. It keeps the open orders it shows (a snapshot
@@ -379,19 +398,7 @@ async fn watch_console(server: &Server, mint: &TokenMint, bbox: BBox, n: usize, 
                                 if let Some(seq) = v["seq"].as_u64().filter(|s| *s > 0) {
                                     since = Some(seq);
                                 }
-                                if v["t"] == "orders" {
-                                    if v["snapshot"] == true {
-                                        open.clear();
-                                    }
-                                    for item in v["items"].as_array().into_iter().flatten() {
-                                        let (Some(id), Some(state)) = (item["id"].as_str(), item["state"].as_str()) else { continue };
-                                        if is_terminal_state(state) {
-                                            open.remove(id);
-                                        } else {
-                                            open.insert(id.to_owned(), state.to_owned());
-                                        }
-                                    }
-                                }
+                                console_orders(&mut open, &v);
                             }
                         }
                     }
@@ -418,4 +425,29 @@ async fn watch_console(server: &Server, mint: &TokenMint, bbox: BBox, n: usize, 
         tracing::debug!(console = n, order = %id, %state, "console shows order");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot replaces what the console showed (orders that ended while it was away
+    /// leave), a batch updates it, an order that ends leaves, other messages change nothing.
+    #[test]
+    fn a_console_shows_the_open_orders_of_its_last_snapshot_and_batches() {
+        let mut open = std::collections::HashMap::new();
+        let msg = |t: &str, snapshot: bool, items: &[(&str, &str)]| {
+            let items: Vec<_> = items.iter().map(|(id, state)| serde_json::json!({"id": id, "state": state})).collect();
+            serde_json::json!({"t": t, "seq": 7, "snapshot": snapshot, "items": items})
+        };
+        console_orders(&mut open, &msg("orders", true, &[("o1", "created"), ("o2", "assigned")]));
+        console_orders(&mut open, &msg("orders", false, &[("o1", "offered"), ("o3", "created"), ("o2", "delivered")]));
+        console_orders(&mut open, &msg("couriers", true, &[("o9", "created")]));
+        let mut shown: Vec<_> = open.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        shown.sort();
+        assert_eq!(shown, [("o1", "offered"), ("o3", "created")]);
+        // Reconnected: the fresh snapshot is the truth; o1 ended while the console was away.
+        console_orders(&mut open, &msg("orders", true, &[("o3", "picked_up")]));
+        assert_eq!(open.into_iter().collect::<Vec<_>>(), [("o3".to_owned(), "picked_up".to_owned())]);
+    }
 }
