@@ -39,6 +39,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export LC_ALL=C # one collation for sort, comm and join
+export PYTHONDONTWRITEBYTECODE=1 # the helpers import tcp_pipe: no __pycache__ in the tree
 BIN=./target/${PROFILE:-release}
 DUR=${DUR:-600}; RESTART_S=${RESTART_S:-15}; STUCK_S=${STUCK_S:-1800}; CUT_S=${CUT_S:-15}
 DB=hexfleet_drill_$$

@@ -9,6 +9,8 @@ import asyncio
 import itertools
 import sys
 
+from tcp_pipe import pipe
+
 listen, backends = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
 ready = {port: False for port in backends}
 turn = itertools.count()
@@ -33,17 +35,6 @@ async def health():
                 print(f"node :{port} {'ready' if up else 'not ready'}", flush=True)
             ready[port] = up
         await asyncio.sleep(0.5)
-
-
-async def pipe(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.transport.abort()
 
 
 async def handle(client_r, client_w):

@@ -10,20 +10,11 @@ import asyncio
 import signal
 import sys
 
+from tcp_pipe import pipe
+
 listen, target = int(sys.argv[1]), int(sys.argv[2])
 cut = False
 pairs = set()
-
-
-async def pipe(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.transport.abort()
 
 
 async def handle(client_r, client_w):
