@@ -459,6 +459,11 @@ fn on_server_msg(text: &str, me: &str, st: &mut State, bbox: &BBox, opts: &Couri
                 "picked_up" | "at_dropoff" => &[StopKind::Dropoff],
                 _ => &[],
             };
+            // The server's state is the truth: a report it did not apply is made again. One
+            // answered `store_unavailable` (the market moving: error frames do not say which
+            // message they answer) was taken as done, and its order was held for good: the
+            // failover drill saw four such answers in one partition.
+            st.done.retain(|(o, k)| !(*o == order_id && stops.contains(k)));
             if stops == [StopKind::Dropoff] {
                 // Picked up, whatever this app last knew.
                 st.plan.retain(|s| !(s.order_id == order_id && s.kind == StopKind::Pickup));
@@ -524,5 +529,29 @@ mod tests {
         let ids: Vec<&str> = st.replies.iter().map(|(_, o, _)| o.order_id.as_str()).collect();
         assert_eq!(ids, ["o3", "o1"]);
         assert_eq!(SimStats::get(&stats.offers), 4);
+    }
+
+    /// A report the server did not apply (its answer lost, or an error frame that does not
+    /// say which message it answers) is made again when the server says where the order is.
+    #[test]
+    fn a_report_the_server_did_not_apply_is_made_again() {
+        let spec = CourierSpec { id: "c1".into(), token: CourierToken::Fixed("t".into()), vehicle: Vehicle::Bike, start: LatLng::new(52.5, 13.4), seed: 1 };
+        let mut st = State::new(&spec);
+        let bbox = BBox::from_array([13.3, 52.4, 13.5, 52.6]);
+        let (opts, stats) = (CourierOptions::default(), SimStats::default());
+        // The app reported the pickup of o1 (so it is done here), but the server still has the
+        // order at the pickup.
+        st.done.push(("o1".into(), StopKind::Pickup));
+        let update = |state: &str| {
+            format!(r#"{{"t":"order_update","seq":3,"order_id":"o1","state":"{state}","courier_id":"c1","order":{{"pickup":{{"lat":52.5,"lng":13.4}},"dropoff":{{"lat":52.51,"lng":13.41}}}}}}"#)
+        };
+        on_server_msg(&update("at_pickup"), "c1", &mut st, &bbox, &opts, &stats);
+        let plan: Vec<(&str, StopKind)> = st.plan.iter().map(|s| (s.order_id.as_str(), s.kind)).collect();
+        assert_eq!(plan, [("o1", StopKind::Pickup), ("o1", StopKind::Dropoff)]);
+        assert!(st.done.is_empty());
+        // Once the server has it picked up, the pickup is not made again.
+        on_server_msg(&update("picked_up"), "c1", &mut st, &bbox, &opts, &stats);
+        let plan: Vec<(&str, StopKind)> = st.plan.iter().map(|s| (s.order_id.as_str(), s.kind)).collect();
+        assert_eq!(plan, [("o1", StopKind::Dropoff)]);
     }
 }
