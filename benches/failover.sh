@@ -13,6 +13,7 @@
 #   - every order the server answered 201 for is in the database (no accepted order lost), with
 #     exactly one `order.created` event;
 #   - no order was delivered twice, or offered or assigned while a courier held it;
+#   - no order waited at its pickup or drop-off for more than 90 s (a courier's report lost);
 #   - a dispatcher's releases (one every OVERRIDE_S seconds, as the apps reach the nodes) are in the event
 #     log, and no order goes back to the courier it was taken from;
 #   - no courier holds more than its capacity (in size units), at the end nor at any time
@@ -234,6 +235,14 @@ check "no courier held more than its capacity at any time (${PEAK:-?} assignment
 STUCK=$(q "SELECT id, state, courier, ($NOW - created_at) / 1000 FROM orders WHERE tenant = '$TENANT'
            AND state NOT IN ('delivered','cancelled','failed','expired') AND created_at < $NOW - $STUCK_S * 1000 ORDER BY created_at")
 check "no open order older than $STUCK_S s" "$(count "$STUCK")" "$STUCK"
+# A courier at the pickup or drop-off reports it within its dwell (5-20 s in the sim): an order
+# left there for longer when the sim stopped had its report lost (answered with an error the
+# app did not act on) and would be held for good.
+WAITING=$(q "SELECT entity_id, state, courier, ($SIM_STOP - ts) / 1000 AS s FROM (SELECT DISTINCT ON (entity_id) entity_id,
+             attrs->>'to' AS state, attrs->>'courier' AS courier, ts FROM events WHERE tenant = '$TENANT' AND entity = 'order'
+             AND ts <= $SIM_STOP ORDER BY entity_id, ts DESC, seq DESC) l
+           WHERE state IN ('at_pickup', 'at_dropoff') AND ts < $SIM_STOP - 90000")
+check "no order left at its pickup or drop-off for more than 90 s" "$(count "$WAITING")" "$WAITING"
 # Two couriers at once: an order offered or assigned again while a courier held it (no
 # release, decline, lapse or failure in between), from the event log's order.
 TWICE=$(q "WITH e AS (SELECT entity_id, seq, kind, attrs->>'courier' AS c,
