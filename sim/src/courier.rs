@@ -203,6 +203,15 @@ impl State {
         if self.done.iter().any(|(o, k)| *o == stop.order_id && *k == stop.kind) || self.plan.contains(&stop) {
             return;
         }
+        // A pickup goes before its order's drop-off: one made again after a refused report
+        // (the drop-off still planned) was queued after it, and the courier went to deliver an
+        // order the server still had at its pickup (`invalid_transition`).
+        if stop.kind == StopKind::Pickup
+            && let Some(i) = self.plan.iter().position(|s| s.order_id == stop.order_id && s.kind == StopKind::Dropoff)
+        {
+            self.plan.insert(i, stop);
+            return;
+        }
         self.plan.push_back(stop);
     }
 }
@@ -539,9 +548,10 @@ mod tests {
         let mut st = State::new(&spec);
         let bbox = BBox::from_array([13.3, 52.4, 13.5, 52.6]);
         let (opts, stats) = (CourierOptions::default(), SimStats::default());
-        // The app reported the pickup of o1 (so it is done here), but the server still has the
-        // order at the pickup.
+        // The app reported the pickup of o1 (so it is done here, and the drop-off is next), but
+        // the server still has the order at the pickup.
         st.done.push(("o1".into(), StopKind::Pickup));
+        st.plan.push_back(PlanStop { order_id: "o1".into(), kind: StopKind::Dropoff, at: LatLng::new(52.51, 13.41) });
         let update = |state: &str| {
             format!(r#"{{"t":"order_update","seq":3,"order_id":"o1","state":"{state}","courier_id":"c1","order":{{"pickup":{{"lat":52.5,"lng":13.4}},"dropoff":{{"lat":52.51,"lng":13.41}}}}}}"#)
         };
